@@ -1,0 +1,172 @@
+"""Typed job configuration: defaults < YAML/JSON file < --set overrides < CLI flags.
+
+Every job config is a frozen pydantic model with `extra="forbid"` and a
+description on every field. Errors come back as one readable `ConfigError`
+(exit 2) that names the key, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from common import storage
+from common.errors import ConfigError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class JobConfig(BaseModel):
+    """Base for job configs: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+def read_config_file(uri: str) -> dict[str, Any]:
+    """Load a YAML or JSON mapping from a path or URI."""
+    try:
+        text = storage.read_text(uri)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {uri} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file {uri} is not UTF-8 text") from None
+    try:
+        data = json.loads(text) if uri.endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"Config file {uri} does not parse: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {uri} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (['a', 'b'], value parsed as YAML: numbers, bools, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lora.r=32")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    model: type[C],
+    *,
+    file: str | None = None,
+    sets: tuple[str, ...] | list[str] = (),
+    flags: dict[str, Any] | None = None,
+) -> C:
+    """Resolve a job config from its sources, later wins.
+
+    `flags` are explicit CLI options; None values mean "not given" and are skipped.
+    """
+    data: dict[str, Any] = read_config_file(file) if file else {}
+    for item in sets:
+        path, value = parse_set(item)
+        set_path(data, path, value)
+    for key, value in (flags or {}).items():
+        if value is None or value == ():
+            continue
+        set_path(data, key.split("."), list(value) if isinstance(value, tuple) else value)
+    return validate(model, data, source=file)
+
+
+def validate(model: type[C], data: dict[str, Any], source: str | None = None) -> C:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(model, exc, source)) from None
+
+
+def format_validation_error(model: type[BaseModel], exc: ValidationError, source: str | None) -> str:
+    where = f" in {source}" if source else ""
+    lines = [f"Invalid {model.__name__}{where}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            known = _known_keys(model, [str(p) for p in err["loc"][:-1]])
+            guess = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            lines.append(f"  - unknown key {loc!r}{hint} (allowed: {', '.join(sorted(known))})")
+        elif kind == "missing":
+            lines.append(f"  - {loc}: required, but not given")
+        else:
+            got = err.get("input")
+            got_s = repr(got) if not isinstance(got, dict | list) else type(got).__name__
+            if len(got_s) > 80:
+                got_s = got_s[:77] + "..."
+            lines.append(f"  - {loc}: {err['msg']} (got {got_s})")
+    return "\n".join(lines)
+
+
+def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    current: Any = model
+    for part in path:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = fields[part].annotation
+        # Optional[Sub] / Sub | None
+        for arg in getattr(current, "__args__", ()) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                current = arg
+    fields = getattr(current, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def dump(config: BaseModel) -> dict[str, Any]:
+    """The resolved config as plain JSON data (what goes into the manifest)."""
+    return config.model_dump(mode="json")
+
+
+def digest(config: BaseModel) -> str:
+    blob = json.dumps(dump(config), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "api_key")
+
+
+def redacted(data: Any) -> Any:
+    """A copy safe to log: values of keys that look like secrets are masked."""
+    if isinstance(data, dict):
+        return {
+            k: ("***" if any(w in k.lower() for w in SECRET_WORDS) and v else redacted(v)) for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [redacted(v) for v in data]
+    return data

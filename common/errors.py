@@ -1,0 +1,53 @@
+"""Errors that carry their exit code.
+
+The split is the contract Kubernetes `podFailurePolicy` relies on:
+0 done; 2 bad config or usage; 3 bad or missing input data (not worth
+retrying); 1 anything else (worth retrying).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_RETRYABLE = 1
+EXIT_CONFIG = 2
+EXIT_INPUT = 3
+
+
+class FtjobsError(Exception):
+    """Base class. Anything not classified is worth retrying (exit 1)."""
+
+    exit_code = EXIT_RETRYABLE
+
+
+class ConfigError(FtjobsError):
+    """The configuration or the command line is wrong: fix it, do not retry."""
+
+    exit_code = EXIT_CONFIG
+
+
+class InputError(FtjobsError):
+    """Input data is bad or missing: re-running will not help."""
+
+    exit_code = EXIT_INPUT
+
+
+class ChecksumError(InputError):
+    """An artifact's bytes do not match what its manifest recorded."""
+
+
+class AlreadyExistsError(FtjobsError):
+    """A create-only write found the object already there."""
+
+    exit_code = EXIT_RETRYABLE
+
+
+class OutputTakenError(FtjobsError):
+    """The output prefix holds a finished run with a different config or inputs."""
+
+    exit_code = EXIT_CONFIG
+
+
+class Preempted(FtjobsError):
+    """The job was asked to stop (SIGTERM) and saved its state: retry to resume."""
+
+    exit_code = EXIT_RETRYABLE

@@ -1,0 +1,464 @@
+"""The manifest contract that links the stages.
+
+Each stage writes its data under its own output prefix, then `manifest.json`
+**last**, create-only. A prefix without a manifest is an unfinished attempt:
+ignored and safe to overwrite. A manifest is never rewritten.
+
+A manifest records the stage, run id, created time, code version, the
+resolved config and its hash, the input manifests (URI + sha256), every
+artifact (URI, sha256, bytes, rows), stats, metrics and timings. Readers
+verify artifacts against it before trusting them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from common import storage
+from common.errors import AlreadyExistsError, ChecksumError, InputError, OutputTakenError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+Stage = Literal["prepare", "train", "merge", "infer", "evaluate"]
+STAGES: tuple[str, ...] = ("prepare", "train", "merge", "infer", "evaluate")
+PRODUCER = {"prepare": "ftjobs prepare", "train": "ftjobs train", "merge": "ftjobs merge",
+            "infer": "ftjobs infer", "evaluate": "ftjobs evaluate"}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Artifact(_Frozen):
+    """One file a stage produced."""
+
+    name: str = Field(description="Logical name, e.g. 'train' or 'adapter_model.safetensors'.")
+    path: str = Field(description="Path relative to the manifest's prefix; readers resolve it from there.")
+    uri: str = Field(description="Where it was written (absolute).")
+    sha256: str = Field(description="sha256 of the bytes.")
+    bytes: int = Field(description="Size in bytes.")
+    rows: int | None = Field(default=None, description="Row count, for tables.")
+
+
+class InputRef(_Frozen):
+    """An input this stage read: another stage's manifest, or a raw file."""
+
+    uri: str = Field(description="Manifest URI (or raw data URI for prepare).")
+    sha256: str = Field(description="sha256 of the manifest (or raw file) bytes as read.")
+    stage: str | None = Field(default=None, description="Stage that produced it; None for raw data.")
+    role: str = Field(default="input", description="What the input is for, e.g. 'data', 'model', 'adapter'.")
+
+
+class CodeVersion(_Frozen):
+    package: str
+    git_sha: str | None = None
+    image: str | None = None
+
+
+class Manifest(_Frozen):
+    schema_version: int = SCHEMA_VERSION
+    stage: str
+    run_id: str
+    created_at: str
+    code: CodeVersion
+    config: dict[str, Any]
+    config_hash: str
+    inputs: list[InputRef] = Field(default_factory=list)
+    artifacts: list[Artifact] = Field(default_factory=list)
+    stats: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    # For model-producing stages and everything downstream of them.
+    model: dict[str, Any] = Field(default_factory=dict, description="Base model, revision, template hash ...")
+
+    def artifact(self, name: str) -> Artifact:
+        for a in self.artifacts:
+            if a.name == name:
+                return a
+        raise InputError(
+            f"{self.stage} manifest has no artifact {name!r} (has: {', '.join(a.name for a in self.artifacts)})"
+        )
+
+    def artifacts_named(self, prefix: str) -> list[Artifact]:
+        return [a for a in self.artifacts if a.name.startswith(prefix)]
+
+
+@dataclass
+class Loaded:
+    """A manifest as read: where from, its bytes' sha256, and the parsed model."""
+
+    uri: str
+    sha256: str
+    manifest: Manifest
+
+    @property
+    def prefix(self) -> str:
+        return storage.parent(self.uri)
+
+    def resolve(self, artifact: Artifact) -> str:
+        """The artifact's location, resolved relative to where the manifest was read."""
+        return storage.join(self.prefix, artifact.path)
+
+    def ref(self, role: str = "input") -> InputRef:
+        return InputRef(uri=self.uri, sha256=self.sha256, stage=self.manifest.stage, role=role)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def code_version() -> CodeVersion:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("ftjobs")
+    except PackageNotFoundError:
+        pkg = "0+unknown"
+    sha = os.environ.get("FTJOBS_GIT_SHA")
+    if not sha:
+        try:
+            here = Path(__file__).resolve().parent
+            sha = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+            ).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            sha = None
+    return CodeVersion(package=pkg, git_sha=sha, image=os.environ.get("FTJOBS_IMAGE"))
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(config)).hexdigest()
+
+
+def run_identity(config_hash_: str, inputs: Iterable[InputRef]) -> str:
+    """What makes two attempts 'the same run': config plus input bytes."""
+    h = hashlib.sha256(config_hash_.encode())
+    for ref in sorted(inputs, key=lambda r: (r.role, r.uri)):
+        h.update(f"{ref.role}:{ref.sha256}".encode())
+    return h.hexdigest()
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def manifest_uri(prefix: str) -> str:
+    return storage.join(prefix, MANIFEST_NAME)
+
+
+def as_manifest_uri(uri: str) -> str:
+    """Accept either a manifest URI or the prefix that holds one."""
+    return uri if uri.rstrip("/").endswith(".json") else manifest_uri(uri)
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+@dataclass
+class ArtifactWriter:
+    """Collects artifacts as a stage writes them under its output prefix."""
+
+    prefix: str
+    artifacts: list[Artifact] = field(default_factory=list)
+
+    def uri(self, path: str) -> str:
+        return storage.join(self.prefix, path)
+
+    def add_file(self, local: str | Path, path: str, name: str | None = None, rows: int | None = None) -> Artifact:
+        t = storage.upload_file(local, self.uri(path))
+        return self._record(name or path, path, t.uri, t.sha256, t.size, rows)
+
+    def add_bytes(self, data: bytes, path: str, name: str | None = None, rows: int | None = None) -> Artifact:
+        storage.write_bytes(self.uri(path), data)
+        return self._record(name or path, path, self.uri(path), hashlib.sha256(data).hexdigest(), len(data), rows)
+
+    def add_dir(self, local_dir: str | Path, path: str, name_prefix: str | None = None) -> list[Artifact]:
+        out = []
+        for t in storage.upload_dir(local_dir, self.uri(path)):
+            rel = f"{path.strip('/')}/{t.rel}"
+            name = f"{name_prefix}{t.rel}" if name_prefix is not None else rel
+            out.append(self._record(name, rel, t.uri, t.sha256, t.size, None))
+        return out
+
+    def add_existing(self, path: str, name: str | None = None, rows: int | None = None,
+                     sha256: str | None = None) -> Artifact:
+        """Record an object already written under the prefix (hashing it unless given)."""
+        uri = self.uri(path)
+        digest = sha256 or storage.sha256_uri(uri)
+        return self._record(name or path, path, uri, digest, storage.size(uri), rows)
+
+    def _record(self, name: str, path: str, uri: str, sha: str, size: int, rows: int | None) -> Artifact:
+        art = Artifact(name=name, path=path, uri=uri, sha256=sha, bytes=size, rows=rows)
+        self.artifacts = [a for a in self.artifacts if a.name != name] + [art]
+        return art
+
+
+# --------------------------------------------------------------------------- publish / load
+
+
+def build(
+    *,
+    stage: str,
+    run_id: str,
+    config: dict[str, Any],
+    inputs: list[InputRef],
+    artifacts: list[Artifact],
+    stats: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    timings: dict[str, float] | None = None,
+    model: dict[str, Any] | None = None,
+) -> Manifest:
+    return Manifest(
+        stage=stage,
+        run_id=run_id,
+        created_at=now(),
+        code=code_version(),
+        config=config,
+        config_hash=config_hash(config),
+        inputs=inputs,
+        artifacts=artifacts,
+        stats=stats or {},
+        metrics=metrics or {},
+        timings={k: round(v, 4) for k, v in (timings or {}).items()},
+        model=model or {},
+    )
+
+
+def publish(prefix: str, manifest: Manifest) -> str:
+    """Write the manifest last, create-only. Returns its URI.
+
+    Raises AlreadyExistsError when another attempt published first: exactly
+    one writer wins a race.
+    """
+    uri = manifest_uri(prefix)
+    data = storage.json_bytes(manifest.model_dump(mode="json"))
+    try:
+        storage.put_if_absent(uri, data)
+    except AlreadyExistsError:
+        raise AlreadyExistsError(
+            f"Another attempt already published {uri}; this one's results were not recorded. "
+            f"Run `ftjobs show {uri}` to see the winner."
+        ) from None
+    return uri
+
+
+def parse(uri: str, data: bytes) -> Manifest:
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{uri} is not valid JSON ({exc}); it is not a ftjobs manifest") from None
+    if not isinstance(raw, dict) or "stage" not in raw:
+        raise InputError(f"{uri} is not a ftjobs manifest (no 'stage' field)")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise InputError(
+            f"{uri} has manifest schema version {version!r}; this ftjobs reads version {SCHEMA_VERSION}. "
+            "Re-run the stage that produced it with this version of ftjobs."
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except Exception as exc:
+        raise InputError(f"{uri} is not a valid ftjobs manifest: {exc}") from None
+
+
+def load(
+    uri: str,
+    *,
+    verify: Literal["none", "size", "full"] = "size",
+    expect_stage: str | tuple[str, ...] | None = None,
+    expect_sha256: str | None = None,
+) -> Loaded:
+    """Read a manifest (URI of the file or its prefix) and verify its artifacts.
+
+    `size` (default) checks that every artifact exists with the recorded byte
+    count: cheap. `full` re-hashes every artifact's bytes.
+    """
+    uri = as_manifest_uri(uri)
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        hint = ""
+        if isinstance(expect_stage, str):
+            hint = f" Run `{PRODUCER.get(expect_stage, expect_stage)}` to produce it, or check the URI."
+        raise InputError(f"No manifest at {uri}: that stage has not finished there.{hint}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if expect_sha256 and digest != expect_sha256:
+        raise ChecksumError(
+            f"{uri} changed since it was recorded as an input (sha256 {digest[:12]}..., expected "
+            f"{expect_sha256[:12]}...). Manifests are never rewritten: something replaced it."
+        )
+    manifest = parse(uri, data)
+    if expect_stage is not None:
+        allowed = (expect_stage,) if isinstance(expect_stage, str) else expect_stage
+        if manifest.stage not in allowed:
+            raise InputError(
+                f"{uri} is a {manifest.stage} manifest; expected {' or '.join(allowed)}. "
+                f"Pass the output of `{PRODUCER.get(allowed[0], allowed[0])}`."
+            )
+    loaded = Loaded(uri=uri, sha256=digest, manifest=manifest)
+    if verify != "none":
+        verify_artifacts(loaded, full=verify == "full")
+    return loaded
+
+
+def verify_artifact(loaded: Loaded, artifact: Artifact, *, full: bool = False) -> None:
+    where = loaded.resolve(artifact)
+    try:
+        actual_size = storage.size(where)
+    except FileNotFoundError:
+        raise ChecksumError(
+            f"Artifact {artifact.name!r} listed in {loaded.uri} is missing at {where}. "
+            f"Re-run `{PRODUCER.get(loaded.manifest.stage, loaded.manifest.stage)}` into a fresh prefix."
+        ) from None
+    if actual_size != artifact.bytes:
+        raise ChecksumError(
+            f"Artifact {artifact.name!r} at {where} has {actual_size} bytes; its manifest recorded "
+            f"{artifact.bytes}. It was modified after publishing."
+        )
+    if full:
+        actual = storage.sha256_uri(where)
+        if actual != artifact.sha256:
+            raise ChecksumError(
+                f"Artifact {artifact.name!r} at {where} has sha256 {actual[:16]}...; its manifest recorded "
+                f"{artifact.sha256[:16]}... It was modified or corrupted after publishing."
+            )
+
+
+def verify_artifacts(loaded: Loaded, *, full: bool = False) -> None:
+    for artifact in loaded.manifest.artifacts:
+        verify_artifact(loaded, artifact, full=full)
+
+
+def fetch_artifact(loaded: Loaded, artifact: Artifact, dest: str | Path) -> Path:
+    """Download an artifact and check its sha256 against the manifest (always full)."""
+    t = storage.download_file(loaded.resolve(artifact), dest)
+    if t.sha256 != artifact.sha256:
+        Path(dest).unlink(missing_ok=True)
+        raise ChecksumError(
+            f"Artifact {artifact.name!r} from {loaded.uri} has sha256 {t.sha256[:16]}...; the manifest "
+            f"recorded {artifact.sha256[:16]}... Refusing to use it."
+        )
+    return Path(dest)
+
+
+def check_output(prefix: str, *, stage: str, config: dict[str, Any], inputs: list[InputRef]) -> Loaded | None:
+    """The 'already done' rule, checked before a stage does any work.
+
+    Returns the existing manifest when this prefix already holds a finished run
+    of the same stage, config and inputs (the caller exits 0, "already done").
+    Raises OutputTakenError when it holds a different run. Returns None when
+    there is no manifest: an unfinished attempt is safe to overwrite.
+    """
+    uri = manifest_uri(prefix)
+    if not storage.exists(uri):
+        return None
+    existing = load(uri, verify="size")
+    m = existing.manifest
+    want = run_identity(config_hash(config), inputs)
+    have = run_identity(m.config_hash, m.inputs)
+    if m.stage == stage and want == have:
+        return existing
+    diff = _config_diff(m.config, config) if m.stage == stage else []
+    detail = f"; config differs at: {', '.join(diff[:8])}" if diff else (
+        "; its inputs differ" if m.stage == stage else f" (a {m.stage} run)")
+    raise OutputTakenError(
+        f"{prefix} already holds a finished {m.stage} run {m.run_id}{detail}. "
+        "Choose another --output (or a new run id); manifests are never overwritten."
+    )
+
+
+def _config_diff(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += _config_diff(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+        return out
+    return [] if a == b else [path or "<root>"]
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+@dataclass
+class Node:
+    uri: str
+    stage: str | None
+    run_id: str | None
+    ok: bool
+    note: str
+    children: list[Node] = field(default_factory=list)
+
+
+def lineage(uri: str, *, verify: Literal["none", "size", "full"] = "size", _sha: str | None = None,
+            _seen: set[str] | None = None) -> Node:
+    """Walk input manifests recursively; each node says whether it verified."""
+    seen = _seen if _seen is not None else set()
+    uri = as_manifest_uri(uri)
+    if uri in seen:
+        return Node(uri, None, None, False, "cycle")
+    seen.add(uri)
+    try:
+        loaded = load(uri, verify=verify, expect_sha256=_sha)
+    except Exception as exc:  # a broken ancestor is reported in the tree, not raised
+        return Node(uri, None, None, False, str(exc))
+    m = loaded.manifest
+    node = Node(uri, m.stage, m.run_id, True, f"{len(m.artifacts)} artifacts verified ({verify})")
+    for ref in m.inputs:
+        if ref.stage is None:
+            node.children.append(_raw_node(ref, verify))
+        else:
+            node.children.append(lineage(ref.uri, verify=verify, _sha=ref.sha256, _seen=seen))
+    return node
+
+
+def _raw_node(ref: InputRef, verify: str) -> Node:
+    if verify == "full":
+        try:
+            ok = storage.sha256_uri(ref.uri) == ref.sha256
+            note = "raw input, sha256 matches" if ok else "raw input CHANGED since it was read"
+        except FileNotFoundError:
+            ok, note = False, "raw input missing"
+        except Exception as exc:
+            ok, note = False, f"raw input unreadable: {exc}"
+        return Node(ref.uri, None, None, ok, note)
+    return Node(ref.uri, None, None, True, f"raw input sha256 {ref.sha256[:12]}")
+
+
+def render_tree(node: Node, prefix: str = "", last: bool = True, root: bool = True) -> str:
+    mark = "ok" if node.ok else "FAILED"
+    label = f"{node.stage} {node.run_id}" if node.stage else "raw"
+    branch = "" if root else ("└── " if last else "├── ")
+    line = f"{prefix}{branch}[{mark}] {label}  {node.uri}  ({node.note})"
+    lines = [line]
+    child_prefix = prefix if root else prefix + ("    " if last else "│   ")
+    for i, child in enumerate(node.children):
+        lines.append(render_tree(child, child_prefix, i == len(node.children) - 1, root=False))
+    return "\n".join(lines)
+
+
+def tree_dict(node: Node) -> dict[str, Any]:
+    return {
+        "uri": node.uri, "stage": node.stage, "run_id": node.run_id, "ok": node.ok, "note": node.note,
+        "inputs": [tree_dict(c) for c in node.children],
+    }
+
+
+def all_ok(node: Node) -> bool:
+    return node.ok and all(all_ok(c) for c in node.children)
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()

@@ -1,0 +1,55 @@
+"""What every job command shares: --config/--set options, config resolution,
+and the one place exceptions become exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from common import config as cfg
+from common.errors import EXIT_RETRYABLE, FtjobsError
+
+LOG = logging.getLogger("ftjobs.cli")
+
+
+def fail(exc: BaseException) -> None:
+    """Print an error the way users should see it and exit with its code."""
+    if isinstance(exc, FtjobsError):
+        LOG.error(str(exc), extra={"error": type(exc).__name__, "exit_code": exc.exit_code})
+        sys.exit(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        LOG.error("interrupted")
+        sys.exit(130)
+    LOG.exception("unexpected error (exit 1, worth retrying): %s", exc)
+    sys.exit(EXIT_RETRYABLE)
+
+
+def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--config FILE and --set key=value, shared by every job command."""
+    fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                      help="Override a config key (dotted path), e.g. --set lora.r=32. Repeatable.")(fn)
+    fn = click.option("--config", "config_file", metavar="FILE_OR_URI",
+                      help="YAML/JSON config (path or URI). Later sources win: defaults < file < --set < flags.")(fn)
+    return fn
+
+
+def execute(job: Any, config_file: str | None, sets: tuple[str, ...], flags: dict[str, Any]) -> None:
+    """Resolve the config, run the job, print the manifest URI on stdout."""
+    try:
+        conf = cfg.load_config(job.Config, file=config_file, sets=sets, flags=flags)
+        LOG.info("resolved config", extra={"config": cfg.redacted(cfg.dump(conf)), "stage": job.STAGE})
+        result = job.run(conf)
+    except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
+        if isinstance(exc, SystemExit):
+            raise
+        fail(exc)
+        return
+    uri = getattr(result, "uri", None) or str(result)
+    LOG.info("manifest: %s", uri, extra={"manifest": uri})
+    click.echo(uri)
+
+

@@ -1,0 +1,135 @@
+"""The `ftjobs` command line: a thin layer that loads config, calls a job's
+`run(config) -> Manifest`, and maps errors to exit codes.
+
+Exit codes (the contract Kubernetes `podFailurePolicy` relies on):
+0 done (or already done); 2 bad config or usage; 3 bad or missing input
+data; 1 anything else (worth retrying).
+
+Heavy libraries (torch, transformers, vllm) are imported inside the jobs, so
+`ftjobs --help` and config validation stay instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from common import logs
+from common.errors import EXIT_INPUT
+from common.runner import fail
+
+LOG = logging.getLogger("ftjobs.cli")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ftjobs")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(_version(), "--version", prog_name="ftjobs")
+@click.option("--log-format", type=click.Choice(["auto", "text", "json"]), default="auto", show_default=True,
+              envvar="FTJOBS_LOG_FORMAT", help="auto: text on a terminal, JSON lines otherwise.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, envvar="FTJOBS_LOG_LEVEL")
+def main(log_format: str, log_level: str) -> None:
+    """ftjobs: finetune LLMs as batch jobs linked by manifests in an object store.
+
+    Stages: prepare -> train -> merge -> infer -> evaluate. Each reads the previous
+    stage's manifest URI and writes its own output prefix, locally or on S3/MinIO.
+    """
+    logs.setup(log_format, log_level)
+
+
+# --------------------------------------------------------------------------- show
+
+
+@main.command()
+@click.argument("uri")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: manifest + lineage tree.")
+@click.option("--verify", type=click.Choice(["none", "size", "full"]), default="size", show_default=True,
+              help="size: artifacts exist with recorded sizes; full: re-hash every artifact (slow on big models).")
+def show(uri: str, as_json: bool, verify: str) -> None:
+    """Print a manifest, verify it, and print its lineage as a tree.
+
+    URI is a manifest.json or the output prefix that holds one.
+    Exit 3 when the manifest or anything it descends from fails verification.
+    """
+    from common import manifest as mf
+
+    try:
+        loaded = mf.load(uri, verify="none")
+        tree = mf.lineage(loaded.uri, verify=verify)  # type: ignore[arg-type]
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, SystemExit):
+            raise
+        fail(exc)
+        return
+    m = loaded.manifest
+    ok = mf.all_ok(tree)
+    if as_json:
+        click.echo(json.dumps({"manifest": m.model_dump(mode="json"), "sha256": loaded.sha256,
+                               "verified": ok, "lineage": mf.tree_dict(tree)}, indent=2))
+    else:
+        click.echo(f"{m.stage} run {m.run_id}  ({loaded.uri})")
+        click.echo(f"  created    {m.created_at}   ftjobs {m.code.package}"
+                   + (f" @ {m.code.git_sha[:10]}" if m.code.git_sha else "")
+                   + (f"  image {m.code.image}" if m.code.image else ""))
+        click.echo(f"  config     sha256 {m.config_hash[:16]}")
+        if m.model:
+            click.echo("  model      " + ", ".join(f"{k}={v}" for k, v in m.model.items() if not isinstance(v, dict)))
+        click.echo(f"  artifacts  {len(m.artifacts)}, {sum(a.bytes for a in m.artifacts):,} bytes")
+        for a in m.artifacts[:20]:
+            rows = f", {a.rows:,} rows" if a.rows is not None else ""
+            click.echo(f"    {a.name:<40} {a.bytes:>14,} B{rows}  sha256 {a.sha256[:12]}")
+        if len(m.artifacts) > 20:
+            click.echo(f"    ... {len(m.artifacts) - 20} more")
+        for title, data in (("stats", m.stats), ("metrics", m.metrics), ("timings", m.timings)):
+            if data:
+                flat = {k: v for k, v in data.items() if not isinstance(v, dict | list)}
+                if flat:
+                    click.echo(f"  {title:<10} " + ", ".join(f"{k}={_short(v)}" for k, v in flat.items()))
+        click.echo("lineage:")
+        click.echo(mf.render_tree(tree))
+    if not ok:
+        LOG.error("verification failed: see the FAILED entries in the lineage")
+        sys.exit(EXIT_INPUT)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# Jobs register their commands below as they land; only working commands are listed.
+def _add_job_commands() -> None:
+    import importlib
+
+    for modname in ("jobs.prepare", "jobs.train", "jobs.merge", "jobs.infer", "jobs.evaluate",
+                    "jobs.pipeline", "jobs.k8s"):
+        try:
+            module = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name == modname:
+                continue
+            raise
+        command = getattr(module, "command", None)
+        if command is not None:
+            main.add_command(command)
+        for extra in getattr(module, "extra_commands", ()):
+            main.add_command(extra)
+
+
+_add_job_commands()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Config: sources in order, unknown keys named, readable errors, exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+
+from common import config as cfg
+from common.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+class Lora(cfg.JobConfig):
+    r: int = Field(16, description="rank")
+    alpha: float = Field(32, description="scale")
+
+
+class Demo(cfg.JobConfig):
+    name: str = Field("x", description="a name")
+    lora: Lora = Field(default_factory=Lora, description="LoRA settings")
+    tags: list[str] = Field(default_factory=list, description="tags")
+
+
+def test_sources_in_order(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("name: fromfile\nlora:\n  r: 8\n  alpha: 4\n")
+    c = cfg.load_config(Demo, file=str(f), sets=["lora.r=32", "tags=[a, b]"], flags={"name": "flag", "x": None})
+    assert (c.name, c.lora.r, c.lora.alpha, c.tags) == ("flag", 32, 4.0, ["a", "b"])
+
+
+def test_unknown_key_is_named_with_suggestion() -> None:
+    with pytest.raises(ConfigError) as err:
+        cfg.load_config(Demo, sets=["lora.alpah=4"])
+    assert "unknown key 'lora.alpah'" in str(err.value) and "did you mean 'alpha'" in str(err.value)
+
+
+def test_wrong_type_says_what_came() -> None:
+    with pytest.raises(ConfigError, match=r"lora.r: .*integer.*got 'big'"):
+        cfg.load_config(Demo, sets=["lora.r=big"])
+
+
+def test_bad_set_syntax_and_missing_file() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        cfg.load_config(Demo, sets=["lora.r"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        cfg.load_config(Demo, file="/nonexistent/c.yaml")
+
+
+def test_frozen() -> None:
+    c = Demo()
+    with pytest.raises(Exception):
+        c.name = "y"  # type: ignore[misc]
+
+
+def test_redaction() -> None:
+    assert cfg.redacted({"aws_secret_access_key": "s", "n": {"api_key": "k", "r": 1}}) == {
+        "aws_secret_access_key": "***", "n": {"api_key": "***", "r": 1}}
+
+
+def test_help_and_version_work() -> None:
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "show" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "--version"], capture_output=True, text=True, check=True)
+    assert "ftjobs, version" in out.stdout

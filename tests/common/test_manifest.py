@@ -1,0 +1,145 @@
+"""The manifest contract: publish last and create-only, verify on load, the already-done rule, lineage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from common import manifest as mf
+from common import storage
+from common.errors import AlreadyExistsError, ChecksumError, InputError, OutputTakenError
+
+pytestmark = pytest.mark.integration
+
+
+def _publish(prefix: str, stage: str = "prepare", config: dict | None = None, inputs: list | None = None,
+             payload: bytes = b"rows") -> mf.Loaded:
+    writer = mf.ArtifactWriter(prefix)
+    writer.add_bytes(payload, "data/train.parquet", name="train", rows=3)
+    m = mf.build(stage=stage, run_id="r1", config=config or {"a": 1}, inputs=inputs or [],
+                 artifacts=writer.artifacts, stats={"rows": 3})
+    mf.publish(prefix, m)
+    return mf.load(prefix)
+
+
+def test_publish_then_load_verifies(store_root: str) -> None:
+    loaded = _publish(storage.join(store_root, "prep"))
+    assert loaded.manifest.stage == "prepare"
+    assert loaded.manifest.artifact("train").rows == 3
+    assert loaded.manifest.schema_version == mf.SCHEMA_VERSION
+    assert loaded.manifest.config_hash == mf.config_hash({"a": 1})
+    mf.load(loaded.uri, verify="full")
+
+
+def test_tampered_artifact_is_detected(store_root: str) -> None:
+    prefix = storage.join(store_root, "prep")
+    loaded = _publish(prefix)
+    storage.write_bytes(storage.join(prefix, "data/train.parquet"), b"ROWS")  # same size, other bytes
+    mf.load(prefix, verify="size")  # the cheap check cannot see it ...
+    with pytest.raises(ChecksumError, match="train"):
+        mf.load(prefix, verify="full")  # ... the full one does
+    storage.write_bytes(storage.join(prefix, "data/train.parquet"), b"rows and more")
+    with pytest.raises(ChecksumError, match="bytes"):
+        mf.load(prefix)
+    with pytest.raises(ChecksumError):
+        mf.fetch_artifact(loaded, loaded.manifest.artifact("train"), "/tmp/ftjobs-test-fetch.bin")
+
+
+def test_missing_manifest_names_the_stage_to_run(store_root: str) -> None:
+    with pytest.raises(InputError, match="ftjobs prepare"):
+        mf.load(storage.join(store_root, "nothing"), expect_stage="prepare")
+
+
+def test_wrong_stage_is_refused(store_root: str) -> None:
+    prefix = storage.join(store_root, "prep")
+    _publish(prefix)
+    with pytest.raises(InputError, match="expected train"):
+        mf.load(prefix, expect_stage="train")
+
+
+def test_already_done_and_different_run(store_root: str) -> None:
+    prefix = storage.join(store_root, "prep")
+    _publish(prefix, config={"a": 1})
+    assert mf.check_output(prefix, stage="prepare", config={"a": 1}, inputs=[]) is not None
+    with pytest.raises(OutputTakenError, match="config differs at: a"):
+        mf.check_output(prefix, stage="prepare", config={"a": 2}, inputs=[])
+    assert mf.check_output(storage.join(store_root, "fresh"), stage="prepare", config={"a": 1}, inputs=[]) is None
+
+
+def test_manifest_is_never_rewritten(store_root: str) -> None:
+    prefix = storage.join(store_root, "prep")
+    _publish(prefix)
+    with pytest.raises(AlreadyExistsError, match="already published"):
+        _publish(prefix)
+
+
+def test_racing_writers_exactly_one_wins(store_root: str) -> None:
+    prefix = storage.join(store_root, "race")
+    barrier = threading.Barrier(8)
+    results: list[str] = []
+
+    def writer(i: int) -> None:
+        m = mf.build(stage="prepare", run_id=f"writer-{i}", config={"i": i}, inputs=[], artifacts=[])
+        barrier.wait()
+        try:
+            mf.publish(prefix, m)
+            results.append(f"won-{i}")
+        except AlreadyExistsError:
+            results.append("lost")
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r in results if r.startswith("won")]
+    assert len(winners) == 1 and results.count("lost") == 7
+    assert mf.load(prefix).manifest.run_id == winners[0].replace("won", "writer")
+
+
+def test_lineage_walks_inputs_and_flags_changes(store_root: str) -> None:
+    raw = storage.join(store_root, "raw.jsonl")
+    storage.write_bytes(raw, b'{"x": 1}\n')
+    raw_ref = mf.InputRef(uri=raw, sha256=storage.sha256_uri(raw), stage=None, role="data")
+    prep = _publish(storage.join(store_root, "prep"), inputs=[raw_ref])
+    train = _publish(storage.join(store_root, "train"), stage="train", inputs=[prep.ref("data")])
+    tree = mf.lineage(train.uri, verify="full")
+    assert mf.all_ok(tree)
+    assert tree.stage == "train" and tree.children[0].stage == "prepare"
+    assert tree.children[0].children[0].uri == raw
+    text = mf.render_tree(tree)
+    assert "train r1" in text and "prepare r1" in text and "raw" in text
+    storage.write_bytes(raw, b'{"x": 2}\n')
+    tree = mf.lineage(train.uri, verify="full")
+    assert not mf.all_ok(tree) and "CHANGED" in mf.render_tree(tree)
+
+
+def test_schema_version_mismatch_is_clear(store_root: str) -> None:
+    uri = storage.join(store_root, "m/manifest.json")
+    storage.write_bytes(uri, json.dumps({"stage": "prepare", "schema_version": 99}).encode())
+    with pytest.raises(InputError, match="schema version 99"):
+        mf.load(uri)
+
+
+def test_show_cli_prints_lineage(store_root: str, subprocess_env: dict) -> None:
+    raw = storage.join(store_root, "raw.jsonl")
+    storage.write_bytes(raw, b'{"x": 1}\n')
+    prep = _publish(storage.join(store_root, "prep"),
+                    inputs=[mf.InputRef(uri=raw, sha256=storage.sha256_uri(raw), role="data")])
+    train = _publish(storage.join(store_root, "train"), stage="train", inputs=[prep.ref("data")])
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "show", storage.parent(train.uri)],
+                         capture_output=True, text=True, env=subprocess_env, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "lineage:" in out.stdout and "└── [ok] prepare r1" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "show", "--json", train.uri],
+                         capture_output=True, text=True, env=subprocess_env, check=False)
+    data = json.loads(out.stdout)
+    assert data["verified"] is True and data["lineage"]["inputs"][0]["stage"] == "prepare"
+    storage.write_bytes(storage.join(store_root, "prep/data/train.parquet"), b"tampered!")
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "show", train.uri],
+                         capture_output=True, text=True, env=subprocess_env, check=False)
+    assert out.returncode == 3 and "FAILED" in out.stdout

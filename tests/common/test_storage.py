@@ -1,0 +1,101 @@
+"""Object store: round trips on both backends, multipart folders, create-only, traversal, retries."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from common import storage
+from common.errors import AlreadyExistsError, ConfigError, InputError
+from tests.faults import FaultProxy
+
+pytestmark = pytest.mark.integration
+
+
+def test_bytes_and_json_round_trip(store_root: str) -> None:
+    storage.write_bytes(storage.join(store_root, "a/b.bin"), b"\x00\x01hello")
+    assert storage.read_bytes(storage.join(store_root, "a/b.bin")) == b"\x00\x01hello"
+    storage.write_json(storage.join(store_root, "c.json"), {"x": [1, 2], "ü": "ß"})
+    assert storage.read_json(storage.join(store_root, "c.json")) == {"x": [1, 2], "ü": "ß"}
+    assert storage.exists(storage.join(store_root, "c.json"))
+    assert not storage.exists(storage.join(store_root, "missing.json"))
+    assert [o.rel for o in storage.list_objects(store_root)] == ["a/b.bin", "c.json"]
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(store_root, "missing.json"))
+
+
+def test_create_only_put_refuses_second_write(store_root: str) -> None:
+    uri = storage.join(store_root, "manifest.json")
+    storage.put_if_absent(uri, b"first")
+    with pytest.raises(AlreadyExistsError, match="already exists"):
+        storage.put_if_absent(uri, b"second")
+    assert storage.read_bytes(uri) == b"first"
+
+
+def test_folder_round_trip_with_multipart_file(store_root: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    big = os.urandom(storage.MULTIPART_THRESHOLD + 3 * 1024 * 1024)  # forces a multipart upload
+    (src / "sub" / "big.bin").write_bytes(big)
+    (src / "small.txt").write_text("small")
+    (src / "empty").write_bytes(b"")
+    up = {t.rel: t for t in storage.upload_dir(src, storage.join(store_root, "model"))}
+    assert up["sub/big.bin"].sha256 == hashlib.sha256(big).hexdigest()
+    assert up["sub/big.bin"].size == len(big)
+    down = {t.rel: t for t in storage.download_dir(storage.join(store_root, "model"), tmp_path / "dst")}
+    assert set(down) == {"sub/big.bin", "small.txt", "empty"}
+    assert (tmp_path / "dst" / "sub" / "big.bin").read_bytes() == big
+    assert down["sub/big.bin"].sha256 == up["sub/big.bin"].sha256
+    assert (tmp_path / "dst" / "empty").read_bytes() == b""
+
+
+def test_multipart_upload_really_used_parts(s3_root: str, tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(storage.MULTIPART_THRESHOLD + 1024))
+    storage.upload_file(big, storage.join(s3_root, "big.bin"))
+    bucket, key = storage.split_s3(storage.join(s3_root, "big.bin"))
+    etag = storage.s3_client().head_object(Bucket=bucket, Key=key)["ETag"]
+    assert "-2" in etag  # a multipart ETag ends in -<parts>
+
+
+@pytest.mark.parametrize("key", ["../evil.txt", "a/../../evil.txt", "/abs/evil.txt"])
+def test_download_refuses_keys_escaping_destination(tmp_path: Path, key: str) -> None:
+    with pytest.raises(InputError, match="escape|outside"):
+        storage.safe_destination(tmp_path / "dest", key)
+
+
+def test_download_dir_refuses_traversal_key_on_s3(s3_root: str, tmp_path: Path) -> None:
+    bucket, key = storage.split_s3(s3_root)
+    storage.s3_client().put_object(Bucket=bucket, Key=f"{key}/ok.txt", Body=b"ok")
+    storage.s3_client().put_object(Bucket=bucket, Key=f"{key}/../{key.split('/')[-1]}-x/../../escape.txt", Body=b"x")
+    storage.s3_client().put_object(Bucket=bucket, Key=f"{key}/sub/../../outside.txt", Body=b"x")
+    with pytest.raises(InputError):
+        storage.download_dir(s3_root, tmp_path / "dest")
+    assert not (tmp_path / "outside.txt").exists()
+    assert not any((tmp_path / "dest").rglob("*"))  # refused before anything was written
+
+
+def test_unknown_scheme_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="gs"):
+        storage.read_bytes("gs://bucket/key")
+
+
+@pytest.mark.parametrize("fault", ["503", "drop"])
+def test_transient_faults_are_retried(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    with FaultProxy(s3_endpoint) as proxy:
+        monkeypatch.setenv("S3_ENDPOINT_URL", proxy.url)
+        storage._clients.clear()
+        try:
+            uri = f"s3://ftjobs-test/faults/{fault}.bin"
+            proxy.match = "/faults/"
+            proxy.faults = [fault, fault]
+            storage.write_bytes(uri, b"payload")
+            proxy.faults = [fault]
+            assert storage.read_bytes(uri) == b"payload"
+        finally:
+            storage._clients.clear()
+    outcomes = [o for (_, p, o) in proxy.seen if "/faults/" in p]
+    assert outcomes.count(fault) == 3 and outcomes.count("forwarded") >= 2
