@@ -1,0 +1,122 @@
+"""Model sources: a Hugging Face id, an `s3://` prefix or a local folder.
+
+`resolve(src)` returns a local folder holding the model, downloading it once
+into a cache folder. Weights are accepted as safetensors only (pickled
+`.bin` weights can execute code on load); `trust_remote_code` stays off
+unless a config turns it on. `identity(src, path)` is what manifests record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import storage
+from common.errors import ConfigError, InputError
+
+LOG = logging.getLogger(__name__)
+
+# What a model folder needs; everything else (pickles, onnx, gguf, images) is skipped.
+ALLOW = ("*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.tiktoken",
+         "*.txt", "*.jinja", "merges.txt", "vocab.*")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("FTJOBS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ftjobs")
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    source: str          # what the user gave
+    path: Path           # local folder
+    revision: str | None  # HF commit, or sha256 of config+index for folders
+
+    def identity(self) -> dict[str, Any]:
+        return {"source": self.source, "revision": self.revision}
+
+
+def looks_like_hf_id(src: str) -> bool:
+    return (not storage.is_s3(src) and not src.startswith(("/", ".", "file://", "~"))
+            and src.count("/") == 1 and not Path(src).exists())
+
+
+def resolve(src: str, *, revision: str | None = None, cache_dir: str | Path | None = None) -> ModelRef:
+    """A local folder for a model source, downloaded once into the cache."""
+    cache = Path(cache_dir) if cache_dir else cache_root() / "models"
+    if storage.is_s3(src):
+        key = hashlib.sha256(src.rstrip("/").encode()).hexdigest()[:16]
+        dest = cache / f"s3-{key}"
+        marker = dest / ".ftjobs-complete"
+        if not marker.exists():
+            objects = [o for o in storage.list_objects(src) if not o.rel.startswith(".")]
+            if not objects:
+                raise InputError(f"No model files under {src}: check the prefix (is it the merge output's model/?)")
+            LOG.info("downloading model %s -> %s (%d files)", src, dest, len(objects))
+            storage.download_dir(src, dest)
+            marker.write_text(src)
+        path = dest
+    elif looks_like_hf_id(src):
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(src, revision=revision, allow_patterns=list(ALLOW),
+                                          cache_dir=str(cache / "hf")))
+        except Exception as exc:
+            raise InputError(
+                f"Could not fetch model {src!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+                "Give a local folder or an s3:// prefix, or set HF_TOKEN for gated models."
+            ) from None
+        revision = revision or path.name
+    else:
+        path = storage.local_path(src).expanduser()
+        if not path.is_dir():
+            raise InputError(f"Model folder {path} does not exist")
+    check_folder(path, src)
+    return ModelRef(source=src, path=path, revision=revision or folder_revision(path))
+
+
+def check_folder(path: Path, src: str) -> None:
+    if not (path / "config.json").exists():
+        raise InputError(f"{src} has no config.json: not a transformers model folder")
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found pickled weights {pickles[:3]}: convert them to safetensors)" if pickles else ""
+        raise InputError(f"{src} has no .safetensors weights{hint}; ftjobs loads safetensors only")
+
+
+def folder_revision(path: Path) -> str:
+    """A content id for a local model: sha256 over config and the weight index / weight sizes."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        f = path / name
+        if f.exists():
+            h.update(f.read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    return json.loads((path / "config.json").read_text())
+
+
+def is_quantized(path: Path) -> str | None:
+    """The quantization method a saved model carries, if any."""
+    q = read_config(path).get("quantization_config")
+    return (q or {}).get("quant_method") if q else None
+
+
+def check_trust_remote_code(path: Path, trust: bool) -> None:
+    auto = read_config(path).get("auto_map")
+    if auto and not trust:
+        raise ConfigError(
+            f"Model at {path} needs custom code (auto_map: {sorted(auto)}); ftjobs does not run remote code "
+            "unless the config sets trust_remote_code: true"
+        )
