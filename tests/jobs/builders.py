@@ -1,0 +1,56 @@
+"""Real upstream outputs for stage tests, built without running the upstream job.
+
+`publish_adapter` writes what the train job publishes (same layout, same
+manifest fields) from a real peft LoRA on the tiny model, so merge and infer
+tests do not depend on a training run. The adapter's B matrices are random
+(not zero), so the adapted model really differs from the base.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import chat, models
+from common import manifest as mf
+
+
+def publish_adapter(prefix: str, base_model: Path, *, r: int = 8, alpha: int = 16, seed: int = 0,
+                    modules_to_save: list[str] | None = None, scale: float = 1.0) -> mf.Loaded:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(base_model))
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
+                      modules_to_save=modules_to_save, init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(scale)
+    fmt = chat.chat_format(tok)
+    ref = models.resolve(str(base_model))
+    writer = mf.ArtifactWriter(prefix)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(Path(tmp) / "adapter")
+        tok.save_pretrained(Path(tmp) / "tokenizer")
+        writer.add_dir(Path(tmp) / "adapter", "adapter")
+        writer.add_dir(Path(tmp) / "tokenizer", "tokenizer")
+    model_info: dict[str, Any] = {
+        "base_model": str(base_model),
+        "base_revision": ref.revision,
+        "template_hash": fmt.hash,
+        "chat_template": fmt.template,
+        "tokenizer": chat.tokenizer_identity(tok),
+        "quantization": {"mode": "none"},
+        "lora": {"r": r, "alpha": alpha, "dropout": 0.0, "target_modules": "all-linear",
+                 "modules_to_save": modules_to_save},
+    }
+    m = mf.build(stage="train", run_id=mf.new_run_id(), config={"builder": "tests.jobs.builders", "seed": seed},
+                 inputs=[], artifacts=writer.artifacts, model=model_info, metrics={"steps": 0})
+    mf.publish(prefix, m)
+    return mf.load(prefix)
