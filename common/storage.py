@@ -211,7 +211,7 @@ def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+            return bytes(s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
         except Exception as exc:
             if _not_found(exc):
                 raise FileNotFoundError(uri) from None

@@ -77,7 +77,7 @@ def build(path: str | Path, *, hidden: int = 128, layers: int = 2, heads: int = 
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
         max_position_embeddings=max_positions, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, torch_dtype=dtype, rms_norm_eps=1e-5,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, rms_norm_eps=1e-5,
     )
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(
