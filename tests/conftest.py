@@ -27,8 +27,11 @@ def s3_endpoint() -> Iterator[str]:
     if external:
         endpoint = external
     else:
+        import logging
+
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
