@@ -34,8 +34,11 @@ test: $(STAMP) ## run unit, integration and end-to-end tests (what CI runs)
 test-unit: $(STAMP) ## only the fast unit tier
 	$(PYTEST) -m unit $(PYTEST_ARGS)
 
+bench: $(STAMP) ## run every benchmark on this machine and print one table (bench/README.md)
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
+
 lint: $(STAMP) ## ruff + mypy on common/
 	$(BIN)/ruff check common jobs tests bench
 	$(BIN)/mypy
 
-.PHONY: help install test test-unit lint
+.PHONY: help install test test-unit lint bench
