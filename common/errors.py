@@ -11,6 +11,9 @@ EXIT_OK = 0
 EXIT_RETRYABLE = 1
 EXIT_CONFIG = 2
 EXIT_INPUT = 3
+# evaluate --fail-if-worse: the job finished and published its report, and the candidate
+# did not beat the baseline. Not an error to retry: a verdict (podFailurePolicy: FailJob).
+EXIT_GATE = 4
 
 
 class FtjobsError(Exception):
@@ -51,3 +54,9 @@ class Preempted(FtjobsError):
     """The job was asked to stop (SIGTERM) and saved its state: retry to resume."""
 
     exit_code = EXIT_RETRYABLE
+
+
+class GateFailed(FtjobsError):
+    """evaluate --fail-if-worse: the report is published and the candidate did not beat the baseline."""
+
+    exit_code = EXIT_GATE
