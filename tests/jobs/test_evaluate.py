@@ -1,0 +1,224 @@
+"""evaluate: metrics, comparison, report, gate, and bad input, against real infer-shaped manifests.
+
+The predictions manifests are written here exactly as infer publishes them
+(Parquet shards `predictions/part-NNNNN`, an infer manifest), on the local
+store and the real S3 server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from common import config as cfg
+from common import manifest as mf
+from common import storage
+from common.errors import EXIT_GATE, ConfigError
+from jobs import evaluate
+from jobs.cli import main
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.list_(MESSAGE)), ("completion", pa.string()), ("reference", pa.string()),
+    ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+    ("model", pa.string()), ("adapter", pa.string()),
+])
+REFERENCES = {f"r{i}": json.dumps({"name": n, "age": 20 + i}) for i, n in enumerate(["Ada", "Bo", "Cy", "Di"])}
+
+
+def publish_predictions(prefix: str, completions: dict[str, str | None], *, label: str | None = None,
+                        adapter: str | None = None, shards: int = 2, table: pa.Table | None = None) -> str:
+    """An infer manifest with `completions` (id -> text) against REFERENCES, split over `shards` files."""
+    ids = list(completions)
+    rows = [{"id": rid, "prompt": [{"role": "user", "content": f"Extract the record: {REFERENCES.get(rid)}"}],
+             "completion": completions[rid], "reference": REFERENCES.get(rid), "finish_reason": "stop",
+             "prompt_tokens": 12, "completion_tokens": 9, "model": "tiny", "adapter": adapter} for rid in ids]
+    writer = mf.ArtifactWriter(prefix)
+    per = max(1, -(-len(rows) // shards))
+    for n, start in enumerate(range(0, len(rows), per)):
+        part = table if table is not None else pa.Table.from_pylist(rows[start:start + per], schema=SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(part, buf)
+        writer.add_bytes(buf.getvalue(), f"predictions/part-{n:05d}.parquet", name=f"predictions/part-{n:05d}",
+                         rows=part.num_rows)
+    model = {"model": "tiny", "adapter": adapter} | ({"label": label} if label else {})
+    m = mf.build(stage="infer", run_id=mf.new_run_id(), config={"model": "tiny"}, inputs=[],
+                 artifacts=writer.artifacts, model=model)
+    return mf.publish(prefix, m)
+
+
+BASE = {"r0": '{"name": "Ada", "age": 20}', "r1": "Bo is 21", "r2": "", "r3": "no idea"}
+TUNED = {"r0": '{"name": "Ada", "age": 20}', "r1": '{"name": "Bo", "age": 21}', "r2": '{"name":"Cy","age":22}',
+         "r3": '{"name": "Di", "age": 99}'}
+
+
+@pytest.fixture
+def two_sets(store_root: str) -> tuple[str, str, str]:
+    base = publish_predictions(f"{store_root}/infer-base", BASE, label="base")
+    tuned = publish_predictions(f"{store_root}/infer-ft", TUNED, adapter="s3://x/train", label="finetuned")
+    return store_root, base, tuned
+
+
+def test_scores_compares_and_writes_a_self_contained_report(two_sets: tuple[str, str, str]) -> None:
+    root, base, tuned = two_sets
+    schema = {"type": "object", "required": ["name", "age"], "properties": {"age": {"type": "integer",
+                                                                                     "maximum": 90}}}
+    conf = evaluate.Config(predictions=[base, tuned], output=f"{root}/eval",
+                           checks={"json_valid": True, "json_schema": schema, "regex": r"\{.*\}"})
+    loaded = evaluate.run(conf)
+    sets = loaded.manifest.metrics["sets"]
+    assert loaded.manifest.metrics["baseline"] == "base"
+    # base: only r0 exact; tuned: r0, r1 exact; r2 matches once normalized (spacing/punctuation).
+    assert sets["base"]["exact_match"] == pytest.approx(0.25)
+    assert sets["finetuned"]["exact_match"] == pytest.approx(0.5)
+    assert sets["finetuned"]["normalized_exact_match"] == pytest.approx(0.75)
+    assert sets["base"]["json_valid"] == pytest.approx(0.25)
+    assert sets["finetuned"]["json_valid"] == pytest.approx(1.0)
+    assert sets["finetuned"]["json_schema_valid"] == pytest.approx(0.75)  # age 99 > maximum
+    assert sets["finetuned"]["regex_match"] == pytest.approx(1.0)
+    assert 0 < sets["base"]["token_f1"] < sets["finetuned"]["token_f1"] < 1
+    assert 0 < sets["base"]["rouge_l"] < sets["finetuned"]["rouge_l"] < 1
+    delta = loaded.manifest.metrics["comparisons"]["finetuned"]["metrics"]["exact_match"]
+    assert delta["delta"] == pytest.approx(0.25) and delta["wins"] == 1 and delta["losses"] == 0
+    assert loaded.manifest.metrics["exact_match/finetuned"] == pytest.approx(0.5)
+    assert {r.stage for r in loaded.manifest.inputs} == {"infer"}
+
+    md = storage.read_text(storage.join(root, "eval", "report.md"))
+    assert "| exact match | 25.0% | 50.0% | +25.0 pts" in md
+    assert "Where the models differ (3 examples" in md  # r0 is identical in both sets
+    assert "Bo is 21" in md and "no idea" in md
+    page = storage.read_text(storage.join(root, "eval", "report.html"))
+    assert "data:image/png;base64,iVBOR" in page and "<script" not in page and "src='http" not in page
+    assert storage.read_bytes(storage.join(root, "eval", "chart.png"))[:4] == b"\x89PNG"
+    metrics_json = json.loads(storage.read_text(storage.join(root, "eval", "metrics.json")))
+    assert metrics_json["metrics"]["sets"] == json.loads(json.dumps(sets))
+    scores = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, "eval", "scores.parquet"))))
+    assert scores.num_rows == 8 and "json_schema_valid" in scores.column_names
+    diffs = storage.read_text(storage.join(root, "eval", "differences.jsonl")).splitlines()
+    assert len(diffs) == 3 and {"base", "finetuned"} == set(json.loads(diffs[0])["completions"])
+    # the published manifest's artifacts verify in full
+    mf.load(loaded.uri, verify="full")
+
+
+def test_rerun_is_already_done_and_gate_exits_4_with_report_published(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    base = publish_predictions(f"{root}/infer-base", TUNED, label="base")   # the "base" is the good one here
+    tuned = publish_predictions(f"{root}/infer-ft", BASE, label="finetuned")
+    out = f"{root}/eval"
+    runner = CliRunner()
+    args = ["evaluate", "--predictions", base, "--predictions", tuned, "--output", out]
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
+    uri = first.output.strip().splitlines()[-1]
+    assert uri == mf.manifest_uri(out)
+    again = runner.invoke(main, args)
+    assert again.exit_code == 0 and again.output.strip().splitlines()[-1] == uri
+    # The gate is not part of the run's identity: the finished evaluation is re-gated, not refused.
+    gated = runner.invoke(main, args + ["--fail-if-worse", "exact_match"])
+    assert gated.exit_code == EXIT_GATE
+    assert storage.exists(storage.join(out, "report.html"))
+    # A gate that passes: swap baseline and candidate into a new output.
+    ok = runner.invoke(main, ["evaluate", "--predictions", tuned, "--predictions", base, "--output",
+                              f"{root}/eval2", "--fail-if-worse", "token_f1"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_labels_default_from_model_identity_and_are_unique(tmp_path: Path) -> None:
+    a = publish_predictions(f"{tmp_path}/a", BASE)
+    b = publish_predictions(f"{tmp_path}/b", BASE)
+    c = publish_predictions(f"{tmp_path}/c", TUNED, adapter="s3://x/train")
+    loaded = evaluate.run(evaluate.Config(predictions=[a, b, c], output=f"{tmp_path}/eval", bootstrap=0))
+    assert loaded.manifest.model["labels"] == ["tiny", "tiny#2", "tiny+adapter"]
+    assert loaded.manifest.metrics["comparisons"]["tiny#2"]["metrics"]["exact_match"]["delta"] == 0
+
+
+def test_rows_without_reference_are_counted_and_skipped(tmp_path: Path) -> None:
+    base = publish_predictions(f"{tmp_path}/a", BASE | {"x9": "free text"})
+    tuned = publish_predictions(f"{tmp_path}/b", TUNED | {"x9": "free text"})
+    loaded = evaluate.run(evaluate.Config(predictions=[base, tuned], output=f"{tmp_path}/eval"))
+    s = loaded.manifest.metrics["sets"]["tiny"]
+    assert s["rows"] == 5 and s["rows_without_reference"] == 1 and s["exact_match"] == pytest.approx(0.25)
+
+
+def run_cli(args: list[str]) -> Any:
+    return CliRunner().invoke(main, ["--log-format", "text", "evaluate", *args])
+
+
+def test_bad_inputs_exit_3_naming_the_file_and_what_is_wrong(tmp_path: Path) -> None:
+    good = publish_predictions(f"{tmp_path}/good", BASE)
+    no_ref = pa.table({"id": ["a"], "completion": ["x"]})
+    broken = publish_predictions(f"{tmp_path}/broken", {"a": "x"}, table=no_ref, shards=1)
+    result = run_cli(["--predictions", good, "--predictions", broken, "--output", f"{tmp_path}/e1"])
+    assert result.exit_code == 3
+    assert "part-00000.parquet has no column(s) reference" in result.output
+    assert not storage.exists(f"{tmp_path}/e1/manifest.json")
+
+    dup = pa.Table.from_pylist([{"id": "a", "completion": "x", "reference": "x"}] * 2)
+    dupe = publish_predictions(f"{tmp_path}/dupe", {"a": "x"}, table=dup, shards=1)
+    result = run_cli(["--predictions", dupe, "--output", f"{tmp_path}/e2"])
+    assert result.exit_code == 3 and "id 'a' already appeared" in result.output
+
+    other = publish_predictions(f"{tmp_path}/other", {"zz": "x"})
+    result = run_cli(["--predictions", good, "--predictions", other, "--output", f"{tmp_path}/e3"])
+    assert result.exit_code == 3 and "share no example ids" in result.output
+
+    not_infer = mf.publish(f"{tmp_path}/prep", mf.build(stage="prepare", run_id="r", config={}, inputs=[],
+                                                        artifacts=[]))
+    result = run_cli(["--predictions", not_infer, "--output", f"{tmp_path}/e4"])
+    assert result.exit_code == 3 and "is a prepare manifest; expected infer" in result.output
+
+    result = run_cli(["--predictions", f"{tmp_path}/nothing-here", "--output", f"{tmp_path}/e5"])
+    assert result.exit_code == 3 and "Run `ftjobs infer`" in result.output
+
+
+def test_config_mistakes_exit_2_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match="labels has 1 entries for 2 predictions"):
+        cfg.validate(evaluate.Config, {"predictions": ["a", "b"], "output": "o", "labels": ["x"]})
+    with pytest.raises(ConfigError, match="regex_match.*not a metric this config computes|not a metric"):
+        cfg.validate(evaluate.Config, {"predictions": ["a", "b"], "output": "o", "fail_if_worse": "regex_match"})
+    with pytest.raises(ConfigError, match="needs a baseline and at least one candidate"):
+        cfg.validate(evaluate.Config, {"predictions": ["a"], "output": "o", "fail_if_worse": "exact_match"})
+    with pytest.raises(ConfigError, match="regex does not compile"):
+        cfg.validate(evaluate.Config, {"predictions": ["a"], "output": "o", "checks": {"regex": "("}})
+    result = run_cli(["--predictions", "a", "--output", "o", "--set", "checks.jsn_valid=true"])
+    assert result.exit_code == 2 and "did you mean 'json_valid'" in result.output
+
+
+def test_metric_functions() -> None:
+    assert evaluate.normalize("The  Cat, sat!") == "cat sat"
+    assert evaluate.token_f1("the cat sat", "a cat sat down") == pytest.approx(2 * (1 * 2 / 3) / (1 + 2 / 3))
+    assert evaluate.token_f1("", "") == 1.0 and evaluate.token_f1("x", "") == 0.0
+    scores = evaluate.score_rows([{"id": "1", "completion": "Grüße aus Köln", "reference": "grüße aus köln"}],
+                                 evaluate.Checks(), None)[0]
+    assert scores["exact_match"] == 0.0 and scores["normalized_exact_match"] == 1.0
+    assert scores["rouge_l"] == 1.0  # non-ASCII words count (rouge-score's own tokenizer would drop them)
+
+
+def test_shipped_config_validates() -> None:
+    conf = cfg.load_config(evaluate.Config, file=str(REPO / "configs" / "evaluate.yaml"),
+                           flags={"predictions": ("a", "b"), "output": "o"})
+    assert conf.checks.json_schema is not None and conf.fail_if_worse == "exact_match"
+
+
+def test_evaluate_runs_without_torch(tmp_path: Path) -> None:
+    """The prepare image, which also runs evaluate, has no torch: a whole run must not import it."""
+    import subprocess
+    import sys
+
+    base = publish_predictions(f"{tmp_path}/a", BASE)
+    tuned = publish_predictions(f"{tmp_path}/b", TUNED)
+    code = ("import sys; from jobs import evaluate; "
+            f"evaluate.run(evaluate.Config(predictions=[{base!r}, {tuned!r}], output={str(tmp_path / 'e')!r}, "
+            "checks={'json_valid': True})); "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
