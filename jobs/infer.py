@@ -1,0 +1,759 @@
+"""infer: sharded, resumable offline batch inference (vLLM, or transformers where vLLM is missing).
+
+Reads
+  --model    a merge manifest (its `model/` artifacts are downloaded checksum-verified), or any
+             model source (Hugging Face id, s3:// prefix, local folder);
+  --adapter  optionally a train manifest: its LoRA adapter is served on top of --model (a base
+             model source) as a vLLM `LoRARequest`;
+  --prompts  a prepare manifest (its `eval` split by default: the conversation up to the last
+             assistant turn is the prompt, that turn is the reference), or a Parquet / JSONL file
+             with a `messages` or `prompt` column (names set in `columns`).
+Prompts are rendered with the chat template recorded upstream (`common.chat`) and passed to the
+engine as token ids; a template that differs from the model's is refused unless `force_template`.
+
+Writes, under --output
+  plan.json                            what this run is (create-only; every shard checks it)
+  shards/<I>/chunk-NNNNN.parquet       each written whole; a killed pod loses at most one chunk
+  shards/<I>/DONE.json                 create-only shard marker with the chunks' sha256
+  predictions/part-NNNNN.parquet       one part per shard, assembled by whichever shard ends last
+  manifest.json                        stage "infer", published last, create-only
+Rows: id, sample, prompt, completion, reference, finish_reason, prompt_tokens, completion_tokens,
+model, adapter, sampling (JSON), error (per row, e.g. a prompt longer than max_model_len).
+
+Shard I of N comes from `--shard I/N`, or from `JOB_COMPLETION_INDEX` (Kubernetes Indexed Jobs)
+plus `num_shards`. Re-running skips finished shards and finished chunks; `--finalize` only
+assembles. Every input row appears exactly once in the output (n times with `sampling.n: n`).
+
+    ftjobs infer --model s3://ml/runs/r1/merge --prompts s3://ml/runs/r1/prepare \\
+        --output s3://ml/runs/r1/infer --shard 0/4 --set sampling.temperature=0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+from pydantic import Field, model_validator
+
+from common import chat, models, storage
+from common import manifest as mf
+from common.config import JobConfig, dump
+from common.errors import AlreadyExistsError, ChecksumError, ConfigError, FtjobsError, InputError
+from common.runner import config_options, execute
+
+STAGE = "infer"
+LOG = logging.getLogger(__name__)
+# Test and demo hook: seconds to sleep after each written chunk, so a pod can be killed mid-shard on purpose.
+PAUSE_ENV = "FTJOBS_INFER_CHUNK_PAUSE_S"
+
+
+class Columns(JobConfig):
+    """Column names in a plain Parquet/JSONL prompts file (a prepare manifest always uses the canonical ones)."""
+
+    id: str = Field("id", description="Row id column; rows without one are numbered row-NNNNNNNN by position.")
+    messages: str = Field("messages", description="List of {role, content}; a final assistant turn becomes "
+                                                  "the reference.")
+    prompt: str = Field("prompt", description="Plain prompt text, used as one user turn when there is no "
+                                              "messages column.")
+    reference: str = Field("reference", description="Reference answer column for prompt-style files (optional).")
+
+
+class Sampling(JobConfig):
+    """vLLM `SamplingParams`; the defaults are vLLM's own (never the model repo's generation_config)."""
+
+    temperature: float = Field(1.0, ge=0.0, description="0 is greedy. vLLM's default is 1.0.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 is off.")
+    top_k: int = Field(0, ge=-1, description="Sample among the k most likely tokens; 0 or -1 is off.")
+    max_tokens: int = Field(256, ge=1, description="Most new tokens per completion (vLLM's own default, 16, "
+                                                   "is too short for evaluation).")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a completion (not included in it).")
+    seed: int | None = Field(None, description="Per-request sampling seed; None: not reproducible when sampling.")
+    n: int = Field(1, ge=1, description="Completions per prompt; each is its own output row (column `sample`).")
+
+    @model_validator(mode="after")
+    def _n_needs_sampling(self) -> Sampling:
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n={self.n} with temperature 0 gives {self.n} identical completions: "
+                             "set temperature > 0 or n: 1")
+        return self
+
+
+class EngineArgs(JobConfig):
+    """Engine settings, passed through to `vllm.LLM` (the transformers engine uses dtype and batch_size)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (vLLM).")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may "
+                                                                           "take (weights + KV cache).")
+    max_model_len: int | None = Field(None, ge=2, description="Context length (prompt + completion); None: the "
+                                                             "model's. Longer prompts become per-row errors.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Most sequences vLLM batches at once; None: vLLM's.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: the model's dtype on GPU, float32 on CPU (vLLM's CPU build wants it).")
+    enforce_eager: bool | None = Field(None, description="Skip CUDA graphs (vLLM); None: true on CPU, false on GPU.")
+    quantization: str | None = Field(None, description="vLLM quantization method (awq, gptq, fp8, ...); None: "
+                                                       "what the checkpoint says.")
+    batch_size: int = Field(16, ge=1, description="Prompts per `generate` call in the transformers engine.")
+
+
+class Config(JobConfig):
+    """ftjobs infer: batch generation over a prompt set, sharded and resumable."""
+
+    model: str = Field(..., description="Merge manifest (URI or its prefix), or a model source: HF id, "
+                                        "s3:// prefix, local folder.")
+    adapter: str | None = Field(None, description="Train manifest whose LoRA adapter is served on top of "
+                                                  "`model` (a base model source).")
+    prompts: str = Field(..., description="Prepare manifest (URI or prefix), or a .parquet / .jsonl file.")
+    output: str = Field(..., description="Output prefix (s3:// or local).")
+    split: str = Field("eval", description="Which split of a prepare manifest to generate for.")
+    columns: Columns = Field(default_factory=Columns, description="Column names for plain prompt files.")
+    engine: Literal["vllm", "transformers"] = Field("vllm", description="vllm: fast batched serving; "
+                                                                        "transformers: `generate`, no vLLM needed.")
+    engine_args: EngineArgs = Field(default_factory=EngineArgs, description="Engine settings.")
+    sampling: Sampling = Field(default_factory=Sampling, description="Sampling settings.")
+    chat_template: str | None = Field(None, description="Override the template (builtin name or Jinja text); "
+                                                        "None: the one recorded upstream.")
+    force_template: bool = Field(False, description="Run although the prompts' or the model's recorded chat "
+                                                    "template differs from the one used.")
+    force_base: bool = Field(False, description="Serve the adapter although `model` is not the base it was "
+                                                "trained on.")
+    trust_remote_code: bool = Field(False, description="Allow model repos that ship their own code.")
+    num_shards: int = Field(1, ge=1, description="How many shards split the prompts (Kubernetes Indexed Job "
+                                                 "completions).")
+    shard: int | None = Field(None, ge=0, description="This process's shard; None: JOB_COMPLETION_INDEX, else 0.")
+    chunk_rows: int = Field(256, ge=1, description="Prompts per chunk: the unit of resume (smaller: less lost "
+                                                   "on a kill, more objects).")
+    finalize: bool = Field(False, description="Only assemble finished shards and publish the manifest.")
+    cache_dir: str | None = Field(None, description="Where downloaded models go; None: $FTJOBS_CACHE or "
+                                                    "~/.cache/ftjobs.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.shard is not None and self.shard >= self.num_shards:
+            raise ValueError(f"shard {self.shard} is out of range for num_shards {self.num_shards} "
+                             f"(shards are numbered 0..{self.num_shards - 1})")
+        if storage.normalize(self.output).rstrip("/") in {storage.normalize(self.model).rstrip("/"),
+                                                          storage.normalize(self.prompts).rstrip("/")}:
+            raise ValueError("output must be a prefix of its own, not the model's or the prompts' location")
+        return self
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run(config: Config) -> mf.Loaded | str:
+    """Generate this shard's chunks; the last shard to finish publishes the manifest."""
+    out = config.output
+    shard = shard_index(config)
+    identity_config = dump(config) | {"shard": None, "finalize": False}
+    model_in = load_model_input(config.model)
+    adapter_in = mf.load(config.adapter, expect_stage="train") if config.adapter else None
+    prompts_in = load_prompts_input(config.prompts)
+    inputs = [ref for ref in (model_in and model_in.ref("model"), adapter_in and adapter_in.ref("adapter"),
+                              prompts_in if isinstance(prompts_in, mf.InputRef) else prompts_in.ref("data"))
+              if ref is not None]
+    done = mf.check_output(out, stage=STAGE, config=identity_config, inputs=inputs)
+    if done is not None:
+        LOG.info("already done: %s", done.uri)
+        return done
+    marker = storage.join(out, "shards", f"{shard:05d}", "DONE.json")
+    if config.finalize or storage.exists(marker):
+        LOG.info("finalize requested" if config.finalize else f"shard {shard} is already finished")
+        return finalize(config, identity_config, inputs, read_plan(out), wait=not config.finalize, marker=marker)
+
+    cache = Path(config.cache_dir) if config.cache_dir else models.cache_root()
+    model = prepare_model(config, model_in, adapter_in, cache)
+    rows = load_rows(config, prompts_in)
+    template_check(config, model, prompts_in)
+    run_key = mf.run_identity(mf.config_hash(identity_config), inputs)
+    plan = {"run": run_key, "rows": len(rows), "num_shards": config.num_shards, "chunk_rows": config.chunk_rows,
+            "model": model["identity"], "started_at": mf.now()}
+    plan = claim_plan(out, plan)
+
+    lo, hi = shard_bounds(len(rows), shard, config.num_shards)
+    mine = rows[lo:hi]
+    chunks = [mine[i:i + config.chunk_rows] for i in range(0, len(mine), config.chunk_rows)]
+    shard_dir = storage.join(out, "shards", f"{shard:05d}")
+    finished = {o.rel for o in storage.list_objects(shard_dir)}
+    todo = [k for k in range(len(chunks)) if f"chunk-{k:05d}.parquet" not in finished]
+    LOG.info("shard %d/%d: rows %d..%d, %d chunks, %d already written", shard, config.num_shards, lo, hi,
+             len(chunks), len(chunks) - len(todo))
+    if todo:
+        generate_chunks(config, model, chunks, todo, shard_dir, shard)
+    write_marker(marker, shard_dir, shard, len(chunks), len(mine) * config.sampling.n)
+    return finalize(config, identity_config, inputs, plan, wait=True, marker=marker)
+
+
+def shard_index(config: Config) -> int:
+    if config.shard is not None:
+        return config.shard
+    env = os.environ.get("JOB_COMPLETION_INDEX")
+    if env is None:
+        if config.num_shards > 1:
+            raise ConfigError(f"num_shards is {config.num_shards} but no shard was given: pass --shard I/N or run "
+                              "as a Kubernetes Indexed Job (JOB_COMPLETION_INDEX)")
+        return 0
+    if not env.isdigit() or int(env) >= config.num_shards:
+        raise ConfigError(f"JOB_COMPLETION_INDEX={env!r} is not a shard of num_shards {config.num_shards}: set "
+                          "the Indexed Job's completions to num_shards")
+    return int(env)
+
+
+def shard_bounds(total: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """Contiguous, deterministic row ranges: shard I gets rows [I*total//N, (I+1)*total//N)."""
+    return shard * total // num_shards, (shard + 1) * total // num_shards
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def load_model_input(src: str) -> mf.Loaded | None:
+    """A merge manifest when `src` names one; None for a plain model source."""
+    if models.looks_like_hf_id(src) or not storage.exists(mf.as_manifest_uri(src)):
+        return None
+    return mf.load(src, expect_stage="merge")
+
+
+def load_prompts_input(src: str) -> mf.Loaded | mf.InputRef:
+    name = src.lower().rstrip("/")
+    if name.endswith((".parquet", ".jsonl")):
+        try:
+            digest = storage.sha256_uri(src)
+        except (FileNotFoundError, IsADirectoryError):
+            raise InputError(f"Prompts file {src} does not exist") from None
+        return mf.InputRef(uri=src, sha256=digest, stage=None, role="data")
+    if name.endswith(".json") and not name.endswith(mf.MANIFEST_NAME):
+        raise ConfigError(f"Prompts file {src}: use JSON Lines (.jsonl), one object per line, or Parquet")
+    return mf.load(src, expect_stage="prepare")
+
+
+def download_named(loaded: mf.Loaded, prefix: str, dest: Path) -> Path:
+    """Fetch a manifest's artifacts named `<prefix>...` into `dest` (once; sha256-checked)."""
+    done = dest / ".ftjobs-complete"
+    if done.exists():
+        return dest
+    arts = loaded.manifest.artifacts_named(prefix)
+    if not arts:
+        raise InputError(f"{loaded.uri} has no {prefix}* artifacts: is it the output of "
+                         f"`{mf.PRODUCER[loaded.manifest.stage]}`?")
+    for art in arts:
+        mf.fetch_artifact(loaded, art, storage.safe_destination(dest, art.name[len(prefix):]))
+    done.write_text(loaded.uri)
+    return dest
+
+
+def prepare_model(config: Config, model_in: mf.Loaded | None, adapter_in: mf.Loaded | None,
+                  cache: Path) -> dict[str, Any]:
+    """Local model (and adapter) folders, the tokenizer, and what the model says about its template."""
+    from transformers import AutoTokenizer
+
+    adapter_dir = None
+    if model_in is not None:
+        if adapter_in is not None:
+            raise ConfigError(f"--adapter needs a base model source, but --model {config.model} is a merge "
+                              "manifest that already has an adapter merged in: drop one of them")
+        path = download_named(model_in, "model/", cache / "models" / f"merge-{model_in.sha256[:16]}")
+        recorded = model_in.manifest.model
+        identity = {"model": model_in.uri, "adapter": None, "base_model": recorded.get("base_model")}
+    else:
+        ref = models.resolve(config.model, cache_dir=cache / "models")
+        path = ref.path
+        recorded = {}
+        identity = {"model": config.model, "adapter": None, "base_model": config.model,
+                    "revision": ref.revision}
+        if adapter_in is not None:
+            recorded = adapter_in.manifest.model
+            check_adapter(config, adapter_in, ref)
+            adapter_dir = download_named(adapter_in, "adapter/", cache / "adapters" / f"{adapter_in.sha256[:16]}")
+            identity["adapter"] = adapter_in.uri
+    models.check_trust_remote_code(path, config.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
+    want_tok = recorded.get("tokenizer") or {}
+    if want_tok.get("vocab_sha256") and want_tok["vocab_sha256"] != chat.tokenizer_identity(tokenizer)["vocab_sha256"]:
+        raise ConfigError(f"The tokenizer recorded upstream ({want_tok.get('vocab_size')} tokens) differs from "
+                          f"the one in {path}: the adapter added tokens. Run `ftjobs merge` and infer the merged "
+                          "model instead.")
+    template = config.chat_template or recorded.get("chat_template")
+    fmt = chat.chat_format(tokenizer, template)
+    identity |= {"template_hash": fmt.hash, "chat_template": fmt.template, "engine": config.engine}
+    return {"path": path, "adapter_dir": adapter_dir, "tokenizer": tokenizer, "fmt": fmt, "recorded": recorded,
+            "identity": identity}
+
+
+def check_adapter(config: Config, adapter_in: mf.Loaded, base: models.ModelRef) -> None:
+    info = adapter_in.manifest.model
+    lora = info.get("lora") or {}
+    if lora.get("modules_to_save") and config.engine == "vllm":
+        raise ConfigError(f"The adapter in {adapter_in.uri} trains whole modules too (modules_to_save: "
+                          f"{lora['modules_to_save']}); vLLM serves only LoRA matrices. Run `ftjobs merge "
+                          f"--adapter {adapter_in.uri}` and pass the merge manifest as --model (or use "
+                          "engine: transformers).")
+    want = info.get("base_revision")
+    if want and base.revision and want != base.revision and not config.force_base:
+        raise ConfigError(f"The adapter was trained on {info.get('base_model')} (revision {want}), but --model "
+                          f"{config.model} is revision {base.revision}. Pass the base it was trained on, or set "
+                          "force_base: true.")
+
+
+def template_check(config: Config, model: dict[str, Any], prompts_in: mf.Loaded | mf.InputRef) -> None:
+    """Refuse a template that differs from what the model or the prompts recorded upstream."""
+    used = model["fmt"].hash
+    recorded = [(f"the model ({model['identity']['adapter'] or model['identity']['model']})",
+                 model["recorded"].get("template_hash"))]
+    if isinstance(prompts_in, mf.Loaded):
+        recorded.append((f"the prompts ({prompts_in.uri})", prompts_in.manifest.model.get("template_hash")))
+    for who, want in recorded:
+        if want and want != used:
+            if config.force_template:
+                LOG.warning("template mismatch forced: %s recorded %s, using %s", who, want[:12], used[:12])
+                continue
+            raise ConfigError(f"Chat template mismatch: {who} recorded template sha256 {want[:12]}..., but this "
+                              f"run would render with {used[:12]}... Prompts would not look like training data. "
+                              "Use the matching model/prompts (re-run prepare with the model's tokenizer), or set "
+                              "force_template: true.")
+
+
+def load_rows(config: Config, prompts_in: mf.Loaded | mf.InputRef) -> list[dict[str, Any]]:
+    """Prompt rows: id, prompt messages, reference, and an error when the row cannot be used."""
+    import pyarrow.parquet as pq
+
+    from common import data
+
+    if isinstance(prompts_in, mf.Loaded):
+        if not data.split_artifacts(prompts_in, config.split):
+            have = sorted({a.name.split("/")[0] for a in prompts_in.manifest.artifacts_named("")})
+            raise InputError(f"{prompts_in.uri} has no {config.split!r} split (has: {', '.join(have)}): "
+                             "set split to one of those")
+        raw = data.read_split(prompts_in, config.split, columns=["id", "messages"]).to_pylist()
+        cols, where = Columns(), prompts_in.uri
+    else:
+        where = prompts_in.uri
+        with tempfile.TemporaryDirectory() as tmp:
+            local = storage.open_local(where, tmp)
+            if where.lower().endswith(".parquet"):
+                raw = pq.read_table(local).to_pylist()
+            else:
+                raw = read_jsonl(local, where)
+        cols = config.columns
+    if raw and cols.messages not in raw[0] and cols.prompt not in raw[0]:
+        raise InputError(f"{where} has neither a {cols.messages!r} nor a {cols.prompt!r} column (has: "
+                         f"{', '.join(raw[0])}): set columns.messages or columns.prompt")
+    rows, seen = [], set()
+    for i, item in enumerate(raw):
+        row_id = item.get(cols.id)
+        row_id = f"row-{i:08d}" if row_id is None else str(row_id)
+        if row_id in seen:
+            raise InputError(f"{where}: id {row_id!r} appears twice (row {i}); ids must be unique so each "
+                             "prediction maps to one prompt")
+        seen.add(row_id)
+        rows.append(normalize_row(row_id, item, cols, i, where))
+    if not rows:
+        raise InputError(f"{where} holds no prompts ({config.split!r} split)" if isinstance(prompts_in, mf.Loaded)
+                         else f"{where} holds no prompts")
+    return rows
+
+
+def read_jsonl(local: Path, where: str) -> list[dict[str, Any]]:
+    out = []
+    with open(local, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where} line {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{where} line {n}: expected a JSON object, got {type(obj).__name__}")
+            out.append(obj)
+    return out
+
+
+def normalize_row(row_id: str, item: dict[str, Any], cols: Columns, i: int, where: str) -> dict[str, Any]:
+    reference = item.get(cols.reference)
+    error = None
+    messages = item.get(cols.messages)
+    if messages is not None:
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and m.get("role") in (*chat.ROLES, "text") and isinstance(m.get("content"), str)
+            for m in messages)
+        if ok:
+            prompt, last = chat.split_prompt([{"role": m["role"], "content": m["content"]} for m in messages])
+            reference = last if last is not None else reference
+            if not prompt:
+                error = "the conversation has no turns before its assistant answer"
+        else:
+            prompt = []
+            error = f"{cols.messages!r} is not a list of {{role, content}} messages (row {i} of {where})"
+    elif isinstance(item.get(cols.prompt), str) and item[cols.prompt]:
+        prompt = [{"role": "user", "content": item[cols.prompt]}]
+    else:
+        prompt = []
+        error = f"no {cols.messages!r} or non-empty {cols.prompt!r} (row {i} of {where})"
+    return {"id": row_id, "prompt": prompt, "reference": None if reference is None else str(reference),
+            "error": error}
+
+
+# --------------------------------------------------------------------------- plan, chunks, markers
+
+
+def claim_plan(out: str, plan: dict[str, Any]) -> dict[str, Any]:
+    """plan.json is created once; later shards and attempts must describe the same run."""
+    uri = storage.join(out, "plan.json")
+    try:
+        storage.put_if_absent(uri, storage.json_bytes(plan))
+        return plan
+    except AlreadyExistsError:
+        have = storage.read_json(uri)
+    if (have.get("run"), have.get("rows"), have.get("num_shards")) != (plan["run"], plan["rows"], plan["num_shards"]):
+        raise ConfigError(f"{out} holds unfinished shards of a different run (config, inputs or num_shards "
+                          f"differ; see {uri}). Choose another --output, or delete {out} to start over.")
+    return dict(have)
+
+
+def read_plan(out: str) -> dict[str, Any]:
+    try:
+        return dict(storage.read_json(storage.join(out, "plan.json")))
+    except FileNotFoundError:
+        raise FtjobsError(f"{out} has no plan.json: no shard has started there yet. Run the shards first "
+                          "(ftjobs infer --shard I/N ...), then --finalize.") from None
+
+
+def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dict[str, Any]]], todo: list[int],
+                    shard_dir: str, shard: int) -> None:
+    from common.logs import Progress
+
+    generate, max_len, version = (start_vllm if config.engine == "vllm" else start_transformers)(config, model)
+    tokenizer, fmt = model["tokenizer"], model["fmt"]
+    sampling_json = json.dumps(config.sampling.model_dump(mode="json"), sort_keys=True)
+    ident = model["identity"]
+    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    progress = Progress(f"infer shard {shard}", total=sum(len(chunks[k]) for k in todo), unit="rows")
+    tokens, gen_s = 0, 0.0
+    for k in todo:
+        rows = list(chunks[k])
+        ids: list[list[int] | None] = []
+        for i, row in enumerate(rows):
+            enc = chat.encode_prompt(tokenizer, fmt, row["prompt"]) if row["error"] is None else None
+            if enc is not None and len(enc) >= max_len:  # vLLM needs room for at least one new token
+                rows[i] = row | {"error": f"prompt has {len(enc)} tokens; max_model_len is {max_len}: raise "
+                                          "engine_args.max_model_len or shorten the prompt", "n_prompt": len(enc)}
+                enc = None
+            ids.append(enc)
+        live = [i for i, x in enumerate(ids) if x is not None]
+        t0 = time.monotonic()
+        results = generate([ids[i] for i in live]) if live else []  # type: ignore[misc]
+        elapsed = time.monotonic() - t0
+        by_row = dict(zip(live, results, strict=True))
+        out_rows = []
+        for i, row in enumerate(rows):
+            samples = by_row.get(i) or [("", 0, "error")] * config.sampling.n
+            for s, (text, n_tok, finish) in enumerate(samples):
+                out_rows.append({
+                    "id": row["id"], "sample": s, "prompt": row["prompt"], "completion": text,
+                    "reference": row["reference"], "finish_reason": finish,
+                    "prompt_tokens": len(ids[i]) if ids[i] is not None else row.get("n_prompt", 0),
+                    "completion_tokens": n_tok, "model": ident["model"], "adapter": ident["adapter"],
+                    "sampling": sampling_json, "error": row["error"] if ids[i] is None else None,
+                })
+        n_tok = sum(r["completion_tokens"] for r in out_rows)
+        tokens, gen_s = tokens + n_tok, gen_s + elapsed
+        meta = {"generate_s": elapsed, "completion_tokens": n_tok, "engine": config.engine,
+                "engine_version": version}
+        storage.write_bytes(storage.join(shard_dir, f"chunk-{k:05d}.parquet"), predictions_parquet(out_rows, meta))
+        progress.update(len(rows), tok_s=tokens / gen_s if gen_s else 0.0)
+        if pause:
+            time.sleep(pause)
+    progress.close()
+
+
+PREDICTION_COLUMNS = ("id", "sample", "prompt", "completion", "reference", "finish_reason", "prompt_tokens",
+                      "completion_tokens", "model", "adapter", "sampling", "error")
+
+
+def predictions_schema() -> Any:
+    import pyarrow as pa
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    types = {"sample": pa.int32(), "prompt": pa.list_(message), "prompt_tokens": pa.int32(),
+             "completion_tokens": pa.int32()}
+    nullable = {"reference", "adapter", "error"}
+    return pa.schema([pa.field(c, types.get(c, pa.string()), nullable=c in nullable) for c in PREDICTION_COLUMNS])
+
+
+def predictions_parquet(rows: list[dict[str, Any]], meta: dict[str, Any]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = predictions_schema().with_metadata({"ftjobs": json.dumps(meta)})
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write_marker(marker: str, shard_dir: str, shard: int, n_chunks: int, expect_rows: int) -> None:
+    import pyarrow.parquet as pq
+
+    chunks, meta_total = [], Counter()  # type: ignore[var-annotated]
+    for k in range(n_chunks):
+        uri = storage.join(shard_dir, f"chunk-{k:05d}.parquet")
+        data = storage.read_bytes(uri)
+        pf = pq.ParquetFile(io.BytesIO(data))
+        meta = json.loads(pf.schema_arrow.metadata[b"ftjobs"])
+        meta_total.update({"generate_s": meta["generate_s"], "completion_tokens": meta["completion_tokens"]})
+        chunks.append({"path": f"chunk-{k:05d}.parquet", "sha256": hashlib.sha256(data).hexdigest(),
+                       "bytes": len(data), "rows": pf.metadata.num_rows, "engine": meta["engine"],
+                       "engine_version": meta["engine_version"]})
+    rows = sum(c["rows"] for c in chunks)
+    if rows != expect_rows:
+        raise FtjobsError(f"shard {shard}: chunks hold {rows} rows, expected {expect_rows}; delete {shard_dir} "
+                          "and re-run the shard")
+    body = {"shard": shard, "rows": rows, "chunks": chunks, "generate_s": meta_total["generate_s"],
+            "completion_tokens": meta_total["completion_tokens"], "finished_at": mf.now()}
+    try:
+        storage.put_if_absent(marker, storage.json_bytes(body))
+        LOG.info("shard %d finished: %d rows, marker %s", shard, rows, marker)
+    except AlreadyExistsError:
+        LOG.info("shard %d was finished by another attempt (%s)", shard, marker)
+
+
+def finalize(config: Config, identity_config: dict[str, Any], inputs: list[mf.InputRef], plan: dict[str, Any],
+             *, wait: bool, marker: str) -> mf.Loaded | str:
+    """Assemble predictions/part-NNNNN from every shard's chunks; publish the manifest (exactly one wins)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t0 = time.monotonic()
+    out, n = config.output, plan["num_shards"]
+    markers = {i: storage.join(out, "shards", f"{i:05d}", "DONE.json") for i in range(n)}
+    missing = [i for i, uri in markers.items() if not storage.exists(uri)]
+    if missing:
+        if wait:
+            LOG.info("waiting for shards %s; the last one to finish publishes the manifest", missing)
+            return marker
+        raise FtjobsError(f"cannot finalize {out}: shards {missing} of {n} have not finished (no DONE.json). "
+                          "Run them (ftjobs infer --shard I/N ...) and finalize again.")
+    writer = mf.ArtifactWriter(out)
+    stats = Counter()  # type: ignore[var-annotated]
+    finish, keys, shard_stats, timings = Counter(), set(), [], {}  # type: ignore[var-annotated]
+    for i, uri in markers.items():
+        done = storage.read_json(uri)
+        tables = []
+        for c in done["chunks"]:
+            data = storage.read_bytes(storage.join(out, "shards", f"{i:05d}", c["path"]))
+            if hashlib.sha256(data).hexdigest() != c["sha256"]:
+                raise ChecksumError(f"shard {i} {c['path']} changed after its shard finished (sha256 differs "
+                                    f"from {uri}); delete {storage.parent(uri)} and re-run shard {i}")
+            tables.append(pq.read_table(io.BytesIO(data)).replace_schema_metadata(None))
+        table = pa.concat_tables(tables) if tables else predictions_schema().empty_table()
+        for row_id, sample in zip(table.column("id").to_pylist(), table.column("sample").to_pylist(), strict=True):
+            if (row_id, sample) in keys:
+                raise FtjobsError(f"prediction for id {row_id!r} (sample {sample}) appears twice; delete {out} "
+                                  "and re-run")
+            keys.add((row_id, sample))
+        part = f"predictions/part-{i:05d}"
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        try:
+            storage.put_if_absent(writer.uri(f"{part}.parquet"), buf.getvalue())
+            writer.add_existing(f"{part}.parquet", name=part, rows=table.num_rows,
+                                sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+        except AlreadyExistsError:  # a racing finisher wrote it first: record its bytes
+            writer.add_existing(f"{part}.parquet", name=part, rows=table.num_rows)
+        errors = sum(e is not None for e in table.column("error").to_pylist())
+        finish.update(table.column("finish_reason").to_pylist())
+        p_tok = sum(table.column("prompt_tokens").to_pylist())
+        c_tok = sum(table.column("completion_tokens").to_pylist())
+        stats.update({"predictions": table.num_rows, "errors": errors, "prompt_tokens": p_tok,
+                      "completion_tokens": c_tok, "generate_s": done["generate_s"]})
+        engines = sorted({f"{c['engine']} {c['engine_version']}" for c in done["chunks"]})
+        shard_stats.append({"shard": i, "rows": table.num_rows, "errors": errors, "completion_tokens": c_tok,
+                            "generate_s": round(done["generate_s"], 4), "chunks": len(done["chunks"]),
+                            "tokens_per_s": round(c_tok / done["generate_s"], 2) if done["generate_s"] else None,
+                            "engine": engines, "finished_at": done["finished_at"]})
+        timings[f"shard_{i:05d}_generate_s"] = done["generate_s"]
+    expect = plan["rows"] * config.sampling.n
+    if len(keys) != expect:
+        raise FtjobsError(f"shards hold {len(keys)} predictions but the plan has {expect}; delete {out} and re-run")
+    gen_s = stats["generate_s"]
+    result = {"rows": plan["rows"], "predictions": stats["predictions"], "errors": stats["errors"],
+              "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
+              "tokens_per_s": round(stats["completion_tokens"] / gen_s, 2) if gen_s else None,
+              "finish_reasons": dict(finish), "num_shards": n, "shards": shard_stats}
+    timings |= {"generate_s": gen_s, "finalize_s": time.monotonic() - t0}
+    manifest = mf.build(stage=STAGE, run_id=mf.new_run_id(), config=identity_config, inputs=inputs,
+                        artifacts=writer.artifacts, stats=result, timings=timings, model=plan["model"])
+    try:
+        uri = mf.publish(out, manifest)
+    except AlreadyExistsError:
+        LOG.info("another shard published %s first; nothing left to do", mf.manifest_uri(out))
+        return mf.load(out, expect_stage=STAGE)
+    LOG.info("published %s: %d predictions, %d errors, %.1f tokens/s", uri, result["predictions"],
+             result["errors"], result["tokens_per_s"] or 0.0)
+    return mf.load(uri, expect_stage=STAGE, verify="none")
+
+
+# --------------------------------------------------------------------------- engines
+
+# An engine is `generate(list of prompt ids) -> per prompt, n samples of (text, completion tokens, finish reason)`.
+Generate = Callable[[list[list[int]]], list[list[tuple[str, int, str]]]]
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def start_vllm(config: Config, model: dict[str, Any]) -> tuple[Generate, int, str]:
+    """vLLM's offline LLM with its own generation defaults; LoRA adapters as a LoRARequest."""
+    gpu = on_gpu()
+    if not gpu:
+        # vLLM's CPU build sizes its KV cache from this (GiB); its default takes a large share of RAM.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    e, s = config.engine_args, config.sampling
+    kwargs: dict[str, Any] = {
+        "tensor_parallel_size": e.tensor_parallel_size, "gpu_memory_utilization": e.gpu_memory_utilization,
+        "dtype": e.dtype if (e.dtype != "auto" or gpu) else "float32",
+        "enforce_eager": e.enforce_eager if e.enforce_eager is not None else not gpu,
+        "quantization": e.quantization, "trust_remote_code": config.trust_remote_code,
+        "generation_config": "vllm", "seed": s.seed or 0,
+    }
+    if e.max_model_len is not None:
+        kwargs["max_model_len"] = e.max_model_len
+    if e.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = e.max_num_seqs
+    lora = None
+    if model["adapter_dir"] is not None:
+        from vllm.lora.request import LoRARequest
+
+        rank = int(json.loads((model["adapter_dir"] / "adapter_config.json").read_text())["r"])
+        # vLLM accepts only these ranks as the maximum; round the adapter's rank up to one.
+        kwargs |= {"enable_lora": True, "max_loras": 1,
+                   "max_lora_rank": next(x for x in (1, 8, 16, 32, 64, 128, 256, 320, 512) if x >= rank)}
+        lora = LoRARequest("adapter", 1, str(model["adapter_dir"]))
+    LOG.info("starting vLLM %s: %s", vllm.__version__, {k: v for k, v in kwargs.items() if v is not None})
+    llm = LLM(str(model["path"]), **kwargs)
+    max_len = int(llm.llm_engine.model_config.max_model_len)
+    params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
+                            stop=s.stop or None, seed=s.seed, n=s.n)
+
+    def generate(batch: list[list[int]]) -> list[list[tuple[str, int, str]]]:
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, lora_request=lora,
+                            use_tqdm=False)
+        return [[(o.text, len(o.token_ids), o.finish_reason or "length") for o in req.outputs] for req in outs]
+
+    return generate, max_len, str(vllm.__version__)
+
+
+def start_transformers(config: Config, model: dict[str, Any]) -> tuple[Generate, int, str]:
+    """Batched `generate` with left padding: the same rows as vLLM, for machines without it."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    gpu = on_gpu()
+    e, s = config.engine_args, config.sampling
+    dtype = getattr(torch, e.dtype) if e.dtype != "auto" else (torch.bfloat16 if gpu else torch.float32)
+    net = AutoModelForCausalLM.from_pretrained(str(model["path"]), dtype=dtype,
+                                               trust_remote_code=config.trust_remote_code)
+    if model["adapter_dir"] is not None:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, str(model["adapter_dir"]))
+    net = net.to("cuda" if gpu else "cpu").eval()
+    tok = model["tokenizer"]
+    max_len = e.max_model_len or int(getattr(net.config, "max_position_embeddings", 0) or 2048)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = tok.eos_token_id
+    # A fresh GenerationConfig: the model repo's own defaults must not leak in (vLLM ignores them too).
+    gen = GenerationConfig(max_new_tokens=s.max_tokens, do_sample=s.temperature > 0,
+                           temperature=s.temperature if s.temperature > 0 else None,
+                           top_p=s.top_p if s.temperature > 0 else None,
+                           top_k=s.top_k if s.top_k > 0 and s.temperature > 0 else None,
+                           num_return_sequences=s.n, eos_token_id=eos, pad_token_id=pad,
+                           stop_strings=s.stop or None)
+    if s.seed is not None:
+        torch.manual_seed(s.seed)
+
+    def one_batch(batch: list[list[int]]) -> list[list[tuple[str, int, str]]]:
+        width = max(len(x) for x in batch)
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=net.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=net.device)
+        with torch.no_grad():
+            seqs = net.generate(input_ids=ids, attention_mask=mask, generation_config=gen, tokenizer=tok)
+        out = []
+        for b, prompt in enumerate(batch):
+            samples = []
+            for j in range(s.n):
+                new = seqs[b * s.n + j, width:].tolist()[: max_len - len(prompt)]
+                finish = "length"
+                if eos in new:
+                    new, finish = new[: new.index(eos) + 1], "stop"
+                text = tok.decode(new, skip_special_tokens=True)
+                for stop in s.stop:
+                    if stop in text:
+                        text, finish = text[: text.index(stop)], "stop"
+                samples.append((text, len(new), finish))
+            out.append(samples)
+        return out
+
+    def generate(batch: list[list[int]]) -> list[list[tuple[str, int, str]]]:
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))  # similar lengths: less padding
+        results: list[list[tuple[str, int, str]]] = [[] for _ in batch]
+        for lo in range(0, len(order), e.batch_size):
+            idx = order[lo:lo + e.batch_size]
+            for i, r in zip(idx, one_batch([batch[i] for i in idx]), strict=True):
+                results[i] = r
+        return results
+
+    return generate, max_len, str(transformers.__version__)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _shard_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected I/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise click.BadParameter(f"{value!r}: shard I must be in 0..N-1")
+    return i, n
+
+
+@click.command(name="infer")
+@click.option("--model", help="Merge manifest, or a model source (HF id, s3:// prefix, folder).")
+@click.option("--adapter", help="Train manifest: serve its LoRA adapter on top of --model.")
+@click.option("--prompts", help="Prepare manifest, or a .parquet / .jsonl file.")
+@click.option("--output", help="Output prefix (s3:// or local).")
+@click.option("--shard", callback=_shard_option, metavar="I/N",
+              help="This process's shard of N (default: JOB_COMPLETION_INDEX with num_shards).")
+@click.option("--engine", type=click.Choice(["vllm", "transformers"]), help="Generation engine (default vllm).")
+@click.option("--finalize", is_flag=True, default=None, help="Only assemble finished shards and publish.")
+@config_options
+def command(model: str | None, adapter: str | None, prompts: str | None, output: str | None,
+            shard: tuple[int, int] | None, engine: str | None, finalize: bool | None, config_file: str | None,
+            sets: tuple[str, ...]) -> None:
+    """Generate completions for a prompt set, sharded and resumable."""
+    import sys
+
+    flags = {"model": model, "adapter": adapter, "prompts": prompts, "output": output, "engine": engine,
+             "finalize": finalize or None, "shard": shard[0] if shard else None,
+             "num_shards": shard[1] if shard else None}
+    execute(sys.modules[__name__], config_file, sets, flags)
