@@ -1,0 +1,780 @@
+"""merge: fold a trained LoRA adapter into its 16-bit base model, prove it, publish a folder vLLM loads.
+
+Reads:  a train manifest (`adapter/` and `tokenizer/` artifacts, `model` = base model, revision, chat
+        template, quantization and LoRA settings) and the base model it names (Hugging Face id, `s3://`
+        prefix or local folder; safetensors only). Adapter and tokenizer bytes are checked against the
+        manifest's sha256 before anything loads them.
+Writes: under `--output`: `model/` (sharded safetensors, `model.safetensors.index.json` when sharded,
+        `config.json` without any quantization_config, `generation_config.json` whose EOS includes the
+        chat template's end-of-turn token, the tokenizer with the training chat template), then
+        `manifest.json` (stage "merge") last.
+
+    ftjobs merge --input s3://ml/ftjobs/runs/R1/train/ --output s3://ml/ftjobs/runs/R1/merge/ \\
+        --set dtype=bfloat16 --set max_shard_size=2GB
+
+How it works, in order (see `run`):
+1. The already-done rule: a finished merge of the same config and adapter at `--output` is returned as is.
+2. The base loads in 16 (or 32) bits, never 4: a quantized base is refused. `base_weights: nf4_roundtrip`
+   replaces each weight training saw quantized by dequantize(quantize(W)) with the adapter's NF4/FP4
+   settings, since that is what the adapter learned to correct.
+3. `mode: in_memory` loads the model and uses peft's merge; `mode: sharded` streams the base checkpoint
+   tensor by tensor (peak memory: about one tensor) and applies W + scale * B @ A itself; `auto` picks
+   in_memory when the model fits the memory budget. Both write the same files, streamed and hashed.
+4. Checks before publishing: NaN/Inf and shapes on every tensor; greedy generation of the saved merged
+   folder (loaded back by transformers) against the unmerged base + adapter on fixed chat prompts;
+   in sharded mode, a per-tensor probe W'x = Wx + s*B(Ax). A failed check exits 3 and names the first
+   difference; nothing is published.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+from pydantic import Field, field_validator, model_validator
+
+from common import chat, models, storage
+from common import manifest as mf
+from common.config import JobConfig, dump
+from common.errors import ConfigError, InputError
+from common.logs import Progress
+from common.runner import config_options, execute
+
+STAGE = "merge"
+LOG = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = (
+    "What is two plus three?",
+    "Write one sentence about a red car.",
+    "Reverse the words: the cat sat on the road.",
+    "Say hello to the world, then list three colours.",
+)
+# Largest |logit| difference accepted when greedy tokens differ: the dtype's rounding over a deep model.
+DEFAULT_LOGIT_ATOL = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
+# Per-tensor probe: ||W'x - (Wx + s*B(Ax))|| / ||Wx + s*B(Ax)|| allowed, about 8x the dtype's rounding.
+PROBE_RTOL = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 4e-3}
+# What in_memory needs beside the weights (activations, peft wrappers, allocator slack), as a factor.
+IN_MEMORY_FACTOR = 1.5
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class MergeCheckError(InputError):
+    """A check on the merged model failed: the same inputs fail the same way, so exit 3 (no retry)."""
+
+
+def parse_size(value: str | int) -> int:
+    """'5GB' (10^9), '512MiB' (2^20), or a plain byte count."""
+    if isinstance(value, int):
+        return value
+    m = SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"expected a size like '5GB', '512MiB' or a byte count, got {value!r}")
+    return int(float(m.group(1)) * UNITS[(m.group(2) or "b").lower()])
+
+
+class Checks(JobConfig):
+    """What is verified before the manifest is published."""
+
+    generation: bool = Field(True, description="Compare greedy generation of the saved merged model with the "
+                             "unmerged base + adapter. Needs the model in memory once; when it does not fit the "
+                             "memory budget the check is skipped and the reason recorded.")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="User messages, "
+                               "rendered with the training chat template, used for the generation check.")
+    max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens generated per prompt.")
+    logit_atol: float | None = Field(None, gt=0, description="Largest |logit| difference accepted when tokens "
+                                     "differ; default by dtype: float32 1e-3, bfloat16 0.5, float16 0.1.")
+
+    @model_validator(mode="after")
+    def _prompts(self) -> Checks:
+        if self.generation and not [p for p in self.prompts if p.strip()]:
+            raise ValueError("checks.generation is on but checks.prompts is empty: give at least one prompt "
+                             "or set checks.generation: false")
+        return self
+
+
+class Config(JobConfig):
+    """Merge job configuration."""
+
+    input: str = Field(description="Train manifest URI (or the train output prefix that holds it).")
+    output: str = Field(description="Output prefix: model/ and manifest.json are written under it.")
+    base_model: str | None = Field(None, description="Where to read the base model instead of the source the "
+                                   "train manifest names (e.g. an s3:// mirror). Its revision must match.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the merged weights. auto: the base checkpoint's dtype (float16 becomes "
+        "float32 on CPU). The merge itself is computed in float32 per tensor in sharded mode.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to merge and check; auto: cuda "
+                                                   "when available.")
+    base_weights: Literal["original", "nf4_roundtrip"] = Field(
+        "original", description="original: merge into the 16-bit base. nf4_roundtrip: merge into "
+        "dequantize(quantize(W)) with the adapter's 4-bit settings, the weights training actually saw.")
+    mode: Literal["auto", "in_memory", "sharded"] = Field(
+        "auto", description="in_memory: load the whole model, peft merge. sharded: stream the checkpoint "
+        "tensor by tensor with bounded memory. auto: in_memory when it fits max_memory.")
+    max_shard_size: str = Field("5GB", description="Largest output safetensors file ('5GB', '500MB', bytes). "
+                                "Smaller shards download in parallel; vLLM and transformers read either.")
+    max_memory: str | None = Field(None, description="Memory budget for mode/check decisions ('16GB'); default: "
+                                   "available RAM (or free GPU memory on cuda).")
+    trust_remote_code: bool = Field(False, description="Allow models that ship custom code (auto_map).")
+    checks: Checks = Field(default_factory=Checks, description="Checks run before publishing.")
+
+    @field_validator("max_shard_size", "max_memory")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None and parse_size(value) <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _cross(self) -> Config:
+        if self.dtype == "float16" and self.device == "cpu":
+            raise ValueError("dtype float16 on device cpu: CPU float16 matmuls are slow and lose precision; "
+                             "use bfloat16 or float32 on CPU")
+        if storage.normalize(self.output).rstrip("/") == storage.normalize(mf.as_manifest_uri(self.input)).rsplit(
+                "/", 1)[0]:
+            raise ValueError("output is the train output prefix: give merge its own --output")
+        return self
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+@dataclass(frozen=True)
+class Quant:
+    """The 4-bit settings the adapter trained with (train manifest `model.quantization`)."""
+
+    mode: str  # nf4 | fp4 | none
+    blocksize: int = 64
+    double_quant: bool = False
+    skip_modules: tuple[str, ...] = ()
+
+    @staticmethod
+    def from_manifest(q: dict[str, Any]) -> Quant:
+        mode = str(q.get("mode") or "none").lower()
+        if mode not in ("nf4", "fp4", "none"):
+            raise InputError(f"train manifest model.quantization.mode is {mode!r}; merge knows nf4, fp4 and none")
+        return Quant(mode=mode, blocksize=int(q.get("blocksize") or 64), double_quant=bool(q.get("double_quant")),
+                     skip_modules=tuple(q.get("skip_modules") or ()))
+
+
+def roundtrip_4bit(w: Any, quant: Quant) -> Any:
+    """dequantize(quantize(w)) exactly as bitsandbytes does it for a Linear4bit weight."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=quant.blocksize,
+                                       compress_statistics=quant.double_quant, quant_type=quant.mode)
+    return bnbf.dequantize_4bit(packed, state).to(w.dtype)
+
+
+def quantized_weight_names(model: Any, quant: Quant) -> set[str]:
+    """Weights bitsandbytes turns into 4-bit when a QLoRA run loads this model: every nn.Linear except the
+    output embeddings (and tied / last modules), as transformers decides, minus the configured skips."""
+    import torch
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    skip = set(get_keys_to_not_convert(model)) | set(quant.skip_modules)
+    out = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
+            out.add(f"{name}.weight")
+    return out
+
+
+SAFE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
+               "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+SAFE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+TORCH_NAME = {v: k for k, v in SAFE_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str          # base checkpoint file it lives in
+    shape: tuple[int, ...]
+    dtype: str         # safetensors dtype code, as stored in the base
+
+    def out_dtype(self, dtype: str) -> str:
+        return SAFE_DTYPES[dtype] if self.dtype in ("F32", "BF16", "F16", "F64") else self.dtype
+
+    def nbytes(self, dtype: str) -> int:
+        return math.prod(self.shape) * SAFE_BYTES[self.out_dtype(dtype)]
+
+
+def read_checkpoint(path: Path) -> list[TensorInfo]:
+    """Names, shapes and dtypes of every tensor in a safetensors checkpoint, from headers only."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    out = []
+    for fname in files:
+        with open(path / fname, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if meta["dtype"] not in SAFE_BYTES:
+                raise InputError(f"{path / fname}: tensor {name} has dtype {meta['dtype']}, which merge does not "
+                                 "handle (already quantized?). Give the 16-bit base.")
+            out.append(TensorInfo(name, fname, tuple(meta["shape"]), meta["dtype"]))
+    if not out:
+        raise InputError(f"{path} holds no safetensors tensors")
+    return out
+
+
+def plan_shards(tensors: list[TensorInfo], dtype: str, max_bytes: int) -> list[list[TensorInfo]]:
+    """Group tensors, in checkpoint order, into output files of at most max_bytes (one big tensor may exceed)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes(dtype) > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes(dtype)
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_safetensors(path: Path, infos: list[TensorInfo], dtype: str, produce: Callable[[TensorInfo], Any]) -> str:
+    """Stream one safetensors file: header first (shapes are known), then each tensor as `produce` makes it.
+
+    Peak memory is one tensor; the sha256 is computed on the way out. Written to a temporary name and renamed.
+    """
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in infos:
+        n = t.nbytes(dtype)
+        header[t.name] = {"dtype": t.out_dtype(dtype), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    h = hashlib.sha256()
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        for chunk in (struct.pack("<Q", len(blob)), blob):
+            h.update(chunk)
+            f.write(chunk)
+        for t in infos:
+            tensor = produce(t)
+            want = getattr(torch, TORCH_NAME[t.out_dtype(dtype)])
+            if tuple(tensor.shape) != t.shape:
+                raise MergeCheckError(f"merged tensor {t.name} has shape {tuple(tensor.shape)}; the base has {t.shape}")
+            data = tensor.detach().to("cpu", want).contiguous().reshape(-1).view(torch.uint8).numpy()
+            h.update(data)
+            f.write(data)
+    os.replace(tmp, path)
+    return h.hexdigest()
+
+
+def finite_check(name: str, tensor: Any) -> str | None:
+    import torch
+
+    if not tensor.is_floating_point():
+        return None
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        return (f"{name} has {int(bad.sum())} NaN/Inf values (first at index {idx}: {tensor[idx].item()}); "
+                "the adapter or base holds non-finite weights")
+    return None
+
+
+# --------------------------------------------------------------------------- LoRA, read from the adapter files
+
+
+@dataclass
+class LoraUpdate:
+    a: Any = None
+    b: Any = None
+    scale: float = 1.0
+    transpose: bool = False  # fan_in_fan_out (Conv1D) or an embedding: delta is (B @ A).T
+    replace: Any = None      # modules_to_save: the trained copy replaces the base tensor
+
+
+@dataclass
+class Adapter:
+    config: dict[str, Any]
+    updates: dict[str, LoraUpdate] = field(default_factory=dict)  # base tensor name -> update
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's rank_pattern / alpha_pattern: a key matches a module name at a dot boundary, as a regex."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters",
+               "alora_invocation_tokens")
+
+
+def read_adapter(adapter_dir: Path, base_names: set[str]) -> Adapter:
+    """Every update the adapter makes, keyed by the base tensor it changes (for the streaming merge)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ConfigError(f"adapter is {cfg.get('peft_type')}, not LORA; mode: sharded merges LoRA only "
+                          "(mode: in_memory uses peft's own merge)")
+    used = [k for k in UNSUPPORTED if cfg.get(k)]
+    if cfg.get("bias", "none") != "none":
+        used.append(f"bias={cfg['bias']}")
+    if used:
+        raise ConfigError(f"adapter uses {', '.join(used)}; mode: sharded merges plain LoRA only. Set mode: in_memory")
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    adapter = Adapter(cfg)
+    r0, alpha0 = cfg["r"], cfg["lora_alpha"]
+    for key, tensor in weights.items():
+        name = key.removeprefix("base_model.model.")
+        m = re.match(r"^(.*)\.lora_(A|B|embedding_A|embedding_B)(\.weight)?$", name)
+        if m:
+            module, part = m.group(1), m.group(2)
+            target = f"{module}.weight"
+            up = adapter.updates.setdefault(target, LoraUpdate())
+            r = pattern_value(cfg.get("rank_pattern") or {}, module, r0)
+            alpha = pattern_value(cfg.get("alpha_pattern") or {}, module, alpha0)
+            up.scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+            up.transpose = part.startswith("embedding") or bool(cfg.get("fan_in_fan_out"))
+            if part.endswith("A"):
+                up.a = tensor
+            else:
+                up.b = tensor
+        elif name in base_names:  # modules_to_save: saved under the module's own name
+            adapter.updates.setdefault(name, LoraUpdate()).replace = tensor
+        else:
+            raise ConfigError(f"adapter tensor {key!r} is neither LoRA A/B nor a base tensor; mode: sharded cannot "
+                              "place it. Set mode: in_memory")
+    for target, up in adapter.updates.items():
+        if target not in base_names:
+            raise InputError(f"adapter changes {target}, which the base checkpoint does not have: is this the "
+                             "adapter's base model?")
+        if up.replace is None and (up.a is None or up.b is None):
+            raise InputError(f"adapter has only one of lora_A/lora_B for {target}")
+    return adapter
+
+
+def lora_merge(src: Any, up: LoraUpdate, device: str) -> Any:
+    """W' = W + scale * B @ A, in float32 (or the modules_to_save replacement)."""
+    import torch
+
+    if up.replace is not None:
+        return up.replace.to(device, torch.float32)
+    delta = up.b.to(device, torch.float32) @ up.a.to(device, torch.float32)
+    return src.to(torch.float32) + (delta.T if up.transpose else delta) * up.scale
+
+
+def probe(merged: Any, w_src: Any, up: LoraUpdate, device: str) -> float:
+    """Relative error of the merged weight against the unmerged computation on random inputs."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a, b = up.a.to(device, torch.float32), up.b.to(device, torch.float32)
+    if up.transpose:  # embedding rows: compare rows picked by one-hot inputs through the same algebra
+        x = torch.randn(w_src.shape[1], 4, generator=gen).to(device)
+        want = w_src.float() @ x + ((b @ a).T @ x) * up.scale
+    else:
+        x = torch.randn(w_src.shape[1], 4, generator=gen).to(device)
+        want = w_src.float() @ x + (b @ (a @ x)) * up.scale
+    got = merged.float() @ x
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------- the generation check
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    fmt = chat.chat_format(tokenizer)
+    return [chat.encode_prompt(tokenizer, fmt, [{"role": "user", "content": p}]) for p in prompts if p.strip()]
+
+
+def reference_run(model: Any, prompt_ids: list[list[int]], max_new_tokens: int, eos: list[int],
+                  device: str) -> list[tuple[list[int], int, Any]]:
+    """Greedy generation with the unmerged model, then the logits of that sequence (teacher-forced)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            x = torch.tensor([ids], device=device)
+            seq = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=eos[0])[0]
+            logits = model(input_ids=seq[None]).logits[0, len(ids) - 1: -1].float().cpu()
+            out.append((seq.tolist(), len(ids), logits))
+    return out
+
+
+def compare_run(model: Any, reference: list[tuple[list[int], int, Any]], tokenizer: Any, atol: float,
+                device: str) -> dict[str, Any]:
+    """The merged model on the reference sequences: same greedy choices, or logits within atol."""
+    import torch
+
+    results, first_failure = [], None
+    with torch.no_grad():
+        for i, (seq, n_prompt, ref_logits) in enumerate(reference):
+            logits = model(input_ids=torch.tensor([seq], device=device)).logits[0, n_prompt - 1: -1].float().cpu()
+            want = seq[n_prompt:]
+            got = logits.argmax(-1).tolist()
+            diff = float((logits - ref_logits).abs().max()) if len(want) else 0.0
+            first = next((j for j, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), None)
+            ok = first is None or diff <= atol
+            results.append({"prompt": i, "tokens": len(want), "tokens_equal": first is None,
+                            "first_diff_step": first, "max_logit_diff": diff, "ok": ok})
+            if not ok and first_failure is None:
+                first_failure = (f"prompt {i}, generated token {first}: base+adapter chose "
+                                 f"{want[first]} ({tokenizer.decode([want[first]])!r}), merged chose {got[first]} "
+                                 f"({tokenizer.decode([got[first]])!r}); max |logit diff| {diff:.4g} > {atol:g}")
+    return {"prompts": results, "tokens_equal": all(r["tokens_equal"] for r in results),
+            "max_logit_diff": max((r["max_logit_diff"] for r in results), default=0.0), "logit_atol": atol,
+            "ok": all(r["ok"] for r in results), "first_failure": first_failure}
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def resolve_dtype(config: Config, base_cfg: dict[str, Any], device: str) -> str:
+    if config.dtype != "auto":
+        if config.dtype == "float16" and device == "cpu":
+            raise ConfigError("dtype float16 on a CPU-only machine: use bfloat16 or float32")
+        return config.dtype
+    stored = str(base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32")
+    if stored not in DEFAULT_LOGIT_ATOL:
+        stored = "float32"
+    return "float32" if stored == "float16" and device == "cpu" else stored
+
+
+def memory_budget(config: Config, device: str) -> int:
+    if config.max_memory:
+        return parse_size(config.max_memory)
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def load_base(path: Path, dtype: str, device: str, trust: bool, roundtrip: Quant | None) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), trust_remote_code=trust)
+    model.to(device).eval()
+    if roundtrip is not None:
+        names = quantized_weight_names(model, roundtrip)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in names:
+                    p.copy_(roundtrip_4bit(p.data, roundtrip))
+    return model
+
+
+def run(config: Config) -> mf.Loaded:
+    import torch
+
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    train = mf.load(config.input, verify="size", expect_stage="train")
+    done = mf.check_output(config.output, stage=STAGE, config=dump(config), inputs=[train.ref("adapter")])
+    if done is not None:
+        LOG.info("already done: %s", done.uri)
+        return done
+    info = train.manifest.model
+    missing = [k for k in ("base_model", "template_hash") if not info.get(k)]
+    if missing:
+        raise InputError(f"{train.uri} model section lacks {missing}: not a train manifest merge can use")
+    quant = Quant.from_manifest(info.get("quantization") or {})
+    if config.base_weights == "nf4_roundtrip" and quant.mode == "none":
+        raise ConfigError("base_weights: nf4_roundtrip, but the adapter trained on unquantized weights "
+                          "(quantization.mode none): there is no 4-bit roundtrip to reproduce. Use original")
+    roundtrip = quant if config.base_weights == "nf4_roundtrip" else None
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda, but no CUDA device is visible; use device: cpu or auto")
+
+    work = Path(tempfile.mkdtemp(prefix="ftjobs-merge-"))
+    try:
+        # Adapter and tokenizer: verified byte for byte before anything parses them.
+        for art in train.manifest.artifacts_named("adapter/") + train.manifest.artifacts_named("tokenizer/"):
+            mf.fetch_artifact(train, art, storage.safe_destination(work, art.name))
+        adapter_dir, tok_dir = work / "adapter", work / "tokenizer"
+        for need in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+            if not (work / need).exists():
+                raise InputError(f"{train.uri} has no artifact {need!r}: not a LoRA adapter from `ftjobs train`")
+        if not tok_dir.exists():
+            raise InputError(f"{train.uri} has no tokenizer/ artifacts; merge ships the training tokenizer")
+        adapter_sha = train.manifest.artifact("adapter/adapter_model.safetensors").sha256
+
+        base_src = config.base_model or info["base_model"]
+        ref = models.resolve(base_src, revision=info.get("base_revision") if models.looks_like_hf_id(base_src)
+                             else None)
+        quantized = models.is_quantized(ref.path)
+        if quantized:
+            raise InputError(f"base model {base_src} is quantized ({quantized}). Merging into quantized weights "
+                             "either loses the adapter to rounding or needs requantizing; merge needs the 16-bit "
+                             "base the adapter was trained from. Point base_model at the unquantized checkpoint.")
+        if info.get("base_revision") and ref.revision != info["base_revision"]:
+            raise InputError(f"base model {base_src} is revision {ref.revision}; the adapter was trained on "
+                             f"{info['base_revision']}. Give the same base (base_model: ...).")
+        models.check_trust_remote_code(ref.path, config.trust_remote_code)
+
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        fmt = chat.chat_format(tokenizer)
+        if fmt.hash != info["template_hash"]:
+            raise InputError(f"tokenizer in {train.uri} renders chat template {fmt.hash[:12]}; the manifest "
+                             f"records {info['template_hash'][:12]}. The train output is inconsistent.")
+        base_cfg = models.read_config(ref.path)
+        dtype = resolve_dtype(config, base_cfg, device)
+        tensors = read_checkpoint(ref.path)
+        names = {t.name for t in tensors}
+        model_bytes = sum(t.nbytes(dtype) for t in tensors)
+        budget = memory_budget(config, device)
+        mode = config.mode
+        if mode == "auto":
+            mode = "in_memory" if model_bytes * IN_MEMORY_FACTOR <= budget else "sharded"
+        gen_check = config.checks.generation and model_bytes * IN_MEMORY_FACTOR <= budget
+        skipped = None if gen_check or not config.checks.generation else (
+            f"model is {model_bytes / 1e9:.2f} GB at {dtype}; budget {budget / 1e9:.2f} GB")
+        LOG.info("merging %s (%d tensors, %.2f GB at %s) with adapter %s: mode %s, base weights %s, device %s",
+                 base_src, len(tensors), model_bytes / 1e9, dtype, adapter_sha[:12], mode, config.base_weights,
+                 device)
+        eos = list(dict.fromkeys([tokenizer.eos_token_id] + _as_list(
+            (json.loads((ref.path / "generation_config.json").read_text()) if
+             (ref.path / "generation_config.json").exists() else base_cfg).get("eos_token_id"))))
+        eos = [e for e in eos if e is not None]
+        prompt_ids = encode_prompts(tokenizer, config.checks.prompts)
+        timings["load"] = time.monotonic() - t0
+
+        # The merged tensors, produced one at a time for the writer.
+        t = time.monotonic()
+        from peft import PeftModel
+
+        reference = None
+        probes: dict[str, float] = {}
+        handles: dict[str, Any] = {}  # open base checkpoint files (sharded mode)
+        if mode == "in_memory":
+            peft_model = PeftModel.from_pretrained(load_base(ref.path, dtype, device, config.trust_remote_code,
+                                                             roundtrip), str(adapter_dir), is_trainable=False)
+            timings["load"] += time.monotonic() - t
+            t = time.monotonic()
+            if gen_check:
+                reference = reference_run(peft_model, prompt_ids, config.checks.max_new_tokens, eos, device)
+            timings["check"] = time.monotonic() - t
+            t = time.monotonic()
+            state = peft_model.merge_and_unload().state_dict()
+            absent = sorted(names - set(state))
+            if absent:
+                raise ConfigError(f"the loaded model names its weights differently from the checkpoint (e.g. "
+                                  f"{absent[:3]}); use mode: sharded")
+
+            def produce(info_: TensorInfo) -> Any:
+                return state[info_.name]
+        else:
+            if gen_check:
+                peft_model = PeftModel.from_pretrained(load_base(ref.path, dtype, device, config.trust_remote_code,
+                                                                 roundtrip), str(adapter_dir), is_trainable=False)
+                reference = reference_run(peft_model, prompt_ids, config.checks.max_new_tokens, eos, device)
+                del peft_model
+                gc.collect()
+            timings["check"] = time.monotonic() - t
+            t = time.monotonic()
+            adapter = read_adapter(adapter_dir, names)
+            rt_names: set[str] = set()
+            if roundtrip is not None:
+                with torch.device("meta"):
+                    skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+                        str(ref.path), trust_remote_code=config.trust_remote_code),
+                        trust_remote_code=config.trust_remote_code)
+                rt_names = quantized_weight_names(skeleton, roundtrip) & names
+            from safetensors import safe_open
+
+            torch_dtype = getattr(torch, dtype)
+
+            def produce(info_: TensorInfo) -> Any:
+                if info_.file not in handles:
+                    handles[info_.file] = safe_open(str(ref.path / info_.file), "pt")
+                w = handles[info_.file].get_tensor(info_.name)
+                up = adapter.updates.get(info_.name)
+                if up is None and info_.name not in rt_names:
+                    return w
+                src = w.to(device, torch_dtype)
+                if info_.name in rt_names:
+                    src = roundtrip_4bit(src, quant)
+                if up is None:
+                    return src
+                merged = lora_merge(src, up, device)
+                if up.replace is None:
+                    probes[info_.name] = probe(merged.to(torch_dtype), src, up, device)
+                return merged
+
+        # Write: streamed, checked and hashed tensor by tensor.
+        out_dir = (storage.local_path(storage.join(config.output, "model")) if not storage.is_s3(config.output)
+                   else work / "model")
+        storage.delete_prefix(storage.join(config.output, "model"))  # an unfinished attempt: safe to overwrite
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shards = plan_shards(tensors, dtype, parse_size(config.max_shard_size))
+        files = shard_names(len(shards))
+        progress = Progress("merge", total=len(tensors), unit="tensors", logger=LOG)
+        problems: list[str] = []
+        count = 0
+
+        merge_s = 0.0
+
+        def checked(info_: TensorInfo) -> Any:
+            nonlocal count, merge_s
+            start = time.monotonic()
+            tensor = produce(info_)
+            if tensors_float(info_):
+                tensor = tensor.to(getattr(torch, dtype))
+            problem = finite_check(info_.name, tensor)
+            if problem:
+                problems.append(problem)
+            merge_s += time.monotonic() - start
+            count += math.prod(info_.shape)
+            progress.update(1, GB=round(count * info_.nbytes(dtype) / max(1, math.prod(info_.shape)) / 1e9, 2))
+            return tensor
+
+        digests = {}
+        for fname, shard in zip(files, shards, strict=True):
+            digests[fname] = write_safetensors(out_dir / fname, shard, dtype, checked)
+        progress.close()
+        handles.clear()
+        if len(files) > 1:
+            index = {"metadata": {"total_size": model_bytes},
+                     "weight_map": {t.name: f for f, shard in zip(files, shards, strict=True) for t in shard}}
+            (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_folder_files(out_dir, ref.path, base_cfg, dtype, tokenizer, tok_dir, eos)
+        state = None
+        peft_model = None
+        gc.collect()
+        timings["merge"] = merge_s
+        timings["save"] = time.monotonic() - t - merge_s
+
+        # Checks on what was written.
+        t = time.monotonic()
+        failures = list(problems)
+        base_count = sum(math.prod(x.shape) for x in tensors)
+        if count != base_count:
+            failures.append(f"merged model has {count} parameters; the base has {base_count}")
+        rtol = PROBE_RTOL[dtype]
+        bad_probe = next(((n, e) for n, e in probes.items() if not e <= rtol), None)
+        if bad_probe:
+            failures.append(f"{bad_probe[0]}: merged weight differs from W + scale*B@A by relative error "
+                            f"{bad_probe[1]:.3g} > {rtol:g}")
+        atol = config.checks.logit_atol or DEFAULT_LOGIT_ATOL[dtype]
+        generation: dict[str, Any] = {"skipped": skipped or ("disabled" if not config.checks.generation else None)}
+        if reference is not None and not problems:
+            merged_model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=getattr(torch, dtype),
+                                                                trust_remote_code=config.trust_remote_code)
+            merged_model.to(device).eval()
+            generation = compare_run(merged_model, reference, tokenizer, atol, device)
+            del merged_model
+            if not generation["ok"]:
+                failures.append(f"greedy generation differs: {generation['first_failure']}")
+        timings["check"] = timings.get("check", 0.0) + time.monotonic() - t
+        metrics = {
+            "checks_passed": not failures,
+            "nonfinite_tensors": len(problems),
+            "param_count": count, "base_param_count": base_count, "tensors": len(tensors),
+            "shapes_equal": True,
+            "generation": generation,
+            "probe_max_rel_error": max(probes.values(), default=None), "probe_tensors": len(probes),
+            "probe_rtol": rtol,
+        }
+        if failures:
+            for f in failures:
+                LOG.error("check failed: %s", f)
+            raise MergeCheckError(f"merged model failed {len(failures)} check(s); first: {failures[0]}. "
+                                  "Nothing was published.")
+
+        t = time.monotonic()
+        writer = mf.ArtifactWriter(config.output)
+        if storage.is_s3(config.output):
+            writer.add_dir(out_dir, "model")
+        else:
+            for p in sorted(x for x in out_dir.iterdir() if x.is_file()):
+                writer.add_existing(f"model/{p.name}", sha256=digests.get(p.name))
+        timings["upload"] = time.monotonic() - t
+        timings["total"] = time.monotonic() - t0
+        model_info = {
+            "base_model": info["base_model"], "base_revision": ref.revision, "adapter_sha256": adapter_sha,
+            "dtype": dtype, "merge_mode": config.base_weights, "template_hash": fmt.hash,
+            "chat_template": fmt.template, "tokenizer": chat.tokenizer_identity(tokenizer),
+            "quantization": {"mode": quant.mode, "blocksize": quant.blocksize, "double_quant": quant.double_quant},
+            "lora": info.get("lora"),
+        }
+        stats = {"mode": mode, "device": device, "model_bytes": model_bytes, "shards": len(files),
+                 "memory_budget": budget}
+        manifest = mf.build(stage=STAGE, run_id=mf.new_run_id(), config=dump(config), inputs=[train.ref("adapter")],
+                            artifacts=writer.artifacts, stats=stats, metrics=metrics, timings=timings,
+                            model=model_info)
+        uri = mf.publish(config.output, manifest)
+        return mf.load(uri, verify="none")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def tensors_float(info: TensorInfo) -> bool:
+    return info.dtype in ("F32", "BF16", "F16", "F64")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def write_folder_files(out_dir: Path, base: Path, base_cfg: dict[str, Any], dtype: str, tokenizer: Any,
+                       tok_dir: Path, eos: list[int]) -> None:
+    """config.json (no quantization_config, the merged dtype), generation_config.json, tokenizer files."""
+    cfg = {k: v for k, v in base_cfg.items() if k != "quantization_config"}
+    cfg["dtype"] = dtype
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = dtype
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen_path = base / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if tokenizer.pad_token_id is not None:
+        gen["pad_token_id"] = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        gen["bos_token_id"] = tokenizer.bos_token_id
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    for p in tok_dir.iterdir():
+        if p.is_file():
+            shutil.copyfile(p, out_dir / p.name)
+
+
+@click.command(name="merge")
+@click.option("--input", "input_", metavar="TRAIN_MANIFEST", help="Train manifest URI or the train output prefix.")
+@click.option("--output", metavar="URI", help="Output prefix for model/ and manifest.json.")
+@config_options
+def command(input_: str | None, output: str | None, config_file: str | None, sets: tuple[str, ...]) -> None:
+    """Merge a LoRA adapter into its 16-bit base; check it; write a folder transformers and vLLM load."""
+    execute(sys.modules[__name__], config_file, sets, {"input": input_, "output": output})
