@@ -4,7 +4,9 @@ Reads one or more infer manifests (`--predictions`, repeatable; the FIRST is
 the baseline, e.g. the base model, the others are candidates, e.g. finetunes).
 Each holds Parquet shards `predictions/part-NNNNN` with at least `id`,
 `completion` and `reference` (plus `prompt`, `finish_reason`,
-`completion_tokens` when infer wrote them).
+`completion_tokens` when infer wrote them). A row's `error` (e.g. a prompt too
+long for the model) is counted and scored as a wrong answer; with `sample`
+(sampling.n > 1) each (id, sample) pair is its own example.
 
 Scores every row with exact match, normalized exact match (lower case,
 punctuation as spaces, no articles, collapsed spaces), token F1 and ROUGE-L (the
@@ -263,9 +265,12 @@ def read_predictions(loaded: mf.Loaded, tmp: Path) -> list[dict[str, Any]]:
                              f"{', '.join(table.column_names)}); evaluate needs {', '.join(REQUIRED_COLUMNS)}. "
                              "Re-run infer with this version of ftjobs.")
         for n, row in enumerate(table.to_pylist()):
-            rid = row["id"]
-            if rid is None or not isinstance(rid, str):
-                raise InputError(f"{loaded.resolve(art)} row {n}: id is {rid!r}; every prediction needs a string id")
+            if row["id"] is None or not isinstance(row["id"], str):
+                raise InputError(f"{loaded.resolve(art)} row {n}: id is {row['id']!r}; every prediction needs a "
+                                 "string id")
+            # With sampling.n > 1 infer writes one row per sample: each (id, sample) is its own example.
+            rid = row["id"] if not row.get("sample") else f"{row['id']}#{row['sample']}"
+            row["id"] = rid
             if rid in seen:
                 raise InputError(f"{loaded.resolve(art)} row {n}: id {rid!r} already appeared in {seen[rid]}; "
                                  "each example must be predicted once (were shards from two runs mixed?)")
@@ -343,6 +348,7 @@ def run(config: Config) -> mf.Loaded:
             "rows": len(rows),
             "rows_without_reference": sum(1 for r in rows if r["reference"] is None),
             "truncated": finish.get("length", 0),
+            "errors": sum(1 for r in rows if r.get("error")),
             "mean_completion_tokens": mean([float(t) for t in tokens]),
         }
     comparisons: dict[str, Any] = {}
@@ -476,6 +482,8 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                     + [fmt_delta(report["comparisons"][c]["metrics"][m]) for c in candidates])
     rows.append(["examples"] + [str(report["summary"][lab]["rows"]) for lab in labels] + [""] * len(candidates))
     rows.append(["truncated (hit max tokens)"] + [str(report["summary"][lab]["truncated"]) for lab in labels]
+                + [""] * len(candidates))
+    rows.append(["errors (no completion, scored wrong)"] + [str(report["summary"][lab]["errors"]) for lab in labels]
                 + [""] * len(candidates))
     return header, rows
 

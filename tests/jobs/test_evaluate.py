@@ -45,8 +45,9 @@ def publish_predictions(prefix: str, completions: dict[str, str | None], *, labe
              "prompt_tokens": 12, "completion_tokens": 9, "model": "tiny", "adapter": adapter} for rid in ids]
     writer = mf.ArtifactWriter(prefix)
     per = max(1, -(-len(rows) // shards))
-    for n, start in enumerate(range(0, len(rows), per)):
-        part = table if table is not None else pa.Table.from_pylist(rows[start:start + per], schema=SCHEMA)
+    parts = [table] if table is not None else [pa.Table.from_pylist(rows[start:start + per], schema=SCHEMA)
+                                               for start in range(0, len(rows), per)]
+    for n, part in enumerate(parts):
         buf = io.BytesIO()
         pq.write_table(part, buf)
         writer.add_bytes(buf.getvalue(), f"predictions/part-{n:05d}.parquet", name=f"predictions/part-{n:05d}",
@@ -148,6 +149,15 @@ def test_rows_without_reference_are_counted_and_skipped(tmp_path: Path) -> None:
     loaded = evaluate.run(evaluate.Config(predictions=[base, tuned], output=f"{tmp_path}/eval"))
     s = loaded.manifest.metrics["sets"]["tiny"]
     assert s["rows"] == 5 and s["rows_without_reference"] == 1 and s["exact_match"] == pytest.approx(0.25)
+
+
+def test_samples_are_separate_examples_and_errors_count_as_wrong(tmp_path: Path) -> None:
+    rows = [{"id": "r0", "sample": 0, "completion": REFERENCES["r0"], "reference": REFERENCES["r0"], "error": None},
+            {"id": "r0", "sample": 1, "completion": "", "reference": REFERENCES["r0"],
+             "error": "prompt has 900 tokens; max_model_len is 512"}]
+    a = publish_predictions(f"{tmp_path}/a", {}, table=pa.Table.from_pylist(rows), shards=1)
+    s = evaluate.run(evaluate.Config(predictions=[a], output=f"{tmp_path}/eval")).manifest.metrics["sets"]["tiny"]
+    assert s["rows"] == 2 and s["errors"] == 1 and s["exact_match"] == pytest.approx(0.5)
 
 
 def run_cli(args: list[str]) -> Any:

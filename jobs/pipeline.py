@@ -1,0 +1,234 @@
+"""pipeline: the whole chain in one command, each stage as the subprocess its container would run.
+
+Runs, in order, under one run prefix `<root>/runs/<run_id>/`:
+
+    prepare          -> prepare/          raw data -> canonical Parquet (tokenized with the base's tokenizer)
+    infer-base       -> infer-base/       the base model answers the eval prompts
+    train            -> train/            LoRA / QLoRA adapter
+    merge            -> merge/            adapter folded into the 16-bit base
+    infer-finetuned  -> infer-finetuned/  the merged model answers the same prompts
+    evaluate         -> evaluate/         report.md / report.html: base vs finetuned
+
+Each stage is `python -m jobs.cli <stage> ...` with exactly the arguments its
+Kubernetes Job gets: the previous stages' manifest URIs, its output prefix,
+and `--config` pointing at that stage's section of the pipeline config,
+written next to the run (`<run prefix>/config/<stage>.yaml`). Nothing else
+passes between stages. A stage that already finished (same config, same
+inputs) exits 0 at once ("already done"), so re-running with the same
+`run_id` resumes after a failure. Ends by printing the report's location and
+the headline numbers; the last stdout line is the evaluate manifest URI.
+
+    ftjobs pipeline --config demo/pipeline.yaml                 # the offline demo (make demo)
+    ftjobs pipeline --config configs/pipeline.yaml --set run_id=r1 --set root=s3://ml/ftjobs
+
+Exit codes are the failing stage's (2 config, 3 input, 1 retryable, 4 the
+evaluate gate).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from common import manifest as mf
+from common import storage
+from common.config import JobConfig
+from common.errors import EXIT_CONFIG, EXIT_GATE, EXIT_INPUT, ConfigError, FtjobsError, GateFailed, InputError
+from common.runner import config_options, execute
+
+STAGE = "pipeline"
+LOG = logging.getLogger("ftjobs.pipeline")
+STEPS = ("prepare", "infer-base", "train", "merge", "infer-finetuned", "evaluate")
+HEADLINE = ("exact_match", "normalized_exact_match", "token_f1", "rouge_l", "json_valid", "json_schema_valid",
+            "regex_match")
+
+
+class Config(JobConfig):
+    """The run: where, which model, which data, and each stage's own config section."""
+
+    root: str = Field(".", description="Store root (local folder or s3://bucket/prefix); the run writes under "
+                                       "<root>/runs/<run_id>/.")
+    run_id: str | None = Field(None, description="Run id; the same id resumes a run (finished stages are "
+                                                 "skipped). Default: a new one.")
+    base_model: str = Field(description="Base model source: Hugging Face id, s3:// prefix or local folder.")
+    data: list[str] = Field(description="Raw data files or URIs for prepare (JSONL, CSV, Parquet, ...).")
+    tokenize: bool = Field(True, description="Let prepare tokenize with the base model's tokenizer (train then "
+                                             "reads the token ids as they are).")
+    labels: tuple[str, str] = Field(("base", "finetuned"), description="Report labels for the two infer runs.")
+    prepare: dict[str, Any] = Field(default_factory=dict, description="prepare's config section.")
+    train: dict[str, Any] = Field(default_factory=dict, description="train's config section.")
+    merge: dict[str, Any] = Field(default_factory=dict, description="merge's config section.")
+    infer: dict[str, Any] = Field(default_factory=dict, description="infer's config section, for both runs.")
+    infer_base: dict[str, Any] = Field(default_factory=dict, description="Overrides of `infer` for the base run.")
+    infer_finetuned: dict[str, Any] = Field(default_factory=dict,
+                                            description="Overrides of `infer` for the finetuned run.")
+    evaluate: dict[str, Any] = Field(default_factory=dict, description="evaluate's config section.")
+    stop_after: str | None = Field(None, description=f"Stop after this step (one of {', '.join(STEPS)}).")
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one data file")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.stop_after is not None and self.stop_after not in STEPS:
+            raise ValueError(f"stop_after={self.stop_after!r}: expected one of {', '.join(STEPS)}")
+        if self.labels[0] == self.labels[1]:
+            raise ValueError(f"labels must differ, got {list(self.labels)}")
+        for step, section in self.sections().items():
+            owned = {"prepare": ("source", "output", "tokenizer"), "train": ("input", "base_model", "output"),
+                     "merge": ("input", "output"), "evaluate": ("predictions", "output", "labels"),
+                     "infer": ("model", "adapter", "prompts", "output")}[step.split("-")[0]]
+            taken = sorted(set(section) & set(owned))
+            if taken:
+                raise ValueError(f"{step} section sets {', '.join(taken)}: the pipeline wires those itself")
+        return self
+
+    def sections(self) -> dict[str, dict[str, Any]]:
+        return {"prepare": self.prepare, "infer-base": {**self.infer, **self.infer_base}, "train": self.train,
+                "merge": self.merge, "infer-finetuned": {**self.infer, **self.infer_finetuned},
+                "evaluate": self.evaluate}
+
+
+def check_sections(config: Config) -> None:
+    """Unknown keys in a stage's section fail now, not after an hour of training."""
+    for step, section in config.sections().items():
+        stage = step.split("-")[0]
+        try:
+            job = importlib.import_module(f"jobs.{stage}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"jobs.{stage}":
+                raise ConfigError(f"this ftjobs has no `{stage}` job (jobs/{stage}.py); the pipeline needs it") \
+                    from None
+            raise
+        unknown = sorted(set(section) - set(job.Config.model_fields))
+        if unknown:
+            raise ConfigError(f"{step} section: unknown key(s) {', '.join(unknown)} (allowed: "
+                              f"{', '.join(sorted(job.Config.model_fields))})")
+
+
+def absolute(src: str) -> str:
+    """Local paths become absolute, so manifests name raw data and models unambiguously."""
+    if storage.is_s3(src) or src.startswith("file://") or not Path(src).exists():
+        return src
+    return str(Path(src).resolve())
+
+
+def run(config: Config) -> mf.Loaded:
+    check_sections(config)
+    run_id = config.run_id or mf.new_run_id()
+    prefix = storage.join(config.root, "runs", run_id)
+    LOG.info("run %s under %s (resume with --set run_id=%s)", run_id, prefix, run_id)
+    base_model = absolute(config.base_model)
+    out = {step: storage.join(prefix, step) for step in STEPS}
+    conf_uri = {}
+    for step, section in config.sections().items():
+        conf_uri[step] = storage.join(prefix, "config", f"{step}.yaml")
+        storage.write_bytes(conf_uri[step], yaml.safe_dump(section, sort_keys=True).encode())
+
+    manifests: dict[str, str] = {}
+    timings: dict[str, dict[str, Any]] = {}
+
+    def step(name: str, args: list[str]) -> str:
+        stage = name.split("-")[0]
+        before = storage.exists(mf.manifest_uri(out[name]))
+        argv = [sys.executable, "-m", "jobs.cli", stage, *args, "--output", out[name], "--config", conf_uri[name]]
+        shown = " ".join(["ftjobs", stage, *args, "--output", out[name], "--config", conf_uri[name]])
+        LOG.info("[%d/%d] %s: %s", STEPS.index(name) + 1, len(STEPS), name, shown)
+        t = time.monotonic()
+        uri = call(name, argv)
+        seconds = time.monotonic() - t
+        timings[name] = {"seconds": round(seconds, 1), "status": "already done" if before else "done",
+                         "manifest": uri}
+        LOG.info("%s %s in %.1fs: %s", name, timings[name]["status"], seconds, uri)
+        manifests[name] = uri
+        return uri
+
+    sources = [a for src in config.data for a in ("--source", absolute(src))]
+    plan = [
+        ("prepare", lambda: sources + (["--tokenizer", base_model] if config.tokenize else [])),
+        ("infer-base", lambda: ["--model", base_model, "--prompts", manifests["prepare"]]),
+        ("train", lambda: ["--input", manifests["prepare"], "--base-model", base_model]),
+        ("merge", lambda: ["--input", manifests["train"]]),
+        ("infer-finetuned", lambda: ["--model", manifests["merge"], "--prompts", manifests["prepare"]]),
+        ("evaluate", lambda: ["--predictions", manifests["infer-base"], "--predictions", manifests["infer-finetuned"],
+                              "--label", config.labels[0], "--label", config.labels[1]]),
+    ]
+    try:
+        for name, args in plan:
+            step(name, args())
+            if name == config.stop_after:
+                break
+    finally:
+        storage.write_bytes(storage.join(prefix, "pipeline.json"), json.dumps(
+            {"run_id": run_id, "prefix": prefix, "steps": timings}, indent=2).encode())
+        total = sum(t["seconds"] for t in timings.values())
+        summary = "  ".join(f"{k} {v['seconds']}s" + (" (already done)" if v["status"] != "done" else "")
+                            for k, v in timings.items())
+        LOG.info("stages: %s; total %.1fs", summary, total)
+
+    loaded = mf.load(list(manifests.values())[-1], verify="none")
+    if loaded.manifest.stage == "evaluate":
+        headline(loaded, total)
+    return loaded
+
+
+def call(name: str, argv: list[str]) -> str:
+    """Run one stage; its logs stream through, its last stdout line is its manifest URI."""
+    env = dict(os.environ)
+    if sys.stderr.isatty():  # a child's stderr is a pipe only when ours is: keep a terminal readable
+        env.setdefault("FTJOBS_LOG_FORMAT", "text")
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=env, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode == 0 and lines:
+        return lines[-1].strip()
+    hint = " Fix it, then re-run the same command with the same run_id: finished stages are skipped."
+    message = f"stage {name} failed with exit {proc.returncode} (its log is above).{hint}"
+    if proc.returncode == 0:
+        raise FtjobsError(f"stage {name} exited 0 but printed no manifest URI")
+    if proc.returncode == EXIT_CONFIG:
+        raise ConfigError(message)
+    if proc.returncode == EXIT_INPUT:
+        raise InputError(message)
+    if proc.returncode == EXIT_GATE:
+        raise GateFailed(message)
+    raise FtjobsError(message)
+
+
+def headline(loaded: mf.Loaded, total: float) -> None:
+    """The report's location and numbers, on stderr so stdout stays one manifest URI."""
+    metrics = loaded.manifest.metrics
+    baseline = metrics["baseline"]
+    lines = [f"report: {storage.join(loaded.prefix, 'report.html')}  (and report.md)  pipeline {total:.0f}s"]
+    for label, comp in metrics["comparisons"].items():
+        for name, d in comp["metrics"].items():
+            if name in HEADLINE and d["delta"] is not None:
+                lines.append(f"  {name:<24} {baseline} {100 * d['baseline']:5.1f}%  ->  {label} "
+                             f"{100 * d['candidate']:5.1f}%   ({100 * d['delta']:+.1f} pts)")
+    click.echo("\n".join(lines), err=True)
+
+
+@click.command("pipeline")
+@click.option("--run-id", "run_id", help="Run id; the same id resumes a run. Default: a new one.")
+@click.option("--root", help="Store root (local folder or s3://...); the run goes under <root>/runs/<run_id>/.")
+@config_options
+def command(run_id: str | None, root: str | None, config_file: str | None, sets: tuple[str, ...]) -> None:
+    """Run prepare, infer (base), train, merge, infer (finetuned) and evaluate as subprocesses.
+
+    Prints the report location and the headline numbers; the last stdout line is the evaluate manifest.
+    """
+    execute(sys.modules[__name__], config_file, sets, {"run_id": run_id, "root": root})
