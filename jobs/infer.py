@@ -153,7 +153,6 @@ class Config(JobConfig):
 def run(config: Config) -> mf.Loaded | str:
     """Generate this shard's chunks; the last shard to finish publishes the manifest."""
     out = config.output
-    shard = shard_index(config)
     identity_config = dump(config) | {"shard": None, "finalize": False}
     model_in = load_model_input(config.model)
     adapter_in = mf.load(config.adapter, expect_stage="train") if config.adapter else None
@@ -165,10 +164,13 @@ def run(config: Config) -> mf.Loaded | str:
     if done is not None:
         LOG.info("already done: %s", done.uri)
         return done
+    if config.finalize:
+        return finalize(config, identity_config, inputs, read_plan(out), wait=False, marker="")
+    shard = shard_index(config)
     marker = storage.join(out, "shards", f"{shard:05d}", "DONE.json")
-    if config.finalize or storage.exists(marker):
-        LOG.info("finalize requested" if config.finalize else f"shard {shard} is already finished")
-        return finalize(config, identity_config, inputs, read_plan(out), wait=not config.finalize, marker=marker)
+    if storage.exists(marker):
+        LOG.info("shard %d is already finished", shard)
+        return finalize(config, identity_config, inputs, read_plan(out), wait=True, marker=marker)
 
     cache = Path(config.cache_dir) if config.cache_dir else models.cache_root()
     model = prepare_model(config, model_in, adapter_in, cache)
