@@ -24,6 +24,9 @@ LOG = logging.getLogger(__name__)
 # What a model folder needs; everything else (pickles, onnx, gguf, images) is skipped.
 ALLOW = ("*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.tiktoken",
          "*.txt", "*.jinja", "merges.txt", "vocab.*")
+# What loading only a tokenizer needs.
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "*.model",
+                   "*.tiktoken", "merges.txt", "vocab.*", "config.json", "generation_config.json")
 
 
 def cache_root() -> Path:
@@ -47,26 +50,37 @@ def looks_like_hf_id(src: str) -> bool:
             and src.count("/") == 1 and not Path(src).exists())
 
 
-def resolve(src: str, *, revision: str | None = None, cache_dir: str | Path | None = None) -> ModelRef:
-    """A local folder for a model source, downloaded once into the cache."""
+def resolve(src: str, *, revision: str | None = None, cache_dir: str | Path | None = None,
+            tokenizer_only: bool = False) -> ModelRef:
+    """A local folder for a model source, downloaded once into the cache.
+
+    `tokenizer_only`: fetch only tokenizer files (no weights needed or checked).
+    """
     cache = Path(cache_dir) if cache_dir else cache_root() / "models"
     if storage.is_s3(src):
         key = hashlib.sha256(src.rstrip("/").encode()).hexdigest()[:16]
-        dest = cache / f"s3-{key}"
+        dest = cache / (f"s3tok-{key}" if tokenizer_only else f"s3-{key}")
         marker = dest / ".ftjobs-complete"
         if not marker.exists():
             objects = [o for o in storage.list_objects(src) if not o.rel.startswith(".")]
+            if tokenizer_only:
+                objects = [o for o in objects if "/" not in o.rel and is_tokenizer_file(o.rel)]
             if not objects:
                 raise InputError(f"No model files under {src}: check the prefix (is it the merge output's model/?)")
             LOG.info("downloading model %s -> %s (%d files)", src, dest, len(objects))
-            storage.download_dir(src, dest)
+            if tokenizer_only:
+                for o in objects:
+                    storage.download_file(o.uri, storage.safe_destination(dest, o.rel))
+            else:
+                storage.download_dir(src, dest)
             marker.write_text(src)
         path = dest
     elif looks_like_hf_id(src):
         try:
             from huggingface_hub import snapshot_download
 
-            path = Path(snapshot_download(src, revision=revision, allow_patterns=list(ALLOW),
+            path = Path(snapshot_download(src, revision=revision,
+                                          allow_patterns=list(TOKENIZER_FILES if tokenizer_only else ALLOW),
                                           cache_dir=str(cache / "hf")))
         except Exception as exc:
             raise InputError(
@@ -78,8 +92,22 @@ def resolve(src: str, *, revision: str | None = None, cache_dir: str | Path | No
         path = storage.local_path(src).expanduser()
         if not path.is_dir():
             raise InputError(f"Model folder {path} does not exist")
+    if tokenizer_only:
+        files = sorted(p for p in path.iterdir() if p.is_file() and is_tokenizer_file(p.name))
+        if not files:
+            raise InputError(f"{src} holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        return ModelRef(source=src, path=path, revision=revision or "sha256:" + h.hexdigest()[:16])
     check_folder(path, src)
     return ModelRef(source=src, path=path, revision=revision or folder_revision(path))
+
+
+def is_tokenizer_file(name: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch(name, pattern) for pattern in TOKENIZER_FILES)
 
 
 def check_folder(path: Path, src: str) -> None:

@@ -1,0 +1,98 @@
+"""Tokenizing batches of conversations, in this process or in worker processes.
+
+Rendering a chat template is Python (Jinja) and runs on one core; with
+`workers > 1` batches go to a pool of processes, each with its own tokenizer,
+and come back in submission order, so the output is identical to a
+single-process run. At most `2 * workers` batches are in flight: memory
+stays bounded however long the input.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+from common import chat
+
+# One encoded row, compact for pickling: input_ids, labels, kept_messages, truncated, drop_reason.
+Result = tuple[list[int], list[int], int, bool, str | None]
+
+_worker: dict[str, Any] = {}
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def encode_batch(tokenizer: Any, fmt: chat.ChatFormat, conversations: Sequence[Sequence[dict[str, Any]]],
+                 max_length: int | None, train_on: chat.TrainOn) -> list[Result]:
+    out = []
+    for e in chat.encode_many(tokenizer, fmt, conversations, max_length=max_length, train_on=train_on):
+        out.append((e.input_ids, e.labels, e.kept_messages, e.truncated, e.drop_reason))
+    return out
+
+
+def _init(path: str, template: str, max_length: int | None, train_on: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
+    tok = load_tokenizer(path)
+    _worker.update(tok=tok, fmt=chat.chat_format(tok, template), max_length=max_length, train_on=train_on)
+
+
+def _work(conversations: list[list[dict[str, Any]]]) -> tuple[str, list[Result]]:
+    w = _worker
+    return w["fmt"].hash, encode_batch(w["tok"], w["fmt"], conversations, w["max_length"], w["train_on"])
+
+
+class Encoder:
+    """Submit batches in order; `drain` hands results back in the same order."""
+
+    def __init__(self, tokenizer: Any, tokenizer_path: str, fmt: chat.ChatFormat, *, max_length: int | None,
+                 train_on: chat.TrainOn, workers: int):
+        self.tokenizer, self.path, self.fmt = tokenizer, tokenizer_path, fmt
+        self.max_length, self.train_on, self.workers = max_length, train_on, workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.pending: deque[tuple[Any, Future[tuple[str, list[Result]]]]] = deque()
+        self.batches = 0
+
+    def submit(self, conversations: list[list[dict[str, Any]]], tag: Any,
+               done: Callable[[Any, list[Result]], None]) -> None:
+        """Encode a batch; `done(tag, results)` runs once it and every earlier batch finished."""
+        self.batches += 1
+        if self.workers <= 1 or (self.pool is None and self.batches == 1):
+            # The first batch runs here: small inputs never pay for starting a pool.
+            self._drain_all(done)
+            done(tag, encode_batch(self.tokenizer, self.fmt, conversations, self.max_length, self.train_on))
+            return
+        if self.pool is None:
+            import multiprocessing
+
+            self.pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init,
+                initargs=(self.path, self.fmt.template, self.max_length, self.train_on))
+        self.pending.append((tag, self.pool.submit(_work, conversations)))
+        while len(self.pending) > 2 * self.workers:
+            self._finish_one(done)
+
+    def _finish_one(self, done: Callable[[Any, list[Result]], None]) -> None:
+        tag, fut = self.pending.popleft()
+        template_hash, results = fut.result()
+        if template_hash != self.fmt.hash:  # a worker must render exactly what the manifest records
+            raise RuntimeError("a tokenizer worker resolved a different chat template than the main process")
+        done(tag, results)
+
+    def _drain_all(self, done: Callable[[Any, list[Result]], None]) -> None:
+        while self.pending:
+            self._finish_one(done)
+
+    def drain(self, done: Callable[[Any, list[Result]], None]) -> None:
+        self._drain_all(done)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None

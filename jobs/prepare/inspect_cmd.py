@@ -1,0 +1,243 @@
+"""`ftjobs inspect URI`: look at prepared rows exactly as the model will see them.
+
+URI is a prepare manifest (or its prefix) or one Parquet file. For tokenized
+rows the token ids are decoded back to text; trained tokens (labels not -100)
+are highlighted (green on a terminal, «guillemets» elsewhere), `--tokens`
+shows token boundaries, and the length histogram follows. `--html FILE`
+writes one self-contained page (no scripts, no external files).
+
+    ftjobs inspect s3://ml/runs/r1/prepare --split train --rows 3 --tokens
+    ftjobs inspect out/prepare --html rows.html
+"""
+
+from __future__ import annotations
+
+import html
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from common.runner import fail
+
+IGNORE = -100
+GREEN, DIM, RESET, UNDER = "\x1b[32m", "\x1b[2m", "\x1b[0m", "\x1b[4m"
+
+
+def load_rows(uri: str, split: str, n: int, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
+    """The first n rows of a split, the manifest's stats, and its tokenizer source."""
+    import pyarrow.parquet as pq
+
+    from common import data, storage
+    from common import manifest as mf
+
+    if uri.rstrip("/").endswith(".parquet"):
+        local = storage.open_local(uri, tmp)
+        table = pq.ParquetFile(local).read_row_groups([0]) if pq.ParquetFile(local).num_row_groups else None
+        rows = table.slice(0, n).to_pylist() if table is not None else []
+        lengths = pq.read_table(local, columns=["num_tokens"]).column(0).to_pylist() \
+            if "num_tokens" in pq.ParquetFile(local).schema_arrow.names else []
+        return rows, {"tokens": _histogram(lengths)} if lengths else {}, None
+    loaded = mf.load(uri, expect_stage="prepare")
+    arts = data.split_artifacts(loaded, split)
+    if not arts:
+        have = sorted({a.name.split("/")[0] for a in loaded.manifest.artifacts_named("") if "/part-" in a.name})
+        from common.errors import InputError
+
+        raise InputError(f"{loaded.uri} has no {split!r} split (has: {', '.join(have) or 'none'}); use --split")
+    rows: list[dict[str, Any]] = []
+    for i, art in enumerate(arts):
+        local = mf.fetch_artifact(loaded, art, tmp / f"{i:05d}.parquet")
+        pf = pq.ParquetFile(local)
+        for batch in pf.iter_batches(batch_size=max(n, 1)):
+            rows += batch.to_pylist()[: n - len(rows)]
+            break
+        if len(rows) >= n:
+            break
+    return rows, dict(loaded.manifest.stats), loaded.manifest.model.get("tokenizer_source")
+
+
+def _histogram(lengths: list[int], bins: int = 20) -> dict[str, Any]:
+    if not lengths:
+        return {}
+    top = max(lengths) or 1
+    width = top / bins
+    counts = [0] * bins
+    for x in lengths:
+        counts[min(int(x / width), bins - 1)] += 1
+    return {"rows": len(lengths), "max": top,
+            "histogram": {"edges": [round(i * width) for i in range(bins + 1)], "counts": counts}}
+
+
+def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's text, so that the pieces join to the decoded sequence.
+
+    Decoding a token alone breaks multi-byte characters and leading spaces, so
+    each piece is the difference of two decodes over a few tokens of context;
+    a token that ends inside a character gets "" and the next one carries it.
+    """
+    def dec(x: list[int]) -> str:
+        return str(tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+
+    out: list[str] = []
+    start = 0
+    for i in range(len(ids)):
+        ctx = max(0, start - 4)
+        before = dec(ids[ctx:start])
+        through = dec(ids[ctx: i + 1])
+        if through.endswith("\ufffd") and i + 1 < len(ids) and i - start < 4:
+            out.append("")
+            continue
+        out.append(through[len(before):] if through.startswith(before) else dec(ids[start: i + 1]))
+        start = i + 1
+    return out
+
+
+def segments(row: dict[str, Any], tokenizer: Any) -> list[tuple[str, bool, int | None]]:
+    """(text, trained, token id) per token; untokenized rows give one segment per message."""
+    ids = row.get("input_ids")
+    if ids is None or tokenizer is None:
+        out: list[tuple[str, bool, int | None]] = []
+        for m in row["messages"]:
+            out.append((f"[{m['role']}]\n", False, None))
+            out.append((m["content"] + "\n", m["role"] == "assistant", None))
+        return out
+    labels = row.get("labels") or [IGNORE] * len(ids)
+    return [(p, lab != IGNORE, t) for p, lab, t in zip(token_pieces(tokenizer, ids), labels, ids, strict=True)]
+
+
+def render_text(row: dict[str, Any], segs: list[tuple[str, bool, int | None]], *, tokens: bool, color: bool) -> str:
+    head = f"── row {row.get('id', '')[:12]}  split={row.get('split')}  source={row.get('source')}"
+    if row.get("num_tokens") is not None:
+        head += f"  tokens={row['num_tokens']} trainable={row['num_trainable']}"
+    out = [head, ""]
+    body = []
+    prev_trained = False
+    for i, (text, trained, _) in enumerate(segs):
+        shown = text.replace("\n", "↵\n") if tokens else text
+        if color:
+            style = GREEN if trained else DIM
+            if tokens and i % 2:
+                style += UNDER
+            body.append(f"{style}{shown}{RESET}")
+        else:
+            if trained and not prev_trained:
+                body.append("«")
+            if not trained and prev_trained:
+                body.append("»")
+            body.append(shown + ("│" if tokens else ""))
+        prev_trained = trained
+    if prev_trained and not color:
+        body.append("»")
+    out.append("".join(body))
+    return "\n".join(out)
+
+
+def render_histogram(stats: dict[str, Any], width: int = 40) -> str:
+    tok = stats.get("tokens") or {}
+    hist = tok.get("histogram")
+    if not hist:
+        return ""
+    counts, edges = hist["counts"], hist["edges"]
+    peak = max(counts) or 1
+    lines = ["token length histogram" + (f" (p50 {tok['percentiles']['p50']}, p95 {tok['percentiles']['p95']}, "
+                                          f"max {tok['max']}, trainable ratio {tok.get('trainable_ratio')})"
+                                          if "percentiles" in tok else "")]
+    for lo, hi, c in zip(edges, edges[1:], counts, strict=False):
+        lines.append(f"  {lo:>6}-{hi:<6} {'█' * round(width * c / peak):<{width}} {c:,}")
+    return "\n".join(lines)
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+pre{white-space:pre-wrap;word-break:break-word;background:#fafafa;border:1px solid #ddd;padding:1em;
+font:13px/1.5 ui-monospace,monospace}
+.t{background:#c8f7c5}.u{color:#666}
+#b:checked~section .k{outline:1px solid #99c;margin-right:1px}
+table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}
+.bar{background:#69c;height:12px;display:inline-block}
+"""
+
+
+def render_html(title: str, rows: list[dict[str, Any]], all_segs: list[list[tuple[str, bool, int | None]]],
+                stats: dict[str, Any]) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style>"
+             "</head><body>", f"<h1>{e(title)}</h1>",
+             "<p>Green: tokens the model is trained on (labels). Grey: context only. "
+             "Hover a token for its id.</p>",
+             "<input type='checkbox' id='b'><label for='b'> show token boundaries</label>"]
+    summary = {k: stats[k] for k in ("rows_in", "rows_out", "train", "eval", "truncated") if k in stats}
+    section = ["<section>"]
+    if summary or stats.get("dropped"):
+        section.append("<h2>Counts</h2><table>" + "".join(
+            f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in summary.items()) + "".join(
+            f"<tr><th>dropped: {e(k)}</th><td>{v}</td></tr>" for k, v in (stats.get("dropped") or {}).items())
+            + "</table>")
+    hist = (stats.get("tokens") or {}).get("histogram")
+    if hist:
+        peak = max(hist["counts"]) or 1
+        section.append("<h2>Token lengths</h2><table>")
+        for lo, hi, c in zip(hist["edges"], hist["edges"][1:], hist["counts"], strict=False):
+            section.append(f"<tr><td>{lo}–{hi}</td><td style='text-align:left'><span class='bar' "
+                           f"style='width:{round(400 * c / peak)}px'></span> {c}</td></tr>")
+        section.append("</table>")
+    section.append("<h2>Rows</h2>")
+    for row, segs in zip(rows, all_segs, strict=True):
+        meta = f"id {row.get('id', '')[:16]} · split {row.get('split')} · source {row.get('source')}"
+        if row.get("num_tokens") is not None:
+            meta += f" · {row['num_tokens']} tokens, {row['num_trainable']} trained"
+        spans = "".join(
+            f"<span class='k {'t' if trained else 'u'}'" + (f" title='id {tid}'" if tid is not None else "")
+            + f">{e(text)}</span>" for text, trained, tid in segs)
+        section.append(f"<h3>{e(meta)}</h3><pre>{spans}</pre>")
+    section.append("</section>")
+    parts += section + ["</body></html>"]
+    return "".join(parts)
+
+
+@click.command("inspect")
+@click.argument("uri")
+@click.option("--split", default="train", show_default=True, help="Which split of a manifest to show.")
+@click.option("--rows", "n", default=3, show_default=True, help="How many rows.")
+@click.option("--tokens", is_flag=True, help="Show token boundaries.")
+@click.option("--tokenizer", metavar="MODEL_SRC", help="Tokenizer to decode with (default: the manifest's).")
+@click.option("--html", "html_file", metavar="FILE", help="Also write a self-contained HTML page here.")
+@click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True)
+def command(uri: str, split: str, n: int, tokens: bool, tokenizer: str | None, html_file: str | None,
+            color: str) -> None:
+    """Show prepared rows as the model sees them: trained tokens highlighted, plus the length histogram.
+
+    URI is a prepare manifest, its output prefix, or one Parquet file.
+    """
+    try:
+        with tempfile.TemporaryDirectory(prefix="ftjobs-inspect-") as tmp:
+            rows, stats, source = load_rows(uri, split, n, Path(tmp))
+            tok = None
+            src = tokenizer or source
+            if src and any(r.get("input_ids") is not None for r in rows):
+                from common import models
+                from jobs.prepare.encode import load_tokenizer
+
+                tok = load_tokenizer(str(models.resolve(src, tokenizer_only=True).path))
+            all_segs = [segments(r, tok) for r in rows]
+    except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
+        if isinstance(exc, SystemExit):
+            raise
+        fail(exc)
+        return
+    use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
+    if any(r.get("input_ids") is not None for r in rows) and tok is None:
+        click.echo("(rows are tokenized but no tokenizer is known: pass --tokenizer to decode them)", err=True)
+    for row, segs in zip(rows, all_segs, strict=True):
+        click.echo(render_text(row, segs, tokens=tokens, color=use_color))
+        click.echo()
+    hist = render_histogram(stats)
+    if hist:
+        click.echo(hist)
+    if html_file:
+        Path(html_file).write_text(render_html(f"ftjobs inspect {uri} ({split})", rows, all_segs, stats),
+                                   encoding="utf-8")
+        click.echo(f"wrote {html_file}", err=True)

@@ -1,0 +1,598 @@
+"""The prepare job: config, `run(config)`, and the `ftjobs prepare` command."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import tempfile
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+from pydantic import Field, field_validator, model_validator
+
+from common import config as cfg
+from common import data, storage
+from common import manifest as mf
+from common.config import JobConfig
+from common.errors import ConfigError, InputError
+from common.logs import Progress
+from common.runner import config_options, execute
+from jobs.prepare import rows as R
+from jobs.prepare import sources as S
+
+STAGE = "prepare"
+LOG = logging.getLogger("ftjobs.prepare")
+
+Format = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+
+
+class Source(JobConfig):
+    """One raw input, with what applies to it alone."""
+
+    path: str = Field(description="File, folder, glob, s3:// object or prefix, save_to_disk folder, or "
+                      "hf://<id>[@split].")
+    split: Literal["auto", "train", "eval"] = Field(
+        default="auto", description="auto: split by the seeded row hash; train/eval: every row of this source "
+        "goes there.")
+    format: Format | None = Field(default=None, description="Overrides the top-level format for this source.")
+
+
+class Columns(JobConfig):
+    """Source column (or JSON key) names for each canonical field, for data that names them differently."""
+
+    instruction: str = Field(default="instruction", description="alpaca: the instruction.")
+    input: str = Field(default="input", description="alpaca: optional extra input appended to the instruction.")
+    output: str = Field(default="output", description="alpaca: the answer.")
+    system: str = Field(default="system", description="alpaca/sharegpt: optional system prompt.")
+    history: str = Field(default="history", description="alpaca: optional earlier [user, assistant] pairs.")
+    conversations: str = Field(default="conversations", description="sharegpt: the list of turns.")
+    messages: str = Field(default="messages", description="messages: the list of {role, content}.")
+    prompt: str = Field(default="prompt", description="prompt_completion: the prompt.")
+    completion: str = Field(default="completion", description="prompt_completion: the completion.")
+    text: str = Field(default="text", description="text: the plain text.")
+    role: str | None = Field(default=None, description="Key of a turn's role (default: 'role'; sharegpt 'from').")
+    content: str | None = Field(default=None,
+                                description="Key of a turn's text (default: 'content'; sharegpt 'value').")
+
+
+class Config(JobConfig):
+    """ftjobs prepare: raw data -> validated, split, optionally tokenized Parquet + manifest."""
+
+    sources: list[str | Source] = Field(description="Raw inputs (paths/URIs, or {path, split, format} mappings).")
+    output: str = Field(description="Output prefix (local path or s3://...); the manifest is written last.")
+    format: Format = Field(default="auto", description="Input format; auto detects it per file and logs what it saw.")
+    columns: Columns = Field(default_factory=Columns, description="Column/key names when the data uses other names.")
+    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=dict, description="Extra role names -> canonical roles, e.g. {bot: assistant}.")
+    tokenizer: str | None = Field(default=None, description="Model source for the tokenizer (folder, s3:// prefix, "
+                                  "HF id); only tokenizer files are fetched. Without it rows are not tokenized.")
+    chat_template: str | None = Field(default=None, description="Template override: a builtin name (chatml) or "
+                                      "Jinja text. Default: the tokenizer's own template.")
+    train_on: Literal["assistant", "last_assistant", "all"] = Field(
+        default="assistant", description="Which tokens get labels: every assistant turn, only the last, or all.")
+    max_length: int | None = Field(default=2048, description="Max tokens per row; longer rows lose whole trailing "
+                                   "turns (or are dropped when even the first answer does not fit).")
+    on_too_long: Literal["truncate", "drop"] = Field(
+        default="truncate", description="truncate: drop trailing turns to fit max_length; drop: drop the row.")
+    max_chars: int = Field(default=200_000, gt=0, description="Rows with more characters than this are dropped.")
+    eval_fraction: float | None = Field(
+        default=None, description="Share of rows (by seeded hash) for eval. Default 0.05 unless eval_size is set "
+        "or a source is marked split: eval.")
+    eval_size: int | None = Field(default=None, ge=1, description="Exact number of eval rows (the lowest hashes).")
+    seed: int = Field(default=0, description="Seed of the split hash: same inputs and seed, same split.")
+    dedup: Literal["none", "exact", "normalized"] = Field(
+        default="normalized", description="Drop exact duplicates, or also ones differing only in case/whitespace.")
+    max_drop_fraction: float = Field(default=0.1, ge=0, le=1,
+                                     description="Fail (exit 3) when more than this share of rows is dropped.")
+    skip_bad_lines: bool = Field(default=False, description="Drop unreadable lines (bad JSON/UTF-8/CSV, too long) "
+                                 "and count them instead of failing on the first one.")
+    max_line_bytes: int = Field(default=64 << 20, ge=1024, description="Longest JSON line/element read.")
+    rows_per_shard: int = Field(default=100_000, ge=1, description="Rows per Parquet file.")
+    row_group_rows: int = Field(default=8192, ge=1, description="Rows per Parquet row group.")
+    batch_size: int = Field(default=1024, ge=1, description="Rows per tokenizer call.")
+    workers: int | None = Field(default=None, ge=1, description="Tokenizing processes (default: CPU count; 1: none).")
+    drop_examples: int = Field(default=5, ge=0, description="Examples kept per drop reason in drops.jsonl.")
+    run_id: str | None = Field(default=None, description="Run id recorded in the manifest (default: generated).")
+
+    @field_validator("sources")
+    @classmethod
+    def _nonempty(cls, v: list[Any]) -> list[Any]:
+        if not v:
+            raise ValueError("give at least one source (--source PATH_OR_URI)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.eval_fraction is not None and self.eval_size is not None:
+            raise ValueError("set eval_fraction or eval_size, not both")
+        if self.eval_fraction is not None and not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.chat_template and not self.tokenizer:
+            raise ValueError("chat_template needs a tokenizer (set tokenizer: MODEL_SRC)")
+        if self.max_length is not None and self.max_length < 8:
+            raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
+        return self
+
+    def source_specs(self) -> list[Source]:
+        return [Source(path=s) if isinstance(s, str) else s for s in self.sources]
+
+    def effective_eval_fraction(self) -> float:
+        if self.eval_fraction is not None:
+            return self.eval_fraction
+        if self.eval_size is not None or any(s.split == "eval" for s in self.source_specs()):
+            return 0.0
+        return 0.05
+
+
+# --------------------------------------------------------------------------- state while running
+
+
+@dataclass
+class Row:
+    id: str
+    messages: list[dict[str, str]]
+    source: str
+    line: int
+    split: str  # auto | train | eval (forced by the source)
+    input_ids: list[int] | None = None
+    labels: list[int] | None = None
+
+
+@dataclass
+class Tally:
+    rows_in: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    per_source: dict[str, Counter[str]] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)
+    truncated: int = 0
+    empty_files: list[str] = field(default_factory=list)
+
+    def drop(self, reason: str, source: str, line: int, detail: str, preview: Any, keep: int) -> None:
+        self.dropped[reason] += 1
+        self.per_source[source]["dropped"] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < keep:
+            text = preview if isinstance(preview, str) else json.dumps(preview, ensure_ascii=False, default=str)
+            ex.append({"reason": reason, "source": source, "line": line, "detail": detail,
+                       "row": text[:2000] + ("..." if len(text) > 2000 else "")})
+
+
+class SplitWriter:
+    """Parquet shards of one split: buffered into row groups, uploaded as each shard closes."""
+
+    def __init__(self, split: str, tokenized: bool, writer: mf.ArtifactWriter, workdir: Path, conf: Config):
+        self.split, self.tokenized, self.writer, self.workdir, self.conf = split, tokenized, writer, workdir, conf
+        self.schema = data.schema(tokenized)
+        self.buf: dict[str, list[Any]] = {f.name: [] for f in self.schema}
+        self.shard = 0
+        self.shard_rows = 0
+        self.rows = 0
+        self.pq_writer: Any = None
+        self.local: Path | None = None
+
+    def add(self, row: Row) -> None:
+        b = self.buf
+        b["id"].append(row.id)
+        b["messages"].append(row.messages)
+        b["split"].append(self.split)
+        b["source"].append(row.source)
+        if self.tokenized:
+            assert row.input_ids is not None and row.labels is not None
+            b["input_ids"].append(row.input_ids)
+            b["labels"].append(row.labels)
+            b["num_tokens"].append(len(row.input_ids))
+            b["num_trainable"].append(len(row.labels) - row.labels.count(-100))
+        self.rows += 1
+        self.shard_rows += 1
+        if len(b["id"]) >= self.conf.row_group_rows:
+            self._flush()
+        if self.shard_rows >= self.conf.rows_per_shard:
+            self._close_shard()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.buf["id"]:
+            return
+        table = pa.Table.from_pydict(self.buf, schema=self.schema)
+        if self.pq_writer is None:
+            self.local = self.workdir / f"{self.split}-{self.shard:05d}.parquet"
+            self.pq_writer = pq.ParquetWriter(self.local, self.schema, compression="zstd")
+        self.pq_writer.write_table(table, row_group_size=self.conf.row_group_rows)
+        self.buf = {f.name: [] for f in self.schema}
+
+    def _close_shard(self) -> None:
+        self._flush()
+        if self.pq_writer is None:
+            return
+        self.pq_writer.close()
+        assert self.local is not None
+        name = f"{self.split}/part-{self.shard:05d}"
+        self.writer.add_file(self.local, f"data/{name}.parquet", name=name, rows=self.shard_rows)
+        self.local.unlink()
+        self.pq_writer, self.local = None, None
+        self.shard += 1
+        self.shard_rows = 0
+
+    def close(self) -> None:
+        self._close_shard()
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run(config: Config) -> mf.Loaded:
+    t_start = time.monotonic()
+    timings: dict[str, float] = {}
+    output = storage.normalize(config.output)
+    conf_dump = cfg.dump(config)
+    with tempfile.TemporaryDirectory(prefix="ftjobs-prepare-") as tmp:
+        work = Path(tmp)
+
+        # 1. What the inputs are: expand sources, fetch S3 objects, hash everything.
+        files: list[S.RawFile] = []
+        for spec in config.source_specs():
+            files += S.expand(spec.path, spec.split, spec.format)
+        t = time.monotonic()
+        S.fetch(files, work)
+        timings["fetch_and_hash_inputs"] = time.monotonic() - t
+        inputs = [mf.InputRef(uri=f.uri, sha256=f.sha256, stage=None, role="data") for f in files]
+
+        # 2. Already done? (same config and input bytes: exit 0; a different run there: refuse)
+        done = mf.check_output(output, stage=STAGE, config=conf_dump, inputs=inputs)
+        if done is not None:
+            LOG.info("already done: %s holds this run (%s)", done.uri, done.manifest.run_id)
+            return done
+
+        # 3. The tokenizer and template, when rows are tokenized.
+        encoder, model_info = None, {}
+        if config.tokenizer:
+            encoder, model_info = _tokenizer(config)
+
+        # 4. Stream: read -> normalize -> validate -> dedup -> tokenize -> split -> write.
+        writer = mf.ArtifactWriter(output)
+        try:
+            tally, split_counts, lengths, trainable = _process(config, files, encoder, writer, work, timings)
+        except BaseException:
+            _remove(writer)
+            raise
+        finally:
+            if encoder is not None:
+                encoder.close()
+
+        # 5. Loud statistics; refuse to publish when too much was dropped.
+        rows_out = sum(split_counts.values())
+        n_dropped = sum(tally.dropped.values())
+        drop_fraction = n_dropped / tally.rows_in if tally.rows_in else 0.0
+        if drop_fraction > config.max_drop_fraction or rows_out == 0:
+            _remove(writer)
+            raise InputError(_too_many_drops(tally, rows_out, drop_fraction, config.max_drop_fraction))
+        stats = _stats(config, tally, split_counts, lengths, trainable, rows_out, drop_fraction)
+        drops = "".join(json.dumps(e, ensure_ascii=False) + "\n" for r in R.REASONS for e in tally.examples.get(r, []))
+        writer.add_bytes(drops.encode(), "drops.jsonl", name="drops", rows=drops.count("\n"))
+        writer.add_bytes(storage.json_bytes(stats), "stats.json", name="stats")
+        _log_summary(tally, stats)
+
+        # 6. The manifest, last and create-only.
+        timings["total"] = time.monotonic() - t_start
+        manifest = mf.build(stage=STAGE, run_id=config.run_id or mf.new_run_id(), config=conf_dump, inputs=inputs,
+                            artifacts=writer.artifacts, stats=stats, timings=timings, model=model_info)
+        uri = mf.publish(output, manifest)
+    return mf.load(uri, verify="none")
+
+
+def _tokenizer(config: Config) -> tuple[Any, dict[str, Any]]:
+    from common import chat, models
+    from jobs.prepare.encode import Encoder, load_tokenizer
+
+    assert config.tokenizer
+    ref = models.resolve(config.tokenizer, tokenizer_only=True)
+    try:
+        tok = load_tokenizer(str(ref.path))
+    except Exception as exc:
+        raise InputError(f"Could not load a tokenizer from {config.tokenizer} ({type(exc).__name__}: {exc})") from None
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(f"The tokenizer at {config.tokenizer} is not a fast (Rust) tokenizer; ftjobs needs token "
+                          "offsets to build loss masks. Provide tokenizer.json.")
+    fmt = chat.chat_format(tok, config.chat_template)
+    chat.render(fmt, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])  # compiles or fails
+    workers = config.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                 else os.cpu_count())
+    encoder = Encoder(tok, str(ref.path), fmt, max_length=config.max_length, train_on=config.train_on,
+                      workers=int(workers or 1))
+    info = {"tokenizer": chat.tokenizer_identity(tok), "tokenizer_source": config.tokenizer,
+            "tokenizer_revision": ref.revision, "template_hash": fmt.hash, "chat_template": fmt.template,
+            "train_on": config.train_on, "max_length": config.max_length}
+    LOG.info("tokenizing with %s (template sha256 %s, train_on=%s, max_length=%s)", config.tokenizer,
+             fmt.hash[:12], config.train_on, config.max_length)
+    return encoder, info
+
+
+def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.ArtifactWriter, work: Path,
+             timings: dict[str, float]) -> tuple[Tally, dict[str, int], array[int], int]:
+    t0 = time.monotonic()
+    columns = config.columns.model_dump()
+    roles = {**R.DEFAULT_ROLES, **config.roles}
+    tally = Tally()
+    tokenized = encoder is not None
+    writers = {s: SplitWriter(s, tokenized, writer, work, config) for s in data.SPLITS}
+    seen_exact: set[int] = set()
+    seen_norm: set[int] = set()
+    lengths: array[int] = array("l")
+    trainable = [0]
+    fraction = config.effective_eval_fraction()
+    eval_heap: list[tuple[float, int, Row]] = []  # max-heap by -point: the eval_size lowest points
+    seq = [0]
+    total_bytes = sum(f.size for f in files) or 1
+    done_bytes = 0
+    progress = Progress("prepare", unit="rows")
+
+    def place(row: Row) -> None:
+        if row.split != "auto":
+            writers[row.split].add(row)
+            return
+        point = R.split_point(row.id, config.seed)
+        if config.eval_size is not None:
+            seq[0] += 1
+            item = (-point, seq[0], row)
+            if len(eval_heap) < config.eval_size:
+                heapq.heappush(eval_heap, item)
+                return
+            if point < -eval_heap[0][0]:
+                row = heapq.heapreplace(eval_heap, item)[2]
+            writers["train"].add(row)
+            return
+        writers["eval" if point < fraction else "train"].add(row)
+
+    def finish(batch: list[Row], results: list[Any] | None) -> None:
+        if results is None:
+            for row in batch:
+                place(row)
+            return
+        for row, (ids, labels, kept, truncated, reason) in zip(batch, results, strict=True):
+            if reason is None and truncated and config.on_too_long == "drop":
+                reason = "too_long_tokens"
+            if reason is not None:
+                detail = {"too_long_tokens": f"the first answer does not fit in max_length {config.max_length}",
+                          "zero_trainable_tokens": f"no token is trained on (train_on={config.train_on})",
+                          "multiple_bos": "the rendered text holds more than one BOS token",
+                          "no_assistant_turn": "no assistant turn"}.get(reason, reason)
+                if reason == "too_long_tokens" and config.on_too_long == "drop":
+                    detail = f"{len(ids)} tokens > max_length {config.max_length}"
+                tally.per_source[row.source]["rows_out"] -= 1
+                tally.drop(reason, row.source, row.line, detail, row.messages, config.drop_examples)
+                continue
+            if truncated:
+                tally.truncated += 1
+                row.messages = row.messages[:kept]
+            row.input_ids, row.labels = ids, labels
+            lengths.append(len(ids))
+            trainable[0] += len(labels) - labels.count(-100)
+            place(row)
+
+    batch: list[Row] = []
+
+    def flush_batch() -> None:
+        nonlocal batch
+        if not batch:
+            return
+        if encoder is None:
+            finish(batch, None)
+        else:
+            encoder.submit([r.messages for r in batch], batch, finish)
+        batch = []
+
+    for f in files:
+        per = tally.per_source.setdefault(f.uri, Counter())
+        fmt = f.format or config.format
+        if fmt == "auto":
+            fmt = _detect(f, columns)
+        if fmt is None:
+            tally.empty_files.append(f.uri)
+            _empty(f, config)
+            done_bytes += f.size
+            continue
+        tally.formats[f.uri] = fmt
+        _check_table_columns(f, fmt, columns)
+        n_file = 0
+        for line, rec in S.records(f, max_line_bytes=config.max_line_bytes):
+            n_file += 1
+            tally.rows_in += 1
+            per["rows_in"] += 1
+            if isinstance(rec, S.Bad):
+                if not config.skip_bad_lines:
+                    raise InputError(f"{f.uri} line {line}: {rec.detail}. Fix the file, or set skip_bad_lines: true "
+                                     "to drop such lines (they are counted in the manifest).")
+                tally.drop(rec.reason, f.uri, line, rec.detail, rec.preview, config.drop_examples)
+                continue
+            try:
+                msgs = R.validate(R.to_messages(rec, fmt, columns, roles), config.max_chars)
+            except R.Drop as d:
+                tally.drop(d.reason, f.uri, line, d.detail, rec, config.drop_examples)
+                continue
+            canon = R.canonical(msgs)
+            if config.dedup != "none":
+                key = R.exact_key(canon)
+                if key in seen_exact:
+                    tally.drop("duplicate_exact", f.uri, line, "an identical row came earlier", rec,
+                               config.drop_examples)
+                    continue
+                seen_exact.add(key)
+                if config.dedup == "normalized":
+                    nkey = R.normalized_key(msgs)
+                    if nkey in seen_norm:
+                        tally.drop("duplicate_normalized", f.uri, line,
+                                   "an earlier row differs only in case or whitespace", rec, config.drop_examples)
+                        continue
+                    seen_norm.add(nkey)
+            per["rows_out"] += 1
+            batch.append(Row(R.row_id(f.uri, canon), msgs, f.uri, line, f.split))
+            if len(batch) >= config.batch_size:
+                flush_batch()
+                progress.total = _estimate(tally.rows_in, done_bytes, f, total_bytes)
+                progress.update(config.batch_size, dropped=sum(tally.dropped.values()))
+        if n_file == 0:
+            tally.empty_files.append(f.uri)
+            _empty(f, config)
+        done_bytes += f.size
+    flush_batch()
+    if encoder is not None:
+        encoder.drain(finish)
+    for _, _, row in sorted(eval_heap, key=lambda it: -it[0]):  # lowest split point first
+        writers["eval"].add(row)
+    progress.done = tally.rows_in
+    progress.close()
+    timings["process"] = time.monotonic() - t0
+    t = time.monotonic()
+    for w in writers.values():
+        w.close()
+    timings["write_last_shards"] = time.monotonic() - t
+    return tally, {s: w.rows for s, w in writers.items()}, lengths, trainable[0]
+
+
+def _estimate(rows_in: int, done_bytes: int, f: S.RawFile, total_bytes: int) -> int | None:
+    """Rows expected in all, from the bytes read so far (for the progress ETA)."""
+    read = done_bytes + f.pos
+    return max(rows_in, int(rows_in * total_bytes / read)) if read else None
+
+
+def _detect(f: S.RawFile, columns: dict[str, Any]) -> str | None:
+    """Detect a file's format from its columns or first readable record; None for an empty file."""
+    cols = S.table_columns(f)
+    if cols is None:
+        for _, rec in S.records(f, max_line_bytes=f.size + 1 if f.size else 1 << 26):
+            if isinstance(rec, dict):
+                cols = list(rec)
+                break
+        else:
+            return None
+    fmt = R.detect(cols, columns)
+    if fmt is None:
+        raise InputError(
+            f"{f.uri}: cannot detect the format from its fields ({', '.join(map(str, cols[:12]))}). Set format: "
+            "alpaca|sharegpt|messages|prompt_completion|text and map fields with columns: {output: answer, ...}.")
+    LOG.info("%s: detected format %s", f.uri, fmt, extra={"source": f.uri, "format": fmt})
+    return fmt
+
+
+def _check_table_columns(f: S.RawFile, fmt: str, columns: dict[str, Any]) -> None:
+    cols = S.table_columns(f)
+    if cols is None:
+        return
+    missing = [c for c in R.required_columns(fmt, columns) if c not in cols]
+    if missing:
+        raise InputError(f"{f.uri} has no column {missing[0]!r} needed for format {fmt} (columns: "
+                         f"{', '.join(cols[:20])}). Map it with columns: {{...: {missing[0]}}} or fix the file.")
+
+
+def _empty(f: S.RawFile, config: Config) -> None:
+    if not config.skip_bad_lines:
+        raise InputError(f"{f.uri} holds no records (empty file). Remove it from the sources, or set "
+                         "skip_bad_lines: true to skip empty files (they are listed in the manifest).")
+    LOG.warning("%s holds no records; skipped", f.uri)
+
+
+def _too_many_drops(tally: Tally, rows_out: int, fraction: float, limit: float) -> str:
+    lines = [f"Dropped {sum(tally.dropped.values()):,} of {tally.rows_in:,} rows ({fraction:.1%}); "
+             f"max_drop_fraction is {limit:.1%}." if rows_out else
+             f"No rows left: dropped {sum(tally.dropped.values()):,} of {tally.rows_in:,}.",
+             "  reason                     rows  first example"]
+    for reason, n in tally.dropped.most_common():
+        ex = (tally.examples.get(reason) or [{}])[0]
+        where = f"{ex.get('source', '')}:{ex.get('line', '')}  {ex.get('detail', '')}"
+        lines.append(f"  {reason:<24} {n:>7,}  {where[:160]}")
+    lines.append("Fix the data or the mapping (format, columns, roles), or raise max_drop_fraction if these drops "
+                 "are expected.")
+    return "\n".join(lines)
+
+
+def _token_stats(lengths: array[int], trainable: int) -> dict[str, Any]:
+    import numpy as np
+
+    if not lengths:
+        return {"rows": 0}
+    a = np.frombuffer(lengths, dtype=np.int64) if lengths.itemsize == 8 else np.asarray(lengths, dtype=np.int64)
+    total = int(a.sum())
+    counts, edges = np.histogram(a, bins=20, range=(0, max(int(a.max()), 20)))
+    return {
+        "rows": int(a.size), "total": total, "trainable": trainable,
+        "trainable_ratio": round(trainable / total, 4) if total else 0.0,
+        "mean": round(float(a.mean()), 1), "min": int(a.min()), "max": int(a.max()),
+        "percentiles": {f"p{q}": int(np.percentile(a, q)) for q in (50, 90, 95, 99)},
+        "histogram": {"edges": [int(round(e)) for e in edges], "counts": [int(c) for c in counts]},
+    }
+
+
+def _stats(config: Config, tally: Tally, split_counts: dict[str, int], lengths: array[int], trainable: int,
+           rows_out: int, drop_fraction: float) -> dict[str, Any]:
+    stats: dict[str, Any] = {
+        "rows_in": tally.rows_in, "rows_out": rows_out, **split_counts,
+        "splits": dict(split_counts), "dropped": {r: tally.dropped[r] for r in R.REASONS if tally.dropped[r]},
+        "drop_fraction": round(drop_fraction, 6), "truncated": tally.truncated,
+        "formats": dict(tally.formats), "empty_files": tally.empty_files,
+        "sources": {uri: {"rows_in": c["rows_in"], "rows_out": c["rows_out"], "dropped": c["dropped"]}
+                    for uri, c in tally.per_source.items()},
+        "eval_fraction": config.effective_eval_fraction() if config.eval_size is None else None,
+    }
+    if config.tokenizer:
+        tokens = _token_stats(lengths, trainable)
+        tokens["dropped_for_length"] = tally.dropped["too_long_tokens"] + tally.dropped["too_long_chars"]
+        tokens["truncated"] = tally.truncated
+        stats["tokens"] = tokens
+        stats["trainable_ratio"] = tokens.get("trainable_ratio", 0.0)
+    return stats
+
+
+def _log_summary(tally: Tally, stats: dict[str, Any]) -> None:
+    LOG.info("rows in %d, out %d (train %d, eval %d), dropped %d%s", stats["rows_in"], stats["rows_out"],
+             stats.get("train", 0), stats.get("eval", 0), sum(tally.dropped.values()),
+             "".join(f"\n  {r:<24} {n:>8,}" for r, n in tally.dropped.most_common()),
+             extra={"stats": {k: v for k, v in stats.items() if k != "sources"}})
+    tok = stats.get("tokens")
+    if tok and tok.get("rows"):
+        LOG.info("tokens: p50 %d, p95 %d, max %d, trainable ratio %.3f, truncated %d",
+                 tok["percentiles"]["p50"], tok["percentiles"]["p95"], tok["max"], tok["trainable_ratio"],
+                 tok["truncated"])
+
+
+def _remove(writer: mf.ArtifactWriter) -> None:
+    """Best effort: take back what this attempt uploaded (no manifest was written)."""
+    for art in writer.artifacts:
+        try:
+            storage.delete(art.uri)
+        except Exception:  # noqa: BLE001 - the original error matters more
+            LOG.warning("could not remove %s after the failure", art.uri)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@click.command("prepare")
+@click.option("--source", "sources", multiple=True, metavar="PATH_OR_URI",
+              help="Raw data: file, folder, glob, s3:// object or prefix, hf://id. Repeatable.")
+@click.option("--format", "format_", type=click.Choice(["auto", "alpaca", "sharegpt", "messages",
+                                                        "prompt_completion", "text"]), default=None,
+              help="Input format (default auto: detected per file).")
+@click.option("--tokenizer", metavar="MODEL_SRC", help="Tokenize with this model's tokenizer (folder, s3://, HF id).")
+@click.option("--output", metavar="URI", help="Output prefix (local path or s3://bucket/prefix).")
+@config_options
+def command(sources: tuple[str, ...], format_: str | None, tokenizer: str | None, output: str | None,
+            config_file: str | None, sets: tuple[str, ...]) -> None:
+    """Validate, split and tokenize raw data into Parquet shards plus a manifest.
+
+    Exit 3 with a reason table when more rows are dropped than max_drop_fraction allows, or naming the
+    file and line of a structurally broken file.
+    """
+    import sys
+
+    flags = {"sources": list(sources) or None, "format": format_, "tokenizer": tokenizer, "output": output}
+    execute(sys.modules["jobs.prepare"], config_file, sets, flags)

@@ -1,0 +1,362 @@
+"""Raw inputs: expand sources into files, fetch and hash them, stream records.
+
+A source is a file, a folder, a glob, an `s3://` object or prefix, a
+`datasets.save_to_disk` folder (its `.arrow` files), or `hf://<dataset id>`
+(optionally `@split`) when the Hugging Face Hub is reachable. Supported
+files: `.jsonl`/`.ndjson`, `.json` (an array, or JSON lines), `.csv`, `.tsv`,
+`.parquet`, `.arrow`; the text formats may be gzipped (`.gz`).
+
+Readers stream: JSON lines are read one at a time (up to `max_line_bytes`),
+JSON arrays are decoded element by element, tables batch by batch. A reader
+yields `(line, record)`; a line that cannot be read yields `(line, Bad)` and
+the caller decides (fatal unless `skip_bad_lines`).
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import glob
+import gzip
+import io
+import json
+import logging
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from common import storage
+from common.errors import InputError
+
+LOG = logging.getLogger(__name__)
+
+KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+         ".parquet": "parquet", ".arrow": "arrow"}
+READ_CHUNK = 1 << 20
+
+
+@dataclass
+class Bad:
+    """A line that could not be read as a record."""
+
+    reason: str
+    detail: str
+    preview: str = ""
+
+
+@dataclass
+class RawFile:
+    uri: str          # what the manifest records (absolute)
+    size: int
+    split: str        # auto | train | eval
+    format: str | None
+    local: Path | None = None
+    sha256: str = ""
+    pos: int = 0      # bytes of the file read so far (for progress)
+
+    @property
+    def kind(self) -> str:
+        return kind_of(self.uri)
+
+
+def kind_of(uri: str) -> str:
+    name = uri.rsplit("/", 1)[-1].lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for ext, kind in KINDS.items():
+        if name.endswith(ext):
+            return kind
+    return ""
+
+
+def supported(uri: str) -> bool:
+    k = kind_of(uri)
+    return bool(k) and not (uri.lower().endswith(".gz") and k in ("parquet", "arrow"))
+
+
+# --------------------------------------------------------------------------- expanding sources
+
+
+def expand(path: str, split: str, fmt: str | None) -> list[RawFile]:
+    """Every supported file a source names, in a stable order."""
+    if path.startswith("hf://"):
+        return _hf_dataset(path[len("hf://"):], split, fmt)
+    if storage.is_s3(path):
+        return _expand_s3(path, split, fmt)
+    p = storage.local_path(path).expanduser()
+    if any(ch in str(p) for ch in "*?["):
+        matches = sorted(glob.glob(str(p), recursive=True))
+        files = [Path(m) for m in matches if Path(m).is_file() and supported(m)]
+        if not files:
+            raise InputError(f"Source {path!r} matches no supported files ({', '.join(KINDS)}, also .gz)")
+    elif p.is_dir():
+        state = p / "state.json"
+        if state.exists():  # datasets.save_to_disk: the arrow files it lists, in order
+            names = [d["filename"] for d in json.loads(state.read_text()).get("_data_files", [])]
+            files = [p / n for n in names]
+        else:
+            files = sorted(f for f in p.rglob("*") if f.is_file() and supported(f.name) and not f.name.startswith("."))
+        if not files:
+            raise InputError(f"Folder {p} holds no supported files ({', '.join(KINDS)}, also .gz)")
+    elif p.is_file():
+        if not supported(p.name):
+            raise InputError(f"{p}: unsupported file type; expected one of {', '.join(KINDS)} (optionally .gz)")
+        files = [p]
+    else:
+        raise InputError(f"Source {path!r} does not exist")
+    return [RawFile(uri=str(f.resolve()), size=f.stat().st_size, split=split, format=fmt, local=f) for f in files]
+
+
+def _expand_s3(path: str, split: str, fmt: str | None) -> list[RawFile]:
+    if any(ch in path for ch in "*?["):
+        base = path[: min(path.index(ch) for ch in "*?[" if ch in path)]
+        base = base.rsplit("/", 1)[0]
+        objs = [o for o in storage.list_objects(base) if fnmatch.fnmatchcase(o.uri, path)]
+    elif supported(path) and storage.exists(path):
+        return [RawFile(uri=path, size=storage.size(path), split=split, format=fmt)]
+    else:
+        objs = list(storage.list_objects(path))
+    files = [RawFile(uri=o.uri, size=o.size, split=split, format=fmt) for o in objs if supported(o.uri)]
+    if not files:
+        raise InputError(f"No supported files under {path} ({', '.join(KINDS)}, also .gz)")
+    return files
+
+
+def _hf_dataset(spec: str, split: str, fmt: str | None) -> list[RawFile]:
+    name, _, hf_split = spec.partition("@")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=hf_split or "train")
+    except Exception as exc:
+        raise InputError(
+            f"Could not load Hugging Face dataset {name!r} ({type(exc).__name__}: {exc}). Without the Hub, "
+            "save it with `datasets.Dataset.save_to_disk(DIR)` elsewhere and pass DIR (or its .arrow files)."
+        ) from None
+    files = [Path(f["filename"]) for f in ds.cache_files]
+    if not files:
+        raise InputError(f"Hugging Face dataset {name!r} has no cache files to read")
+    return [RawFile(uri=str(f), size=f.stat().st_size, split=split, format=fmt, local=f) for f in files]
+
+
+def fetch(files: list[RawFile], workdir: Path) -> None:
+    """Give every file a local path and its sha256 (S3 objects are downloaded, hashed while streaming)."""
+    for i, f in enumerate(files):
+        if f.local is None:
+            t = storage.download_file(f.uri, workdir / f"{i:05d}-{f.uri.rsplit('/', 1)[-1]}")
+            f.local, f.sha256 = Path(t.path), t.sha256
+        else:
+            f.sha256 = storage.sha256_file(f.local)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def records(f: RawFile, *, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
+    """Stream one file's records as (line or row number, record | Bad); `f.pos` follows the bytes read."""
+    try:
+        if f.kind in ("parquet", "arrow"):
+            total = total_rows(f)
+            for i, item in enumerate(_table(f)):
+                if total and i % 1024 == 0:
+                    f.pos = f.size * i // total
+                yield item
+            return
+        assert f.local is not None
+        with open(f.local, "rb") as raw:
+            fh: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if f.uri.lower().endswith(".gz") else raw
+            if f.kind == "jsonl":
+                gen = _jsonl(fh, max_line_bytes)
+            elif f.kind == "json":
+                gen = _json(fh, f, max_line_bytes)
+            else:
+                gen = _csv(fh, "\t" if f.kind == "tsv" else ",", max_line_bytes)
+            for i, item in enumerate(gen):
+                if i % 1024 == 0:
+                    f.pos = raw.tell()
+                yield item
+        f.pos = f.size
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(f"{f.uri}: compressed data is truncated or corrupt ({exc}); re-create the file") from None
+
+
+def _jsonl(fh: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
+    n = 0
+    while True:
+        line = fh.readline(max_line_bytes + 1)
+        if not line:
+            return
+        n += 1
+        if len(line) > max_line_bytes:
+            while line and not line.endswith(b"\n"):  # skip the rest of the long line
+                line = fh.readline(READ_CHUNK)
+            yield n, Bad("line_too_long", f"line is longer than max_line_bytes ({max_line_bytes:,} bytes)")
+            continue
+        if not line.strip():
+            continue
+        yield n, _parse_json_line(line)
+
+
+def _parse_json_line(line: bytes) -> dict[str, Any] | Bad:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Bad("invalid_utf8", f"invalid UTF-8 at byte {exc.start} ({exc.reason})",
+                   line[:200].decode("utf-8", "replace"))
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Bad("invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}", text[:200])
+    if not isinstance(obj, dict):
+        return Bad("invalid_json", f"a JSON {type(obj).__name__}, expected an object per line", text[:200])
+    return obj
+
+
+def _json(fh: IO[bytes], f: RawFile, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
+    """A JSON array decoded element by element; a file of JSON lines named .json is read as lines."""
+    buffered = io.BufferedReader(fh) if not isinstance(fh, io.BufferedReader) else fh  # type: ignore[arg-type]
+    head = buffered.peek(4096)[:4096].lstrip()
+    if head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:].lstrip()
+    if not head.startswith(b"["):
+        yield from _jsonl(buffered, max_line_bytes)
+        return
+    text = io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="strict")
+    decoder = json.JSONDecoder()
+    buf, pos, line, eof = "", 0, 1, False
+
+    def more() -> bool:
+        nonlocal buf, pos, eof
+        try:
+            chunk = text.read(READ_CHUNK)
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{f.uri} near line {line}: invalid UTF-8 ({exc.reason}); a JSON array cannot be "
+                             "read past it. Fix the encoding or convert the file to JSON lines.") from None
+        if not chunk:
+            eof = True
+            return False
+        buf = buf[pos:] + chunk
+        pos = 0
+        return True
+
+    def skip_ws() -> None:
+        nonlocal pos, line
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                line += buf[pos] == "\n"
+                pos += 1
+            if pos < len(buf) or not more():
+                return
+
+    skip_ws()
+    pos += 1  # the '['
+    skip_ws()
+    if pos < len(buf) and buf[pos] == "]":
+        return
+    while True:
+        skip_ws()
+        start_line = line
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+                break
+            except json.JSONDecodeError as exc:
+                if len(buf) - pos > max_line_bytes:
+                    raise InputError(f"{f.uri} line {start_line}: an array element is longer than max_line_bytes "
+                                     f"({max_line_bytes:,}); raise it or split the record") from None
+                if not more():
+                    raise InputError(f"{f.uri} line {start_line + exc.lineno - 1}: not valid JSON ({exc.msg}); "
+                                     "a JSON array cannot be read past a broken element. Fix the file or "
+                                     "convert it to JSON lines (then skip_bad_lines can drop bad lines).") from None
+        line += buf.count("\n", pos, end)
+        pos = end
+        yield start_line, obj if isinstance(obj, dict) else Bad(
+            "invalid_json", f"array element is a JSON {type(obj).__name__}, expected an object")
+        skip_ws()
+        if pos >= len(buf):
+            raise InputError(f"{f.uri} line {line}: the JSON array is truncated (no closing ']')")
+        if buf[pos] == "]":
+            return
+        if buf[pos] != ",":
+            raise InputError(f"{f.uri} line {line}: expected ',' or ']' between array elements, got {buf[pos]!r}")
+        pos += 1
+
+
+def _csv(fh: IO[bytes], delimiter: str, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
+    csv.field_size_limit(max(max_line_bytes, 1 << 17))
+    text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    reader = csv.DictReader(text, delimiter=delimiter)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield reader.line_num, Bad("invalid_csv", f"CSV error: {exc}")
+            continue
+        n = reader.line_num
+        if None in row:
+            yield n, Bad("invalid_csv", f"{len(reader.fieldnames or []) + len(row[None])} fields; the header has "
+                         f"{len(reader.fieldnames or [])}")
+            continue
+        bad = False
+        for value in row.values():
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    yield n, Bad("invalid_utf8", f"invalid UTF-8 bytes ({exc.reason})")
+                    bad = True
+                    break
+        if not bad:
+            yield n, row
+
+
+def _table(f: RawFile) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert f.local is not None
+    n = 0
+    try:
+        if f.kind == "parquet":
+            batches: Iterator[Any] = pq.ParquetFile(f.local).iter_batches(batch_size=1024)
+        else:
+            batches = iter(_arrow_reader(f.local))
+        for batch in batches:
+            for rec in batch.to_pylist():
+                n += 1
+                yield n, rec
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise InputError(f"{f.uri}: not a readable {f.kind} file (after row {n}): {exc}") from None
+
+
+def _arrow_reader(path: Path) -> Any:
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path)))
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(pa.memory_map(str(path)))
+
+
+def table_columns(f: RawFile) -> list[str] | None:
+    """Column names of a table file (None for JSON/CSV, whose keys are per record)."""
+    import pyarrow.parquet as pq
+
+    if f.kind == "parquet":
+        return list(pq.ParquetFile(f.local).schema_arrow.names)
+    if f.kind == "arrow":
+        return list(_arrow_reader(f.local).schema.names)  # type: ignore[arg-type]
+    return None
+
+
+def total_rows(f: RawFile) -> int | None:
+    """Row count when the file says so cheaply (Parquet metadata)."""
+    import pyarrow.parquet as pq
+
+    if f.kind == "parquet":
+        return int(pq.ParquetFile(f.local).metadata.num_rows)
+    return None
