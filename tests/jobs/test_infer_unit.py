@@ -1,0 +1,100 @@
+"""infer's config, shard assignment and prompt-row rules: no model, no network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import load_config
+from common.errors import ConfigError, InputError
+from jobs import infer
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
+REQUIRED = {"model": "m", "prompts": "p.jsonl", "output": "out"}
+
+
+def test_shipped_config_loads_and_validates() -> None:
+    conf = load_config(infer.Config, file=str(REPO / "configs" / "infer.yaml"))
+    assert conf.num_shards == 4 and conf.sampling.temperature == 0 and conf.engine == "vllm"
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"shard": 3, "num_shards": 3}, "shard 3 is out of range for num_shards 3"),
+    ({"sampling": {"n": 2, "temperature": 0}}, "n=2 with temperature 0"),
+    ({"output": "m"}, "output must be a prefix of its own"),
+    ({"sampling": {"max_token": 5}}, "did you mean 'max_tokens'"),
+    ({"engine": "tgi"}, "engine"),
+])
+def test_contradictory_or_unknown_settings_are_refused(flags: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(infer.Config, flags=REQUIRED | flags)
+
+
+@pytest.mark.parametrize("total", [0, 1, 2, 7, 12, 1000])
+@pytest.mark.parametrize("shards", [1, 3, 8])
+def test_every_row_belongs_to_exactly_one_shard(total: int, shards: int) -> None:
+    seen = [i for s in range(shards) for i in range(*infer.shard_bounds(total, s, shards))]
+    assert seen == list(range(total))
+
+
+def test_shard_comes_from_the_indexed_job_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = load_config(infer.Config, flags=REQUIRED | {"num_shards": 4})
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    assert infer.shard_index(conf) == 2
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "4")
+    with pytest.raises(ConfigError, match="JOB_COMPLETION_INDEX='4' is not a shard of num_shards 4"):
+        infer.shard_index(conf)
+    monkeypatch.delenv("JOB_COMPLETION_INDEX")
+    with pytest.raises(ConfigError, match="no shard was given"):
+        infer.shard_index(conf)
+    assert infer.shard_index(load_config(infer.Config, flags=REQUIRED)) == 0
+
+
+def test_shard_flag_is_parsed_and_checked() -> None:
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    result = CliRunner().invoke(main, ["infer", "--model", "m", "--prompts", "p.jsonl", "--output", "o",
+                                       "--shard", "3/3"])
+    assert result.exit_code == 2 and "shard I must be in 0..N-1" in result.output
+    assert CliRunner().invoke(main, ["infer", "--shard", "x"]).exit_code == 2
+
+
+def test_rows_split_into_prompt_and_reference() -> None:
+    cols = infer.Columns()
+    conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"}]
+    row = infer.normalize_row("x", {"messages": conv}, cols, 0, "f")
+    assert row == {"id": "x", "prompt": conv[:2], "reference": "a", "error": None}
+    row = infer.normalize_row("y", {"prompt": "hi", "reference": 3}, cols, 1, "f")
+    assert row["prompt"] == [{"role": "user", "content": "hi"}] and row["reference"] == "3"
+    bad = infer.normalize_row("z", {"messages": [{"role": "bot", "content": "?"}]}, cols, 7, "f.parquet")
+    assert bad["error"] == "'messages' is not a list of {role, content} messages (row 7 of f.parquet)"
+    only_answer = infer.normalize_row("w", {"messages": [{"role": "assistant", "content": "a"}]}, cols, 0, "f")
+    assert "no turns before its assistant answer" in only_answer["error"]
+
+
+def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "a"}\n\n{"prompt": \n')
+    with pytest.raises(InputError, match=r"p.jsonl line 3: not valid JSON"):
+        infer.read_jsonl(bad, str(bad))
+    bad.write_text('["a"]\n')
+    with pytest.raises(InputError, match="line 1: expected a JSON object, got list"):
+        infer.read_jsonl(bad, str(bad))
+
+
+def test_missing_prompt_column_and_duplicate_ids_are_input_errors(tmp_path: Path) -> None:
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"text": "a"}\n')
+    conf = load_config(infer.Config, flags=REQUIRED | {"prompts": str(src)})
+    with pytest.raises(InputError, match=r"neither a 'messages' nor a 'prompt' column \(has: text\)"):
+        infer.load_rows(conf, infer.load_prompts_input(str(src)))
+    src.write_text('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
+    with pytest.raises(InputError, match="id '1' appears twice"):
+        infer.load_rows(conf, infer.load_prompts_input(str(src)))
+    with pytest.raises(InputError, match="does not exist"):
+        infer.load_prompts_input(str(tmp_path / "nope.jsonl"))
