@@ -647,9 +647,10 @@ def run(config: Config) -> mf.Loaded:
         count = 0
 
         merge_s = 0.0
+        written = 0
 
         def checked(info_: TensorInfo) -> Any:
-            nonlocal count, merge_s
+            nonlocal count, merge_s, written
             start = time.monotonic()
             tensor = produce(info_)
             if tensors_float(info_):
@@ -659,7 +660,8 @@ def run(config: Config) -> mf.Loaded:
                 problems.append(problem)
             merge_s += time.monotonic() - start
             count += math.prod(info_.shape)
-            progress.update(1, GB=round(count * info_.nbytes(dtype) / max(1, math.prod(info_.shape)) / 1e9, 2))
+            written += info_.nbytes(dtype)
+            progress.update(1, GB=round(written / 1e9, 3))
             return tensor
 
         digests = {}
