@@ -71,8 +71,12 @@ class Encoder:
         if self.pool is None:
             import multiprocessing
 
+            # fork: workers start in milliseconds with transformers already imported (spawn re-imports it,
+            # seconds per worker). Nothing here holds a lock across the fork; tokenizers turns its own
+            # thread pool off in forked children, which is what the workers want anyway.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             self.pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init,
+                self.workers, mp_context=multiprocessing.get_context(method), initializer=_init,
                 initargs=(self.path, self.fmt.template, self.max_length, self.train_on))
         self.pending.append((tag, self.pool.submit(_work, conversations)))
         while len(self.pending) > 2 * self.workers:

@@ -1,0 +1,287 @@
+"""The prepare job end to end: real files, real Parquet, the real S3 server, the tiny tokenizer."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from common import config as cfg
+from common import data, storage
+from common import manifest as mf
+from common.errors import InputError, OutputTakenError
+from jobs import prepare
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer-only folder (no weights): prepare needs nothing more."""
+    from common import tinymodel
+
+    path = tmp_path_factory.mktemp("tok") / "tok"
+    tinymodel.build_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def chat_rows(n: int, start: int = 0) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"what is {i} plus one"},
+                          {"role": "assistant", "content": f"it is {i + 1}"}]} for i in range(start, start + n)]
+
+
+def run(**kw) -> mf.Loaded:
+    if "eval_size" not in kw:
+        kw.setdefault("eval_fraction", 0.0)
+    return prepare.run(cfg.validate(prepare.Config, kw))
+
+
+def rows_of(loaded: mf.Loaded, split: str = "train") -> list[dict]:
+    return data.read_split(loaded, split).to_pylist()
+
+
+def trained_text(tok, row: dict) -> list[str]:  # type: ignore[no-untyped-def]
+    """The decoded runs of trained tokens."""
+    runs, cur = [], []
+    for t, lab in zip(row["input_ids"], row["labels"], strict=True):
+        if lab != -100:
+            assert lab == t
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return [tok.decode(r, skip_special_tokens=False) for r in runs]
+
+
+def test_round_trip_tokenized_local_and_s3(store_root: str, tmp_path: Path, tok_dir: Path):
+    src = jsonl(tmp_path / "a.jsonl", chat_rows(30))
+    source = str(src)
+    if storage.is_s3(store_root):  # raw data from the object store too
+        storage.upload_file(src, storage.join(store_root, "raw", "a.jsonl"))
+        source = storage.join(store_root, "raw") + "/"
+    out = storage.join(store_root, "prep")
+    loaded = run(sources=[source], output=out, tokenizer=str(tok_dir), eval_size=5)
+    m = loaded.manifest
+    assert m.stage == "prepare" and m.stats["rows_in"] == 30 and m.stats["train"] == 25 and m.stats["eval"] == 5
+    assert [a.name for a in m.artifacts] == ["train/part-00000", "eval/part-00000", "drops", "stats"]
+    assert m.artifact("train/part-00000").path == "data/train/part-00000.parquet"
+    assert m.inputs[0].role == "data" and m.inputs[0].stage is None
+    assert m.inputs[0].sha256 == storage.sha256_file(src)
+    assert set(m.model) >= {"tokenizer", "tokenizer_source", "template_hash", "chat_template", "train_on",
+                            "max_length"}
+    assert m.model["template_hash"] == __import__("hashlib").sha256(m.model["chat_template"].encode()).hexdigest()
+    assert 0 < m.stats["tokens"]["trainable_ratio"] < 1 and sum(m.stats["tokens"]["histogram"]["counts"]) == 30
+    local = mf.fetch_artifact(loaded, m.artifact("train/part-00000"), tmp_path / "t.parquet")
+    meta = pq.ParquetFile(local)
+    assert meta.schema_arrow.equals(data.schema(tokenized=True))
+    assert meta.metadata.row_group(0).column(0).compression == "ZSTD"
+    assert storage.read_json(storage.join(out, "stats.json"))["rows_out"] == 30
+    # Re-running is a no-op; another config into the same prefix is refused.
+    assert run(sources=[source], output=out, tokenizer=str(tok_dir), eval_size=5).manifest.run_id == m.run_id
+    with pytest.raises(OutputTakenError, match="eval_size"):
+        run(sources=[source], output=out, tokenizer=str(tok_dir), eval_size=6)
+
+
+def test_golden_label_masks_multi_turn_system_and_truncation(tmp_path: Path, tok_dir: Path, tok):
+    conv = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is one plus one?"}, {"role": "assistant", "content": "Two."},
+        {"role": "user", "content": "And two plus two?"}, {"role": "assistant", "content": "Four."}]}
+    src = jsonl(tmp_path / "c.jsonl", [conv])
+    row = rows_of(run(sources=[str(src)], output=str(tmp_path / "o1"), tokenizer=str(tok_dir)))[0]
+    assert trained_text(tok, row) == ["Two.<|im_end|>", "Four.<|im_end|>"]
+    assert row["input_ids"].count(tok.bos_token_id) == 1 and row["input_ids"][0] == tok.bos_token_id
+    assert tok.decode(row["input_ids"], skip_special_tokens=False).startswith("<s><|im_start|>system\nBe brief.")
+    assert row["num_tokens"] == len(row["input_ids"]) and row["num_trainable"] == sum(
+        1 for x in row["labels"] if x != -100)
+
+    last = rows_of(run(sources=[str(src)], output=str(tmp_path / "o2"), tokenizer=str(tok_dir),
+                       train_on="last_assistant"))[0]
+    assert trained_text(tok, last) == ["Four.<|im_end|>"]
+    every = rows_of(run(sources=[str(src)], output=str(tmp_path / "o3"), tokenizer=str(tok_dir), train_on="all"))[0]
+    assert every["labels"][0] == -100 and all(x != -100 for x in every["labels"][1:])
+
+    # Truncation keeps whole turns: the second exchange goes, the first answer stays with its EOS.
+    cut = len(row["input_ids"]) - 3
+    loaded = run(sources=[str(src)], output=str(tmp_path / "o4"), tokenizer=str(tok_dir), max_length=cut)
+    short = rows_of(loaded)[0]
+    assert trained_text(tok, short) == ["Two.<|im_end|>"] and len(short["input_ids"]) <= cut
+    assert [m["content"] for m in short["messages"]] == ["Be brief.", "What is one plus one?", "Two."]
+    assert loaded.manifest.stats["truncated"] == 1
+    # When even the first answer does not fit, the row is dropped and counted, never kept without its answer.
+    with pytest.raises(InputError, match=r"No rows left(.|\n)*too_long_tokens .*first answer does not fit"):
+        run(sources=[str(src)], output=str(tmp_path / "o5"), tokenizer=str(tok_dir), max_length=12)
+    with pytest.raises(InputError, match=r"too_long_tokens .*tokens > max_length"):
+        run(sources=[str(src)], output=str(tmp_path / "o6"), tokenizer=str(tok_dir), max_length=cut,
+            on_too_long="drop")
+
+
+def test_every_file_type_and_source_kind(tmp_path: Path):
+    recs = [{"instruction": f"say {i}", "output": f"{i}"} for i in range(4)]
+    d = tmp_path / "in"
+    d.mkdir()
+    jsonl(d / "a.jsonl", recs[:1])
+    (d / "b.json").write_text(json.dumps(recs[1:2], indent=2))
+    (d / "c.csv").write_text("instruction,output\n\"say 2\",2\n")
+    with gzip.open(d / "d.jsonl.gz", "wt") as f:
+        f.write(json.dumps(recs[3]) + "\n")
+    pq.write_table(pa.Table.from_pylist([{"text": "plain text row"}]), d / "e.parquet")
+    (d / "f.tsv").write_text("prompt\tcompletion\nhello\tworld\n")
+    import datasets
+
+    datasets.Dataset.from_list([{"conversations": [{"from": "human", "value": "hi"},
+                                                   {"from": "gpt", "value": "hey"}]}]).save_to_disk(
+        str(tmp_path / "hfdisk"))
+    loaded = run(sources=[str(d), str(tmp_path / "hfdisk")], output=str(tmp_path / "out"))
+    fmts = loaded.manifest.stats["formats"]
+    assert sorted(fmts.values()) == ["alpaca", "alpaca", "alpaca", "alpaca", "prompt_completion", "sharegpt", "text"]
+    got = {r["messages"][-1]["content"] for r in rows_of(loaded)}
+    assert got == {"0", "1", "2", "3", "plain text row", "world", "hey"}
+    assert len(loaded.manifest.inputs) == 7
+
+
+def test_glob_and_s3_object_sources(tmp_path: Path, s3_root: str):
+    jsonl(tmp_path / "p1.jsonl", chat_rows(3))
+    jsonl(tmp_path / "p2.jsonl", chat_rows(3, start=3))
+    storage.upload_file(jsonl(tmp_path / "s.jsonl", chat_rows(2, start=6)), s3_root + "/x/s.jsonl")
+    loaded = run(sources=[str(tmp_path / "p*.jsonl"), s3_root + "/x/s.jsonl"], output=s3_root + "/out")
+    assert loaded.manifest.stats["rows_out"] == 8
+    assert [i.uri for i in loaded.manifest.inputs][-1] == s3_root + "/x/s.jsonl"
+
+
+BROKEN = {
+    "truncated_json": (b'{"text": "ok"}\n{"text": "cut of\n', "line 2", "invalid_json"),
+    "non_utf8": (b'{"text": "ok"}\n{"text": "bad \xff\xfe bytes"}\n', "line 2", "invalid_utf8"),
+    "not_an_object": (b'{"text": "ok"}\n[1, 2]\n', "line 2", "invalid_json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_lines_fail_naming_file_and_line_unless_skipped(tmp_path: Path, case: str):
+    body, where, reason = BROKEN[case]
+    src = tmp_path / "broken.jsonl"
+    src.write_bytes(body + b"".join(json.dumps({"text": f"row {i}"}).encode() + b"\n" for i in range(20)))
+    with pytest.raises(InputError, match=rf"broken.jsonl {where}.*skip_bad_lines"):
+        run(sources=[str(src)], output=str(tmp_path / "o1"))
+    assert not (tmp_path / "o1" / "manifest.json").exists()
+    loaded = run(sources=[str(src)], output=str(tmp_path / "o2"), skip_bad_lines=True)
+    assert loaded.manifest.stats["dropped"] == {reason: 1} and loaded.manifest.stats["rows_out"] == 21
+    drops = storage.read_text(str(tmp_path / "o2" / "drops.jsonl")).splitlines()
+    assert json.loads(drops[0])["line"] == 2 and json.loads(drops[0])["reason"] == reason
+
+
+def test_empty_file_missing_column_wrong_types(tmp_path: Path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match=r"empty.jsonl holds no records"):
+        run(sources=[str(tmp_path / "empty.jsonl")], output=str(tmp_path / "o1"))
+    pq.write_table(pa.Table.from_pylist([{"instruction": "a", "answer": "b"}]), tmp_path / "m.parquet")
+    with pytest.raises(InputError, match=r"m.parquet has no column 'output'.*columns: instruction, answer"):
+        run(sources=[str(tmp_path / "m.parquet")], output=str(tmp_path / "o2"), format="alpaca")
+    pq.write_table(pa.Table.from_pylist([{"instruction": "a", "output": i} for i in range(5)]),
+                   tmp_path / "w.parquet")
+    with pytest.raises(InputError) as info:
+        run(sources=[str(tmp_path / "w.parquet")], output=str(tmp_path / "o3"))
+    assert "wrong_type" in str(info.value) and "output is int, expected a string" in str(info.value)
+
+
+def test_ten_megabyte_line(tmp_path: Path):
+    src = tmp_path / "big.jsonl"
+    with open(src, "w") as f:
+        f.write(json.dumps({"text": "x" * (10 << 20)}) + "\n")
+        for i in range(30):
+            f.write(json.dumps({"text": f"row {i}"}) + "\n")
+    loaded = run(sources=[str(src)], output=str(tmp_path / "o1"))
+    assert loaded.manifest.stats["dropped"] == {"too_long_chars": 1} and loaded.manifest.stats["rows_out"] == 30
+    with pytest.raises(InputError, match=r"big.jsonl line 1: line is longer than max_line_bytes"):
+        run(sources=[str(src)], output=str(tmp_path / "o2"), max_line_bytes=1 << 20)
+
+
+def test_drop_threshold_fails_with_reason_table_and_leaves_nothing(tmp_path: Path):
+    recs = chat_rows(6) + [{"messages": [{"role": "user", "content": "q"}]}] * 2 + chat_rows(2)
+    src = jsonl(tmp_path / "t.jsonl", recs)
+    out = tmp_path / "o"
+    with pytest.raises(InputError) as info:
+        run(sources=[str(src)], output=str(out), max_drop_fraction=0.2)
+    msg = str(info.value)
+    assert "Dropped 4 of 10 rows (40.0%); max_drop_fraction is 20.0%" in msg
+    assert "no_assistant_turn" in msg and "duplicate_exact" in msg and "t.jsonl:7" in msg
+    assert storage.list_objects(str(out)) == []
+    assert run(sources=[str(src)], output=str(out), max_drop_fraction=0.5).manifest.stats["dropped"] == {
+        "no_assistant_turn": 2, "duplicate_exact": 2}
+
+
+def test_dedup_modes(tmp_path: Path):
+    recs = [{"text": "Hello world"}, {"text": "Hello world"}, {"text": "hello   WORLD"}, {"text": "other"}]
+    src = jsonl(tmp_path / "d.jsonl", recs)
+    kw = {"sources": [str(src)], "max_drop_fraction": 1.0}
+    assert run(output=str(tmp_path / "a"), **kw).manifest.stats["dropped"] == {
+        "duplicate_exact": 1, "duplicate_normalized": 1}
+    assert run(output=str(tmp_path / "b"), dedup="exact", **kw).manifest.stats["rows_out"] == 3
+    assert run(output=str(tmp_path / "c"), dedup="none", **kw).manifest.stats["rows_out"] == 4
+
+
+def test_split_is_deterministic_row_for_row(tmp_path: Path):
+    src = jsonl(tmp_path / "s.jsonl", chat_rows(200))
+    kw = {"sources": [str(src)], "eval_fraction": 0.2}
+    a, b = run(output=str(tmp_path / "a"), **kw), run(output=str(tmp_path / "b"), **kw)
+    for split in ("train", "eval"):
+        assert [r["id"] for r in rows_of(a, split)] == [r["id"] for r in rows_of(b, split)]
+    assert 20 < a.manifest.stats["eval"] < 60
+    c = run(output=str(tmp_path / "c"), seed=1, **kw)
+    assert {r["id"] for r in rows_of(c, "eval")} != {r["id"] for r in rows_of(a, "eval")}
+    # eval_size: exactly that many, the same ones each time; a source can be all eval.
+    sized = run(sources=[str(src)], output=str(tmp_path / "d"), eval_size=17)
+    assert sized.manifest.stats["eval"] == 17
+    assert rows_of(sized, "eval") == rows_of(run(sources=[str(src)], output=str(tmp_path / "e"), eval_size=17), "eval")
+    held = jsonl(tmp_path / "held.jsonl", chat_rows(5, start=500))
+    per = prepare.run(cfg.validate(prepare.Config, {"sources": [str(src), {"path": str(held), "split": "eval"}],
+                                                    "output": str(tmp_path / "f")}))
+    assert {r["source"] for r in rows_of(per, "eval")} == {str(held)} and per.manifest.stats["eval"] == 5
+
+
+def test_worker_processes_give_identical_output(tmp_path: Path, tok_dir: Path):
+    src = jsonl(tmp_path / "w.jsonl", chat_rows(60))
+    kw = {"sources": [str(src)], "tokenizer": str(tok_dir), "batch_size": 8}
+    one = run(output=str(tmp_path / "a"), workers=1, **kw)
+    two = run(output=str(tmp_path / "b"), workers=2, **kw)
+    assert rows_of(one) == rows_of(two)
+
+
+def test_cli_exit_codes(tmp_path: Path, subprocess_env: dict[str, str]):
+    src = jsonl(tmp_path / "c.jsonl", chat_rows(3) + [{"messages": [{"role": "user", "content": "q"}]}])
+    cmd = [sys.executable, "-m", "jobs.cli", "prepare", "--source", str(src), "--output", str(tmp_path / "o")]
+    bad = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env, timeout=120)
+    assert bad.returncode == 3 and "no_assistant_turn" in bad.stderr and "max_drop_fraction" in bad.stderr
+    ok = subprocess.run(cmd + ["--set", "max_drop_fraction=0.5"], capture_output=True, text=True, cwd=REPO,
+                        env=subprocess_env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == str(tmp_path / "o" / "manifest.json")
+    usage = subprocess.run(cmd + ["--set", "max_lenght=3"], capture_output=True, text=True, cwd=REPO,
+                           env=subprocess_env, timeout=120)
+    assert usage.returncode == 2 and "max_length" in usage.stderr
+
+
+def test_shipped_config_validates():
+    conf = cfg.load_config(prepare.Config, file=str(REPO / "configs" / "prepare.yaml"), flags={"output": "o"})
+    assert conf.tokenizer and conf.sources

@@ -1,0 +1,141 @@
+"""Row rules of the prepare job: every format and mapping, every validation reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.prepare import rows as R
+from jobs.prepare.job import Columns, Config
+
+pytestmark = pytest.mark.unit
+
+COLS = Columns().model_dump()
+ROLES = dict(R.DEFAULT_ROLES)
+
+
+def norm(rec, fmt, columns=None, roles=None, max_chars=10_000):
+    cols = {**COLS, **(columns or {})}
+    return R.validate(R.to_messages(rec, fmt, cols, {**ROLES, **(roles or {})}), max_chars)
+
+
+def reason(rec, fmt, **kw):
+    with pytest.raises(R.Drop) as info:
+        norm(rec, fmt, **kw)
+    return info.value.reason
+
+
+def test_alpaca_with_input_system_and_history():
+    rec = {"instruction": "Sum", "input": "2 3", "output": "5", "system": "Be exact.",
+           "history": [["hi", "hello"]]}
+    assert norm(rec, "alpaca") == [
+        {"role": "system", "content": "Be exact."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "Sum\n\n2 3"},
+        {"role": "assistant", "content": "5"}]
+    # empty optional fields add nothing
+    assert norm({"instruction": "a", "input": "", "output": "b", "system": ""}, "alpaca") == [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+
+
+def test_sharegpt_roles_including_function_call_and_observation():
+    rec = {"conversations": [
+        {"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+        {"from": "function_call", "value": "{\"name\": \"f\"}"}, {"from": "observation", "value": "42"},
+        {"from": "gpt", "value": "It is 42."}]}
+    assert [m["role"] for m in norm(rec, "sharegpt")] == ["system", "user", "assistant", "tool", "assistant"]
+
+
+def test_messages_with_text_parts_and_prompt_completion_and_text():
+    rec = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                        {"role": "assistant", "content": "c"}]}
+    assert norm(rec, "messages")[0]["content"] == "ab"
+    assert norm({"prompt": "p", "completion": "c"}, "prompt_completion") == [
+        {"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]
+    conv = {"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]}
+    assert norm(conv, "prompt_completion")[1] == {"role": "assistant", "content": "c"}
+    assert norm({"text": "plain"}, "text") == [{"role": "text", "content": "plain"}]
+
+
+def test_column_and_role_mapping():
+    rec = {"question": "q", "answer": "a"}
+    assert norm(rec, "alpaca", columns={"instruction": "question", "output": "answer"})[1]["content"] == "a"
+    rec = {"dialog": [{"speaker": "client", "text": "q"}, {"speaker": "agent", "text": "a"}]}
+    out = norm(rec, "messages", columns={"messages": "dialog", "role": "speaker", "content": "text"},
+               roles={"client": "user", "agent": "assistant"})
+    assert [m["role"] for m in out] == ["user", "assistant"]
+    # a CSV cell holding JSON is parsed
+    assert norm({"messages": '[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]'},
+                "messages")[1]["content"] == "a"
+
+
+def test_detect():
+    assert R.detect(["messages"], COLS) == "messages"
+    assert R.detect(["conversations", "id"], COLS) == "sharegpt"
+    assert R.detect(["instruction", "input", "output"], COLS) == "alpaca"
+    assert R.detect(["prompt", "completion"], COLS) == "prompt_completion"
+    assert R.detect(["text"], COLS) == "text"
+    assert R.detect(["question", "answer"], COLS) is None
+    assert R.detect(["question", "answer"], {**COLS, "instruction": "question", "output": "answer"}) == "alpaca"
+
+
+@pytest.mark.parametrize("rec, fmt, want", [
+    ({"instruction": "a", "output": 5}, "alpaca", "wrong_type"),
+    ({"messages": "not json"}, "messages", "wrong_type"),
+    ({"messages": [["user", "x"]]}, "messages", "wrong_type"),
+    ({"output": "b"}, "alpaca", "missing_field"),
+    ({"messages": [{"content": "x"}]}, "messages", "missing_field"),
+    ({"instruction": "  ", "output": "b"}, "alpaca", "empty_content"),
+    ({"text": ""}, "text", "empty_content"),
+    ({"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages",
+     "unknown_role"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"},
+                   {"role": "assistant", "content": "z"}]}, "messages", "broken_alternation"),
+    ({"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"},
+                   {"role": "assistant", "content": "z"}]}, "messages", "broken_alternation"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                   {"role": "user", "content": "z"}]}, "messages", "broken_alternation"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]}, "messages",
+     "no_assistant_turn"),
+    ({"instruction": "a" * 100, "output": "b"}, "alpaca", "too_long_chars"),
+])
+def test_drop_reasons(rec, fmt, want):
+    assert reason(rec, fmt, max_chars=50) == want
+
+
+def test_drop_detail_names_the_problem():
+    with pytest.raises(R.Drop, match=r"output is int, expected a string"):
+        norm({"instruction": "a", "output": 5}, "alpaca")
+    with pytest.raises(R.Drop, match=r"role 'narrator'.*roles:"):
+        norm({"messages": [{"role": "narrator", "content": "x"}]}, "messages")
+
+
+def test_duplicate_keys_and_ids():
+    a = [{"role": "user", "content": "Hello  World"}, {"role": "assistant", "content": "Hi"}]
+    b = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "hi"}]
+    assert R.exact_key(R.canonical(a)) != R.exact_key(R.canonical(b))
+    assert R.normalized_key(a) == R.normalized_key(b)
+    assert R.row_id("s1", R.canonical(a)) == R.row_id("s1", R.canonical(a)) != R.row_id("s2", R.canonical(a))
+
+
+def test_split_point_is_seeded_and_uniform():
+    ids = [f"{i:08d}" for i in range(4000)]
+    share = sum(R.split_point(i, 0) < 0.25 for i in ids) / len(ids)
+    assert 0.22 < share < 0.28
+    assert [R.split_point(i, 0) for i in ids[:50]] == [R.split_point(i, 0) for i in ids[:50]]
+    assert [R.split_point(i, 1) for i in ids[:50]] != [R.split_point(i, 0) for i in ids[:50]]
+
+
+def test_config_rejects_contradictions():
+    from common.config import validate
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_fraction or eval_size"):
+        validate(Config, {"sources": ["x"], "output": "o", "eval_fraction": 0.1, "eval_size": 10})
+    with pytest.raises(ConfigError, match="chat_template needs a tokenizer"):
+        validate(Config, {"sources": ["x"], "output": "o", "chat_template": "chatml"})
+    with pytest.raises(ConfigError, match="at least one source"):
+        validate(Config, {"sources": [], "output": "o"})
+    with pytest.raises(ConfigError, match="did you mean 'max_length'"):
+        validate(Config, {"sources": ["x"], "output": "o", "max_lenght": 5})
+    c = validate(Config, {"sources": ["x", {"path": "y", "split": "eval"}], "output": "o"})
+    assert c.effective_eval_fraction() == 0.0 and c.source_specs()[1].split == "eval"
+    assert validate(Config, {"sources": ["x"], "output": "o"}).effective_eval_fraction() == 0.05
