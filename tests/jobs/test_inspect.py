@@ -1,0 +1,75 @@
+"""`ftjobs inspect`: prepared rows as the model sees them, in the terminal and as one HTML page."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from common import config as cfg
+from jobs import prepare
+from jobs.cli import main
+from jobs.prepare.inspect_cmd import token_pieces
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from common import tinymodel
+
+    root = tmp_path_factory.mktemp("inspect")
+    tinymodel.build_tokenizer(root / "tok")
+    rows = [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Name a color <b>now</b>"},
+                          {"role": "assistant", "content": "Blue, café."}]},
+            {"messages": [{"role": "user", "content": "one plus one"}, {"role": "assistant", "content": "two"}]}]
+    (root / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    conf = cfg.validate(prepare.Config, {"sources": [str(root / "in.jsonl")], "output": str(root / "out"),
+                                         "tokenizer": str(root / "tok"), "eval_fraction": 0.0})
+    prepare.run(conf)
+    return root
+
+
+def test_text_view_marks_trained_tokens_and_prints_histogram(prepared: Path):
+    res = CliRunner().invoke(main, ["inspect", str(prepared / "out"), "--rows", "2", "--color", "never"])
+    assert res.exit_code == 0, res.output
+    assert "«Blue, café.<|im_end|>»" in res.output  # multi-byte characters survive token-by-token decoding
+    assert "<s><|im_start|>system\nBe brief.<|im_end|>" in res.output
+    assert "token length histogram" in res.output and "█" in res.output
+    tokens = CliRunner().invoke(main, ["inspect", str(prepared / "out"), "--rows", "1", "--tokens",
+                                       "--color", "never"])
+    assert "<|im_start|>│" in tokens.output and "↵" in tokens.output
+
+
+def test_html_page_is_self_contained_and_holds_the_rows(prepared: Path, tmp_path: Path):
+    page = tmp_path / "rows.html"
+    res = CliRunner().invoke(main, ["inspect", str(prepared / "out"), "--html", str(page)])
+    assert res.exit_code == 0, res.output
+    text = page.read_text()
+    assert text.startswith("<!doctype html>") and "<script" not in text and "http" not in text
+    assert "<b>now" not in text  # row text is escaped ...
+    shown = html.unescape(re.sub(r"<[^>]+>", "", text))
+    assert "<|im_start|>user\nName a color <b>now</b><|im_end|>" in shown  # ... and reads as the model sees it
+    assert "<span class='k t' title='id" in text and "Blue, café." in shown and "Token lengths" in text
+
+
+def test_a_parquet_file_and_a_missing_split(prepared: Path):
+    shard = prepared / "out" / "data" / "train" / "part-00000.parquet"
+    res = CliRunner().invoke(main, ["inspect", str(shard), "--tokenizer", str(prepared / "tok"),
+                                    "--color", "never"])
+    assert res.exit_code == 0 and "«two<|im_end|>»" in res.output
+    missing = CliRunner().invoke(main, ["inspect", str(prepared / "out"), "--split", "eval"])
+    assert missing.exit_code == 3
+
+
+def test_token_pieces_join_to_the_decoded_text(prepared: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(prepared / "tok"))
+    ids = tok("héllo wörld ✓ done", add_special_tokens=False)["input_ids"]
+    assert "".join(token_pieces(tok, ids)) == tok.decode(ids)
