@@ -1,0 +1,86 @@
+"""A stand-in for kubectl + a cluster, for testing `ftjobs k8s submit` where no cluster runs.
+
+It answers the calls submit makes. `create -f -` "runs" the Job at once: it reads the
+container arguments the way the stage would, and publishes a real manifest for that stage
+under the Job's --output (on the real test S3 server), with every manifest the arguments
+name recorded as an input. `kustomize` goes to the real kubectl.
+
+Env: FAKE_KUBE_STATE (folder for Job state), FAKE_KUBE_REAL (the real kubectl),
+FAKE_KUBE_FAIL ("stage:code[,stage:code]": that stage's pod exits with code; the evaluate
+gate's code 4 still publishes first, as evaluate does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+STATE = Path(os.environ["FAKE_KUBE_STATE"])
+INPUT_FLAGS = {"--input": "data", "--model": "model", "--prompts": "prompts", "--predictions": "predictions"}
+
+
+def publish_for(stage: str, args: list[str], name: str) -> None:
+    from common import manifest as mf
+
+    output = args[args.index("--output") + 1]
+    inputs = []
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag in INPUT_FLAGS and value.endswith("/manifest.json"):
+            loaded = mf.load(value, verify="none")
+            inputs.append(loaded.ref(INPUT_FLAGS[flag]))
+    config = {"args": args, "job": name}
+    if mf.check_output(output, stage=stage, config=config, inputs=inputs) is None:
+        manifest = mf.build(stage=stage, run_id=name, config=config, inputs=inputs, artifacts=[])
+        mf.publish(output, manifest)
+
+
+def main(argv: list[str]) -> int:
+    if "--namespace" in argv:
+        i = argv.index("--namespace")
+        argv = argv[:i] + argv[i + 2:]
+    if argv[0] == "kustomize":
+        os.execv(os.environ["FAKE_KUBE_REAL"], [os.environ["FAKE_KUBE_REAL"], *argv])
+    if argv[:3] == ["create", "-f", "-"]:
+        job = yaml.safe_load(sys.stdin.read())
+        name = job["metadata"]["name"]
+        state = STATE / f"{name}.json"
+        if state.exists():
+            print(f'Error from server (AlreadyExists): jobs.batch "{name}" already exists', file=sys.stderr)
+            return 1
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        stage, args = container["args"][0], container["args"][1:]
+        fails = dict(item.split(":") for item in filter(None, os.environ.get("FAKE_KUBE_FAIL", "").split(",")))
+        code = int(fails.get(stage, 0))
+        if code in (0, 4):
+            publish_for(stage, args, name)
+        state.write_text(json.dumps({"code": code, "args": args, "image": container["image"],
+                                     "completions": job["spec"].get("completions")}))
+        with (STATE / "created.log").open("a") as log:
+            log.write(name + "\n")
+        print(f"job.batch/{name} created")
+        return 0
+    if argv[:2] == ["get", "job"]:
+        code = json.loads((STATE / f"{argv[2]}.json").read_text())["code"]
+        cond = {"type": "Complete", "status": "True"} if code == 0 else \
+            {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": f"exit code {code}"}
+        print(json.dumps({"status": {"conditions": [cond]}}))
+        return 0
+    if argv[:2] == ["get", "pods"]:
+        name = argv[argv.index("-l") + 1].split("=", 1)[1]
+        code = json.loads((STATE / f"{name}.json").read_text())["code"]
+        status = {"containerStatuses": [{"state": {"terminated": {"exitCode": code}}}]}
+        print(json.dumps({"items": [{"status": status}]}))
+        return 0
+    if argv[0] == "logs":
+        print(f"last log line of {argv[1]}")
+        return 0
+    print(f"fake kubectl: unexpected call {argv}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
