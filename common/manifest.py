@@ -405,6 +405,8 @@ class Node:
 def lineage(uri: str, *, verify: Literal["none", "size", "full"] = "size", _sha: str | None = None,
             _seen: set[str] | None = None) -> Node:
     """Walk input manifests recursively; each node says whether it verified."""
+    # `seen` holds the manifests on the current path only: an ancestor two inputs share
+    # (infer reads merge -> train -> prepare and prepare itself) is a diamond, not a cycle.
     seen = _seen if _seen is not None else set()
     uri = as_manifest_uri(uri)
     if uri in seen:
@@ -413,6 +415,7 @@ def lineage(uri: str, *, verify: Literal["none", "size", "full"] = "size", _sha:
     try:
         loaded = load(uri, verify=verify, expect_sha256=_sha)
     except Exception as exc:  # a broken ancestor is reported in the tree, not raised
+        seen.discard(uri)
         return Node(uri, None, None, False, str(exc))
     m = loaded.manifest
     node = Node(uri, m.stage, m.run_id, True, f"{len(m.artifacts)} artifacts verified ({verify})")
@@ -421,6 +424,7 @@ def lineage(uri: str, *, verify: Literal["none", "size", "full"] = "size", _sha:
             node.children.append(_raw_node(ref, verify))
         else:
             node.children.append(lineage(ref.uri, verify=verify, _sha=ref.sha256, _seen=seen))
+    seen.discard(uri)
     return node
 
 
