@@ -296,12 +296,12 @@ def finite_check(name: str, tensor: Any) -> str | None:
 
     if not tensor.is_floating_point():
         return None
+    if bool(torch.isfinite(tensor).all()):
+        return None
     bad = ~torch.isfinite(tensor)
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        return (f"{name} has {int(bad.sum())} NaN/Inf values (first at index {idx}: {tensor[idx].item()}); "
-                "the adapter or base holds non-finite weights")
-    return None
+    idx = tuple(int(i) for i in bad.nonzero()[0])
+    return (f"{name} has {int(bad.sum())} NaN/Inf values (first at index {idx}: {tensor[idx].item()}); "
+            "the adapter or base holds non-finite weights")
 
 
 # --------------------------------------------------------------------------- LoRA, read from the adapter files
@@ -603,7 +603,7 @@ def run(config: Config) -> mf.Loaded:
                                                                  roundtrip), str(adapter_dir), is_trainable=False)
                 reference = reference_run(peft_model, prompt_ids, config.checks.max_new_tokens, eos, device)
                 del peft_model
-                gc.collect()
+                gc.collect()  # the reference model is not needed while streaming
             timings["check"] = time.monotonic() - t
             t = time.monotonic()
             adapter = read_adapter(adapter_dir, names)
@@ -674,9 +674,10 @@ def run(config: Config) -> mf.Loaded:
                      "weight_map": {t.name: f for f, shard in zip(files, shards, strict=True) for t in shard}}
             (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         write_folder_files(out_dir, ref.path, base_cfg, dtype, tokenizer, tok_dir, eos)
-        state = None
-        peft_model = None
-        gc.collect()
+        if mode == "in_memory":
+            state = None
+            peft_model = None
+            gc.collect()  # release the in-memory model before the check loads the saved one
         timings["merge"] = merge_s
         timings["save"] = time.monotonic() - t - merge_s
 
