@@ -204,10 +204,13 @@ class Encoded:
     kept_messages: int
     truncated: bool = False
     drop_reason: str | None = None
+    _trainable: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_trainable(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        if self._trainable is None:
+            self._trainable = len(self.labels) - self.labels.count(IGNORE_INDEX)
+        return self._trainable
 
 
 def encode(tokenizer: Any, fmt: ChatFormat, messages: Sequence[dict[str, Any]], *,
@@ -221,28 +224,48 @@ def encode_many(tokenizer: Any, fmt: ChatFormat, conversations: Sequence[Sequenc
     """Tokenize a batch of conversations in one call to the fast tokenizer.
 
     Rendering is per row (Jinja), tokenizing is one batched call (Rust, all
-    cores), masks are built from the token offsets.
+    cores), masks are built from the token offsets by binary search, so the
+    Python work per row does not grow with its length.
     """
+    if not conversations:  # fast tokenizers fail on an empty batch
+        return []
     all_spans = [spans(fmt, conv) for conv in conversations]
     texts = [s.text for s in all_spans]
-    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
     bos_id = tokenizer.bos_token_id
     out = []
-    for conv, sp, ids, offsets in zip(conversations, all_spans, batch["input_ids"], batch["offset_mapping"],
-                                      strict=True):
-        out.append(_labels_for(conv, sp, list(ids), offsets, bos_id, fmt, max_length, train_on))
+    for conv, sp, (ids, offsets) in zip(conversations, all_spans, _tokenize(tokenizer, texts), strict=True):
+        out.append(_labels_for(conv, sp, ids, offsets, bos_id, fmt, max_length, train_on))
     return out
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, offsets) per text, without special tokens: exactly what `tokenizer(texts, ...)` returns.
+
+    The Rust backend is called directly when the wrapper would not change its
+    state first (no truncation or padding configured, special tokens not
+    split): that skips building a BatchEncoding, a large share of the time.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (backend is not None and hasattr(backend, "encode_batch") and backend.truncation is None
+            and backend.padding is None
+            and bool(getattr(backend, "encode_special_tokens", False))
+            == bool(getattr(tokenizer, "split_special_tokens", False))):
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
+    return [(list(i), [tuple(o) for o in off]) for i, off in zip(batch["input_ids"], batch["offset_mapping"],
+                                                                 strict=True)]
+
+
+def _first_at(offsets: Sequence[Sequence[int]], char: int) -> int:
+    """Index of the first token that starts at or after `char` (offsets are sorted by start)."""
+    return bisect.bisect_left(offsets, char, key=lambda o: o[0])
 
 
 def _labels_for(conv: Sequence[dict[str, Any]], sp: Spans, ids: list[int], offsets: Sequence[Sequence[int]],
                 bos_id: int | None, fmt: ChatFormat, max_length: int | None, train_on: TrainOn) -> Encoded:
-    starts = [int(o[0]) for o in offsets]
-    ends = [int(o[1]) for o in offsets]
     prepend = 0
     if fmt.needs_bos and bos_id is not None and (not ids or ids[0] != bos_id):
         ids = [bos_id] + ids
-        starts = [-1] + starts
-        ends = [0] + ends
         prepend = 1
     if bos_id is not None and fmt.bos_token and ids.count(bos_id) > 1:
         return Encoded(ids, [IGNORE_INDEX] * len(ids), len(conv), drop_reason="multiple_bos")
@@ -252,7 +275,7 @@ def _labels_for(conv: Sequence[dict[str, Any]], sp: Spans, ids: list[int], offse
         return Encoded(ids, [IGNORE_INDEX] * len(ids), len(conv), drop_reason="no_assistant_turn")
 
     # Token index where each assistant turn ends (exclusive): tokens starting before the turn's end.
-    turn_end_tok = [bisect.bisect_left(starts, end, lo=prepend) for (_, end, _) in turns]
+    turn_end_tok = [prepend + _first_at(offsets, end) for (_, end, _) in turns]
     keep_turns = len(turns)
     truncated = False
     if max_length is not None and len(ids) > max_length:
@@ -263,26 +286,29 @@ def _labels_for(conv: Sequence[dict[str, Any]], sp: Spans, ids: list[int], offse
         if keep_turns == 0:
             return Encoded(ids[:max_length], [IGNORE_INDEX] * max_length, 0, truncated=True,
                            drop_reason="too_long_tokens")
-        cut = turn_end_tok[keep_turns - 1]
-        ids, starts, ends = ids[:cut], starts[:cut], ends[:cut]
+        ids = ids[: turn_end_tok[keep_turns - 1]]
         truncated = True
     kept = turns[:keep_turns]
     kept_messages = kept[-1][2] + 1 if truncated else len(conv)
 
-    labels = [IGNORE_INDEX] * len(ids)
+    n = len(ids)
     if train_on == "all":
         labels = list(ids)
         if prepend or (bos_id is not None and ids and ids[0] == bos_id):
             labels[0] = IGNORE_INDEX
+        trainable = n - labels.count(IGNORE_INDEX)
     else:
+        labels = [IGNORE_INDEX] * n
+        trainable = 0
         chosen = kept[-1:] if train_on == "last_assistant" else kept
         for start, end, _ in chosen:
-            lo = bisect.bisect_left(starts, start, lo=prepend)
-            hi = bisect.bisect_left(starts, end, lo=prepend)
-            for t in range(lo, hi):
-                labels[t] = ids[t]
-    enc = Encoded(ids, labels, kept_messages, truncated=truncated)
-    if enc.num_trainable == 0:
+            lo = min(prepend + _first_at(offsets, start), n)
+            hi = min(prepend + _first_at(offsets, end), n)
+            if hi > lo:
+                labels[lo:hi] = ids[lo:hi]
+                trainable += hi - lo
+    enc = Encoded(ids, labels, kept_messages, truncated=truncated, _trainable=trainable)
+    if trainable == 0:
         enc.drop_reason = "zero_trainable_tokens"
     return enc
 
