@@ -42,3 +42,18 @@ lint: $(STAMP) ## ruff + mypy on common/
 	$(BIN)/mypy
 
 .PHONY: help install test test-unit lint bench
+
+# ---- containers and Kubernetes (docker/, k8s/; see README "Containers" and "Kubernetes")
+images: ## build the images (VARIANT=cpu|gpu, OFFLINE=1 for stand-in bases, PUSH=REGISTRY)
+	docker/build-images.sh
+
+rehearse: ## run the whole chain in docker compose against MinIO and print the report (GPU=1, OFFLINE=1)
+	docker/rehearse.sh
+
+k8s-validate: $(STAMP) ## render every overlay, validate it (Kubernetes 1.34, strict) and check the pod policy
+	@for o in k8s/base k8s/overlays/local k8s/overlays/gpu; do \
+	  $(BIN)/kubectl kustomize $$o | $(BIN)/kubernetes-validate --strict -k 1.34.0 --quiet - || exit 1; \
+	  echo "$$o: valid"; done
+	$(PYTEST) -q tests/k8s
+
+.PHONY: images rehearse k8s-validate
