@@ -488,6 +488,13 @@ def _load_model(config: Config, path: Path, device: Any, cuda: bool) -> tuple[An
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise InputError(f"Could not load base model {config.base_model}: {exc}") from None
+    if q.mode != "none" and not cuda:
+        # bitsandbytes 0.50 on CPUs with AVX512-BF16: the first forward in eval mode (our eval loss) repacks
+        # the 4-bit weights for an inference kernel that has no autograd, and they stay repacked, so later
+        # training steps silently lose the gradient through every base layer. Keep the trainable layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     gc_kwargs = {"use_reentrant": False}
     if q.mode != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,

@@ -123,7 +123,7 @@ def _flat(table: pa.Table, column: str) -> Any:
     if isinstance(arr, pa.ChunkedArray):  # an empty table
         arr = pa.array([], type=pa.list_(pa.int32()))
     offsets = arr.offsets.to_numpy()
-    values = arr.values.to_numpy(zero_copy_only=False)
+    values = arr.values.to_numpy(zero_copy_only=False).copy()  # writable: torch warns on read-only arrays
     valid = arr.is_valid().to_numpy(zero_copy_only=False)
 
     def row(i: int) -> np.ndarray | None:
