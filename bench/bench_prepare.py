@@ -1,0 +1,154 @@
+"""Benchmark: `ftjobs prepare` tokenizing a synthetic chat dataset vs a naive baseline.
+
+Both sides read the same JSONL, render the same chat template, build the same
+loss mask and write Parquet; the output token ids and labels are checked to be
+identical, row for row. The baseline is the usual script: `datasets` loads the
+JSON and a `Dataset.map` calls `apply_chat_template` and the tokenizer row by
+row (prefix renders locate each assistant turn, offsets map it to tokens).
+Each side runs in its own child process; rows/s is end to end, peak RSS is
+the child's (`wait4`), for the largest process of its tree.
+
+    .venv/bin/python -m bench.bench_prepare                      # 10k and 50k rows, a few minutes on 2 cores
+    .venv/bin/python -m bench.bench_prepare --rows 100000,1000000  # the full run (tens of minutes on 2 cores)
+
+Goal: >= 3x the baseline's rows/s with identical output, and ftjobs' peak
+memory flat (<= 1.3x) from the smallest to the largest size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def synthetic(path: Path, n: int, seed: int = 0) -> None:
+    from common.tinymodel import WORDS
+
+    rng = random.Random(seed)
+
+    def words(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+    with open(path, "w") as f:
+        for i in range(n):
+            msgs = [{"role": "system", "content": "You are a helpful assistant."}] if rng.random() < 0.5 else []
+            for _ in range(rng.randint(1, 3)):
+                msgs.append({"role": "user", "content": f"{words(5, 40)} #{i}"})
+                msgs.append({"role": "assistant", "content": words(5, 80)})
+            f.write(json.dumps({"messages": msgs}) + "\n")
+
+
+def baseline_child(src: str, out: str, tok_dir: str, cache: str) -> None:
+    """The naive script: datasets.map, apply_chat_template + tokenizer per row."""
+    import bisect
+
+    import datasets
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    ds = datasets.load_dataset("json", data_files=src, split="train", cache_dir=cache)
+
+    def one(row: dict) -> dict:
+        msgs = row["messages"]
+        enc = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False,
+                  return_offsets_mapping=True)
+        ids, starts = enc["input_ids"], [o[0] for o in enc["offset_mapping"]]
+        labels = [-100] * len(ids)
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            a = len(tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True))
+            b = len(tok.apply_chat_template(msgs[: i + 1], tokenize=False).rstrip())
+            for t in range(bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)):
+                labels[t] = ids[t]
+        return {"input_ids": ids, "labels": labels}
+
+    ds.map(one, remove_columns=ds.column_names).to_parquet(out)
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of a child process."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{err[-3000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def identical(manifest: str, baseline_out: str) -> bool:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from common import data
+    from common import manifest as mf
+
+    ours = data.read_split(mf.load(manifest), "train", columns=["input_ids", "labels"])
+    base = pq.read_table(baseline_out, columns=["input_ids", "labels"])
+    if ours.num_rows != base.num_rows:
+        return False
+    return all(ours.column(c).equals(base.column(c).cast(pa.list_(pa.int32()))) for c in ("input_ids", "labels"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="10000,50000", help="Comma-separated dataset sizes.")
+    parser.add_argument("--baseline-child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_child:
+        baseline_child(*args.baseline_child)
+        return
+
+    from bench.report import emit, row
+    from common import tinymodel
+
+    sizes = [int(x) for x in args.rows.split(",")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FTJOBS_LOG_FORMAT": "json"}
+    rows, raw = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+        root = Path(tmp)
+        tinymodel.build_tokenizer(root / "tok")
+        for n in sizes:
+            src = root / f"chat-{n}.jsonl"
+            synthetic(src, n)
+            out = root / f"ftjobs-{n}"
+            ours_s, ours_rss = timed([sys.executable, "-m", "jobs.cli", "prepare", "--source", str(src),
+                                      "--tokenizer", str(root / "tok"), "--output", str(out),
+                                      "--set", "eval_fraction=0", "--set", "dedup=none",
+                                      "--set", "max_length=null"], env)
+            base_out = root / f"baseline-{n}.parquet"
+            base_s, base_rss = timed([sys.executable, "-m", "bench.bench_prepare", "--baseline-child", str(src),
+                                      str(base_out), str(root / "tok"), str(root / "hf-cache")], env)
+            same = identical(str(out / "manifest.json"), str(base_out))
+            raw[n] = {"ftjobs_s": ours_s, "baseline_s": base_s, "ftjobs_rss_mib": ours_rss,
+                      "baseline_rss_mib": base_rss, "identical": same}
+            print(f"{n:>9,} rows: ftjobs {n / ours_s:,.0f} rows/s, {ours_rss:,.0f} MiB | baseline "
+                  f"{n / base_s:,.0f} rows/s, {base_rss:,.0f} MiB | identical output: {same}", flush=True)
+            rows.append(row("prepare", f"rows/s @ {n:,} rows", n / ours_s, n / base_s, goal=">= 3x",
+                            met=same and base_s / ours_s >= 3, unit="rows/s",
+                            notes="identical output" if same else "OUTPUT DIFFERS"))
+            rows.append(row("prepare", f"peak RSS MiB @ {n:,} rows", ours_rss, base_rss, goal="info", met=None,
+                            unit="MiB"))
+            for f in (src, base_out):
+                f.unlink()
+        if len(sizes) > 1:
+            lo, hi = min(sizes), max(sizes)
+            growth = raw[hi]["ftjobs_rss_mib"] / raw[lo]["ftjobs_rss_mib"]
+            rows.append(row("prepare", f"RSS {hi:,} vs {lo:,} rows (flat?)", raw[hi]["ftjobs_rss_mib"],
+                            raw[lo]["ftjobs_rss_mib"], goal="<= 1.3x", met=growth <= 1.3, unit="MiB"))
+    emit("prepare", rows, extra={"sizes": raw, "cpu_count": os.cpu_count()})
+
+
+if __name__ == "__main__":
+    main()
