@@ -434,7 +434,7 @@ def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dic
                     shard_dir: str, shard: int) -> None:
     from common.logs import Progress
 
-    generate, max_len, version = (start_vllm if config.engine == "vllm" else start_transformers)(config, model)
+    generate, max_len, version, close = (start_vllm if config.engine == "vllm" else start_transformers)(config, model)
     tokenizer, fmt = model["tokenizer"], model["fmt"]
     sampling_json = json.dumps(config.sampling.model_dump(mode="json"), sort_keys=True)
     ident = model["identity"]
@@ -476,6 +476,7 @@ def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dic
         if pause:
             time.sleep(pause)
     progress.close()
+    close()
 
 
 PREDICTION_COLUMNS = ("id", "sample", "prompt", "completion", "reference", "finish_reason", "prompt_tokens",
@@ -606,8 +607,10 @@ def finalize(config: Config, identity_config: dict[str, Any], inputs: list[mf.In
 
 # --------------------------------------------------------------------------- engines
 
-# An engine is `generate(list of prompt ids) -> per prompt, n samples of (text, completion tokens, finish reason)`.
+# An engine is `generate(list of prompt ids) -> per prompt, n samples of (text, completion tokens, finish reason)`,
+# plus its context length, its version and a function that releases it.
 Generate = Callable[[list[list[int]]], list[list[tuple[str, int, str]]]]
+Engine = tuple[Generate, int, str, Callable[[], None]]
 
 
 def on_gpu() -> bool:
@@ -616,12 +619,17 @@ def on_gpu() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def start_vllm(config: Config, model: dict[str, Any]) -> tuple[Generate, int, str]:
+def start_vllm(config: Config, model: dict[str, Any]) -> Engine:
     """vLLM's offline LLM with its own generation defaults; LoRA adapters as a LoRARequest."""
     gpu = on_gpu()
     if not gpu:
         # vLLM's CPU build sizes its KV cache from this (GiB); its default takes a large share of RAM.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # Run the engine core in this process: on CPU there is no GPU work to overlap with scheduling, and
+        # each spawned engine/worker process re-imports torch and vLLM (measured: 61 s -> 36 s per run).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM logs to stdout by default; ftjobs' stdout carries only the manifest URI.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     import vllm
     from vllm import LLM, SamplingParams
 
@@ -657,10 +665,13 @@ def start_vllm(config: Config, model: dict[str, Any]) -> tuple[Generate, int, st
                             use_tqdm=False)
         return [[(o.text, len(o.token_ids), o.finish_reason or "length") for o in req.outputs] for req in outs]
 
-    return generate, max_len, str(vllm.__version__)
+    def close() -> None:  # stop the engine process now, not at interpreter exit
+        llm.llm_engine.engine_core.shutdown()
+
+    return generate, max_len, str(vllm.__version__), close
 
 
-def start_transformers(config: Config, model: dict[str, Any]) -> tuple[Generate, int, str]:
+def start_transformers(config: Config, model: dict[str, Any]) -> Engine:
     """Batched `generate` with left padding: the same rows as vLLM, for machines without it."""
     import torch
     import transformers
@@ -721,7 +732,7 @@ def start_transformers(config: Config, model: dict[str, Any]) -> tuple[Generate,
                 results[i] = r
         return results
 
-    return generate, max_len, str(transformers.__version__)
+    return generate, max_len, str(transformers.__version__), lambda: None
 
 
 # --------------------------------------------------------------------------- command line
