@@ -25,10 +25,15 @@ WORDS = "red green blue cat dog bird tree house car road sun moon star river cit
 
 def rows(n: int = 240, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    out = []
-    for i in range(n):
+    out: list[dict] = []
+    seen: set[tuple[str, ...]] = set()
+    while len(out) < n:  # distinct rows: prepare would drop duplicates (and count them)
         words = rng.sample(WORDS, rng.randint(2, 5))
         task = rng.choice(["reverse", "upper", "first", "last"])
+        if (task, *words) in seen:
+            continue
+        seen.add((task, *words))
+        i = len(out)
         answer = {"reverse": " ".join(reversed(words)), "upper": " ".join(words).upper(),
                   "first": words[0], "last": words[-1]}[task]
         prompt = {"reverse": "Reverse the words", "upper": "Write in upper case",
