@@ -14,7 +14,8 @@
 # rehearsal where MinIO's image cannot be pulled (docker/compose.moto-s3.yml).
 #
 # Usage: docker/offline/build-base-standins.sh   (root; needs debootstrap and a running dockerd)
-# Env:   MIRROR (default: the first Debian mirror apt is configured with), FORCE=1 to rebuild.
+# Env:   MIRROR (default: the first Debian mirror apt is configured with), FORCE=1 to rebuild,
+#        WITH_MOTO=0 to skip the S3 server image (only the compose rehearsal needs it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -53,7 +54,9 @@ else
   echo "built stand-in $PYTHON_TAG ($(docker image inspect -f '{{.Size}}' "$PYTHON_TAG" | numfmt --to=iec))"
 fi
 
-if have "$MOTO_TAG"; then
+if [[ "${WITH_MOTO:-1}" != 1 ]]; then
+  :
+elif have "$MOTO_TAG"; then
   echo "S3 server image $MOTO_TAG already present"
 else
   # pip inside a build reaches PyPI only over the host network with the host CA bundle
