@@ -1,24 +1,29 @@
-"""The demo task: pull a person's record out of a sentence as JSON.
+"""The demo task: route a support ticket, answering with a small JSON object.
 
-    "Extract the record as JSON: Mara is 31 and lives in Oslo."
-    -> {"name": "Mara", "age": 31, "city": "Oslo"}
+    "Route this support ticket as JSON: Hi, this is Mara from Oslo. I was charged
+     twice this month. Please fix it today, it is urgent."
+    -> {"team": "billing", "priority": "high"}
 
-The bundled base model (demo/pretrain_base.py) has learned the chat format and
-to copy text, but has never seen this task, so it cannot do it; a few minutes
-of LoRA on CPU teach it. Answers are exactly checkable (exact match, valid
-JSON, a JSON schema), which makes the before/after report easy to read.
+The team follows from what the ticket is about (billing, technical, account,
+shipping), the priority from whether it is urgent. The bundled base model
+(demo/pretrain_base.py) knows the chat format and how to copy text, but has
+never seen this task, so it cannot do it; a few minutes of LoRA on CPU teach
+it. Answers are exactly checkable (exact match, valid JSON, a JSON schema with
+enums), which makes the before/after report easy to read.
 
 Writes OpenAI-chat JSONL (`messages` with role/content), seeded, so the
-committed files are reproducible:
+committed file is reproducible:
 
-    python -m demo.make_data            # -> demo/data/train.jsonl, demo/data/eval.jsonl
+    python -m demo.make_data            # -> demo/data/tickets.jsonl, demo/data/schema.json
 
-Eval rows use (name, city, age) combinations that never occur in train.
+Every row is a distinct combination of sender, issue and urgency wording, so
+whichever rows prepare holds out for eval were never trained on.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 from pathlib import Path
@@ -33,55 +38,68 @@ CITIES = (
     "Oslo Paris Rome Lima Cairo Delhi Kyoto Quito Dakar Porto Riga Tunis Bern Baku Hanoi Perth Accra Lyon "
     "Malmo Graz Split Turin Bonn Cork Nantes Leeds Bilbao Ghent Kiev Minsk"
 ).split()
-TEMPLATES = (
-    "{name} is {age} and lives in {city}.",
-    "{name}, {age}, from {city}.",
-    "{name} lives in {city} and is {age} years old.",
-)
-INSTRUCTION = "Extract the record as JSON: "
+ISSUES = {
+    "billing": ["I was charged twice this month.", "My invoice shows the wrong amount.",
+                "I still have not received my refund.", "The card payment failed but money left my account.",
+                "Why did my subscription price go up?", "Please cancel the extra charge on my bill."],
+    "technical": ["The app crashes when I open it.", "The page will not load at all.",
+                  "I get error code 504 when I save.", "Sync stopped working on my phone.",
+                  "The export button does nothing.", "Search returns no results since the update."],
+    "account": ["I cannot log in any more.", "Please reset my password.", "I want to change my email address.",
+                "Delete my profile and my data.", "My account was locked after the update.",
+                "How do I add a second user to my account?"],
+    "shipping": ["My parcel is two weeks late.", "The package never arrived.", "I got the wrong item.",
+                 "The box was damaged on delivery.", "Can I change the delivery address?",
+                 "Tracking has not moved for days."],
+}
+URGENT = ["Please fix it today, it is urgent.", "This is blocking our whole team right now.",
+          "I need this solved asap.", "Urgent: we lose money every hour."]
+CALM = ["No rush, whenever you have time.", "It is not urgent.", "Just letting you know.",
+        "Thanks in advance, take your time."]
+GREETINGS = ["Hi, this is {name} from {city}.", "Hello, {name} here ({city}).", "Dear support, I am {name} in {city}."]
+INSTRUCTION = "Route this support ticket as JSON: "
 SCHEMA = {
     "type": "object",
-    "required": ["name", "age", "city"],
+    "required": ["team", "priority"],
     "additionalProperties": False,
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}},
+    "properties": {"team": {"enum": sorted(ISSUES)}, "priority": {"enum": ["high", "low"]}},
 }
 
 
-def answer(name: str, age: int, city: str) -> str:
-    return json.dumps({"name": name, "age": age, "city": city})
+def answer(team: str, priority: str) -> str:
+    return json.dumps({"team": team, "priority": priority})
 
 
-def row(rng: random.Random, name: str, age: int, city: str) -> dict[str, object]:
-    sentence = rng.choice(TEMPLATES).format(name=name, age=age, city=city)
-    return {"messages": [{"role": "user", "content": INSTRUCTION + sentence},
-                         {"role": "assistant", "content": answer(name, age, city)}]}
+def ticket(rng: random.Random, team: str, issue: str, urgency: str, name: str, city: str) -> dict[str, object]:
+    text = " ".join([rng.choice(GREETINGS).format(name=name, city=city), issue, urgency])
+    priority = "high" if urgency in URGENT else "low"
+    return {"messages": [{"role": "user", "content": INSTRUCTION + text},
+                         {"role": "assistant", "content": answer(team, priority)}]}
 
 
-def generate(n_train: int, n_eval: int, seed: int) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+def generate(n: int, seed: int) -> list[dict[str, object]]:
     rng = random.Random(seed)
-    combos = [(n, a, c) for n in NAMES for c in CITIES for a in range(18, 90)]
-    rng.shuffle(combos)
-    evals = combos[:n_eval]
-    trains = combos[n_eval:n_eval + n_train]
-    return [row(rng, *c) for c in trains], [row(rng, *c) for c in evals]
+    combos = [(team, issue, urgency) for team, issues in ISSUES.items()
+              for issue, urgency in itertools.product(issues, URGENT + CALM)]
+    rows = []
+    for team, issue, urgency in (rng.sample(combos, len(combos)) * (n // len(combos) + 1))[:n]:
+        rows.append(ticket(rng, team, issue, urgency, rng.choice(NAMES), rng.choice(CITIES)))
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(HERE / "data"))
-    parser.add_argument("--train", type=int, default=600)
-    parser.add_argument("--eval", type=int, default=100)
+    parser.add_argument("--rows", type=int, default=600)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train, evals = generate(args.train, args.eval, args.seed)
-    for name, rows in (("train", train), ("eval", evals)):
-        with open(out / f"{name}.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        print(f"{out / name}.jsonl: {len(rows)} rows")
+    with open(out / "tickets.jsonl", "w") as f:
+        for r in generate(args.rows, args.seed):
+            f.write(json.dumps(r) + "\n")
     (out / "schema.json").write_text(json.dumps(SCHEMA, indent=2) + "\n")
+    print(f"{out / 'tickets.jsonl'}: {args.rows} rows")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Llama architecture, head_dim 64 (vLLM's CPU attention needs it), tied
 embeddings, float32 safetensors, a byte-level BPE tokenizer trained here and
 the ChatML template, seeded and deterministic on one thread:
 
-    .venv/bin/python -m demo.pretrain_base --out demo/base-model    # ~15-25 min on 2 cores
+    .venv/bin/python -m demo.pretrain_base --out demo/base-model    # ~10 min on 2 idle cores
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def conversation(rng: random.Random) -> list[dict[str, str]]:
 
 def tokenizer_corpus(rng: random.Random) -> list[str]:
     lines = [" ".join(m["content"] for m in conversation(rng)) for _ in range(6000)]
-    lines += [json.dumps({"name": n, "age": rng.randint(18, 90), "city": c}) for n, c in zip(NAMES, CITIES * 2)]
+    lines += [json.dumps({"name": n, "age": rng.randint(18, 90), "city": c})
+              for n, c in zip(NAMES, CITIES * 2, strict=False)]
     return lines + [chr(c) for c in range(32, 127)]
 
 
@@ -96,11 +97,11 @@ def build_tokenizer(path: Path, vocab_size: int, seed: int):  # type: ignore[no-
 def main() -> None:
     parser = argparse.ArgumentParser(description="Pretrain the demo base model.")
     parser.add_argument("--out", default=str(HERE / "base-model"))
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--hidden", type=int, default=192)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=1536)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -159,10 +160,10 @@ def check(model, tok, fmt, rng: random.Random) -> None:  # type: ignore[no-untyp
     import torch
 
     from common.chat import render_prompt
-    from demo.make_data import INSTRUCTION, TEMPLATES
+    from demo.make_data import generate
 
     prompts = ["Repeat: " + snippet(rng) for _ in range(3)] + ["Last word: " + snippet(rng)]
-    prompts += [INSTRUCTION + TEMPLATES[0].format(name="Mara", age=31, city="Oslo")]
+    prompts += [str(generate(1, seed=1)[0]["messages"][0]["content"])]  # type: ignore[index]
     for p in prompts:
         ids = tok(render_prompt(fmt, [{"role": "user", "content": p}]), add_special_tokens=False,
                   return_tensors="pt")["input_ids"]

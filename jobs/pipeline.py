@@ -41,6 +41,7 @@ import click
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from common import config as cfg
 from common import manifest as mf
 from common import storage
 from common.config import JobConfig
@@ -104,8 +105,18 @@ class Config(JobConfig):
                 "evaluate": self.evaluate}
 
 
+# What the pipeline wires into each stage itself (placeholders here, to validate a section up front).
+WIRED: dict[str, dict[str, Any]] = {
+    "prepare": {"sources": ["<data>"], "output": "<out>"},
+    "train": {"input": "<prepare>", "base_model": "<base>", "output": "<out>"},
+    "merge": {"input": "<train>", "output": "<out>"},
+    "infer": {"model": "<model>", "prompts": "<prepare>", "output": "<out>"},
+    "evaluate": {"predictions": ["<base>", "<finetuned>"], "labels": ["base", "finetuned"], "output": "<out>"},
+}
+
+
 def check_sections(config: Config) -> None:
-    """Unknown keys in a stage's section fail now, not after an hour of training."""
+    """Validate every stage's section now (unknown keys, bad values), not after an hour of training."""
     for step, section in config.sections().items():
         stage = step.split("-")[0]
         try:
@@ -115,10 +126,10 @@ def check_sections(config: Config) -> None:
                 raise ConfigError(f"this ftjobs has no `{stage}` job (jobs/{stage}.py); the pipeline needs it") \
                     from None
             raise
-        unknown = sorted(set(section) - set(job.Config.model_fields))
-        if unknown:
-            raise ConfigError(f"{step} section: unknown key(s) {', '.join(unknown)} (allowed: "
-                              f"{', '.join(sorted(job.Config.model_fields))})")
+        try:
+            cfg.validate(job.Config, {**section, **WIRED[stage]})
+        except ConfigError as exc:
+            raise ConfigError(f"pipeline config, section `{step.replace('-', '_')}`: {exc}") from None
 
 
 def absolute(src: str) -> str:

@@ -1,0 +1,48 @@
+"""Pipeline configs: the shipped ones validate, and a mistake in any stage's section fails before any stage runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common import config as cfg
+from common.errors import ConfigError
+from jobs import pipeline
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", ["demo/pipeline.yaml", "configs/pipeline.yaml"])
+def test_shipped_pipeline_configs_validate_with_every_stage_section(path: str) -> None:
+    conf = cfg.load_config(pipeline.Config, file=str(REPO / path))
+    pipeline.check_sections(conf)
+    assert conf.evaluate["fail_if_worse"] == "exact_match"
+
+
+def test_demo_config_points_at_bundled_files() -> None:
+    conf = cfg.load_config(pipeline.Config, file=str(REPO / "demo/pipeline.yaml"))
+    assert (REPO / conf.base_model / "model.safetensors").exists()
+    assert all((REPO / d).exists() for d in conf.data)
+    assert (REPO / conf.evaluate["checks"]["json_schema"]).exists()
+
+
+def base(**sections: object) -> dict[str, object]:
+    return {"base_model": "m", "data": ["d.jsonl"], **sections}
+
+
+def test_a_typo_in_a_stage_section_names_the_section_and_the_key() -> None:
+    conf = cfg.validate(pipeline.Config, base(train={"lora": {"rr": 8}}))
+    with pytest.raises(ConfigError, match=r"(?s)section `train`.*unknown key 'lora.rr'; did you mean 'r'"):
+        pipeline.check_sections(conf)
+    conf = cfg.validate(pipeline.Config, base(infer_finetuned={"sampling": {"temperature": -1}}))
+    with pytest.raises(ConfigError, match=r"(?s)section `infer_finetuned`.*sampling.temperature"):
+        pipeline.check_sections(conf)
+
+
+def test_sections_cannot_set_what_the_pipeline_wires() -> None:
+    with pytest.raises(ConfigError, match="train section sets output: the pipeline wires those itself"):
+        cfg.validate(pipeline.Config, base(train={"output": "elsewhere"}))
+    with pytest.raises(ConfigError, match="stop_after='deploy'"):
+        cfg.validate(pipeline.Config, base(stop_after="deploy"))
