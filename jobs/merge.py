@@ -163,6 +163,7 @@ class Quant:
     blocksize: int = 64
     double_quant: bool = False
     skip_modules: tuple[str, ...] = ()
+    dtype: str | None = None  # the dtype training loaded the base in before quantizing (compute_dtype)
 
     @staticmethod
     def from_manifest(q: dict[str, Any]) -> Quant:
@@ -170,14 +171,17 @@ class Quant:
         if mode not in ("nf4", "fp4", "none"):
             raise InputError(f"train manifest model.quantization.mode is {mode!r}; merge knows nf4, fp4 and none")
         return Quant(mode=mode, blocksize=int(q.get("blocksize") or 64), double_quant=bool(q.get("double_quant")),
-                     skip_modules=tuple(q.get("skip_modules") or ()))
+                     skip_modules=tuple(q.get("skip_modules") or ()),
+                     dtype=q.get("compute_dtype") if q.get("compute_dtype") in DEFAULT_LOGIT_ATOL else None)
 
 
 def roundtrip_4bit(w: Any, quant: Quant) -> Any:
     """dequantize(quantize(w)) exactly as bitsandbytes does it for a Linear4bit weight."""
     import bitsandbytes.functional as bnbf
+    import torch
 
-    packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=quant.blocksize,
+    src = w.to(getattr(torch, quant.dtype)) if quant.dtype else w  # quantize what training quantized
+    packed, state = bnbf.quantize_4bit(src.contiguous(), blocksize=quant.blocksize,
                                        compress_statistics=quant.double_quant, quant_type=quant.mode)
     return bnbf.dequantize_4bit(packed, state).to(w.dtype)
 
