@@ -28,6 +28,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv with the CPU dev environment (idempotent)
 
+# The offline demo: bundled small base model + ticket-routing data, LoRA on CPU, local store under runs/.
+# HF_HUB_OFFLINE: nothing may reach the network. Exit 4 would mean finetuning did not beat the base.
+demo: $(STAMP) ## the offline demo: finetune the bundled base on CPU, report under runs/<id>/evaluate/
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m jobs.cli pipeline --config demo/pipeline.yaml $(DEMO_ARGS)
+
+.PHONY: demo
+
 test: $(STAMP) ## run unit, integration and end-to-end tests (what CI runs)
 	$(PYTEST) -m "not gpu and not docker" $(PYTEST_ARGS)
 
