@@ -482,6 +482,8 @@ def submit(run_id: str, sources: tuple[str, ...], base_model: str, shards: int, 
     try:
         docs = kustomize(overlay_dir(overlay, kustomize_dir), kubectl)
         images = parse_images(image_pairs, images_file)
+        # kubectl must look where the Jobs are created: the overlay's namespace unless told otherwise.
+        namespace = namespace or next((d["metadata"].get("namespace") for d in docs if d.get("kind") == "Job"), None)
         kube = Kubectl(kubectl, namespace)
         try:
             submit_chain(docs=docs, kube=kube, run_id=run_id, sources=sources, base_model=base_model,

@@ -41,6 +41,8 @@ def publish_for(stage: str, args: list[str], name: str) -> None:
 def main(argv: list[str]) -> int:
     if "--namespace" in argv:
         i = argv.index("--namespace")
+        with (STATE / "namespaces.log").open("a") as log:
+            log.write(argv[i + 1] + "\n")
         argv = argv[:i] + argv[i + 2:]
     if argv[0] == "kustomize":
         os.execv(os.environ["FAKE_KUBE_REAL"], [os.environ["FAKE_KUBE_REAL"], *argv])

@@ -39,7 +39,7 @@ def cluster(tmp_path: Path, s3_root: str, monkeypatch: pytest.MonkeyPatch) -> di
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "ml-ci",
         "resources": [os.path.relpath(REPO / "k8s/base", overlay)],
         "configMapGenerator": [{"name": "ftjobs-store", "behavior": "merge", "literals": [f"FTJOBS_RUNS={s3_root}"],
                                 "options": {"disableNameSuffixHash": True}}]}))
@@ -94,6 +94,8 @@ def test_submit_runs_the_chain_feeding_each_stage_the_previous_manifest(cluster:
     assert mf.all_ok(tree)
     summary = json.loads(cluster["summary"].read_text())
     assert set(summary) == {"prepare", "train", "merge", "infer", "infer-base", "evaluate"}
+    # every kubectl call looked in the namespace the overlay puts the Jobs in
+    assert set((cluster["state"] / "namespaces.log").read_text().split()) == {"ml-ci"}
 
 
 def test_submit_again_follows_the_existing_jobs(cluster: dict[str, Any]) -> None:
