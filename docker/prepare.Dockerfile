@@ -15,17 +15,20 @@ FROM ${BASE_IMAGE}${BASE_DIGEST} AS deps
 # TLS-intercepting proxies and a wheelhouse for builds without internet.
 COPY docker/build-ca/ /tmp/build-ca/
 COPY docker/wheelhouse/ /wheels/
-COPY pyproject.toml README.md /src/
+# Only pyproject.toml: README.md (which setuptools reads) changes far more often than the
+# dependencies, so the dependency layer gets an empty stand-in and the real one comes with the sources.
+COPY pyproject.toml /src/
 # An empty package with the real metadata installs exactly the declared dependencies.
 # hadolint ignore=DL3013
 RUN python3 -m venv /opt/ftjobs \
- && mkdir -p /src/common /src/jobs && touch /src/common/__init__.py /src/jobs/__init__.py \
+ && mkdir -p /src/common /src/jobs && touch /src/README.md /src/common/__init__.py /src/jobs/__init__.py \
  && if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
  && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels "/src[prepare]" \
  && /opt/ftjobs/bin/pip uninstall --yes ftjobs
 
 # ---- source
 FROM deps AS build
+COPY README.md /src/README.md
 COPY common /src/common
 COPY jobs /src/jobs
 RUN if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \

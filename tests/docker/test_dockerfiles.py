@@ -48,8 +48,17 @@ def test_images_pin_bases_run_as_non_root_and_start_their_stage(stage: str) -> N
     assert runtime.rstrip().endswith(f'ENTRYPOINT ["ftjobs", "{stage}"]')
     for var in ("HF_HOME=/cache/", "TRITON_CACHE_DIR=/cache/", "FTJOBS_CACHE=/cache/", "HOME=/tmp"):
         assert var in runtime, var
-    # dependencies are installed from pyproject.toml before the sources are copied in
-    assert text.index("COPY pyproject.toml") < text.index("COPY common")
+    # dependencies are installed from pyproject.toml alone, before the sources (and README) come in
+    assert "COPY pyproject.toml /src/\n" in text
+    assert text.index("COPY pyproject.toml") < text.index("COPY README.md") < text.index("COPY common")
+
+
+def test_train_and_merge_share_their_dependency_layers() -> None:
+    def deps(stage: str) -> str:
+        text = (REPO / f"docker/{stage}.Dockerfile").read_text()
+        return text[text.index("ARG BASE_IMAGE"):text.index("# ---- source")]
+
+    assert deps("train") == deps("merge")  # same instructions: the second build reuses the first's layers
 
 
 def test_the_offline_stand_ins_carry_the_names_the_dockerfiles_and_compose_expect() -> None:
