@@ -568,7 +568,7 @@ def render_chart(sets: list[dict[str, Any]], summary: dict[str, Any], names: lis
         bars = ax.bar(xs, values, width, label=label)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(names)), [METRIC_NAMES[m] for m in names], fontsize=8)
-    ax.set_ylabel("% of examples")
+    ax.set_ylabel("score, % (mean over examples)")
     ax.set_ylim(0, 110)
     ax.legend(fontsize=8)
     ax.set_title("evaluation: baseline vs candidates")
