@@ -23,6 +23,7 @@ model, adapter, sampling (JSON), error (per row, e.g. a prompt longer than max_m
 Shard I of N comes from `--shard I/N`, or from `JOB_COMPLETION_INDEX` (Kubernetes Indexed Jobs)
 plus `num_shards`. Re-running skips finished shards and finished chunks; `--finalize` only
 assembles. Every input row appears exactly once in the output (n times with `sampling.n: n`).
+stdout: the manifest URI, or this shard's DONE.json while other shards are still running.
 
     ftjobs infer --model s3://ml/runs/r1/merge --prompts s3://ml/runs/r1/prepare \\
         --output s3://ml/runs/r1/infer --shard 0/4 --set sampling.temperature=0
@@ -153,7 +154,8 @@ class Config(JobConfig):
 def run(config: Config) -> mf.Loaded | str:
     """Generate this shard's chunks; the last shard to finish publishes the manifest."""
     out = config.output
-    identity_config = dump(config) | {"shard": None, "finalize": False}
+    # What makes shards "the same run": the config without where this process stands or caches files.
+    identity_config = dump(config) | {"shard": None, "finalize": False, "cache_dir": None}
     model_in = load_model_input(config.model)
     adapter_in = mf.load(config.adapter, expect_stage="train") if config.adapter else None
     prompts_in = load_prompts_input(config.prompts)
@@ -695,7 +697,7 @@ def start_transformers(config: Config, model: dict[str, Any]) -> Engine:
     gen = GenerationConfig(max_new_tokens=s.max_tokens, do_sample=s.temperature > 0,
                            temperature=s.temperature if s.temperature > 0 else None,
                            top_p=s.top_p if s.temperature > 0 else None,
-                           top_k=s.top_k if s.top_k > 0 and s.temperature > 0 else None,
+                           top_k=max(s.top_k, 0) if s.temperature > 0 else None,  # 0: off, as in vLLM
                            num_return_sequences=s.n, eos_token_id=eos, pad_token_id=pad,
                            stop_strings=s.stop or None)
     if s.seed is not None:
@@ -715,7 +717,9 @@ def start_transformers(config: Config, model: dict[str, Any]) -> Engine:
                 finish = "length"
                 if eos in new:
                     new, finish = new[: new.index(eos) + 1], "stop"
-                text = tok.decode(new, skip_special_tokens=True)
+                # A completion cut mid-character ends in incomplete UTF-8 bytes; vLLM's detokenizer drops
+                # them, decode() renders U+FFFD. Drop them too, so both engines write the same text.
+                text = tok.decode(new, skip_special_tokens=True).rstrip("\ufffd")
                 for stop in s.stop:
                     if stop in text:
                         text, finish = text[: text.index(stop)], "stop"
