@@ -165,3 +165,24 @@ def test_jsonl_prompt_column_bad_rows_reported_and_n_samples(tmp_path: Path, tin
     assert rows[("row-00000003", 1)]["finish_reason"] == "error"
     assert done.manifest.stats["errors"] == 4 and done.manifest.stats["predictions"] == 8
     assert done.manifest.inputs[0].stage is None and done.manifest.inputs[0].sha256 == storage.sha256_uri(str(src))
+
+
+def test_racing_finishers_publish_exactly_one_manifest(s3_root: str, tiny_model: Path, tiny_tokenizer: Any,
+                                                      tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = publish_prompts(f"{s3_root}/prepare", tiny_tokenizer, 4)
+    out = f"{s3_root}/infer"
+    common = {"model": str(tiny_model), "prompts": prompts.uri, "output": out, "num_shards": 2,
+              "cache_dir": str(tmp_path / "cache")}
+    assert isinstance(infer.run(config(**common, shard=0)), str)
+    first = infer.run(config(**common, shard=1))
+    assert isinstance(first, mf.Loaded)
+    # The last shard died after its DONE marker and parts, before its manifest: two finishers now race.
+    storage.delete(first.uri)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda kw: infer.run(config(**common, **kw)), [{"shard": 1}, {"finalize": True}]))
+    assert all(isinstance(r, mf.Loaded) for r in results)
+    assert results[0].sha256 == results[1].sha256  # both report the one manifest that won
+    winner = mf.load(out, verify="full")
+    assert sorted(r["id"] for r in read_predictions(winner)) == ["q000", "q001", "q002", "q003"]
