@@ -11,7 +11,7 @@ Llama architecture, head_dim 64 (vLLM's CPU attention needs it), tied
 embeddings, float32 safetensors, a byte-level BPE tokenizer trained here and
 the ChatML template, seeded and deterministic on one thread:
 
-    .venv/bin/python -m demo.pretrain_base --out demo/base-model    # ~10 min on 2 idle cores
+    .venv/bin/python -m demo.pretrain_base --out demo/base-model --threads 2   # ~12 min on 2 busy cores
 """
 
 from __future__ import annotations

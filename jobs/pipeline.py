@@ -132,9 +132,9 @@ def check_sections(config: Config) -> None:
             raise ConfigError(f"pipeline config, section `{step.replace('-', '_')}`: {exc}") from None
 
 
-def absolute(src: str) -> str:
-    """Local paths become absolute, so manifests name raw data and models unambiguously."""
-    if storage.is_s3(src) or src.startswith("file://") or not Path(src).exists():
+def absolute(src: str, *, must_exist: bool = True) -> str:
+    """Local paths become absolute, so manifests name raw data, models and outputs unambiguously."""
+    if storage.is_s3(src) or src.startswith("file://") or (must_exist and not Path(src).exists()):
         return src
     return str(Path(src).resolve())
 
@@ -142,7 +142,7 @@ def absolute(src: str) -> str:
 def run(config: Config) -> mf.Loaded:
     check_sections(config)
     run_id = config.run_id or mf.new_run_id()
-    prefix = storage.join(config.root, "runs", run_id)
+    prefix = storage.join(absolute(config.root, must_exist=False), "runs", run_id)
     LOG.info("run %s under %s (resume with --set run_id=%s)", run_id, prefix, run_id)
     base_model = absolute(config.base_model)
     out = {step: storage.join(prefix, step) for step in STEPS}
