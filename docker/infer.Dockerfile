@@ -56,7 +56,14 @@ RUN if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; f
 FROM ${BASE_IMAGE}${BASE_DIGEST}
 ARG GIT_SHA=""
 ARG IMAGE_REF=""
+ARG VLLM_SPEC=""
 COPY --from=build /opt/ftjobs /opt/ftjobs
+# vLLM's CPU build loads libnuma when its engine starts ("libnuma.so.1: cannot open shared
+# object file"); https://docs.vllm.ai/en/latest/getting_started/installation/cpu.html
+# hadolint ignore=DL3008
+RUN if [ -n "$VLLM_SPEC" ]; then \
+      apt-get update -q && apt-get install -y -q --no-install-recommends libnuma1 && rm -rf /var/lib/apt/lists/*; \
+    fi
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin ftjobs \
  && mkdir -p /cache && chown 10001:10001 /cache
 # With a read-only root filesystem only /tmp and /cache are writable (tmpfs / emptyDir):
