@@ -9,6 +9,7 @@ import pytest
 from common.config import load_config
 from common.errors import ConfigError, InputError
 from jobs import infer
+from jobs.infer import inputs
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
@@ -64,16 +65,16 @@ def test_shard_flag_is_parsed_and_checked() -> None:
 
 
 def test_rows_split_into_prompt_and_reference() -> None:
-    cols = infer.Columns()
+    cols = inputs.Columns()
     conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
             {"role": "assistant", "content": "a"}]
-    row = infer.normalize_row("x", {"messages": conv}, cols, 0, "f")
+    row = inputs.normalize_row("x", {"messages": conv}, cols, 0, "f")
     assert row == {"id": "x", "prompt": conv[:2], "reference": "a", "error": None}
-    row = infer.normalize_row("y", {"prompt": "hi", "reference": 3}, cols, 1, "f")
+    row = inputs.normalize_row("y", {"prompt": "hi", "reference": 3}, cols, 1, "f")
     assert row["prompt"] == [{"role": "user", "content": "hi"}] and row["reference"] == "3"
-    bad = infer.normalize_row("z", {"messages": [{"role": "bot", "content": "?"}]}, cols, 7, "f.parquet")
+    bad = inputs.normalize_row("z", {"messages": [{"role": "bot", "content": "?"}]}, cols, 7, "f.parquet")
     assert bad["error"] == "'messages' is not a list of {role, content} messages (row 7 of f.parquet)"
-    only_answer = infer.normalize_row("w", {"messages": [{"role": "assistant", "content": "a"}]}, cols, 0, "f")
+    only_answer = inputs.normalize_row("w", {"messages": [{"role": "assistant", "content": "a"}]}, cols, 0, "f")
     assert "no turns before its assistant answer" in only_answer["error"]
 
 
@@ -81,10 +82,10 @@ def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "a"}\n\n{"prompt": \n')
     with pytest.raises(InputError, match=r"p.jsonl line 3: not valid JSON"):
-        infer.read_jsonl(bad, str(bad))
+        inputs.read_jsonl(bad, str(bad))
     bad.write_text('["a"]\n')
     with pytest.raises(InputError, match="line 1: expected a JSON object, got list"):
-        infer.read_jsonl(bad, str(bad))
+        inputs.read_jsonl(bad, str(bad))
 
 
 def test_missing_prompt_column_and_duplicate_ids_are_input_errors(tmp_path: Path) -> None:
@@ -92,9 +93,9 @@ def test_missing_prompt_column_and_duplicate_ids_are_input_errors(tmp_path: Path
     src.write_text('{"text": "a"}\n')
     conf = load_config(infer.Config, flags=REQUIRED | {"prompts": str(src)})
     with pytest.raises(InputError, match=r"neither a 'messages' nor a 'prompt' column \(has: text\)"):
-        infer.load_rows(conf, infer.load_prompts_input(str(src)))
+        inputs.load_rows(conf, inputs.load_prompts_input(str(src)))
     src.write_text('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
     with pytest.raises(InputError, match="id '1' appears twice"):
-        infer.load_rows(conf, infer.load_prompts_input(str(src)))
+        inputs.load_rows(conf, inputs.load_prompts_input(str(src)))
     with pytest.raises(InputError, match="does not exist"):
-        infer.load_prompts_input(str(tmp_path / "nope.jsonl"))
+        inputs.load_prompts_input(str(tmp_path / "nope.jsonl"))

@@ -24,6 +24,8 @@ Shard I of N comes from `--shard I/N`, or from `JOB_COMPLETION_INDEX` (Kubernete
 plus `num_shards`. Re-running skips finished shards and finished chunks; `--finalize` only
 assembles. Every input row appears exactly once in the output (n times with `sampling.n: n`).
 stdout: the manifest URI, or this shard's DONE.json while other shards are still running.
+Code: this module (config, run, shards, finalize, CLI); `inputs.py` (model, prompts, template check);
+`engines.py` (vLLM and transformers).
 
     ftjobs infer --model s3://ml/runs/r1/merge --prompts s3://ml/runs/r1/prepare \\
         --output s3://ml/runs/r1/infer --shard 0/4 --set sampling.temperature=0
@@ -36,10 +38,8 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,24 +49,14 @@ from pydantic import Field, model_validator
 from common import chat, models, storage
 from common import manifest as mf
 from common.config import JobConfig, dump
-from common.errors import AlreadyExistsError, ChecksumError, ConfigError, FtjobsError, InputError
+from common.errors import AlreadyExistsError, ChecksumError, ConfigError, FtjobsError
 from common.runner import config_options, execute
+from jobs.infer.inputs import Columns, load_model_input, load_prompts_input, load_rows, prepare_model, template_check
 
 STAGE = "infer"
 LOG = logging.getLogger(__name__)
 # Test and demo hook: seconds to sleep after each written chunk, so a pod can be killed mid-shard on purpose.
 PAUSE_ENV = "FTJOBS_INFER_CHUNK_PAUSE_S"
-
-
-class Columns(JobConfig):
-    """Column names in a plain Parquet/JSONL prompts file (a prepare manifest always uses the canonical ones)."""
-
-    id: str = Field("id", description="Row id column; rows without one are numbered row-NNNNNNNN by position.")
-    messages: str = Field("messages", description="List of {role, content}; a final assistant turn becomes "
-                                                  "the reference.")
-    prompt: str = Field("prompt", description="Plain prompt text, used as one user turn when there is no "
-                                              "messages column.")
-    reference: str = Field("reference", description="Reference answer column for prompt-style files (optional).")
 
 
 class Sampling(JobConfig):
@@ -217,196 +207,6 @@ def shard_bounds(total: int, shard: int, num_shards: int) -> tuple[int, int]:
     return shard * total // num_shards, (shard + 1) * total // num_shards
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def load_model_input(src: str) -> mf.Loaded | None:
-    """A merge manifest when `src` names one; None for a plain model source."""
-    if models.looks_like_hf_id(src) or not storage.exists(mf.as_manifest_uri(src)):
-        return None
-    return mf.load(src, expect_stage="merge")
-
-
-def load_prompts_input(src: str) -> mf.Loaded | mf.InputRef:
-    name = src.lower().rstrip("/")
-    if name.endswith((".parquet", ".jsonl")):
-        try:
-            digest = storage.sha256_uri(src)
-        except (FileNotFoundError, IsADirectoryError):
-            raise InputError(f"Prompts file {src} does not exist") from None
-        return mf.InputRef(uri=src, sha256=digest, stage=None, role="data")
-    if name.endswith(".json") and not name.endswith(mf.MANIFEST_NAME):
-        raise ConfigError(f"Prompts file {src}: use JSON Lines (.jsonl), one object per line, or Parquet")
-    return mf.load(src, expect_stage="prepare")
-
-
-def download_named(loaded: mf.Loaded, prefix: str, dest: Path) -> Path:
-    """Fetch a manifest's artifacts named `<prefix>...` into `dest` (once; sha256-checked)."""
-    done = dest / ".ftjobs-complete"
-    if done.exists():
-        return dest
-    arts = loaded.manifest.artifacts_named(prefix)
-    if not arts:
-        raise InputError(f"{loaded.uri} has no {prefix}* artifacts: is it the output of "
-                         f"`{mf.PRODUCER[loaded.manifest.stage]}`?")
-    for art in arts:
-        mf.fetch_artifact(loaded, art, storage.safe_destination(dest, art.name[len(prefix):]))
-    done.write_text(loaded.uri)
-    return dest
-
-
-def prepare_model(config: Config, model_in: mf.Loaded | None, adapter_in: mf.Loaded | None,
-                  cache: Path) -> dict[str, Any]:
-    """Local model (and adapter) folders, the tokenizer, and what the model says about its template."""
-    from transformers import AutoTokenizer
-
-    adapter_dir = None
-    if model_in is not None:
-        if adapter_in is not None:
-            raise ConfigError(f"--adapter needs a base model source, but --model {config.model} is a merge "
-                              "manifest that already has an adapter merged in: drop one of them")
-        path = download_named(model_in, "model/", cache / "models" / f"merge-{model_in.sha256[:16]}")
-        recorded = model_in.manifest.model
-        identity = {"model": model_in.uri, "adapter": None, "base_model": recorded.get("base_model")}
-    else:
-        ref = models.resolve(config.model, cache_dir=cache / "models")
-        path = ref.path
-        recorded = {}
-        identity = {"model": config.model, "adapter": None, "base_model": config.model,
-                    "revision": ref.revision}
-        if adapter_in is not None:
-            recorded = adapter_in.manifest.model
-            check_adapter(config, adapter_in, ref)
-            adapter_dir = download_named(adapter_in, "adapter/", cache / "adapters" / f"{adapter_in.sha256[:16]}")
-            identity["adapter"] = adapter_in.uri
-    models.check_trust_remote_code(path, config.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
-    want_tok = recorded.get("tokenizer") or {}
-    if want_tok.get("vocab_sha256") and want_tok["vocab_sha256"] != chat.tokenizer_identity(tokenizer)["vocab_sha256"]:
-        raise ConfigError(f"The tokenizer recorded upstream ({want_tok.get('vocab_size')} tokens) differs from "
-                          f"the one in {path}: the adapter added tokens. Run `ftjobs merge` and infer the merged "
-                          "model instead.")
-    template = config.chat_template or recorded.get("chat_template")
-    fmt = chat.chat_format(tokenizer, template)
-    identity |= {"template_hash": fmt.hash, "chat_template": fmt.template, "engine": config.engine}
-    return {"path": path, "adapter_dir": adapter_dir, "tokenizer": tokenizer, "fmt": fmt, "recorded": recorded,
-            "identity": identity}
-
-
-def check_adapter(config: Config, adapter_in: mf.Loaded, base: models.ModelRef) -> None:
-    info = adapter_in.manifest.model
-    lora = info.get("lora") or {}
-    if lora.get("modules_to_save") and config.engine == "vllm":
-        raise ConfigError(f"The adapter in {adapter_in.uri} trains whole modules too (modules_to_save: "
-                          f"{lora['modules_to_save']}); vLLM serves only LoRA matrices. Run `ftjobs merge "
-                          f"--adapter {adapter_in.uri}` and pass the merge manifest as --model (or use "
-                          "engine: transformers).")
-    want = info.get("base_revision")
-    if want and base.revision and want != base.revision and not config.force_base:
-        raise ConfigError(f"The adapter was trained on {info.get('base_model')} (revision {want}), but --model "
-                          f"{config.model} is revision {base.revision}. Pass the base it was trained on, or set "
-                          "force_base: true.")
-
-
-def template_check(config: Config, model: dict[str, Any], prompts_in: mf.Loaded | mf.InputRef) -> None:
-    """Refuse a template that differs from what the model or the prompts recorded upstream."""
-    used = model["fmt"].hash
-    recorded = [(f"the model ({model['identity']['adapter'] or model['identity']['model']})",
-                 model["recorded"].get("template_hash"))]
-    if isinstance(prompts_in, mf.Loaded):
-        recorded.append((f"the prompts ({prompts_in.uri})", prompts_in.manifest.model.get("template_hash")))
-    for who, want in recorded:
-        if want and want != used:
-            if config.force_template:
-                LOG.warning("template mismatch forced: %s recorded %s, using %s", who, want[:12], used[:12])
-                continue
-            raise ConfigError(f"Chat template mismatch: {who} recorded template sha256 {want[:12]}..., but this "
-                              f"run would render with {used[:12]}... Prompts would not look like training data. "
-                              "Use the matching model/prompts (re-run prepare with the model's tokenizer), or set "
-                              "force_template: true.")
-
-
-def load_rows(config: Config, prompts_in: mf.Loaded | mf.InputRef) -> list[dict[str, Any]]:
-    """Prompt rows: id, prompt messages, reference, and an error when the row cannot be used."""
-    import pyarrow.parquet as pq
-
-    from common import data
-
-    if isinstance(prompts_in, mf.Loaded):
-        if not data.split_artifacts(prompts_in, config.split):
-            have = sorted({a.name.split("/")[0] for a in prompts_in.manifest.artifacts_named("")})
-            raise InputError(f"{prompts_in.uri} has no {config.split!r} split (has: {', '.join(have)}): "
-                             "set split to one of those")
-        raw = data.read_split(prompts_in, config.split, columns=["id", "messages"]).to_pylist()
-        cols, where = Columns(), prompts_in.uri
-    else:
-        where = prompts_in.uri
-        with tempfile.TemporaryDirectory() as tmp:
-            local = storage.open_local(where, tmp)
-            if where.lower().endswith(".parquet"):
-                raw = pq.read_table(local).to_pylist()
-            else:
-                raw = read_jsonl(local, where)
-        cols = config.columns
-    if raw and cols.messages not in raw[0] and cols.prompt not in raw[0]:
-        raise InputError(f"{where} has neither a {cols.messages!r} nor a {cols.prompt!r} column (has: "
-                         f"{', '.join(raw[0])}): set columns.messages or columns.prompt")
-    rows, seen = [], set()
-    for i, item in enumerate(raw):
-        row_id = item.get(cols.id)
-        row_id = f"row-{i:08d}" if row_id is None else str(row_id)
-        if row_id in seen:
-            raise InputError(f"{where}: id {row_id!r} appears twice (row {i}); ids must be unique so each "
-                             "prediction maps to one prompt")
-        seen.add(row_id)
-        rows.append(normalize_row(row_id, item, cols, i, where))
-    if not rows:
-        raise InputError(f"{where} holds no prompts ({config.split!r} split)" if isinstance(prompts_in, mf.Loaded)
-                         else f"{where} holds no prompts")
-    return rows
-
-
-def read_jsonl(local: Path, where: str) -> list[dict[str, Any]]:
-    out = []
-    with open(local, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where} line {n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{where} line {n}: expected a JSON object, got {type(obj).__name__}")
-            out.append(obj)
-    return out
-
-
-def normalize_row(row_id: str, item: dict[str, Any], cols: Columns, i: int, where: str) -> dict[str, Any]:
-    reference = item.get(cols.reference)
-    error = None
-    messages = item.get(cols.messages)
-    if messages is not None:
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and m.get("role") in (*chat.ROLES, "text") and isinstance(m.get("content"), str)
-            for m in messages)
-        if ok:
-            prompt, last = chat.split_prompt([{"role": m["role"], "content": m["content"]} for m in messages])
-            reference = last if last is not None else reference
-            if not prompt:
-                error = "the conversation has no turns before its assistant answer"
-        else:
-            prompt = []
-            error = f"{cols.messages!r} is not a list of {{role, content}} messages (row {i} of {where})"
-    elif isinstance(item.get(cols.prompt), str) and item[cols.prompt]:
-        prompt = [{"role": "user", "content": item[cols.prompt]}]
-    else:
-        prompt = []
-        error = f"no {cols.messages!r} or non-empty {cols.prompt!r} (row {i} of {where})"
-    return {"id": row_id, "prompt": prompt, "reference": None if reference is None else str(reference),
-            "error": error}
-
-
 # --------------------------------------------------------------------------- plan, chunks, markers
 
 
@@ -435,6 +235,7 @@ def read_plan(out: str) -> dict[str, Any]:
 def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dict[str, Any]]], todo: list[int],
                     shard_dir: str, shard: int) -> None:
     from common.logs import Progress
+    from jobs.infer.engines import start_transformers, start_vllm
 
     generate, max_len, version, close = (start_vllm if config.engine == "vllm" else start_transformers)(config, model)
     tokenizer, fmt = model["tokenizer"], model["fmt"]
@@ -605,138 +406,6 @@ def finalize(config: Config, identity_config: dict[str, Any], inputs: list[mf.In
     LOG.info("published %s: %d predictions, %d errors, %.1f tokens/s", uri, result["predictions"],
              result["errors"], result["tokens_per_s"] or 0.0)
     return mf.load(uri, expect_stage=STAGE, verify="none")
-
-
-# --------------------------------------------------------------------------- engines
-
-# An engine is `generate(list of prompt ids) -> per prompt, n samples of (text, completion tokens, finish reason)`,
-# plus its context length, its version and a function that releases it.
-Generate = Callable[[list[list[int]]], list[list[tuple[str, int, str]]]]
-Engine = tuple[Generate, int, str, Callable[[], None]]
-
-
-def on_gpu() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def start_vllm(config: Config, model: dict[str, Any]) -> Engine:
-    """vLLM's offline LLM with its own generation defaults; LoRA adapters as a LoRARequest."""
-    gpu = on_gpu()
-    if not gpu:
-        # vLLM's CPU build sizes its KV cache from this (GiB); its default takes a large share of RAM.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # Run the engine core in this process: on CPU there is no GPU work to overlap with scheduling, and
-        # each spawned engine/worker process re-imports torch and vLLM (measured: 61 s -> 36 s per run).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # vLLM logs to stdout by default; ftjobs' stdout carries only the manifest URI.
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    import vllm
-    from vllm import LLM, SamplingParams
-
-    e, s = config.engine_args, config.sampling
-    kwargs: dict[str, Any] = {
-        "tensor_parallel_size": e.tensor_parallel_size, "gpu_memory_utilization": e.gpu_memory_utilization,
-        "dtype": e.dtype if (e.dtype != "auto" or gpu) else "float32",
-        "enforce_eager": e.enforce_eager if e.enforce_eager is not None else not gpu,
-        "quantization": e.quantization, "trust_remote_code": config.trust_remote_code,
-        "generation_config": "vllm", "seed": s.seed or 0,
-    }
-    if e.max_model_len is not None:
-        kwargs["max_model_len"] = e.max_model_len
-    if e.max_num_seqs is not None:
-        kwargs["max_num_seqs"] = e.max_num_seqs
-    lora = None
-    if model["adapter_dir"] is not None:
-        from vllm.lora.request import LoRARequest
-
-        rank = int(json.loads((model["adapter_dir"] / "adapter_config.json").read_text())["r"])
-        # vLLM accepts only these ranks as the maximum; round the adapter's rank up to one.
-        kwargs |= {"enable_lora": True, "max_loras": 1,
-                   "max_lora_rank": next(x for x in (1, 8, 16, 32, 64, 128, 256, 320, 512) if x >= rank)}
-        lora = LoRARequest("adapter", 1, str(model["adapter_dir"]))
-    LOG.info("starting vLLM %s: %s", vllm.__version__, {k: v for k, v in kwargs.items() if v is not None})
-    llm = LLM(str(model["path"]), **kwargs)
-    max_len = int(llm.llm_engine.model_config.max_model_len)
-    params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
-                            stop=s.stop or None, seed=s.seed, n=s.n)
-
-    def generate(batch: list[list[int]]) -> list[list[tuple[str, int, str]]]:
-        outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, lora_request=lora,
-                            use_tqdm=False)
-        return [[(o.text, len(o.token_ids), o.finish_reason or "length") for o in req.outputs] for req in outs]
-
-    def close() -> None:  # stop the engine process now, not at interpreter exit
-        llm.llm_engine.engine_core.shutdown()
-
-    return generate, max_len, str(vllm.__version__), close
-
-
-def start_transformers(config: Config, model: dict[str, Any]) -> Engine:
-    """Batched `generate` with left padding: the same rows as vLLM, for machines without it."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    gpu = on_gpu()
-    e, s = config.engine_args, config.sampling
-    dtype = getattr(torch, e.dtype) if e.dtype != "auto" else (torch.bfloat16 if gpu else torch.float32)
-    net = AutoModelForCausalLM.from_pretrained(str(model["path"]), dtype=dtype,
-                                               trust_remote_code=config.trust_remote_code)
-    if model["adapter_dir"] is not None:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, str(model["adapter_dir"]))
-    net = net.to("cuda" if gpu else "cpu").eval()
-    tok = model["tokenizer"]
-    max_len = e.max_model_len or int(getattr(net.config, "max_position_embeddings", 0) or 2048)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = tok.eos_token_id
-    # A fresh GenerationConfig: the model repo's own defaults must not leak in (vLLM ignores them too).
-    gen = GenerationConfig(max_new_tokens=s.max_tokens, do_sample=s.temperature > 0,
-                           temperature=s.temperature if s.temperature > 0 else None,
-                           top_p=s.top_p if s.temperature > 0 else None,
-                           top_k=max(s.top_k, 0) if s.temperature > 0 else None,  # 0: off, as in vLLM
-                           num_return_sequences=s.n, eos_token_id=eos, pad_token_id=pad,
-                           stop_strings=s.stop or None)
-    if s.seed is not None:
-        torch.manual_seed(s.seed)
-
-    def one_batch(batch: list[list[int]]) -> list[list[tuple[str, int, str]]]:
-        width = max(len(x) for x in batch)
-        ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=net.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=net.device)
-        with torch.no_grad():
-            seqs = net.generate(input_ids=ids, attention_mask=mask, generation_config=gen, tokenizer=tok)
-        out = []
-        for b, prompt in enumerate(batch):
-            samples = []
-            for j in range(s.n):
-                new = seqs[b * s.n + j, width:].tolist()[: max_len - len(prompt)]
-                finish = "length"
-                if eos in new:
-                    new, finish = new[: new.index(eos) + 1], "stop"
-                # A completion cut mid-character ends in incomplete UTF-8 bytes; vLLM's detokenizer drops
-                # them, decode() renders U+FFFD. Drop them too, so both engines write the same text.
-                text = tok.decode(new, skip_special_tokens=True).rstrip("\ufffd")
-                for stop in s.stop:
-                    if stop in text:
-                        text, finish = text[: text.index(stop)], "stop"
-                samples.append((text, len(new), finish))
-            out.append(samples)
-        return out
-
-    def generate(batch: list[list[int]]) -> list[list[tuple[str, int, str]]]:
-        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))  # similar lengths: less padding
-        results: list[list[tuple[str, int, str]]] = [[] for _ in batch]
-        for lo in range(0, len(order), e.batch_size):
-            idx = order[lo:lo + e.batch_size]
-            for i, r in zip(idx, one_batch([batch[i] for i in idx]), strict=True):
-                results[i] = r
-        return results
-
-    return generate, max_len, str(transformers.__version__), lambda: None
 
 
 # --------------------------------------------------------------------------- command line

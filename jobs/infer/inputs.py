@@ -1,0 +1,221 @@
+"""infer's inputs: the model (merge manifest, model source, or base + train-manifest adapter), the
+prompt rows (prepare manifest or a Parquet/JSONL file), and the chat-template check between them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from common import chat, models, storage
+from common import manifest as mf
+from common.config import JobConfig
+from common.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from jobs.infer import Config
+
+LOG = logging.getLogger("jobs.infer")
+
+
+class Columns(JobConfig):
+    """Column names in a plain Parquet/JSONL prompts file (a prepare manifest always uses the canonical ones)."""
+
+    id: str = Field("id", description="Row id column; rows without one are numbered row-NNNNNNNN by position.")
+    messages: str = Field("messages", description="List of {role, content}; a final assistant turn becomes "
+                                                  "the reference.")
+    prompt: str = Field("prompt", description="Plain prompt text, used as one user turn when there is no "
+                                              "messages column.")
+    reference: str = Field("reference", description="Reference answer column for prompt-style files (optional).")
+
+
+
+def load_model_input(src: str) -> mf.Loaded | None:
+    """A merge manifest when `src` names one; None for a plain model source."""
+    if models.looks_like_hf_id(src) or not storage.exists(mf.as_manifest_uri(src)):
+        return None
+    return mf.load(src, expect_stage="merge")
+
+
+def load_prompts_input(src: str) -> mf.Loaded | mf.InputRef:
+    name = src.lower().rstrip("/")
+    if name.endswith((".parquet", ".jsonl")):
+        try:
+            digest = storage.sha256_uri(src)
+        except (FileNotFoundError, IsADirectoryError):
+            raise InputError(f"Prompts file {src} does not exist") from None
+        return mf.InputRef(uri=src, sha256=digest, stage=None, role="data")
+    if name.endswith(".json") and not name.endswith(mf.MANIFEST_NAME):
+        raise ConfigError(f"Prompts file {src}: use JSON Lines (.jsonl), one object per line, or Parquet")
+    return mf.load(src, expect_stage="prepare")
+
+
+def download_named(loaded: mf.Loaded, prefix: str, dest: Path) -> Path:
+    """Fetch a manifest's artifacts named `<prefix>...` into `dest` (once; sha256-checked)."""
+    done = dest / ".ftjobs-complete"
+    if done.exists():
+        return dest
+    arts = loaded.manifest.artifacts_named(prefix)
+    if not arts:
+        raise InputError(f"{loaded.uri} has no {prefix}* artifacts: is it the output of "
+                         f"`{mf.PRODUCER[loaded.manifest.stage]}`?")
+    for art in arts:
+        mf.fetch_artifact(loaded, art, storage.safe_destination(dest, art.name[len(prefix):]))
+    done.write_text(loaded.uri)
+    return dest
+
+
+def prepare_model(config: Config, model_in: mf.Loaded | None, adapter_in: mf.Loaded | None,
+                  cache: Path) -> dict[str, Any]:
+    """Local model (and adapter) folders, the tokenizer, and what the model says about its template."""
+    from transformers import AutoTokenizer
+
+    adapter_dir = None
+    if model_in is not None:
+        if adapter_in is not None:
+            raise ConfigError(f"--adapter needs a base model source, but --model {config.model} is a merge "
+                              "manifest that already has an adapter merged in: drop one of them")
+        path = download_named(model_in, "model/", cache / "models" / f"merge-{model_in.sha256[:16]}")
+        recorded = model_in.manifest.model
+        identity = {"model": model_in.uri, "adapter": None, "base_model": recorded.get("base_model")}
+    else:
+        ref = models.resolve(config.model, cache_dir=cache / "models")
+        path = ref.path
+        recorded = {}
+        identity = {"model": config.model, "adapter": None, "base_model": config.model,
+                    "revision": ref.revision}
+        if adapter_in is not None:
+            recorded = adapter_in.manifest.model
+            check_adapter(config, adapter_in, ref)
+            adapter_dir = download_named(adapter_in, "adapter/", cache / "adapters" / f"{adapter_in.sha256[:16]}")
+            identity["adapter"] = adapter_in.uri
+    models.check_trust_remote_code(path, config.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
+    want_tok = recorded.get("tokenizer") or {}
+    if want_tok.get("vocab_sha256") and want_tok["vocab_sha256"] != chat.tokenizer_identity(tokenizer)["vocab_sha256"]:
+        raise ConfigError(f"The tokenizer recorded upstream ({want_tok.get('vocab_size')} tokens) differs from "
+                          f"the one in {path}: the adapter added tokens. Run `ftjobs merge` and infer the merged "
+                          "model instead.")
+    template = config.chat_template or recorded.get("chat_template")
+    fmt = chat.chat_format(tokenizer, template)
+    identity |= {"template_hash": fmt.hash, "chat_template": fmt.template, "engine": config.engine}
+    return {"path": path, "adapter_dir": adapter_dir, "tokenizer": tokenizer, "fmt": fmt, "recorded": recorded,
+            "identity": identity}
+
+
+def check_adapter(config: Config, adapter_in: mf.Loaded, base: models.ModelRef) -> None:
+    info = adapter_in.manifest.model
+    lora = info.get("lora") or {}
+    if lora.get("modules_to_save") and config.engine == "vllm":
+        raise ConfigError(f"The adapter in {adapter_in.uri} trains whole modules too (modules_to_save: "
+                          f"{lora['modules_to_save']}); vLLM serves only LoRA matrices. Run `ftjobs merge "
+                          f"--adapter {adapter_in.uri}` and pass the merge manifest as --model (or use "
+                          "engine: transformers).")
+    want = info.get("base_revision")
+    if want and base.revision and want != base.revision and not config.force_base:
+        raise ConfigError(f"The adapter was trained on {info.get('base_model')} (revision {want}), but --model "
+                          f"{config.model} is revision {base.revision}. Pass the base it was trained on, or set "
+                          "force_base: true.")
+
+
+def template_check(config: Config, model: dict[str, Any], prompts_in: mf.Loaded | mf.InputRef) -> None:
+    """Refuse a template that differs from what the model or the prompts recorded upstream."""
+    used = model["fmt"].hash
+    recorded = [(f"the model ({model['identity']['adapter'] or model['identity']['model']})",
+                 model["recorded"].get("template_hash"))]
+    if isinstance(prompts_in, mf.Loaded):
+        recorded.append((f"the prompts ({prompts_in.uri})", prompts_in.manifest.model.get("template_hash")))
+    for who, want in recorded:
+        if want and want != used:
+            if config.force_template:
+                LOG.warning("template mismatch forced: %s recorded %s, using %s", who, want[:12], used[:12])
+                continue
+            raise ConfigError(f"Chat template mismatch: {who} recorded template sha256 {want[:12]}..., but this "
+                              f"run would render with {used[:12]}... Prompts would not look like training data. "
+                              "Use the matching model/prompts (re-run prepare with the model's tokenizer), or set "
+                              "force_template: true.")
+
+
+def load_rows(config: Config, prompts_in: mf.Loaded | mf.InputRef) -> list[dict[str, Any]]:
+    """Prompt rows: id, prompt messages, reference, and an error when the row cannot be used."""
+    import pyarrow.parquet as pq
+
+    from common import data
+
+    if isinstance(prompts_in, mf.Loaded):
+        if not data.split_artifacts(prompts_in, config.split):
+            have = sorted({a.name.split("/")[0] for a in prompts_in.manifest.artifacts_named("")})
+            raise InputError(f"{prompts_in.uri} has no {config.split!r} split (has: {', '.join(have)}): "
+                             "set split to one of those")
+        raw = data.read_split(prompts_in, config.split, columns=["id", "messages"]).to_pylist()
+        cols, where = Columns(), prompts_in.uri
+    else:
+        where = prompts_in.uri
+        with tempfile.TemporaryDirectory() as tmp:
+            local = storage.open_local(where, tmp)
+            if where.lower().endswith(".parquet"):
+                raw = pq.read_table(local).to_pylist()
+            else:
+                raw = read_jsonl(local, where)
+        cols = config.columns
+    if raw and cols.messages not in raw[0] and cols.prompt not in raw[0]:
+        raise InputError(f"{where} has neither a {cols.messages!r} nor a {cols.prompt!r} column (has: "
+                         f"{', '.join(raw[0])}): set columns.messages or columns.prompt")
+    rows, seen = [], set()
+    for i, item in enumerate(raw):
+        row_id = item.get(cols.id)
+        row_id = f"row-{i:08d}" if row_id is None else str(row_id)
+        if row_id in seen:
+            raise InputError(f"{where}: id {row_id!r} appears twice (row {i}); ids must be unique so each "
+                             "prediction maps to one prompt")
+        seen.add(row_id)
+        rows.append(normalize_row(row_id, item, cols, i, where))
+    if not rows:
+        raise InputError(f"{where} holds no prompts ({config.split!r} split)" if isinstance(prompts_in, mf.Loaded)
+                         else f"{where} holds no prompts")
+    return rows
+
+
+def read_jsonl(local: Path, where: str) -> list[dict[str, Any]]:
+    out = []
+    with open(local, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where} line {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{where} line {n}: expected a JSON object, got {type(obj).__name__}")
+            out.append(obj)
+    return out
+
+
+def normalize_row(row_id: str, item: dict[str, Any], cols: Columns, i: int, where: str) -> dict[str, Any]:
+    reference = item.get(cols.reference)
+    error = None
+    messages = item.get(cols.messages)
+    if messages is not None:
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and m.get("role") in (*chat.ROLES, "text") and isinstance(m.get("content"), str)
+            for m in messages)
+        if ok:
+            prompt, last = chat.split_prompt([{"role": m["role"], "content": m["content"]} for m in messages])
+            reference = last if last is not None else reference
+            if not prompt:
+                error = "the conversation has no turns before its assistant answer"
+        else:
+            prompt = []
+            error = f"{cols.messages!r} is not a list of {{role, content}} messages (row {i} of {where})"
+    elif isinstance(item.get(cols.prompt), str) and item[cols.prompt]:
+        prompt = [{"role": "user", "content": item[cols.prompt]}]
+    else:
+        prompt = []
+        error = f"no {cols.messages!r} or non-empty {cols.prompt!r} (row {i} of {where})"
+    return {"id": row_id, "prompt": prompt, "reference": None if reference is None else str(reference),
+            "error": error}
