@@ -55,28 +55,3 @@ def publish_adapter(prefix: str, base_model: Path, *, r: int = 8, alpha: int = 1
                  inputs=[], artifacts=writer.artifacts, model=model_info, metrics={"steps": 0})
     mf.publish(prefix, m)
     return mf.load(prefix)
-
-
-def publish_merged(prefix: str, base_model: Path, adapter: mf.Loaded) -> mf.Loaded:
-    """What the merge job publishes (`model/<file>` artifacts, stage "merge"), made with peft's
-    `merge_and_unload` from an adapter published by `publish_adapter`."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    writer = mf.ArtifactWriter(prefix)
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter_dir = Path(tmp) / "adapter"
-        for art in adapter.manifest.artifacts_named("adapter/"):
-            mf.fetch_artifact(adapter, art, adapter_dir / art.name[len("adapter/"):])
-        base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        merged.save_pretrained(Path(tmp) / "model", safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(base_model)).save_pretrained(Path(tmp) / "model")
-        writer.add_dir(Path(tmp) / "model", "model")
-    info = adapter.manifest.model
-    model_info = {k: info[k] for k in ("base_model", "base_revision", "template_hash", "chat_template", "tokenizer")}
-    m = mf.build(stage="merge", run_id=mf.new_run_id(), config={"builder": "tests.jobs.builders"},
-                 inputs=[adapter.ref("adapter")], artifacts=writer.artifacts, model=model_info | {"dtype": "float32"})
-    mf.publish(prefix, m)
-    return mf.load(prefix)
