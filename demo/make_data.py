@@ -2,10 +2,13 @@
 
     "Route this support ticket as JSON: Hi, this is Mara from Oslo. I was charged
      twice this month. Please fix it today, it is urgent."
-    -> {"team": "billing", "priority": "high"}
+    -> {"team": "red", "lane": "fast"}
 
-The team follows from what the ticket is about (billing, technical, account,
-shipping), the priority from whether it is urgent. The bundled base model
+The team follows from what the ticket is about (the teams are named by colour:
+red handles billing, blue technical problems, green accounts, white shipping),
+the lane from whether it is urgent (fast) or not (slow). The values are words
+the small base model's tokenizer holds as single tokens, so the finetune has
+to learn the routing, not how to spell new words. The bundled base model
 (demo/pretrain_base.py) knows the chat format and how to copy text, but has
 never seen this task, so it cannot do it; a few minutes of LoRA on CPU teach
 it. Answers are exactly checkable (exact match, valid JSON, a JSON schema with
@@ -39,16 +42,16 @@ CITIES = (
     "Malmo Graz Split Turin Bonn Cork Nantes Leeds Bilbao Ghent Kiev Minsk"
 ).split()
 ISSUES = {
-    "billing": ["I was charged twice this month.", "My invoice shows the wrong amount.",
+    "red": ["I was charged twice this month.", "My invoice shows the wrong amount.",
                 "I still have not received my refund.", "The card payment failed but money left my account.",
                 "Why did my subscription price go up?", "Please cancel the extra charge on my bill."],
-    "technical": ["The app crashes when I open it.", "The page will not load at all.",
+    "blue": ["The app crashes when I open it.", "The page will not load at all.",
                   "I get error code 504 when I save.", "Sync stopped working on my phone.",
                   "The export button does nothing.", "Search returns no results since the update."],
-    "account": ["I cannot log in any more.", "Please reset my password.", "I want to change my email address.",
+    "green": ["I cannot log in any more.", "Please reset my password.", "I want to change my email address.",
                 "Delete my profile and my data.", "My account was locked after the update.",
                 "How do I add a second user to my account?"],
-    "shipping": ["My parcel is two weeks late.", "The package never arrived.", "I got the wrong item.",
+    "white": ["My parcel is two weeks late.", "The package never arrived.", "I got the wrong item.",
                  "The box was damaged on delivery.", "Can I change the delivery address?",
                  "Tracking has not moved for days."],
 }
@@ -60,21 +63,21 @@ GREETINGS = ["Hi, this is {name} from {city}.", "Hello, {name} here ({city}).", 
 INSTRUCTION = "Route this support ticket as JSON: "
 SCHEMA = {
     "type": "object",
-    "required": ["team", "priority"],
+    "required": ["team", "lane"],
     "additionalProperties": False,
-    "properties": {"team": {"enum": sorted(ISSUES)}, "priority": {"enum": ["high", "low"]}},
+    "properties": {"team": {"enum": sorted(ISSUES)}, "lane": {"enum": ["fast", "slow"]}},
 }
 
 
-def answer(team: str, priority: str) -> str:
-    return json.dumps({"team": team, "priority": priority})
+def answer(team: str, lane: str) -> str:
+    return json.dumps({"team": team, "lane": lane})
 
 
 def ticket(rng: random.Random, team: str, issue: str, urgency: str, name: str, city: str) -> dict[str, object]:
     text = " ".join([rng.choice(GREETINGS).format(name=name, city=city), issue, urgency])
-    priority = "high" if urgency in URGENT else "low"
+    lane = "fast" if urgency in URGENT else "slow"
     return {"messages": [{"role": "user", "content": INSTRUCTION + text},
-                         {"role": "assistant", "content": answer(team, priority)}]}
+                         {"role": "assistant", "content": answer(team, lane)}]}
 
 
 def generate(n: int, seed: int) -> list[dict[str, object]]:
