@@ -427,13 +427,23 @@ def gate(metrics: dict[str, Any], metric: str | None, uri: str) -> None:
 
 
 def pick_examples(sets: list[dict[str, Any]], ids: list[str], limit: int, names: list[str]) -> list[dict[str, Any]]:
-    """Differing examples, those where the sets' scores differ most first."""
+    """Differing examples, taken in turn from each outcome (which sets got it right), so the report
+    shows where the candidate still fails as well as where it improved; within one outcome, the
+    examples whose scores differ most come first."""
     def spread(rid: str) -> float:
         values = [s["scores"][rid].get("token_f1") or 0.0 for s in sets if rid in s["scores"]]
         return max(values) - min(values)
 
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for rid in sorted(ids, key=lambda r: (-spread(r), r)):
+        groups.setdefault(tuple(s["scores"].get(rid, {}).get("exact_match") for s in sets), []).append(rid)
+    picked: list[str] = []
+    while len(picked) < min(limit, len(ids)):
+        for group in groups.values():
+            if group and len(picked) < limit:
+                picked.append(group.pop(0))
     out = []
-    for rid in sorted(ids, key=lambda r: (-spread(r), r))[:limit]:
+    for rid in picked:
         row = sets[0]["rows"][rid]
         out.append({"id": rid, "prompt": last_user_message(row.get("prompt")), "reference": row["reference"],
                     "completions": {s["label"]: s["rows"][rid]["completion"] for s in sets if rid in s["rows"]},
