@@ -4,6 +4,7 @@ and the one place exceptions become exit codes."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -37,8 +38,20 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # SystemExit, not an Exception: libraries that catch Exception (retry loops) cannot swallow it,
+    # and `finally` blocks still clean up on the way out.
+    LOG.error("received SIGTERM: stopping (exit 1, retryable). Re-running the same command resumes: "
+              "finished outputs are skipped through their manifests and markers.")
+    raise SystemExit(EXIT_RETRYABLE)
+
+
 def execute(job: Any, config_file: str | None, sets: tuple[str, ...], flags: dict[str, Any]) -> None:
     """Resolve the config, run the job, print the manifest URI on stdout."""
+    # In a pod the job is PID 1, which ignores SIGTERM unless it installs a handler: without this a
+    # preempted pod would only stop at SIGKILL when the grace period ends. Jobs that can do better
+    # (train: finish the step, checkpoint) install their own handler inside run().
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         conf = cfg.load_config(job.Config, file=config_file, sets=sets, flags=flags)
         LOG.info("resolved config", extra={"config": cfg.redacted(cfg.dump(conf)), "stage": job.STAGE})
