@@ -10,10 +10,13 @@ busy 2-core machine; loss 7.0 -> ~2.5): it writes well-formed, well-terminated
 turns, but its copying is still poor, which is why the demo task answers with
 words from a closed set rather than copied text.
 
-Llama architecture, head_dim 64 (vLLM's CPU attention needs it), tied
-embeddings, float32 safetensors (2.8 MB), a byte-level BPE tokenizer trained
-here and the ChatML template. Seeded; bit-identical weights also need the same
---threads:
+Llama architecture, head_dim 64 (vLLM's CPU attention needs it), float32
+safetensors (3.4 MB), a byte-level BPE tokenizer trained here and the ChatML
+template. Pretrained with tied embeddings, saved with an untied copy as the
+output head, so the demo finetune can train the head in full
+(`lora.modules_to_save: [lm_head]`) without touching the input embeddings: LoRA
+alone, under the frozen head, learns the answer format but not the routing.
+Seeded; bit-identical weights also need the same --threads:
 
     .venv/bin/python -m demo.pretrain_base --out demo/base-model --threads 2
 """
@@ -151,12 +154,22 @@ def main() -> None:
         if step % 50 == 0 or step == 1:
             print(f"step {step}/{args.steps} loss {loss.item():.4f} {time.monotonic() - start:.0f}s", flush=True)
 
+    untie_head(model)
+    params = sum(p.numel() for p in model.parameters())
     model.eval()
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id)
     model.save_pretrained(str(out), safe_serialization=True)
     (out / "ftjobs-demo-base.json").write_text(json.dumps(vars(args) | {"parameters": params}, indent=2) + "\n")
     check(model, tok, fmt, rng)
+
+
+def untie_head(model) -> None:  # type: ignore[no-untyped-def]
+    """Give the output head its own copy of the input embeddings (same outputs, separately trainable)."""
+    import torch
+
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
 
 
 def check(model, tok, fmt, rng: random.Random) -> None:  # type: ignore[no-untyped-def]
