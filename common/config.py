@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from typing import Any, TypeVar
 
 import yaml
@@ -158,15 +159,15 @@ def digest(config: BaseModel) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "api_key")
+# A key is secret-looking when it ENDS with one of these ("hf_token", "aws_secret_access_key"), so
+# counts such as "max_new_tokens" stay visible in logs.
+SECRET_KEY = re.compile(r"(secret|password|passwd|token|api_key|access_key|key_id|credentials?)$")
 
 
 def redacted(data: Any) -> Any:
     """A copy safe to log: values of keys that look like secrets are masked."""
     if isinstance(data, dict):
-        return {
-            k: ("***" if any(w in k.lower() for w in SECRET_WORDS) and v else redacted(v)) for k, v in data.items()
-        }
+        return {k: ("***" if SECRET_KEY.search(str(k).lower()) and v else redacted(v)) for k, v in data.items()}
     if isinstance(data, list):
         return [redacted(v) for v in data]
     return data

@@ -58,8 +58,10 @@ def test_frozen() -> None:
 
 
 def test_redaction() -> None:
-    assert cfg.redacted({"aws_secret_access_key": "s", "n": {"api_key": "k", "r": 1}}) == {
-        "aws_secret_access_key": "***", "n": {"api_key": "***", "r": 1}}
+    assert cfg.redacted({"aws_secret_access_key": "s", "n": {"api_key": "k", "r": 1}, "hf_token": "t",
+                         "max_new_tokens": 32, "sampling": {"max_tokens": 8}}) == {
+        "aws_secret_access_key": "***", "n": {"api_key": "***", "r": 1}, "hf_token": "***",
+        "max_new_tokens": 32, "sampling": {"max_tokens": 8}}
 
 
 def test_help_and_version_work() -> None:
