@@ -165,6 +165,20 @@ class Tally:
                        "row": text[:2000] + ("..." if len(text) > 2000 else "")})
 
 
+def _int_lists(values: list[list[int]], type_: Any) -> Any:
+    """list<int32> column through numpy: ~5x faster than pyarrow converting Python lists one by one."""
+    import itertools
+
+    import numpy as np
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.array(list(itertools.chain.from_iterable(values)), dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32())).cast(type_)
+
+
 class SplitWriter:
     """Parquet shards of one split: buffered into row groups, uploaded as each shard closes."""
 
@@ -203,7 +217,14 @@ class SplitWriter:
 
         if not self.buf["id"]:
             return
-        table = pa.Table.from_pydict(self.buf, schema=self.schema)
+        columns = {}
+        for f in self.schema:
+            values = self.buf[f.name]
+            if f.name in ("input_ids", "labels"):
+                columns[f.name] = _int_lists(values, f.type)
+            else:
+                columns[f.name] = pa.array(values, type=f.type)
+        table = pa.Table.from_pydict(columns, schema=self.schema)
         if self.pq_writer is None:
             self.local = self.workdir / f"{self.split}-{self.shard:05d}.parquet"
             self.pq_writer = pq.ParquetWriter(self.local, self.schema, compression="zstd")
