@@ -4,7 +4,7 @@ Rows (one Parquet table per split, zstd, written in shards):
 
 | column          | type                               | notes                                      |
 |-----------------|------------------------------------|--------------------------------------------|
-| id              | string                             | stable: sha256 of source + normalized row  |
+| id              | string                             | stable: sha256 of the normalized row       |
 | messages        | list<struct<role, content>>        | roles: system, user, assistant, tool; or a |
 |                 |                                    | single {"role": "text"} for plain text     |
 | split           | string                             | "train" or "eval"                          |

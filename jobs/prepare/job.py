@@ -348,6 +348,7 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
     writers = {s: SplitWriter(s, tokenized, writer, work, config) for s in data.SPLITS}
     seen_exact: set[int] = set()
     seen_norm: set[int] = set()
+    repeats: Counter[int] = Counter()
     lengths: array[int] = array("l")
     trainable = [0]
     fraction = config.effective_eval_fraction()
@@ -455,8 +456,13 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
                                    "an earlier row differs only in case or whitespace", rec, config.drop_examples)
                         continue
                     seen_norm.add(nkey)
+            occurrence = 0
+            if config.dedup == "none":  # identical rows are kept: number their repeats so ids stay unique
+                key = R.exact_key(canon)
+                occurrence = repeats[key]
+                repeats[key] += 1
             per["rows_out"] += 1
-            batch.append(Row(R.row_id(f.uri, canon), msgs, f.uri, line, f.split))
+            batch.append(Row(R.row_id(canon, occurrence), msgs, f.uri, line, f.split))
             if len(batch) >= config.batch_size:
                 flush_batch()
                 progress.total = _estimate(tally.rows_in, done_bytes, f, total_bytes)

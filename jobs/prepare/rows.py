@@ -205,9 +205,15 @@ def canonical(msgs: list[dict[str, str]]) -> str:
     return json.dumps(msgs, ensure_ascii=False, separators=(",", ":"))
 
 
-def row_id(source: str, canonical_json: str) -> str:
-    """Stable id: sha256 of the source URI and the normalized row."""
-    return hashlib.sha256(f"{source}\n{canonical_json}".encode()).hexdigest()
+def row_id(canonical_json: str, occurrence: int = 0) -> str:
+    """Stable id: sha256 of the normalized row, whatever file or location it came from.
+
+    The split hashes this id, so the same data gives the same split after it is moved, copied to S3
+    or cloned elsewhere. Without dedup an identical row can repeat: its n-th repeat gets `#n` mixed in,
+    so ids stay unique (infer and evaluate key predictions by id).
+    """
+    key = canonical_json if occurrence == 0 else f"{canonical_json}\n#{occurrence}"
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def exact_key(canonical_json: str) -> int:

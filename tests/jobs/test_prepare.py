@@ -260,6 +260,28 @@ def test_split_is_deterministic_row_for_row(tmp_path: Path):
     assert {r["source"] for r in rows_of(per, "eval")} == {str(held)} and per.manifest.stats["eval"] == 5
 
 
+def test_split_does_not_depend_on_where_the_data_lives(tmp_path: Path, s3_root: str):
+    rows = chat_rows(120)
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    here = jsonl(tmp_path / "here" / "data.jsonl", rows)
+    moved = jsonl(tmp_path / "elsewhere" / "renamed.jsonl", rows)
+    storage.upload_file(here, storage.join(s3_root, "raw/data.jsonl"))
+    kw = {"eval_fraction": 0.25}
+    splits = []
+    for i, src in enumerate([str(here), str(moved), storage.join(s3_root, "raw/data.jsonl")]):
+        out = run(sources=[src], output=str(tmp_path / f"out{i}"), **kw)
+        splits.append(sorted(r["id"] for r in rows_of(out, "eval")))
+    assert splits[0] == splits[1] == splits[2] and len(splits[0]) > 10
+
+
+def test_without_dedup_repeated_rows_keep_unique_ids(tmp_path: Path):
+    src = jsonl(tmp_path / "dup.jsonl", chat_rows(5) + chat_rows(5))
+    out = run(sources=[str(src)], output=str(tmp_path / "o"), dedup="none", eval_fraction=0.0)
+    ids = [r["id"] for r in rows_of(out, "train")]
+    assert len(ids) == 10 and len(set(ids)) == 10
+
+
 def test_worker_processes_give_identical_output(tmp_path: Path, tok_dir: Path):
     src = jsonl(tmp_path / "w.jsonl", chat_rows(60))
     kw = {"sources": [str(src)], "tokenizer": str(tok_dir), "batch_size": 8}

@@ -113,7 +113,8 @@ def test_duplicate_keys_and_ids():
     b = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "hi"}]
     assert R.exact_key(R.canonical(a)) != R.exact_key(R.canonical(b))
     assert R.normalized_key(a) == R.normalized_key(b)
-    assert R.row_id("s1", R.canonical(a)) == R.row_id("s1", R.canonical(a)) != R.row_id("s2", R.canonical(a))
+    assert R.row_id(R.canonical(a)) == R.row_id(R.canonical(a)) != R.row_id(R.canonical(b))
+    assert R.row_id(R.canonical(a), 1) != R.row_id(R.canonical(a))  # a kept repeat gets its own id
 
 
 def test_split_point_is_seeded_and_uniform():
