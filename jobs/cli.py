@@ -85,7 +85,9 @@ def show(uri: str, as_json: bool, verify: str) -> None:
                    + (f"  image {m.code.image}" if m.code.image else ""))
         click.echo(f"  config     sha256 {m.config_hash[:16]}")
         if m.model:
-            click.echo("  model      " + ", ".join(f"{k}={v}" for k, v in m.model.items() if not isinstance(v, dict)))
+            shown = {k: v for k, v in m.model.items()  # the template text and nested dicts stay in --json
+                     if not isinstance(v, dict | list) and not (isinstance(v, str) and ("\n" in v or len(v) > 80))}
+            click.echo("  model      " + ", ".join(f"{k}={_short(v)}" for k, v in shown.items()))
         click.echo(f"  artifacts  {len(m.artifacts)}, {sum(a.bytes for a in m.artifacts):,} bytes")
         for a in m.artifacts[:20]:
             rows = f", {a.rows:,} rows" if a.rows is not None else ""
