@@ -372,8 +372,10 @@ def read_adapter(adapter_dir: Path, base_names: set[str]) -> Adapter:
         elif name in base_names:  # modules_to_save: saved under the module's own name
             adapter.updates.setdefault(name, LoraUpdate()).replace = tensor
         else:
-            raise ConfigError(f"adapter tensor {key!r} is neither LoRA A/B nor a base tensor; mode: sharded cannot "
-                              "place it. Set mode: in_memory")
+            hint = (" (a module trained in full on a base with tied embeddings: its checkpoint stores no "
+                    f"{name}; the merge has to untie it)") if name.endswith("lm_head.weight") else ""
+            raise ConfigError(f"adapter tensor {key!r} is neither LoRA A/B nor a base tensor{hint}; mode: sharded "
+                              "cannot place it. Set mode: in_memory (peft unties and merges it)")
     for target, up in adapter.updates.items():
         if target not in base_names:
             raise InputError(f"adapter changes {target}, which the base checkpoint does not have: is this the "
@@ -582,6 +584,7 @@ def run(config: Config) -> mf.Loaded:
         from peft import PeftModel
 
         reference = None
+        untied = False  # in_memory: a head trained in full on a tied base becomes its own tensor
         probes: dict[str, float] = {}
         handles: dict[str, Any] = {}  # open base checkpoint files (sharded mode)
         if mode == "in_memory":
@@ -593,7 +596,20 @@ def run(config: Config) -> mf.Loaded:
                 reference = reference_run(peft_model, prompt_ids, config.checks.max_new_tokens, eos, device)
             timings["check"] = time.monotonic() - t
             t = time.monotonic()
-            state = peft_model.merge_and_unload().state_dict()
+            merged_model = peft_model.merge_and_unload()
+            state = merged_model.state_dict()
+            if base_cfg.get("tie_word_embeddings") and not merged_model.config.tie_word_embeddings:
+                # The output head was trained in full on a tied base: peft untied it, and the base checkpoint
+                # holds no tensor for it. Write it, and say so in config.json, or loading re-ties the head to
+                # the input embeddings and the trained head is silently lost.
+                head = merged_model.get_output_embeddings().weight
+                head_name = next(n for n, p in merged_model.named_parameters(remove_duplicate=False) if p is head)
+                if head_name not in names:
+                    like = next(x for x in tensors if x.shape == tuple(head.shape))
+                    tensors.append(TensorInfo(head_name, like.file, tuple(head.shape), like.dtype))
+                    names.add(head_name)
+                    untied = True
+            del merged_model
             absent = sorted(names - set(state))
             if absent:
                 raise ConfigError(f"the loaded model names its weights differently from the checkpoint (e.g. "
@@ -677,7 +693,7 @@ def run(config: Config) -> mf.Loaded:
             index = {"metadata": {"total_size": model_bytes},
                      "weight_map": {t.name: f for f, shard in zip(files, shards, strict=True) for t in shard}}
             (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        write_folder_files(out_dir, ref.path, base_cfg, dtype, tokenizer, tok_dir, eos)
+        write_folder_files(out_dir, ref.path, base_cfg, dtype, tokenizer, tok_dir, eos, untied=untied)
         if mode == "in_memory":
             state = None
             peft_model = None
@@ -758,9 +774,11 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def write_folder_files(out_dir: Path, base: Path, base_cfg: dict[str, Any], dtype: str, tokenizer: Any,
-                       tok_dir: Path, eos: list[int]) -> None:
+                       tok_dir: Path, eos: list[int], untied: bool = False) -> None:
     """config.json (no quantization_config, the merged dtype), generation_config.json, tokenizer files."""
     cfg = {k: v for k, v in base_cfg.items() if k != "quantization_config"}
+    if untied:
+        cfg["tie_word_embeddings"] = False
     cfg["dtype"] = dtype
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = dtype

@@ -17,7 +17,7 @@ from common import manifest as mf
 
 
 def publish_adapter(prefix: str, base_model: Path, *, r: int = 8, alpha: int = 16, seed: int = 0,
-                    modules_to_save: list[str] | None = None, scale: float = 1.0,
+                    modules_to_save: list[str] | None = None, scale: float = 1.0, saved_noise: float = 0.0,
                     quantization: dict[str, Any] | None = None) -> mf.Loaded:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -33,6 +33,8 @@ def publish_adapter(prefix: str, base_model: Path, *, r: int = 8, alpha: int = 1
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.mul_(scale)
+            elif saved_noise and "modules_to_save" in name:  # as if the module had been trained in full
+                p.add_(torch.randn_like(p) * saved_noise)
     fmt = chat.chat_format(tok)
     ref = models.resolve(str(base_model))
     writer = mf.ArtifactWriter(prefix)

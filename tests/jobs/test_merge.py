@@ -277,3 +277,25 @@ def test_merged_folder_generates_in_vllm_cpu_as_in_transformers(merged: tuple[mf
     from_vllm = json.loads(result[0].removeprefix("RESULT "))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     assert from_vllm == [greedy(model, p, 8) for p in prompts]
+
+
+def test_head_trained_in_full_on_a_tied_base_is_untied_by_in_memory_and_refused_by_sharded(
+        tiny_model: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tied = tmp_path / "tied"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(str(tied))
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny_model / f, tied / f)
+    train = publish_adapter(str(tmp_path / "train"), tied, modules_to_save=["lm_head"], saved_noise=0.05)
+    with pytest.raises(ConfigError, match="tied embeddings"):
+        do_merge(input=train.uri, output=str(tmp_path / "sharded"), mode="sharded")
+    out = do_merge(input=train.uri, output=str(tmp_path / "in_memory"), mode="in_memory")
+    assert out.manifest.metrics["checks_passed"]
+    cfg = json.loads((tmp_path / "in_memory" / "model" / "config.json").read_text())
+    assert cfg.get("tie_word_embeddings") is False
+    merged = weights(tmp_path / "in_memory" / "model")
+    assert not merged["lm_head.weight"].equal(merged["model.embed_tokens.weight"])
