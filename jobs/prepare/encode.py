@@ -10,6 +10,7 @@ stays bounded however long the input.
 from __future__ import annotations
 
 import os
+from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -18,7 +19,7 @@ from typing import Any
 from common import chat
 
 # One encoded row, compact for pickling: input_ids, labels, kept_messages, truncated, drop_reason.
-Result = tuple[list[int], list[int], int, bool, str | None]
+Result = tuple[Sequence[int], Sequence[int], int, bool, str | None]
 
 _worker: dict[str, Any] = {}
 
@@ -31,9 +32,10 @@ def load_tokenizer(path: str) -> Any:
 
 def encode_batch(tokenizer: Any, fmt: chat.ChatFormat, conversations: Sequence[Sequence[dict[str, Any]]],
                  max_length: int | None, train_on: chat.TrainOn) -> list[Result]:
+    # array('i'): pickled as one bytes block, not one object per token, between workers and the main process.
     out = []
     for e in chat.encode_many(tokenizer, fmt, conversations, max_length=max_length, train_on=train_on):
-        out.append((e.input_ids, e.labels, e.kept_messages, e.truncated, e.drop_reason))
+        out.append((array("i", e.input_ids), array("i", e.labels), e.kept_messages, e.truncated, e.drop_reason))
     return out
 
 
