@@ -4,7 +4,7 @@ infer share, so training and inference can never disagree about the template.
 A conversation is a list of `{"role", "content"}` messages (roles: system,
 user, assistant, tool). `render` turns it into text with the model's Jinja
 chat template exactly as `tokenizer.apply_chat_template(tokenize=False)`
-would; `encode` tokenizes it and builds labels:
+would; `encode_many` tokenizes a batch and builds labels:
 
 - `train_on`: `assistant` (every assistant turn, the default),
   `last_assistant` (only the final one) or `all` (every token but BOS).
@@ -125,7 +125,6 @@ def _raise(message: str) -> None:
 
 @lru_cache(maxsize=16)
 def _compiled(template: str) -> Any:
-    from jinja2 import StrictUndefined  # noqa: F401  (kept lenient like transformers)
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
@@ -211,12 +210,6 @@ class Encoded:
         if self._trainable is None:
             self._trainable = len(self.labels) - self.labels.count(IGNORE_INDEX)
         return self._trainable
-
-
-def encode(tokenizer: Any, fmt: ChatFormat, messages: Sequence[dict[str, Any]], *,
-           max_length: int | None = None, train_on: TrainOn = "assistant") -> Encoded:
-    """Tokenize one conversation and build its labels."""
-    return encode_many(tokenizer, fmt, [messages], max_length=max_length, train_on=train_on)[0]
 
 
 def encode_many(tokenizer: Any, fmt: ChatFormat, conversations: Sequence[Sequence[dict[str, Any]]], *,

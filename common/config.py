@@ -8,7 +8,6 @@ description on every field. Errors come back as one readable `ConfigError`
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import re
 from typing import Any, TypeVar
@@ -73,14 +72,6 @@ def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def load_config(
@@ -154,9 +145,6 @@ def dump(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
-def digest(config: BaseModel) -> str:
-    blob = json.dumps(dump(config), sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 # A key is secret-looking when it ENDS with one of these ("hf_token", "aws_secret_access_key"), so

@@ -23,9 +23,7 @@ and `model.chat_template` (the template text itself).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -72,13 +70,3 @@ def read_split(loaded: mf.Loaded, split: str, columns: list[str] | None = None,
             tables.append(pq.read_table(local, columns=columns))
     return pa.concat_tables(tables)
 
-
-def iter_rows(loaded: mf.Loaded, split: str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Stream rows of one split shard by shard (bounded memory)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, art in enumerate(split_artifacts(loaded, split)):
-            local = mf.fetch_artifact(loaded, art, Path(tmp) / f"{i:05d}.parquet")
-            pf = pq.ParquetFile(local)
-            for batch in pf.iter_batches(columns=columns, batch_size=4096):
-                yield from batch.to_pylist()
-            local.unlink()

@@ -29,7 +29,6 @@ from common.errors import AlreadyExistsError, ChecksumError, InputError, OutputT
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-Stage = Literal["prepare", "train", "merge", "infer", "evaluate"]
 STAGES: tuple[str, ...] = ("prepare", "train", "merge", "infer", "evaluate")
 PRODUCER = {"prepare": "ftjobs prepare", "train": "ftjobs train", "merge": "ftjobs merge",
             "infer": "ftjobs infer", "evaluate": "ftjobs evaluate"}

@@ -106,11 +106,6 @@ def normalize(uri: str) -> str:
     return str(local_path(uri).expanduser().resolve())
 
 
-def relative_to(uri: str, base: str) -> str:
-    base = base.rstrip("/") + "/"
-    if not uri.startswith(base):
-        raise ValueError(f"{uri!r} is not under {base!r}")
-    return uri[len(base) :]
 
 
 def safe_destination(dest_dir: Path, rel: str) -> Path:
@@ -505,15 +500,6 @@ def download_dir(uri: str, dest_dir: str | Path, workers: int = FILE_WORKERS) ->
         return list(pool.map(one, targets))
 
 
-def copy(src_uri: str, dest_uri: str) -> Transferred:
-    """Copy one object between any two locations (through a local temp file when needed)."""
-    if not is_s3(src_uri):
-        return upload_file(local_path(src_uri), dest_uri)
-    if not is_s3(dest_uri):
-        return download_file(src_uri, local_path(dest_uri))
-    with tempfile.TemporaryDirectory() as tmp:
-        t = download_file(src_uri, Path(tmp) / "obj")
-        return upload_file(t.path, dest_uri)
 
 
 def open_local(uri: str, cache_dir: str | Path) -> Path:

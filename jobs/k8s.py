@@ -42,11 +42,11 @@ import click
 import yaml
 
 from common.errors import EXIT_RETRYABLE, ConfigError, FtjobsError
+from common.manifest import STAGES
 from common.runner import fail
 
 LOG = logging.getLogger(__name__)
 
-STAGES = ("prepare", "train", "merge", "infer", "evaluate")
 OVERLAYS = ("base", "local", "gpu")
 # Which image each stage runs in: evaluate needs no torch and shares the slim prepare image.
 IMAGE_OF = {"prepare": "prepare", "train": "train", "merge": "merge", "infer": "infer", "evaluate": "prepare"}

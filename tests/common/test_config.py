@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from common import config as cfg
 from common.errors import ConfigError
@@ -53,7 +53,7 @@ def test_bad_set_syntax_and_missing_file() -> None:
 
 def test_frozen() -> None:
     c = Demo()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         c.name = "y"  # type: ignore[misc]
 
 
