@@ -24,24 +24,23 @@ How it works, in order (see `run`):
    folder (loaded back by transformers) against the unmerged base + adapter on fixed chat prompts;
    in sharded mode, a per-tensor probe W'x = Wx + s*B(Ax). A failed check exits 3 and names the first
    difference; nothing is published.
+
+Code: this module (config, `run`, the output folder, CLI); `tensors.py` (safetensors headers, shard plan,
+the streaming writer); `lora.py` (adapter files to per-tensor updates, the 4-bit roundtrip); `checks.py`
+(the generation comparison and its tolerances).
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,29 +53,47 @@ from common.config import JobConfig, dump
 from common.errors import ConfigError, InputError
 from common.logs import Progress
 from common.runner import config_options, execute
+from jobs.merge.checks import (
+    DEFAULT_LOGIT_ATOL,
+    DEFAULT_PROMPTS,
+    PROBE_RTOL,
+    MergeCheckError,
+    compare_run,
+    encode_prompts,
+    reference_run,
+)
+from jobs.merge.lora import (
+    Adapter,
+    LoraUpdate,
+    Quant,
+    lora_merge,
+    pattern_value,
+    probe,
+    quantized_weight_names,
+    read_adapter,
+    roundtrip_4bit,
+)
+from jobs.merge.tensors import (
+    TensorInfo,
+    finite_check,
+    plan_shards,
+    read_checkpoint,
+    shard_names,
+    tensors_float,
+    write_safetensors,
+)
+
+__all__ = ["Adapter", "Checks", "Config", "LoraUpdate", "MergeCheckError", "Quant", "TensorInfo", "command",
+           "encode_prompts", "lora_merge", "parse_size", "pattern_value", "plan_shards", "run", "shard_names"]
 
 STAGE = "merge"
 LOG = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS = (
-    "What is two plus three?",
-    "Write one sentence about a red car.",
-    "Reverse the words: the cat sat on the road.",
-    "Say hello to the world, then list three colours.",
-)
-# Largest |logit| difference accepted when greedy tokens differ: the dtype's rounding over a deep model.
-DEFAULT_LOGIT_ATOL = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
-# Per-tensor probe: ||W'x - (Wx + s*B(Ax))|| / ||Wx + s*B(Ax)|| allowed, about 8x the dtype's rounding.
-PROBE_RTOL = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 4e-3}
 # What in_memory needs beside the weights (activations, peft wrappers, allocator slack), as a factor.
 IN_MEMORY_FACTOR = 1.5
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-class MergeCheckError(InputError):
-    """A check on the merged model failed: the same inputs fail the same way, so exit 3 (no retry)."""
 
 
 def parse_size(value: str | int) -> int:
@@ -150,314 +167,6 @@ class Config(JobConfig):
                 "/", 1)[0]:
             raise ValueError("output is the train output prefix: give merge its own --output")
         return self
-
-
-# --------------------------------------------------------------------------- small helpers
-
-
-@dataclass(frozen=True)
-class Quant:
-    """The 4-bit settings the adapter trained with (train manifest `model.quantization`)."""
-
-    mode: str  # nf4 | fp4 | none
-    blocksize: int = 64
-    double_quant: bool = False
-    skip_modules: tuple[str, ...] = ()
-    dtype: str | None = None  # the dtype training loaded the base in before quantizing (compute_dtype)
-
-    @staticmethod
-    def from_manifest(q: dict[str, Any]) -> Quant:
-        mode = str(q.get("mode") or "none").lower()
-        if mode not in ("nf4", "fp4", "none"):
-            raise InputError(f"train manifest model.quantization.mode is {mode!r}; merge knows nf4, fp4 and none")
-        return Quant(mode=mode, blocksize=int(q.get("blocksize") or 64), double_quant=bool(q.get("double_quant")),
-                     skip_modules=tuple(q.get("skip_modules") or ()),
-                     dtype=q.get("compute_dtype") if q.get("compute_dtype") in DEFAULT_LOGIT_ATOL else None)
-
-
-def roundtrip_4bit(w: Any, quant: Quant) -> Any:
-    """dequantize(quantize(w)) exactly as bitsandbytes does it for a Linear4bit weight."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    src = w.to(getattr(torch, quant.dtype)) if quant.dtype else w  # quantize what training quantized
-    packed, state = bnbf.quantize_4bit(src.contiguous(), blocksize=quant.blocksize,
-                                       compress_statistics=quant.double_quant, quant_type=quant.mode)
-    return bnbf.dequantize_4bit(packed, state).to(w.dtype)
-
-
-def quantized_weight_names(model: Any, quant: Quant) -> set[str]:
-    """Weights bitsandbytes turns into 4-bit when a QLoRA run loads this model: every nn.Linear except the
-    output embeddings (and tied / last modules), as transformers decides, minus the configured skips."""
-    import torch
-    from transformers.quantizers.base import get_keys_to_not_convert
-
-    skip = set(get_keys_to_not_convert(model)) | set(quant.skip_modules)
-    out = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
-            out.add(f"{name}.weight")
-    return out
-
-
-SAFE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
-               "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-SAFE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-TORCH_NAME = {v: k for k, v in SAFE_DTYPES.items()}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    file: str          # base checkpoint file it lives in
-    shape: tuple[int, ...]
-    dtype: str         # safetensors dtype code, as stored in the base
-
-    def out_dtype(self, dtype: str) -> str:
-        return SAFE_DTYPES[dtype] if self.dtype in ("F32", "BF16", "F16", "F64") else self.dtype
-
-    def nbytes(self, dtype: str) -> int:
-        return math.prod(self.shape) * SAFE_BYTES[self.out_dtype(dtype)]
-
-
-def read_checkpoint(path: Path) -> list[TensorInfo]:
-    """Names, shapes and dtypes of every tensor in a safetensors checkpoint, from headers only."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = list(dict.fromkeys(weight_map.values()))
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    out = []
-    for fname in files:
-        with open(path / fname, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            if meta["dtype"] not in SAFE_BYTES:
-                raise InputError(f"{path / fname}: tensor {name} has dtype {meta['dtype']}, which merge does not "
-                                 "handle (already quantized?). Give the 16-bit base.")
-            out.append(TensorInfo(name, fname, tuple(meta["shape"]), meta["dtype"]))
-    if not out:
-        raise InputError(f"{path} holds no safetensors tensors")
-    return out
-
-
-def plan_shards(tensors: list[TensorInfo], dtype: str, max_bytes: int) -> list[list[TensorInfo]]:
-    """Group tensors, in checkpoint order, into output files of at most max_bytes (one big tensor may exceed)."""
-    shards: list[list[TensorInfo]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes(dtype) > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes(dtype)
-    return shards
-
-
-def shard_names(n: int) -> list[str]:
-    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
-def write_safetensors(path: Path, infos: list[TensorInfo], dtype: str, produce: Callable[[TensorInfo], Any]) -> str:
-    """Stream one safetensors file: header first (shapes are known), then each tensor as `produce` makes it.
-
-    Peak memory is one tensor; the sha256 is computed on the way out. Written to a temporary name and renamed.
-    """
-    import torch
-
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in infos:
-        n = t.nbytes(dtype)
-        header[t.name] = {"dtype": t.out_dtype(dtype), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    h = hashlib.sha256()
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        for chunk in (struct.pack("<Q", len(blob)), blob):
-            h.update(chunk)
-            f.write(chunk)
-        for t in infos:
-            tensor = produce(t)
-            want = getattr(torch, TORCH_NAME[t.out_dtype(dtype)])
-            if tuple(tensor.shape) != t.shape:
-                raise MergeCheckError(f"merged tensor {t.name} has shape {tuple(tensor.shape)}; the base has {t.shape}")
-            data = tensor.detach().to("cpu", want).contiguous().reshape(-1).view(torch.uint8).numpy()
-            h.update(data)
-            f.write(data)
-    os.replace(tmp, path)
-    return h.hexdigest()
-
-
-def finite_check(name: str, tensor: Any) -> str | None:
-    import torch
-
-    if not tensor.is_floating_point():
-        return None
-    if bool(torch.isfinite(tensor).all()):
-        return None
-    bad = ~torch.isfinite(tensor)
-    idx = tuple(int(i) for i in bad.nonzero()[0])
-    return (f"{name} has {int(bad.sum())} NaN/Inf values (first at index {idx}: {tensor[idx].item()}); "
-            "the adapter or base holds non-finite weights")
-
-
-# --------------------------------------------------------------------------- LoRA, read from the adapter files
-
-
-@dataclass
-class LoraUpdate:
-    a: Any = None
-    b: Any = None
-    scale: float = 1.0
-    transpose: bool = False  # fan_in_fan_out (Conv1D) or an embedding: delta is (B @ A).T
-    replace: Any = None      # modules_to_save: the trained copy replaces the base tensor
-
-
-@dataclass
-class Adapter:
-    config: dict[str, Any]
-    updates: dict[str, LoraUpdate] = field(default_factory=dict)  # base tensor name -> update
-
-
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """peft's rank_pattern / alpha_pattern: a key matches a module name at a dot boundary, as a regex."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters",
-               "alora_invocation_tokens")
-
-
-def read_adapter(adapter_dir: Path, base_names: set[str]) -> Adapter:
-    """Every update the adapter makes, keyed by the base tensor it changes (for the streaming merge)."""
-    from safetensors.torch import load_file
-
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise ConfigError(f"adapter is {cfg.get('peft_type')}, not LORA; mode: sharded merges LoRA only "
-                          "(mode: in_memory uses peft's own merge)")
-    used = [k for k in UNSUPPORTED if cfg.get(k)]
-    if cfg.get("bias", "none") != "none":
-        used.append(f"bias={cfg['bias']}")
-    if used:
-        raise ConfigError(f"adapter uses {', '.join(used)}; mode: sharded merges plain LoRA only. Set mode: in_memory")
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    adapter = Adapter(cfg)
-    r0, alpha0 = cfg["r"], cfg["lora_alpha"]
-    for key, tensor in weights.items():
-        name = key.removeprefix("base_model.model.")
-        m = re.match(r"^(.*)\.lora_(A|B|embedding_A|embedding_B)(\.weight)?$", name)
-        if m:
-            module, part = m.group(1), m.group(2)
-            target = f"{module}.weight"
-            up = adapter.updates.setdefault(target, LoraUpdate())
-            r = pattern_value(cfg.get("rank_pattern") or {}, module, r0)
-            alpha = pattern_value(cfg.get("alpha_pattern") or {}, module, alpha0)
-            up.scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-            up.transpose = part.startswith("embedding") or bool(cfg.get("fan_in_fan_out"))
-            if part.endswith("A"):
-                up.a = tensor
-            else:
-                up.b = tensor
-        elif name in base_names:  # modules_to_save: saved under the module's own name
-            adapter.updates.setdefault(name, LoraUpdate()).replace = tensor
-        else:
-            hint = (" (a module trained in full on a base with tied embeddings: its checkpoint stores no "
-                    f"{name}; the merge has to untie it)") if name.endswith("lm_head.weight") else ""
-            raise ConfigError(f"adapter tensor {key!r} is neither LoRA A/B nor a base tensor{hint}; mode: sharded "
-                              "cannot place it. Set mode: in_memory (peft unties and merges it)")
-    for target, up in adapter.updates.items():
-        if target not in base_names:
-            raise InputError(f"adapter changes {target}, which the base checkpoint does not have: is this the "
-                             "adapter's base model?")
-        if up.replace is None and (up.a is None or up.b is None):
-            raise InputError(f"adapter has only one of lora_A/lora_B for {target}")
-    return adapter
-
-
-def lora_merge(src: Any, up: LoraUpdate, device: str) -> Any:
-    """W' = W + scale * B @ A, in float32 (or the modules_to_save replacement)."""
-    import torch
-
-    if up.replace is not None:
-        return up.replace.to(device, torch.float32)
-    delta = up.b.to(device, torch.float32) @ up.a.to(device, torch.float32)
-    return src.to(torch.float32) + (delta.T if up.transpose else delta) * up.scale
-
-
-def probe(merged: Any, w_src: Any, up: LoraUpdate, device: str) -> float:
-    """Relative error of the merged weight against the unmerged computation on random inputs."""
-    import torch
-
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    a, b = up.a.to(device, torch.float32), up.b.to(device, torch.float32)
-    if up.transpose:  # embedding rows: compare rows picked by one-hot inputs through the same algebra
-        x = torch.randn(w_src.shape[1], 4, generator=gen).to(device)
-        want = w_src.float() @ x + ((b @ a).T @ x) * up.scale
-    else:
-        x = torch.randn(w_src.shape[1], 4, generator=gen).to(device)
-        want = w_src.float() @ x + (b @ (a @ x)) * up.scale
-    got = merged.float() @ x
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
-
-
-# --------------------------------------------------------------------------- the generation check
-
-
-def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
-    fmt = chat.chat_format(tokenizer)
-    return [chat.encode_prompt(tokenizer, fmt, [{"role": "user", "content": p}]) for p in prompts if p.strip()]
-
-
-def reference_run(model: Any, prompt_ids: list[list[int]], max_new_tokens: int, eos: list[int],
-                  device: str) -> list[tuple[list[int], int, Any]]:
-    """Greedy generation with the unmerged model, then the logits of that sequence (teacher-forced)."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for ids in prompt_ids:
-            x = torch.tensor([ids], device=device)
-            seq = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=eos[0])[0]
-            logits = model(input_ids=seq[None]).logits[0, len(ids) - 1: -1].float().cpu()
-            out.append((seq.tolist(), len(ids), logits))
-    return out
-
-
-def compare_run(model: Any, reference: list[tuple[list[int], int, Any]], tokenizer: Any, atol: float,
-                device: str) -> dict[str, Any]:
-    """The merged model on the reference sequences: same greedy choices, or logits within atol."""
-    import torch
-
-    results, first_failure = [], None
-    with torch.no_grad():
-        for i, (seq, n_prompt, ref_logits) in enumerate(reference):
-            logits = model(input_ids=torch.tensor([seq], device=device)).logits[0, n_prompt - 1: -1].float().cpu()
-            want = seq[n_prompt:]
-            got = logits.argmax(-1).tolist()
-            diff = float((logits - ref_logits).abs().max()) if len(want) else 0.0
-            first = next((j for j, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), None)
-            ok = first is None or diff <= atol
-            results.append({"prompt": i, "tokens": len(want), "tokens_equal": first is None,
-                            "first_diff_step": first, "max_logit_diff": diff, "ok": ok})
-            if not ok and first_failure is None:
-                first_failure = (f"prompt {i}, generated token {first}: base+adapter chose "
-                                 f"{want[first]} ({tokenizer.decode([want[first]])!r}), merged chose {got[first]} "
-                                 f"({tokenizer.decode([got[first]])!r}); max |logit diff| {diff:.4g} > {atol:g}")
-    return {"prompts": results, "tokens_equal": all(r["tokens_equal"] for r in results),
-            "max_logit_diff": max((r["max_logit_diff"] for r in results), default=0.0), "logit_atol": atol,
-            "ok": all(r["ok"] for r in results), "first_failure": first_failure}
 
 
 # --------------------------------------------------------------------------- the job
@@ -763,10 +472,6 @@ def run(config: Config) -> mf.Loaded:
         return mf.load(uri, verify="none")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def tensors_float(info: TensorInfo) -> bool:
-    return info.dtype in ("F32", "BF16", "F16", "F64")
 
 
 def _as_list(value: Any) -> list[Any]:

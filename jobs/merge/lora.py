@@ -1,0 +1,168 @@
+"""LoRA arithmetic for the streaming merge, read straight from the adapter files, and the 4-bit roundtrip.
+
+`read_adapter` maps every update to the base tensor it changes (A/B pairs with their scale, rank and
+alpha patterns, rsLoRA, fan_in_fan_out, modules_to_save replacements); `lora_merge` applies one;
+`probe` checks one merged tensor against the unmerged computation. `roundtrip_4bit` reproduces what a
+bitsandbytes Linear4bit weight looked like to training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError, InputError
+from jobs.merge.checks import DEFAULT_LOGIT_ATOL
+
+
+@dataclass(frozen=True)
+class Quant:
+    """The 4-bit settings the adapter trained with (train manifest `model.quantization`)."""
+
+    mode: str  # nf4 | fp4 | none
+    blocksize: int = 64
+    double_quant: bool = False
+    skip_modules: tuple[str, ...] = ()
+    dtype: str | None = None  # the dtype training loaded the base in before quantizing (compute_dtype)
+
+    @staticmethod
+    def from_manifest(q: dict[str, Any]) -> Quant:
+        mode = str(q.get("mode") or "none").lower()
+        if mode not in ("nf4", "fp4", "none"):
+            raise InputError(f"train manifest model.quantization.mode is {mode!r}; merge knows nf4, fp4 and none")
+        return Quant(mode=mode, blocksize=int(q.get("blocksize") or 64), double_quant=bool(q.get("double_quant")),
+                     skip_modules=tuple(q.get("skip_modules") or ()),
+                     dtype=q.get("compute_dtype") if q.get("compute_dtype") in DEFAULT_LOGIT_ATOL else None)
+
+
+def roundtrip_4bit(w: Any, quant: Quant) -> Any:
+    """dequantize(quantize(w)) exactly as bitsandbytes does it for a Linear4bit weight."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    src = w.to(getattr(torch, quant.dtype)) if quant.dtype else w  # quantize what training quantized
+    packed, state = bnbf.quantize_4bit(src.contiguous(), blocksize=quant.blocksize,
+                                       compress_statistics=quant.double_quant, quant_type=quant.mode)
+    return bnbf.dequantize_4bit(packed, state).to(w.dtype)
+
+
+def quantized_weight_names(model: Any, quant: Quant) -> set[str]:
+    """Weights bitsandbytes turns into 4-bit when a QLoRA run loads this model: every nn.Linear except the
+    output embeddings (and tied / last modules), as transformers decides, minus the configured skips."""
+    import torch
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    skip = set(get_keys_to_not_convert(model)) | set(quant.skip_modules)
+    out = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip):
+            out.add(f"{name}.weight")
+    return out
+
+
+
+
+@dataclass
+class LoraUpdate:
+    a: Any = None
+    b: Any = None
+    scale: float = 1.0
+    transpose: bool = False  # fan_in_fan_out (Conv1D) or an embedding: delta is (B @ A).T
+    replace: Any = None      # modules_to_save: the trained copy replaces the base tensor
+
+
+@dataclass
+class Adapter:
+    config: dict[str, Any]
+    updates: dict[str, LoraUpdate] = field(default_factory=dict)  # base tensor name -> update
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's rank_pattern / alpha_pattern: a key matches a module name at a dot boundary, as a regex."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters",
+               "alora_invocation_tokens")
+
+
+def read_adapter(adapter_dir: Path, base_names: set[str]) -> Adapter:
+    """Every update the adapter makes, keyed by the base tensor it changes (for the streaming merge)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ConfigError(f"adapter is {cfg.get('peft_type')}, not LORA; mode: sharded merges LoRA only "
+                          "(mode: in_memory uses peft's own merge)")
+    used = [k for k in UNSUPPORTED if cfg.get(k)]
+    if cfg.get("bias", "none") != "none":
+        used.append(f"bias={cfg['bias']}")
+    if used:
+        raise ConfigError(f"adapter uses {', '.join(used)}; mode: sharded merges plain LoRA only. Set mode: in_memory")
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    adapter = Adapter(cfg)
+    r0, alpha0 = cfg["r"], cfg["lora_alpha"]
+    for key, tensor in weights.items():
+        name = key.removeprefix("base_model.model.")
+        m = re.match(r"^(.*)\.lora_(A|B|embedding_A|embedding_B)(\.weight)?$", name)
+        if m:
+            module, part = m.group(1), m.group(2)
+            target = f"{module}.weight"
+            up = adapter.updates.setdefault(target, LoraUpdate())
+            r = pattern_value(cfg.get("rank_pattern") or {}, module, r0)
+            alpha = pattern_value(cfg.get("alpha_pattern") or {}, module, alpha0)
+            up.scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+            up.transpose = part.startswith("embedding") or bool(cfg.get("fan_in_fan_out"))
+            if part.endswith("A"):
+                up.a = tensor
+            else:
+                up.b = tensor
+        elif name in base_names:  # modules_to_save: saved under the module's own name
+            adapter.updates.setdefault(name, LoraUpdate()).replace = tensor
+        else:
+            hint = (" (a module trained in full on a base with tied embeddings: its checkpoint stores no "
+                    f"{name}; the merge has to untie it)") if name.endswith("lm_head.weight") else ""
+            raise ConfigError(f"adapter tensor {key!r} is neither LoRA A/B nor a base tensor{hint}; mode: sharded "
+                              "cannot place it. Set mode: in_memory (peft unties and merges it)")
+    for target, up in adapter.updates.items():
+        if target not in base_names:
+            raise InputError(f"adapter changes {target}, which the base checkpoint does not have: is this the "
+                             "adapter's base model?")
+        if up.replace is None and (up.a is None or up.b is None):
+            raise InputError(f"adapter has only one of lora_A/lora_B for {target}")
+    return adapter
+
+
+def lora_merge(src: Any, up: LoraUpdate, device: str) -> Any:
+    """W' = W + scale * B @ A, in float32 (or the modules_to_save replacement)."""
+    import torch
+
+    if up.replace is not None:
+        return up.replace.to(device, torch.float32)
+    delta = up.b.to(device, torch.float32) @ up.a.to(device, torch.float32)
+    return src.to(torch.float32) + (delta.T if up.transpose else delta) * up.scale
+
+
+def probe(merged: Any, w_src: Any, up: LoraUpdate, device: str) -> float:
+    """Relative error of the merged weight against the unmerged computation on random inputs."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a, b = up.a.to(device, torch.float32), up.b.to(device, torch.float32)
+    if up.transpose:  # embedding rows: compare rows picked by one-hot inputs through the same algebra
+        x = torch.randn(w_src.shape[1], 4, generator=gen).to(device)
+        want = w_src.float() @ x + ((b @ a).T @ x) * up.scale
+    else:
+        x = torch.randn(w_src.shape[1], 4, generator=gen).to(device)
+        want = w_src.float() @ x + (b @ (a @ x)) * up.scale
+    got = merged.float() @ x
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+

@@ -1,0 +1,134 @@
+"""Safetensors without loading a model: read a checkpoint's headers, plan output shards, stream a file out.
+
+merge writes every output file through `write_safetensors`, tensor by tensor, so its peak memory is one
+tensor whatever the model's size, and the sha256 the manifest needs is computed on the way out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import InputError
+from jobs.merge.checks import MergeCheckError
+
+SAFE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
+               "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+SAFE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+TORCH_NAME = {v: k for k, v in SAFE_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str          # base checkpoint file it lives in
+    shape: tuple[int, ...]
+    dtype: str         # safetensors dtype code, as stored in the base
+
+    def out_dtype(self, dtype: str) -> str:
+        return SAFE_DTYPES[dtype] if self.dtype in ("F32", "BF16", "F16", "F64") else self.dtype
+
+    def nbytes(self, dtype: str) -> int:
+        return math.prod(self.shape) * SAFE_BYTES[self.out_dtype(dtype)]
+
+
+def read_checkpoint(path: Path) -> list[TensorInfo]:
+    """Names, shapes and dtypes of every tensor in a safetensors checkpoint, from headers only."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    out = []
+    for fname in files:
+        with open(path / fname, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if meta["dtype"] not in SAFE_BYTES:
+                raise InputError(f"{path / fname}: tensor {name} has dtype {meta['dtype']}, which merge does not "
+                                 "handle (already quantized?). Give the 16-bit base.")
+            out.append(TensorInfo(name, fname, tuple(meta["shape"]), meta["dtype"]))
+    if not out:
+        raise InputError(f"{path} holds no safetensors tensors")
+    return out
+
+
+def plan_shards(tensors: list[TensorInfo], dtype: str, max_bytes: int) -> list[list[TensorInfo]]:
+    """Group tensors, in checkpoint order, into output files of at most max_bytes (one big tensor may exceed)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes(dtype) > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes(dtype)
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_safetensors(path: Path, infos: list[TensorInfo], dtype: str, produce: Callable[[TensorInfo], Any]) -> str:
+    """Stream one safetensors file: header first (shapes are known), then each tensor as `produce` makes it.
+
+    Peak memory is one tensor; the sha256 is computed on the way out. Written to a temporary name and renamed.
+    """
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in infos:
+        n = t.nbytes(dtype)
+        header[t.name] = {"dtype": t.out_dtype(dtype), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    h = hashlib.sha256()
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        for chunk in (struct.pack("<Q", len(blob)), blob):
+            h.update(chunk)
+            f.write(chunk)
+        for t in infos:
+            tensor = produce(t)
+            want = getattr(torch, TORCH_NAME[t.out_dtype(dtype)])
+            if tuple(tensor.shape) != t.shape:
+                raise MergeCheckError(f"merged tensor {t.name} has shape {tuple(tensor.shape)}; the base has {t.shape}")
+            data = tensor.detach().to("cpu", want).contiguous().reshape(-1).view(torch.uint8).numpy()
+            h.update(data)
+            f.write(data)
+    os.replace(tmp, path)
+    return h.hexdigest()
+
+
+def finite_check(name: str, tensor: Any) -> str | None:
+    import torch
+
+    if not tensor.is_floating_point():
+        return None
+    if bool(torch.isfinite(tensor).all()):
+        return None
+    bad = ~torch.isfinite(tensor)
+    idx = tuple(int(i) for i in bad.nonzero()[0])
+    return (f"{name} has {int(bad.sum())} NaN/Inf values (first at index {idx}: {tensor[idx].item()}); "
+            "the adapter or base holds non-finite weights")
+
+
+
+
+def tensors_float(info: TensorInfo) -> bool:
+    return info.dtype in ("F32", "BF16", "F16", "F64")
+
