@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,24 @@ def prepared(s3_endpoint, tiny_tokenizer) -> mf.Loaded:
 
 
 @pytest.fixture(scope="module")
-def trained(prepared, tiny_model) -> tuple[train.Config, mf.Loaded]:
+def tensorboard_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tensorboard")
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tiny_model, tensorboard_dir) -> tuple[train.Config, mf.Loaded]:
     config = train.Config(input=prepared.uri, base_model=str(tiny_model), output=storage.join(prepared.prefix,
-                          "..", "train").replace("/prepare/../", "/"), **TINY)
-    return config, train.run(config)
+                          "..", "train").replace("/prepare/../", "/"), report_to="tensorboard",
+                          run_name="tb-run", **TINY)
+    old = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir)
+    try:
+        return config, train.run(config)
+    finally:
+        if old is None:
+            del os.environ["TENSORBOARD_LOGGING_DIR"]
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = old
 
 
 def test_loss_falls_and_the_manifest_records_the_run(trained, prepared, tiny_model):
@@ -66,6 +81,19 @@ def test_loss_falls_and_the_manifest_records_the_run(trained, prepared, tiny_mod
     # Checkpoints are removed once the manifest is published.
     assert not storage.list_objects(checkpoints.root(config.output))
     mf.verify_artifacts(loaded, full=True)
+
+
+def test_every_step_reaches_tensorboard(trained, tensorboard_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, loaded = trained
+    events = EventAccumulator(str(tensorboard_dir / "tb-run"))
+    events.Reload()
+    curve = json.loads(storage.read_bytes(loaded.resolve(loaded.manifest.artifact("loss_curve.json"))))
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in logged] == [p["step"] for p in curve["train"]] == list(range(1, 17))
+    assert [v for _, v in logged] == pytest.approx([p["loss"] for p in curve["train"]], abs=1e-5)
+    assert [e.step for e in events.Scalars("eval/loss")] == [8, 16]
 
 
 def test_adapter_loads_with_peft_and_changes_the_model(trained, tiny_model, tmp_path):
