@@ -72,6 +72,7 @@ from jobs.merge.lora import (
     quantized_weight_names,
     read_adapter,
     roundtrip_4bit,
+    tied_head,
 )
 from jobs.merge.tensors import (
     TensorInfo,
@@ -293,7 +294,7 @@ def run(config: Config) -> mf.Loaded:
         from peft import PeftModel
 
         reference = None
-        untied = False  # in_memory: a head trained in full on a tied base becomes its own tensor
+        untied = False  # a head trained on a tied base becomes its own tensor (tie_word_embeddings: false)
         probes: dict[str, float] = {}
         handles: dict[str, Any] = {}  # open base checkpoint files (sharded mode)
         if mode == "in_memory":
@@ -305,13 +306,16 @@ def run(config: Config) -> mf.Loaded:
                 reference = reference_run(peft_model, prompt_ids, config.checks.max_new_tokens, eos, device)
             timings["check"] = time.monotonic() - t
             t = time.monotonic()
+            tied = bool(base_cfg.get("tie_word_embeddings"))
+            if tied:
+                untie_adapted_head(peft_model.get_base_model())
             merged_model = peft_model.merge_and_unload()
             state = merged_model.state_dict()
-            if base_cfg.get("tie_word_embeddings") and not merged_model.config.tie_word_embeddings:
-                # The output head was trained in full on a tied base: peft untied it, and the base checkpoint
-                # holds no tensor for it. Write it, and say so in config.json, or loading re-ties the head to
-                # the input embeddings and the trained head is silently lost.
-                head = merged_model.get_output_embeddings().weight
+            head = merged_model.get_output_embeddings().weight
+            if tied and head.data_ptr() != merged_model.get_input_embeddings().weight.data_ptr():
+                # The output head was trained on a tied base: it is its own tensor now, and the base checkpoint
+                # holds none for it. Write it, and say so in config.json, or loading re-ties the head to the
+                # input embeddings and the trained head is silently lost.
                 head_name = next(n for n, p in merged_model.named_parameters(remove_duplicate=False) if p is head)
                 if head_name not in names:
                     like = next(x for x in tensors if x.shape == tuple(head.shape))
@@ -335,14 +339,24 @@ def run(config: Config) -> mf.Loaded:
                 gc.collect()  # the reference model is not needed while streaming
             timings["check"] = time.monotonic() - t
             t = time.monotonic()
-            adapter = read_adapter(adapter_dir, names)
             rt_names: set[str] = set()
-            if roundtrip is not None:
-                with torch.device("meta"):
+            aliases: dict[str, str] = {}  # a tied base's head -> the embedding the checkpoint stores for it
+            if roundtrip is not None or base_cfg.get("tie_word_embeddings"):
+                with torch.device("meta"):  # the structure only: no weights are allocated
                     skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
                         str(ref.path), trust_remote_code=config.trust_remote_code),
                         trust_remote_code=config.trust_remote_code)
-                rt_names = quantized_weight_names(skeleton, roundtrip) & names
+                if roundtrip is not None:
+                    rt_names = quantized_weight_names(skeleton, roundtrip) & names
+                if base_cfg.get("tie_word_embeddings"):
+                    aliases = tied_head(skeleton, names)
+            adapter = read_adapter(adapter_dir, names | set(aliases))
+            for head_name, embed_name in aliases.items():
+                if head_name in adapter.updates:  # the head was trained: it becomes its own tensor
+                    like = next(x for x in tensors if x.name == embed_name)
+                    tensors.append(TensorInfo(head_name, like.file, like.shape, like.dtype))
+                    names.add(head_name)
+                    untied = True
             from safetensors import safe_open
 
             torch_dtype = getattr(torch, dtype)
@@ -350,10 +364,15 @@ def run(config: Config) -> mf.Loaded:
             def produce(info_: TensorInfo) -> Any:
                 if info_.file not in handles:
                     handles[info_.file] = safe_open(str(ref.path / info_.file), "pt")
-                w = handles[info_.file].get_tensor(info_.name)
+                w = handles[info_.file].get_tensor(aliases.get(info_.name, info_.name))
                 up = adapter.updates.get(info_.name)
                 if up is None and info_.name not in rt_names:
                     return w
+                if up is not None and up.source is not None:
+                    if tuple(up.source.shape) != info_.shape:
+                        raise ConfigError(f"the adapter saves {info_.name} as {tuple(up.source.shape)}; the base "
+                                          f"has {info_.shape} (vocabulary resized?). Set mode: in_memory")
+                    w = up.source
                 src = w.to(device, torch_dtype)
                 if info_.name in rt_names:
                     src = roundtrip_4bit(src, quant)
@@ -476,6 +495,21 @@ def run(config: Config) -> mf.Loaded:
 
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def untie_adapted_head(model: Any) -> None:
+    """Give a LoRA-adapted output head its own copy of a tied weight before peft merges into it.
+
+    Otherwise W += B @ A lands in the one tensor the head shares with the input embeddings and changes
+    both (peft warns about tied target modules; the generation check catches the result). A head under
+    modules_to_save needs nothing: peft replaces it with the trained copy.
+    """
+    import torch
+
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    base_layer = getattr(head, "base_layer", None)
+    if base_layer is not None and base_layer.weight.data_ptr() == embed.weight.data_ptr():
+        base_layer.weight = torch.nn.Parameter(base_layer.weight.detach().clone(), requires_grad=False)
 
 
 def write_folder_files(out_dir: Path, base: Path, base_cfg: dict[str, Any], dtype: str, tokenizer: Any,

@@ -73,6 +73,7 @@ class LoraUpdate:
     scale: float = 1.0
     transpose: bool = False  # fan_in_fan_out (Conv1D) or an embedding: delta is (B @ A).T
     replace: Any = None      # modules_to_save: the trained copy replaces the base tensor
+    source: Any = None       # peft saved the base layer itself (save_embedding_layers): merge into this
 
 
 @dataclass
@@ -93,8 +94,27 @@ UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "trainable_token_in
                "alora_invocation_tokens")
 
 
+def tied_head(model: Any, stored: set[str]) -> dict[str, str]:
+    """{output head weight: input embedding weight} when the checkpoint stores only the embedding (tied).
+
+    A head trained on such a base (modules_to_save, or LoRA on the head) no longer equals the embedding:
+    the merged model has to store it as its own tensor, starting from the embedding's values.
+    """
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None:
+        return {}
+    modules = {id(m): n for n, m in model.named_modules()}
+    head_name, embed_name = f"{modules[id(head)]}.weight", f"{modules[id(embed)]}.weight"
+    if head_name in stored or embed_name not in stored:
+        return {}
+    return {head_name: embed_name}
+
+
 def read_adapter(adapter_dir: Path, base_names: set[str]) -> Adapter:
-    """Every update the adapter makes, keyed by the base tensor it changes (for the streaming merge)."""
+    """Every update the adapter makes, keyed by the base tensor it changes (for the streaming merge).
+
+    base_names: the tensors the merged model will have (a tied base's head included, see `tied_head`).
+    """
     from safetensors.torch import load_file
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -124,18 +144,22 @@ def read_adapter(adapter_dir: Path, base_names: set[str]) -> Adapter:
                 up.a = tensor
             else:
                 up.b = tensor
+        elif name.endswith(".base_layer.weight") and name.replace(".base_layer", "") in base_names:
+            # peft saves an embedding-like target's base weight (vocabulary resized, or a head tied to the
+            # embeddings); loading the adapter puts it in place of the checkpoint's, so the merge starts there.
+            adapter.updates.setdefault(name.replace(".base_layer", ""), LoraUpdate()).source = tensor
         elif name in base_names:  # modules_to_save: saved under the module's own name
             adapter.updates.setdefault(name, LoraUpdate()).replace = tensor
         else:
-            hint = (" (a module trained in full on a base with tied embeddings: its checkpoint stores no "
-                    f"{name}; the merge has to untie it)") if name.endswith("lm_head.weight") else ""
-            raise ConfigError(f"adapter tensor {key!r} is neither LoRA A/B nor a base tensor{hint}; mode: sharded "
-                              "cannot place it. Set mode: in_memory (peft unties and merges it)")
+            raise ConfigError(f"adapter tensor {key!r} is neither LoRA A/B nor a tensor of the base checkpoint; "
+                              "mode: sharded cannot place it. Set mode: in_memory (peft's own merge)")
     for target, up in adapter.updates.items():
         if target not in base_names:
             raise InputError(f"adapter changes {target}, which the base checkpoint does not have: is this the "
                              "adapter's base model?")
-        if up.replace is None and (up.a is None or up.b is None):
+        if up.replace is None and up.a is None and up.b is None:  # a saved base layer and no LoRA on it
+            up.replace = up.source
+        elif up.replace is None and (up.a is None or up.b is None):
             raise InputError(f"adapter has only one of lora_A/lora_B for {target}")
     return adapter
 

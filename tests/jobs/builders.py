@@ -18,7 +18,8 @@ from common import manifest as mf
 
 def publish_adapter(prefix: str, base_model: Path, *, r: int = 8, alpha: int = 16, seed: int = 0,
                     modules_to_save: list[str] | None = None, scale: float = 1.0, saved_noise: float = 0.0,
-                    quantization: dict[str, Any] | None = None) -> mf.Loaded:
+                    quantization: dict[str, Any] | None = None,
+                    target_modules: str | list[str] = "all-linear") -> mf.Loaded:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,7 +27,7 @@ def publish_adapter(prefix: str, base_model: Path, *, r: int = 8, alpha: int = 1
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(base_model))
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
                       modules_to_save=modules_to_save, init_lora_weights=False, task_type="CAUSAL_LM")
     model = get_peft_model(base, lora)
     with torch.no_grad():

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from common import chat, storage
 from common import manifest as mf
@@ -279,8 +280,9 @@ def test_merged_folder_generates_in_vllm_cpu_as_in_transformers(merged: tuple[mf
     assert from_vllm == [greedy(model, p, 8) for p in prompts]
 
 
-def test_head_trained_in_full_on_a_tied_base_is_untied_by_in_memory_and_refused_by_sharded(
-        tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["modules_to_save", "lora"])
+def test_head_trained_on_a_tied_base_is_untied_alike_by_both_modes(tiny_model: Path, tmp_path: Path,
+                                                                   how: str) -> None:
     from transformers import AutoModelForCausalLM
 
     tied = tmp_path / "tied"
@@ -290,12 +292,20 @@ def test_head_trained_in_full_on_a_tied_base_is_untied_by_in_memory_and_refused_
     model.save_pretrained(str(tied))
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tiny_model / f, tied / f)
-    train = publish_adapter(str(tmp_path / "train"), tied, modules_to_save=["lm_head"], saved_noise=0.05)
-    with pytest.raises(ConfigError, match="tied embeddings"):
-        do_merge(input=train.uri, output=str(tmp_path / "sharded"), mode="sharded")
-    out = do_merge(input=train.uri, output=str(tmp_path / "in_memory"), mode="in_memory")
-    assert out.manifest.metrics["checks_passed"]
-    cfg = json.loads((tmp_path / "in_memory" / "model" / "config.json").read_text())
-    assert cfg.get("tie_word_embeddings") is False
-    merged = weights(tmp_path / "in_memory" / "model")
-    assert not merged["lm_head.weight"].equal(merged["model.embed_tokens.weight"])
+    assert "lm_head.weight" not in weights(tied)
+    head: dict[str, Any] = ({"modules_to_save": ["lm_head"], "saved_noise": 0.05} if how == "modules_to_save"
+                            else {"target_modules": ["q_proj", "v_proj", "lm_head"], "scale": 5.0})
+    train = publish_adapter(str(tmp_path / "train"), tied, **head)
+    merged = {}
+    for mode in ("in_memory", "sharded"):
+        out = do_merge(input=train.uri, output=str(tmp_path / mode), mode=mode)
+        assert out.manifest.metrics["checks_passed"] and out.manifest.stats["mode"] == mode
+        cfg = json.loads((tmp_path / mode / "model" / "config.json").read_text())
+        assert cfg.get("tie_word_embeddings") is False, mode
+        merged[mode] = weights(tmp_path / mode / "model")
+    assert merged["in_memory"].keys() == merged["sharded"].keys()
+    for name, tensor in merged["in_memory"].items():
+        torch.testing.assert_close(merged["sharded"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    base = weights(tied)["model.embed_tokens.weight"]
+    assert merged["sharded"]["model.embed_tokens.weight"].equal(base)  # the input embedding is untouched
+    assert not merged["sharded"]["lm_head.weight"].equal(base)
