@@ -34,7 +34,13 @@ RUN python3 -m venv /opt/ftjobs \
  && if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
  && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi \
  && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels "$TORCH_SPEC" \
- && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels "$TORCH_SPEC" "/src[train,tracking]" \
+ && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels "$TORCH_SPEC" "/src[train]" \
+ && /opt/ftjobs/bin/pip uninstall --yes ftjobs
+# The experiment trackers `report_to` names (TensorBoard, MLflow, wandb) in a layer of their own, so
+# train and merge keep sharing the large layer above.
+# hadolint ignore=DL3013
+RUN if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
+ && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels "/src[train,tracking]" \
  && /opt/ftjobs/bin/pip uninstall --yes ftjobs
 
 # ---- source
