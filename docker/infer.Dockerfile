@@ -14,6 +14,7 @@ ARG BASE_DIGEST=@sha256:014a95f21c9edf6abe0aea6b07353f96baa4ec291c427bb1176dc7c9
 
 ARG VLLM_SPEC=""
 ARG TORCH_SPEC=""
+ARG TORCH_INDEX_URL=""
 # ---- dependencies: only pyproject.toml, so source edits do not reinstall them
 FROM ${BASE_IMAGE}${BASE_DIGEST} AS deps
 # Optional build inputs, empty unless docker/build-images.sh fills them: a CA bundle for
@@ -30,12 +31,14 @@ COPY pyproject.toml /src/
 # text models need none of them (shared/facts.md).
 ARG VLLM_SPEC
 ARG TORCH_SPEC
+ARG TORCH_INDEX_URL
 # hadolint ignore=DL3013
 RUN python3 -c 'import site; print("\n".join(site.getsitepackages()))' > /tmp/base-site.txt \
  && python3 -m venv /opt/ftjobs \
  && cp /tmp/base-site.txt "$(/opt/ftjobs/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/base-image.pth" \
  && mkdir -p /src/common /src/jobs && touch /src/README.md /src/common/__init__.py /src/jobs/__init__.py \
  && if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
+ && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi \
  && if [ -n "$VLLM_SPEC" ]; then \
       /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels $TORCH_SPEC "$VLLM_SPEC" \
       && /opt/ftjobs/bin/pip uninstall --yes torchvision torchaudio torchcodec; \
