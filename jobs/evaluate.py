@@ -23,7 +23,12 @@ and set) and `differences.jsonl` (examples where the sets disagree), then
 `--fail-if-worse METRIC` is a CI gate: after publishing, exit 4 when a
 candidate does not beat the baseline on METRIC (strictly higher). Exit 4 is
 a verdict, not a failure to retry; a re-run of a finished evaluation gives
-the same verdict.
+the same verdict. A set with no value for METRIC (e.g. no row has a
+reference) exits 3: there is nothing to compare.
+
+Sets whose rows lack references are named in a warning and in the report. When
+no set has a single reference and no checks are configured there is nothing
+to score: exit 3, before anything is written.
 
     ftjobs evaluate --predictions runs/r1/infer-base --predictions runs/r1/infer-finetuned \\
         --output runs/r1/evaluate --fail-if-worse exact_match
@@ -279,11 +284,15 @@ def read_predictions(loaded: mf.Loaded, tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def default_label(m: mf.Manifest, index: int) -> str:
-    info = m.model
+def default_label(loaded: mf.Loaded, index: int) -> str:
+    info = loaded.manifest.model
     if info.get("label"):
         return str(info["label"])
     model = str(info.get("model") or info.get("base_model") or info.get("source") or f"set{index}")
+    if model.rstrip("/").endswith(".json"):
+        # A merged model is named by its merge manifest, whose file name says nothing; the folder
+        # infer wrote to (e.g. infer-finetuned) is what the user chose to call this set.
+        return storage.parent(storage.normalize(loaded.uri)).rstrip("/").split("/")[-1] or f"set{index}"
     name = model.rstrip("/").split("/")[-1] or model
     return f"{name}+adapter" if info.get("adapter") else name
 
@@ -322,7 +331,7 @@ def run(config: Config) -> mf.Loaded:
         return done
 
     labels = list(config.labels) if config.labels else unique(
-        [default_label(lo.manifest, i) for i, lo in enumerate(loaded)])
+        [default_label(lo, i) for i, lo in enumerate(loaded)])
     validator = load_schema(config.checks.json_schema) if config.checks.json_schema is not None else None
     sets = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -351,6 +360,17 @@ def run(config: Config) -> mf.Loaded:
             "errors": sum(1 for r in rows if r.get("error")),
             "mean_completion_tokens": mean([float(t) for t in tokens]),
         }
+    notes = reference_notes(summary)
+    for note in notes:
+        LOG.warning("%s", note)
+    if names == list(REFERENCE_METRICS) and not any(v["rows"] - v["rows_without_reference"]
+                                                     for v in summary.values()):
+        raise InputError(
+            "nothing to score: " + "; ".join(f"{label}: 0 of {v['rows']} rows have a reference"
+                                             for label, v in summary.items())
+            + "; and no checks are configured. Evaluate predictions made from prompts with references (a "
+              "prepare manifest, or a 'reference' column in the prompts file), or configure checks "
+              "(checks.json_valid, checks.json_schema, checks.regex).")
     comparisons: dict[str, Any] = {}
     differing: list[str] = []
     for i, s in enumerate(sets[1:], start=1):
@@ -388,7 +408,7 @@ def run(config: Config) -> mf.Loaded:
     writer.add_bytes("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples).encode(),
                      "differences.jsonl", rows=len(examples))
     report = {"run_id": run_id, "sets": details, "summary": summary, "comparisons": comparisons, "names": names,
-              "examples": examples, "differing": len(differing), "checks": config.checks}
+              "examples": examples, "differing": len(differing), "checks": config.checks, "notes": notes}
     writer.add_bytes(render_markdown(report).encode(), "report.md")
     writer.add_bytes(render_html(report, chart).encode(), "report.html")
     t_write = time.monotonic()
@@ -410,6 +430,19 @@ def run(config: Config) -> mf.Loaded:
     return result
 
 
+def reference_notes(summary: dict[str, Any]) -> list[str]:
+    """One line per set whose rows lack references: the reference metrics skip those rows."""
+    notes = []
+    for label, values in summary.items():
+        missing, total = values["rows_without_reference"], values["rows"]
+        if missing and missing == total:
+            notes.append(f"{label}: {missing} of {total} rows have no reference; reference metrics are n/a")
+        elif missing:
+            notes.append(f"{label}: {missing} of {total} rows have no reference; reference metrics use the other "
+                         f"{total - missing}")
+    return notes
+
+
 def gate(metrics: dict[str, Any], metric: str | None, uri: str) -> None:
     """--fail-if-worse: every candidate must score strictly higher than the baseline."""
     if metric is None:
@@ -418,9 +451,22 @@ def gate(metrics: dict[str, Any], metric: str | None, uri: str) -> None:
     sets = metrics["sets"]
     if metric not in sets[baseline]:
         raise ConfigError(f"fail_if_worse={metric!r}: {uri} did not compute that metric")
+    # A metric that was not computed is not 0%: comparing it would pass or fail the gate on nothing.
+    for label, values in sets.items():
+        if values.get(metric) is None:
+            who = f"the baseline {label}" if label == baseline else label
+            total = values.get("rows", 0)
+            if metric in REFERENCE_METRICS:
+                why = f"{total - values.get('rows_without_reference', 0)} of {total} rows have a reference"
+                fix = ("Evaluate predictions made from prompts with references (a prepare manifest, or a "
+                       "'reference' column in the prompts file), or gate on a check metric.")
+            else:
+                why, fix = f"{total} rows", "Evaluate predictions that hold rows."
+            raise InputError(f"--fail-if-worse {metric}: {who} has no {metric} ({why}); nothing to compare. "
+                             f"{fix} Report: {uri}")
     worse = [f"{label} {values[metric]:.4f} <= baseline {baseline} {sets[baseline][metric]:.4f}"
              for label, values in sets.items()
-             if label != baseline and (values[metric] or 0.0) <= (sets[baseline][metric] or 0.0)]
+             if label != baseline and values[metric] <= sets[baseline][metric]]
     if worse:
         raise GateFailed(f"--fail-if-worse {metric}: " + "; ".join(worse) + f". Report published: {uri}")
     LOG.info("gate passed: every candidate beats %s on %s", baseline, metric)
@@ -513,6 +559,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              "interval.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if report.get("notes"):
+        lines += ["", "**Notes**:", ""] + [f"- {note}." for note in report["notes"]]
     lines += ["", "![metrics](chart.png)", "", "## Models", ""]
     lines += [f"- **{s['label']}**: `{s['manifest']}`" + "".join(
         f", {k}: `{v}`" for k, v in s["model"].items() if k in ("model", "base_model", "adapter", "source") and v)
@@ -546,6 +594,7 @@ def render_html(report: dict[str, Any], chart: bytes) -> str:
     parts += ["<tr>" + f"<td>{esc(r[0])}</td>" + "".join(f"<td class='num'>{esc(c)}</td>" for c in r[1:]) + "</tr>"
               for r in rows]
     parts.append("</table>")
+    parts += [f"<p><b>Note</b>: {esc(note)}.</p>" for note in report.get("notes", [])]
     parts.append(f"<img alt='metrics chart' src='data:image/png;base64,{base64.b64encode(chart).decode()}'>")
     parts.append("<h2>Models</h2><ul>")
     parts += [f"<li><b>{esc(s['label'])}</b>: <code>{esc(s['manifest'])}</code></li>" for s in report["sets"]]

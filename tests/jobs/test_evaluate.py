@@ -37,7 +37,8 @@ REFERENCES = {f"r{i}": json.dumps({"name": n, "age": 20 + i}) for i, n in enumer
 
 
 def publish_predictions(prefix: str, completions: dict[str, str | None], *, label: str | None = None,
-                        adapter: str | None = None, shards: int = 2, table: pa.Table | None = None) -> str:
+                        adapter: str | None = None, shards: int = 2, table: pa.Table | None = None,
+                        model_uri: str = "tiny") -> str:
     """An infer manifest with `completions` (id -> text) against REFERENCES, split over `shards` files."""
     ids = list(completions)
     rows = [{"id": rid, "prompt": [{"role": "user", "content": f"Extract the record: {REFERENCES.get(rid)}"}],
@@ -52,7 +53,7 @@ def publish_predictions(prefix: str, completions: dict[str, str | None], *, labe
         pq.write_table(part, buf)
         writer.add_bytes(buf.getvalue(), f"predictions/part-{n:05d}.parquet", name=f"predictions/part-{n:05d}",
                          rows=part.num_rows)
-    model = {"model": "tiny", "adapter": adapter} | ({"label": label} if label else {})
+    model = {"model": model_uri, "adapter": adapter} | ({"label": label} if label else {})
     m = mf.build(stage="infer", run_id=mf.new_run_id(), config={"model": "tiny"}, inputs=[],
                  artifacts=writer.artifacts, model=model)
     return mf.publish(prefix, m)
@@ -143,12 +144,79 @@ def test_labels_default_from_model_identity_and_are_unique(tmp_path: Path) -> No
     assert loaded.manifest.metrics["comparisons"]["tiny#2"]["metrics"]["exact_match"]["delta"] == 0
 
 
-def test_rows_without_reference_are_counted_and_skipped(tmp_path: Path) -> None:
+def test_a_merged_model_is_labelled_by_its_infer_folder_not_manifest_json(tmp_path: Path) -> None:
+    base = publish_predictions(f"{tmp_path}/infer-base", BASE, model_uri="demo/base-model")
+    merged = publish_predictions(f"{tmp_path}/infer-finetuned", TUNED,
+                                 model_uri=f"{tmp_path}/merge/manifest.json")
+    loaded = evaluate.run(evaluate.Config(predictions=[base, merged], output=f"{tmp_path}/eval", bootstrap=0))
+    assert loaded.manifest.model["labels"] == ["base-model", "infer-finetuned"]
+    assert "Candidates: **infer-finetuned**" in storage.read_text(f"{tmp_path}/eval/report.md")
+
+
+def test_rows_without_reference_are_counted_skipped_and_named(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     base = publish_predictions(f"{tmp_path}/a", BASE | {"x9": "free text"})
     tuned = publish_predictions(f"{tmp_path}/b", TUNED | {"x9": "free text"})
     loaded = evaluate.run(evaluate.Config(predictions=[base, tuned], output=f"{tmp_path}/eval"))
     s = loaded.manifest.metrics["sets"]["tiny"]
     assert s["rows"] == 5 and s["rows_without_reference"] == 1 and s["exact_match"] == pytest.approx(0.25)
+    note = "tiny: 1 of 5 rows have no reference; reference metrics use the other 4"
+    assert note in caplog.text
+    assert note in storage.read_text(f"{tmp_path}/eval/report.md")
+    assert note in storage.read_text(f"{tmp_path}/eval/report.html")
+
+
+NO_REF = {"x1": '{"a": 1}', "x2": "plain", "x3": "[]"}
+
+
+def test_no_reference_anywhere_and_no_checks_is_nothing_to_score(tmp_path: Path) -> None:
+    a = publish_predictions(f"{tmp_path}/a", NO_REF, label="base")
+    b = publish_predictions(f"{tmp_path}/b", NO_REF, label="tuned")
+    result = run_cli(["--predictions", a, "--predictions", b, "--output", f"{tmp_path}/e"])
+    assert result.exit_code == 3, result.output
+    assert "nothing to score: base: 0 of 3 rows have a reference; tuned: 0 of 3" in result.output
+    assert "configure checks" in result.output and "Traceback" not in result.output
+    assert not storage.list_objects(f"{tmp_path}/e")  # refused before writing anything
+
+    # With a check there is something to score: the run succeeds and says the reference metrics are n/a.
+    result = run_cli(["--predictions", a, "--predictions", b, "--output", f"{tmp_path}/e2",
+                      "--set", "checks.json_valid=true"])
+    assert result.exit_code == 0, result.output
+    note = "base: 3 of 3 rows have no reference; reference metrics are n/a"
+    assert note in result.output
+    assert note in storage.read_text(f"{tmp_path}/e2/report.md")
+
+
+def test_gate_on_a_metric_nobody_computed_exits_3_also_when_already_done(tmp_path: Path) -> None:
+    a = publish_predictions(f"{tmp_path}/a", NO_REF, label="base")
+    b = publish_predictions(f"{tmp_path}/b", NO_REF, label="tuned")
+    args = ["--predictions", a, "--predictions", b, "--output", f"{tmp_path}/e", "--set", "checks.json_valid=true",
+            "--fail-if-worse", "exact_match"]
+    for attempt in ("fresh", "already done"):
+        result = run_cli(args)
+        assert result.exit_code == 3, (attempt, result.output)
+        assert ("--fail-if-worse exact_match: the baseline base has no exact_match (0 of 3 rows have a reference); "
+                "nothing to compare") in result.output, attempt
+        assert "Traceback" not in result.output
+    assert "already done" in result.output
+
+
+def test_gate_never_takes_a_missing_metric_for_zero(tmp_path: Path) -> None:
+    """One side without references: the gate refuses (exit 3) instead of passing or failing on 0%."""
+    unreferenced = pa.Table.from_pylist([{"id": rid, "completion": text, "reference": None}
+                                         for rid, text in TUNED.items()])
+    with_refs = publish_predictions(f"{tmp_path}/refs", BASE, label="refs")
+    without = publish_predictions(f"{tmp_path}/norefs", {}, table=unreferenced, shards=1, label="norefs")
+    # Candidate without references: read as 0% it would fail the gate on nothing.
+    result = run_cli(["--predictions", with_refs, "--predictions", without, "--output", f"{tmp_path}/e1",
+                      "--fail-if-worse", "exact_match"])
+    assert result.exit_code == 3, result.output
+    assert "norefs has no exact_match (0 of 4 rows have a reference)" in result.output
+    # Baseline without references: read as 0% any candidate passed the gate (exit 0).
+    result = run_cli(["--predictions", without, "--predictions", with_refs, "--output", f"{tmp_path}/e2",
+                      "--fail-if-worse", "exact_match"])
+    assert result.exit_code == 3, result.output
+    assert "the baseline norefs has no exact_match (0 of 4 rows have a reference)" in result.output
 
 
 def test_samples_are_separate_examples_and_errors_count_as_wrong(tmp_path: Path) -> None:
