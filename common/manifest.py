@@ -293,6 +293,12 @@ def load(
         if isinstance(expect_stage, str):
             hint = f" Run `{PRODUCER.get(expect_stage, expect_stage)}` to produce it, or check the URI."
         raise InputError(f"No manifest at {uri}: that stage has not finished there.{hint}") from None
+    except (NotADirectoryError, IsADirectoryError):  # a data file given where a stage's output belongs
+        given = uri.removesuffix("/" + MANIFEST_NAME)
+        hint = (f" For raw data run `ftjobs prepare --source {given} ...` first." if expect_stage in ("prepare", None)
+                else "")
+        raise InputError(f"{given} is a file, not a manifest or a stage's output prefix: pass the output of "
+                         f"the stage that produces this input.{hint}") from None
     digest = hashlib.sha256(data).hexdigest()
     if expect_sha256 and digest != expect_sha256:
         raise ChecksumError(
@@ -363,6 +369,7 @@ def check_output(prefix: str, *, stage: str, config: dict[str, Any], inputs: lis
     """
     uri = manifest_uri(prefix)
     if not storage.exists(uri):
+        storage.check_writable(prefix)
         return None
     existing = load(uri, verify="size")
     m = existing.manifest

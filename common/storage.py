@@ -190,6 +190,10 @@ def _not_found(exc: Exception) -> bool:
 
 
 def _s3_error(exc: Exception, uri: str, action: str) -> FtjobsError:
+    if type(exc).__name__ in {"NoCredentialsError", "PartialCredentialsError"}:  # a retry cannot fix these
+        return ConfigError(f"No usable AWS credentials {action} {uri} ({exc}): set AWS_ACCESS_KEY_ID and "
+                           "AWS_SECRET_ACCESS_KEY (the ftjobs-s3 Secret in Kubernetes), AWS_PROFILE, or give the "
+                           "pod's ServiceAccount a cloud identity (IRSA / Pod Identity)")
     code = _error_code(exc)
     if code in {"NoSuchBucket"}:
         bucket = split_s3(uri)[0]
@@ -221,6 +225,38 @@ def read_text(uri: str) -> str:
 
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
+
+
+def check_writable(prefix: str) -> None:
+    """Fail before any work when a local output folder cannot be written.
+
+    A mistyped volume path or a read-only root in a pod would otherwise surface only at the first
+    upload, after the whole job ran. Folders created for the probe are removed again. S3 prefixes are
+    not probed: a write needs no bucket-level permission, and a missing bucket is named at the first write.
+    """
+    if is_s3(prefix):
+        return
+    path = local_path(prefix)
+    top = path
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".ftjobs-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"Cannot write under --output {prefix} ({exc.strerror or exc}: {exc.filename or path}). "
+                          "Give a writable folder or an s3:// prefix.") from None
+    if created:  # leave no empty folders behind if the job stops before writing
+        for folder in (path, *path.parents):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            if folder == top:
+                break
 
 
 def _atomic_local_write(path: Path, data: bytes) -> Path:

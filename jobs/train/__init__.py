@@ -120,6 +120,10 @@ class Config(JobConfig):
     lora: Lora = Field(default_factory=Lora, description="LoRA adapter settings.")
     max_seq_length: int = Field(2048, ge=16, description="Tokens per packed row; longer examples are dropped "
                                                           "(pre-tokenized) or truncated at a turn boundary.")
+    max_drop_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Fail (exit 3) when more than this "
+                                     "fraction of the train split is dropped (too long for max_seq_length, no "
+                                     "trainable tokens): a mistyped max_seq_length should not quietly train on "
+                                     "half the data. 1.0 turns the check off.")
     batch_size: int = Field(4, ge=1, description="Packed rows per micro-batch per device.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -215,6 +219,13 @@ def _train(config: Config, prep: mf.Loaded, inputs: list[mf.InputRef], resolved:
                                  "max_seq_length": config.max_seq_length, "train_on": config.train_on}
     train_ex, train_stats = data.load(prep, "train", **load_args)
     eval_ex, eval_stats = data.load(prep, "eval", **load_args)
+    dropped = sum(train_stats["dropped"].values())
+    if train_ex and dropped > config.max_drop_fraction * train_stats["rows"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(train_stats["dropped"].items()))
+        raise InputError(f"train would drop {dropped} of {train_stats['rows']} rows of {prep.uri} "
+                         f"({100 * dropped / train_stats['rows']:.1f}% > max_drop_fraction "
+                         f"{config.max_drop_fraction:g}): {reasons}. Raise max_seq_length (now "
+                         f"{config.max_seq_length}), fix the data, or raise max_drop_fraction.")
     if not train_ex:
         raise InputError(f"The train split of {prep.uri} has no trainable examples "
                          f"({train_stats['rows']} rows; dropped: {train_stats['dropped'] or 'none'}). "

@@ -143,3 +143,23 @@ def test_show_cli_prints_lineage(store_root: str, subprocess_env: dict) -> None:
     out = subprocess.run([sys.executable, "-m", "jobs.cli", "show", train.uri],
                          capture_output=True, text=True, env=subprocess_env, check=False)
     assert out.returncode == 3 and "FAILED" in out.stdout
+
+
+def test_a_data_file_given_for_a_manifest_says_so(tmp_path) -> None:
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"messages": []}\n')
+    with pytest.raises(InputError, match=r"rows.jsonl is a file, not a manifest.*ftjobs prepare --source"):
+        mf.load(str(data), expect_stage="prepare")
+
+
+def test_an_unwritable_local_output_is_refused_before_any_work(tmp_path) -> None:
+    from common.errors import ConfigError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"Cannot write under --output .*a-file/out.*writable folder"):
+        mf.check_output(str(blocker / "out"), stage="prepare", config={}, inputs=[])
+    # A writable one passes, and the probe leaves no folders behind for a job that then stops early.
+    fresh = tmp_path / "new" / "deeper" / "out"
+    assert mf.check_output(str(fresh), stage="prepare", config={}, inputs=[]) is None
+    assert not (tmp_path / "new").exists()

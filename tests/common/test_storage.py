@@ -99,3 +99,19 @@ def test_transient_faults_are_retried(s3_endpoint: str, monkeypatch: pytest.Monk
             storage._clients.clear()
     outcomes = [o for (_, p, o) in proxy.seen if "/faults/" in p]
     assert outcomes.count(fault) == 3 and outcomes.count("forwarded") >= 2
+
+
+def test_missing_credentials_are_a_config_error_naming_what_to_set(s3_root: str, subprocess_env: dict,
+                                                                   tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in subprocess_env.items() if not k.startswith("AWS_ACCESS") and
+           not k.startswith("AWS_SECRET") and k not in ("AWS_PROFILE", "AWS_SESSION_TOKEN")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "show", f"{s3_root}/prepare"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "No usable AWS credentials" in proc.stderr and "AWS_ACCESS_KEY_ID" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -124,6 +124,27 @@ def test_rerun_is_already_done_and_another_config_is_refused(trained):
         train.run(config.model_copy(update={"learning_rate": 1e-3}))
 
 
+def test_a_max_seq_length_that_drops_most_rows_is_refused_before_training(prepared, tiny_model, tmp_path):
+    lengths = sorted(n for n in canonical_lengths(prepared))
+    short = lengths[len(lengths) // 2]  # half the rows are longer than this
+    config = train.Config(input=prepared.uri, base_model=str(tiny_model), output=str(tmp_path / "train"),
+                          **{**TINY, "max_seq_length": max(16, short)})
+    with pytest.raises(InputError, match=r"train would drop \d+ of 96 rows .*longer_than_max_seq_length.*"
+                                         r"Raise max_seq_length") as err:
+        train.run(config)
+    assert err.value.exit_code == 3
+    assert not (tmp_path / "train").exists() or not any((tmp_path / "train").rglob("*.safetensors"))
+    # The same run with the check turned off trains on what is left.
+    loose = config.model_copy(update={"max_drop_fraction": 1.0, "max_steps": 1, "eval_every": 0})
+    assert train.run(loose).manifest.stats["train"]["dropped"]["longer_than_max_seq_length"] > 0
+
+
+def canonical_lengths(prep: mf.Loaded) -> list[int]:
+    from common import data as canonical
+
+    return canonical.read_split(prep, "train", columns=["num_tokens"]).column("num_tokens").to_pylist()
+
+
 def test_different_template_is_refused_naming_the_stage_to_rerun(s3_root, tiny_tokenizer, tiny_model):
     prep = publish_prepare(f"{s3_root}/prepare", tokenizer=tiny_tokenizer, n_train=8, n_eval=0,
                            chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
