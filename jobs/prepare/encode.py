@@ -10,6 +10,8 @@ stays bounded however long the input.
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,6 +24,7 @@ from common import chat
 Result = tuple[Sequence[int], Sequence[int], int, bool, str | None]
 
 _worker: dict[str, Any] = {}
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def load_tokenizer(path: str) -> Any:
@@ -39,7 +42,32 @@ def encode_batch(tokenizer: Any, fmt: chat.ChatFormat, conversations: Sequence[S
     return out
 
 
-def _init(path: str, template: str, max_length: int | None, train_on: str) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Make a worker end when the process that forked it ends, however it ends.
+
+    A parent killed with SIGKILL never shuts its pool down, and the workers block forever on a queue whose
+    write end their siblings still hold: orphans that outlive the job. The kernel can signal them instead
+    (Linux prctl PR_SET_PDEATHSIG); elsewhere this is a no-op.
+    """
+    # Forked from the job's process, a worker inherits the CLI's SIGTERM handler (log, raise SystemExit),
+    # meant for the main process: the pool's loop catches SystemExit inside a task, and orphaned workers were
+    # seen surviving SIGTERM. A worker writes nothing, so the default action (end at once) is what it needs.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect: nobody would signal us
+        os._exit(1)
+
+
+def _init(path: str, template: str, max_length: int | None, train_on: str, parent: int) -> None:
+    _die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     tok = load_tokenizer(path)
     _worker.update(tok=tok, fmt=chat.chat_format(tok, template), max_length=max_length, train_on=train_on)
@@ -79,7 +107,7 @@ class Encoder:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             self.pool = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context(method), initializer=_init,
-                initargs=(self.path, self.fmt.template, self.max_length, self.train_on))
+                initargs=(self.path, self.fmt.template, self.max_length, self.train_on, os.getpid()))
         self.pending.append((tag, self.pool.submit(_work, conversations)))
         while len(self.pending) > 2 * self.workers:
             self._finish_one(done)

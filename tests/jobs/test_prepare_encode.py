@@ -1,0 +1,75 @@
+"""Tokenizer worker processes: they live and die with the prepare process that forked them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def children(pid: int) -> set[int]:
+    """Live (not zombie) processes whose parent is pid, from /proc."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            out.add(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
+def test_workers_die_when_prepare_is_killed(tmp_path: Path, subprocess_env: dict[str, str]):
+    from common import tinymodel
+
+    tinymodel.build_tokenizer(tmp_path / "tok")
+    src = tmp_path / "big.jsonl"
+    with open(src, "w") as f:  # enough rows that the workers are still busy when the kill comes
+        for i in range(100_000):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus one"},
+                                             {"role": "assistant", "content": f"it is {i + 1}"}]}) + "\n")
+    cmd = [sys.executable, "-m", "jobs.cli", "prepare", "--source", str(src), "--tokenizer", str(tmp_path / "tok"),
+           "--output", str(tmp_path / "out"), "--set", "workers=2", "--set", "batch_size=64"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            workers = children(proc.pid)
+            time.sleep(0.05)
+        assert len(workers) == 2, "prepare never started its 2 tokenizer workers"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL  # killed mid-run, not finished before the kill
+        deadline = time.monotonic() + 5
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [p for p in workers if alive(p)]
+        assert not left, f"tokenizer workers {left} outlived their killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in workers:  # never leak them into the rest of the test session
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
