@@ -415,16 +415,14 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
 
     for f in files:
         per = tally.per_source.setdefault(f.uri, Counter())
-        fmt = f.format or config.format
+        fmt: str | None = f.format or config.format
         if fmt == "auto":
-            fmt = _detect(f, columns)
-        if fmt is None:
-            tally.empty_files.append(f.uri)
-            _empty(f, config)
-            done_bytes += f.size
-            continue
-        tally.formats[f.uri] = fmt
-        _check_table_columns(f, fmt, columns)
+            # None: no record to detect from. The file is empty, or (with skip_bad_lines) no line of it could
+            # be read: the loop below then counts every line as dropped, so max_drop_fraction sees them.
+            fmt = _detect(f, columns, config)
+        if fmt is not None:
+            tally.formats[f.uri] = fmt
+            _check_table_columns(f, fmt, columns)
         n_file = 0
         for line, rec in S.records(f, max_line_bytes=config.max_line_bytes):
             n_file += 1
@@ -436,6 +434,7 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
                                      "to drop such lines (they are counted in the manifest).")
                 tally.drop(rec.reason, f.uri, line, rec.detail, rec.preview, config.drop_examples)
                 continue
+            assert fmt is not None  # _detect reads with the same limits: it saw this record too
             try:
                 msgs = R.validate(R.to_messages(rec, fmt, columns, roles), config.max_chars)
             except R.Drop as d:
@@ -470,6 +469,9 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
         if n_file == 0:
             tally.empty_files.append(f.uri)
             _empty(f, config)
+        elif fmt is None:
+            LOG.warning("%s: none of its %d lines could be read; all are counted as dropped", f.uri, n_file,
+                        extra={"source": f.uri})
         done_bytes += f.size
     flush_batch()
     if encoder is not None:
@@ -492,15 +494,32 @@ def _estimate(rows_in: int, done_bytes: int, f: S.RawFile, total_bytes: int) -> 
     return max(rows_in, int(rows_in * total_bytes / read)) if read else None
 
 
-def _detect(f: S.RawFile, columns: dict[str, Any]) -> str | None:
-    """Detect a file's format from its columns or first readable record; None for an empty file."""
+HINTS = {"jsonl": "is it UTF-8 JSON lines, one object per line?",
+         "json": "is it UTF-8, a JSON array of objects or JSON lines?",
+         "csv": "is it UTF-8 CSV with a header line?", "tsv": "is it UTF-8 TSV with a header line?"}
+
+
+def _detect(f: S.RawFile, columns: dict[str, Any], config: Config) -> str | None:
+    """Detect a file's format from its columns or first readable record.
+
+    None when there is no record to detect from: an empty file, or one where no line can be read and
+    skip_bad_lines is set. Without skip_bad_lines an unreadable file fails here, naming its first bad line.
+    """
     cols = S.table_columns(f)
     if cols is None:
-        for _, rec in S.records(f, max_line_bytes=f.size + 1 if f.size else 1 << 26):
+        first_bad: tuple[int, S.Bad] | None = None
+        for line, rec in S.records(f, max_line_bytes=config.max_line_bytes):
             if isinstance(rec, dict):
                 cols = list(rec)
                 break
+            first_bad = first_bad or (line, rec)
         else:
+            if first_bad is not None and not config.skip_bad_lines:
+                line, bad = first_bad
+                raise InputError(
+                    f"{f.uri} line {line}: {bad.detail} (no line of this file could be read: "
+                    f"{HINTS.get(f.kind, 'is it in a supported format?')}). Fix the file, or set skip_bad_lines: "
+                    "true to drop such lines (they are counted in the manifest).")
             return None
     fmt = R.detect(cols, columns)
     if fmt is None:

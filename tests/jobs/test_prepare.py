@@ -191,6 +191,41 @@ def test_broken_lines_fail_naming_file_and_line_unless_skipped(tmp_path: Path, c
     assert json.loads(drops[0])["line"] == 2 and json.loads(drops[0])["reason"] == reason
 
 
+LATIN1_CSV = b"instruction,output\n" + b"".join(f"caf\xe9 {i},{i}\n".encode("latin-1") for i in range(20))
+UNREADABLE = {  # files that hold rows, none of them readable: never "empty"
+    "utf16.jsonl": ("\n".join(json.dumps({"text": f"row {i}"}) for i in range(30)).encode("utf-16"),
+                    "line 1: invalid UTF-8 at byte 0", "UTF-8 JSON lines"),
+    "latin1.csv": (LATIN1_CSV, "line 2: invalid UTF-8", "UTF-8 CSV"),
+    "strings.json": (json.dumps(["a", "b", "c"]).encode(), "line 1: array element is a JSON str",
+                     "a JSON array of objects"),
+    "wrapped.json": (json.dumps({"data": [{"text": f"row {i}"} for i in range(5)]}, indent=2).encode(),
+                     "line 1: not valid JSON", "a JSON array of objects"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNREADABLE))
+def test_a_file_with_no_readable_line_is_not_called_empty(tmp_path: Path, name: str):
+    body, where, hint = UNREADABLE[name]
+    (tmp_path / name).write_bytes(body)
+    with pytest.raises(InputError) as info:
+        run(sources=[str(tmp_path / name)], output=str(tmp_path / "o"))
+    msg = str(info.value)
+    assert f"{name} {where}" in msg and "no line of this file could be read" in msg and hint in msg, msg
+    assert "empty" not in msg and "skip_bad_lines" in msg
+
+
+def test_skipped_unreadable_file_counts_every_line_against_max_drop_fraction(tmp_path: Path):
+    (tmp_path / "latin1.csv").write_bytes(LATIN1_CSV)  # 20 rows, none readable
+    some = "".join(f"say {i},{i}\n" for i in range(19)).encode() + "caf\xe9,x\n".encode("latin-1")
+    (tmp_path / "some.csv").write_bytes(b"instruction,output\n" + some)  # 20 rows, one unreadable
+    kw = {"sources": [str(tmp_path / "latin1.csv"), str(tmp_path / "some.csv")], "skip_bad_lines": True}
+    with pytest.raises(InputError, match=r"Dropped 21 of 40 rows \(52.5%\); max_drop_fraction is 50.0%"):
+        run(output=str(tmp_path / "o1"), max_drop_fraction=0.5, **kw)
+    stats = run(output=str(tmp_path / "o2"), max_drop_fraction=0.6, **kw).manifest.stats
+    assert stats["rows_in"] == 40 and stats["rows_out"] == 19 and stats["dropped"] == {"invalid_utf8": 21}
+    assert stats["empty_files"] == [] and stats["sources"][str(tmp_path / "latin1.csv")]["dropped"] == 20
+
+
 def test_empty_file_missing_column_wrong_types(tmp_path: Path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(InputError, match=r"empty.jsonl holds no records"):
