@@ -113,8 +113,8 @@ def check_adapter(config: Config, adapter_in: mf.Loaded, base: models.ModelRef) 
     if lora.get("modules_to_save") and config.engine == "vllm":
         raise ConfigError(f"The adapter in {adapter_in.uri} trains whole modules too (modules_to_save: "
                           f"{lora['modules_to_save']}); vLLM serves only LoRA matrices. Run `ftjobs merge "
-                          f"--adapter {adapter_in.uri}` and pass the merge manifest as --model (or use "
-                          "engine: transformers).")
+                          f"--input {adapter_in.uri} --output <prefix>` and pass the merge manifest "
+                          "(<prefix>/manifest.json) as --model (or use --engine transformers).")
     want = info.get("base_revision")
     if want and base.revision and want != base.revision and not config.force_base:
         raise ConfigError(f"The adapter was trained on {info.get('base_model')} (revision {want}), but --model "
@@ -142,14 +142,14 @@ def template_check(config: Config, model: dict[str, Any], prompts_in: mf.Loaded 
 
 def load_rows(config: Config, prompts_in: mf.Loaded | mf.InputRef) -> list[dict[str, Any]]:
     """Prompt rows: id, prompt messages, reference, and an error when the row cannot be used."""
-    import pyarrow.parquet as pq
-
     from common import data
 
     if isinstance(prompts_in, mf.Loaded):
         if not data.split_artifacts(prompts_in, config.split):
-            have = sorted({a.name.split("/")[0] for a in prompts_in.manifest.artifacts_named("")})
-            raise InputError(f"{prompts_in.uri} has no {config.split!r} split (has: {', '.join(have)}): "
+            # Only `<split>/part-NNNNN` artifacts are splits; prepare also publishes drops and stats.
+            have = sorted({a.name.split("/")[0] for a in prompts_in.manifest.artifacts_named("")
+                           if "/part-" in a.name})
+            raise InputError(f"{prompts_in.uri} has no {config.split!r} split (has: {', '.join(have) or 'none'}): "
                              "set split to one of those")
         raw = data.read_split(prompts_in, config.split, columns=["id", "messages"]).to_pylist()
         cols, where = Columns(), prompts_in.uri
@@ -158,7 +158,7 @@ def load_rows(config: Config, prompts_in: mf.Loaded | mf.InputRef) -> list[dict[
         with tempfile.TemporaryDirectory() as tmp:
             local = storage.open_local(where, tmp)
             if where.lower().endswith(".parquet"):
-                raw = pq.read_table(local).to_pylist()
+                raw = read_parquet(local, where)
             else:
                 raw = read_jsonl(local, where)
         cols = config.columns
@@ -180,16 +180,36 @@ def load_rows(config: Config, prompts_in: mf.Loaded | mf.InputRef) -> list[dict[
     return rows
 
 
+def read_parquet(local: Path, where: str) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(local).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{where}: not a readable Parquet file ({exc}): it is truncated or not Parquet. "
+                         "Re-create it, or give the prompts as JSON Lines (.jsonl).") from None
+
+
 def read_jsonl(local: Path, where: str) -> list[dict[str, Any]]:
     out = []
-    with open(local, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    # Bytes, decoded per line: a bad byte then names its line, as prepare does.
+    with open(local, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                # Without its line break, so json's column of an error at the end stays on this line.
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{where} line {n}: invalid UTF-8 at byte {exc.start} ({exc.reason}); save the "
+                                 "prompts as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{where} line {n}: not valid JSON ({exc.msg})") from None
+                # Some of json's messages end in "at" ("Invalid control character at"): the column completes them.
+                raise InputError(f"{where} line {n}: not valid JSON ({exc.msg.removesuffix(' at')} at column "
+                                 f"{exc.colno})") from None
             if not isinstance(obj, dict):
                 raise InputError(f"{where} line {n}: expected a JSON object, got {type(obj).__name__}")
             out.append(obj)

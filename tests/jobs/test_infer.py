@@ -186,3 +186,26 @@ def test_racing_finishers_publish_exactly_one_manifest(s3_root: str, tiny_model:
     assert results[0].sha256 == results[1].sha256  # both report the one manifest that won
     winner = mf.load(out, verify="full")
     assert sorted(r["id"] for r in read_predictions(winner)) == ["q000", "q001", "q002", "q003"]
+
+
+def test_unreadable_prompt_files_exit_3_naming_file_and_line_before_anything_is_written(
+        tmp_path: Path, tiny_model: Path) -> None:
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    truncated = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt": ["hello world"] * 50}), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-20])  # the footer is gone, as after an interrupted copy
+    latin1 = tmp_path / "prompts.jsonl"
+    latin1.write_bytes(b'{"prompt": "hello"}\n{"prompt": "caf\xe9"}\n')
+    cases = [(truncated, f"{truncated}: not a readable Parquet file"),
+             (latin1, f"{latin1} line 2: invalid UTF-8 at byte 15")]
+    for src, message in cases:
+        out = tmp_path / f"out-{src.suffix[1:]}"
+        result = CliRunner().invoke(main, ["--log-format", "text", "infer", "--model", str(tiny_model),
+                                           "--prompts", str(src), "--output", str(out), "--engine", "transformers",
+                                           "--set", f"cache_dir={tmp_path / 'cache'}"])
+        assert result.exit_code == 3, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert storage.list_objects(str(out)) == []

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from common import models
 from common.config import load_config
 from common.errors import ConfigError, InputError
 from jobs import infer
@@ -81,11 +82,82 @@ def test_rows_split_into_prompt_and_reference() -> None:
 def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "a"}\n\n{"prompt": \n')
-    with pytest.raises(InputError, match=r"p.jsonl line 3: not valid JSON"):
+    with pytest.raises(InputError, match=r"p.jsonl line 3: not valid JSON \(Expecting value at column 12\)"):
+        inputs.read_jsonl(bad, str(bad))
+    bad.write_text('{"prompt": "a"}\n{"prompt": "tab\there"}\n')
+    with pytest.raises(InputError, match=r"line 2: not valid JSON \(Invalid control character at column 16\)"):
         inputs.read_jsonl(bad, str(bad))
     bad.write_text('["a"]\n')
     with pytest.raises(InputError, match="line 1: expected a JSON object, got list"):
         inputs.read_jsonl(bad, str(bad))
+
+
+def test_non_utf8_jsonl_names_the_line_and_byte(tmp_path: Path) -> None:
+    bad = tmp_path / "p.jsonl"
+    bad.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')  # Latin-1, as a spreadsheet might save it
+    with pytest.raises(InputError, match=r"p.jsonl line 2: invalid UTF-8 at byte 15 \(invalid continuation byte\); "
+                                         "save the prompts as UTF-8"):
+        inputs.read_jsonl(bad, str(bad))
+    good = tmp_path / "bom.jsonl"
+    good.write_bytes(b'\xef\xbb\xbf{"prompt": "caf\xc3\xa9"}\r\n')  # UTF-8 with a BOM and CRLF is fine
+    assert inputs.read_jsonl(good, str(good)) == [{"prompt": "café"}]
+
+
+def test_unreadable_parquet_prompts_are_an_input_error_naming_the_file(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), src)
+    src.write_bytes(src.read_bytes()[:40])  # cut short, as an interrupted copy leaves it
+    conf = load_config(infer.Config, flags=REQUIRED | {"prompts": str(src)})
+    with pytest.raises(InputError, match=rf"{src}: not a readable Parquet file \(.*magic bytes.*\): it is truncated "
+                                         "or not Parquet. Re-create it"):
+        inputs.load_rows(conf, inputs.load_prompts_input(str(src)))
+
+
+def test_missing_split_lists_only_real_splits(tmp_path: Path) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+
+    from common import data
+    from common import manifest as mf
+
+    buf = io.BytesIO()
+    pq.write_table(data.schema(tokenized=False).empty_table(), buf)
+    writer = mf.ArtifactWriter(str(tmp_path / "prep"))
+    writer.add_bytes(buf.getvalue(), "data/eval/part-00000.parquet", name="eval/part-00000", rows=0)
+    writer.add_bytes(b"{}", "drops.jsonl", name="drops")  # prepare publishes these beside the splits
+    writer.add_bytes(b"{}", "stats.json", name="stats")
+    mf.publish(str(tmp_path / "prep"), mf.build(stage="prepare", run_id="r", config={}, inputs=[],
+                                                artifacts=writer.artifacts))
+    conf = load_config(infer.Config, flags=REQUIRED | {"prompts": str(tmp_path / "prep"), "split": "test"})
+    with pytest.raises(InputError, match=r"has no 'test' split \(has: eval\): set split"):
+        inputs.load_rows(conf, inputs.load_prompts_input(str(tmp_path / "prep")))
+
+
+def test_modules_to_save_on_vllm_suggests_a_merge_command_that_parses(tmp_path: Path) -> None:
+    import re
+    import shlex
+
+    from common import manifest as mf
+    from jobs import merge
+
+    train = mf.publish(str(tmp_path / "train"), mf.build(
+        stage="train", run_id="r", config={}, inputs=[], artifacts=[],
+        model={"lora": {"r": 8, "modules_to_save": ["lm_head"]}}))
+    conf = load_config(infer.Config, flags=REQUIRED | {"adapter": train, "engine": "vllm"})
+    with pytest.raises(ConfigError, match=r"modules_to_save: \['lm_head'\]") as err:
+        inputs.check_adapter(conf, mf.load(train), models.ModelRef(source="m", path=tmp_path, revision=None))
+    message = str(err.value)
+    suggested = re.search(r"Run `ftjobs (merge [^`]*)`", message)
+    assert suggested, message
+    argv = shlex.split(suggested.group(1).replace("<prefix>", str(tmp_path / "merged")))
+    # The suggested options are merge's own: click parses them without "No such option".
+    ctx = merge.command.make_context("merge", argv[1:])
+    assert ctx.params["input_"] == train and ctx.params["output"] == str(tmp_path / "merged")
+    assert "as --model" in message and "--engine transformers" in message
 
 
 def test_missing_prompt_column_and_duplicate_ids_are_input_errors(tmp_path: Path) -> None:
