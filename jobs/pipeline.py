@@ -27,6 +27,7 @@ evaluate gate).
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import json
 import logging
@@ -47,6 +48,10 @@ from common import storage
 from common.config import JobConfig
 from common.errors import EXIT_CONFIG, EXIT_GATE, EXIT_INPUT, ConfigError, FtjobsError, GateFailed, InputError
 from common.runner import config_options, execute
+
+# The run id names the run's folder here and its Jobs and labels on Kubernetes: one rule for both, so a run
+# started here can be continued there. (k8s is the other orchestrator; no stage job is imported for this.)
+from jobs.k8s import RUN_ID_RE
 
 STAGE = "pipeline"
 LOG = logging.getLogger("ftjobs.pipeline")
@@ -76,6 +81,24 @@ class Config(JobConfig):
                                             description="Overrides of `infer` for the finetuned run.")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="evaluate's config section.")
     stop_after: str | None = Field(None, description=f"Stop after this step (one of {', '.join(STEPS)}).")
+
+    @field_validator("run_id", mode="before")
+    @classmethod
+    def _run_id_text(cls, value: Any) -> Any:
+        # `--set run_id=42` and `run_id: 2024-05-01` reach here as YAML int and date; as typed, they are names.
+        if isinstance(value, int | dt.date) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str | None) -> str | None:
+        # It becomes a folder under <root>/runs/: a '/' or '..' would write outside the root.
+        if value is not None and not RUN_ID_RE.match(value):
+            raise ValueError(f"run_id {value!r}: use 1-63 letters, digits, '.', '_' or '-', starting and ending "
+                             "with a letter or digit (it names the folder <root>/runs/<run_id>/ and, on "
+                             "Kubernetes, the Jobs)")
+        return value
 
     @field_validator("data")
     @classmethod

@@ -46,3 +46,31 @@ def test_sections_cannot_set_what_the_pipeline_wires() -> None:
         cfg.validate(pipeline.Config, base(train={"output": "elsewhere"}))
     with pytest.raises(ConfigError, match="stop_after='deploy'"):
         cfg.validate(pipeline.Config, base(stop_after="deploy"))
+
+
+@pytest.mark.parametrize("run_id", ["../../escape", "a/b", "..", "-x", "x" * 64, ""])
+def test_a_run_id_that_is_not_one_folder_name_is_refused(run_id: str) -> None:
+    with pytest.raises(ConfigError, match=r"run_id .*: use 1-63 letters, digits"):
+        cfg.validate(pipeline.Config, base(run_id=run_id))
+
+
+def test_run_id_outside_root_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    conf = tmp_path / "pipeline.yaml"
+    conf.write_text("base_model: demo/base-model\ndata: [demo/data/tickets.jsonl]\nstop_after: prepare\n")
+    root = tmp_path / "store" / "root"
+    result = CliRunner().invoke(main, ["--log-format", "text", "pipeline", "--config", str(conf), "--root",
+                                       str(root), "--run-id", "../../escape"])
+    assert result.exit_code == 2, result.output
+    assert "run_id '../../escape': use 1-63 letters" in result.output
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_numeric_or_date_run_id_from_yaml_is_taken_as_typed() -> None:
+    conf = cfg.load_config(pipeline.Config, sets=["run_id=42"], flags=base())
+    assert conf.run_id == "42"
+    conf = cfg.load_config(pipeline.Config, sets=["run_id=2024-05-01"], flags=base())
+    assert conf.run_id == "2024-05-01"
