@@ -13,6 +13,7 @@ writes one self-contained page (no scripts, no external files).
 from __future__ import annotations
 
 import html
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import click
 
+from common.errors import ConfigError, InputError
 from common.runner import fail
 
 IGNORE = -100
@@ -28,6 +30,7 @@ GREEN, DIM, RESET, UNDER = "\x1b[32m", "\x1b[2m", "\x1b[0m", "\x1b[4m"
 
 def load_rows(uri: str, split: str, n: int, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
     """The first n rows of a split, the manifest's stats, and its tokenizer source."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from common import data, storage
@@ -35,17 +38,30 @@ def load_rows(uri: str, split: str, n: int, tmp: Path) -> tuple[list[dict[str, A
 
     if uri.rstrip("/").endswith(".parquet"):
         local = storage.open_local(uri, tmp)
-        table = pq.ParquetFile(local).read_row_groups([0]) if pq.ParquetFile(local).num_row_groups else None
-        rows = table.slice(0, n).to_pylist() if table is not None else []
-        lengths = pq.read_table(local, columns=["num_tokens"]).column(0).to_pylist() \
-            if "num_tokens" in pq.ParquetFile(local).schema_arrow.names else []
+        if not local.is_file():
+            raise InputError(f"{uri} does not exist; give a prepare manifest, its output prefix, or one of its "
+                             "data/<split>/part-NNNNN.parquet files")
+        try:
+            pf = pq.ParquetFile(local)
+            names = pf.schema_arrow.names
+            missing = [f.name for f in data.BASE_FIELDS if f.name not in names]
+            if missing:
+                raise InputError(f"{uri} is not a prepare shard (missing column{'s' * (len(missing) > 1)} "
+                                 f"{', '.join(missing)}; columns: "
+                                 f"{', '.join(names[:20])}). Inspect what `ftjobs prepare` wrote: its manifest, "
+                                 "its output prefix, or one of its data/<split>/part-NNNNN.parquet files.")
+            table = pf.read_row_groups([0]) if pf.num_row_groups else None
+            rows = table.slice(0, n).to_pylist() if table is not None else []
+            lengths = pq.read_table(local, columns=["num_tokens"]).column(0).to_pylist() \
+                if "num_tokens" in names else []
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{uri}: not a readable Parquet file ({exc}). Is it truncated, or not Parquet at all? "
+                             "Re-create it, or inspect the prepare manifest it came from.") from None
         return rows, {"tokens": _histogram(lengths)} if lengths else {}, None
     loaded = mf.load(uri, expect_stage="prepare")
     arts = data.split_artifacts(loaded, split)
     if not arts:
         have = sorted({a.name.split("/")[0] for a in loaded.manifest.artifacts_named("") if "/part-" in a.name})
-        from common.errors import InputError
-
         raise InputError(f"{loaded.uri} has no {split!r} split (has: {', '.join(have) or 'none'}); use --split")
     rows: list[dict[str, Any]] = []
     for i, art in enumerate(arts):
@@ -198,10 +214,27 @@ def render_html(title: str, rows: list[dict[str, Any]], all_segs: list[list[tupl
     return "".join(parts)
 
 
+def check_writable(path: str) -> None:
+    """Refuse an --html path that cannot be written (a usage error: exit 2)."""
+    from common import storage
+
+    if storage.is_s3(path):
+        raise ConfigError(f"--html {path}: the page is written to a local file; give a local path and copy it")
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--html {path} is a folder; give a file name, e.g. {p / 'rows.html'}")
+    if not p.parent.is_dir():
+        raise ConfigError(f"--html {path}: the folder {p.parent} does not exist; create it or give another path")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError(f"--html {path}: not writable (permission denied or a read-only file system); "
+                          "give a writable path")
+
+
 @click.command("inspect")
 @click.argument("uri")
 @click.option("--split", default="train", show_default=True, help="Which split of a manifest to show.")
-@click.option("--rows", "n", default=3, show_default=True, help="How many rows.")
+@click.option("--rows", "n", type=click.IntRange(min=0), default=3, show_default=True,
+              help="How many rows (0: only the counts and the length histogram).")
 @click.option("--tokens", is_flag=True, help="Show token boundaries.")
 @click.option("--tokenizer", metavar="MODEL_SRC", help="Tokenizer to decode with (default: the manifest's).")
 @click.option("--html", "html_file", metavar="FILE", help="Also write a self-contained HTML page here.")
@@ -213,6 +246,8 @@ def command(uri: str, split: str, n: int, tokens: bool, tokenizer: str | None, h
     URI is a prepare manifest, its output prefix, or one Parquet file.
     """
     try:
+        if html_file:  # before any work, and before rows are printed that the failure would then follow
+            check_writable(html_file)
         with tempfile.TemporaryDirectory(prefix="ftjobs-inspect-") as tmp:
             rows, stats, source = load_rows(uri, split, n, Path(tmp))
             tok = None
@@ -238,6 +273,9 @@ def command(uri: str, split: str, n: int, tokens: bool, tokenizer: str | None, h
     if hist:
         click.echo(hist)
     if html_file:
-        Path(html_file).write_text(render_html(f"ftjobs inspect {uri} ({split})", rows, all_segs, stats),
-                                   encoding="utf-8")
+        try:
+            Path(html_file).write_text(render_html(f"ftjobs inspect {uri} ({split})", rows, all_segs, stats),
+                                       encoding="utf-8")
+        except OSError as exc:
+            fail(ConfigError(f"--html {html_file}: cannot write it ({exc.strerror or exc}); give a writable path"))
         click.echo(f"wrote {html_file}", err=True)

@@ -329,8 +329,15 @@ def _table(f: RawFile) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
             for rec in batch.to_pylist():
                 n += 1
                 yield n, rec
-    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-        raise InputError(f"{f.uri}: not a readable {f.kind} file (after row {n}): {exc}") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(f, exc, after=n) from None
+
+
+def _unreadable(f: RawFile, exc: BaseException, after: int | None = None) -> InputError:
+    kind = {"parquet": "Parquet", "arrow": "Arrow"}.get(f.kind, f.kind)
+    where = f" after row {after:,}" if after else ""
+    return InputError(f"{f.uri}: not a readable {kind} file{where} ({exc}). Is it truncated, or not {kind} at all? "
+                      "Re-create it (or give it the extension of its real format).")
 
 
 def _arrow_reader(path: Path) -> Any:
@@ -344,19 +351,27 @@ def _arrow_reader(path: Path) -> Any:
 
 def table_columns(f: RawFile) -> list[str] | None:
     """Column names of a table file (None for JSON/CSV, whose keys are per record)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if f.kind == "parquet":
-        return list(pq.ParquetFile(f.local).schema_arrow.names)
-    if f.kind == "arrow":
-        return list(_arrow_reader(f.local).schema.names)  # type: ignore[arg-type]
+    try:
+        if f.kind == "parquet":
+            return list(pq.ParquetFile(f.local).schema_arrow.names)
+        if f.kind == "arrow":
+            return list(_arrow_reader(f.local).schema.names)  # type: ignore[arg-type]
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(f, exc) from None
     return None
 
 
 def total_rows(f: RawFile) -> int | None:
     """Row count when the file says so cheaply (Parquet metadata)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if f.kind == "parquet":
-        return int(pq.ParquetFile(f.local).metadata.num_rows)
+        try:
+            return int(pq.ParquetFile(f.local).metadata.num_rows)
+        except (pa.ArrowException, OSError) as exc:
+            raise _unreadable(f, exc) from None
     return None

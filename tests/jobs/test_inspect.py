@@ -73,3 +73,37 @@ def test_token_pieces_join_to_the_decoded_text(prepared: Path):
     tok = AutoTokenizer.from_pretrained(str(prepared / "tok"))
     ids = tok("héllo wörld ✓ done", add_special_tokens=False)["input_ids"]
     assert "".join(token_pieces(tok, ids)) == tok.decode(ids)
+
+
+def test_a_truncated_or_foreign_parquet_is_bad_input(prepared: Path, tmp_path: Path):
+    shard = (prepared / "out" / "data" / "train" / "part-00000.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(shard[: len(shard) // 2])
+    cut = CliRunner().invoke(main, ["inspect", str(tmp_path / "cut.parquet")])
+    assert cut.exit_code == 3 and "cut.parquet: not a readable Parquet file" in cut.output, cut.output
+    assert "truncated" in cut.output and "Traceback" not in cut.output
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"instruction": "a", "input": "", "output": "b"}]), tmp_path / "raw.parquet")
+    raw = CliRunner().invoke(main, ["inspect", str(tmp_path / "raw.parquet")])
+    assert raw.exit_code == 3, raw.output
+    assert "raw.parquet is not a prepare shard (missing columns id, messages, split, source; columns: " \
+           "instruction, input, output)" in raw.output
+
+
+def test_unwritable_html_path_is_refused_before_any_row_is_printed(prepared: Path, tmp_path: Path):
+    target = tmp_path / "no" / "such" / "dir" / "rows.html"
+    res = CliRunner().invoke(main, ["inspect", str(prepared / "out"), "--html", str(target), "--color", "never"])
+    assert res.exit_code == 2, res.output
+    assert f"--html {target}: the folder {target.parent} does not exist" in res.output
+    assert "── row" not in res.output and not target.exists()
+    folder = CliRunner().invoke(main, ["inspect", str(prepared / "out"), "--html", str(tmp_path)])
+    assert folder.exit_code == 2 and "is a folder" in folder.output
+
+
+def test_rows_must_not_be_negative(prepared: Path):
+    neg = CliRunner().invoke(main, ["inspect", str(prepared / "out"), "--rows", "-1"])
+    assert neg.exit_code == 2 and "--rows" in neg.output and "-1" in neg.output
+    only_stats = CliRunner().invoke(main, ["inspect", str(prepared / "out"), "--rows", "0", "--color", "never"])
+    assert only_stats.exit_code == 0 and "── row" not in only_stats.output
+    assert "token length histogram" in only_stats.output

@@ -226,6 +226,21 @@ def test_skipped_unreadable_file_counts_every_line_against_max_drop_fraction(tmp
     assert stats["empty_files"] == [] and stats["sources"][str(tmp_path / "latin1.csv")]["dropped"] == 20
 
 
+@pytest.mark.parametrize(("name", "fmt"), [("cut.parquet", None), ("cut.parquet", "alpaca"),
+                                         ("fake.parquet", None), ("fake.arrow", None), ("fake.arrow", "alpaca")])
+def test_truncated_or_fake_table_file_is_bad_input_not_a_crash(tmp_path: Path, name: str, fmt: str | None):
+    pq.write_table(pa.Table.from_pylist([{"instruction": f"say {i}", "output": str(i)} for i in range(50)]),
+                   tmp_path / "good.parquet")
+    good = (tmp_path / "good.parquet").read_bytes()
+    body = good[: len(good) // 2] if name.startswith("cut") else b'{"instruction": "a", "output": "b"}\n'
+    (tmp_path / name).write_bytes(body)
+    kind = "Parquet" if name.endswith(".parquet") else "Arrow"
+    with pytest.raises(InputError) as info:  # exit 3; it was an ArrowInvalid traceback, exit 1 (retryable)
+        run(sources=[str(tmp_path / name)], output=str(tmp_path / "o"), **({"format": fmt} if fmt else {}))
+    assert f"{name}: not a readable {kind} file" in str(info.value) and "truncated" in str(info.value)
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
 def test_empty_file_missing_column_wrong_types(tmp_path: Path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(InputError, match=r"empty.jsonl holds no records"):
