@@ -116,6 +116,9 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError, source
             lines.append(f"  - unknown key {loc!r}{hint} (allowed: {', '.join(sorted(known))})")
         elif kind == "missing":
             lines.append(f"  - {loc}: required, but not given")
+        elif kind == "value_error":  # a validator's own message: it names the field and the value
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {msg}" if loc == "<root>" else f"  - {loc}: {msg}")
         else:
             got = err.get("input")
             got_s = repr(got) if not isinstance(got, dict | list) else type(got).__name__

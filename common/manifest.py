@@ -449,7 +449,8 @@ def _raw_node(ref: InputRef, verify: str) -> Node:
 
 def render_tree(node: Node, prefix: str = "", last: bool = True, root: bool = True) -> str:
     mark = "ok" if node.ok else "FAILED"
-    label = f"{node.stage} {node.run_id}" if node.stage else "raw"
+    label = (f"{node.stage} {node.run_id}" if node.stage else "raw" if node.note.startswith("raw input")
+             else "manifest")
     branch = "" if root else ("└── " if last else "├── ")
     line = f"{prefix}{branch}[{mark}] {label}  {node.uri}  ({node.note})"
     lines = [line]
@@ -468,6 +469,12 @@ def tree_dict(node: Node) -> dict[str, Any]:
 
 def all_ok(node: Node) -> bool:
     return node.ok and all(all_ok(c) for c in node.children)
+
+
+def first_failure(node: Node) -> Node | None:
+    if not node.ok:
+        return node
+    return next((f for c in node.children if (f := first_failure(c)) is not None), None)
 
 
 def new_run_id() -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common import storage
-from common.errors import ConfigError, InputError
+from common.errors import ConfigError, FtjobsError, InputError
 
 LOG = logging.getLogger(__name__)
 
@@ -83,10 +83,7 @@ def resolve(src: str, *, revision: str | None = None, cache_dir: str | Path | No
                                           allow_patterns=list(TOKENIZER_FILES if tokenizer_only else ALLOW),
                                           cache_dir=str(cache / "hf")))
         except Exception as exc:
-            raise InputError(
-                f"Could not fetch model {src!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-                "Give a local folder or an s3:// prefix, or set HF_TOKEN for gated models."
-            ) from None
+            raise hub_error(exc, f"model {src!r}") from None
         revision = revision or path.name
     else:
         path = storage.local_path(src).expanduser()
@@ -94,7 +91,7 @@ def resolve(src: str, *, revision: str | None = None, cache_dir: str | Path | No
             raise InputError(f"Model folder {path} does not exist")
     if tokenizer_only:
         files = sorted(p for p in path.iterdir() if p.is_file() and is_tokenizer_file(p.name))
-        if not files:
+        if not any(not f.name.endswith("config.json") or f.name == "tokenizer_config.json" for f in files):
             raise InputError(f"{src} holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
         h = hashlib.sha256()
         for f in files:
@@ -104,6 +101,21 @@ def resolve(src: str, *, revision: str | None = None, cache_dir: str | Path | No
     return ModelRef(source=src, path=path, revision=revision or folder_revision(path))
 
 
+def hub_error(exc: Exception, what: str) -> FtjobsError:
+    """A failed Hugging Face Hub fetch: permanent (no such repo, gated, offline by choice) is exit 3,
+    a network failure is worth retrying (exit 1). A name that looks like a mistyped local path says so."""
+    name = type(exc).__name__
+    src = what.split("'")[1] if "'" in what else what
+    typo = (f" There is no local folder {src} either: if you meant one, check the path." if "/" in src else "")
+    permanent = name in {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError",
+                         "EntryNotFoundError", "HFValidationError", "DatasetNotFoundError", "FileNotFoundError"}
+    if permanent or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return InputError(f"Could not fetch {what} from the Hugging Face Hub ({name}: {exc}).{typo} Give a local "
+                          "folder or an s3:// prefix, or set HF_TOKEN for gated models.")
+    return FtjobsError(f"Could not reach the Hugging Face Hub for {what} ({name}: {exc}).{typo} This may pass: "
+                       "retry, or give a local folder or an s3:// prefix.")
+
+
 def is_tokenizer_file(name: str) -> bool:
     import fnmatch
 
@@ -111,28 +123,87 @@ def is_tokenizer_file(name: str) -> bool:
 
 
 def check_folder(path: Path, src: str) -> None:
+    """A loadable model folder: config.json that parses, safetensors whose headers match their sizes.
+
+    Checked before any engine starts, so a broken download is a clear exit 3 instead of a traceback from
+    deep inside transformers or vLLM.
+    """
     if not (path / "config.json").exists():
         raise InputError(f"{src} has no config.json: not a transformers model folder")
-    if not any(path.glob("*.safetensors")):
+    read_config(path)
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found pickled weights {pickles[:3]}: convert them to safetensors)" if pickles else ""
         raise InputError(f"{src} has no .safetensors weights{hint}; ftjobs loads safetensors only")
+    for f in weights:
+        safetensors_header(f, src)
+
+
+def safetensors_header(f: Path, src: str) -> tuple[int, bytes]:
+    """(data start, header bytes) of a safetensors file, after checking the file holds all it declares."""
+    size = f.stat().st_size
+    problem = None
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            problem = f"its header claims {n} bytes in a {size}-byte file"
+        else:
+            header = fh.read(n)
+            try:
+                end = max((t["data_offsets"][1] for k, t in json.loads(header).items() if k != "__metadata__"),
+                          default=0)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                problem = f"its header is not valid safetensors JSON ({exc})"
+            else:
+                if 8 + n + end != size:
+                    problem = f"its tensors need {8 + n + end} bytes but the file has {size}"
+    if problem:
+        raise InputError(f"{src}: {f.name} is truncated or corrupt ({problem}). Re-download the model, or re-run "
+                         "the stage that wrote it.")
+    return 8 + n, header
+
+
+SAMPLES_PER_FILE = 16
+SAMPLE_BYTES = 1 << 16
 
 
 def folder_revision(path: Path) -> str:
-    """A content id for a local model: sha256 over config and the weight index / weight sizes."""
+    """A content id for a local model folder.
+
+    sha256 over config.json, the weight index, and per safetensors file its size, header (names, shapes,
+    dtypes) and 16 evenly spaced 64 KiB samples of the tensor bytes. A different model of the same shape,
+    a fine-tuned copy or a partial re-download gets another id, at the cost of 1 MiB of reads per file
+    (hashing every byte would cost ~10 s per 16 GB on each stage). A change confined to bytes between
+    samples is not seen: the manifests' sha256 cover the files ftjobs itself writes.
+    """
     h = hashlib.sha256()
     for name in ("config.json", "model.safetensors.index.json"):
         f = path / name
         if f.exists():
             h.update(f.read_bytes())
     for f in sorted(path.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        start, header = safetensors_header(f, str(path))
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode() + header)
+        span = size - start
+        with open(f, "rb") as fh:
+            for i in range(SAMPLES_PER_FILE):
+                fh.seek(start + (span - SAMPLE_BYTES) * i // (SAMPLES_PER_FILE - 1) if span > SAMPLE_BYTES else start)
+                h.update(fh.read(SAMPLE_BYTES))
     return "sha256:" + h.hexdigest()[:16]
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    return json.loads((path / "config.json").read_text())
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path / 'config.json'} is not valid JSON ({exc}): re-download the model") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path / 'config.json'} holds {type(data).__name__}, not a JSON object: not a model "
+                         "config; re-download the model")
+    return data
 
 
 def is_quantized(path: Path) -> str | None:

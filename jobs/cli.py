@@ -102,7 +102,9 @@ def show(uri: str, as_json: bool, verify: str) -> None:
         click.echo("lineage:")
         click.echo(mf.render_tree(tree))
     if not ok:
-        LOG.error("verification failed: see the FAILED entries in the lineage")
+        bad = mf.first_failure(tree)
+        LOG.error("verification failed at %s: %s (every FAILED entry is in the lineage)", bad.uri if bad else uri,
+                  bad.note if bad else "")
         sys.exit(EXIT_INPUT)
 
 

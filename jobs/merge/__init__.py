@@ -476,7 +476,8 @@ def run(config: Config) -> mf.Loaded:
         timings["upload"] = time.monotonic() - t
         timings["total"] = time.monotonic() - t0
         model_info = {
-            "base_model": info["base_model"], "base_revision": ref.revision, "adapter_sha256": adapter_sha,
+            "base_model": info["base_model"], "base_revision": ref.revision, "base_source": base_src,
+            "adapter_sha256": adapter_sha,
             "dtype": dtype, "merge_mode": config.base_weights, "template_hash": fmt.hash,
             "chat_template": fmt.template, "tokenizer": chat.tokenizer_identity(tokenizer),
             "quantization": {"mode": quant.mode, "blocksize": quant.blocksize, "double_quant": quant.double_quant},

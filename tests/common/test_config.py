@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from common import config as cfg
 from common.errors import ConfigError
@@ -42,6 +42,23 @@ def test_unknown_key_is_named_with_suggestion() -> None:
 def test_wrong_type_says_what_came() -> None:
     with pytest.raises(ConfigError, match=r"lora.r: .*integer.*got 'big'"):
         cfg.load_config(Demo, sets=["lora.r=big"])
+
+
+class Window(cfg.JobConfig):
+    lo: int = Field(0, description="low end")
+    hi: int = Field(1, description="high end")
+
+    @model_validator(mode="after")
+    def _order(self) -> Window:
+        if self.hi <= self.lo:
+            raise ValueError(f"hi ({self.hi}) must be above lo ({self.lo}): raise hi or lower lo")
+        return self
+
+
+def test_a_validators_message_is_shown_as_written() -> None:
+    with pytest.raises(ConfigError) as err:
+        cfg.load_config(Window, sets=["lo=5"])
+    assert str(err.value).splitlines()[1] == "  - hi (1) must be above lo (5): raise hi or lower lo"
 
 
 def test_bad_set_syntax_and_missing_file() -> None:

@@ -142,7 +142,9 @@ def test_show_cli_prints_lineage(store_root: str, subprocess_env: dict) -> None:
     storage.write_bytes(storage.join(store_root, "prep/data/train.parquet"), b"tampered!")
     out = subprocess.run([sys.executable, "-m", "jobs.cli", "show", train.uri],
                          capture_output=True, text=True, env=subprocess_env, check=False)
-    assert out.returncode == 3 and "FAILED" in out.stdout
+    assert out.returncode == 3 and "└── [FAILED] manifest " in out.stdout  # not taken for raw data
+    assert "verification failed at " + storage.join(store_root, "prep/manifest.json") in out.stderr
+    assert "data/train.parquet" in out.stderr.split("verification failed at", 1)[1]  # names the bad artifact
 
 
 def test_a_data_file_given_for_a_manifest_says_so(tmp_path) -> None:

@@ -89,6 +89,7 @@ def test_merged_model_on_s3_is_the_adapted_model_and_loads_in_transformers(
     assert m.model["adapter_sha256"] == adapter.manifest.artifact("adapter/adapter_model.safetensors").sha256
     assert m.model["merge_mode"] == "original" and m.model["dtype"] == "float32"
     assert m.model["base_revision"] == adapter.manifest.model["base_revision"]
+    assert m.model["base_source"] == str(tiny_model)
     assert m.model["template_hash"] == adapter.manifest.model["template_hash"]
     assert m.metrics["checks_passed"] and m.metrics["generation"]["tokens_equal"]
     assert m.metrics["generation"]["max_logit_diff"] <= m.metrics["generation"]["logit_atol"]
@@ -309,3 +310,19 @@ def test_head_trained_on_a_tied_base_is_untied_alike_by_both_modes(tiny_model: P
     base = weights(tied)["model.embed_tokens.weight"]
     assert merged["sharded"]["model.embed_tokens.weight"].equal(base)  # the input embedding is untouched
     assert not merged["sharded"]["lm_head.weight"].equal(base)
+
+
+def test_another_base_of_the_same_shape_is_refused(adapter: mf.Loaded, tiny_model: Path, tmp_path: Path) -> None:
+    """A fine-tuned copy, a perturbed or a partly re-downloaded base has the adapter's config and file
+    sizes; its content revision differs, so the merge refuses it instead of merging into the wrong weights."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_model, other)
+    w = load_file(str(other / "model.safetensors"))
+    save_file({k: v + 0.05 * torch.randn_like(v) for k, v in w.items()}, str(other / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"is revision sha256:\w+; the adapter was trained on sha256:\w+"):
+        do_merge(input=adapter.uri, output=str(tmp_path / "merge"), base_model=str(other))
+    assert not (tmp_path / "merge" / "manifest.json").exists()

@@ -31,7 +31,7 @@ def test_parse_size(text: str | int, size: int) -> None:
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"max_shard_size": "five gigs"}, "max_shard_size: Value error, expected a size like '5GB'"),
+    ({"max_shard_size": "five gigs"}, "max_shard_size: expected a size like '5GB'"),
     ({"dtype": "float16", "device": "cpu"}, "CPU float16 matmuls are slow"),
     ({"checks": {"prompts": []}}, "checks.prompts is empty"),
     ({"output": "s3://b/runs/r/train"}, "give merge its own --output"),
