@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from array import array
@@ -280,6 +282,7 @@ def run(config: Config) -> mf.Loaded:
             encoder, model_info = _tokenizer(config)
 
         # 4. Stream: read -> normalize -> validate -> dedup -> tokenize -> split -> write.
+        _remove_stale_parts(output, files)
         writer = mf.ArtifactWriter(output)
         try:
             tally, split_counts, lengths, trainable = _process(config, files, encoder, writer, work, timings)
@@ -297,6 +300,13 @@ def run(config: Config) -> mf.Loaded:
         if drop_fraction > config.max_drop_fraction or rows_out == 0:
             _remove(writer)
             raise InputError(_too_many_drops(tally, rows_out, drop_fraction, config.max_drop_fraction))
+        if split_counts["train"] == 0:
+            if all(s.split == "eval" for s in config.source_specs()):
+                LOG.info("every source is marked split: eval: publishing an eval set only (%d rows, no train rows)",
+                         split_counts["eval"])
+            else:
+                _remove(writer)
+                raise _no_train(config, tally, rows_out)
         stats = _stats(config, tally, split_counts, lengths, trainable, rows_out, drop_fraction)
         drops = "".join(json.dumps(e, ensure_ascii=False) + "\n" for r in R.REASONS for e in tally.examples.get(r, []))
         writer.add_bytes(drops.encode(), "drops.jsonl", name="drops", rows=drops.count("\n"))
@@ -561,6 +571,22 @@ def _too_many_drops(tally: Tally, rows_out: int, fraction: float, limit: float) 
     return "\n".join(lines)
 
 
+def _no_train(config: Config, tally: Tally, rows_out: int) -> ConfigError | InputError:
+    """Why every kept row went to eval, when the sources did not ask for an eval set only."""
+    counts = f"({tally.rows_in:,} rows in, {rows_out:,} kept)"
+    only_eval = "To publish an eval set only, mark every source split: eval."
+    if config.eval_size is not None:
+        return ConfigError(f"eval_size {config.eval_size:,} leaves no train rows {counts}; lower eval_size. "
+                           + only_eval)
+    fraction = config.effective_eval_fraction()
+    if fraction > 0:
+        return ConfigError(f"eval_fraction {fraction} put every row in eval and none in train {counts}: the split "
+                           "hashes each row, and with this few rows that can happen. Set eval_size to the number "
+                           "of eval rows you want, or lower eval_fraction. " + only_eval)
+    return InputError(f"No train rows {counts}: every kept row comes from a source marked split: eval, and the "
+                      "other sources kept none (see the drop counts above). Fix those sources. " + only_eval)
+
+
 def _token_stats(lengths: array[int], trainable: int) -> dict[str, Any]:
     import numpy as np
 
@@ -617,6 +643,37 @@ def _remove(writer: mf.ArtifactWriter) -> None:
             storage.delete(art.uri)
         except Exception:  # noqa: BLE001 - the original error matters more
             LOG.warning("could not remove %s after the failure", art.uri)
+    if not storage.is_s3(writer.prefix):  # local folders stay behind when emptied; S3 has none
+        data_dir = storage.local_path(writer.prefix) / "data"
+        for folder in [data_dir / s for s in data.SPLITS] + [data_dir]:
+            with contextlib.suppress(OSError):  # only when empty: never anything this run did not write
+                folder.rmdir()
+
+
+PART = re.compile(rf"(?:{'|'.join(data.SPLITS)})/part-\d{{5}}\.parquet")
+
+
+def _remove_stale_parts(output: str, files: list[S.RawFile]) -> None:
+    """Delete data parts an earlier, unfinished attempt left at this prefix (it has no manifest).
+
+    A re-run with other settings (rows_per_shard, other data) writes fewer or other parts, so stale ones
+    would sit beside the new ones: anyone reading the folder instead of the manifest reads both. Only files
+    named like prepare's parts go, and never a source of this run, in case --output points at a folder that
+    also holds other things.
+    """
+    def key(uri: str) -> str:
+        return uri if storage.is_s3(uri) else str(storage.local_path(uri).resolve())
+
+    sources = {key(f.uri) for f in files}
+    folder = storage.join(output, "data")
+    stale = [o for o in storage.list_objects(folder) if PART.fullmatch(o.rel) and key(o.uri) not in sources]
+    if not stale:
+        return
+    LOG.warning("removing %d data part(s) under %s left by an earlier unfinished attempt (no manifest there): %s",
+                len(stale), folder, ", ".join(o.rel for o in stale[:5]) + (", ..." if len(stale) > 5 else ""),
+                extra={"removed": [o.uri for o in stale]})
+    for o in stale:
+        storage.delete(o.uri)
 
 
 # --------------------------------------------------------------------------- CLI

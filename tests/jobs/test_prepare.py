@@ -15,7 +15,7 @@ import pytest
 from common import config as cfg
 from common import data, storage
 from common import manifest as mf
-from common.errors import InputError, OutputTakenError
+from common.errors import ConfigError, InputError, OutputTakenError
 from jobs import prepare
 
 pytestmark = pytest.mark.integration
@@ -323,6 +323,48 @@ def test_split_does_not_depend_on_where_the_data_lives(tmp_path: Path, s3_root: 
         out = run(sources=[src], output=str(tmp_path / f"out{i}"), **kw)
         splits.append(sorted(r["id"] for r in rows_of(out, "eval")))
     assert splits[0] == splits[1] == splits[2] and len(splits[0]) > 10
+
+
+def test_an_eval_split_that_leaves_no_train_rows_is_refused_unless_every_source_is_eval(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    src = jsonl(tmp_path / "s.jsonl", chat_rows(20))
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError, match=r"eval_size 50 leaves no train rows \(20 rows in, 20 kept\); lower "
+                                          r"eval_size.*mark every source split: eval"):
+        run(sources=[str(src)], output=str(out), eval_size=50)
+    assert storage.list_objects(str(out)) == []  # nothing published, no part left
+    # The hashed split can put every one of a few rows in eval (here the one row, at seed 0): refused too.
+    with pytest.raises(ConfigError, match=r"eval_fraction 0.99 put every row in eval"):
+        run(sources=[str(jsonl(tmp_path / "one.jsonl", chat_rows(1)))], output=str(tmp_path / "f"),
+            eval_fraction=0.99)
+    # A run meant to make an eval set only says so and publishes it.
+    caplog.set_level("INFO", logger="ftjobs.prepare")
+    held = prepare.run(cfg.validate(prepare.Config, {"sources": [{"path": str(src), "split": "eval"}],
+                                                     "output": str(tmp_path / "e")}))
+    assert held.manifest.stats["train"] == 0 and held.manifest.stats["eval"] == 20
+    assert "publishing an eval set only" in caplog.text
+
+
+def test_rerun_without_manifest_removes_parts_of_the_unfinished_attempt(store_root: str, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture):
+    src = jsonl(tmp_path / "s.jsonl", chat_rows(30))
+    out = storage.join(store_root, "prep")
+    run(sources=[str(src)], output=out, rows_per_shard=5)
+    storage.delete(storage.join(out, "manifest.json"))  # as if killed before the manifest
+    storage.write_bytes(storage.join(out, "data", "notes.txt"), b"not ours")
+    caplog.set_level("WARNING", logger="ftjobs.prepare")
+    loaded = run(sources=[str(src)], output=out, rows_per_shard=30)
+    assert "removing 6 data part(s)" in caplog.text and "unfinished attempt" in caplog.text
+    parts = sorted(o.rel for o in storage.list_objects(storage.join(out, "data")))
+    assert parts == ["notes.txt", "train/part-00000.parquet"]  # only what the manifest lists, and what is not ours
+    assert [a.path for a in loaded.manifest.artifacts_named("train/")] == ["data/train/part-00000.parquet"]
+
+
+def test_a_failed_run_leaves_no_empty_folders(tmp_path: Path):
+    src = jsonl(tmp_path / "t.jsonl", chat_rows(3) + [{"messages": [{"role": "user", "content": "q"}]}] * 3)
+    with pytest.raises(InputError, match="max_drop_fraction"):
+        run(sources=[str(src)], output=str(tmp_path / "o"), dedup="none")
+    assert not (tmp_path / "o" / "data").exists()
 
 
 def test_without_dedup_repeated_rows_keep_unique_ids(tmp_path: Path):
