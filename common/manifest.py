@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import subprocess
 from collections.abc import Iterable
@@ -25,8 +26,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from common import storage
-from common.errors import AlreadyExistsError, ChecksumError, InputError, OutputTakenError
+from common.errors import AlreadyExistsError, ChecksumError, FtjobsError, InputError, OutputTakenError
 
+LOG = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 STAGES: tuple[str, ...] = ("prepare", "train", "merge", "infer", "evaluate")
@@ -378,12 +380,43 @@ def check_output(prefix: str, *, stage: str, config: dict[str, Any], inputs: lis
     if m.stage == stage and want == have:
         return existing
     diff = _config_diff(m.config, config) if m.stage == stage else []
+    if diff and _same_bytes(m.inputs, inputs) and all(_same_place(_at(m.config, k), _at(config, k)) for k in diff):
+        # `./data/x.jsonl`, `data/x.jsonl` and `/abs/data/x.jsonl` name one file: the same run.
+        LOG.info("already done: %s (the same local paths, spelled differently: %s)", uri, ", ".join(diff))
+        return existing
     detail = f"; config differs at: {', '.join(diff[:8])}" if diff else (
         "; its inputs differ" if m.stage == stage else f" (a {m.stage} run)")
     raise OutputTakenError(
         f"{prefix} already holds a finished {m.stage} run {m.run_id}{detail}. "
         "Choose another --output (or a new run id); manifests are never overwritten."
     )
+
+
+def _same_bytes(a: Iterable[InputRef], b: Iterable[InputRef]) -> bool:
+    return sorted((r.role, r.sha256) for r in a) == sorted((r.role, r.sha256) for r in b)
+
+
+def _at(config: Any, dotted: str) -> Any:
+    for part in dotted.split(".") if dotted != "<root>" else []:
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _same_place(a: Any, b: Any) -> bool:
+    """Equal, or local paths to the same existing file or folder (lists and dicts element by element)."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_place(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_place(a[k], b[k]) for k in a)
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str)) or storage.is_s3(a) or storage.is_s3(b):
+        return False
+    try:
+        pa, pb = storage.local_path(a).expanduser(), storage.local_path(b).expanduser()
+        return pa.exists() and pa.resolve() == pb.resolve()
+    except (OSError, ValueError, FtjobsError):
+        return False
 
 
 def _config_diff(a: Any, b: Any, path: str = "") -> list[str]:

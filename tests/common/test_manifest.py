@@ -165,3 +165,23 @@ def test_an_unwritable_local_output_is_refused_before_any_work(tmp_path) -> None
     fresh = tmp_path / "new" / "deeper" / "out"
     assert mf.check_output(str(fresh), stage="prepare", config={}, inputs=[]) is None
     assert not (tmp_path / "new").exists()
+
+
+def test_the_same_local_path_spelled_differently_is_the_same_run(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.jsonl").write_text("{}\n")
+    (tmp_path / "data" / "y.jsonl").write_text("{}\n")
+    raw = [mf.InputRef(uri="data/x.jsonl", sha256="ab" * 32, role="data")]
+    _publish(str(tmp_path / "out"), config={"sources": [{"path": "data/x.jsonl"}], "seed": 0}, inputs=raw)
+    for spelling in ("./data/x.jsonl", str(tmp_path / "data" / "x.jsonl"), "data//x.jsonl"):
+        again = mf.check_output(str(tmp_path / "out"), stage="prepare", inputs=raw,
+                                config={"sources": [{"path": spelling}], "seed": 0})
+        assert again is not None, spelling
+    # Another file, or the same path with another setting, is still another run.
+    with pytest.raises(OutputTakenError, match="config differs at: sources"):
+        mf.check_output(str(tmp_path / "out"), stage="prepare", inputs=raw,
+                        config={"sources": [{"path": "data/y.jsonl"}], "seed": 0})
+    with pytest.raises(OutputTakenError, match="config differs at: seed, sources"):
+        mf.check_output(str(tmp_path / "out"), stage="prepare", inputs=raw,
+                        config={"sources": [{"path": "./data/x.jsonl"}], "seed": 1})
