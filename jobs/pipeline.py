@@ -95,9 +95,9 @@ class Config(JobConfig):
     def _run_id(cls, value: str | None) -> str | None:
         # It becomes a folder under <root>/runs/: a '/' or '..' would write outside the root.
         if value is not None and not RUN_ID_RE.match(value):
-            raise ValueError(f"run_id {value!r}: use 1-63 letters, digits, '.', '_' or '-', starting and ending "
-                             "with a letter or digit (it names the folder <root>/runs/<run_id>/ and, on "
-                             "Kubernetes, the Jobs)")
+            raise ValueError(f"{value!r} is not a run id: use 1-63 letters, digits, '.', '_' or '-', starting "
+                             "and ending with a letter or digit (it names the folder <root>/runs/<run_id>/ and, "
+                             "on Kubernetes, the Jobs)")
         return value
 
     @field_validator("data")

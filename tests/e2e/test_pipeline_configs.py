@@ -50,7 +50,7 @@ def test_sections_cannot_set_what_the_pipeline_wires() -> None:
 
 @pytest.mark.parametrize("run_id", ["../../escape", "a/b", "..", "-x", "x" * 64, ""])
 def test_a_run_id_that_is_not_one_folder_name_is_refused(run_id: str) -> None:
-    with pytest.raises(ConfigError, match=r"run_id .*: use 1-63 letters, digits"):
+    with pytest.raises(ConfigError, match=r"run_id: .* is not a run id: use 1-63 letters, digits"):
         cfg.validate(pipeline.Config, base(run_id=run_id))
 
 
@@ -65,7 +65,7 @@ def test_run_id_outside_root_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--log-format", "text", "pipeline", "--config", str(conf), "--root",
                                        str(root), "--run-id", "../../escape"])
     assert result.exit_code == 2, result.output
-    assert "run_id '../../escape': use 1-63 letters" in result.output
+    assert "run_id: '../../escape' is not a run id: use 1-63 letters" in result.output
     assert not (tmp_path / "store").exists()
 
 
