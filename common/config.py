@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import types
+import typing
 from typing import Any, TypeVar
 
 import yaml
@@ -88,6 +90,8 @@ def load_config(
     data: dict[str, Any] = read_config_file(file) if file else {}
     for item in sets:
         path, value = parse_set(item)
+        if value is not None and not isinstance(value, str) and _wants_text(model, path):
+            value = item.split("=", 1)[1].strip()  # run_id=007 is the text 007, not the number 7
         set_path(data, path, value)
     for key, value in (flags or {}).items():
         if value is None or value == ():
@@ -141,6 +145,23 @@ def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
                 current = arg
     fields = getattr(current, "model_fields", None)
     return list(fields) if fields else []
+
+
+def _wants_text(model: type[BaseModel], path: list[str]) -> bool:
+    """Whether the field at `path` takes only text (str or str | None)."""
+    current: Any = model
+    for part in path:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        current = fields[part].annotation
+        if part != path[-1]:
+            for arg in getattr(current, "__args__", ()) or ():
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    current = arg
+    if typing.get_origin(current) in (typing.Union, types.UnionType):
+        return {a for a in typing.get_args(current) if a is not type(None)} == {str}
+    return current is str
 
 
 def dump(config: BaseModel) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -508,6 +509,12 @@ def first_failure(node: Node) -> Node | None:
     if not node.ok:
         return node
     return next((f for c in node.children if (f := first_failure(c)) is not None), None)
+
+
+# A run id names the run's folders (<root>/runs/<run_id>/) and, on Kubernetes, its Jobs and labels: one rule
+# for the pipeline and `ftjobs k8s`, so a run started with one can be continued with the other. It is a valid
+# label value, and neither '/' nor '..' can take a folder outside its root.
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 
 def new_run_id() -> str:

@@ -42,7 +42,7 @@ import click
 import yaml
 
 from common.errors import EXIT_RETRYABLE, ConfigError, FtjobsError
-from common.manifest import STAGES
+from common.manifest import RUN_ID_RE, STAGES
 from common.runner import fail
 
 LOG = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ RUN_LABEL = "ftjobs.dev/run-id"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # Pod hostnames of an Indexed Job are <job-name>-<index>; keep room for the index under 63.
 MAX_JOB_NAME = 52
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")  # a valid label value
 IMAGE_RE = re.compile(r"^[^\s@]+:[\w][\w.-]{0,127}@sha256:[0-9a-f]{64}$")
 
 

@@ -49,10 +49,6 @@ from common.config import JobConfig
 from common.errors import EXIT_CONFIG, EXIT_GATE, EXIT_INPUT, ConfigError, FtjobsError, GateFailed, InputError
 from common.runner import config_options, execute
 
-# The run id names the run's folder here and its Jobs and labels on Kubernetes: one rule for both, so a run
-# started here can be continued there. (k8s is the other orchestrator; no stage job is imported for this.)
-from jobs.k8s import RUN_ID_RE
-
 STAGE = "pipeline"
 LOG = logging.getLogger("ftjobs.pipeline")
 STEPS = ("prepare", "infer-base", "train", "merge", "infer-finetuned", "evaluate")
@@ -94,7 +90,7 @@ class Config(JobConfig):
     @classmethod
     def _run_id(cls, value: str | None) -> str | None:
         # It becomes a folder under <root>/runs/: a '/' or '..' would write outside the root.
-        if value is not None and not RUN_ID_RE.match(value):
+        if value is not None and not mf.RUN_ID_RE.match(value):
             raise ValueError(f"{value!r} is not a run id: use 1-63 letters, digits, '.', '_' or '-', starting "
                              "and ending with a letter or digit (it names the folder <root>/runs/<run_id>/ and, "
                              "on Kubernetes, the Jobs)")

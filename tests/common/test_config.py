@@ -22,6 +22,7 @@ class Lora(cfg.JobConfig):
 
 class Demo(cfg.JobConfig):
     name: str = Field("x", description="a name")
+    run_id: str | None = Field(None, description="a run id")
     lora: Lora = Field(default_factory=Lora, description="LoRA settings")
     tags: list[str] = Field(default_factory=list, description="tags")
 
@@ -37,6 +38,14 @@ def test_unknown_key_is_named_with_suggestion() -> None:
     with pytest.raises(ConfigError) as err:
         cfg.load_config(Demo, sets=["lora.alpah=4"])
     assert "unknown key 'lora.alpah'" in str(err.value) and "did you mean 'alpha'" in str(err.value)
+
+
+def test_set_gives_text_fields_the_text_as_typed() -> None:
+    c = cfg.load_config(Demo, sets=["run_id=007", "name=2026-11-29", "lora.r=0x10"])
+    assert (c.run_id, c.name, c.lora.r) == ("007", "2026-11-29", 16)  # ints stay YAML: 0x10 is 16
+    with pytest.raises(ConfigError, match="tags.0"):  # a list of numbers is not made text
+        cfg.load_config(Demo, sets=["tags=[1, 2]"])
+    assert cfg.load_config(Demo, sets=["run_id=null"]).run_id is None
 
 
 def test_wrong_type_says_what_came() -> None:
