@@ -101,7 +101,8 @@ def resolve(src: str, *, revision: str | None = None, cache_dir: str | Path | No
     return ModelRef(source=src, path=path, revision=revision or folder_revision(path))
 
 
-def hub_error(exc: Exception, what: str) -> FtjobsError:
+def hub_error(exc: Exception, what: str,
+              fix: str = "Give a local folder or an s3:// prefix, or set HF_TOKEN for gated models.") -> FtjobsError:
     """A failed Hugging Face Hub fetch: permanent (no such repo, gated, offline by choice) is exit 3,
     a network failure is worth retrying (exit 1). A name that looks like a mistyped local path says so."""
     name = type(exc).__name__
@@ -109,11 +110,12 @@ def hub_error(exc: Exception, what: str) -> FtjobsError:
     typo = (f" There is no local folder {src} either: if you meant one, check the path." if "/" in src else "")
     permanent = name in {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError",
                          "EntryNotFoundError", "HFValidationError", "DatasetNotFoundError", "FileNotFoundError"}
-    if permanent or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return InputError(f"Could not fetch {what} from the Hugging Face Hub ({name}: {exc}).{typo} Give a local "
-                          "folder or an s3:// prefix, or set HF_TOKEN for gated models.")
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if permanent or offline:
+        return InputError(f"Could not fetch {what} from the Hugging Face Hub ({name}: {exc}).{typo} {fix}")
     return FtjobsError(f"Could not reach the Hugging Face Hub for {what} ({name}: {exc}).{typo} This may pass: "
-                       "retry, or give a local folder or an s3:// prefix.")
+                       f"retry. {fix}")
 
 
 def is_tokenizer_file(name: str) -> bool:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from common import storage
+from common import models, storage
 from common.errors import InputError
 
 LOG = logging.getLogger(__name__)
@@ -130,11 +130,9 @@ def _hf_dataset(spec: str, split: str, fmt: str | None) -> list[RawFile]:
         import datasets
 
         ds = datasets.load_dataset(name, split=hf_split or "train")
-    except Exception as exc:
-        raise InputError(
-            f"Could not load Hugging Face dataset {name!r} ({type(exc).__name__}: {exc}). Without the Hub, "
-            "save it with `datasets.Dataset.save_to_disk(DIR)` elsewhere and pass DIR (or its .arrow files)."
-        ) from None
+    except Exception as exc:  # no such dataset: exit 3; the Hub unreachable: exit 1, worth a retry
+        raise models.hub_error(exc, f"dataset {name!r}", "Without the Hub, save it with `datasets.Dataset."
+                               "save_to_disk(DIR)` elsewhere and pass DIR (or its .arrow files).") from None
     files = [Path(f["filename"]) for f in ds.cache_files]
     if not files:
         raise InputError(f"Hugging Face dataset {name!r} has no cache files to read")

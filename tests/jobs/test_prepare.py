@@ -396,6 +396,16 @@ def test_cli_exit_codes(tmp_path: Path, subprocess_env: dict[str, str]):
     assert usage.returncode == 2 and "max_length" in usage.stderr
 
 
+def test_a_hub_dataset_out_of_reach_offline_says_how_to_bring_it(tmp_path: Path, subprocess_env: dict[str, str]):
+    env = {**subprocess_env, "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "prepare", "--source", "hf://nobody/nodataset@train",
+                           "--output", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=180)
+    assert proc.returncode == 3, proc.stderr[-2000:]  # offline by choice: a retry cannot help
+    assert "dataset 'nobody/nodataset'" in proc.stderr and "save_to_disk(DIR)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_shipped_config_validates():
     conf = cfg.load_config(prepare.Config, file=str(REPO / "configs" / "prepare.yaml"), flags={"output": "o"})
     assert conf.tokenizer and conf.sources
