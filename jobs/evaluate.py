@@ -622,10 +622,11 @@ def render_chart(sets: list[dict[str, Any]], summary: dict[str, Any], names: lis
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(names) + 2), 3.6), dpi=100)
     for i, label in enumerate(labels):
-        values = [100 * (summary[label][m] or 0.0) for m in names]
+        scores = [summary[label][m] for m in names]
         xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(names))]
-        bars = ax.bar(xs, values, width, label=label)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        bars = ax.bar(xs, [100 * (v or 0.0) for v in scores], width, label=label)
+        # A metric the set has no value for (no references) is marked n/a, never drawn as a 0 score.
+        ax.bar_label(bars, labels=["n/a" if v is None else f"{100 * v:.0f}" for v in scores], fontsize=7)
     ax.set_xticks(range(len(names)), [METRIC_NAMES[m] for m in names], fontsize=8)
     ax.set_ylabel("score, % (mean over examples)")
     ax.set_ylim(0, 110)
