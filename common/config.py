@@ -88,28 +88,40 @@ def load_config(
     `flags` are explicit CLI options; None values mean "not given" and are skipped.
     """
     data: dict[str, Any] = read_config_file(file) if file else {}
+    origins: dict[str, str] = {}  # dotted key -> where it came from, when not the file
     for item in sets:
         path, value = parse_set(item)
         if value is not None and not isinstance(value, str) and _wants_text(model, path):
             value = item.split("=", 1)[1].strip()  # run_id=007 is the text 007, not the number 7
         set_path(data, path, value)
+        origins[".".join(path)] = f"--set {item}"
     for key, value in (flags or {}).items():
         if value is None or value == ():
             continue
         set_path(data, key.split("."), list(value) if isinstance(value, tuple) else value)
-    return validate(model, data, source=file)
+        origins[key] = f"--{key.replace('_', '-')}"
+    return validate(model, data, source=file, origins=origins)
 
 
-def validate(model: type[C], data: dict[str, Any], source: str | None = None) -> C:
+def validate(model: type[C], data: dict[str, Any], source: str | None = None,
+             origins: dict[str, str] | None = None) -> C:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(model, exc, source)) from None
+        raise ConfigError(format_validation_error(model, exc, source, origins)) from None
 
 
-def format_validation_error(model: type[BaseModel], exc: ValidationError, source: str | None) -> str:
-    where = f" in {source}" if source else ""
-    lines = [f"Invalid {model.__name__}{where}:"]
+def format_validation_error(model: type[BaseModel], exc: ValidationError, source: str | None,
+                            origins: dict[str, str] | None = None) -> str:
+    def origin(loc: str) -> str:
+        """' (from --set a.b=1)' when the key (or a parent) came from the command line, else the file."""
+        parts = loc.split(".")
+        for i in range(len(parts), 0, -1):
+            if (hit := (origins or {}).get(".".join(parts[:i]))) is not None:
+                return f" (from {hit})"
+        return f" (in {source})" if source else ""
+
+    lines = [f"Invalid {model.__name__}:"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
         kind = err["type"]
@@ -117,18 +129,18 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError, source
             known = _known_keys(model, [str(p) for p in err["loc"][:-1]])
             guess = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
             hint = f"; did you mean {guess[0]!r}?" if guess else ""
-            lines.append(f"  - unknown key {loc!r}{hint} (allowed: {', '.join(sorted(known))})")
+            lines.append(f"  - unknown key {loc!r}{origin(loc)}{hint} (allowed: {', '.join(sorted(known))})")
         elif kind == "missing":
             lines.append(f"  - {loc}: required, but not given")
         elif kind == "value_error":  # a validator's own message: it names the field and the value
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {msg}" if loc == "<root>" else f"  - {loc}: {msg}")
+            lines.append(f"  - {msg}" if loc == "<root>" else f"  - {loc}: {msg}{origin(loc)}")
         else:
             got = err.get("input")
             got_s = repr(got) if not isinstance(got, dict | list) else type(got).__name__
             if len(got_s) > 80:
                 got_s = got_s[:77] + "..."
-            lines.append(f"  - {loc}: {err['msg']} (got {got_s})")
+            lines.append(f"  - {loc}: {err['msg']} (got {got_s}){origin(loc)}")
     return "\n".join(lines)
 
 

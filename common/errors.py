@@ -60,3 +60,7 @@ class GateFailed(FtjobsError):
     """evaluate --fail-if-worse: the report is published and the candidate did not beat the baseline."""
 
     exit_code = EXIT_GATE
+
+    def __init__(self, message: str, manifest: str | None = None):
+        super().__init__(message)
+        self.manifest = manifest  # published: still the job's stdout, so CI can read the report

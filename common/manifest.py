@@ -382,7 +382,8 @@ def check_output(prefix: str, *, stage: str, config: dict[str, Any], inputs: lis
         return existing
     diff = _config_diff(m.config, config) if m.stage == stage else []
     if diff and _same_bytes(m.inputs, inputs) and all(_same_place(_at(m.config, k), _at(config, k)) for k in diff):
-        # `./data/x.jsonl`, `data/x.jsonl` and `/abs/data/x.jsonl` name one file: the same run.
+        # `./data/x.jsonl`, `data/x.jsonl` and `/abs/data/x.jsonl` name one file, `s3://b/p/` and `s3://b/p` one
+        # prefix, a stage's prefix and its manifest.json one input: the same run.
         LOG.info("already done: %s (the same local paths, spelled differently: %s)", uri, ", ".join(diff))
         return existing
     detail = f"; config differs at: {', '.join(diff[:8])}" if diff else (
@@ -411,13 +412,22 @@ def _same_place(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(_same_place(a[k], b[k]) for k in a)
     if a == b:
         return True
-    if not (isinstance(a, str) and isinstance(b, str)) or storage.is_s3(a) or storage.is_s3(b):
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    if _spelling(a) == _spelling(b):
+        return True
+    if storage.is_s3(a) or storage.is_s3(b):
         return False
     try:
-        pa, pb = storage.local_path(a).expanduser(), storage.local_path(b).expanduser()
+        pa, pb = storage.local_path(_spelling(a)).expanduser(), storage.local_path(_spelling(b)).expanduser()
         return pa.exists() and pa.resolve() == pb.resolve()
     except (OSError, ValueError, FtjobsError):
         return False
+
+
+def _spelling(uri: str) -> str:
+    """One spelling of a location: no trailing slash, a stage's prefix and its manifest.json alike."""
+    return uri.rstrip("/").removesuffix("/" + MANIFEST_NAME)
 
 
 def _config_diff(a: Any, b: Any, path: str = "") -> list[str]:

@@ -21,6 +21,9 @@ def fail(exc: BaseException) -> None:
     """Print an error the way users should see it and exit with its code."""
     if isinstance(exc, FtjobsError):
         LOG.error(str(exc), extra={"error": type(exc).__name__, "exit_code": exc.exit_code})
+        published = getattr(exc, "manifest", None)
+        if published:  # a verdict, not a failure to run: the manifest exists and stays the stdout line
+            click.echo(published)
         sys.exit(exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
         LOG.error("interrupted")
@@ -29,13 +32,18 @@ def fail(exc: BaseException) -> None:
     sys.exit(EXIT_RETRYABLE)
 
 
-def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--config FILE and --set key=value, shared by every job command."""
-    fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                      help="Override a config key (dotted path), e.g. --set lora.r=32. Repeatable.")(fn)
-    fn = click.option("--config", "config_file", metavar="FILE_OR_URI",
-                      help="YAML/JSON config (path or URI). Later sources win: defaults < file < --set < flags.")(fn)
-    return fn
+def config_options(fn: Callable[..., Any] | None = None, *, example: str = "key.sub=value") -> Any:
+    """--config FILE and --set key=value, shared by every job command.
+
+    `@config_options` or `@config_options(example="lora.r=32")`: the example must be a key of that job.
+    """
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                         help=f"Override a config key (dotted path), e.g. --set {example}. Repeatable.")(f)
+        return click.option("--config", "config_file", metavar="FILE_OR_URI",
+                            help="YAML/JSON config (path or URI). Later sources win: defaults < file < --set < "
+                                 "flags.")(f)
+    return wrap(fn) if fn is not None else wrap
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

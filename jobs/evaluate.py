@@ -468,7 +468,8 @@ def gate(metrics: dict[str, Any], metric: str | None, uri: str) -> None:
              for label, values in sets.items()
              if label != baseline and values[metric] <= sets[baseline][metric]]
     if worse:
-        raise GateFailed(f"--fail-if-worse {metric}: " + "; ".join(worse) + f". Report published: {uri}")
+        raise GateFailed(f"--fail-if-worse {metric}: " + "; ".join(worse) + f". Report published: {uri}",
+                         manifest=uri)
     LOG.info("gate passed: every candidate beats %s on %s", baseline, metric)
 
 
@@ -650,7 +651,7 @@ def render_chart(sets: list[dict[str, Any]], summary: dict[str, Any], names: lis
 @click.option("--fail-if-worse", "fail_if_worse", metavar="METRIC",
               help="Exit 4 (after publishing) when a candidate does not beat the baseline on METRIC, "
                    "e.g. exact_match.")
-@config_options
+@config_options(example="bootstrap=0")
 def command(predictions: tuple[str, ...], output: str | None, labels: tuple[str, ...], fail_if_worse: str | None,
             config_file: str | None, sets: tuple[str, ...]) -> None:
     """Score predictions, compare baseline vs candidates, write a Markdown + HTML report.

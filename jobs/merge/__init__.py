@@ -478,8 +478,10 @@ def run(config: Config) -> mf.Loaded:
         model_info = {
             "base_model": info["base_model"], "base_revision": ref.revision, "base_source": base_src,
             "adapter_sha256": adapter_sha,
-            "dtype": dtype, "merge_mode": config.base_weights, "template_hash": fmt.hash,
-            "chat_template": fmt.template, "tokenizer": chat.tokenizer_identity(tokenizer),
+            "dtype": dtype, "base_weights": config.base_weights, "mode": mode, "template_hash": fmt.hash,
+            # the tokenizer loaded from a temporary folder: name it as training did
+            "chat_template": fmt.template, "tokenizer": {**chat.tokenizer_identity(tokenizer),
+                                                         "name": (info.get("tokenizer") or {}).get("name", "")},
             "quantization": {"mode": quant.mode, "blocksize": quant.blocksize, "double_quant": quant.double_quant},
             "lora": info.get("lora"),
         }
@@ -539,7 +541,7 @@ def write_folder_files(out_dir: Path, base: Path, base_cfg: dict[str, Any], dtyp
 @click.command(name="merge")
 @click.option("--input", "input_", metavar="TRAIN_MANIFEST", help="Train manifest URI or the train output prefix.")
 @click.option("--output", metavar="URI", help="Output prefix for model/ and manifest.json.")
-@config_options
+@config_options(example="dtype=bfloat16")
 def command(input_: str | None, output: str | None, config_file: str | None, sets: tuple[str, ...]) -> None:
     """Merge a LoRA adapter into its 16-bit base; check it; write a folder transformers and vLLM load."""
     execute(sys.modules[__name__], config_file, sets, {"input": input_, "output": output})

@@ -72,7 +72,8 @@ def load_rows(uri: str, split: str, n: int, tmp: Path) -> tuple[list[dict[str, A
             break
         if len(rows) >= n:
             break
-    return rows, dict(loaded.manifest.stats), loaded.manifest.model.get("tokenizer_source")
+    # The manifest's token statistics cover every split; say so rather than read every shard of this one.
+    return rows, {**loaded.manifest.stats, "scope": "all splits"}, loaded.manifest.model.get("tokenizer_source")
 
 
 def _histogram(lengths: list[int], bins: int = 20) -> dict[str, Any]:
@@ -158,7 +159,8 @@ def render_histogram(stats: dict[str, Any], width: int = 40) -> str:
         return ""
     counts, edges = hist["counts"], hist["edges"]
     peak = max(counts) or 1
-    lines = ["token length histogram" + (f" (p50 {tok['percentiles']['p50']}, p95 {tok['percentiles']['p95']}, "
+    scope = f", {stats['scope']}" if stats.get("scope") else ""
+    lines = [f"token length histogram{scope}" + (f" (p50 {tok['percentiles']['p50']}, p95 {tok['percentiles']['p95']}, "
                                           f"max {tok['max']}, trainable ratio {tok.get('trainable_ratio')})"
                                           if "percentiles" in tok else "")]
     for lo, hi, c in zip(edges, edges[1:], counts, strict=False):

@@ -687,7 +687,7 @@ def _remove_stale_parts(output: str, files: list[S.RawFile]) -> None:
               help="Input format (default auto: detected per file).")
 @click.option("--tokenizer", metavar="MODEL_SRC", help="Tokenize with this model's tokenizer (folder, s3://, HF id).")
 @click.option("--output", metavar="URI", help="Output prefix (local path or s3://bucket/prefix).")
-@config_options
+@config_options(example="eval_size=500")
 def command(sources: tuple[str, ...], format_: str | None, tokenizer: str | None, output: str | None,
             config_file: str | None, sets: tuple[str, ...]) -> None:
     """Validate, split and tokenize raw data into Parquet shards plus a manifest.

@@ -663,7 +663,7 @@ def _install_sigterm(grace_seconds: float) -> _StopFlag:
 @click.option("--input", "input_", metavar="URI", help="The prepare manifest (manifest.json or its prefix).")
 @click.option("--base-model", metavar="SRC", help="Hugging Face id, s3:// prefix or local folder.")
 @click.option("--output", metavar="URI", help="Output prefix for the adapter, checkpoints and manifest.")
-@config_options
+@config_options(example="lora.r=32")
 def command(input_: str | None, base_model: str | None, output: str | None, config_file: str | None,
             sets: tuple[str, ...]) -> None:
     """QLoRA-finetune a base model on a prepare manifest's data; resumes from checkpoints after preemption."""

@@ -48,6 +48,18 @@ def test_set_gives_text_fields_the_text_as_typed() -> None:
     assert cfg.load_config(Demo, sets=["run_id=null"]).run_id is None
 
 
+def test_a_bad_key_names_where_it_came_from(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("lora:\n  r: 8\n  alpah: 1\n")
+    with pytest.raises(ConfigError) as err:
+        cfg.load_config(Demo, file=str(f), sets=["bogus=1", "lora.r=big"])
+    text = str(err.value)
+    assert "unknown key 'bogus' (from --set bogus=1)" in text
+    assert f"unknown key 'lora.alpah' (in {f})" in text
+    assert "lora.r: Input should be a valid integer, unable to parse string as an integer (got 'big') " \
+           "(from --set lora.r=big)" in text
+
+
 def test_wrong_type_says_what_came() -> None:
     with pytest.raises(ConfigError, match=r"lora.r: .*integer.*got 'big'"):
         cfg.load_config(Demo, sets=["lora.r=big"])
@@ -95,3 +107,20 @@ def test_help_and_version_work() -> None:
     assert "show" in out.stdout
     out = subprocess.run([sys.executable, "-m", "jobs.cli", "--version"], capture_output=True, text=True, check=True)
     assert "ftjobs, version" in out.stdout
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "merge", "infer", "evaluate", "pipeline"])
+def test_each_commands_set_example_is_a_key_it_accepts(stage: str) -> None:
+    import importlib
+    import re
+
+    module = importlib.import_module(f"jobs.{stage}")
+    option = next(p for p in module.command.params if p.name == "sets")
+    example = re.search(r"e\.g\. --set (\S+)\.", option.help).group(1)
+    if example == "key.sub=value":  # the generic placeholder names no key
+        return
+    key = example.split("=")[0]
+    try:
+        cfg.load_config(module.Config, sets=[example], flags={})
+    except ConfigError as err:  # required keys are missing here; the example's own key must not be the problem
+        assert "unknown key" not in str(err) and key not in str(err), str(err)

@@ -185,3 +185,17 @@ def test_the_same_local_path_spelled_differently_is_the_same_run(tmp_path, monke
     with pytest.raises(OutputTakenError, match="config differs at: seed, sources"):
         mf.check_output(str(tmp_path / "out"), stage="prepare", inputs=raw,
                         config={"sources": [{"path": "./data/x.jsonl"}], "seed": 1})
+
+
+def test_a_prefix_and_its_manifest_and_a_trailing_slash_are_one_spelling(store_root: str) -> None:
+    prep = storage.join(store_root, "prepare")
+    _publish(storage.join(store_root, "train"), stage="train",
+             config={"input": f"{prep}/manifest.json", "output": storage.join(store_root, "train")})
+    for inp, out in ((f"{prep}/", storage.join(store_root, "train") + "/"), (prep, storage.join(store_root, "train"))):
+        again = mf.check_output(storage.join(store_root, "train"), stage="train", inputs=[],
+                                config={"input": inp, "output": out})
+        assert again is not None, (inp, out)
+    with pytest.raises(OutputTakenError, match="config differs at: input"):
+        mf.check_output(storage.join(store_root, "train"), stage="train", inputs=[],
+                        config={"input": storage.join(store_root, "prepare2"),
+                                "output": storage.join(store_root, "train")})

@@ -128,6 +128,7 @@ def test_rerun_is_already_done_and_gate_exits_4_with_report_published(tmp_path: 
     # The gate is not part of the run's identity: the finished evaluation is re-gated, not refused.
     gated = runner.invoke(main, args + ["--fail-if-worse", "exact_match"])
     assert gated.exit_code == EXIT_GATE
+    assert gated.stdout.strip().splitlines()[-1] == uri  # a verdict: CI still gets the published manifest
     assert storage.exists(storage.join(out, "report.html"))
     # A gate that passes: swap baseline and candidate into a new output.
     ok = runner.invoke(main, ["evaluate", "--predictions", tuned, "--predictions", base, "--output",

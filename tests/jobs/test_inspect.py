@@ -40,7 +40,7 @@ def test_text_view_marks_trained_tokens_and_prints_histogram(prepared: Path):
     assert res.exit_code == 0, res.output
     assert "«Blue, café.<|im_end|>»" in res.output  # multi-byte characters survive token-by-token decoding
     assert "<s><|im_start|>system\nBe brief.<|im_end|>" in res.output
-    assert "token length histogram" in res.output and "█" in res.output
+    assert "token length histogram, all splits" in res.output and "█" in res.output  # manifest-wide stats
     tokens = CliRunner().invoke(main, ["inspect", str(prepared / "out"), "--rows", "1", "--tokens",
                                        "--color", "never"])
     assert "<|im_start|>│" in tokens.output and "↵" in tokens.output

@@ -87,7 +87,9 @@ def test_merged_model_on_s3_is_the_adapted_model_and_loads_in_transformers(
     assert m.stage == "merge"
     assert [(i.uri, i.sha256, i.role) for i in m.inputs] == [(adapter.uri, adapter.sha256, "adapter")]
     assert m.model["adapter_sha256"] == adapter.manifest.artifact("adapter/adapter_model.safetensors").sha256
-    assert m.model["merge_mode"] == "original" and m.model["dtype"] == "float32"
+    assert m.model["base_weights"] == "original" and m.model["mode"] == "in_memory" and m.model["dtype"] == "float32"
+    assert m.model["tokenizer"]["name"] == adapter.manifest.model.get("tokenizer", {}).get("name", "")
+    assert "ftjobs-merge-" not in m.model["tokenizer"]["name"]  # not the job's temporary folder
     assert m.model["base_revision"] == adapter.manifest.model["base_revision"]
     assert m.model["base_source"] == str(tiny_model)
     assert m.model["template_hash"] == adapter.manifest.model["template_hash"]
@@ -173,7 +175,7 @@ def test_nf4_roundtrip_merges_into_the_weights_training_saw(nf4_adapter: mf.Load
                            base_weights="nf4_roundtrip", checks={"generation": mode == "in_memory"})
             for mode in ("in_memory", "sharded")}
     for loaded in runs.values():
-        assert loaded.manifest.model["merge_mode"] == "nf4_roundtrip"
+        assert loaded.manifest.model["base_weights"] == "nf4_roundtrip"
         assert loaded.manifest.model["quantization"]["mode"] == "nf4"
         assert loaded.manifest.metrics["checks_passed"]
     nf4, nf4_sharded, original = (weights(tmp_path / "in_memory/model"), weights(tmp_path / "sharded/model"),
