@@ -22,7 +22,14 @@ the headline numbers; the last stdout line is the evaluate manifest URI.
     ftjobs pipeline --config configs/pipeline.yaml --set run_id=r1 --set root=s3://ml/ftjobs
 
 Exit codes are the failing stage's (2 config, 3 input, 1 retryable, 4 the
-evaluate gate).
+evaluate gate: the report is published and its manifest URI is still the last
+stdout line). `<run prefix>/pipeline.json` records every step attempted (status
+done, already done, failed, gate failed or interrupted; its exit code and
+seconds) and the pipeline's own exit code.
+
+SIGTERM or SIGINT (Ctrl-C) while a stage runs is passed to that stage as SIGTERM,
+and the pipeline waits for it to stop the way it does alone (train: finish the
+step, checkpoint, exit), then exits 1; re-running with the same run_id resumes.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ import importlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,12 +55,25 @@ from common import config as cfg
 from common import manifest as mf
 from common import storage
 from common.config import JobConfig
-from common.errors import EXIT_CONFIG, EXIT_GATE, EXIT_INPUT, ConfigError, FtjobsError, GateFailed, InputError
+from common.errors import (
+    EXIT_CONFIG,
+    EXIT_GATE,
+    EXIT_INPUT,
+    EXIT_RETRYABLE,
+    ConfigError,
+    FtjobsError,
+    GateFailed,
+    InputError,
+    Preempted,
+)
 from common.runner import config_options, execute
 
 STAGE = "pipeline"
 LOG = logging.getLogger("ftjobs.pipeline")
 STEPS = ("prepare", "infer-base", "train", "merge", "infer-finetuned", "evaluate")
+# How long a stage may take to stop after SIGTERM, on top of its own grace period (train's
+# checkpoint.grace_seconds): the exit itself (closing files, an engine's processes) takes a few seconds.
+STOP_MARGIN_S = 30.0
 HEADLINE = ("exact_match", "normalized_exact_match", "token_f1", "rouge_l", "json_valid", "json_schema_valid",
             "regex_match")
 
@@ -173,6 +195,7 @@ def run(config: Config) -> mf.Loaded:
     started = time.monotonic()
     manifests: dict[str, str] = {}
     timings: dict[str, dict[str, Any]] = {}
+    grace = stop_grace(config)
 
     def step(name: str, args: list[str]) -> str:
         stage = name.split("-")[0]
@@ -181,10 +204,20 @@ def run(config: Config) -> mf.Loaded:
         shown = " ".join(["ftjobs", stage, *args, "--output", out[name], "--config", conf_uri[name]])
         LOG.info("[%d/%d] %s: %s", STEPS.index(name) + 1, len(STEPS), name, shown)
         t = time.monotonic()
-        uri = call(name, argv)
+        try:
+            uri = call(name, argv, grace[name], run_id)
+        except BaseException as exc:
+            # The failed step is the one a reader of pipeline.json most needs to find.
+            code = exit_code(exc)
+            status = ("interrupted" if isinstance(exc, Preempted | KeyboardInterrupt | SystemExit)
+                      else "gate failed" if code == EXIT_GATE else "failed")
+            timings[name] = {"seconds": round(time.monotonic() - t, 1), "status": status, "exit_code": code}
+            if code == EXIT_GATE:
+                timings[name]["manifest"] = mf.manifest_uri(out[name])
+            raise
         seconds = time.monotonic() - t
         timings[name] = {"seconds": round(seconds, 1), "status": "already done" if before else "done",
-                         "manifest": uri}
+                         "exit_code": 0, "manifest": uri}
         LOG.info("%s %s in %.1fs: %s", name, timings[name]["status"], seconds, uri)
         manifests[name] = uri
         return uri
@@ -199,19 +232,32 @@ def run(config: Config) -> mf.Loaded:
         ("evaluate", lambda: ["--predictions", manifests["infer-base"], "--predictions", manifests["infer-finetuned"],
                               "--label", config.labels[0], "--label", config.labels[1]]),
     ]
+    code = EXIT_RETRYABLE
     try:
         for name, args in plan:
             step(name, args())
             if name == config.stop_after:
                 break
-    except GateFailed:
-        # The gate's verdict comes after evaluate published its report: show the numbers anyway.
-        headline(mf.load(out["evaluate"], verify="none"), time.monotonic() - started)
+        code = 0
+    except GateFailed as gate:
+        code = EXIT_GATE
+        # The gate's verdict comes after evaluate published its report: show the numbers, and keep the
+        # manifest URI the last stdout line, as on success (CI reads it to find the report).
+        uri = mf.manifest_uri(out["evaluate"])
+        try:
+            loaded = mf.load(uri, verify="none")
+        except FtjobsError:  # no report after all: evaluate's own message (above) is all there is
+            raise gate from None
+        headline(loaded, time.monotonic() - started)
+        click.echo(uri)
+        raise GateFailed(gate_message(config, loaded, run_id)) from None
+    except BaseException as exc:
+        code = exit_code(exc)
         raise
     finally:
         storage.write_bytes(storage.join(prefix, "pipeline.json"), json.dumps(
-            {"run_id": run_id, "prefix": prefix, "steps": timings}, indent=2).encode())
-        summary = "  ".join(f"{k} {v['seconds']}s" + (" (already done)" if v["status"] != "done" else "")
+            {"run_id": run_id, "prefix": prefix, "steps": timings, "exit_code": code}, indent=2).encode())
+        summary = "  ".join(f"{k} {v['seconds']}s" + (f" ({v['status']})" if v["status"] != "done" else "")
                             for k, v in timings.items())
         LOG.info("stages: %s; total %.1fs", summary, time.monotonic() - started)
 
@@ -221,13 +267,92 @@ def run(config: Config) -> mf.Loaded:
     return loaded
 
 
-def call(name: str, argv: list[str]) -> str:
-    """Run one stage; its logs stream through, its last stdout line is its manifest URI."""
+def exit_code(exc: BaseException) -> int:
+    """The code the pipeline exits with for `exc` (what common.runner.fail maps it to)."""
+    if isinstance(exc, FtjobsError):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else EXIT_RETRYABLE
+    return EXIT_RETRYABLE
+
+
+def gate_message(config: Config, loaded: mf.Loaded, run_id: str) -> str:
+    metric = config.evaluate.get("fail_if_worse")
+    metrics = loaded.manifest.metrics
+    scores = "; ".join(f"{label} {100 * c['metrics'][metric]['candidate']:.1f}% vs {metrics['baseline']} "
+                       f"{100 * c['metrics'][metric]['baseline']:.1f}%"
+                       for label, c in metrics.get("comparisons", {}).items()
+                       if metric in c.get("metrics", {}) and c["metrics"][metric].get("candidate") is not None)
+    return (f"the {config.labels[1]} model did not beat the {config.labels[0]} model on {metric}"
+            + (f" ({scores})" if scores else "")
+            + f"; the report is at {storage.join(loaded.prefix, 'report.html')} (and report.md). Every stage "
+            f"finished, so re-running run {run_id} will not change the verdict: change the training (data, "
+            "steps, learning rate) in a new run, or the gate (evaluate.fail_if_worse).")
+
+
+def stop_grace(config: Config) -> dict[str, float]:
+    """Seconds each stage gets to stop after SIGTERM before it is killed."""
+    from jobs import train
+
+    section = cfg.validate(train.Config, {**config.train, **WIRED["train"]})
+    return {step: STOP_MARGIN_S + (section.checkpoint.grace_seconds if step == "train" else 0.0) for step in STEPS}
+
+
+def call(name: str, argv: list[str], grace: float, run_id: str) -> str:
+    """Run one stage; its logs stream through, its last stdout line is its manifest URI.
+
+    Not `subprocess.run`: on any exception in the parent (the SIGTERM handler raises one) it SIGKILLs the
+    child, and train would lose the steps since its last checkpoint. Here a SIGTERM or SIGINT to the
+    pipeline is passed on to the stage as SIGTERM, the stage gets `grace` seconds to save its state and
+    exit, and only then is the pipeline interrupted.
+    """
     env = dict(os.environ)
     if sys.stderr.isatty():  # a child's stderr is a pipe only when ours is: keep a terminal readable
         env.setdefault("FTJOBS_LOG_FORMAT", "text")
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=env, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    received: list[int] = []
+    proc: subprocess.Popen[str] | None = None
+
+    def forward(signum: int, frame: Any) -> None:
+        if received:  # already passed on (a group kill also reaches the stage itself)
+            return
+        received.append(signum)
+        LOG.warning("received %s: passing SIGTERM to stage %s and waiting up to %.0fs for it to save its state "
+                    "and exit", signal.Signals(signum).name, name, grace)
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if main_thread:
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # The stage ignores SIGINT: Ctrl-C reaches the whole terminal process group, and a KeyboardInterrupt
+        # would stop train without its checkpoint. The pipeline passes it on as SIGTERM instead.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        try:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, forward)
+        if received:  # arrived while the stage was starting
+            proc.send_signal(signal.SIGTERM)
+        stdout = wait(proc, received, grace, name)
+    except BaseException:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        how = "was killed" if proc.returncode == -signal.SIGKILL else f"exited {proc.returncode}"
+        raise Preempted(f"{signal.Signals(received[0]).name} while stage {name} ran; it {how}. Re-run the same "
+                        f"command with --run-id {run_id} to resume: finished stages are skipped, and train "
+                        "continues from its last checkpoint.")
+    lines = [line for line in stdout.splitlines() if line.strip()]
     if proc.returncode == 0 and lines:
         return lines[-1].strip()
     hint = " Fix it, then re-run the same command with the same run_id: finished stages are skipped."
@@ -241,6 +366,22 @@ def call(name: str, argv: list[str]) -> str:
     if proc.returncode == EXIT_GATE:
         raise GateFailed(message)
     raise FtjobsError(message)
+
+
+def wait(proc: subprocess.Popen[str], received: list[int], grace: float, name: str) -> str:
+    """The stage's stdout once it exits; killed when it outlives `grace` after a forwarded signal."""
+    deadline: float | None = None
+    while True:
+        try:
+            stdout, _ = proc.communicate(timeout=0.5)  # a retry after the timeout loses no output
+            return stdout or ""
+        except subprocess.TimeoutExpired:
+            if not received:
+                continue
+            deadline = deadline or time.monotonic() + grace
+            if time.monotonic() > deadline and proc.poll() is None:
+                LOG.error("stage %s did not exit within %.0fs of SIGTERM: killing it", name, grace)
+                proc.kill()
 
 
 def headline(loaded: mf.Loaded, total: float) -> None:
@@ -263,6 +404,8 @@ def headline(loaded: mf.Loaded, total: float) -> None:
 def command(run_id: str | None, root: str | None, config_file: str | None, sets: tuple[str, ...]) -> None:
     """Run prepare, infer (base), train, merge, infer (finetuned) and evaluate as subprocesses.
 
-    Prints the report location and the headline numbers; the last stdout line is the evaluate manifest.
+    Prints the report location and the headline numbers; the last stdout line is the evaluate manifest,
+    also on exit 4 (the gate). SIGTERM or Ctrl-C is passed to the running stage, which stops cleanly (train
+    checkpoints); then exit 1, and the same run_id resumes. <run>/pipeline.json records every step.
     """
     execute(sys.modules[__name__], config_file, sets, {"run_id": run_id, "root": root})

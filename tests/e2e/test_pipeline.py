@@ -1,5 +1,6 @@
 """The whole chain through the CLI, as the containers run it: `ftjobs pipeline` against the
-real S3 test server with the tiny test model, then the same command again (everything already done)."""
+real S3 test server with the tiny test model, gated as the demo is (the untrained tiny model cannot
+pass it: exit 4), then again without the gate (everything already done, exit 0)."""
 
 from __future__ import annotations
 
@@ -37,17 +38,28 @@ def test_pipeline_on_s3_with_the_tiny_model(s3_root: str, tiny_model: Path, tmp_
                   "checkpoint": {"every_steps": None}},
         "infer": {"sampling": {"temperature": 0, "max_tokens": 6},
                   "engine_args": {"dtype": "float32", "max_model_len": 256}},
-        "evaluate": {"checks": {"json_valid": True}, "bootstrap": 100},
+        # Six tokens never match a whole reference: 0% against 0%, so the gate fails.
+        "evaluate": {"checks": {"json_valid": True}, "bootstrap": 100, "fail_if_worse": "exact_match"},
     }
     conf = tmp_path / "pipeline.yaml"
     conf.write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "jobs.cli", "pipeline", "--config", str(conf)]
     first = run(cmd, subprocess_env)
-    assert first.returncode == 0, first.stderr[-4000:]
+    assert first.returncode == 4, first.stderr[-4000:]
+    # A verdict, not a failure to run: the published evaluate manifest is still the last stdout line.
     uri = first.stdout.strip().splitlines()[-1]
     prefix = f"{s3_root}/runs/e2e"
     assert uri == mf.manifest_uri(f"{prefix}/evaluate")
     assert "report: " + f"{prefix}/evaluate/report.html" in first.stderr
+    verdict = first.stderr.strip().splitlines()[-1]
+    assert "the finetuned model did not beat the base model on exact_match (finetuned 0.0% vs base 0.0%)" in verdict
+    assert f"the report is at {prefix}/evaluate/report.html" in verdict
+    assert "will not change the verdict" in verdict and "Fix it" not in verdict
+    record = json.loads(storage.read_text(f"{prefix}/pipeline.json"))
+    assert record["exit_code"] == 4
+    assert {k: v["status"] for k, v in record["steps"].items()} == {s: "done" for s in STEPS} | {
+        "evaluate": "gate failed"}
+    assert record["steps"]["evaluate"]["exit_code"] == 4 and record["steps"]["evaluate"]["manifest"] == uri
     for step in STEPS:
         assert storage.exists(mf.manifest_uri(f"{prefix}/{step}")), step
 
@@ -65,11 +77,11 @@ def test_pipeline_on_s3_with_the_tiny_model(s3_root: str, tiny_model: Path, tmp_
     metrics = mf.load(uri).manifest.metrics
     assert set(metrics["sets"]) == {"base", "finetuned"} and metrics["sets"]["base"]["rows"] == 4
 
-    again = run(cmd, subprocess_env)
+    again = run([*cmd, "--set", "evaluate.fail_if_worse=null"], subprocess_env)
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stdout.strip().splitlines()[-1] == uri
-    steps = json.loads(storage.read_text(f"{prefix}/pipeline.json"))["steps"]
-    assert {s["status"] for s in steps.values()} == {"already done"}
+    record = json.loads(storage.read_text(f"{prefix}/pipeline.json"))
+    assert {s["status"] for s in record["steps"].values()} == {"already done"} and record["exit_code"] == 0
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float = 420) -> subprocess.CompletedProcess[str]:
@@ -87,3 +99,17 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 420) -> subprocess
 
 def _walk(node: mf.Node) -> list[mf.Node]:
     return [node] + [n for child in node.children for n in _walk(child)]
+
+
+def test_the_failed_stage_and_its_exit_code_are_in_pipeline_json(tmp_path: Path,
+                                                                  subprocess_env: dict[str, str]) -> None:
+    conf = tmp_path / "pipeline.yaml"
+    conf.write_text(yaml.safe_dump({"root": str(tmp_path / "store"), "run_id": "bad", "base_model": "demo/base-model",
+                                    "data": [str(tmp_path / "missing.jsonl")]}))
+    result = run([sys.executable, "-m", "jobs.cli", "pipeline", "--config", str(conf)], subprocess_env, timeout=120)
+    assert result.returncode == 3, result.stderr[-4000:]
+    assert "stage prepare failed with exit 3" in result.stderr
+    record = json.loads((tmp_path / "store" / "runs" / "bad" / "pipeline.json").read_text())
+    assert record["exit_code"] == 3
+    assert list(record["steps"]) == ["prepare"]
+    assert record["steps"]["prepare"]["status"] == "failed" and record["steps"]["prepare"]["exit_code"] == 3
