@@ -13,8 +13,8 @@ engine as token ids; a template that differs from the model's is refused unless 
 
 Writes, under --output
   plan.json                            what this run is (create-only; every shard checks it)
-  shards/<I>/chunk-NNNNN.parquet       each written whole; a killed pod loses at most one chunk
-  shards/<I>/DONE.json                 create-only shard marker with the chunks' sha256
+  shards/<IIIII>/chunk-NNNNN.parquet   each written whole; a killed pod loses at most one chunk
+  shards/<IIIII>/DONE.json             create-only shard marker with the chunks' sha256
   predictions/part-NNNNN.parquet       one part per shard, assembled by whichever shard ends last
   manifest.json                        stage "infer", published last, create-only
 Rows: id, sample, prompt, completion, reference, finish_reason, prompt_tokens, completion_tokens,
@@ -22,13 +22,14 @@ model, adapter, sampling (JSON), error (per row, e.g. a prompt longer than max_m
 
 Shard I of N comes from `--shard I/N`, or from `JOB_COMPLETION_INDEX` (Kubernetes Indexed Jobs)
 plus `num_shards`. Re-running skips finished shards and finished chunks; `--finalize` only
-assembles. Every input row appears exactly once in the output (n times with `sampling.n: n`).
-stdout: the manifest URI, or this shard's DONE.json while other shards are still running.
+assembles (given only --output, it finalizes the run recorded in plan.json). Every input row
+appears exactly once in the output (n times with `sampling.n: n`).
+stdout: the manifest URI, or this shard's DONE.json marker while other shards are still running.
 Code: this module (config, run, shards, finalize, CLI); `inputs.py` (model, prompts, template check);
 `engines.py` (vLLM and transformers).
 
-    ftjobs infer --model s3://ml/runs/r1/merge --prompts s3://ml/runs/r1/prepare \\
-        --output s3://ml/runs/r1/infer --shard 0/4 --set sampling.temperature=0
+    ftjobs infer --model s3://ml-data/runs/r1/merge --prompts s3://ml-data/runs/r1/prepare \\
+        --output s3://ml-data/runs/r1/infer --shard 0/4 --set sampling.temperature=0
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import click
 from pydantic import Field, model_validator
 
 from common import chat, models, storage
+from common import config as cfg
 from common import manifest as mf
 from common.config import JobConfig, dump
 from common.errors import AlreadyExistsError, ChecksumError, ConfigError, FtjobsError
@@ -68,7 +70,8 @@ class Sampling(JobConfig):
     max_tokens: int = Field(256, ge=1, description="Most new tokens per completion (vLLM's own default, 16, "
                                                    "is too short for evaluation).")
     stop: list[str] = Field(default_factory=list, description="Strings that end a completion (not included in it).")
-    seed: int | None = Field(None, description="Per-request sampling seed; None: not reproducible when sampling.")
+    seed: int | None = Field(None, description="Per-prompt sampling seed: a prompt gets the same samples in any "
+                                               "batch, chunk or shard (a resumed run matches); None: random.")
     n: int = Field(1, ge=1, description="Completions per prompt; each is its own output row (column `sample`).")
 
     @model_validator(mode="after")
@@ -99,11 +102,12 @@ class EngineArgs(JobConfig):
 class Config(JobConfig):
     """ftjobs infer: batch generation over a prompt set, sharded and resumable."""
 
-    model: str = Field(..., description="Merge manifest (URI or its prefix), or a model source: HF id, "
-                                        "s3:// prefix, local folder.")
+    model: str | None = Field(None, description="Merge manifest (URI or its prefix), or a model source: HF id, "
+                                                "s3:// prefix, local folder. Required, except with `finalize`.")
     adapter: str | None = Field(None, description="Train manifest whose LoRA adapter is served on top of "
                                                   "`model` (a base model source).")
-    prompts: str = Field(..., description="Prepare manifest (URI or prefix), or a .parquet / .jsonl file.")
+    prompts: str | None = Field(None, description="Prepare manifest (URI or prefix), or a .parquet / .jsonl file. "
+                                                  "Required, except with `finalize`.")
     output: str = Field(..., description="Output prefix (s3:// or local).")
     split: str = Field("eval", description="Which split of a prepare manifest to generate for.")
     columns: Columns = Field(default_factory=Columns, description="Column names for plain prompt files.")
@@ -123,17 +127,22 @@ class Config(JobConfig):
     shard: int | None = Field(None, ge=0, description="This process's shard; None: JOB_COMPLETION_INDEX, else 0.")
     chunk_rows: int = Field(256, ge=1, description="Prompts per chunk: the unit of resume (smaller: less lost "
                                                    "on a kill, more objects).")
-    finalize: bool = Field(False, description="Only assemble finished shards and publish the manifest.")
+    finalize: bool = Field(False, description="Only assemble finished shards and publish the manifest; without "
+                                              "model and prompts, the run is the one in the output's plan.json.")
     cache_dir: str | None = Field(None, description="Where downloaded models go; None: $FTJOBS_CACHE or "
                                                     "~/.cache/ftjobs.")
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        missing = [k for k in ("model", "prompts") if getattr(self, k) is None]
+        if missing and not (self.finalize and len(missing) == 2):
+            raise ValueError(f"{' and '.join(missing)}: required, but not given (--finalize alone may leave out "
+                             "both: it finalizes the run recorded in the output's plan.json)")
         if self.shard is not None and self.shard >= self.num_shards:
             raise ValueError(f"shard {self.shard} is out of range for num_shards {self.num_shards} "
                              f"(shards are numbered 0..{self.num_shards - 1})")
-        if storage.normalize(self.output).rstrip("/") in {storage.normalize(self.model).rstrip("/"),
-                                                          storage.normalize(self.prompts).rstrip("/")}:
+        if storage.normalize(self.output).rstrip("/") in {storage.normalize(x).rstrip("/")
+                                                          for x in (self.model, self.prompts) if x is not None}:
             raise ValueError("output must be a prefix of its own, not the model's or the prompts' location")
         return self
 
@@ -144,6 +153,8 @@ class Config(JobConfig):
 def run(config: Config) -> mf.Loaded | str:
     """Generate this shard's chunks; the last shard to finish publishes the manifest."""
     out = config.output
+    if config.finalize and config.model is None:
+        return finalize_from_plan(out)
     # What makes shards "the same run": the config without where this process stands or caches files.
     identity_config = dump(config) | {"shard": None, "finalize": False, "cache_dir": None}
     model_in = load_model_input(config.model)
@@ -158,6 +169,13 @@ def run(config: Config) -> mf.Loaded | str:
         return done
     if config.finalize:
         return finalize(config, identity_config, inputs, read_plan(out), wait=False, marker="")
+    s = config.sampling
+    if s.temperature > 0 and s.seed is None:
+        # vLLM's defaults, as configured nowhere: say so, since shards and resumed chunks then come from
+        # different random draws, and evaluate compares what it is given.
+        LOG.warning("sampling at temperature %g without a seed: completions are random, and shards and resumed "
+                    "chunks are not reproducible. Set sampling.temperature: 0 for greedy completions (what "
+                    "evaluate should compare), or sampling.seed: N for reproducible samples.", s.temperature)
     shard = shard_index(config)
     marker = storage.join(out, "shards", f"{shard:05d}", "DONE.json")
     if storage.exists(marker):
@@ -169,8 +187,10 @@ def run(config: Config) -> mf.Loaded | str:
     rows = load_rows(config, prompts_in)
     template_check(config, model, prompts_in)
     run_key = mf.run_identity(mf.config_hash(identity_config), inputs)
+    # config and inputs: what `--finalize --output` alone needs to publish the manifest the shards would.
     plan = {"run": run_key, "rows": len(rows), "num_shards": config.num_shards, "chunk_rows": config.chunk_rows,
-            "model": model["identity"], "started_at": mf.now()}
+            "model": model["identity"], "started_at": mf.now(), "config": identity_config,
+            "inputs": [ref.model_dump(mode="json") for ref in inputs]}
     plan = claim_plan(out, plan)
 
     lo, hi = shard_bounds(len(rows), shard, config.num_shards)
@@ -185,6 +205,26 @@ def run(config: Config) -> mf.Loaded | str:
         generate_chunks(config, model, chunks, todo, shard_dir, shard)
     write_marker(marker, shard_dir, shard, len(chunks), len(mine) * config.sampling.n)
     return finalize(config, identity_config, inputs, plan, wait=True, marker=marker)
+
+
+def finalize_from_plan(out: str) -> mf.Loaded | str:
+    """`--finalize --output URI` alone: the config and inputs are the ones the shards recorded in plan.json."""
+    plan = read_plan(out)
+    if "config" not in plan or "inputs" not in plan:
+        raise ConfigError(f"{storage.join(out, 'plan.json')} was written by an older ftjobs and does not record "
+                          "the run's config: finalize with the shards' own command line plus --finalize (the same "
+                          "--model, --prompts, --config and --set)")
+    identity_config = plan["config"]
+    inputs = [mf.InputRef.model_validate(ref) for ref in plan["inputs"]]
+    config = cfg.validate(Config, identity_config | {"output": out, "finalize": True},
+                          source=storage.join(out, "plan.json"))
+    LOG.info("finalizing the run in %s: model %s, prompts %s, %d shards", storage.join(out, "plan.json"),
+             config.model, config.prompts, plan["num_shards"])
+    done = mf.check_output(out, stage=STAGE, config=identity_config, inputs=inputs)
+    if done is not None:
+        LOG.info("already done: %s", done.uri)
+        return done
+    return finalize(config, identity_config, inputs, plan, wait=False, marker="")
 
 
 def shard_index(config: Config) -> int:
@@ -344,7 +384,8 @@ def finalize(config: Config, identity_config: dict[str, Any], inputs: list[mf.In
     missing = [i for i, uri in markers.items() if not storage.exists(uri)]
     if missing:
         if wait:
-            LOG.info("waiting for shards %s; the last one to finish publishes the manifest", missing)
+            LOG.info("shard marker: %s (not a manifest: waiting for shards %s; the last one to finish publishes "
+                     "%s)", marker, missing, mf.manifest_uri(out))
             return marker
         raise FtjobsError(f"cannot finalize {out}: shards {missing} of {n} have not finished (no DONE.json). "
                           "Run them (ftjobs infer --shard I/N ...) and finalize again.")
@@ -424,19 +465,26 @@ def _shard_option(ctx: click.Context, param: click.Parameter, value: str | None)
 
 
 @click.command(name="infer")
-@click.option("--model", help="Merge manifest, or a model source (HF id, s3:// prefix, folder).")
-@click.option("--adapter", help="Train manifest: serve its LoRA adapter on top of --model.")
-@click.option("--prompts", help="Prepare manifest, or a .parquet / .jsonl file.")
-@click.option("--output", help="Output prefix (s3:// or local).")
+@click.option("--model", metavar="MODEL_MANIFEST_OR_SRC",
+              help="Merge manifest, or a model source (HF id, s3:// prefix, folder).")
+@click.option("--adapter", metavar="TRAIN_MANIFEST", help="Train manifest: serve its LoRA adapter on top of --model.")
+@click.option("--prompts", metavar="PREPARE_MANIFEST_OR_FILE", help="Prepare manifest, or a .parquet / .jsonl file.")
+@click.option("--output", metavar="URI", help="Output prefix (s3:// or local).")
 @click.option("--shard", callback=_shard_option, metavar="I/N",
               help="This process's shard of N (default: JOB_COMPLETION_INDEX with num_shards).")
 @click.option("--engine", type=click.Choice(["vllm", "transformers"]), help="Generation engine (default vllm).")
-@click.option("--finalize", is_flag=True, default=None, help="Only assemble finished shards and publish.")
+@click.option("--finalize", is_flag=True, default=None,
+              help="Only assemble finished shards and publish. `--finalize --output URI` alone finalizes the run "
+                   "recorded in URI/plan.json.")
 @config_options
 def command(model: str | None, adapter: str | None, prompts: str | None, output: str | None,
             shard: tuple[int, int] | None, engine: str | None, finalize: bool | None, config_file: str | None,
             sets: tuple[str, ...]) -> None:
-    """Generate completions for a prompt set, sharded and resumable."""
+    """Generate completions for a prompt set, sharded and resumable.
+
+    stdout: the manifest URI. A shard that is not the last to finish prints its shard marker
+    (<output>/shards/<IIIII>/DONE.json) instead; the last one (or --finalize) publishes the manifest.
+    """
     import sys
 
     flags = {"model": model, "adapter": adapter, "prompts": prompts, "output": output, "engine": engine,

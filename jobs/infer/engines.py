@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -81,7 +82,7 @@ def start_transformers(config: Config, model: dict[str, Any]) -> Engine:
     """Batched `generate` with left padding: the same rows as vLLM, for machines without it."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
 
     gpu = on_gpu()
     e, s = config.engine_args, config.sampling
@@ -97,22 +98,29 @@ def start_transformers(config: Config, model: dict[str, Any]) -> Engine:
     max_len = e.max_model_len or int(getattr(net.config, "max_position_embeddings", 0) or 2048)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = tok.eos_token_id
+    # Seeded sampling draws each row from its own generator (as vLLM's per-request seed does), so a prompt
+    # gets the same samples whichever batch, chunk or shard it lands in: a resumed run matches an
+    # uninterrupted one. generate()'s own sampling shares one generator across the batch.
+    seeded = s.temperature > 0 and s.seed is not None
+    sample = s.temperature > 0 and not seeded
     # A fresh GenerationConfig: the model repo's own defaults must not leak in (vLLM ignores them too).
-    gen = GenerationConfig(max_new_tokens=s.max_tokens, do_sample=s.temperature > 0,
-                           temperature=s.temperature if s.temperature > 0 else None,
-                           top_p=s.top_p if s.temperature > 0 else None,
-                           top_k=max(s.top_k, 0) if s.temperature > 0 else None,  # 0: off, as in vLLM
-                           num_return_sequences=s.n, eos_token_id=eos, pad_token_id=pad,
+    gen = GenerationConfig(max_new_tokens=s.max_tokens, do_sample=sample,
+                           temperature=s.temperature if sample else None,
+                           top_p=s.top_p if sample else None,
+                           top_k=max(s.top_k, 0) if sample else None,  # 0: off, as in vLLM
+                           num_return_sequences=1 if seeded else s.n, eos_token_id=eos, pad_token_id=pad,
                            stop_strings=s.stop or None)
-    if s.seed is not None:
-        torch.manual_seed(s.seed)
 
     def one_batch(batch: list[list[int]]) -> list[list[tuple[str, int, str]]]:
         width = max(len(x) for x in batch)
         ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=net.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=net.device)
+        extra: dict[str, Any] = {}
+        if seeded:  # n rows per prompt, sample j from its own generator; generate() then takes that token
+            ids, mask = ids.repeat_interleave(s.n, dim=0), mask.repeat_interleave(s.n, dim=0)
+            extra["logits_processor"] = LogitsProcessorList([_SeededSampler(s, len(batch), net.device)])
         with torch.no_grad():
-            seqs = net.generate(input_ids=ids, attention_mask=mask, generation_config=gen, tokenizer=tok)
+            seqs = net.generate(input_ids=ids, attention_mask=mask, generation_config=gen, tokenizer=tok, **extra)
         out = []
         for b, prompt in enumerate(batch):
             samples = []
@@ -141,3 +149,40 @@ def start_transformers(config: Config, model: dict[str, Any]) -> Engine:
         return results
 
     return generate, max_len, str(transformers.__version__), lambda: None
+
+
+class _SeededSampler:
+    """A logits processor that samples each row with its own generator and leaves only that token.
+
+    Rows are prompt-major (prompt i's sample j is row i * n + j); row (i, j) is seeded from `seed` and j
+    alone, never from its position in the batch. Temperature, top-k and top-p are applied as vLLM does.
+    """
+
+    def __init__(self, s: Any, prompts: int, device: Any):
+        import torch
+
+        self.s = s
+        self.generators = []
+        for _ in range(prompts):
+            for j in range(s.n):
+                g = torch.Generator(device=device)
+                g.manual_seed(int.from_bytes(hashlib.sha256(f"{s.seed}/{j}".encode()).digest()[:8], "little"))
+                self.generators.append(g)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        s = self.s
+        logits = scores.float() / s.temperature
+        if s.top_k > 0:
+            kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if s.top_p < 1.0:
+            ordered, order = torch.sort(probs, dim=-1, descending=True)
+            # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one token).
+            drop = (ordered.cumsum(dim=-1) - ordered) >= s.top_p
+            probs = probs.scatter(-1, order, ordered.masked_fill(drop, 0.0))
+        picked = torch.stack([torch.multinomial(probs[r], 1, generator=g)
+                              for r, g in enumerate(self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter(-1, picked, 0.0)

@@ -209,3 +209,48 @@ def test_unreadable_prompt_files_exit_3_naming_file_and_line_before_anything_is_
         assert result.exit_code == 3, result.output
         assert message in result.output and "Traceback" not in result.output
         assert storage.list_objects(str(out)) == []
+
+
+def test_finalize_given_only_the_output_publishes_the_run_recorded_in_plan_json(
+        s3_root: str, tiny_model: Path, tiny_tokenizer: Any, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    def finalize_alone() -> Any:
+        return CliRunner().invoke(main, ["--log-format", "text", "infer", "--finalize", "--output", out])
+
+    prompts = publish_prompts(f"{s3_root}/prepare", tiny_tokenizer, 4)
+    out = f"{s3_root}/infer"
+    result = finalize_alone()
+    assert result.exit_code == 1 and f"{out} has no plan.json: no shard has started there yet" in result.output
+
+    shard0 = CliRunner().invoke(main, ["--log-format", "text", "infer", "--model", str(tiny_model), "--prompts",
+                                       prompts.uri, "--output", out, "--shard", "0/2", "--engine", "transformers",
+                                       "--set", "sampling.temperature=0", "--set", "sampling.max_tokens=6",
+                                       "--set", f"cache_dir={tmp_path / 'cache'}"])
+    assert shard0.exit_code == 0, shard0.output
+    marker = f"{out}/shards/00000/DONE.json"
+    assert shard0.stdout.strip().splitlines()[-1] == marker
+    assert f"shard marker: {marker} (not a manifest: waiting for shards [1]" in shard0.output
+    result = finalize_alone()
+    assert result.exit_code == 1 and "shards [1] of 2 have not finished" in result.output
+
+    common = {"model": str(tiny_model), "prompts": prompts.uri, "output": out, "num_shards": 2,
+              "cache_dir": str(tmp_path / "cache")}
+    last = infer.run(config(**common, shard=1))
+    assert isinstance(last, mf.Loaded)
+    storage.delete(last.uri)  # the last shard died after its marker, before publishing
+
+    result = finalize_alone()
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == f"{out}/manifest.json"
+    assert f"finalizing the run in {out}/plan.json: model {tiny_model}, prompts {prompts.uri}, 2 shards" \
+        in result.output
+    loaded = mf.load(out, verify="full", expect_stage="infer")
+    # The manifest the shards would have published: their config and inputs, so it is "already done" for them.
+    assert loaded.manifest.config == last.manifest.config and loaded.manifest.inputs == last.manifest.inputs
+    assert sorted(r["id"] for r in read_predictions(loaded)) == ["q000", "q001", "q002", "q003"]
+    assert infer.run(config(**common, shard=0)).uri == loaded.uri
+    again = finalize_alone()
+    assert again.exit_code == 0 and "already done" in again.output

@@ -171,3 +171,27 @@ def test_missing_prompt_column_and_duplicate_ids_are_input_errors(tmp_path: Path
         inputs.load_rows(conf, inputs.load_prompts_input(str(src)))
     with pytest.raises(InputError, match="does not exist"):
         inputs.load_prompts_input(str(tmp_path / "nope.jsonl"))
+
+
+def test_model_and_prompts_may_be_left_out_only_by_finalize() -> None:
+    with pytest.raises(ConfigError, match=r"model and prompts: required, but not given \(--finalize alone"):
+        load_config(infer.Config, flags={"output": "out"})
+    with pytest.raises(ConfigError, match=r"prompts: required, but not given"):
+        load_config(infer.Config, flags={"output": "out", "model": "m", "finalize": True})
+    conf = load_config(infer.Config, flags={"output": "out", "finalize": True})
+    assert conf.model is None and conf.prompts is None
+
+
+def test_help_names_what_each_option_takes_and_what_a_non_final_shard_prints() -> None:
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    result = CliRunner().invoke(main, ["infer", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for option in ("--model MODEL_MANIFEST_OR_SRC", "--adapter TRAIN_MANIFEST", "--prompts PREPARE_MANIFEST_OR_FILE",
+                   "--output URI"):
+        assert option in result.output
+    text = " ".join(result.output.split())
+    assert "A shard that is not the last to finish prints its shard marker" in text
+    assert "`--finalize --output URI` alone finalizes the run recorded in URI/plan.json" in text
