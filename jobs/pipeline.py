@@ -19,7 +19,7 @@ inputs) exits 0 at once ("already done"), so re-running with the same
 the headline numbers; the last stdout line is the evaluate manifest URI.
 
     ftjobs pipeline --config demo/pipeline.yaml                 # the offline demo (make demo)
-    ftjobs pipeline --config configs/pipeline.yaml --set run_id=r1 --set root=s3://ml/ftjobs
+    ftjobs pipeline --config configs/pipeline.yaml --set run_id=r1 --set root=s3://ml-data/ftjobs
 
 Exit codes are the failing stage's (2 config, 3 input, 1 retryable, 4 the
 evaluate gate: the report is published and its manifest URI is still the last
@@ -398,9 +398,10 @@ def headline(loaded: mf.Loaded, total: float) -> None:
 
 
 @click.command("pipeline")
-@click.option("--run-id", "run_id", help="Run id; the same id resumes a run. Default: a new one.")
-@click.option("--root", help="Store root (local folder or s3://...); the run goes under <root>/runs/<run_id>/.")
-@config_options
+@click.option("--run-id", "run_id", metavar="RUN_ID", help="Run id; the same id resumes a run. Default: a new one.")
+@click.option("--root", metavar="URI",
+              help="Store root (local folder or s3://...); the run goes under <root>/runs/<run_id>/.")
+@config_options(example="train.max_steps=100")
 def command(run_id: str | None, root: str | None, config_file: str | None, sets: tuple[str, ...]) -> None:
     """Run prepare, infer (base), train, merge, infer (finetuned) and evaluate as subprocesses.
 

@@ -476,7 +476,7 @@ def _shard_option(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--finalize", is_flag=True, default=None,
               help="Only assemble finished shards and publish. `--finalize --output URI` alone finalizes the run "
                    "recorded in URI/plan.json.")
-@config_options
+@config_options(example="sampling.temperature=0")
 def command(model: str | None, adapter: str | None, prompts: str | None, output: str | None,
             shard: tuple[int, int] | None, engine: str | None, finalize: bool | None, config_file: str | None,
             sets: tuple[str, ...]) -> None:

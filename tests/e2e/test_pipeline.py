@@ -47,9 +47,9 @@ def test_pipeline_on_s3_with_the_tiny_model(s3_root: str, tiny_model: Path, tmp_
     first = run(cmd, subprocess_env)
     assert first.returncode == 4, first.stderr[-4000:]
     # A verdict, not a failure to run: the published evaluate manifest is still the last stdout line.
-    uri = first.stdout.strip().splitlines()[-1]
     prefix = f"{s3_root}/runs/e2e"
-    assert uri == mf.manifest_uri(f"{prefix}/evaluate")
+    uri = mf.manifest_uri(f"{prefix}/evaluate")
+    assert first.stdout.splitlines() == [uri]
     assert "report: " + f"{prefix}/evaluate/report.html" in first.stderr
     verdict = first.stderr.strip().splitlines()[-1]
     assert "the finetuned model did not beat the base model on exact_match (finetuned 0.0% vs base 0.0%)" in verdict
