@@ -70,7 +70,10 @@ def execute(job: Any, config_file: str | None, sets: tuple[str, ...], flags: dic
         fail(exc)
         return
     uri = getattr(result, "uri", None) or str(result)
-    LOG.info("manifest: %s", uri, extra={"manifest": uri})
+    if uri.endswith("/DONE.json"):  # an infer shard that is not the last: its marker, not yet a manifest
+        LOG.info("shard marker: %s", uri, extra={"shard_marker": uri})
+    else:
+        LOG.info("manifest: %s", uri, extra={"manifest": uri})
     click.echo(uri)
 
 

@@ -233,6 +233,7 @@ def test_finalize_given_only_the_output_publishes_the_run_recorded_in_plan_json(
     marker = f"{out}/shards/00000/DONE.json"
     assert shard0.stdout.strip().splitlines()[-1] == marker
     assert f"shard marker: {marker} (not a manifest: waiting for shards [1]" in shard0.output
+    assert f"manifest: {marker}" not in shard0.output  # the CLI's last line names it a marker too
     result = finalize_alone()
     assert result.exit_code == 1 and "shards [1] of 2 have not finished" in result.output
 
