@@ -234,7 +234,8 @@ def test_shipped_config_and_validation_messages():
     with pytest.raises(ConfigError, match="warmup_ratio or warmup_steps"):
         cfg.load_config(train.Config, flags={"input": "i", "base_model": "m", "output": "o"},
                         sets=("warmup_ratio=0.1", "warmup_steps=5"))
-    with pytest.raises(ConfigError, match=r"unknown key 'lora.rank' \(allowed: alpha, dropout, modules_to_save, r,"):
+    with pytest.raises(ConfigError, match=r"unknown key 'lora.rank' \(from --set lora.rank=4\) "
+                                          r"\(allowed: alpha, dropout, modules_to_save, r,"):
         cfg.load_config(train.Config, flags={"input": "i", "base_model": "m", "output": "o"}, sets=("lora.rank=4",))
     with pytest.raises(ConfigError, match="flash_attention_2"):
         cfg.load_config(train.Config, flags={"input": "i", "base_model": "m", "output": "o"},
