@@ -308,7 +308,7 @@ def main() -> None:
                                    goal="<= 1x", met=ours["peak_gib"] <= plain["peak_gib"] * 1.02, unit="GiB"))
             if merge:
                 rows.append(report.row("merge", f"{shape} merge+save vs copy", merge["merge_s"], merge["copy_s"],
-                                       goal="<= 3x", met=merge["merge_s"] <= 3 * merge["copy_s"], unit="s"))
+                                       goal="<= 1.3x", met=merge["merge_s"] <= 1.3 * merge["copy_s"], unit="s"))
     report.emit("gpu_bench" if not args.tiny else "gpu_bench_tiny", rows,
                 extra={"device": device, "details": details, "wall_s": time.monotonic() - started})
 
