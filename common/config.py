@@ -144,36 +144,38 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError, source
     return "\n".join(lines)
 
 
-def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+def _submodel(annotation: Any) -> Any:
+    """`Sub` for a field typed Sub, Sub | None or list[Sub]; anything else as it is."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+def _annotation_at(model: type[BaseModel], path: list[str]) -> Any:
+    """The type of the field at a dotted path through nested models (the model itself for []); None: no field."""
     current: Any = model
     for part in path:
-        fields = getattr(current, "model_fields", None)
+        fields = getattr(_submodel(current), "model_fields", None)
         if not fields or part not in fields:
-            return []
+            return None
         current = fields[part].annotation
-        # Optional[Sub] / Sub | None
-        for arg in getattr(current, "__args__", ()) or ():
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                current = arg
-    fields = getattr(current, "model_fields", None)
+    return current
+
+
+def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    fields = getattr(_submodel(_annotation_at(model, path)), "model_fields", None)
     return list(fields) if fields else []
 
 
 def _wants_text(model: type[BaseModel], path: list[str]) -> bool:
     """Whether the field at `path` takes only text (str or str | None)."""
-    current: Any = model
-    for part in path:
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return False
-        current = fields[part].annotation
-        if part != path[-1]:
-            for arg in getattr(current, "__args__", ()) or ():
-                if isinstance(arg, type) and issubclass(arg, BaseModel):
-                    current = arg
-    if typing.get_origin(current) in (typing.Union, types.UnionType):
-        return {a for a in typing.get_args(current) if a is not type(None)} == {str}
-    return current is str
+    annotation = _annotation_at(model, path)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return {a for a in typing.get_args(annotation) if a is not type(None)} == {str}
+    return annotation is str
 
 
 def dump(config: BaseModel) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def resolve(src: str, *, revision: str | None = None, cache_dir: str | Path | No
                                           allow_patterns=list(TOKENIZER_FILES if tokenizer_only else ALLOW),
                                           cache_dir=str(cache / "hf")))
         except Exception as exc:
-            raise hub_error(exc, f"model {src!r}") from None
+            raise hub_error(exc, "model", src) from None
         revision = revision or path.name
     else:
         path = storage.local_path(src).expanduser()
@@ -101,20 +101,21 @@ def resolve(src: str, *, revision: str | None = None, cache_dir: str | Path | No
     return ModelRef(source=src, path=path, revision=revision or folder_revision(path))
 
 
-def hub_error(exc: Exception, what: str,
+def hub_error(exc: Exception, kind: str, name: str,
               fix: str = "Give a local folder or an s3:// prefix, or set HF_TOKEN for gated models.") -> FtjobsError:
-    """A failed Hugging Face Hub fetch: permanent (no such repo, gated, offline by choice) is exit 3,
-    a network failure is worth retrying (exit 1). A name that looks like a mistyped local path says so."""
-    name = type(exc).__name__
-    src = what.split("'")[1] if "'" in what else what
-    typo = (f" There is no local folder {src} either: if you meant one, check the path." if "/" in src else "")
-    permanent = name in {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError",
-                         "EntryNotFoundError", "HFValidationError", "DatasetNotFoundError", "FileNotFoundError"}
+    """A failed Hugging Face Hub fetch of `kind` (model, dataset) `name`: permanent (no such repo, gated,
+    offline by choice) is exit 3, a network failure is worth retrying (exit 1). A name that looks like a
+    mistyped local path says so."""
+    what, error = f"{kind} {name!r}", f"{type(exc).__name__}: {exc}"
+    typo = f" There is no local folder {name} either: if you meant one, check the path." if "/" in name else ""
+    permanent = type(exc).__name__ in {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError",
+                                       "EntryNotFoundError", "HFValidationError", "DatasetNotFoundError",
+                                       "FileNotFoundError"}
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
     if permanent or offline:
-        return InputError(f"Could not fetch {what} from the Hugging Face Hub ({name}: {exc}).{typo} {fix}")
-    return FtjobsError(f"Could not reach the Hugging Face Hub for {what} ({name}: {exc}).{typo} This may pass: "
+        return InputError(f"Could not fetch {what} from the Hugging Face Hub ({error}).{typo} {fix}")
+    return FtjobsError(f"Could not reach the Hugging Face Hub for {what} ({error}).{typo} This may pass: "
                        f"retry. {fix}")
 
 

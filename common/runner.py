@@ -17,6 +17,20 @@ from common.errors import EXIT_RETRYABLE, FtjobsError
 LOG = logging.getLogger("ftjobs.cli")
 
 
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
+
+
+def exit_code(exc: BaseException) -> int:
+    """The code a command exits with when `exc` ends it (the split podFailurePolicy relies on)."""
+    if isinstance(exc, FtjobsError):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else EXIT_RETRYABLE
+    return EXIT_RETRYABLE
+
+
 def fail(exc: BaseException) -> None:
     """Print an error the way users should see it and exit with its code."""
     if isinstance(exc, FtjobsError):
@@ -24,12 +38,11 @@ def fail(exc: BaseException) -> None:
         published = getattr(exc, "manifest", None)
         if published:  # a verdict, not a failure to run: the manifest exists and stays the stdout line
             click.echo(published)
-        sys.exit(exc.exit_code)
-    if isinstance(exc, KeyboardInterrupt):
+    elif isinstance(exc, KeyboardInterrupt):
         LOG.error("interrupted")
-        sys.exit(130)
-    LOG.exception("unexpected error (exit 1, worth retrying): %s", exc)
-    sys.exit(EXIT_RETRYABLE)
+    else:
+        LOG.exception("unexpected error (exit 1, worth retrying): %s", exc)
+    sys.exit(exit_code(exc))
 
 
 def config_options(fn: Callable[..., Any] | None = None, *, example: str = "key.sub=value") -> Any:

@@ -66,7 +66,7 @@ from common.errors import (
     InputError,
     Preempted,
 )
-from common.runner import config_options, execute
+from common.runner import config_options, execute, exit_code
 
 STAGE = "pipeline"
 LOG = logging.getLogger("ftjobs.pipeline")
@@ -265,17 +265,6 @@ def run(config: Config) -> mf.Loaded:
     if loaded.manifest.stage == "evaluate":
         headline(loaded, time.monotonic() - started)
     return loaded
-
-
-def exit_code(exc: BaseException) -> int:
-    """The code the pipeline exits with for `exc` (what common.runner.fail maps it to)."""
-    if isinstance(exc, FtjobsError):
-        return exc.exit_code
-    if isinstance(exc, KeyboardInterrupt):
-        return 130
-    if isinstance(exc, SystemExit):
-        return exc.code if isinstance(exc.code, int) else EXIT_RETRYABLE
-    return EXIT_RETRYABLE
 
 
 def gate_message(config: Config, loaded: mf.Loaded, run_id: str) -> str:

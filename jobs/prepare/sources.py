@@ -131,7 +131,7 @@ def _hf_dataset(spec: str, split: str, fmt: str | None) -> list[RawFile]:
 
         ds = datasets.load_dataset(name, split=hf_split or "train")
     except Exception as exc:  # no such dataset: exit 3; the Hub unreachable: exit 1, worth a retry
-        raise models.hub_error(exc, f"dataset {name!r}", "Without the Hub, save it with `datasets.Dataset."
+        raise models.hub_error(exc, "dataset", name, "Without the Hub, save it with `datasets.Dataset."
                                "save_to_disk(DIR)` elsewhere and pass DIR (or its .arrow files).") from None
     files = [Path(f["filename"]) for f in ds.cache_files]
     if not files:

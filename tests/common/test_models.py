@@ -63,9 +63,9 @@ def test_hub_failures_split_permanent_from_transient(monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(HFValidationError) as invalid:  # the Hub library's own error for a name it never fetches
         validate_repo_id("no--such..repo")
-    assert isinstance(models.hub_error(invalid.value, "model 'no--such..repo'"), InputError)
-    down = models.hub_error(ConnectionError("Name or service not known"), "model 'demo/base-modl'")
+    assert isinstance(models.hub_error(invalid.value, "model", "no--such..repo"), InputError)
+    down = models.hub_error(ConnectionError("Name or service not known"), "model", "demo/base-modl")
     assert type(down) is FtjobsError and down.exit_code == 1  # a Hub outage is worth retrying
     assert "There is no local folder demo/base-modl either" in str(down)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline by choice: a retry cannot help
-    assert isinstance(models.hub_error(ConnectionError("offline"), "model 'a/b'"), InputError)
+    assert isinstance(models.hub_error(ConnectionError("offline"), "model", "a/b"), InputError)
