@@ -1,19 +1,21 @@
-"""Errors that carry their exit code.
+"""Errors that carry their exit code, and the exit codes themselves (declared here only).
 
 The split is the contract Kubernetes `podFailurePolicy` relies on:
-0 done; 2 bad config or usage; 3 bad or missing input data (not worth
-retrying); 1 anything else (worth retrying).
+0 done (or already done); 1 anything else, worth retrying (SIGTERM included);
+2 bad config or usage; 3 bad or missing input data (not worth retrying);
+4 evaluate's `--fail-if-worse` gate (a verdict, published); 130 Ctrl-C.
+`common.runner` is the one place exceptions become these codes.
 """
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_RETRYABLE = 1
 EXIT_CONFIG = 2
 EXIT_INPUT = 3
 # evaluate --fail-if-worse: the job finished and published its report, and the candidate
 # did not beat the baseline. Not an error to retry: a verdict (podFailurePolicy: FailJob).
 EXIT_GATE = 4
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
 
 
 class FtjobsError(Exception):

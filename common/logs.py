@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-LOG = logging.getLogger("ftjobs")
+LOG = logging.getLogger(__name__)
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 

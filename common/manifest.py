@@ -118,13 +118,18 @@ class Loaded:
 # --------------------------------------------------------------------------- helpers
 
 
-def code_version() -> CodeVersion:
+def package_version() -> str:
+    """The installed ftjobs version (`0+unknown` when run from a tree that was never installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        pkg = version("ftjobs")
+        return version("ftjobs")
     except PackageNotFoundError:
-        pkg = "0+unknown"
+        return "0+unknown"
+
+
+def code_version() -> CodeVersion:
+    pkg = package_version()
     sha = os.environ.get("FTJOBS_GIT_SHA")
     if not sha:
         try:

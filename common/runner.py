@@ -1,5 +1,10 @@
-"""What every job command shares: --config/--set options, config resolution,
-and the one place exceptions become exit codes."""
+"""What every command shares: --config/--set options, config resolution, and the one place exceptions
+become exit codes (`Commands`, the click group every `ftjobs` command runs under).
+
+Exit codes (the split Kubernetes `podFailurePolicy` relies on, declared in `common.errors`): 0 done or
+already done; 1 anything else, worth retrying (SIGTERM included: a re-run resumes); 2 bad config or usage;
+3 bad or missing input data; 4 the evaluate gate (the report is published); 130 Ctrl-C.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,16 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from common import config as cfg
-from common.errors import EXIT_RETRYABLE, FtjobsError
+from common import manifest as mf
+from common.errors import EXIT_INTERRUPTED, EXIT_RETRYABLE, FtjobsError
+from common.stage import Pending
 
-LOG = logging.getLogger("ftjobs.cli")
-
-
-EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
+LOG = logging.getLogger(__name__)
 
 
 def exit_code(exc: BaseException) -> int:
@@ -31,7 +35,7 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_RETRYABLE
 
 
-def fail(exc: BaseException) -> None:
+def fail(exc: BaseException) -> NoReturn:
     """Print an error the way users should see it and exit with its code."""
     if isinstance(exc, FtjobsError):
         LOG.error(str(exc), extra={"error": type(exc).__name__, "exit_code": exc.exit_code})
@@ -68,25 +72,46 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def execute(job: Any, config_file: str | None, sets: tuple[str, ...], flags: dict[str, Any]) -> None:
-    """Resolve the config, run the job, print the manifest URI on stdout."""
+    """Resolve the config, run the job, print the manifest URI (or a shard's marker) on stdout.
+
+    With `validate_only` in the click context's meta (`ftjobs k8s render` checking a stage's arguments
+    before a Job exists), the resolved config is stored there instead and nothing runs.
+    """
+    conf = cfg.load_config(job.Config, file=config_file, sets=sets, flags=flags)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().meta.get(VALIDATE_ONLY):
+        ctx.find_root().meta[VALIDATED] = conf
+        return
     # In a pod the job is PID 1, which ignores SIGTERM unless it installs a handler: without this a
     # preempted pod would only stop at SIGKILL when the grace period ends. Jobs that can do better
     # (train: finish the step, checkpoint) install their own handler inside run().
     signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        conf = cfg.load_config(job.Config, file=config_file, sets=sets, flags=flags)
-        LOG.info("resolved config", extra={"config": cfg.redacted(cfg.dump(conf)), "stage": job.STAGE})
-        result = job.run(conf)
-    except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
-        if isinstance(exc, SystemExit):
-            raise
-        fail(exc)
+    LOG.info("resolved config", extra={"config": cfg.redacted(cfg.dump(conf)), "stage": job.STAGE})
+    result = job.run(conf)
+    if isinstance(result, Pending):
+        LOG.info("%s", result.why, extra={"pending": result.marker})
+        click.echo(result.marker)
         return
-    uri = getattr(result, "uri", None) or str(result)
-    if uri.endswith("/DONE.json"):  # an infer shard that is not the last: its marker, not yet a manifest
-        LOG.info("shard marker: %s", uri, extra={"shard_marker": uri})
-    else:
-        LOG.info("manifest: %s", uri, extra={"manifest": uri})
+    uri = result.uri if isinstance(result, mf.Loaded) else str(result)
+    LOG.info("manifest: %s", uri, extra={"manifest": uri})
     click.echo(uri)
 
 
+VALIDATE_ONLY = "ftjobs.validate_only"
+VALIDATED = "ftjobs.validated_config"
+
+
+class Commands(click.Group):
+    """The `ftjobs` group: every command below it ends in `fail` on an error, the one place they become exit codes.
+
+    Click's own usage errors keep their handling (exit 2 with the usage line); everything else, from any
+    command or subcommand, is logged the way users should see it and exits with its code.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
+            fail(exc)

@@ -282,10 +282,6 @@ def write_bytes(uri: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_json(uri: str, obj: Any) -> None:
-    write_bytes(uri, json_bytes(obj))
-
-
 def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False, default=str) + "\n").encode()
 

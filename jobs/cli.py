@@ -1,9 +1,11 @@
 """The `ftjobs` command line: a thin layer that loads config, calls a job's
 `run(config) -> Manifest`, and maps errors to exit codes.
 
-Exit codes (the contract Kubernetes `podFailurePolicy` relies on):
-0 done (or already done); 2 bad config or usage; 3 bad or missing input
-data; 1 anything else (worth retrying).
+Exit codes (the contract Kubernetes `podFailurePolicy` relies on, declared in
+`common.errors`; `common.runner.Commands` is the one place errors become them):
+0 done (or already done); 1 anything else, worth retrying (SIGTERM included);
+2 bad config or usage; 3 bad or missing input data; 4 the evaluate gate
+(`--fail-if-worse`: the report is published); 130 Ctrl-C.
 
 Heavy libraries (torch, transformers, vllm) are imported inside the jobs, so
 `ftjobs --help` and config validation stay instant.
@@ -20,22 +22,14 @@ import click
 
 from common import logs
 from common.errors import EXIT_INPUT
-from common.runner import fail
+from common.manifest import package_version
+from common.runner import Commands
 
-LOG = logging.getLogger("ftjobs.cli")
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ftjobs")
-    except PackageNotFoundError:
-        return "0+unknown"
+LOG = logging.getLogger(__name__)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(_version(), "--version", prog_name="ftjobs")
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_version(), "--version", prog_name="ftjobs")
 @click.option("--log-format", type=click.Choice(["auto", "text", "json"]), default="auto", show_default=True,
               envvar="FTJOBS_LOG_FORMAT", help="auto: text on a terminal, JSON lines otherwise.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
@@ -65,14 +59,8 @@ def show(uri: str, as_json: bool, verify: str) -> None:
     """
     from common import manifest as mf
 
-    try:
-        loaded = mf.load(uri, verify="none")
-        tree = mf.lineage(loaded.uri, verify=verify)  # type: ignore[arg-type]
-    except BaseException as exc:  # noqa: BLE001
-        if isinstance(exc, SystemExit):
-            raise
-        fail(exc)
-        return
+    loaded = mf.load(uri, verify="none")
+    tree = mf.lineage(loaded.uri, verify=verify)  # type: ignore[arg-type]
     m = loaded.manifest
     ok = mf.all_ok(tree)
     if as_json:

@@ -10,20 +10,24 @@ YAML on stdout (`render`), or creates Jobs with kubectl and follows them (`submi
         | kubectl create -f -
     # the shared objects (Namespace, ConfigMap, ServiceAccount, local Secret) once per cluster
     ftjobs k8s render --setup --overlay gpu | kubectl apply -f -
-    # the whole chain, the way CI runs it; prints the evaluate manifest URI last
+    # the whole chain (jobs/chain.py), the way CI runs it; prints the evaluate manifest URI last
     ftjobs k8s submit --run-id r1 --overlay gpu --images images.json \\
         --source s3://data/chats.jsonl --base-model meta-llama/Llama-3.1-8B --shards 4 \\
-        --fail-if-worse exact_match
+        --fail-if-worse exact_match [--config configs/pipeline.yaml]
 
-Outputs go to `<FTJOBS_RUNS>/<run_id>/<stage>[-<tag>]/` (FTJOBS_RUNS from the overlay's
-ConfigMap) unless the stage arguments say `--output`. Images: the templates carry a
-placeholder digest (64 zeros) until a build pushes real images; `--image STAGE=REF@sha256:...`
-or `--images FILE` (JSON {"prepare": REF, ...}) sets them, and `submit` refuses placeholders.
+Before a Job exists, its stage arguments are parsed with the stage's own command line and
+config model (unknown options, `--set` keys and config files are exit 2, naming them), as
+the pod would at start. Outputs go to `<FTJOBS_RUNS>/<run_id>/<step>/` (FTJOBS_RUNS from the
+overlay's ConfigMap; `render` names it `<stage>[-<tag>]`) unless the stage arguments say
+`--output`. Images: the templates carry a placeholder digest (64 zeros) until a build pushes
+real images; `--image STAGE=REF@sha256:...` or `--images FILE` (JSON {"prepare": REF, ...})
+sets them, and `submit` refuses placeholders.
 Exit codes: a stage's own code when it failed with 2, 3 or 4; 2 for usage; 1 otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -35,15 +39,16 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 
-from common.errors import EXIT_RETRYABLE, ConfigError, FtjobsError
+from common.errors import EXIT_GATE, EXIT_RETRYABLE, ConfigError, FtjobsError
 from common.manifest import RUN_ID_RE, STAGES
-from common.runner import fail
+from jobs import chain
 
 LOG = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ OVERLAYS = ("base", "local", "gpu")
 IMAGE_OF = {"prepare": "prepare", "train": "train", "merge": "merge", "infer": "infer", "evaluate": "prepare"}
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 STAGE_LABEL = "ftjobs.dev/stage"
+STEP_LABEL = "ftjobs.dev/step"
 RUN_LABEL = "ftjobs.dev/run-id"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # Pod hostnames of an Indexed Job are <job-name>-<index>; keep room for the index under 63.
@@ -139,12 +145,17 @@ def job_name(stage: str, run_id: str, tag: str | None = None) -> str:
     return name
 
 
-def default_output(settings: dict[str, str], run_id: str, stage: str, tag: str | None) -> str:
+def run_prefix(settings: dict[str, str], run_id: str) -> str:
+    """`<FTJOBS_RUNS>/<run_id>`: where a run's steps write (FTJOBS_RUNS from the overlay's ConfigMap)."""
     runs = settings.get("FTJOBS_RUNS")
     if not runs:
         raise ConfigError("The overlay's ConfigMap ftjobs-store sets no FTJOBS_RUNS: set it, or pass --output "
                           "in the stage arguments.")
-    return f"{runs.rstrip('/')}/{run_id}/{stage}{'-' + tag if tag else ''}/"
+    return f"{runs.rstrip('/')}/{run_id}"
+
+
+def default_output(settings: dict[str, str], run_id: str, stage: str, tag: str | None) -> str:
+    return f"{run_prefix(settings, run_id)}/{stage}{'-' + tag if tag else ''}/"
 
 
 def has_option(args: list[str], option: str) -> bool:
@@ -182,7 +193,11 @@ def parse_images(pairs: tuple[str, ...], images_file: str | None) -> dict[str, s
 def render_job(docs: list[dict[str, Any]], stage: str, run_id: str, stage_args: list[str], *,
                tag: str | None = None, shards: int = 1, images: dict[str, str] | None = None,
                queue: str | None = None, namespace: str | None = None) -> tuple[dict[str, Any], str]:
-    """The Job for one run of one stage, and the output prefix it will write."""
+    """The Job for one run of one stage, and the output prefix it will write.
+
+    The container's arguments are checked with the stage's own command line and config model first:
+    a mistake is exit 2 here, not in a pod after queueing and pulling a multi-GB image.
+    """
     if stage not in STAGES:
         raise ConfigError(f"Unknown stage {stage!r}: expected one of {', '.join(STAGES)}.")
     if not RUN_ID_RE.match(run_id):
@@ -206,13 +221,15 @@ def render_job(docs: list[dict[str, Any]], stage: str, run_id: str, stage_args: 
             raise ConfigError("Do not pass --shard to a Kubernetes infer Job: use --shards N; each pod takes its "
                               "shard from JOB_COMPLETION_INDEX.")
         args += ["--set", f"num_shards={shards}"]
+    chain.validate_arguments(stage, args)
 
     name = job_name(stage, run_id, tag)
     meta = job["metadata"]
     meta["name"] = name
     if namespace:
         meta["namespace"] = namespace
-    labels = {RUN_LABEL: run_id, **({QUEUE_LABEL: queue} if queue else {})}
+    step = f"{stage}-{tag}" if tag else stage
+    labels = {RUN_LABEL: run_id, STEP_LABEL: step, **({QUEUE_LABEL: queue} if queue else {})}
     meta.setdefault("labels", {}).update(labels)
     meta.setdefault("annotations", {})["ftjobs.dev/output"] = output
     spec = job["spec"]
@@ -287,108 +304,117 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
-def wait_for(kube: Kubectl, names: list[str], *, timeout_s: float, poll_s: float) -> None:
-    """Block until every Job completes; raise StageFailed (with the stage's exit code) when one fails."""
-    pending = list(names)
-    deadline = time.monotonic() + timeout_s
-    while pending:
-        for name in list(pending):
-            status = kube.job_status(name)
-            if condition(status, "Complete"):
-                LOG.info("job %s complete", name)
-                pending.remove(name)
-                continue
-            failed = condition(status, "Failed")
-            if failed:
-                codes = [c for c in kube.exit_codes(name) if c in (2, 3, 4)]
-                code = codes[-1] if codes else EXIT_RETRYABLE
-                tail = kube.logs_tail(name)
-                raise StageFailed(f"Job {name} failed ({failed.get('reason')}: {failed.get('message', '')}); "
-                                  f"exit code {code}. Last log lines:\n{tail}", code)
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            raise StageFailed(f"Timed out after {timeout_s:.0f}s waiting for {', '.join(pending)}: the Jobs keep "
-                              "running; re-run the same submit to follow them.")
-        time.sleep(poll_s)
+def job_state(kube: Kubectl, name: str) -> bool:
+    """True when the Job completed, False while it runs; StageFailed (with the stage's exit code) when it failed."""
+    status = kube.job_status(name)
+    if condition(status, "Complete"):
+        LOG.info("job %s complete", name)
+        return True
+    failed = condition(status, "Failed")
+    if failed:
+        codes = [c for c in kube.exit_codes(name) if c in (2, 3, 4)]
+        code = codes[-1] if codes else EXIT_RETRYABLE
+        tail = kube.logs_tail(name)
+        raise StageFailed(f"Job {name} failed ({failed.get('reason')}: {failed.get('message', '')}); "
+                          f"exit code {code}. Last log lines:\n{tail}", code)
+    return False
 
 
 def stage_args_map(items: tuple[str, ...]) -> dict[str, list[str]]:
+    """`--stage-args` by stage (every step of it) or by step name (`infer-base='...'`)."""
+    names = set(STAGES) | set(chain.STEP_NAMES)
     out: dict[str, list[str]] = {}
     for item in items:
-        stage, sep, rest = item.partition("=")
-        if not sep or stage not in STAGES:
-            raise ConfigError(f"--stage-args {item!r}: expected STAGE='ARGS' with STAGE one of {', '.join(STAGES)}, "
-                              "e.g. train='--config s3://cfg/train.yaml'.")
-        out.setdefault(stage, []).extend(shlex.split(rest))
+        key, sep, rest = item.partition("=")
+        if not sep or key not in names:
+            raise ConfigError(f"--stage-args {item!r}: expected STAGE='ARGS' or STEP='ARGS' with STAGE one of "
+                              f"{', '.join(STAGES)} and STEP one of {', '.join(chain.STEP_NAMES)}, "
+                              "e.g. train='--set max_steps=100'.")
+        out.setdefault(key, []).extend(shlex.split(rest))
     return out
 
 
-def submit_chain(*, docs: list[dict[str, Any]], kube: Kubectl, run_id: str, sources: tuple[str, ...],
-                 base_model: str, shards: int, baseline: bool, fail_if_worse: str | None,
-                 extra: dict[str, list[str]], images: dict[str, str], queue: str | None, namespace: str | None,
-                 timeout_s: float, poll_s: float, done: dict[str, str]) -> None:
-    """prepare -> train -> merge -> infer (finetuned, and the base model alongside) -> evaluate.
+def step_tag(step: chain.Step) -> str | None:
+    """`infer-base` is stage infer, tag base: the Job name and default output spell the step."""
+    return step.name.removeprefix(step.stage).strip("-") or None
 
-    Each Job's output manifest is read back from the store and its URI handed to the next;
+
+@dataclass
+class Submission:
+    """What `submit` needs to create a run's Jobs."""
+
+    docs: list[dict[str, Any]]
+    kube: Kubectl
+    run_id: str
+    config: chain.Config
+    shards: int
+    extra: dict[str, list[str]]
+    images: dict[str, str]
+    queue: str | None
+    namespace: str | None
+    timeout_s: float
+    poll_s: float
+
+    def render(self, step: chain.Step, done: dict[str, str], conf_uri: str) -> tuple[dict[str, Any], str]:
+        extra = [a for key in dict.fromkeys((step.stage, step.name)) for a in self.extra.get(key, [])]
+        args = [*chain.arguments(step, self.config, done), "--config", conf_uri, *extra]
+        job, output = render_job(self.docs, step.stage, self.run_id, args, tag=step_tag(step),
+                                 shards=self.shards if step.stage == "infer" else 1, images=self.images,
+                                 queue=self.queue, namespace=self.namespace)
+        image = job["spec"]["template"]["spec"]["containers"][0]["image"]
+        if image.endswith("@" + PLACEHOLDER_DIGEST):
+            raise ConfigError(f"{step.name}: image {image} still carries the placeholder digest: pass --images FILE "
+                              "or --image NAME=REF@sha256:... with the pushed digest (make images PUSH=REGISTRY).")
+        return job, output
+
+
+def submit_chain(sub: Submission, done: dict[str, str]) -> None:
+    """The chain's steps as Jobs: each starts once the steps it takes from have published.
+
+    Steps that do not depend on each other run at once (the base model's predictions beside training).
     `done` collects {step: manifest URI} as the steps finish (also when a later one fails).
     """
     from common import manifest as mf
 
-    def launch(stage: str, args: list[str], tag: str | None = None) -> tuple[str, str]:
-        job, output = render_job(docs, stage, run_id, args + extra.get(stage, []), tag=tag,
-                                 shards=shards if stage == "infer" else 1, images=images, queue=queue,
-                                 namespace=namespace)
-        name = job["metadata"]["name"]
-        image = job["spec"]["template"]["spec"]["containers"][0]["image"]
-        if image.endswith("@" + PLACEHOLDER_DIGEST):
-            raise ConfigError(f"{stage}: image {image} still carries the placeholder digest: pass --images FILE "
-                              "or --image NAME=REF@sha256:... with the pushed digest (make images PUSH=REGISTRY).")
-        created = kube.create(job)
-        LOG.info("%s job %s (%s)", "created" if created else "following existing", name, output)
-        return name, output
+    chain.check(sub.config)
+    chosen = chain.steps(sub.config)
+    prefix = run_prefix(store_settings(sub.docs), sub.run_id)
+    conf_uri = chain.write_sections(sub.config, prefix, chosen)
+    stand_ins = {s.name: f"{run_prefix(store_settings(sub.docs), sub.run_id)}/{s.name}/manifest.json" for s in chosen}
+    for step in chosen:  # every Job's arguments and image checked before the first one exists
+        sub.render(step, stand_ins, conf_uri[step.name])
+    running: dict[str, tuple[str, str, float]] = {}  # step -> (Job name, output, started)
+    while len(done) < len(chosen):
+        for step in chosen:
+            if step.name in done or step.name in running:
+                continue
+            if all(n in done for n in step.needs() if n in conf_uri):
+                job, output = sub.render(step, done, conf_uri[step.name])
+                created = sub.kube.create(job)
+                LOG.info("%s job %s (%s)", "created" if created else "following existing", job["metadata"]["name"],
+                         output)
+                running[step.name] = (job["metadata"]["name"], output, time.monotonic())
+        for step_name, (name, output, started) in list(running.items()):
+            try:
+                finished = job_state(sub.kube, name)
+            except StageFailed as exc:
+                if exc.exit_code == EXIT_GATE:  # the gate publishes its report before failing: record it
+                    with contextlib.suppress(FtjobsError):
+                        done[step_name] = mf.load(output, verify="size", expect_stage="evaluate").uri
+                raise
+            if finished:
+                loaded = mf.load(output, verify="size", expect_stage=BY_STEP[step_name].stage)
+                LOG.info("%s published %s", step_name, loaded.uri)
+                done[step_name] = loaded.uri
+                del running[step_name]
+            elif time.monotonic() - started > sub.timeout_s:
+                raise StageFailed(f"Timed out after {sub.timeout_s:.0f}s waiting for Job {name}: it keeps running; "
+                                  "re-run the same submit to follow it.")
+        if len(done) < len(chosen):
+            time.sleep(sub.poll_s)
 
-    def manifest_of(stage: str, output: str) -> str:
-        loaded = mf.load(output, verify="size", expect_stage=stage)
-        LOG.info("%s published %s", stage, loaded.uri)
-        return loaded.uri
 
-    prep_args = [a for s in sources for a in ("--source", s)]
-    name, out = launch("prepare", prep_args)
-    wait_for(kube, [name], timeout_s=timeout_s, poll_s=poll_s)
-    done["prepare"] = manifest_of("prepare", out)
-
-    name, out = launch("train", ["--input", done["prepare"], "--base-model", base_model])
-    wait_for(kube, [name], timeout_s=timeout_s, poll_s=poll_s)
-    done["train"] = manifest_of("train", out)
-
-    name, out = launch("merge", ["--input", done["train"]])
-    wait_for(kube, [name], timeout_s=timeout_s, poll_s=poll_s)
-    done["merge"] = manifest_of("merge", out)
-
-    # The base model's predictions are the baseline the gate compares against; both run at once.
-    runs = {"infer": launch("infer", ["--model", done["merge"], "--prompts", done["prepare"]])}
-    if baseline:
-        runs["infer-base"] = launch("infer", ["--model", base_model, "--prompts", done["prepare"]], tag="base")
-    wait_for(kube, [n for n, _ in runs.values()], timeout_s=timeout_s, poll_s=poll_s)
-    for step, (_, out) in runs.items():
-        done[step] = manifest_of("infer", out)
-
-    eval_args: list[str] = []
-    if baseline:
-        eval_args += ["--predictions", done["infer-base"], "--label", "base"]
-    eval_args += ["--predictions", done["infer"], "--label", "finetuned"]
-    if fail_if_worse:
-        eval_args += ["--fail-if-worse", fail_if_worse]
-    name, out = launch("evaluate", eval_args)
-    try:
-        wait_for(kube, [name], timeout_s=timeout_s, poll_s=poll_s)
-    finally:
-        # The gate (exit 4) publishes its report before failing: record it either way.
-        try:
-            done["evaluate"] = manifest_of("evaluate", out)
-        except FtjobsError:
-            pass
+BY_STEP = chain.BY_NAME
 
 
 # --------------------------------------------------------------------------- CLI
@@ -414,7 +440,7 @@ def _common_options(fn: Any) -> Any:
     return fn
 
 
-@command.command(context_settings={"ignore_unknown_options": True})
+@command.command()
 @click.argument("stage", required=False, type=click.Choice(STAGES))
 @click.argument("stage_args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--run-id", help="The run this Job belongs to: part of its name, labels and default output prefix.")
@@ -427,27 +453,22 @@ def render(stage: str | None, stage_args: tuple[str, ...], run_id: str | None, t
            images_file: str | None, queue: str | None, namespace: str | None, kubectl: str | None) -> None:
     """Print the Job for one run of STAGE (YAML for `kubectl create -f -`).
 
-    Arguments after `--` go to the stage command unchanged, e.g.
-    `ftjobs k8s render merge --run-id r1 -- --input s3://b/runs/r1/train/manifest.json`.
+    The stage's arguments come after `--`, e.g.
+    `ftjobs k8s render merge --run-id r1 -- --input s3://b/runs/r1/train/manifest.json`;
+    they are checked with the stage's own command line first (exit 2 naming a mistake).
     """
-    try:
-        docs = kustomize(overlay_dir(overlay, kustomize_dir), kubectl)
-        if setup:
-            if stage:
-                raise ConfigError("--setup prints the shared objects only: drop STAGE.")
-            click.echo(dump_yaml(setup_objects(docs)), nl=False)
-            return
-        if not stage or not run_id:
-            raise ConfigError("Pass STAGE and --run-id (or --setup), e.g. `ftjobs k8s render prepare --run-id r1 "
-                              "-- --source s3://data/chats.jsonl`.")
-        images = parse_images(image_pairs, images_file)
-        job, _ = render_job(docs, stage, run_id, list(stage_args), tag=tag, shards=shards, images=images,
-                            queue=queue, namespace=namespace)
-    except BaseException as exc:  # noqa: BLE001 - errors become exit codes in one place
-        if isinstance(exc, SystemExit):
-            raise
-        fail(exc)
+    docs = kustomize(overlay_dir(overlay, kustomize_dir), kubectl)
+    if setup:
+        if stage:
+            raise ConfigError("--setup prints the shared objects only: drop STAGE.")
+        click.echo(dump_yaml(setup_objects(docs)), nl=False)
         return
+    if not stage or not run_id:
+        raise ConfigError("Pass STAGE and --run-id (or --setup), e.g. `ftjobs k8s render prepare --run-id r1 "
+                          "-- --source s3://data/chats.jsonl`.")
+    images = parse_images(image_pairs, images_file)
+    job, _ = render_job(docs, stage, run_id, list(stage_args), tag=tag, shards=shards, images=images,
+                        queue=queue, namespace=namespace)
     image = job["spec"]["template"]["spec"]["containers"][0]["image"]
     if image.endswith("@" + PLACEHOLDER_DIGEST):
         LOG.warning("image %s carries the placeholder digest: pass --images/--image before creating it", image)
@@ -456,47 +477,54 @@ def render(stage: str | None, stage_args: tuple[str, ...], run_id: str | None, t
 
 @command.command()
 @click.option("--run-id", required=True, help="Names the Jobs and the output prefixes; re-running follows them.")
-@click.option("--source", "sources", multiple=True, required=True, metavar="URI", help="Raw data for prepare.")
-@click.option("--base-model", required=True, metavar="SRC", help="Hugging Face id, s3:// prefix or folder.")
+@click.option("--config", "config_file", metavar="FILE_OR_URI",
+              help="A run config (the same file `ftjobs pipeline` reads: base_model, data, labels and each step's "
+                   "section). The flags below override it.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a run config key, e.g. --set train.max_steps=100. Repeatable.")
+@click.option("--source", "sources", multiple=True, metavar="URI", help="Raw data for prepare (the run's data).")
+@click.option("--base-model", metavar="SRC", help="Hugging Face id, s3:// prefix or folder.")
 @click.option("--shards", type=int, default=1, show_default=True, help="Pods for each inference Indexed Job.")
-@click.option("--baseline/--no-baseline", default=True, show_default=True,
-              help="Also run the base model's predictions and compare against them.")
+@click.option("--baseline/--no-baseline", default=None,
+              help="Also run the base model's predictions and compare against them (default: yes).")
 @click.option("--fail-if-worse", metavar="METRIC", help="Gate: exit 4 when the finetuned model is not better.")
 @click.option("--stage-args", "stage_args", multiple=True, metavar="STAGE='ARGS'",
-              help="Extra arguments for one stage, e.g. train='--config s3://cfg/train.yaml'. Repeatable.")
+              help="Extra arguments for every step of a stage, or one step (infer-base='...'), e.g. "
+                   "train='--set max_steps=100'. Repeatable.")
 @click.option("--timeout-s", type=float, default=48 * 3600, show_default=True, help="Per Job.")
 @click.option("--poll-s", type=float, default=10.0, show_default=True, help="Seconds between status checks.")
 @click.option("--summary", metavar="FILE", help="Also write {step: manifest URI} as JSON here (for CI).")
 @_common_options
-def submit(run_id: str, sources: tuple[str, ...], base_model: str, shards: int, baseline: bool,
-           fail_if_worse: str | None, stage_args: tuple[str, ...], timeout_s: float, poll_s: float,
-           summary: str | None, overlay: str, kustomize_dir: str | None, image_pairs: tuple[str, ...],
-           images_file: str | None, queue: str | None, namespace: str | None, kubectl: str | None) -> None:
-    """Run prepare -> train -> merge -> infer -> evaluate as Jobs, each fed the previous manifest.
+def submit(run_id: str, config_file: str | None, sets: tuple[str, ...], sources: tuple[str, ...],
+           base_model: str | None, shards: int, baseline: bool | None, fail_if_worse: str | None,
+           stage_args: tuple[str, ...], timeout_s: float, poll_s: float, summary: str | None, overlay: str,
+           kustomize_dir: str | None, image_pairs: tuple[str, ...], images_file: str | None, queue: str | None,
+           namespace: str | None, kubectl: str | None) -> None:
+    """Run the chain (prepare, infer-base, train, merge, infer-finetuned, evaluate) as Jobs.
 
-    Prints the evaluate manifest URI last. Needs the store credentials locally too: it
-    reads each published manifest before starting the next stage.
+    Each Job starts once the steps it takes from have published, fed their manifests; each step's config
+    section goes to <FTJOBS_RUNS>/<run_id>/config/<step>.yaml. Prints the evaluate manifest URI last.
+    Needs the store credentials locally too: it writes the sections and reads each published manifest.
     """
+    from common import config as cfg
+
+    gate = (f"evaluate.fail_if_worse={fail_if_worse}",) if fail_if_worse else ()
+    config = cfg.load_config(chain.Config, file=config_file, sets=(*sets, *gate),
+                             flags={"run_id": run_id, "base_model": base_model, "data": list(sources) or None,
+                                    "baseline": baseline})
+    docs = kustomize(overlay_dir(overlay, kustomize_dir), kubectl)
+    images = parse_images(image_pairs, images_file)
+    # kubectl must look where the Jobs are created: the overlay's namespace unless told otherwise.
+    namespace = namespace or next((d["metadata"].get("namespace") for d in docs if d.get("kind") == "Job"), None)
+    sub = Submission(docs=docs, kube=Kubectl(kubectl, namespace), run_id=run_id, config=config, shards=shards,
+                     extra=stage_args_map(stage_args), images=images, queue=queue, namespace=namespace,
+                     timeout_s=timeout_s, poll_s=poll_s)
     done: dict[str, str] = {}
     try:
-        docs = kustomize(overlay_dir(overlay, kustomize_dir), kubectl)
-        images = parse_images(image_pairs, images_file)
-        # kubectl must look where the Jobs are created: the overlay's namespace unless told otherwise.
-        namespace = namespace or next((d["metadata"].get("namespace") for d in docs if d.get("kind") == "Job"), None)
-        kube = Kubectl(kubectl, namespace)
-        try:
-            submit_chain(docs=docs, kube=kube, run_id=run_id, sources=sources, base_model=base_model,
-                         shards=shards, baseline=baseline, fail_if_worse=fail_if_worse,
-                         extra=stage_args_map(stage_args), images=images, queue=queue, namespace=namespace,
-                         timeout_s=timeout_s, poll_s=poll_s, done=done)
-        finally:
-            if summary:
-                Path(summary).write_text(json.dumps(done, indent=2) + "\n")
-    except BaseException as exc:  # noqa: BLE001
-        if isinstance(exc, SystemExit):
-            raise
-        fail(exc)
-        return
+        submit_chain(sub, done)
+    finally:
+        if summary:
+            Path(summary).write_text(json.dumps(done, indent=2) + "\n")
     for step, uri in done.items():
         LOG.info("%s: %s", step, uri)
     click.echo(done["evaluate"])

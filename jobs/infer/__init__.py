@@ -47,7 +47,7 @@ from typing import Any, Literal
 import click
 from pydantic import Field, model_validator
 
-from common import chat, models, storage
+from common import chat, models, stage, storage
 from common import config as cfg
 from common import manifest as mf
 from common.config import JobConfig, dump
@@ -150,7 +150,7 @@ class Config(JobConfig):
 # --------------------------------------------------------------------------- the job
 
 
-def run(config: Config) -> mf.Loaded | str:
+def run(config: Config) -> stage.Result:
     """Generate this shard's chunks; the last shard to finish publishes the manifest."""
     out = config.output
     if config.finalize and config.model is None:
@@ -163,12 +163,16 @@ def run(config: Config) -> mf.Loaded | str:
     inputs = [ref for ref in (model_in and model_in.ref("model"), adapter_in and adapter_in.ref("adapter"),
                               prompts_in if isinstance(prompts_in, mf.InputRef) else prompts_in.ref("data"))
               if ref is not None]
-    done = mf.check_output(out, stage=STAGE, config=identity_config, inputs=inputs)
-    if done is not None:
-        LOG.info("already done: %s", done.uri)
-        return done
+    identity = stage.Identity(STAGE, out, identity_config, inputs)
     if config.finalize:
-        return finalize(config, identity_config, inputs, read_plan(out), wait=False, marker="")
+        return stage.run(identity, lambda attempt: finalize(config, attempt, read_plan(out), wait=False))
+    return stage.run(identity, lambda attempt: generate_shard(config, attempt, model_in, adapter_in, prompts_in))
+
+
+def generate_shard(config: Config, attempt: stage.Attempt, model_in: Any, adapter_in: mf.Loaded | None,
+                   prompts_in: Any) -> stage.Outcome | stage.Pending:
+    """This shard's chunks (skipping finished ones), its marker, then finalize when it is the last."""
+    out = config.output
     s = config.sampling
     if s.temperature > 0 and s.seed is None:
         # vLLM's defaults, as configured nowhere: say so, since shards and resumed chunks then come from
@@ -180,17 +184,17 @@ def run(config: Config) -> mf.Loaded | str:
     marker = storage.join(out, "shards", f"{shard:05d}", "DONE.json")
     if storage.exists(marker):
         LOG.info("shard %d is already finished", shard)
-        return finalize(config, identity_config, inputs, read_plan(out), wait=True, marker=marker)
+        return finalize(config, attempt, read_plan(out), wait=True, marker=marker)
 
     cache = Path(config.cache_dir) if config.cache_dir else models.cache_root()
     model = prepare_model(config, model_in, adapter_in, cache)
     rows = load_rows(config, prompts_in)
     template_check(config, model, prompts_in)
-    run_key = mf.run_identity(mf.config_hash(identity_config), inputs)
+    ident = attempt.identity
     # config and inputs: what `--finalize --output` alone needs to publish the manifest the shards would.
-    plan = {"run": run_key, "rows": len(rows), "num_shards": config.num_shards, "chunk_rows": config.chunk_rows,
-            "model": model["identity"], "started_at": mf.now(), "config": identity_config,
-            "inputs": [ref.model_dump(mode="json") for ref in inputs]}
+    plan = {"run": ident.key, "rows": len(rows), "num_shards": config.num_shards, "chunk_rows": config.chunk_rows,
+            "model": model["identity"], "started_at": mf.now(), "config": ident.config,
+            "inputs": [ref.model_dump(mode="json") for ref in ident.inputs]}
     plan = claim_plan(out, plan)
 
     lo, hi = shard_bounds(len(rows), shard, config.num_shards)
@@ -204,27 +208,23 @@ def run(config: Config) -> mf.Loaded | str:
     if todo:
         generate_chunks(config, model, chunks, todo, shard_dir, shard)
     write_marker(marker, shard_dir, shard, len(chunks), len(mine) * config.sampling.n)
-    return finalize(config, identity_config, inputs, plan, wait=True, marker=marker)
+    return finalize(config, attempt, plan, wait=True, marker=marker)
 
 
-def finalize_from_plan(out: str) -> mf.Loaded | str:
+def finalize_from_plan(out: str) -> stage.Result:
     """`--finalize --output URI` alone: the config and inputs are the ones the shards recorded in plan.json."""
     plan = read_plan(out)
     if "config" not in plan or "inputs" not in plan:
         raise ConfigError(f"{storage.join(out, 'plan.json')} was written by an older ftjobs and does not record "
                           "the run's config: finalize with the shards' own command line plus --finalize (the same "
                           "--model, --prompts, --config and --set)")
-    identity_config = plan["config"]
     inputs = [mf.InputRef.model_validate(ref) for ref in plan["inputs"]]
-    config = cfg.validate(Config, identity_config | {"output": out, "finalize": True},
+    config = cfg.validate(Config, plan["config"] | {"output": out, "finalize": True},
                           source=storage.join(out, "plan.json"))
     LOG.info("finalizing the run in %s: model %s, prompts %s, %d shards", storage.join(out, "plan.json"),
              config.model, config.prompts, plan["num_shards"])
-    done = mf.check_output(out, stage=STAGE, config=identity_config, inputs=inputs)
-    if done is not None:
-        LOG.info("already done: %s", done.uri)
-        return done
-    return finalize(config, identity_config, inputs, plan, wait=False, marker="")
+    identity = stage.Identity(STAGE, out, plan["config"], inputs)
+    return stage.run(identity, lambda attempt: finalize(config, attempt, plan, wait=False))
 
 
 def shard_index(config: Config) -> int:
@@ -372,9 +372,13 @@ def write_marker(marker: str, shard_dir: str, shard: int, n_chunks: int, expect_
         LOG.info("shard %d was finished by another attempt (%s)", shard, marker)
 
 
-def finalize(config: Config, identity_config: dict[str, Any], inputs: list[mf.InputRef], plan: dict[str, Any],
-             *, wait: bool, marker: str) -> mf.Loaded | str:
-    """Assemble predictions/part-NNNNN from every shard's chunks; publish the manifest (exactly one wins)."""
+def finalize(config: Config, attempt: stage.Attempt, plan: dict[str, Any], *, wait: bool,
+             marker: str = "") -> stage.Outcome | stage.Pending:
+    """Assemble predictions/part-NNNNN from every shard's chunks, for the manifest (exactly one publishes).
+
+    While other shards are unfinished, a shard that `wait`s returns its marker as Pending: the last one
+    to finish (or `--finalize`) assembles.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -384,12 +388,11 @@ def finalize(config: Config, identity_config: dict[str, Any], inputs: list[mf.In
     missing = [i for i, uri in markers.items() if not storage.exists(uri)]
     if missing:
         if wait:
-            LOG.info("shard marker: %s (not a manifest: waiting for shards %s; the last one to finish publishes "
-                     "%s)", marker, missing, mf.manifest_uri(out))
-            return marker
+            return stage.Pending(marker, f"shard marker: {marker} (not a manifest: waiting for shards {missing}; the "
+                                         f"last one to finish publishes {mf.manifest_uri(out)})")
         raise FtjobsError(f"cannot finalize {out}: shards {missing} of {n} have not finished (no DONE.json). "
                           "Run them (ftjobs infer --shard I/N ...) and finalize again.")
-    writer = mf.ArtifactWriter(out)
+    writer = attempt.writer
     stats = Counter()  # type: ignore[var-annotated]
     finish, keys, shard_stats, timings = Counter(), set(), [], {}  # type: ignore[var-annotated]
     for i, uri in markers.items():
@@ -437,16 +440,9 @@ def finalize(config: Config, identity_config: dict[str, Any], inputs: list[mf.In
               "tokens_per_s": round(stats["completion_tokens"] / gen_s, 2) if gen_s else None,
               "finish_reasons": dict(finish), "num_shards": n, "shards": shard_stats}
     timings |= {"generate_s": gen_s, "finalize_s": time.monotonic() - t0}
-    manifest = mf.build(stage=STAGE, run_id=mf.new_run_id(), config=identity_config, inputs=inputs,
-                        artifacts=writer.artifacts, stats=result, timings=timings, model=plan["model"])
-    try:
-        uri = mf.publish(out, manifest)
-    except AlreadyExistsError:
-        LOG.info("another shard published %s first; nothing left to do", mf.manifest_uri(out))
-        return mf.load(out, expect_stage=STAGE)
-    LOG.info("published %s: %d predictions, %d errors, %.1f tokens/s", uri, result["predictions"],
-             result["errors"], result["tokens_per_s"] or 0.0)
-    return mf.load(uri, expect_stage=STAGE, verify="none")
+    LOG.info("assembled %d predictions, %d errors, %.1f tokens/s", result["predictions"], result["errors"],
+             result["tokens_per_s"] or 0.0)
+    return stage.Outcome(stats=result, timings=timings, model=plan["model"])
 
 
 # --------------------------------------------------------------------------- command line

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from jobs.infer import Config
 
-LOG = logging.getLogger("jobs.infer")
+LOG = logging.getLogger(__name__)
 
 # An engine is `generate(list of prompt ids) -> per prompt, n samples of (text, completion tokens, finish reason)`,
 # plus its context length, its version and a function that releases it.

@@ -19,7 +19,7 @@ from common.errors import ConfigError, InputError
 if TYPE_CHECKING:
     from jobs.infer import Config
 
-LOG = logging.getLogger("jobs.infer")
+LOG = logging.getLogger(__name__)
 
 
 class Columns(JobConfig):

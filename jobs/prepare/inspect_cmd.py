@@ -22,7 +22,6 @@ from typing import Any
 import click
 
 from common.errors import ConfigError, InputError
-from common.runner import fail
 
 IGNORE = -100
 GREEN, DIM, RESET, UNDER = "\x1b[32m", "\x1b[2m", "\x1b[0m", "\x1b[4m"
@@ -247,24 +246,18 @@ def command(uri: str, split: str, n: int, tokens: bool, tokenizer: str | None, h
 
     URI is a prepare manifest, its output prefix, or one Parquet file.
     """
-    try:
-        if html_file:  # before any work, and before rows are printed that the failure would then follow
-            check_writable(html_file)
-        with tempfile.TemporaryDirectory(prefix="ftjobs-inspect-") as tmp:
-            rows, stats, source = load_rows(uri, split, n, Path(tmp))
-            tok = None
-            src = tokenizer or source
-            if src and any(r.get("input_ids") is not None for r in rows):
-                from common import models
-                from jobs.prepare.encode import load_tokenizer
+    if html_file:  # before any work, and before rows are printed that the failure would then follow
+        check_writable(html_file)
+    with tempfile.TemporaryDirectory(prefix="ftjobs-inspect-") as tmp:
+        rows, stats, source = load_rows(uri, split, n, Path(tmp))
+        tok = None
+        src = tokenizer or source
+        if src and any(r.get("input_ids") is not None for r in rows):
+            from common import models
+            from jobs.prepare.encode import load_tokenizer
 
-                tok = load_tokenizer(str(models.resolve(src, tokenizer_only=True).path))
-            all_segs = [segments(r, tok) for r in rows]
-    except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
-        if isinstance(exc, SystemExit):
-            raise
-        fail(exc)
-        return
+            tok = load_tokenizer(str(models.resolve(src, tokenizer_only=True).path))
+        all_segs = [segments(r, tok) for r in rows]
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
     if any(r.get("input_ids") is not None for r in rows) and tok is None:
         click.echo("(rows are tokenized but no tokenizer is known: pass --tokenizer to decode them)", err=True)
@@ -279,5 +272,6 @@ def command(uri: str, split: str, n: int, tokens: bool, tokenizer: str | None, h
             Path(html_file).write_text(render_html(f"ftjobs inspect {uri} ({split})", rows, all_segs, stats),
                                        encoding="utf-8")
         except OSError as exc:
-            fail(ConfigError(f"--html {html_file}: cannot write it ({exc.strerror or exc}); give a writable path"))
+            raise ConfigError(f"--html {html_file}: cannot write it ({exc.strerror or exc}); give a writable path") \
+                from None
         click.echo(f"wrote {html_file}", err=True)

@@ -20,7 +20,7 @@ import click
 from pydantic import Field, field_validator, model_validator
 
 from common import config as cfg
-from common import data, storage
+from common import data, stage, storage
 from common import manifest as mf
 from common.config import JobConfig
 from common.errors import ConfigError, InputError
@@ -30,7 +30,7 @@ from jobs.prepare import rows as R
 from jobs.prepare import sources as S
 
 STAGE = "prepare"
-LOG = logging.getLogger("ftjobs.prepare")
+LOG = logging.getLogger(__name__)
 
 Format = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
 
@@ -257,68 +257,60 @@ def run(config: Config) -> mf.Loaded:
     t_start = time.monotonic()
     timings: dict[str, float] = {}
     output = storage.normalize(config.output)
-    conf_dump = cfg.dump(config)
     with tempfile.TemporaryDirectory(prefix="ftjobs-prepare-") as tmp:
         work = Path(tmp)
-
-        # 1. What the inputs are: expand sources, fetch S3 objects, hash everything.
+        # What the inputs are: expand sources, fetch S3 objects, hash everything. Their bytes are the run's
+        # identity beside the config, so this comes before the "already done" check.
         files: list[S.RawFile] = []
         for spec in config.source_specs():
             files += S.expand(spec.path, spec.split, spec.format)
-        t = time.monotonic()
         S.fetch(files, work)
-        timings["fetch_and_hash_inputs"] = time.monotonic() - t
+        timings["fetch_and_hash_inputs"] = time.monotonic() - t_start
         inputs = [mf.InputRef(uri=f.uri, sha256=f.sha256, stage=None, role="data") for f in files]
+        identity = stage.Identity(STAGE, output, cfg.dump(config), inputs)
+        result = stage.run(identity, lambda attempt: _prepare(config, files, work, attempt, timings))
+    assert isinstance(result, mf.Loaded)  # prepare has no partial attempts
+    return result
 
-        # 2. Already done? (same config and input bytes: exit 0; a different run there: refuse)
-        done = mf.check_output(output, stage=STAGE, config=conf_dump, inputs=inputs)
-        if done is not None:
-            LOG.info("already done: %s holds this run (%s)", done.uri, done.manifest.run_id)
-            return done
 
-        # 3. The tokenizer and template, when rows are tokenized.
-        encoder, model_info = None, {}
-        if config.tokenizer:
-            encoder, model_info = _tokenizer(config)
+def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.Attempt,
+             timings: dict[str, float]) -> stage.Outcome:
+    """Read -> normalize -> validate -> dedup -> tokenize -> split -> write; refuse when too much was dropped."""
+    encoder, model_info = None, {}
+    if config.tokenizer:
+        encoder, model_info = _tokenizer(config)
+    _remove_stale_parts(attempt.output, files)
+    writer = attempt.writer
+    try:
+        tally, split_counts, lengths, trainable = _process(config, files, encoder, writer, work, timings)
+    except BaseException:
+        _remove(writer)
+        raise
+    finally:
+        if encoder is not None:
+            encoder.close()
 
-        # 4. Stream: read -> normalize -> validate -> dedup -> tokenize -> split -> write.
-        _remove_stale_parts(output, files)
-        writer = mf.ArtifactWriter(output)
-        try:
-            tally, split_counts, lengths, trainable = _process(config, files, encoder, writer, work, timings)
-        except BaseException:
+    # Loud statistics; nothing is published when too much was dropped.
+    rows_out = sum(split_counts.values())
+    n_dropped = sum(tally.dropped.values())
+    drop_fraction = n_dropped / tally.rows_in if tally.rows_in else 0.0
+    if drop_fraction > config.max_drop_fraction or rows_out == 0:
+        _remove(writer)
+        raise InputError(_too_many_drops(tally, rows_out, drop_fraction, config.max_drop_fraction))
+    if split_counts["train"] == 0:
+        if all(s.split == "eval" for s in config.source_specs()):
+            LOG.info("every source is marked split: eval: publishing an eval set only (%d rows, no train rows)",
+                     split_counts["eval"])
+        else:
             _remove(writer)
-            raise
-        finally:
-            if encoder is not None:
-                encoder.close()
-
-        # 5. Loud statistics; refuse to publish when too much was dropped.
-        rows_out = sum(split_counts.values())
-        n_dropped = sum(tally.dropped.values())
-        drop_fraction = n_dropped / tally.rows_in if tally.rows_in else 0.0
-        if drop_fraction > config.max_drop_fraction or rows_out == 0:
-            _remove(writer)
-            raise InputError(_too_many_drops(tally, rows_out, drop_fraction, config.max_drop_fraction))
-        if split_counts["train"] == 0:
-            if all(s.split == "eval" for s in config.source_specs()):
-                LOG.info("every source is marked split: eval: publishing an eval set only (%d rows, no train rows)",
-                         split_counts["eval"])
-            else:
-                _remove(writer)
-                raise _no_train(config, tally, rows_out)
-        stats = _stats(config, tally, split_counts, lengths, trainable, rows_out, drop_fraction)
-        drops = "".join(json.dumps(e, ensure_ascii=False) + "\n" for r in R.REASONS for e in tally.examples.get(r, []))
-        writer.add_bytes(drops.encode(), "drops.jsonl", name="drops", rows=drops.count("\n"))
-        writer.add_bytes(storage.json_bytes(stats), "stats.json", name="stats")
-        _log_summary(tally, stats)
-
-        # 6. The manifest, last and create-only.
-        timings["total"] = time.monotonic() - t_start
-        manifest = mf.build(stage=STAGE, run_id=config.run_id or mf.new_run_id(), config=conf_dump, inputs=inputs,
-                            artifacts=writer.artifacts, stats=stats, timings=timings, model=model_info)
-        uri = mf.publish(output, manifest)
-    return mf.load(uri, verify="none")
+            raise _no_train(config, tally, rows_out)
+    stats = _stats(config, tally, split_counts, lengths, trainable, rows_out, drop_fraction)
+    drops = "".join(json.dumps(e, ensure_ascii=False) + "\n" for r in R.REASONS for e in tally.examples.get(r, []))
+    writer.add_bytes(drops.encode(), "drops.jsonl", name="drops", rows=drops.count("\n"))
+    writer.add_bytes(storage.json_bytes(stats), "stats.json", name="stats")
+    _log_summary(tally, stats)
+    timings["total"] = time.monotonic() - attempt.started + timings["fetch_and_hash_inputs"]
+    return stage.Outcome(stats=stats, timings=timings, model=model_info, run_id=config.run_id)
 
 
 def _tokenizer(config: Config) -> tuple[Any, dict[str, Any]]:

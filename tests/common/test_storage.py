@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def test_bytes_and_json_round_trip(store_root: str) -> None:
     storage.write_bytes(storage.join(store_root, "a/b.bin"), b"\x00\x01hello")
     assert storage.read_bytes(storage.join(store_root, "a/b.bin")) == b"\x00\x01hello"
-    storage.write_json(storage.join(store_root, "c.json"), {"x": [1, 2], "ü": "ß"})
+    storage.write_bytes(storage.join(store_root, "c.json"), storage.json_bytes({"x": [1, 2], "ü": "ß"}))
     assert storage.read_json(storage.join(store_root, "c.json")) == {"x": [1, 2], "ü": "ß"}
     assert storage.exists(storage.join(store_root, "c.json"))
     assert not storage.exists(storage.join(store_root, "missing.json"))

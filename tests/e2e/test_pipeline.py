@@ -16,7 +16,7 @@ import yaml
 
 from common import manifest as mf
 from common import storage
-from jobs.pipeline import STEPS
+from jobs.chain import STEP_NAMES as STEPS
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

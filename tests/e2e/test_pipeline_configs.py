@@ -37,12 +37,14 @@ def test_a_typo_in_a_stage_section_names_the_section_and_the_key() -> None:
     with pytest.raises(ConfigError, match=r"(?s)section `train`.*unknown key 'lora.rr'; did you mean 'r'"):
         pipeline.check_sections(conf)
     conf = cfg.validate(pipeline.Config, base(infer_finetuned={"sampling": {"temperature": -1}}))
-    with pytest.raises(ConfigError, match=r"(?s)section `infer_finetuned`.*sampling.temperature"):
+    with pytest.raises(ConfigError, match=r"(?s)section `infer` \+ `infer_finetuned` \(step infer-finetuned\).*"
+                                          r"sampling.temperature"):
         pipeline.check_sections(conf)
 
 
 def test_sections_cannot_set_what_the_pipeline_wires() -> None:
-    with pytest.raises(ConfigError, match="train section sets output: the pipeline wires those itself"):
+    with pytest.raises(ConfigError, match=r"section `train` sets output: the chain wires that into step train "
+                                          r"itself \(output <run>/train\)"):
         cfg.validate(pipeline.Config, base(train={"output": "elsewhere"}))
     with pytest.raises(ConfigError, match="stop_after='deploy'"):
         cfg.validate(pipeline.Config, base(stop_after="deploy"))

@@ -22,6 +22,7 @@ from common import chat, data, storage
 from common import manifest as mf
 from common.config import load_config
 from common.errors import ConfigError, FtjobsError, OutputTakenError
+from common.stage import Pending
 from common.tinymodel import WORDS
 from jobs import infer
 
@@ -83,7 +84,7 @@ def test_three_shards_one_killed_mid_shard_rerun_gives_each_row_once(
             "--set", "sampling.temperature=0", "--set", "sampling.max_tokens=6", "--set", "chunk_rows=2",
             "--set", f"cache_dir={tmp_path / 'cache'}"]
 
-    assert infer.run(config(**common, shard=0)).endswith("shards/00000/DONE.json")
+    assert infer.run(config(**common, shard=0)).marker.endswith("shards/00000/DONE.json")
 
     # Shard 1 dies by SIGKILL after its first chunk (the pause makes "mid-shard" deterministic).
     proc = cli([*args, "--shard", "1/3"], subprocess_env | {infer.PAUSE_ENV: "60"})
@@ -98,7 +99,7 @@ def test_three_shards_one_killed_mid_shard_rerun_gives_each_row_once(
     assert [o.rel for o in storage.list_objects(f"{out}/shards/00001")] == ["chunk-00000.parquet"]
     kept = storage.sha256_uri(first)
 
-    assert infer.run(config(**common, shard=2)).endswith("shards/00002/DONE.json")
+    assert infer.run(config(**common, shard=2)).marker.endswith("shards/00002/DONE.json")
     assert not storage.exists(f"{out}/manifest.json")
     with pytest.raises(FtjobsError, match=r"shards \[1\] of 3 have not finished"):
         infer.run(config(**common, finalize=True))
@@ -175,7 +176,7 @@ def test_racing_finishers_publish_exactly_one_manifest(s3_root: str, tiny_model:
     out = f"{s3_root}/infer"
     common = {"model": str(tiny_model), "prompts": prompts.uri, "output": out, "num_shards": 2,
               "cache_dir": str(tmp_path / "cache")}
-    assert isinstance(infer.run(config(**common, shard=0)), str)
+    assert isinstance(infer.run(config(**common, shard=0)), Pending)
     first = infer.run(config(**common, shard=1))
     assert isinstance(first, mf.Loaded)
     # The last shard died after its DONE marker and parts, before its manifest: two finishers now race.

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from common import manifest as mf
+from common.stage import Pending
 from jobs import infer
 from tests.jobs.test_infer import config, publish_prompts, read_predictions
 
@@ -35,7 +36,7 @@ def test_seeded_samples_do_not_depend_on_batch_chunk_or_shard(tmp_path: Path, ti
     whole = completions(infer.run(config(**kw, output=f"{root}/whole", sampling=sampling, chunk_rows=6)))
     split = {"output": f"{root}/split", "sampling": sampling, "chunk_rows": 1, "num_shards": 2,
              "engine_args": {"batch_size": 1}}
-    assert isinstance(infer.run(config(**kw, **split, shard=1)), str)
+    assert isinstance(infer.run(config(**kw, **split, shard=1)), Pending)
     pieces = completions(infer.run(config(**kw, **split, shard=0)))
     assert len(whole) == 12 and pieces == whole
     assert UNSEEDED not in caplog.text

@@ -338,7 +338,7 @@ def test_an_eval_split_that_leaves_no_train_rows_is_refused_unless_every_source_
         run(sources=[str(jsonl(tmp_path / "one.jsonl", chat_rows(1)))], output=str(tmp_path / "f"),
             eval_fraction=0.99)
     # A run meant to make an eval set only says so and publishes it.
-    caplog.set_level("INFO", logger="ftjobs.prepare")
+    caplog.set_level("INFO", logger="jobs.prepare")
     held = prepare.run(cfg.validate(prepare.Config, {"sources": [{"path": str(src), "split": "eval"}],
                                                      "output": str(tmp_path / "e")}))
     assert held.manifest.stats["train"] == 0 and held.manifest.stats["eval"] == 20
@@ -352,7 +352,7 @@ def test_rerun_without_manifest_removes_parts_of_the_unfinished_attempt(store_ro
     run(sources=[str(src)], output=out, rows_per_shard=5)
     storage.delete(storage.join(out, "manifest.json"))  # as if killed before the manifest
     storage.write_bytes(storage.join(out, "data", "notes.txt"), b"not ours")
-    caplog.set_level("WARNING", logger="ftjobs.prepare")
+    caplog.set_level("WARNING", logger="jobs.prepare")
     loaded = run(sources=[str(src)], output=out, rows_per_shard=30)
     assert "removing 6 data part(s)" in caplog.text and "unfinished attempt" in caplog.text
     parts = sorted(o.rel for o in storage.list_objects(storage.join(out, "data")))

@@ -98,6 +98,16 @@ def test_setup_prints_the_shared_objects_and_no_jobs() -> None:
     (["train", "--run-id", "r1", "--image", "evaluate=x:1@" + DIGEST], "evaluate runs in the prepare image"),
     (["train"], "Pass STAGE and --run-id"),
     (["train", "--run-id", "r1", "--kustomize-dir", "/nonexistent"], "has no kustomization.yaml"),
+    # the stage's arguments are checked as the pod would check them, before a Job exists
+    (["train", "--nodez", "2", "--run-id", "r1", "--", "--input", "i", "--base-model", "m"],
+     "No such option '--nodez'"),
+    (["train", "--run-id", "r1", "--", "--input", "i", "--base-model", "m", "--lora-r", "8"],
+     "No such option '--lora-r'"),
+    (["train", "--run-id", "r1", "--", "--input", "i", "--base-model", "m", "--set", "lora.rr=8"],
+     "unknown key 'lora.rr' (from --set lora.rr=8); did you mean 'r'?"),
+    (["train", "--run-id", "r1", "--", "--input", "i"], "base_model: required, but not given"),
+    (["train", "--run-id", "r1", "--", "--input", "i", "--base-model", "m", "--config", "/nonexistent.yaml"],
+     "Config file /nonexistent.yaml does not exist"),
 ])
 def test_mistakes_exit_2_and_name_the_fix(args: list[str], message: str) -> None:
     result = cli("k8s", "render", *args)

@@ -18,6 +18,7 @@ import yaml
 from click.testing import CliRunner
 
 from common import manifest as mf
+from common import storage
 from jobs.cli import main
 
 pytestmark = pytest.mark.integration
@@ -76,26 +77,57 @@ def test_submit_runs_the_chain_feeding_each_stage_the_previous_manifest(cluster:
     result = submit(cluster)
     assert result.exit_code == 0, result.output
     root = cluster["root"]
-    assert created(cluster) == ["ftjobs-prepare-r1", "ftjobs-train-r1", "ftjobs-merge-r1", "ftjobs-infer-r1",
-                                "ftjobs-infer-base-r1", "ftjobs-evaluate-r1"]
+    # The chain's order (jobs/chain.py): the base model's predictions start as soon as prepare published,
+    # beside training, not after the merge.
+    assert created(cluster) == ["ftjobs-prepare-r1", "ftjobs-infer-base-r1", "ftjobs-train-r1", "ftjobs-merge-r1",
+                                "ftjobs-infer-finetuned-r1", "ftjobs-evaluate-r1"]
     assert result.stdout.strip().splitlines()[-1] == f"{root}/r1/evaluate/manifest.json"
     assert job_args(cluster, "ftjobs-train-r1") == [
-        "--input", f"{root}/r1/prepare/manifest.json", "--base-model", "tiny-base", "--set", "max_steps=5",
-        "--output", f"{root}/r1/train/"]
-    assert job_args(cluster, "ftjobs-infer-r1")[:4] == ["--model", f"{root}/r1/merge/manifest.json",
-                                                        "--prompts", f"{root}/r1/prepare/manifest.json"]
+        "--input", f"{root}/r1/prepare/manifest.json", "--base-model", "tiny-base",
+        "--config", f"{root}/r1/config/train.yaml", "--set", "max_steps=5", "--output", f"{root}/r1/train/"]
+    assert job_args(cluster, "ftjobs-infer-finetuned-r1")[:4] == [
+        "--model", f"{root}/r1/merge/manifest.json", "--prompts", f"{root}/r1/prepare/manifest.json"]
     assert job_args(cluster, "ftjobs-infer-base-r1")[:2] == ["--model", "tiny-base"]
-    assert json.loads((cluster["state"] / "ftjobs-infer-r1.json").read_text())["completions"] == 2
-    assert job_args(cluster, "ftjobs-evaluate-r1")[:9] == [
+    assert json.loads((cluster["state"] / "ftjobs-infer-finetuned-r1.json").read_text())["completions"] == 2
+    assert job_args(cluster, "ftjobs-evaluate-r1")[:8] == [
         "--predictions", f"{root}/r1/infer-base/manifest.json", "--label", "base",
-        "--predictions", f"{root}/r1/infer/manifest.json", "--label", "finetuned", "--fail-if-worse"]
+        "--predictions", f"{root}/r1/infer-finetuned/manifest.json", "--label", "finetuned"]
+    # --fail-if-worse went into evaluate's section, which its Job reads through --config
+    assert yaml.safe_load(storage.read_bytes(f"{root}/r1/config/evaluate.yaml")) == {"fail_if_worse": "exact_match"}
     # The manifests really link up in the store: evaluate's lineage reaches prepare through both infers.
     tree = mf.lineage(f"{root}/r1/evaluate/manifest.json", verify="size")
     assert mf.all_ok(tree)
     summary = json.loads(cluster["summary"].read_text())
-    assert set(summary) == {"prepare", "train", "merge", "infer", "infer-base", "evaluate"}
+    assert list(summary) == ["prepare", "infer-base", "train", "merge", "infer-finetuned", "evaluate"]
     # every kubectl call looked in the namespace the overlay puts the Jobs in
     assert set((cluster["state"] / "namespaces.log").read_text().split()) == {"ml-ci"}
+
+
+def test_submit_reads_the_pipeline_run_config(cluster: dict[str, Any], tmp_path: Path) -> None:
+    conf = tmp_path / "run.yaml"
+    conf.write_text("base_model: tiny-base\ndata: [s3://data/chats.jsonl]\nlabels: [before, after]\n"
+                    "baseline: false\ntrain: {lora: {r: 4}}\n")
+    result = CliRunner().invoke(main, ["--log-format", "text", "k8s", "submit", "--run-id", "r2", "--config",
+                                       str(conf), "--kubectl", cluster["kubectl"], "--kustomize-dir",
+                                       cluster["overlay"], "--images", cluster["images"], "--poll-s", "0.01"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "ftjobs-infer-base-r2" not in created(cluster)
+    assert job_args(cluster, "ftjobs-evaluate-r2")[:4] == [
+        "--predictions", f"{cluster['root']}/r2/infer-finetuned/manifest.json", "--label", "after"]
+    assert yaml.safe_load(storage.read_bytes(f"{cluster['root']}/r2/config/train.yaml")) == {"lora": {"r": 4}}
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--stage-args", "train=--max-stepz 5"], "No such option '--max-stepz'"),
+    (["--stage-args", "merge=--set dtyp=bfloat16"], "unknown key 'dtyp'"),
+    (["--set", "train.lora.rr=4"], "unknown key 'lora.rr'"),
+])
+def test_a_mistyped_stage_argument_creates_no_job(cluster: dict[str, Any], extra: list[str], message: str) -> None:
+    result = submit(cluster, *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert created(cluster) == []
 
 
 def test_submit_again_follows_the_existing_jobs(cluster: dict[str, Any]) -> None:
@@ -111,10 +143,11 @@ def test_bad_input_stops_the_chain_with_the_stage_exit_code(cluster: dict[str, A
     monkeypatch.setenv("FAKE_KUBE_FAIL", "train:3")
     result = submit(cluster)
     assert result.exit_code == 3
-    assert created(cluster) == ["ftjobs-prepare-r1", "ftjobs-train-r1"]
+    assert created(cluster) == ["ftjobs-prepare-r1", "ftjobs-infer-base-r1", "ftjobs-train-r1"]
     assert "Job ftjobs-train-r1 failed (PodFailurePolicy" in result.stderr
     assert "last log line of job/ftjobs-train-r1" in result.stderr
-    assert list(json.loads(cluster["summary"].read_text())) == ["prepare"]
+    # the baseline ran beside training and finished; nothing after train was created
+    assert list(json.loads(cluster["summary"].read_text())) == ["prepare", "infer-base"]
 
 
 def test_a_failed_gate_exits_4_and_still_records_the_report(cluster: dict[str, Any],

@@ -1,0 +1,282 @@
+"""The chain, declared once: which steps run, in which order, and what each takes from the ones before.
+
+    prepare          raw data -> canonical Parquet (tokenized with the base model's tokenizer)
+    infer-base       the base model answers the eval prompts
+    train            LoRA / QLoRA adapter
+    merge            adapter folded into the 16-bit base
+    infer-finetuned  the merged model answers the same prompts
+    evaluate         base vs finetuned: report.md / report.html
+
+Each step names its stage, the inputs the chain wires into it (an earlier step's manifest, or a value of
+the run such as the base model) with the stage's command-line flag and config key for each, and the
+sections of the run config that make up its own config. `ftjobs pipeline` (subprocesses), `ftjobs k8s
+submit` (Jobs), `ftjobs sweep` and config validation all read `CHAIN`; nothing else lists the steps. A step's
+name is its one spelling everywhere: its output folder `<run>/<step>/`, `pipeline.json`, Job names, logs.
+
+A run config section may not set what the chain wires (a step's inputs and its output): such a key is
+refused naming it, since it would be overridden silently otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from common import manifest as mf
+from common import storage
+from common.config import JobConfig
+from common.errors import ConfigError
+
+RUN_VALUES = ("base_model", "data")  # the run config's fields a step may take, beside earlier steps' manifests
+
+
+@dataclass(frozen=True)
+class Take:
+    """One input the chain wires into a step; never set from the step's own config section."""
+
+    key: str  # the stage's config field it sets ("sources", "input")
+    flag: str  # the stage's command-line flag that sets it ("--source", "--input")
+    source: str  # an earlier step's name (its manifest URI), or one of RUN_VALUES
+    when: str | None = None  # a boolean field of the run config that turns it on ("tokenize")
+    label: int | None = None  # evaluate: also pass `--label labels[label]` (which side of the comparison)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the chain."""
+
+    name: str
+    stage: str
+    takes: tuple[Take, ...]
+    sections: tuple[str, ...]  # run config sections merged (later wins) into the step's config
+    baseline: bool = False  # the base model's side of the comparison: may be left out (`--no-baseline`)
+
+    @property
+    def wired(self) -> tuple[str, ...]:
+        """The config keys the chain sets itself: what a section may not set."""
+        keys = [t.key for t in self.takes] + (["labels"] if any(t.label is not None for t in self.takes) else [])
+        return tuple(dict.fromkeys([*keys, "output"]))
+
+    def needs(self) -> tuple[str, ...]:
+        """The earlier steps whose manifests this one takes."""
+        return tuple(dict.fromkeys(t.source for t in self.takes if t.source not in RUN_VALUES))
+
+
+CHAIN: tuple[Step, ...] = (
+    Step("prepare", "prepare", (Take("sources", "--source", "data"),
+                                Take("tokenizer", "--tokenizer", "base_model", when="tokenize")), ("prepare",)),
+    Step("infer-base", "infer", (Take("model", "--model", "base_model"), Take("prompts", "--prompts", "prepare")),
+         ("infer", "infer_base"), baseline=True),
+    Step("train", "train", (Take("input", "--input", "prepare"), Take("base_model", "--base-model", "base_model")),
+         ("train",)),
+    Step("merge", "merge", (Take("input", "--input", "train"),), ("merge",)),
+    Step("infer-finetuned", "infer", (Take("model", "--model", "merge"), Take("prompts", "--prompts", "prepare")),
+         ("infer", "infer_finetuned")),
+    Step("evaluate", "evaluate", (Take("predictions", "--predictions", "infer-base", label=0),
+                                  Take("predictions", "--predictions", "infer-finetuned", label=1)), ("evaluate",)),
+)
+STEP_NAMES = tuple(s.name for s in CHAIN)
+BY_NAME = {s.name: s for s in CHAIN}
+SECTIONS = tuple(dict.fromkeys(name for s in CHAIN for name in s.sections))
+
+
+# --------------------------------------------------------------------------- the run config
+
+
+class Config(JobConfig):
+    """A run of the chain: where, which model, which data, and each step's own config section."""
+
+    root: str = Field(".", description="Store root (local folder or s3://bucket/prefix); the run writes under "
+                                       "<root>/runs/<run_id>/<step>/.")
+    run_id: str | None = Field(None, description="Run id; the same id resumes a run (finished steps are "
+                                                 "skipped). Default: a new one.")
+    base_model: str = Field(description="Base model source: Hugging Face id, s3:// prefix or local folder.")
+    data: list[str] = Field(description="Raw data files or URIs for prepare (JSONL, CSV, Parquet, ...).")
+    tokenize: bool = Field(True, description="Let prepare tokenize with the base model's tokenizer (train then "
+                                             "reads the token ids as they are).")
+    baseline: bool = Field(True, description="Run the base model's predictions (infer-base) and compare against "
+                                             "them; false: evaluate scores the finetuned model alone.")
+    labels: tuple[str, str] = Field(("base", "finetuned"), description="Report labels for the two infer runs.")
+    prepare: dict[str, Any] = Field(default_factory=dict, description="prepare's config section.")
+    train: dict[str, Any] = Field(default_factory=dict, description="train's config section.")
+    merge: dict[str, Any] = Field(default_factory=dict, description="merge's config section.")
+    infer: dict[str, Any] = Field(default_factory=dict, description="infer's config section, for both runs.")
+    infer_base: dict[str, Any] = Field(default_factory=dict, description="Overrides of `infer` for the base run.")
+    infer_finetuned: dict[str, Any] = Field(default_factory=dict,
+                                            description="Overrides of `infer` for the finetuned run.")
+    evaluate: dict[str, Any] = Field(default_factory=dict, description="evaluate's config section.")
+    stop_after: str | None = Field(None, description=f"Stop after this step (one of {', '.join(STEP_NAMES)}).")
+
+    @field_validator("run_id", mode="before")
+    @classmethod
+    def _run_id_text(cls, value: Any) -> Any:
+        # `--set run_id=42` and `run_id: 2024-05-01` reach here as YAML int and date; as typed, they are names.
+        if isinstance(value, int | dt.date) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str | None) -> str | None:
+        # It becomes a folder under <root>/runs/: a '/' or '..' would write outside the root.
+        if value is not None and not mf.RUN_ID_RE.match(value):
+            raise ValueError(f"{value!r} is not a run id: use 1-63 letters, digits, '.', '_' or '-', starting "
+                             "and ending with a letter or digit (it names the folder <root>/runs/<run_id>/ and, "
+                             "on Kubernetes, the Jobs)")
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one data file")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.stop_after is not None and self.stop_after not in STEP_NAMES:
+            raise ValueError(f"stop_after={self.stop_after!r}: expected one of {', '.join(STEP_NAMES)}")
+        if self.labels[0] == self.labels[1]:
+            raise ValueError(f"labels must differ, got {list(self.labels)}")
+        for step in CHAIN:
+            for section in step.sections:
+                taken = [k for k in step.wired if k in getattr(self, section)]
+                if taken:
+                    raise ValueError(f"section `{section}` sets {', '.join(taken)}: the chain wires "
+                                     f"{'that' if len(taken) == 1 else 'those'} into step {step.name} itself "
+                                     f"({wiring(step, taken)}); remove {'it' if len(taken) == 1 else 'them'}")
+        return self
+
+    def section(self, step: Step) -> dict[str, Any]:
+        """The step's own config: its sections merged key by key, later wins (infer, then infer_base)."""
+        merged: dict[str, Any] = {}
+        for name in step.sections:
+            merged = deep_merge(merged, getattr(self, name))
+        return merged
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`; nested mappings merge (infer_base: {sampling: {max_tokens: 8}} keeps the
+    temperature `infer` set), anything else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def wiring(step: Step, keys: list[str]) -> str:
+    said = []
+    for t in step.takes:
+        if t.key in keys:
+            said.append(f"{t.key} from {'the run config' if t.source in RUN_VALUES else 'step'} {t.source}")
+    if "labels" in keys:
+        said.append("labels from the run config's labels")
+    if "output" in keys:
+        said.append("output <run>/" + step.name)
+    return "; ".join(dict.fromkeys(said))
+
+
+def steps(config: Config) -> list[Step]:
+    """The steps this run takes, in order: the baseline only when wanted, none after stop_after."""
+    out = []
+    for step in CHAIN:
+        if step.baseline and not config.baseline:
+            continue
+        out.append(step)
+        if step.name == config.stop_after:
+            break
+    return out
+
+
+def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str, Any] | None = None) -> list[str]:
+    """The stage's command-line arguments for what the chain wires (not --output or --config).
+
+    `done` maps earlier steps to their manifest URIs; a step left out of the run (the baseline) is left
+    out of the arguments too. `values` overrides the run values (e.g. local paths made absolute).
+    """
+    run_values = {"base_model": config.base_model, "data": list(config.data), **(values or {})}
+    left_out = {s.name for s in CHAIN if s.baseline and not config.baseline}
+    args: list[str] = []
+    for take in step.takes:
+        if take.when and not getattr(config, take.when):
+            continue
+        if take.source in left_out:
+            continue
+        value = run_values[take.source] if take.source in RUN_VALUES else done[take.source]
+        for item in value if isinstance(value, list) else [value]:
+            args += [take.flag, str(item)]
+        if take.label is not None:
+            args += ["--label", config.labels[take.label]]
+    return args
+
+
+# --------------------------------------------------------------------------- checking a step before it exists
+
+
+def stage_command(stage: str) -> click.Command:
+    from jobs.cli import main
+
+    command = main.get_command(click.Context(main), stage)
+    if command is None:
+        raise ConfigError(f"this ftjobs has no `{stage}` command")
+    return command
+
+
+def validate_arguments(stage: str, args: list[str]) -> Any:
+    """Parse a stage's arguments with the stage's own command line and config model, without running it.
+
+    Exactly what the stage does at start: unknown options, unknown `--set` keys, a config file that is
+    missing or holds unknown keys, and missing required settings are ConfigErrors (exit 2) that name them.
+    Returns the resolved config.
+    """
+    from common.runner import VALIDATE_ONLY, VALIDATED
+
+    command = stage_command(stage)
+    try:
+        ctx = command.make_context(f"ftjobs {stage}", list(args))
+    except click.UsageError as exc:
+        raise ConfigError(f"ftjobs {stage} {' '.join(args)}: {exc.format_message()} (see `ftjobs {stage} "
+                          "--help` for what it accepts)") from None
+    ctx.meta[VALIDATE_ONLY] = True
+    with ctx:
+        command.invoke(ctx)
+    return ctx.meta[VALIDATED]
+
+
+def check(config: Config) -> dict[str, Any]:
+    """Validate every step's config now (unknown keys, bad values), not after an hour of training.
+
+    Each step's section goes through the stage's own command line, as its `--config`, with stand-ins for
+    the earlier steps' manifests. Returns each step's resolved stage config.
+    """
+    stand_ins = {s.name: f"<{s.name} manifest>" for s in CHAIN}
+    resolved = {}
+    with tempfile.TemporaryDirectory(prefix="ftjobs-check-") as tmp:
+        for step in steps(config):
+            path = Path(tmp) / f"{step.name}.yaml"
+            path.write_text(yaml.safe_dump(config.section(step), sort_keys=True))
+            args = arguments(step, config, stand_ins) + ["--output", f"<{step.name} output>", "--config", str(path)]
+            try:
+                resolved[step.name] = validate_arguments(step.stage, args)
+            except ConfigError as exc:
+                sections = " + ".join(f"`{s}`" for s in step.sections)
+                text = str(exc).replace(f" (in {path})", "")
+                raise ConfigError(f"run config, section {sections} (step {step.name}): {text}") from None
+    return resolved
+
+
+def write_sections(config: Config, prefix: str, chosen: list[Step]) -> dict[str, str]:
+    """Each step's config section as `<run prefix>/config/<step>.yaml`: what its `--config` points at."""
+    out = {}
+    for step in chosen:
+        uri = storage.join(prefix, "config", f"{step.name}.yaml")
+        storage.write_bytes(uri, yaml.safe_dump(config.section(step), sort_keys=True).encode())
+        out[step.name] = uri
+    return out
