@@ -17,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from common import manifest as mf
+from common import lineage as lin
 from jobs.cli import main
 
 pytestmark = pytest.mark.integration
@@ -90,8 +90,8 @@ def test_submit_runs_the_chain_feeding_each_stage_the_previous_manifest(cluster:
         "--predictions", f"{root}/r1/infer-base/manifest.json", "--label", "base",
         "--predictions", f"{root}/r1/infer/manifest.json", "--label", "finetuned", "--fail-if-worse"]
     # The manifests really link up in the store: evaluate's lineage reaches prepare through both infers.
-    tree = mf.lineage(f"{root}/r1/evaluate/manifest.json", verify="size")
-    assert mf.all_ok(tree)
+    tree = lin.lineage(f"{root}/r1/evaluate/manifest.json", verify="size")
+    assert lin.all_ok(tree)
     summary = json.loads(cluster["summary"].read_text())
     assert set(summary) == {"prepare", "train", "merge", "infer", "infer-base", "evaluate"}
     # every kubectl call looked in the namespace the overlay puts the Jobs in
