@@ -23,6 +23,7 @@ from common import storage
 from common.errors import EXIT_GATE, ConfigError
 from jobs import evaluate
 from jobs.cli import main
+from jobs.evaluate import metrics
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -274,11 +275,11 @@ def test_config_mistakes_exit_2_with_the_fix() -> None:
 
 
 def test_metric_functions() -> None:
-    assert evaluate.normalize("The  Cat, sat!") == "cat sat"
-    assert evaluate.token_f1("the cat sat", "a cat sat down") == pytest.approx(2 * (1 * 2 / 3) / (1 + 2 / 3))
-    assert evaluate.token_f1("", "") == 1.0 and evaluate.token_f1("x", "") == 0.0
-    scores = evaluate.score_rows([{"id": "1", "completion": "Grüße aus Köln", "reference": "grüße aus köln"}],
-                                 evaluate.Checks(), None)[0]
+    assert metrics.normalize("The  Cat, sat!") == "cat sat"
+    assert metrics.token_f1("the cat sat", "a cat sat down") == pytest.approx(2 * (1 * 2 / 3) / (1 + 2 / 3))
+    assert metrics.token_f1("", "") == 1.0 and metrics.token_f1("x", "") == 0.0
+    scores = metrics.score_rows([{"id": "1", "completion": "Grüße aus Köln", "reference": "grüße aus köln"}],
+                                metrics.Checks(), None)[0]
     assert scores["exact_match"] == 0.0 and scores["normalized_exact_match"] == 1.0
     assert scores["rouge_l"] == 1.0  # non-ASCII words count (rouge-score's own tokenizer would drop them)
 
