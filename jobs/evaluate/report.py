@@ -1,13 +1,13 @@
 """evaluate's outputs: the report (Markdown and self-contained HTML), the chart, and the per-example scores.
 
-`table_rows` builds the one table both reports show; the HTML embeds the
-chart as a data URI, so the page is a single file with no external requests.
+`table_rows` builds the one table both reports show; the layout is in
+`templates/` (Jinja; the HTML one autoescaped). The HTML embeds the chart as a
+data URI, so the page is a single file with no external requests.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from typing import Any
 
@@ -58,6 +58,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def cell(text: Any, limit: int = 160) -> str:
+    """A Markdown table cell: cut to `limit` characters, pipes escaped, line breaks as <br>."""
     s = "" if text is None else str(text)
     s = s if len(s) <= limit else s[: limit - 1] + "…"
     return s.replace("|", "\\|").replace("\n", "<br>")
@@ -65,64 +66,33 @@ def cell(text: Any, limit: int = 160) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     header, rows = table_rows(report)
-    labels = [s["label"] for s in report["sets"]]
-    lines = [f"# Evaluation report ({report['run_id']})", "",
-             f"Baseline: **{labels[0]}**. Candidates: {', '.join(f'**{c}**' for c in labels[1:]) or 'none'}. "
-             "Percentages are the share of examples; Δ is in percentage points with a paired bootstrap 95% "
-             "interval.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    if report.get("notes"):
-        lines += ["", "**Notes**:", ""] + [f"- {note}." for note in report["notes"]]
-    lines += ["", "![metrics](chart.png)", "", "## Models", ""]
-    lines += [f"- **{s['label']}**: `{s['manifest']}`" + "".join(
-        f", {k}: `{v}`" for k, v in s["model"].items() if k in ("model", "base_model", "adapter", "source") and v)
-        for s in report["sets"]]
-    if len(labels) > 1:
-        lines += ["", f"## Where the models differ ({report['differing']} examples; showing "
-                      f"{len(report['examples'])})", "",
-                  "| id | prompt | reference | " + " | ".join(labels) + " |", "|" + "---|" * (3 + len(labels))]
-        for e in report["examples"]:
-            lines.append(f"| {cell(e['id'], 14)} | {cell(e['prompt'])} | {cell(e['reference'])} | "
-                         + " | ".join(cell(e["completions"].get(lab)) for lab in labels) + " |")
-    return "\n".join(lines) + "\n"
-
-
-CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;"
-       "text-align:left}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}"
-       "pre{white-space:pre-wrap;margin:0;font-size:0.9em}code{font-size:0.9em}")
+    return _template("report.md.jinja").render(
+        **_common(report), header=header, rows=rows, model_keys=("model", "base_model", "adapter", "source"))
 
 
 def render_html(report: dict[str, Any], chart: bytes) -> str:
-    esc = html.escape
     header, rows = table_rows(report)
-    labels = [s["label"] for s in report["sets"]]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ftjobs evaluation {esc(report['run_id'])}"
-             f"</title><style>{CSS}</style></head><body>",
-             f"<h1>Evaluation report <small>{esc(report['run_id'])}</small></h1>",
-             f"<p>Baseline: <b>{esc(labels[0])}</b>. Δ is in percentage points, with a paired bootstrap 95% "
-             "interval.</p>",
-             "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
-    parts += ["<tr>" + f"<td>{esc(r[0])}</td>" + "".join(f"<td class='num'>{esc(c)}</td>" for c in r[1:]) + "</tr>"
-              for r in rows]
-    parts.append("</table>")
-    parts += [f"<p><b>Note</b>: {esc(note)}.</p>" for note in report.get("notes", [])]
-    parts.append(f"<img alt='metrics chart' src='data:image/png;base64,{base64.b64encode(chart).decode()}'>")
-    parts.append("<h2>Models</h2><ul>")
-    parts += [f"<li><b>{esc(s['label'])}</b>: <code>{esc(s['manifest'])}</code></li>" for s in report["sets"]]
-    parts.append("</ul>")
-    if len(labels) > 1:
-        parts.append(f"<h2>Where the models differ ({report['differing']} examples; showing "
-                     f"{len(report['examples'])})</h2><table><tr><th>id</th><th>prompt</th><th>reference</th>"
-                     + "".join(f"<th>{esc(lab)}</th>" for lab in labels) + "</tr>")
-        for e in report["examples"]:
-            parts.append("<tr>" + "".join(f"<td><pre>{esc('' if v is None else str(v))}</pre></td>" for v in
-                                          [e["id"][:14], e["prompt"], e["reference"]]
-                                          + [e["completions"].get(lab) for lab in labels]) + "</tr>")
-        parts.append("</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return _template("report.html.jinja").render(
+        **_common(report), header=header, rows=rows,
+        chart_uri="data:image/png;base64," + base64.b64encode(chart).decode())
+
+
+def _common(report: dict[str, Any]) -> dict[str, Any]:
+    return {"run_id": report["run_id"], "labels": [s["label"] for s in report["sets"]], "sets": report["sets"],
+            "notes": report.get("notes", []), "differing": report["differing"], "examples": report["examples"]}
+
+
+def _template(name: str) -> Any:
+    """A template from jobs/evaluate/templates. The HTML one escapes every value it is given (prompts,
+    completions and labels are arbitrary text); the Markdown one escapes only table cells (`cell`)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("jobs.evaluate", "templates"),
+                             autoescape=name.endswith(".html.jinja"), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["cell"] = cell
+    env.filters["text"] = lambda v: "" if v is None else str(v)
+    return env.get_template(name)
 
 
 def render_chart(sets: list[dict[str, Any]], summary: dict[str, Any], names: list[str]) -> bytes:

@@ -7,8 +7,10 @@ store and the real S3 server.
 
 from __future__ import annotations
 
+import html
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +230,28 @@ def test_samples_are_separate_examples_and_errors_count_as_wrong(tmp_path: Path)
     a = publish_predictions(f"{tmp_path}/a", {}, table=pa.Table.from_pylist(rows), shards=1)
     s = evaluate.run(evaluate.Config(predictions=[a], output=f"{tmp_path}/eval")).manifest.metrics["sets"]["tiny"]
     assert s["rows"] == 2 and s["errors"] == 1 and s["exact_match"] == pytest.approx(0.5)
+
+
+HOSTILE = '<script>alert("x")</script> & \'quoted\' | "a"'
+
+
+def test_hostile_text_is_escaped_in_the_html_report_and_cells_in_the_markdown(tmp_path: Path) -> None:
+    """Prompts, completions and labels are arbitrary text: the page shows them, never runs or parses them."""
+    row = {"id": "h1", "prompt": [{"role": "user", "content": f"Say {HOSTILE}"}], "completion": HOSTILE,
+           "reference": "a & b"}
+    base = publish_predictions(f"{tmp_path}/a", {}, table=pa.Table.from_pylist([row]), shards=1,
+                               label="<b>base</b>")
+    tuned = publish_predictions(f"{tmp_path}/b", {}, table=pa.Table.from_pylist([row | {"completion": "a & b"}]),
+                                shards=1, label="tuned")
+    evaluate.run(evaluate.Config(predictions=[base, tuned], output=f"{tmp_path}/eval", bootstrap=0))
+    page = storage.read_text(f"{tmp_path}/eval/report.html")
+    assert "<script" not in page and "<b>base</b>" not in page
+    assert 'alert("x")' not in page and "'quoted'" not in page and " & " not in page
+    shown = html.unescape(re.sub(r"<[^>]+>", "", page))
+    assert f"Say {HOSTILE}" in shown and HOSTILE in shown and "Baseline: <b>base</b>." in shown
+    md = storage.read_text(f"{tmp_path}/eval/report.md")
+    escaped = HOSTILE.replace("|", "\\|")
+    assert f"| h1 | Say {escaped} | a & b | {escaped} | a & b |" in md
 
 
 def run_cli(args: list[str]) -> Any:
