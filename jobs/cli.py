@@ -57,15 +57,16 @@ def show(uri: str, as_json: bool, verify: str) -> None:
     URI is a manifest.json or the output prefix that holds one.
     Exit 3 when the manifest or anything it descends from fails verification.
     """
+    from common import lineage as lin
     from common import manifest as mf
 
     loaded = mf.load(uri, verify="none")
-    tree = mf.lineage(loaded.uri, verify=verify)  # type: ignore[arg-type]
+    tree = lin.lineage(loaded.uri, verify=verify)  # type: ignore[arg-type]
     m = loaded.manifest
-    ok = mf.all_ok(tree)
+    ok = lin.all_ok(tree)
     if as_json:
         click.echo(json.dumps({"manifest": m.model_dump(mode="json"), "sha256": loaded.sha256,
-                               "verified": ok, "lineage": mf.tree_dict(tree)}, indent=2))
+                               "verified": ok, "lineage": lin.tree_dict(tree)}, indent=2))
     else:
         click.echo(f"{m.stage} run {m.run_id}  ({loaded.uri})")
         click.echo(f"  created    {m.created_at}   ftjobs {m.code.package}"
@@ -88,9 +89,9 @@ def show(uri: str, as_json: bool, verify: str) -> None:
                 if flat:
                     click.echo(f"  {title:<10} " + ", ".join(f"{k}={_short(v)}" for k, v in flat.items()))
         click.echo("lineage:")
-        click.echo(mf.render_tree(tree))
+        click.echo(lin.render_tree(tree))
     if not ok:
-        bad = mf.first_failure(tree)
+        bad = lin.first_failure(tree)
         LOG.error("verification failed at %s: %s (every FAILED entry is in the lineage)", bad.uri if bad else uri,
                   bad.note if bad else "")
         sys.exit(EXIT_INPUT)

@@ -12,7 +12,6 @@ writes one self-contained page (no scripts, no external files).
 
 from __future__ import annotations
 
-import html
 import os
 import sys
 import tempfile
@@ -167,52 +166,28 @@ def render_histogram(stats: dict[str, Any], width: int = 40) -> str:
     return "\n".join(lines)
 
 
-CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
-pre{white-space:pre-wrap;word-break:break-word;background:#fafafa;border:1px solid #ddd;padding:1em;
-font:13px/1.5 ui-monospace,monospace}
-.t{background:#c8f7c5}.u{color:#666}
-#b:checked~section .k{outline:1px solid #99c;margin-right:1px}
-table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}
-.bar{background:#69c;height:12px;display:inline-block}
-"""
-
-
 def render_html(title: str, rows: list[dict[str, Any]], all_segs: list[list[tuple[str, bool, int | None]]],
                 stats: dict[str, Any]) -> str:
-    e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style>"
-             "</head><body>", f"<h1>{e(title)}</h1>",
-             "<p>Green: tokens the model is trained on (labels). Grey: context only. "
-             "Hover a token for its id.</p>",
-             "<input type='checkbox' id='b'><label for='b'> show token boundaries</label>"]
-    summary = {k: stats[k] for k in ("rows_in", "rows_out", "train", "eval", "truncated") if k in stats}
-    section = ["<section>"]
-    if summary or stats.get("dropped"):
-        section.append("<h2>Counts</h2><table>" + "".join(
-            f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in summary.items()) + "".join(
-            f"<tr><th>dropped: {e(k)}</th><td>{v}</td></tr>" for k, v in (stats.get("dropped") or {}).items())
-            + "</table>")
+    """One self-contained page (jobs/prepare/templates/inspect.html.jinja); every value is escaped."""
+    import jinja2
+
     hist = (stats.get("tokens") or {}).get("histogram")
+    bins = []
     if hist:
         peak = max(hist["counts"]) or 1
-        section.append("<h2>Token lengths</h2><table>")
-        for lo, hi, c in zip(hist["edges"], hist["edges"][1:], hist["counts"], strict=False):
-            section.append(f"<tr><td>{lo}–{hi}</td><td style='text-align:left'><span class='bar' "
-                           f"style='width:{round(400 * c / peak)}px'></span> {c}</td></tr>")
-        section.append("</table>")
-    section.append("<h2>Rows</h2>")
+        bins = [(lo, hi, c, round(400 * c / peak))
+                for lo, hi, c in zip(hist["edges"], hist["edges"][1:], hist["counts"], strict=False)]
+    shown = []
     for row, segs in zip(rows, all_segs, strict=True):
         meta = f"id {row.get('id', '')[:16]} · split {row.get('split')} · source {row.get('source')}"
         if row.get("num_tokens") is not None:
             meta += f" · {row['num_tokens']} tokens, {row['num_trainable']} trained"
-        spans = "".join(
-            f"<span class='k {'t' if trained else 'u'}'" + (f" title='id {tid}'" if tid is not None else "")
-            + f">{e(text)}</span>" for text, trained, tid in segs)
-        section.append(f"<h3>{e(meta)}</h3><pre>{spans}</pre>")
-    section.append("</section>")
-    parts += section + ["</body></html>"]
-    return "".join(parts)
+        shown.append({"meta": meta, "segments": segs})
+    env = jinja2.Environment(loader=jinja2.PackageLoader("jobs.prepare", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("inspect.html.jinja").render(
+        title=title, rows=shown, bins=bins, dropped=stats.get("dropped") or {},
+        counts={k: stats[k] for k in ("rows_in", "rows_out", "train", "eval", "truncated") if k in stats})
 
 
 def check_writable(path: str) -> None:

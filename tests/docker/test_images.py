@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from common import lineage as lin
 from common import manifest as mf
 from common import storage
 
@@ -113,7 +114,7 @@ def test_prepare_and_evaluate_run_as_containers_against_s3(image: str, seeded: s
     assert ev.returncode == 0, ev.stderr[-3000:]
     report = mf.load(ev.stdout.strip().splitlines()[-1], verify="full", expect_stage="evaluate")
     assert any(a.name.endswith("report.md") or a.path.endswith("report.md") for a in report.manifest.artifacts)
-    assert mf.all_ok(mf.lineage(report.uri, verify="size"))
+    assert lin.all_ok(lin.lineage(report.uri, verify="size"))
 
 
 def test_bad_input_in_a_container_exits_3_with_a_message(image: str, seeded: str) -> None:

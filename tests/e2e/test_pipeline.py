@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common import lineage as lin
 from common import manifest as mf
 from common import storage
 from jobs.chain import STEP_NAMES as STEPS
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 
-def stages_in(node: mf.Node) -> list[str]:
+def stages_in(node: lin.Node) -> list[str]:
     return [n.stage or "raw" for n in _walk(node)]
 
 
@@ -63,11 +64,11 @@ def test_pipeline_on_s3_with_the_tiny_model(s3_root: str, tiny_model: Path, tmp_
     for step in STEPS:
         assert storage.exists(mf.manifest_uri(f"{prefix}/{step}")), step
 
-    tree = mf.lineage(uri, verify="full")
-    assert mf.all_ok(tree), mf.render_tree(tree)
+    tree = lin.lineage(uri, verify="full")
+    assert lin.all_ok(tree), lin.render_tree(tree)
     # evaluate <- infer-base, infer-finetuned; infer-finetuned <- merge <- train <- prepare <- raw data
     assert [c.stage for c in tree.children] == ["infer", "infer"]
-    assert set(stages_in(tree)) == {"evaluate", "infer", "merge", "train", "prepare", "raw"}, mf.render_tree(tree)
+    assert set(stages_in(tree)) == {"evaluate", "infer", "merge", "train", "prepare", "raw"}, lin.render_tree(tree)
     prepares = [n for n in _walk(tree) if n.stage == "prepare"]
     assert len(prepares) >= 2  # reached through both infer runs
     for node in prepares:
@@ -97,7 +98,7 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 420) -> subprocess
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _walk(node: mf.Node) -> list[mf.Node]:
+def _walk(node: lin.Node) -> list[lin.Node]:
     return [node] + [n for child in node.children for n in _walk(child)]
 
 

@@ -7,8 +7,10 @@ store and the real S3 server.
 
 from __future__ import annotations
 
+import html
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from common import storage
 from common.errors import EXIT_GATE, ConfigError
 from jobs import evaluate
 from jobs.cli import main
+from jobs.evaluate import metrics
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -229,6 +232,28 @@ def test_samples_are_separate_examples_and_errors_count_as_wrong(tmp_path: Path)
     assert s["rows"] == 2 and s["errors"] == 1 and s["exact_match"] == pytest.approx(0.5)
 
 
+HOSTILE = '<script>alert("x")</script> & \'quoted\' | "a"'
+
+
+def test_hostile_text_is_escaped_in_the_html_report_and_cells_in_the_markdown(tmp_path: Path) -> None:
+    """Prompts, completions and labels are arbitrary text: the page shows them, never runs or parses them."""
+    row = {"id": "h1", "prompt": [{"role": "user", "content": f"Say {HOSTILE}"}], "completion": HOSTILE,
+           "reference": "a & b"}
+    base = publish_predictions(f"{tmp_path}/a", {}, table=pa.Table.from_pylist([row]), shards=1,
+                               label="<b>base</b>")
+    tuned = publish_predictions(f"{tmp_path}/b", {}, table=pa.Table.from_pylist([row | {"completion": "a & b"}]),
+                                shards=1, label="tuned")
+    evaluate.run(evaluate.Config(predictions=[base, tuned], output=f"{tmp_path}/eval", bootstrap=0))
+    page = storage.read_text(f"{tmp_path}/eval/report.html")
+    assert "<script" not in page and "<b>base</b>" not in page
+    assert 'alert("x")' not in page and "'quoted'" not in page and " & " not in page
+    shown = html.unescape(re.sub(r"<[^>]+>", "", page))
+    assert f"Say {HOSTILE}" in shown and HOSTILE in shown and "Baseline: <b>base</b>." in shown
+    md = storage.read_text(f"{tmp_path}/eval/report.md")
+    escaped = HOSTILE.replace("|", "\\|")
+    assert f"| h1 | Say {escaped} | a & b | {escaped} | a & b |" in md
+
+
 def run_cli(args: list[str]) -> Any:
     return CliRunner().invoke(main, ["--log-format", "text", "evaluate", *args])
 
@@ -274,11 +299,11 @@ def test_config_mistakes_exit_2_with_the_fix() -> None:
 
 
 def test_metric_functions() -> None:
-    assert evaluate.normalize("The  Cat, sat!") == "cat sat"
-    assert evaluate.token_f1("the cat sat", "a cat sat down") == pytest.approx(2 * (1 * 2 / 3) / (1 + 2 / 3))
-    assert evaluate.token_f1("", "") == 1.0 and evaluate.token_f1("x", "") == 0.0
-    scores = evaluate.score_rows([{"id": "1", "completion": "Grüße aus Köln", "reference": "grüße aus köln"}],
-                                 evaluate.Checks(), None)[0]
+    assert metrics.normalize("The  Cat, sat!") == "cat sat"
+    assert metrics.token_f1("the cat sat", "a cat sat down") == pytest.approx(2 * (1 * 2 / 3) / (1 + 2 / 3))
+    assert metrics.token_f1("", "") == 1.0 and metrics.token_f1("x", "") == 0.0
+    scores = metrics.score_rows([{"id": "1", "completion": "Grüße aus Köln", "reference": "grüße aus köln"}],
+                                metrics.Checks(), None)[0]
     assert scores["exact_match"] == 0.0 and scores["normalized_exact_match"] == 1.0
     assert scores["rouge_l"] == 1.0  # non-ASCII words count (rouge-score's own tokenizer would drop them)
 

@@ -107,3 +107,21 @@ def test_rows_must_not_be_negative(prepared: Path):
     only_stats = CliRunner().invoke(main, ["inspect", str(prepared / "out"), "--rows", "0", "--color", "never"])
     assert only_stats.exit_code == 0 and "── row" not in only_stats.output
     assert "token length histogram" in only_stats.output
+
+
+def test_hostile_row_text_and_paths_are_escaped_in_the_page(tmp_path: Path):
+    """Row text is arbitrary: markup, ampersands and quotes show as text, in the rows and in the title."""
+    hostile = '<script>alert("x")</script> & \'q\''
+    rows = [{"messages": [{"role": "user", "content": hostile}, {"role": "assistant", "content": f"ok {hostile}"}]}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out<i>&'"
+    prepare.run(cfg.validate(prepare.Config, {"sources": [str(tmp_path / "in.jsonl")], "output": str(out),
+                                             "eval_fraction": 0.0}))
+    page = tmp_path / "rows.html"
+    res = CliRunner().invoke(main, ["inspect", str(out), "--html", str(page), "--color", "never"])
+    assert res.exit_code == 0, res.output
+    text = page.read_text()
+    assert "<script" not in text and "<i>" not in text and 'alert("x")' not in text and "'q'" not in text
+    shown = html.unescape(re.sub(r"<[^>]+>", "", text))
+    assert f"[user]\n{hostile}\n" in shown and f"ok {hostile}" in shown
+    assert f"ftjobs inspect {out} (train)" in shown

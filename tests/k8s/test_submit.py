@@ -17,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from common import manifest as mf
+from common import lineage as lin
 from common import storage
 from jobs.cli import main
 
@@ -95,8 +95,8 @@ def test_submit_runs_the_chain_feeding_each_stage_the_previous_manifest(cluster:
     # --fail-if-worse went into evaluate's section, which its Job reads through --config
     assert yaml.safe_load(storage.read_bytes(f"{root}/r1/config/evaluate.yaml")) == {"fail_if_worse": "exact_match"}
     # The manifests really link up in the store: evaluate's lineage reaches prepare through both infers.
-    tree = mf.lineage(f"{root}/r1/evaluate/manifest.json", verify="size")
-    assert mf.all_ok(tree)
+    tree = lin.lineage(f"{root}/r1/evaluate/manifest.json", verify="size")
+    assert lin.all_ok(tree)
     summary = json.loads(cluster["summary"].read_text())
     assert list(summary) == ["prepare", "infer-base", "train", "merge", "infer-finetuned", "evaluate"]
     # every kubectl call looked in the namespace the overlay puts the Jobs in

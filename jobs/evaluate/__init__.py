@@ -1,0 +1,274 @@
+"""evaluate: score predictions against references and compare models side by side.
+
+Reads one or more infer manifests (`--predictions`, repeatable; the FIRST is
+the baseline, e.g. the base model, the others are candidates, e.g. finetunes).
+Each holds Parquet shards `predictions/part-NNNNN` with at least `id`,
+`completion` and `reference` (plus `prompt`, `finish_reason`,
+`completion_tokens` when infer wrote them). A row's `error` (e.g. a prompt too
+long for the model) is counted and scored as a wrong answer; with `sample`
+(sampling.n > 1) each (id, sample) pair is its own example.
+
+Scores every row with exact match, normalized exact match (lower case,
+punctuation as spaces, no articles, collapsed spaces), token F1 and ROUGE-L (the
+`rouge-score` library), plus the optional checks from config (valid JSON,
+JSON schema, regex). Rows without a reference are counted and skipped by the
+reference metrics; the checks still apply to them. Sets are compared on the
+ids they share, with a paired bootstrap 95% interval on each difference.
+
+Writes under `--output`: `report.md`, `report.html` (self-contained, the chart
+embedded), `chart.png`, `metrics.json`, `scores.parquet` (one row per example
+and set) and `differences.jsonl` (examples where the sets disagree), then
+`manifest.json` last; the manifest's metrics hold every set's numbers.
+
+`--fail-if-worse METRIC` is a CI gate: after publishing, exit 4 when a
+candidate does not beat the baseline on METRIC (strictly higher). Exit 4 is
+a verdict, not a failure to retry; a re-run of a finished evaluation gives
+the same verdict. A set with no value for METRIC (e.g. no row has a
+reference) exits 3: there is nothing to compare.
+
+Sets whose rows lack references are named in a warning and in the report. When
+no set has a single reference and no checks are configured there is nothing
+to score: exit 3, before anything is written.
+
+    ftjobs evaluate --predictions runs/r1/infer-base --predictions runs/r1/infer-finetuned \\
+        --output runs/r1/evaluate --fail-if-worse exact_match
+
+Imports neither torch nor transformers: it runs in the prepare image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import Field, field_validator, model_validator
+
+from common import manifest as mf
+from common import storage
+from common.config import JobConfig, dump
+from common.errors import InputError
+from common.runner import config_options, execute
+from jobs.evaluate import comparison, metrics, report
+from jobs.evaluate.metrics import Checks
+
+STAGE = "evaluate"
+LOG = logging.getLogger(__name__)
+REQUIRED_COLUMNS = ("id", "completion", "reference")
+
+
+class Config(JobConfig):
+    """What to compare and what to write."""
+
+    predictions: list[str] = Field(
+        description="Infer manifest URIs (or their prefixes). The first is the baseline; the rest are candidates.")
+    output: str = Field(description="Output prefix (local path or s3://) for the report and manifest.")
+    labels: list[str] | None = Field(
+        None, description="A display label per predictions set, same order. Default: the infer manifest's "
+                          "model.label, else derived from its model and adapter.")
+    fail_if_worse: str | None = Field(
+        None, description="Gate: exit 4 after publishing when a candidate does not beat the baseline on this "
+                          "metric. Not part of the run's identity, so a finished evaluation can be re-gated.")
+    checks: Checks = Field(default_factory=Checks, description="Optional checks on each completion.")
+    examples: int = Field(20, ge=0, le=1000, description="How many differing examples the report shows.")
+    bootstrap: int = Field(1000, ge=0, le=100_000,
+                           description="Paired bootstrap resamples for the 95% interval of each difference "
+                                       "(0: off).")
+    seed: int = Field(0, description="Seed for the bootstrap.")
+    run_id: str | None = Field(None, description="Run id recorded in the manifest. Default: a new one.")
+
+    @field_validator("predictions")
+    @classmethod
+    def _some(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one --predictions manifest")
+        if len(set(value)) != len(value):
+            raise ValueError("the same predictions manifest is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.labels is not None:
+            if len(self.labels) != len(self.predictions):
+                raise ValueError(f"labels has {len(self.labels)} entries for {len(self.predictions)} predictions "
+                                 "sets; give one label per --predictions, in the same order")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"labels must be unique, got {self.labels}")
+        if self.fail_if_worse is not None:
+            known = self.metric_names()
+            if self.fail_if_worse not in known:
+                raise ValueError(f"fail_if_worse={self.fail_if_worse!r} is not a metric this config computes; "
+                                 f"choose one of {', '.join(known)}")
+            if len(self.predictions) < 2:
+                raise ValueError("fail_if_worse needs a baseline and at least one candidate: give two or more "
+                                 "--predictions")
+        return self
+
+    def metric_names(self) -> list[str]:
+        return metrics.computed(self.checks)
+
+
+def run(config: Config) -> mf.Loaded:
+    t0 = time.monotonic()
+    loaded = [mf.load(uri, verify="size", expect_stage="infer") for uri in config.predictions]
+    inputs = [lo.ref(role="baseline" if i == 0 else f"candidate{i}") for i, lo in enumerate(loaded)]
+    recorded = {k: v for k, v in dump(config).items() if k != "fail_if_worse"}
+    done = mf.check_output(config.output, stage=STAGE, config=recorded, inputs=inputs)
+    if done is not None:
+        LOG.info("already done: %s", done.uri)
+        comparison.gate(done.manifest.metrics, config.fail_if_worse, done.uri)
+        return done
+
+    labels = list(config.labels) if config.labels else unique(
+        [default_label(lo, i) for i, lo in enumerate(loaded)])
+    validator = metrics.load_schema(config.checks.json_schema) if config.checks.json_schema is not None else None
+    sets = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, lo in enumerate(loaded):
+            folder = Path(tmp) / str(i)
+            folder.mkdir()
+            rows = read_predictions(lo, folder)
+            scores = metrics.score_rows(rows, config.checks, validator)
+            sets.append({"label": labels[i], "loaded": lo, "rows": {r["id"]: r for r in rows},
+                         "scores": {s["id"]: s for s in scores}})
+    t_score = time.monotonic()
+
+    names = config.metric_names()
+    summary = comparison.summarize(sets, names)
+    notes = comparison.reference_notes(summary)
+    for note in notes:
+        LOG.warning("%s", note)
+    if names == list(metrics.REFERENCE_METRICS) and not any(v["rows"] - v["rows_without_reference"]
+                                                             for v in summary.values()):
+        raise InputError(
+            "nothing to score: " + "; ".join(f"{label}: 0 of {v['rows']} rows have a reference"
+                                             for label, v in summary.items())
+            + "; and no checks are configured. Evaluate predictions made from prompts with references (a "
+              "prepare manifest, or a 'reference' column in the prompts file), or configure checks "
+              "(checks.json_valid, checks.json_schema, checks.regex).")
+    comparisons, differing = comparison.compare(sets, names, config.bootstrap, config.seed)
+    t_compare = time.monotonic()
+
+    run_id = config.run_id or mf.new_run_id()
+    results = {"baseline": sets[0]["label"], "sets": summary, "comparisons": comparisons,
+              **{f"{m}/{label}": by_metric[m] for label, by_metric in summary.items() for m in names}}
+    details = [{"label": s["label"], "manifest": s["loaded"].uri, "model": s["loaded"].manifest.model} for s in sets]
+    examples = comparison.pick_examples(sets, differing, config.examples, names)
+    writer = mf.ArtifactWriter(config.output)
+    chart = report.render_chart(sets, summary, names)
+    writer.add_bytes(chart, "chart.png")
+    writer.add_bytes(json.dumps({"run_id": run_id, "sets": details, "metrics": results}, indent=2,
+                                default=str).encode(), "metrics.json")
+    writer.add_bytes(report.scores_parquet(sets, names), "scores.parquet", rows=sum(len(s["scores"]) for s in sets))
+    writer.add_bytes("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples).encode(),
+                     "differences.jsonl", rows=len(examples))
+    content = {"run_id": run_id, "sets": details, "summary": summary, "comparisons": comparisons, "names": names,
+               "examples": examples, "differing": len(differing), "checks": config.checks, "notes": notes}
+    writer.add_bytes(report.render_markdown(content).encode(), "report.md")
+    writer.add_bytes(report.render_html(content, chart).encode(), "report.html")
+    t_write = time.monotonic()
+
+    last_model = loaded[-1].manifest.model
+    manifest = mf.build(
+        stage=STAGE, run_id=run_id, config=recorded, inputs=inputs, artifacts=writer.artifacts,
+        stats={"sets": len(sets), "differing_examples": len(differing),
+               "rows": {s["label"]: len(s["rows"]) for s in sets}},
+        metrics=results,
+        timings={"read_and_score_s": t_score - t0, "compare_s": t_compare - t_score, "write_s": t_write - t_compare},
+        model={"labels": [s["label"] for s in sets], "sets": details,
+               **{k: last_model[k] for k in ("base_model", "template_hash") if k in last_model}},
+    )
+    uri = mf.publish(config.output, manifest)
+    LOG.info("report: %s", storage.join(config.output, "report.html"))
+    result = mf.load(uri, verify="none")
+    comparison.gate(results, config.fail_if_worse, uri)
+    return result
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_predictions(loaded: mf.Loaded, tmp: Path) -> list[dict[str, Any]]:
+    """All rows of an infer manifest's prediction shards, checksum-verified."""
+    import pyarrow.parquet as pq
+
+    shards = sorted(loaded.manifest.artifacts_named("predictions/part-"), key=lambda a: a.name)
+    if not shards:
+        raise InputError(f"{loaded.uri} lists no predictions/part-NNNNN artifacts: is it an infer manifest "
+                         "that finished with rows?")
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for i, art in enumerate(shards):
+        local = mf.fetch_artifact(loaded, art, tmp / f"{i:05d}.parquet")
+        try:
+            table = pq.read_table(local)
+        except Exception as exc:
+            raise InputError(f"{loaded.resolve(art)} is not readable Parquet: {exc}") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise InputError(f"{loaded.resolve(art)} has no column(s) {', '.join(missing)} (has: "
+                             f"{', '.join(table.column_names)}); evaluate needs {', '.join(REQUIRED_COLUMNS)}. "
+                             "Re-run infer with this version of ftjobs.")
+        for n, row in enumerate(table.to_pylist()):
+            if row["id"] is None or not isinstance(row["id"], str):
+                raise InputError(f"{loaded.resolve(art)} row {n}: id is {row['id']!r}; every prediction needs a "
+                                 "string id")
+            # With sampling.n > 1 infer writes one row per sample: each (id, sample) is its own example.
+            rid = row["id"] if not row.get("sample") else f"{row['id']}#{row['sample']}"
+            row["id"] = rid
+            if rid in seen:
+                raise InputError(f"{loaded.resolve(art)} row {n}: id {rid!r} already appeared in {seen[rid]}; "
+                                 "each example must be predicted once (were shards from two runs mixed?)")
+            seen[rid] = loaded.resolve(art)
+            rows.append(row)
+    return rows
+
+
+def default_label(loaded: mf.Loaded, index: int) -> str:
+    info = loaded.manifest.model
+    if info.get("label"):
+        return str(info["label"])
+    model = str(info.get("model") or info.get("base_model") or info.get("source") or f"set{index}")
+    if model.rstrip("/").endswith(".json"):
+        # A merged model is named by its merge manifest, whose file name says nothing; the folder
+        # infer wrote to (e.g. infer-finetuned) is what the user chose to call this set.
+        return storage.parent(storage.normalize(loaded.uri)).rstrip("/").split("/")[-1] or f"set{index}"
+    name = model.rstrip("/").split("/")[-1] or model
+    return f"{name}+adapter" if info.get("adapter") else name
+
+
+def unique(labels: list[str]) -> list[str]:
+    out: list[str] = []
+    for label in labels:
+        candidate, n = label, 2
+        while candidate in out:
+            candidate, n = f"{label}#{n}", n + 1
+        out.append(candidate)
+    return out
+
+
+# --------------------------------------------------------------------------- command
+
+
+@click.command("evaluate")
+@click.option("--predictions", "predictions", multiple=True, metavar="INFER_MANIFEST",
+              help="Infer manifest URI or prefix. Repeatable; the first is the baseline.")
+@click.option("--output", metavar="URI", help="Output prefix for the report and manifest.")
+@click.option("--label", "labels", multiple=True, metavar="NAME", help="Display label per --predictions, in order.")
+@click.option("--fail-if-worse", "fail_if_worse", metavar="METRIC",
+              help="Exit 4 (after publishing) when a candidate does not beat the baseline on METRIC, "
+                   "e.g. exact_match.")
+@config_options(example="bootstrap=0")
+def command(predictions: tuple[str, ...], output: str | None, labels: tuple[str, ...], fail_if_worse: str | None,
+            config_file: str | None, sets: tuple[str, ...]) -> None:
+    """Score predictions, compare baseline vs candidates, write a Markdown + HTML report.
+
+    Exit 4 means the --fail-if-worse gate failed (the report is still published).
+    """
+    execute(sys.modules[__name__], config_file, sets,
+            {"predictions": predictions, "output": output, "labels": labels, "fail_if_worse": fail_if_worse})
