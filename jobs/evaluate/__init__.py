@@ -50,7 +50,7 @@ import click
 from pydantic import Field, field_validator, model_validator
 
 from common import manifest as mf
-from common import storage
+from common import stage, storage
 from common.config import JobConfig, dump
 from common.errors import InputError
 from common.runner import config_options, execute
@@ -114,16 +114,21 @@ class Config(JobConfig):
 
 
 def run(config: Config) -> mf.Loaded:
-    t0 = time.monotonic()
     loaded = [mf.load(uri, verify="size", expect_stage="infer") for uri in config.predictions]
     inputs = [lo.ref(role="baseline" if i == 0 else f"candidate{i}") for i, lo in enumerate(loaded)]
+    # The gate is not part of the run's identity: a finished evaluation can be judged again with another metric.
     recorded = {k: v for k, v in dump(config).items() if k != "fail_if_worse"}
-    done = mf.check_output(config.output, stage=STAGE, config=recorded, inputs=inputs)
-    if done is not None:
-        LOG.info("already done: %s", done.uri)
-        comparison.gate(done.manifest.metrics, config.fail_if_worse, done.uri)
-        return done
+    result = stage.run(stage.Identity(STAGE, config.output, recorded, inputs),
+                       lambda attempt: evaluate(config, loaded, attempt))
+    assert isinstance(result, mf.Loaded)
+    LOG.info("report: %s", result.resolve(result.manifest.artifact("report.html")))
+    comparison.gate(result.manifest.metrics, config.fail_if_worse, result.uri)
+    return result
 
+
+def evaluate(config: Config, loaded: list[mf.Loaded], attempt: stage.Attempt) -> stage.Outcome:
+    """Score every set, compare each candidate with the baseline, write the report."""
+    t0 = time.monotonic()
     labels = list(config.labels) if config.labels else unique(
         [default_label(lo, i) for i, lo in enumerate(loaded)])
     validator = metrics.load_schema(config.checks.json_schema) if config.checks.json_schema is not None else None
@@ -159,7 +164,7 @@ def run(config: Config) -> mf.Loaded:
               **{f"{m}/{label}": by_metric[m] for label, by_metric in summary.items() for m in names}}
     details = [{"label": s["label"], "manifest": s["loaded"].uri, "model": s["loaded"].manifest.model} for s in sets]
     examples = comparison.pick_examples(sets, differing, config.examples, names)
-    writer = mf.ArtifactWriter(config.output)
+    writer = attempt.writer
     chart = report.render_chart(sets, summary, names)
     writer.add_bytes(chart, "chart.png")
     writer.add_bytes(json.dumps({"run_id": run_id, "sets": details, "metrics": results}, indent=2,
@@ -174,20 +179,13 @@ def run(config: Config) -> mf.Loaded:
     t_write = time.monotonic()
 
     last_model = loaded[-1].manifest.model
-    manifest = mf.build(
-        stage=STAGE, run_id=run_id, config=recorded, inputs=inputs, artifacts=writer.artifacts,
+    return stage.Outcome(
+        run_id=run_id, metrics=results,
         stats={"sets": len(sets), "differing_examples": len(differing),
                "rows": {s["label"]: len(s["rows"]) for s in sets}},
-        metrics=results,
         timings={"read_and_score_s": t_score - t0, "compare_s": t_compare - t_score, "write_s": t_write - t_compare},
         model={"labels": [s["label"] for s in sets], "sets": details,
-               **{k: last_model[k] for k in ("base_model", "template_hash") if k in last_model}},
-    )
-    uri = mf.publish(config.output, manifest)
-    LOG.info("report: %s", storage.join(config.output, "report.html"))
-    result = mf.load(uri, verify="none")
-    comparison.gate(results, config.fail_if_worse, uri)
-    return result
+               **{k: last_model[k] for k in ("base_model", "template_hash") if k in last_model}})
 
 
 # --------------------------------------------------------------------------- reading
