@@ -14,6 +14,22 @@ Rows (one Parquet table per split, zstd, written in shards):
 | num_tokens      | int32        (with a tokenizer)    |                                            |
 | num_trainable   | int32        (with a tokenizer)    |                                            |
 
+Predictions (what infer writes, one Parquet part per shard, and evaluate reads): `PREDICTIONS`.
+
+| column            | type                        | notes                                              |
+|-------------------|-----------------------------|----------------------------------------------------|
+| id                | string                      | the prompt row's id                                |
+| sample            | int32                       | 0..n-1 with sampling.n > 1                          |
+| prompt            | list<struct<role, content>> | the conversation the model continued               |
+| completion        | string                      | the generated text (empty on an error row)         |
+| reference         | string (nullable)           | the held-out answer, when the prompts had one      |
+| finish_reason     | string                      | stop, length, or error                             |
+| prompt_tokens     | int32                       |                                                    |
+| completion_tokens | int32                       |                                                    |
+| model, adapter    | string (adapter nullable)   | what answered                                      |
+| sampling          | string                      | the sampling settings, JSON                        |
+| error             | string (nullable)           | why this row has no completion                     |
+
 A prepare manifest lists its shards as artifacts named `<split>/part-NNNNN`
 (path `data/<split>/part-NNNNN.parquet`) and records, when tokenized,
 `model.tokenizer` (see `common.chat.tokenizer_identity`), `model.template_hash`
@@ -44,6 +60,23 @@ TOKEN_FIELDS = [
     pa.field("num_trainable", pa.int32()),
 ]
 SPLITS = ("train", "eval")
+
+PREDICTIONS = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("sample", pa.int32(), nullable=False),
+    pa.field("prompt", pa.list_(MESSAGE), nullable=False),
+    pa.field("completion", pa.string(), nullable=False),
+    pa.field("reference", pa.string()),
+    pa.field("finish_reason", pa.string(), nullable=False),
+    pa.field("prompt_tokens", pa.int32(), nullable=False),
+    pa.field("completion_tokens", pa.int32(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("adapter", pa.string()),
+    pa.field("sampling", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+])
+# What scoring a predictions set needs; the other columns are for people reading the predictions.
+SCORED_COLUMNS = ("id", "completion", "reference")
 
 
 def schema(tokenized: bool) -> pa.Schema:

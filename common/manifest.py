@@ -115,6 +115,91 @@ class Loaded:
         return InputRef(uri=self.uri, sha256=self.sha256, stage=self.manifest.stage, role=role)
 
 
+# --------------------------------------------------------------------------- model blocks, typed per stage
+# A manifest's `model` section says which model (and template) its outputs belong to. The stage that writes
+# it builds one of these, and a stage that reads it parses it through the same class, so a key written
+# under one name and read under another fails in a test, not in a user's run. Unknown keys are kept.
+
+
+class ModelBlock(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    template_hash: str | None = Field(None, description="sha256 of the chat template the outputs were made with.")
+    chat_template: str | None = Field(None, description="The chat template text.")
+    tokenizer: dict[str, Any] | None = Field(None, description="common.chat.tokenizer_identity of the tokenizer.")
+
+
+class PrepareModel(ModelBlock):
+    """prepare, when it tokenized: the tokenizer and template the token ids and labels were made with."""
+
+    tokenizer_source: str | None = None
+    tokenizer_revision: str | None = None
+    train_on: str | None = None
+    max_length: int | None = None
+
+
+class LoraBlock(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] = Field(default_factory=list)
+
+
+class TrainModel(ModelBlock):
+    """train: the adapter's base model and how it was trained on it."""
+
+    base_model: str
+    base_revision: str | None = None
+    template_hash: str
+    quantization: dict[str, Any] = Field(default_factory=dict)
+    lora: LoraBlock
+
+
+class MergeModel(ModelBlock):
+    """merge: the merged model's origin (base, adapter) and how it was merged."""
+
+    base_model: str
+    base_revision: str | None = None
+    base_source: str | None = None
+    adapter_sha256: str | None = None
+    dtype: str | None = None
+    base_weights: str | None = None
+    mode: str | None = None
+    template_hash: str
+    quantization: dict[str, Any] = Field(default_factory=dict)
+    lora: LoraBlock | None = None
+
+
+class InferModel(ModelBlock):
+    """infer: what answered the prompts (the model source or merge manifest, an adapter, the engine)."""
+
+    model: str
+    adapter: str | None = None
+    base_model: str | None = None
+    revision: str | None = None
+    engine: str | None = None
+    label: str | None = None
+
+
+MODEL_BLOCKS: dict[str, type[ModelBlock]] = {"prepare": PrepareModel, "train": TrainModel, "merge": MergeModel,
+                                             "infer": InferModel}
+
+
+def model_block(loaded: Loaded) -> Any:
+    """The manifest's model section, parsed by its stage's class; a section that does not fit is exit 3."""
+    cls = MODEL_BLOCKS.get(loaded.manifest.stage, ModelBlock)
+    try:
+        return cls.model_validate(loaded.manifest.model)
+    except Exception as exc:  # pydantic's ValidationError, named for the file it came from
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in getattr(exc, "errors", lambda: [])()) or str(exc)
+        raise InputError(f"{loaded.uri}: its model section is not what `{PRODUCER.get(loaded.manifest.stage)}` "
+                         f"writes ({problems}). Re-run that stage with this ftjobs.") from None
+
+
 # --------------------------------------------------------------------------- helpers
 
 

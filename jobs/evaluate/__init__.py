@@ -49,8 +49,8 @@ from typing import Any
 import click
 from pydantic import Field, field_validator, model_validator
 
+from common import data, stage, storage
 from common import manifest as mf
-from common import stage, storage
 from common.config import JobConfig, dump
 from common.errors import InputError
 from common.runner import config_options, execute
@@ -59,7 +59,6 @@ from jobs.evaluate.metrics import Checks
 
 STAGE = "evaluate"
 LOG = logging.getLogger(__name__)
-REQUIRED_COLUMNS = ("id", "completion", "reference")
 
 
 class Config(JobConfig):
@@ -178,14 +177,14 @@ def evaluate(config: Config, loaded: list[mf.Loaded], attempt: stage.Attempt) ->
     writer.add_bytes(report.render_html(content, chart).encode(), "report.html")
     t_write = time.monotonic()
 
-    last_model = loaded[-1].manifest.model
+    last_model = mf.model_block(loaded[-1])
     return stage.Outcome(
         run_id=run_id, metrics=results,
         stats={"sets": len(sets), "differing_examples": len(differing),
                "rows": {s["label"]: len(s["rows"]) for s in sets}},
         timings={"read_and_score_s": t_score - t0, "compare_s": t_compare - t_score, "write_s": t_write - t_compare},
         model={"labels": [s["label"] for s in sets], "sets": details,
-               **{k: last_model[k] for k in ("base_model", "template_hash") if k in last_model}})
+               "base_model": last_model.base_model, "template_hash": last_model.template_hash})
 
 
 # --------------------------------------------------------------------------- reading
@@ -207,10 +206,10 @@ def read_predictions(loaded: mf.Loaded, tmp: Path) -> list[dict[str, Any]]:
             table = pq.read_table(local)
         except Exception as exc:
             raise InputError(f"{loaded.resolve(art)} is not readable Parquet: {exc}") from None
-        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        missing = [c for c in data.SCORED_COLUMNS if c not in table.column_names]
         if missing:
             raise InputError(f"{loaded.resolve(art)} has no column(s) {', '.join(missing)} (has: "
-                             f"{', '.join(table.column_names)}); evaluate needs {', '.join(REQUIRED_COLUMNS)}. "
+                             f"{', '.join(table.column_names)}); evaluate needs {', '.join(data.SCORED_COLUMNS)}. "
                              "Re-run infer with this version of ftjobs.")
         for n, row in enumerate(table.to_pylist()):
             if row["id"] is None or not isinstance(row["id"], str):
@@ -228,16 +227,16 @@ def read_predictions(loaded: mf.Loaded, tmp: Path) -> list[dict[str, Any]]:
 
 
 def default_label(loaded: mf.Loaded, index: int) -> str:
-    info = loaded.manifest.model
-    if info.get("label"):
-        return str(info["label"])
-    model = str(info.get("model") or info.get("base_model") or info.get("source") or f"set{index}")
+    info: mf.InferModel = mf.model_block(loaded)
+    if info.label:
+        return info.label
+    model = info.model or info.base_model or f"set{index}"
     if model.rstrip("/").endswith(".json"):
         # A merged model is named by its merge manifest, whose file name says nothing; the folder
         # infer wrote to (e.g. infer-finetuned) is what the user chose to call this set.
         return storage.parent(storage.normalize(loaded.uri)).rstrip("/").split("/")[-1] or f"set{index}"
     name = model.rstrip("/").split("/")[-1] or model
-    return f"{name}+adapter" if info.get("adapter") else name
+    return f"{name}+adapter" if info.adapter else name
 
 
 def unique(labels: list[str]) -> list[str]:

@@ -47,7 +47,7 @@ from typing import Any, Literal
 import click
 from pydantic import Field, model_validator
 
-from common import chat, models, stage, storage
+from common import chat, data, models, stage, storage
 from common import config as cfg
 from common import manifest as mf
 from common.config import JobConfig, dump
@@ -322,25 +322,11 @@ def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dic
     close()
 
 
-PREDICTION_COLUMNS = ("id", "sample", "prompt", "completion", "reference", "finish_reason", "prompt_tokens",
-                      "completion_tokens", "model", "adapter", "sampling", "error")
-
-
-def predictions_schema() -> Any:
-    import pyarrow as pa
-
-    message = pa.struct([("role", pa.string()), ("content", pa.string())])
-    types = {"sample": pa.int32(), "prompt": pa.list_(message), "prompt_tokens": pa.int32(),
-             "completion_tokens": pa.int32()}
-    nullable = {"reference", "adapter", "error"}
-    return pa.schema([pa.field(c, types.get(c, pa.string()), nullable=c in nullable) for c in PREDICTION_COLUMNS])
-
-
 def predictions_parquet(rows: list[dict[str, Any]], meta: dict[str, Any]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = predictions_schema().with_metadata({"ftjobs": json.dumps(meta)})
+    schema = data.PREDICTIONS.with_metadata({"ftjobs": json.dumps(meta)})
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
     return buf.getvalue()
@@ -404,7 +390,7 @@ def finalize(config: Config, attempt: stage.Attempt, plan: dict[str, Any], *, wa
                 raise ChecksumError(f"shard {i} {c['path']} changed after its shard finished (sha256 differs "
                                     f"from {uri}); delete {storage.parent(uri)} and re-run shard {i}")
             tables.append(pq.read_table(io.BytesIO(data)).replace_schema_metadata(None))
-        table = pa.concat_tables(tables) if tables else predictions_schema().empty_table()
+        table = pa.concat_tables(tables) if tables else data.PREDICTIONS.empty_table()
         for row_id, sample in zip(table.column("id").to_pylist(), table.column("sample").to_pylist(), strict=True):
             if (row_id, sample) in keys:
                 raise FtjobsError(f"prediction for id {row_id!r} (sample {sample}) appears twice; delete {out} "

@@ -80,44 +80,43 @@ def prepare_model(config: Config, model_in: mf.Loaded | None, adapter_in: mf.Loa
             raise ConfigError(f"--adapter needs a base model source, but --model {config.model} is a merge "
                               "manifest that already has an adapter merged in: drop one of them")
         path = download_named(model_in, "model/", cache / "models" / f"merge-{model_in.sha256[:16]}")
-        recorded = model_in.manifest.model
-        identity = {"model": model_in.uri, "adapter": None, "base_model": recorded.get("base_model")}
+        recorded: mf.ModelBlock = mf.model_block(model_in)
+        identity = {"model": model_in.uri, "adapter": None, "base_model": getattr(recorded, "base_model", None)}
     else:
         ref = models.resolve(config.model, cache_dir=cache / "models")
         path = ref.path
-        recorded = {}
+        recorded = mf.ModelBlock()
         identity = {"model": config.model, "adapter": None, "base_model": config.model,
                     "revision": ref.revision}
         if adapter_in is not None:
-            recorded = adapter_in.manifest.model
+            recorded = mf.model_block(adapter_in)
             check_adapter(config, adapter_in, ref)
             adapter_dir = download_named(adapter_in, "adapter/", cache / "adapters" / f"{adapter_in.sha256[:16]}")
             identity["adapter"] = adapter_in.uri
     models.check_trust_remote_code(path, config.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
-    want_tok = recorded.get("tokenizer") or {}
+    want_tok = recorded.tokenizer or {}
     if want_tok.get("vocab_sha256") and want_tok["vocab_sha256"] != chat.tokenizer_identity(tokenizer)["vocab_sha256"]:
         raise ConfigError(f"The tokenizer recorded upstream ({want_tok.get('vocab_size')} tokens) differs from "
                           f"the one in {path}: the adapter added tokens. Run `ftjobs merge` and infer the merged "
                           "model instead.")
-    template = config.chat_template or recorded.get("chat_template")
+    template = config.chat_template or recorded.chat_template
     fmt = chat.chat_format(tokenizer, template)
     identity |= {"template_hash": fmt.hash, "chat_template": fmt.template, "engine": config.engine}
     return {"path": path, "adapter_dir": adapter_dir, "tokenizer": tokenizer, "fmt": fmt, "recorded": recorded,
-            "identity": identity}
+            "identity": mf.InferModel.model_validate(identity).model_dump(mode="json", exclude_unset=True)}
 
 
 def check_adapter(config: Config, adapter_in: mf.Loaded, base: models.ModelRef) -> None:
-    info = adapter_in.manifest.model
-    lora = info.get("lora") or {}
-    if lora.get("modules_to_save") and config.engine == "vllm":
+    info: mf.TrainModel = mf.model_block(adapter_in)
+    if info.lora.modules_to_save and config.engine == "vllm":
         raise ConfigError(f"The adapter in {adapter_in.uri} trains whole modules too (modules_to_save: "
-                          f"{lora['modules_to_save']}); vLLM serves only LoRA matrices. Run `ftjobs merge "
+                          f"{info.lora.modules_to_save}); vLLM serves only LoRA matrices. Run `ftjobs merge "
                           f"--input {adapter_in.uri} --output <prefix>` and pass the merge manifest "
                           "(<prefix>/manifest.json) as --model (or use --engine transformers).")
-    want = info.get("base_revision")
+    want = info.base_revision
     if want and base.revision and want != base.revision and not config.force_base:
-        raise ConfigError(f"The adapter was trained on {info.get('base_model')} (revision {want}), but --model "
+        raise ConfigError(f"The adapter was trained on {info.base_model} (revision {want}), but --model "
                           f"{config.model} is revision {base.revision}. Pass the base it was trained on, or set "
                           "force_base: true.")
 
@@ -126,9 +125,9 @@ def template_check(config: Config, model: dict[str, Any], prompts_in: mf.Loaded 
     """Refuse a template that differs from what the model or the prompts recorded upstream."""
     used = model["fmt"].hash
     recorded = [(f"the model ({model['identity']['adapter'] or model['identity']['model']})",
-                 model["recorded"].get("template_hash"))]
+                 model["recorded"].template_hash)]
     if isinstance(prompts_in, mf.Loaded):
-        recorded.append((f"the prompts ({prompts_in.uri})", prompts_in.manifest.model.get("template_hash")))
+        recorded.append((f"the prompts ({prompts_in.uri})", mf.model_block(prompts_in).template_hash))
     for who, want in recorded:
         if want and want != used:
             if config.force_template:

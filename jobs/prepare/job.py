@@ -332,9 +332,9 @@ def _tokenizer(config: Config) -> tuple[Any, dict[str, Any]]:
                                  else os.cpu_count())
     encoder = Encoder(tok, str(ref.path), fmt, max_length=config.max_length, train_on=config.train_on,
                       workers=int(workers or 1))
-    info = {"tokenizer": chat.tokenizer_identity(tok), "tokenizer_source": config.tokenizer,
-            "tokenizer_revision": ref.revision, "template_hash": fmt.hash, "chat_template": fmt.template,
-            "train_on": config.train_on, "max_length": config.max_length}
+    info = mf.PrepareModel(tokenizer=chat.tokenizer_identity(tok), tokenizer_source=config.tokenizer,
+                           tokenizer_revision=ref.revision, template_hash=fmt.hash, chat_template=fmt.template,
+                           train_on=config.train_on, max_length=config.max_length).model_dump(mode="json")
     LOG.info("tokenizing with %s (template sha256 %s, train_on=%s, max_length=%s)", config.tokenizer,
              fmt.hash[:12], config.train_on, config.max_length)
     return encoder, info

@@ -182,3 +182,16 @@ def test_a_prefix_and_its_manifest_and_a_trailing_slash_are_one_spelling(store_r
         mf.check_output(storage.join(store_root, "train"), stage="train", inputs=[],
                         config={"input": storage.join(store_root, "prepare2"),
                                 "output": storage.join(store_root, "train")})
+
+
+def test_a_model_section_that_does_not_fit_its_stage_is_bad_input_naming_the_manifest(tmp_path: Path) -> None:
+    uri = mf.publish(str(tmp_path / "train"), mf.build(stage="train", run_id="r", config={}, inputs=[],
+                                                       artifacts=[], model={"base_model": "m", "lora": {"r": 8}}))
+    with pytest.raises(InputError, match=r"train/manifest.json: its model section is not what `ftjobs train` "
+                                         r"writes \(template_hash: Field required; lora.alpha: Field required\)"):
+        mf.model_block(mf.load(uri))
+    good = mf.publish(str(tmp_path / "merge"), mf.build(stage="merge", run_id="r", config={}, inputs=[],
+                                                        artifacts=[], model={"base_model": "m", "template_hash": "h",
+                                                                             "something_new": 1}))
+    block = mf.model_block(mf.load(good))
+    assert isinstance(block, mf.MergeModel) and block.base_model == "m" and block.model_extra == {"something_new": 1}

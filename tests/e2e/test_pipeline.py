@@ -63,6 +63,9 @@ def test_pipeline_on_s3_with_the_tiny_model(s3_root: str, tiny_model: Path, tmp_
     assert record["steps"]["evaluate"]["exit_code"] == 4 and record["steps"]["evaluate"]["manifest"] == uri
     for step in STEPS:
         assert storage.exists(mf.manifest_uri(f"{prefix}/{step}")), step
+        # what each stage wrote in its model section is what the stages downstream parse it as
+        block = mf.model_block(mf.load(f"{prefix}/{step}", verify="none"))
+        assert block.template_hash, step
 
     tree = lin.lineage(uri, verify="full")
     assert lin.all_ok(tree), lin.render_tree(tree)

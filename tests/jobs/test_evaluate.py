@@ -20,8 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 from common import config as cfg
+from common import data, storage
 from common import manifest as mf
-from common import storage
 from common.errors import EXIT_GATE, ConfigError
 from jobs import evaluate
 from jobs.cli import main
@@ -30,12 +30,7 @@ from jobs.evaluate import metrics
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-SCHEMA = pa.schema([
-    ("id", pa.string()), ("prompt", pa.list_(MESSAGE)), ("completion", pa.string()), ("reference", pa.string()),
-    ("finish_reason", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
-    ("model", pa.string()), ("adapter", pa.string()),
-])
+SCHEMA = data.PREDICTIONS  # what infer writes
 REFERENCES = {f"r{i}": json.dumps({"name": n, "age": 20 + i}) for i, n in enumerate(["Ada", "Bo", "Cy", "Di"])}
 
 
@@ -46,7 +41,8 @@ def publish_predictions(prefix: str, completions: dict[str, str | None], *, labe
     ids = list(completions)
     rows = [{"id": rid, "prompt": [{"role": "user", "content": f"Extract the record: {REFERENCES.get(rid)}"}],
              "completion": completions[rid], "reference": REFERENCES.get(rid), "finish_reason": "stop",
-             "prompt_tokens": 12, "completion_tokens": 9, "model": "tiny", "adapter": adapter} for rid in ids]
+             "prompt_tokens": 12, "completion_tokens": 9, "model": "tiny", "adapter": adapter, "sample": 0,
+             "sampling": "{}", "error": None} for rid in ids]
     writer = mf.ArtifactWriter(prefix)
     per = max(1, -(-len(rows) // shards))
     parts = [table] if table is not None else [pa.Table.from_pylist(rows[start:start + per], schema=SCHEMA)

@@ -146,7 +146,8 @@ def test_modules_to_save_on_vllm_suggests_a_merge_command_that_parses(tmp_path: 
 
     train = mf.publish(str(tmp_path / "train"), mf.build(
         stage="train", run_id="r", config={}, inputs=[], artifacts=[],
-        model={"lora": {"r": 8, "modules_to_save": ["lm_head"]}}))
+        model={"base_model": "m", "template_hash": "t" * 64,
+               "lora": {"r": 8, "alpha": 16, "modules_to_save": ["lm_head"]}}))
     conf = load_config(infer.Config, flags=REQUIRED | {"adapter": train, "engine": "vllm"})
     with pytest.raises(ConfigError, match=r"modules_to_save: \['lm_head'\]") as err:
         inputs.check_adapter(conf, mf.load(train), models.ModelRef(source="m", path=tmp_path, revision=None))
