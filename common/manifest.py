@@ -82,6 +82,8 @@ class Manifest(_Frozen):
     timings: dict[str, float] = Field(default_factory=dict)
     # For model-producing stages and everything downstream of them.
     model: dict[str, Any] = Field(default_factory=dict, description="Base model, revision, template hash ...")
+    attempt: str | None = Field(default=None, description="The attempt whose files this manifest names "
+                                                           "(they live under attempts/<attempt>/).")
 
     def artifact(self, name: str) -> Artifact:
         for a in self.artifacts:
@@ -110,6 +112,10 @@ class Loaded:
     def resolve(self, artifact: Artifact) -> str:
         """The artifact's location, resolved relative to where the manifest was read."""
         return storage.join(self.prefix, artifact.path)
+
+    def artifact_uri(self, name: str) -> str:
+        """Where the artifact of that name is (raises InputError naming the manifest when it has none)."""
+        return self.resolve(self.manifest.artifact(name))
 
     def ref(self, role: str = "input") -> InputRef:
         return InputRef(uri=self.uri, sha256=self.sha256, stage=self.manifest.stage, role=role)
@@ -261,36 +267,46 @@ def as_manifest_uri(uri: str) -> str:
 
 @dataclass
 class ArtifactWriter:
-    """Collects artifacts as a stage writes them under its output prefix."""
+    """Collects artifacts as a stage writes them under its output prefix.
+
+    With `base` (an attempt's folder, `attempts/<id>`), files go under `<prefix>/<base>/` and their
+    recorded paths start with it: readers resolve them from the manifest, wherever they are.
+    """
 
     prefix: str
+    base: str = ""
     artifacts: list[Artifact] = field(default_factory=list)
 
+    def rel(self, path: str) -> str:
+        """The path as the manifest records it, relative to the prefix."""
+        return f"{self.base}/{path.strip('/')}" if self.base else path.strip("/")
+
     def uri(self, path: str) -> str:
-        return storage.join(self.prefix, path)
+        return storage.join(self.prefix, self.rel(path))
 
     def add_file(self, local: str | Path, path: str, name: str | None = None, rows: int | None = None) -> Artifact:
         t = storage.upload_file(local, self.uri(path))
-        return self._record(name or path, path, t.uri, t.sha256, t.size, rows)
+        return self._record(name or path, self.rel(path), t.uri, t.sha256, t.size, rows)
 
     def add_bytes(self, data: bytes, path: str, name: str | None = None, rows: int | None = None) -> Artifact:
         storage.write_bytes(self.uri(path), data)
-        return self._record(name or path, path, self.uri(path), hashlib.sha256(data).hexdigest(), len(data), rows)
+        return self._record(name or path, self.rel(path), self.uri(path), hashlib.sha256(data).hexdigest(),
+                            len(data), rows)
 
     def add_dir(self, local_dir: str | Path, path: str, name_prefix: str | None = None) -> list[Artifact]:
         out = []
         for t in storage.upload_dir(local_dir, self.uri(path)):
             rel = f"{path.strip('/')}/{t.rel}"
             name = f"{name_prefix}{t.rel}" if name_prefix is not None else rel
-            out.append(self._record(name, rel, t.uri, t.sha256, t.size, None))
+            out.append(self._record(name, self.rel(rel), t.uri, t.sha256, t.size, None))
         return out
 
     def add_existing(self, path: str, name: str | None = None, rows: int | None = None,
                      sha256: str | None = None) -> Artifact:
-        """Record an object already written under the prefix (hashing it unless given)."""
+        """Record an object already written under the writer's folder (hashing it unless given)."""
         uri = self.uri(path)
         digest = sha256 or storage.sha256_uri(uri)
-        return self._record(name or path, path, uri, digest, storage.size(uri), rows)
+        return self._record(name or path, self.rel(path), uri, digest, storage.size(uri), rows)
 
     def _record(self, name: str, path: str, uri: str, sha: str, size: int, rows: int | None) -> Artifact:
         art = Artifact(name=name, path=path, uri=uri, sha256=sha, bytes=size, rows=rows)
@@ -312,6 +328,7 @@ def build(
     metrics: dict[str, Any] | None = None,
     timings: dict[str, float] | None = None,
     model: dict[str, Any] | None = None,
+    attempt: str | None = None,
 ) -> Manifest:
     return Manifest(
         stage=stage,
@@ -326,6 +343,7 @@ def build(
         metrics=metrics or {},
         timings={k: round(v, 4) for k, v in (timings or {}).items()},
         model=model or {},
+        attempt=attempt,
     )
 
 

@@ -6,10 +6,12 @@ read) and its work. The work writes its files through the attempt's `writer` and
 
 1. the "already done" rule: a finished run of the same stage, config and inputs at the output is returned
    as it is (exit 0); a different finished run there is refused (exit 2), before any work;
-2. the manifest: built from the outcome and the artifacts the writer recorded, published create-only
+2. the attempt (`common.attempts`): a folder `attempts/<id>/` of its own for the writer, a heartbeat while
+   it works, and removing what earlier attempts left that nothing needs;
+3. the manifest: built from the outcome and the artifacts the writer recorded, published create-only
    (`If-None-Match: *`). When another attempt of the same run published first, its manifest stands and is
-   returned (this attempt's files stay unreferenced); another run's manifest there is refused;
-3. the result: the published manifest, or `Pending` when this attempt did its part and another publishes
+   returned (this attempt's files stay unreferenced, for gc); another run's manifest there is refused;
+4. the result: the published manifest, or `Pending` when this attempt did its part and another publishes
    (an infer shard that is not the last to finish, a training rank other than 0).
 
 Exit codes are not decided here: exceptions travel to the one mapping in `common.runner`.
@@ -18,15 +20,18 @@ Exit codes are not decided here: exceptions travel to the one mapping in `common
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common import attempts, storage
 from common import manifest as mf
 from common.errors import AlreadyExistsError, OutputTakenError
 
 LOG = logging.getLogger(__name__)
+HOLD_ENV = "FTJOBS_ATTEMPT_HOLD_S"
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,12 @@ class Identity:
 
 @dataclass
 class Attempt:
-    """One attempt at a stage's work: where its files go, and when it started."""
+    """One attempt at a stage's work: its id, where its files go, and when it started."""
 
     identity: Identity
+    id: str
     writer: mf.ArtifactWriter
+    heartbeat: attempts.Heartbeat
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -94,16 +101,38 @@ def already_done(identity: Identity) -> mf.Loaded | None:
     return done
 
 
-def run(identity: Identity, work: Work) -> Result:
-    """Already done? Else do the work and publish its manifest last, create-only."""
+def run(identity: Identity, work: Work, *, record: dict[str, Any] | None = None) -> Result:
+    """Already done? Else do the work in an attempt of its own and publish its manifest last, create-only.
+
+    `record` adds to what the attempt's heartbeat says about it (infer: which shard it works on).
+    """
     done = already_done(identity)
     if done is not None:
+        attempts.tidy(identity.output)
         return done
-    attempt = Attempt(identity=identity, writer=mf.ArtifactWriter(identity.output))
-    outcome = work(attempt)
-    if not isinstance(outcome, Outcome):  # the work found the run finished, or another attempt publishes
-        return outcome
-    return publish(attempt, outcome)
+    attempt_id = attempts.new_id()
+    attempts.tidy(identity.output, keep_attempt=attempt_id)
+    _hold(identity.output)
+    with attempts.Heartbeat(identity.output, attempt_id, identity.stage, extra=record or {}) as beat:
+        attempt = Attempt(identity=identity, id=attempt_id, heartbeat=beat,
+                          writer=mf.ArtifactWriter(identity.output, base=attempts.path_of(attempt_id)))
+        LOG.info("attempt %s at %s", attempt_id, identity.output, extra={"attempt": attempt_id})
+        outcome = work(attempt)
+        if not isinstance(outcome, Outcome):  # the work found the run finished, or another attempt publishes
+            return outcome
+        return publish(attempt, outcome)
+
+
+def _hold(output: str) -> None:
+    """Test hook: before its work, wait (at most FTJOBS_ATTEMPT_HOLD_S seconds) until another attempt has
+    published at the output, so a test can make this attempt a zombie that writes after the winner."""
+    hold = float(os.environ.get(HOLD_ENV, "0") or 0)
+    if hold <= 0:
+        return
+    LOG.warning("%s=%g: holding this attempt until another one publishes at %s", HOLD_ENV, hold, output)
+    deadline = time.monotonic() + hold
+    while time.monotonic() < deadline and not storage.exists(mf.manifest_uri(output)):
+        time.sleep(0.2)
 
 
 def publish(attempt: Attempt, outcome: Outcome) -> mf.Loaded:
@@ -113,7 +142,7 @@ def publish(attempt: Attempt, outcome: Outcome) -> mf.Loaded:
     timings.setdefault("wall_s", time.monotonic() - attempt.started)
     manifest = mf.build(stage=ident.stage, run_id=outcome.run_id or mf.new_run_id(), config=ident.config,
                         inputs=ident.inputs, artifacts=attempt.writer.artifacts, stats=outcome.stats,
-                        metrics=outcome.metrics, timings=timings, model=outcome.model)
+                        metrics=outcome.metrics, timings=timings, model=outcome.model, attempt=attempt.id)
     try:
         uri = mf.publish(ident.output, manifest)
     except AlreadyExistsError:

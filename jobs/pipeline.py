@@ -248,7 +248,7 @@ def wait(proc: subprocess.Popen[str], received: list[int], grace: float, name: s
 
 def report_uri(loaded: mf.Loaded) -> str:
     """Where the evaluate manifest's report.html is (the manifest says; it may live in an attempt's folder)."""
-    return loaded.resolve(loaded.manifest.artifact("report.html"))
+    return loaded.artifact_uri("report.html")
 
 
 def headline(loaded: mf.Loaded, total: float) -> None:

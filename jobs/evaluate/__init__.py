@@ -120,7 +120,7 @@ def run(config: Config) -> mf.Loaded:
     result = stage.run(stage.Identity(STAGE, config.output, recorded, inputs),
                        lambda attempt: evaluate(config, loaded, attempt))
     assert isinstance(result, mf.Loaded)
-    LOG.info("report: %s", result.resolve(result.manifest.artifact("report.html")))
+    LOG.info("report: %s", result.artifact_uri("report.html"))
     comparison.gate(result.manifest.metrics, config.fail_if_worse, result.uri)
     return result
 

@@ -47,7 +47,7 @@ from typing import Any, Literal
 import click
 from pydantic import Field, model_validator
 
-from common import chat, data, models, stage, storage
+from common import attempts, chat, data, models, stage, storage
 from common import config as cfg
 from common import manifest as mf
 from common.config import JobConfig, dump
@@ -166,7 +166,8 @@ def run(config: Config) -> stage.Result:
     identity = stage.Identity(STAGE, out, identity_config, inputs)
     if config.finalize:
         return stage.run(identity, lambda attempt: finalize(config, attempt, read_plan(out), wait=False))
-    return stage.run(identity, lambda attempt: generate_shard(config, attempt, model_in, adapter_in, prompts_in))
+    return stage.run(identity, lambda attempt: generate_shard(config, attempt, model_in, adapter_in, prompts_in),
+                     record={"shard": shard_index(config)})
 
 
 def generate_shard(config: Config, attempt: stage.Attempt, model_in: Any, adapter_in: mf.Loaded | None,
@@ -182,6 +183,8 @@ def generate_shard(config: Config, attempt: stage.Attempt, model_in: Any, adapte
                     "evaluate should compare), or sampling.seed: N for reproducible samples.", s.temperature)
     shard = shard_index(config)
     marker = storage.join(out, "shards", f"{shard:05d}", "DONE.json")
+    if not storage.exists(marker) and not await_turn(out, shard, attempt.id, marker):
+        LOG.info("shard %d was finished by another attempt while this one waited", shard)
     if storage.exists(marker):
         LOG.info("shard %d is already finished", shard)
         return finalize(config, attempt, read_plan(out), wait=True, marker=marker)
@@ -225,6 +228,35 @@ def finalize_from_plan(out: str) -> stage.Result:
              config.model, config.prompts, plan["num_shards"])
     identity = stage.Identity(STAGE, out, plan["config"], inputs)
     return stage.run(identity, lambda attempt: finalize(config, attempt, plan, wait=False))
+
+
+def await_turn(out: str, shard: int, attempt_id: str, marker: str) -> bool:
+    """Wait while another live attempt works on this shard; True once it is this attempt's turn.
+
+    Two attempts of one shard (a retried index, a replacement pod beside one on an unreachable node) would
+    otherwise both spend the compute. Each attempt's heartbeat record says which shard it works on; the
+    earliest-started live one works, the others wait until its marker appears (False: nothing left to do)
+    or its heartbeat goes silent for FTJOBS_ATTEMPT_STALE_S (then the next one takes over, reusing every
+    chunk already written). Should two both work anyway (clocks far apart, a partitioned pod that comes
+    back), chunks are written create-only: the first copy of each stands and the results are the same.
+    """
+    waited = False
+    while True:
+        if storage.exists(marker):
+            return False
+        now = time.time()
+        live = sorted((rec.get("started_at", ""), aid) for aid, rec in attempts.records(out).items()
+                      if rec and rec.get("shard") == shard and (aid == attempt_id or attempts.alive(rec, now)))
+        owner = live[0][1] if live else attempt_id
+        if owner == attempt_id:
+            if waited:
+                LOG.info("shard %d: taking over from the attempt that went silent", shard)
+            return True
+        if not waited:
+            LOG.info("shard %d is being worked on by live attempt %s: waiting for its marker (or its heartbeat to "
+                     "stop for %.0fs)", shard, owner, attempts.STALE_S)
+        waited = True
+        time.sleep(min(attempts.HEARTBEAT_S, 5.0))
 
 
 def shard_index(config: Config) -> int:
@@ -285,6 +317,8 @@ def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dic
     progress = Progress(f"infer shard {shard}", total=sum(len(chunks[k]) for k in todo), unit="rows")
     tokens, gen_s = 0, 0.0
     for k in todo:
+        if storage.exists(storage.join(shard_dir, f"chunk-{k:05d}.parquet")):  # another attempt got there first
+            continue
         rows = list(chunks[k])
         ids: list[list[int] | None] = []
         for i, row in enumerate(rows):
@@ -314,7 +348,11 @@ def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dic
         tokens, gen_s = tokens + n_tok, gen_s + elapsed
         meta = {"generate_s": elapsed, "completion_tokens": n_tok, "engine": config.engine,
                 "engine_version": version}
-        storage.write_bytes(storage.join(shard_dir, f"chunk-{k:05d}.parquet"), predictions_parquet(out_rows, meta))
+        chunk = storage.join(shard_dir, f"chunk-{k:05d}.parquet")
+        try:  # create-only: a chunk another attempt wrote first stands (see await_turn)
+            storage.put_if_absent(chunk, predictions_parquet(out_rows, meta))
+        except AlreadyExistsError:
+            LOG.info("chunk %d of shard %d was written by another attempt first; keeping it", k, shard)
         progress.update(len(rows), tok_s=tokens / gen_s if gen_s else 0.0)
         if pause:
             time.sleep(pause)
@@ -399,12 +437,7 @@ def finalize(config: Config, attempt: stage.Attempt, plan: dict[str, Any], *, wa
         part = f"predictions/part-{i:05d}"
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        try:
-            storage.put_if_absent(writer.uri(f"{part}.parquet"), buf.getvalue())
-            writer.add_existing(f"{part}.parquet", name=part, rows=table.num_rows,
-                                sha256=hashlib.sha256(buf.getvalue()).hexdigest())
-        except AlreadyExistsError:  # a racing finisher wrote it first: record its bytes
-            writer.add_existing(f"{part}.parquet", name=part, rows=table.num_rows)
+        writer.add_bytes(buf.getvalue(), f"{part}.parquet", name=part, rows=table.num_rows)
         errors = sum(e is not None for e in table.column("error").to_pylist())
         finish.update(table.column("finish_reason").to_pylist())
         p_tok = sum(table.column("prompt_tokens").to_pylist())

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 from array import array
@@ -279,7 +277,6 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
     encoder, model_info = None, {}
     if config.tokenizer:
         encoder, model_info = _tokenizer(config)
-    _remove_stale_parts(attempt.output, files)
     writer = attempt.writer
     try:
         tally, split_counts, lengths, trainable = _process(config, files, encoder, writer, work, timings)
@@ -629,43 +626,13 @@ def _log_summary(tally: Tally, stats: dict[str, Any]) -> None:
 
 
 def _remove(writer: mf.ArtifactWriter) -> None:
-    """Best effort: take back what this attempt uploaded (no manifest was written)."""
+    """Best effort: take back what this attempt uploaded (no manifest was written), so a refused run leaves
+    no data behind; its attempt folder keeps only its record, and the next run at the prefix removes that."""
     for art in writer.artifacts:
         try:
             storage.delete(art.uri)
         except Exception:  # noqa: BLE001 - the original error matters more
             LOG.warning("could not remove %s after the failure", art.uri)
-    if not storage.is_s3(writer.prefix):  # local folders stay behind when emptied; S3 has none
-        data_dir = storage.local_path(writer.prefix) / "data"
-        for folder in [data_dir / s for s in data.SPLITS] + [data_dir]:
-            with contextlib.suppress(OSError):  # only when empty: never anything this run did not write
-                folder.rmdir()
-
-
-PART = re.compile(rf"(?:{'|'.join(data.SPLITS)})/part-\d{{5}}\.parquet")
-
-
-def _remove_stale_parts(output: str, files: list[S.RawFile]) -> None:
-    """Delete data parts an earlier, unfinished attempt left at this prefix (it has no manifest).
-
-    A re-run with other settings (rows_per_shard, other data) writes fewer or other parts, so stale ones
-    would sit beside the new ones: anyone reading the folder instead of the manifest reads both. Only files
-    named like prepare's parts go, and never a source of this run, in case --output points at a folder that
-    also holds other things.
-    """
-    def key(uri: str) -> str:
-        return uri if storage.is_s3(uri) else str(storage.local_path(uri).resolve())
-
-    sources = {key(f.uri) for f in files}
-    folder = storage.join(output, "data")
-    stale = [o for o in storage.list_objects(folder) if PART.fullmatch(o.rel) and key(o.uri) not in sources]
-    if not stale:
-        return
-    LOG.warning("removing %d data part(s) under %s left by an earlier unfinished attempt (no manifest there): %s",
-                len(stale), folder, ", ".join(o.rel for o in stale[:5]) + (", ..." if len(stale) > 5 else ""),
-                extra={"removed": [o.uri for o in stale]})
-    for o in stale:
-        storage.delete(o.uri)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -58,6 +58,11 @@ def publish_predictions(prefix: str, completions: dict[str, str | None], *, labe
     return mf.publish(prefix, m)
 
 
+def artifact_at(out: str, name: str) -> str:
+    """Where the evaluate manifest at `out` keeps an artifact (in its attempt's folder)."""
+    return mf.load(out, verify="none").artifact_uri(name)
+
+
 BASE = {"r0": '{"name": "Ada", "age": 20}', "r1": "Bo is 21", "r2": "", "r3": "no idea"}
 TUNED = {"r0": '{"name": "Ada", "age": 20}', "r1": '{"name": "Bo", "age": 21}', "r2": '{"name":"Cy","age":22}',
          "r3": '{"name": "Di", "age": 99}'}
@@ -94,18 +99,18 @@ def test_scores_compares_and_writes_a_self_contained_report(two_sets: tuple[str,
     assert loaded.manifest.metrics["exact_match/finetuned"] == pytest.approx(0.5)
     assert {r.stage for r in loaded.manifest.inputs} == {"infer"}
 
-    md = storage.read_text(storage.join(root, "eval", "report.md"))
+    md = storage.read_text(artifact_at(storage.join(root, "eval"), "report.md"))
     assert "| exact match | 25.0% | 50.0% | +25.0 pts" in md
     assert "Where the models differ (3 examples" in md  # r0 is identical in both sets
     assert "Bo is 21" in md and "no idea" in md
-    page = storage.read_text(storage.join(root, "eval", "report.html"))
+    page = storage.read_text(artifact_at(storage.join(root, "eval"), "report.html"))
     assert "data:image/png;base64,iVBOR" in page and "<script" not in page and "src='http" not in page
-    assert storage.read_bytes(storage.join(root, "eval", "chart.png"))[:4] == b"\x89PNG"
-    metrics_json = json.loads(storage.read_text(storage.join(root, "eval", "metrics.json")))
+    assert storage.read_bytes(artifact_at(storage.join(root, "eval"), "chart.png"))[:4] == b"\x89PNG"
+    metrics_json = json.loads(storage.read_text(artifact_at(storage.join(root, "eval"), "metrics.json")))
     assert metrics_json["metrics"]["sets"] == json.loads(json.dumps(sets))
-    scores = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, "eval", "scores.parquet"))))
+    scores = pq.read_table(io.BytesIO(storage.read_bytes(artifact_at(f"{root}/eval", "scores.parquet"))))
     assert scores.num_rows == 8 and "json_schema_valid" in scores.column_names
-    diffs = storage.read_text(storage.join(root, "eval", "differences.jsonl")).splitlines()
+    diffs = storage.read_text(artifact_at(storage.join(root, "eval"), "differences.jsonl")).splitlines()
     assert len(diffs) == 3 and {"base", "finetuned"} == set(json.loads(diffs[0])["completions"])
     # the published manifest's artifacts verify in full
     mf.load(loaded.uri, verify="full")
@@ -128,7 +133,7 @@ def test_rerun_is_already_done_and_gate_exits_4_with_report_published(tmp_path: 
     gated = runner.invoke(main, args + ["--fail-if-worse", "exact_match"])
     assert gated.exit_code == EXIT_GATE
     assert gated.stdout.strip().splitlines()[-1] == uri  # a verdict: CI still gets the published manifest
-    assert storage.exists(storage.join(out, "report.html"))
+    assert storage.exists(artifact_at(out, "report.html"))
     # A gate that passes: swap baseline and candidate into a new output.
     ok = runner.invoke(main, ["evaluate", "--predictions", tuned, "--predictions", base, "--output",
                               f"{root}/eval2", "--fail-if-worse", "token_f1"])
@@ -150,7 +155,7 @@ def test_a_merged_model_is_labelled_by_its_infer_folder_not_manifest_json(tmp_pa
                                  model_uri=f"{tmp_path}/merge/manifest.json")
     loaded = evaluate.run(evaluate.Config(predictions=[base, merged], output=f"{tmp_path}/eval", bootstrap=0))
     assert loaded.manifest.model["labels"] == ["base-model", "infer-finetuned"]
-    assert "Candidates: **infer-finetuned**" in storage.read_text(f"{tmp_path}/eval/report.md")
+    assert "Candidates: **infer-finetuned**" in storage.read_text(artifact_at(f"{tmp_path}/eval", "report.md"))
 
 
 def test_rows_without_reference_are_counted_skipped_and_named(tmp_path: Path,
@@ -162,8 +167,8 @@ def test_rows_without_reference_are_counted_skipped_and_named(tmp_path: Path,
     assert s["rows"] == 5 and s["rows_without_reference"] == 1 and s["exact_match"] == pytest.approx(0.25)
     note = "tiny: 1 of 5 rows have no reference; reference metrics use the other 4"
     assert note in caplog.text
-    assert note in storage.read_text(f"{tmp_path}/eval/report.md")
-    assert note in storage.read_text(f"{tmp_path}/eval/report.html")
+    assert note in storage.read_text(artifact_at(f"{tmp_path}/eval", "report.md"))
+    assert note in storage.read_text(artifact_at(f"{tmp_path}/eval", "report.html"))
 
 
 NO_REF = {"x1": '{"a": 1}', "x2": "plain", "x3": "[]"}
@@ -184,7 +189,7 @@ def test_no_reference_anywhere_and_no_checks_is_nothing_to_score(tmp_path: Path)
     assert result.exit_code == 0, result.output
     note = "base: 3 of 3 rows have no reference; reference metrics are n/a"
     assert note in result.output
-    assert note in storage.read_text(f"{tmp_path}/e2/report.md")
+    assert note in storage.read_text(artifact_at(f"{tmp_path}/e2", "report.md"))
 
 
 def test_gate_on_a_metric_nobody_computed_exits_3_also_when_already_done(tmp_path: Path) -> None:
@@ -240,12 +245,12 @@ def test_hostile_text_is_escaped_in_the_html_report_and_cells_in_the_markdown(tm
     tuned = publish_predictions(f"{tmp_path}/b", {}, table=pa.Table.from_pylist([row | {"completion": "a & b"}]),
                                 shards=1, label="tuned")
     evaluate.run(evaluate.Config(predictions=[base, tuned], output=f"{tmp_path}/eval", bootstrap=0))
-    page = storage.read_text(f"{tmp_path}/eval/report.html")
+    page = storage.read_text(artifact_at(f"{tmp_path}/eval", "report.html"))
     assert "<script" not in page and "<b>base</b>" not in page
     assert 'alert("x")' not in page and "'quoted'" not in page and " & " not in page
     shown = html.unescape(re.sub(r"<[^>]+>", "", page))
     assert f"Say {HOSTILE}" in shown and HOSTILE in shown and "Baseline: <b>base</b>." in shown
-    md = storage.read_text(f"{tmp_path}/eval/report.md")
+    md = storage.read_text(artifact_at(f"{tmp_path}/eval", "report.md"))
     escaped = HOSTILE.replace("|", "\\|")
     assert f"| h1 | Say {escaped} | a & b | {escaped} | a & b |" in md
 

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from common import config as cfg
+from common import manifest as mf
 from jobs import prepare
 from jobs.cli import main
 from jobs.prepare.inspect_cmd import token_pieces
@@ -59,7 +60,7 @@ def test_html_page_is_self_contained_and_holds_the_rows(prepared: Path, tmp_path
 
 
 def test_a_parquet_file_and_a_missing_split(prepared: Path):
-    shard = prepared / "out" / "data" / "train" / "part-00000.parquet"
+    shard = Path(mf.load(str(prepared / "out")).artifact_uri("train/part-00000"))
     res = CliRunner().invoke(main, ["inspect", str(shard), "--tokenizer", str(prepared / "tok"),
                                     "--color", "never"])
     assert res.exit_code == 0 and "«two<|im_end|>»" in res.output
@@ -76,7 +77,7 @@ def test_token_pieces_join_to_the_decoded_text(prepared: Path):
 
 
 def test_a_truncated_or_foreign_parquet_is_bad_input(prepared: Path, tmp_path: Path):
-    shard = (prepared / "out" / "data" / "train" / "part-00000.parquet").read_bytes()
+    shard = Path(mf.load(str(prepared / "out")).artifact_uri("train/part-00000")).read_bytes()
     (tmp_path / "cut.parquet").write_bytes(shard[: len(shard) // 2])
     cut = CliRunner().invoke(main, ["inspect", str(tmp_path / "cut.parquet")])
     assert cut.exit_code == 3 and "cut.parquet: not a readable Parquet file" in cut.output, cut.output

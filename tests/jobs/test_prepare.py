@@ -85,7 +85,8 @@ def test_round_trip_tokenized_local_and_s3(store_root: str, tmp_path: Path, tok_
     m = loaded.manifest
     assert m.stage == "prepare" and m.stats["rows_in"] == 30 and m.stats["train"] == 25 and m.stats["eval"] == 5
     assert [a.name for a in m.artifacts] == ["train/part-00000", "eval/part-00000", "drops", "stats"]
-    assert m.artifact("train/part-00000").path == "data/train/part-00000.parquet"
+    # written in this attempt's own folder; the manifest names it, and readers resolve it from there
+    assert m.artifact("train/part-00000").path == f"attempts/{m.attempt}/data/train/part-00000.parquet"
     assert m.inputs[0].role == "data" and m.inputs[0].stage is None
     assert m.inputs[0].sha256 == storage.sha256_file(src)
     assert set(m.model) >= {"tokenizer", "tokenizer_source", "template_hash", "chat_template", "train_on",
@@ -96,7 +97,7 @@ def test_round_trip_tokenized_local_and_s3(store_root: str, tmp_path: Path, tok_
     meta = pq.ParquetFile(local)
     assert meta.schema_arrow.equals(data.schema(tokenized=True))
     assert meta.metadata.row_group(0).column(0).compression == "ZSTD"
-    assert storage.read_json(storage.join(out, "stats.json"))["rows_out"] == 30
+    assert storage.read_json(loaded.artifact_uri("stats"))["rows_out"] == 30
     # Re-running is a no-op; another config into the same prefix is refused.
     assert run(sources=[source], output=out, tokenizer=str(tok_dir), eval_size=5).manifest.run_id == m.run_id
     with pytest.raises(OutputTakenError, match="eval_size"):
@@ -187,7 +188,7 @@ def test_broken_lines_fail_naming_file_and_line_unless_skipped(tmp_path: Path, c
     assert not (tmp_path / "o1" / "manifest.json").exists()
     loaded = run(sources=[str(src)], output=str(tmp_path / "o2"), skip_bad_lines=True)
     assert loaded.manifest.stats["dropped"] == {reason: 1} and loaded.manifest.stats["rows_out"] == 21
-    drops = storage.read_text(str(tmp_path / "o2" / "drops.jsonl")).splitlines()
+    drops = storage.read_text(loaded.artifact_uri("drops")).splitlines()
     assert json.loads(drops[0])["line"] == 2 and json.loads(drops[0])["reason"] == reason
 
 
@@ -276,7 +277,7 @@ def test_drop_threshold_fails_with_reason_table_and_leaves_nothing(tmp_path: Pat
     msg = str(info.value)
     assert "Dropped 4 of 10 rows (40.0%); max_drop_fraction is 20.0%" in msg
     assert "no_assistant_turn" in msg and "duplicate_exact" in msg and "t.jsonl:7" in msg
-    assert storage.list_objects(str(out)) == []
+    assert [o.rel.split("/")[-1] for o in storage.list_objects(str(out))] == ["attempt.json"]  # no data left
     assert run(sources=[str(src)], output=str(out), max_drop_fraction=0.5).manifest.stats["dropped"] == {
         "no_assistant_turn": 2, "duplicate_exact": 2}
 
@@ -332,7 +333,8 @@ def test_an_eval_split_that_leaves_no_train_rows_is_refused_unless_every_source_
     with pytest.raises(ConfigError, match=r"eval_size 50 leaves no train rows \(20 rows in, 20 kept\); lower "
                                           r"eval_size.*mark every source split: eval"):
         run(sources=[str(src)], output=str(out), eval_size=50)
-    assert storage.list_objects(str(out)) == []  # nothing published, no part left
+    # nothing published, no part left: the failed attempt's folder holds only its record
+    assert [o.rel.split("/")[-1] for o in storage.list_objects(str(out))] == ["attempt.json"]
     # The hashed split can put every one of a few rows in eval (here the one row, at seed 0): refused too.
     with pytest.raises(ConfigError, match=r"eval_fraction 0.99 put every row in eval"):
         run(sources=[str(jsonl(tmp_path / "one.jsonl", chat_rows(1)))], output=str(tmp_path / "f"),
@@ -345,26 +347,30 @@ def test_an_eval_split_that_leaves_no_train_rows_is_refused_unless_every_source_
     assert "publishing an eval set only" in caplog.text
 
 
-def test_rerun_without_manifest_removes_parts_of_the_unfinished_attempt(store_root: str, tmp_path: Path,
-                                                                        caplog: pytest.LogCaptureFixture):
+def test_rerun_without_manifest_removes_the_parts_of_the_unfinished_attempt(store_root: str, tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture):
     src = jsonl(tmp_path / "s.jsonl", chat_rows(30))
     out = storage.join(store_root, "prep")
-    run(sources=[str(src)], output=out, rows_per_shard=5)
+    first = run(sources=[str(src)], output=out, rows_per_shard=5)
     storage.delete(storage.join(out, "manifest.json"))  # as if killed before the manifest
     storage.write_bytes(storage.join(out, "data", "notes.txt"), b"not ours")
-    caplog.set_level("WARNING", logger="jobs.prepare")
+    caplog.set_level("INFO", logger="common.attempts")
     loaded = run(sources=[str(src)], output=out, rows_per_shard=30)
-    assert "removing 6 data part(s)" in caplog.text and "unfinished attempt" in caplog.text
-    parts = sorted(o.rel for o in storage.list_objects(storage.join(out, "data")))
-    assert parts == ["notes.txt", "train/part-00000.parquet"]  # only what the manifest lists, and what is not ours
-    assert [a.path for a in loaded.manifest.artifacts_named("train/")] == ["data/train/part-00000.parquet"]
+    assert "left by earlier attempts" in caplog.text
+    left = sorted(o.rel for o in storage.list_objects(out))
+    mine = f"attempts/{loaded.manifest.attempt}"
+    assert f"attempts/{first.manifest.attempt}/data/train/part-00000.parquet" not in left
+    assert [rel for rel in left if rel.endswith(".parquet")] == [f"{mine}/data/train/part-00000.parquet"]
+    assert "data/notes.txt" in left  # not a folder ftjobs writes: never touched
 
 
-def test_a_failed_run_leaves_no_empty_folders(tmp_path: Path):
+def test_a_failed_run_leaves_no_data_behind(tmp_path: Path):
     src = jsonl(tmp_path / "t.jsonl", chat_rows(3) + [{"messages": [{"role": "user", "content": "q"}]}] * 3)
     with pytest.raises(InputError, match="max_drop_fraction"):
         run(sources=[str(src)], output=str(tmp_path / "o"), dedup="none")
-    assert not (tmp_path / "o" / "data").exists()
+    left = [p for p in (tmp_path / "o").rglob("*") if p.is_file()]
+    assert [p.name for p in left] == ["attempt.json"]
+    assert '"status": "failed"' in left[0].read_text()
 
 
 def test_without_dedup_repeated_rows_keep_unique_ids(tmp_path: Path):

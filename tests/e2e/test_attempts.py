@@ -1,0 +1,154 @@
+"""Two writers on one output never corrupt a published run (common/attempts.py).
+
+For every stage, through the CLI as the containers run it, on the local store and the S3 test server:
+two attempts started together race to one output, and a third is a zombie that passed the "already done"
+check, is held until the winner published (FTJOBS_ATTEMPT_HOLD_S) and only then writes. Exactly one
+manifest stands, `ftjobs show --verify full` passes on it before and after the zombie wrote, the zombie's
+files are garbage that `ftjobs gc` lists and removes, and gc never removes a published file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common import manifest as mf
+from common import storage
+from tests.jobs import builders, helpers
+from tests.jobs.test_evaluate import BASE, TUNED, publish_predictions
+
+pytestmark = pytest.mark.e2e
+CLI = [sys.executable, "-m", "jobs.cli"]
+
+
+def stage_args(stage: str, root: str, tiny_model: Path, tiny_tokenizer: Any, tmp_path: Path) -> list[str]:
+    """The stage's command line with real upstream outputs made for it."""
+    if stage == "prepare":
+        data = tmp_path / "chats.jsonl"
+        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q {i}"},
+                                                         {"role": "assistant", "content": f"a {i}"}]}) + "\n"
+                                for i in range(40)))
+        return ["prepare", "--source", str(data), "--tokenizer", str(tiny_model)]
+    if stage == "train":
+        prep = helpers.publish_prepare(f"{root}/up/prepare", tokenizer=tiny_tokenizer, n_train=16, n_eval=4)
+        return ["train", "--input", prep.uri, "--base-model", str(tiny_model), "--set", "max_steps=3",
+                "--set", "batch_size=2", "--set", "max_seq_length=64", "--set", "checkpoint.every_steps=1"]
+    if stage == "merge":
+        adapter = builders.publish_adapter(f"{root}/up/train", tiny_model)
+        return ["merge", "--input", adapter.uri]
+    if stage == "infer":
+        prep = helpers.publish_prepare(f"{root}/up/prepare", tokenizer=tiny_tokenizer, n_train=4, n_eval=6)
+        return ["infer", "--model", str(tiny_model), "--prompts", prep.uri, "--engine", "transformers",
+                "--set", "sampling.temperature=0", "--set", "sampling.max_tokens=4", "--set", "chunk_rows=2",
+                "--set", f"cache_dir={tmp_path / 'cache'}"]
+    base = publish_predictions(f"{root}/up/infer-base", BASE, label="base")
+    tuned = publish_predictions(f"{root}/up/infer-ft", TUNED, label="finetuned")
+    return ["evaluate", "--predictions", base, "--predictions", tuned]
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no {text!r} in {log}")
+
+
+def show_full(out: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "show", out, "--verify", "full"], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "merge", "infer", "evaluate"])
+def test_racing_and_zombie_attempts_leave_the_published_run_intact(stage: str, store_root: str, tiny_model: Path,
+                                                                   tiny_tokenizer: Any, tmp_path: Path,
+                                                                   subprocess_env: dict[str, str]) -> None:
+    out = f"{store_root}/{stage}"
+    args = [*stage_args(stage, store_root, tiny_model, tiny_tokenizer, tmp_path), "--output", out]
+    env = subprocess_env | {"FTJOBS_LOG_FORMAT": "text"}
+    # The zombie first: it passes the "already done" check, then is held until a winner has published.
+    zombie_log = tmp_path / "zombie.log"
+    zombie = start(args, env | {"FTJOBS_ATTEMPT_HOLD_S": "600"}, zombie_log)
+    wait_for_line(zombie_log, "holding this attempt", zombie)
+    racers = [start(args, env, tmp_path / f"racer{i}.log") for i in range(2)]
+    for i, proc in enumerate(racers):
+        stdout, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, (tmp_path / f"racer{i}.log").read_text()[-3000:]
+        assert stdout.strip().splitlines()[-1] == mf.manifest_uri(out)
+    published = storage.read_bytes(mf.manifest_uri(out))
+    assert show_full(out, env).returncode == 0
+
+    stdout, _ = zombie.communicate(timeout=900)
+    log = zombie_log.read_text()
+    assert zombie.returncode == 0, log[-3000:]
+    assert "another attempt of this run published" in log and "its results stand" in log
+    assert stdout.strip().splitlines()[-1] == mf.manifest_uri(out)  # it reports the winner, not its own work
+
+    # The zombie wrote its files after the winner published, and not one byte the manifest names changed.
+    assert storage.read_bytes(mf.manifest_uri(out)) == published
+    checked = show_full(out, env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    winner = mf.load(out, verify="full")
+    named = {a.path for a in winner.manifest.artifacts}
+    assert named and all(p.startswith(f"attempts/{winner.manifest.attempt}/") for p in named)
+    leftover = [o.rel for o in storage.list_objects(storage.join(out, "attempts"))
+                if not o.rel.startswith(f"{winner.manifest.attempt}/")]
+    assert leftover, "the zombie (and the losing racer) should have left files of their own"
+
+    # gc: a dry run lists exactly the unreferenced files; --apply removes them and nothing published.
+    dry = subprocess.run([*CLI, "gc", out], env=env, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    listed = {line.split()[-1] for line in dry.stdout.splitlines()}
+    assert {f"attempts/{rel}" for rel in leftover} <= listed and not listed & named
+    assert all(storage.exists(storage.join(out, f"attempts/{rel}")) for rel in leftover)  # dry: nothing removed
+    applied = subprocess.run([*CLI, "gc", out, "--apply"], env=env, capture_output=True, text=True, timeout=120)
+    assert applied.returncode == 0, applied.stderr
+    assert show_full(out, env).returncode == 0
+    left = {o.rel for o in storage.list_objects(out)}
+    assert named <= left and not any(rel.startswith("attempts/") and rel not in named for rel in left)
+    again = subprocess.run([*CLI, "gc", out], env=env, capture_output=True, text=True, timeout=120)
+    assert again.stdout == "" and "0 file(s)" in again.stderr
+
+
+def test_gc_without_a_manifest_leaves_live_attempts_and_resume_files_alone(tmp_path: Path) -> None:
+    from common import attempts
+
+    out = str(tmp_path / "train")
+    storage.write_bytes(f"{out}/checkpoints/step-00000001/state.json", b"{}")
+    storage.write_bytes(f"{out}/attempts/dead/adapter/a.bin", b"x")  # no record: its attempt is gone
+    stale = {"attempt": "old", "host": "elsewhere", "pid": 1, "heartbeat_at": time.time() - attempts.STALE_S - 1}
+    storage.write_bytes(f"{out}/attempts/old/attempt.json", storage.json_bytes(stale))
+    storage.write_bytes(f"{out}/attempts/old/adapter/a.bin", b"x")
+    with attempts.Heartbeat(out, "live", "train"):
+        storage.write_bytes(f"{out}/attempts/live/adapter/a.bin", b"x")
+        found = attempts.collect(out, dry_run=False)
+        assert sorted(o.rel for o in found.removed) == ["attempts/dead/adapter/a.bin", "attempts/old/adapter/a.bin",
+                                                       "attempts/old/attempt.json"]
+        assert found.kept_live == ["live"] and not found.published
+        assert storage.exists(f"{out}/attempts/live/adapter/a.bin")
+    assert storage.exists(f"{out}/checkpoints/step-00000001/state.json")
+    assert not storage.exists(f"{out}/attempts/live/attempt.json")  # an ended attempt takes its record away
+
+
+def test_a_killed_local_attempt_is_not_waited_for(tmp_path: Path) -> None:
+    from common import attempts
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    record = {"attempt": "a", "host": os.uname().nodename, "pid": proc.pid, "heartbeat_at": time.time()}
+    assert not attempts.alive(record)
+    assert attempts.alive(record | {"pid": os.getpid()})
+    assert not attempts.alive(record | {"pid": os.getpid(), "heartbeat_at": time.time() - attempts.STALE_S})
