@@ -51,7 +51,7 @@ from typing import Any, Literal, Protocol
 import click
 from pydantic import Field, field_validator, model_validator
 
-from common import chat, models, storage
+from common import chat, models, stage, storage
 from common import manifest as mf
 from common.config import JobConfig, dump
 from common.errors import ConfigError, InputError
@@ -177,43 +177,41 @@ class Config(JobConfig):
 
 # --------------------------------------------------------------------------- the job
 #
-# run: the opening (input manifest, already done?), then the phases in order:
+# run: the stage skeleton (common.stage: already done?, manifest published last) around `merge`, whose
+# phases run in order:
 #   plan_merge                        -> adapter, tokenizer and base checked; dtype, mode and checks decided
 #   merge_in_memory | merge_streaming -> the merged tensors, ready to be pulled one at a time
 #   write_model                       -> the folder under model/, streamed, checked and hashed
 #   check                             -> parameter count, probes, generation; nothing is published on failure
-#   publish                           -> the folder's artifacts, then the manifest, last
+#   record_model                      -> the folder's files as the attempt's artifacts
 
 
 def run(config: Config) -> mf.Loaded:
     """Merge the adapter of the train run at `config.input`; returns the published (or already done) manifest."""
     started = time.monotonic()
     train = mf.load(config.input, verify="size", expect_stage="train")
-    inputs = [train.ref("adapter")]
-    resolved = dump(config)
-    done = mf.check_output(config.output, stage=STAGE, config=resolved, inputs=inputs)
-    if done is not None:
-        LOG.info("already done: %s", done.uri)
-        return done
+    identity = stage.Identity(STAGE, config.output, dump(config), [train.ref("adapter")])
+    result = stage.run(identity, lambda attempt: merge(config, train, attempt, started))
+    assert isinstance(result, mf.Loaded)  # merge never leaves publishing to another attempt
+    return result
 
-    writer = mf.ArtifactWriter(config.output)
+
+def merge(config: Config, train: mf.Loaded, attempt: stage.Attempt, started: float) -> stage.Outcome:
+    """plan -> merge -> write -> check -> record; the outcome becomes the manifest."""
     work = Path(tempfile.mkdtemp(prefix="ftjobs-merge-"))
     try:
         timings: dict[str, float] = {}
         plan = plan_merge(config, train, work)
         timings["load"] = time.monotonic() - started
         merged = merge_in_memory(plan, timings) if plan.mode == "in_memory" else merge_streaming(plan, timings)
-        out_dir = model_folder(writer, work)
+        out_dir = model_folder(attempt.writer, work)
         written = write_model(plan, merged, out_dir, timings)
         metrics = check(plan, merged, written, out_dir, timings)
-
         t = time.monotonic()
-        record_model(writer, out_dir, written)
+        record_model(attempt.writer, out_dir, written)
         timings["upload"] = time.monotonic() - t
         timings["total"] = time.monotonic() - started
-        manifest = _manifest(plan, written, metrics, writer, inputs, resolved, timings)
-        uri = mf.publish(config.output, manifest)
-        return mf.load(uri, verify="none")
+        return _outcome(plan, written, metrics, timings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -660,7 +658,7 @@ def check(plan: Plan, merged: Merged, written: Written, out_dir: Path, timings: 
     }
 
 
-# --------------------------------------------------------------------------- publish
+# --------------------------------------------------------------------------- record
 
 
 def record_model(writer: mf.ArtifactWriter, out_dir: Path, written: Written) -> None:
@@ -672,8 +670,8 @@ def record_model(writer: mf.ArtifactWriter, out_dir: Path, written: Written) -> 
         writer.add_existing(f"{MODEL_DIR}/{p.name}", sha256=written.digests.get(p.name))
 
 
-def _manifest(plan: Plan, written: Written, metrics: dict[str, Any], writer: mf.ArtifactWriter,
-              inputs: list[mf.InputRef], resolved: dict[str, Any], timings: dict[str, float]) -> mf.Manifest:
+def _outcome(plan: Plan, written: Written, metrics: dict[str, Any], timings: dict[str, float]) -> stage.Outcome:
+    """What the manifest records beside the artifacts: the model block, stats, check results, timings."""
     info, quant = plan.info, plan.quant
     model_info = {
         "base_model": info["base_model"], "base_revision": plan.base.revision, "base_source": plan.base_src,
@@ -688,8 +686,7 @@ def _manifest(plan: Plan, written: Written, metrics: dict[str, Any], writer: mf.
     }
     stats = {"mode": plan.mode, "device": plan.device, "model_bytes": plan.model_bytes, "shards": len(written.files),
              "memory_budget": plan.budget}
-    return mf.build(stage=STAGE, run_id=mf.new_run_id(), config=resolved, inputs=inputs, artifacts=writer.artifacts,
-                    stats=stats, metrics=metrics, timings=timings, model=model_info)
+    return stage.Outcome(stats=stats, metrics=metrics, timings=timings, model=model_info)
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 from pydantic import Field, model_validator
 
-from common import chat, models, storage
+from common import chat, models, stage, storage
 from common import manifest as mf
 from common.chat import TrainOn
 from common.config import JobConfig, dump
@@ -169,31 +169,45 @@ class Config(JobConfig):
 
 # --------------------------------------------------------------------------- the job
 #
-# run: the opening (input manifest, already done?), then three phases passing a `Trainer`:
-#   setup   -> tokenizer, data, step schedule, model + LoRA, optimizer, resume from a checkpoint
-#   fit     -> optimizer steps from the state's step to the total; evals, checkpoints, SIGTERM
-#   publish -> adapter, tokenizer and loss curve through the writer, then the manifest, last
+# run: the stage skeleton (common.stage: already done?, manifest published last) around `train`, whose
+# three phases pass a `Trainer`:
+#   setup        -> tokenizer, data, step schedule, model + LoRA, optimizer, resume from a checkpoint
+#   fit          -> optimizer steps from the state's step to the total; evals, checkpoints, SIGTERM
+#   save_outputs -> adapter, tokenizer and loss curve through the attempt's writer (rank 0)
 
 
-def run(config: Config) -> mf.Loaded:
+def run(config: Config) -> stage.Result:
     """Train an adapter on the prepare run at `config.input`; returns the published (or already done) manifest."""
     started = time.monotonic()
     prep = mf.load(config.input, verify="size", expect_stage="prepare")
-    inputs = [prep.ref("data")]
-    resolved = dump(config)
-    done = mf.check_output(config.output, stage=STAGE, config=resolved, inputs=inputs)
-    if done is not None:
-        LOG.info("already done: %s", done.uri)
-        return done
-    identity = mf.run_identity(mf.config_hash(resolved), inputs)
-
+    identity = stage.Identity(STAGE, config.output, dump(config), [prep.ref("data")])
     stop = _install_sigterm(config.checkpoint.grace_seconds)
     try:
-        trainer = setup(config, prep, identity, resolved)
-        fitted = fit(trainer, stop)
-        return publish(trainer, fitted, inputs, resolved, started)
+        result = stage.run(identity, lambda attempt: train(config, prep, attempt, stop, started))
     finally:
         stop.restore()
+    if isinstance(result, mf.Loaded) and config.checkpoint.delete_on_success:
+        storage.delete_prefix(checkpoints.root(config.output))  # the run is published: nothing left to resume
+    return result
+
+
+def train(config: Config, prep: mf.Loaded, attempt: stage.Attempt, stop: _StopFlag,
+          started: float) -> stage.Outcome | stage.Pending:
+    """setup -> fit -> save_outputs; rank 0's outcome becomes the manifest, other ranks leave it to rank 0."""
+    trainer = setup(config, prep, attempt.identity.key, attempt.identity.config)
+    fitted = fit(trainer, stop)
+    if trainer.main:
+        save_outputs(trainer, attempt.writer)
+    trainer.accelerator.wait_for_everyone()  # the last collective: rank 0 publishes alone after it
+    if not trainer.main:
+        return stage.Pending(mf.manifest_uri(config.output),
+                             f"rank {trainer.rank}: training done; rank 0 publishes the manifest")
+    trainer.timings["wall_s"] = time.monotonic() - started
+    outcome = _outcome(trainer, fitted)
+    LOG.info("trained %d steps: loss %.4f -> %.4f, %s tokens/s", trainer.state.step,
+             outcome.metrics["first_train_loss"], outcome.metrics["final_train_loss"],
+             f"{outcome.metrics['effective_tokens_per_s'] or 0:,.0f}")
+    return outcome
 
 
 @dataclass
@@ -367,8 +381,8 @@ class Trainer:
                 s, n = packing.loss_sum(self.model, self.batch(self.data.eval_batches[i], self.data.eval))
                 loss_sum, count = loss_sum + float(s), count + n
         self.model.train()
-        loss_sum, count = self.all_sum(loss_sum, count)
-        return loss_sum / max(count, 1)
+        total, tokens = self.all_sum(loss_sum, count)
+        return total / max(tokens, 1)
 
     def timed_eval(self) -> float | None:
         """evaluate, its time added to timings["eval_s"], its loss to the state's eval losses."""
@@ -548,26 +562,7 @@ def fit(t: Trainer, stop: _StopFlag) -> Fitted:
     return Fitted(eval_loss=eval_loss, peak_memory=_peak_memory(t.cuda, t.accelerator.device))
 
 
-# --------------------------------------------------------------------------- publish
-
-
-def publish(t: Trainer, fitted: Fitted, inputs: list[mf.InputRef], resolved: dict[str, Any],
-            started: float) -> mf.Loaded:
-    """Rank 0 writes the outputs, then the manifest (last, create-only); every process returns it."""
-    out_uri = mf.manifest_uri(t.config.output)
-    if t.main:
-        writer = mf.ArtifactWriter(t.config.output)
-        save_outputs(t, writer)
-        t.timings["wall_s"] = time.monotonic() - started
-        manifest = _manifest(t, fitted, writer, inputs, resolved)
-        out_uri = mf.publish(t.config.output, manifest)
-        if t.config.checkpoint.delete_on_success:
-            storage.delete_prefix(checkpoints.root(t.config.output))
-        LOG.info("trained %d steps: loss %.4f -> %.4f, %s tokens/s", t.state.step,
-                 manifest.metrics["first_train_loss"], manifest.metrics["final_train_loss"],
-                 f"{manifest.metrics['effective_tokens_per_s'] or 0:,.0f}")
-    t.accelerator.wait_for_everyone()
-    return mf.load(out_uri, verify="none")
+# --------------------------------------------------------------------------- outputs
 
 
 def save_outputs(t: Trainer, writer: mf.ArtifactWriter) -> None:
@@ -589,8 +584,8 @@ def save_outputs(t: Trainer, writer: mf.ArtifactWriter) -> None:
     t.timings["save_s"] = time.monotonic() - started
 
 
-def _manifest(t: Trainer, fitted: Fitted, writer: mf.ArtifactWriter, inputs: list[mf.InputRef],
-              resolved: dict[str, Any]) -> mf.Manifest:
+def _outcome(t: Trainer, fitted: Fitted) -> stage.Outcome:
+    """What the manifest records beside the artifacts: metrics, stats, the model block, timings."""
     import torch
 
     config, state, train_data = t.config, t.state, t.data
@@ -633,9 +628,7 @@ def _manifest(t: Trainer, fitted: Fitted, writer: mf.ArtifactWriter, inputs: lis
         "lora": {"r": config.lora.r, "alpha": config.lora.alpha, "dropout": config.lora.dropout,
                  "target_modules": config.lora.target_modules, "modules_to_save": config.lora.modules_to_save},
     }
-    assert state.run_id is not None  # setup sets it
-    return mf.build(stage=STAGE, run_id=state.run_id, config=resolved, inputs=inputs, artifacts=writer.artifacts,
-                    stats=stats, metrics=metrics, timings=t.timings, model=model_info)
+    return stage.Outcome(run_id=state.run_id, stats=stats, metrics=metrics, timings=t.timings, model=model_info)
 
 
 
