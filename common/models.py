@@ -143,21 +143,37 @@ def check_folder(path: Path, src: str) -> None:
         safetensors_header(f, src)
 
 
-def safetensors_header(f: Path, src: str) -> tuple[int, bytes]:
-    """(data start, header bytes) of a safetensors file, after checking the file holds all it declares."""
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A safetensors file's header, read without loading any tensor."""
+
+    start: int                          # offset of the first tensor byte
+    raw: bytes                          # the header JSON as stored (what folder_revision hashes)
+    tensors: dict[str, dict[str, Any]]  # name -> {"dtype", "shape", "data_offsets"}, in file order
+
+
+def safetensors_header(f: Path, src: str) -> SafetensorsHeader:
+    """The header of a safetensors file, after checking the file holds all it declares.
+
+    The one reader of the format's header (8-byte little-endian length, then JSON): model folders are
+    checked and fingerprinted with it, and merge plans its output from it.
+    """
     size = f.stat().st_size
     problem = None
+    raw, tensors = b"", {}
     with open(f, "rb") as fh:
         head = fh.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if n < 2 or 8 + n > size:
             problem = f"its header claims {n} bytes in a {size}-byte file"
         else:
-            header = fh.read(n)
+            raw = fh.read(n)
             try:
-                end = max((t["data_offsets"][1] for k, t in json.loads(header).items() if k != "__metadata__"),
-                          default=0)
-            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                tensors = {k: t for k, t in json.loads(raw).items() if k != "__metadata__"}
+                end = max((t["data_offsets"][1] for t in tensors.values()), default=0)
+                if any(not isinstance(t["dtype"], str) or not isinstance(t["shape"], list) for t in tensors.values()):
+                    raise ValueError("a tensor entry lacks a dtype string or a shape list")
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
                 problem = f"its header is not valid safetensors JSON ({exc})"
             else:
                 if 8 + n + end != size:
@@ -165,7 +181,7 @@ def safetensors_header(f: Path, src: str) -> tuple[int, bytes]:
     if problem:
         raise InputError(f"{src}: {f.name} is truncated or corrupt ({problem}). Re-download the model, or re-run "
                          "the stage that wrote it.")
-    return 8 + n, header
+    return SafetensorsHeader(start=8 + n, raw=raw, tensors=tensors)
 
 
 SAMPLES_PER_FILE = 16
@@ -187,9 +203,9 @@ def folder_revision(path: Path) -> str:
         if f.exists():
             h.update(f.read_bytes())
     for f in sorted(path.glob("*.safetensors")):
-        start, header = safetensors_header(f, str(path))
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode() + header)
+        header = safetensors_header(f, str(path))
+        start, size = header.start, f.stat().st_size
+        h.update(f"{f.name}:{size}".encode() + header.raw)
         span = size - start
         with open(f, "rb") as fh:
             for i in range(SAMPLES_PER_FILE):

@@ -1,4 +1,4 @@
-"""Safetensors without loading a model: read a checkpoint's headers, plan output shards, stream a file out.
+"""Safetensors without loading a model: list a checkpoint's tensors, plan output shards, stream a file out.
 
 merge writes every output file through `write_safetensors`, tensor by tensor, so its peak memory is one
 tensor whatever the model's size, and the sha256 the manifest needs is computed on the way out.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import models
 from common.errors import InputError
 from jobs.merge.checks import MergeCheckError
 
@@ -40,7 +41,8 @@ class TensorInfo:
 
 
 def read_checkpoint(path: Path) -> list[TensorInfo]:
-    """Names, shapes and dtypes of every tensor in a safetensors checkpoint, from headers only."""
+    """Names, shapes and dtypes of every tensor in a safetensors checkpoint, from headers only
+    (`common.models.safetensors_header`, which also refuses a truncated file)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -49,12 +51,7 @@ def read_checkpoint(path: Path) -> list[TensorInfo]:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     out = []
     for fname in files:
-        with open(path / fname, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
+        for name, meta in models.safetensors_header(path / fname, str(path)).tensors.items():
             if meta["dtype"] not in SAFE_BYTES:
                 raise InputError(f"{path / fname}: tensor {name} has dtype {meta['dtype']}, which merge does not "
                                  "handle (already quantized?). Give the 16-bit base.")
@@ -125,8 +122,6 @@ def finite_check(name: str, tensor: Any) -> str | None:
     idx = tuple(int(i) for i in bad.nonzero()[0])
     return (f"{name} has {int(bad.sum())} NaN/Inf values (first at index {idx}: {tensor[idx].item()}); "
             "the adapter or base holds non-finite weights")
-
-
 
 
 def tensors_float(info: TensorInfo) -> bool:

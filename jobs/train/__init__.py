@@ -29,7 +29,6 @@ and no attention crosses examples (see `jobs/train/packing.py`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -39,19 +38,25 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 from pydantic import Field, model_validator
 
+from common import chat, models, stage, storage
 from common import manifest as mf
-from common import models, storage
 from common.chat import TrainOn
 from common.config import JobConfig, dump
 from common.errors import EXIT_RETRYABLE, ConfigError, InputError, Preempted
 from common.logs import Progress
 from common.runner import config_options, execute
+from jobs.train import checkpoints
+
+if TYPE_CHECKING:
+    from jobs.train.data import Source
+    from jobs.train.packing import Example
 
 LOG = logging.getLogger(__name__)
 STAGE = "train"
@@ -163,57 +168,319 @@ class Config(JobConfig):
 
 
 # --------------------------------------------------------------------------- the job
+#
+# run: the stage skeleton (common.stage: already done?, manifest published last) around `train`, whose
+# three phases pass a `Trainer`:
+#   setup        -> tokenizer, data, step schedule, model + LoRA, optimizer, resume from a checkpoint
+#   fit          -> optimizer steps from the state's step to the total; evals, checkpoints, SIGTERM
+#   save_outputs -> adapter, tokenizer and loss curve through the attempt's writer (rank 0)
 
 
-def run(config: Config) -> mf.Loaded:
+def run(config: Config) -> stage.Result:
+    """Train an adapter on the prepare run at `config.input`; returns the published (or already done) manifest."""
     started = time.monotonic()
-    timings: dict[str, float] = {}
     prep = mf.load(config.input, verify="size", expect_stage="prepare")
-    inputs = [prep.ref("data")]
-    resolved = dump(config)
-    done = mf.check_output(config.output, stage=STAGE, config=resolved, inputs=inputs)
-    if done is not None:
-        LOG.info("already done: %s", done.uri)
-        return done
-    identity = mf.run_identity(mf.config_hash(resolved), inputs)
-
+    identity = stage.Identity(STAGE, config.output, dump(config), [prep.ref("data")])
     stop = _install_sigterm(config.checkpoint.grace_seconds)
     try:
-        return _train(config, prep, inputs, resolved, identity, stop, started, timings)
+        result = stage.run(identity, lambda attempt: train(config, prep, attempt, stop, started))
     finally:
         stop.restore()
+    if isinstance(result, mf.Loaded) and config.checkpoint.delete_on_success:
+        storage.delete_prefix(checkpoints.root(config.output))  # the run is published: nothing left to resume
+    return result
 
 
-def _train(config: Config, prep: mf.Loaded, inputs: list[mf.InputRef], resolved: dict[str, Any], identity: str,
-           stop: _StopFlag, started: float, timings: dict[str, float]) -> mf.Loaded:
+def train(config: Config, prep: mf.Loaded, attempt: stage.Attempt, stop: _StopFlag,
+          started: float) -> stage.Outcome | stage.Pending:
+    """setup -> fit -> save_outputs; rank 0's outcome becomes the manifest, other ranks leave it to rank 0."""
+    trainer = setup(config, prep, attempt.identity.key, attempt.identity.config)
+    fitted = fit(trainer, stop)
+    if trainer.main:
+        save_outputs(trainer, attempt.writer)
+    trainer.accelerator.wait_for_everyone()  # the last collective: rank 0 publishes alone after it
+    if not trainer.main:
+        return stage.Pending(mf.manifest_uri(config.output),
+                             f"rank {trainer.rank}: training done; rank 0 publishes the manifest")
+    trainer.timings["wall_s"] = time.monotonic() - started
+    outcome = _outcome(trainer, fitted)
+    LOG.info("trained %d steps: loss %.4f -> %.4f, %s tokens/s", trainer.state.step,
+             outcome.metrics["first_train_loss"], outcome.metrics["final_train_loss"],
+             f"{outcome.metrics['effective_tokens_per_s'] or 0:,.0f}")
+    return outcome
+
+
+@dataclass
+class TrainData:
+    """The training data as the loop sees it: tokenized examples and the packed rows that index them."""
+
+    source: Source                    # pretokenized, or tokenized here
+    train: list[Example]
+    eval: list[Example]
+    train_stats: dict[str, Any]       # rows read and dropped (by reason), as data.load counts them
+    eval_stats: dict[str, Any]
+    rows: list[list[int]]             # packed rows of train example indices, row_tokens tokens at most
+    row_tokens: int
+    eval_batches: list[list[list[int]]]
+    pad_id: int
+
+    @property
+    def density(self) -> float:
+        """Fraction of the packed rows' token slots that hold real tokens."""
+        return sum(len(e) for e in self.train) / (len(self.rows) * self.row_tokens)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many optimizer steps, and which micro-batches each one takes."""
+
+    per_step: int          # micro-batches per optimizer step, all processes together
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, first micro-batch) of `step`: the data position a checkpoint's step stands for."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        return epoch, in_epoch * self.per_step
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What fit leaves for publish besides the training state."""
+
+    eval_loss: float | None
+    peak_memory: dict[str, Any]
+
+
+@dataclass
+class Trainer:
+    """What the phases share: model and optimizer, data, schedule, the accelerator, and the training state."""
+
+    config: Config
+    accelerator: Any
+    base: models.ModelRef
+    tokenizer: Any
+    fmt: chat.ChatFormat
+    data: TrainData
+    schedule: Schedule
+    model: Any             # what forward and backward run on (DDP-wrapped on several processes)
+    peft_model: Any        # the unwrapped peft model: what checkpoints and the adapter hold
+    params: list[Any]      # the trainable parameters
+    param_counts: tuple[int, int]  # (trainable, all)
+    optimizer: Any
+    optimizer_name: str
+    scheduler: Any
+    compute_dtype: Any
+    quant: dict[str, Any]  # the manifest's quantization block
+    identity: str          # config + inputs: whose checkpoints this run may resume from
+    state: checkpoints.TrainState
+    resumed_from: int | None
+    tracker: Any
+    timings: dict[str, float]
+    _epoch_batches: tuple[int, list[Any]] = (-1, [])
+
+    @property
+    def rank(self) -> int:
+        return int(self.accelerator.process_index)
+
+    @property
+    def world(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    @property
+    def cuda(self) -> bool:
+        return self.accelerator.device.type == "cuda"
+
+    def autocast(self) -> Any:
+        import torch
+
+        if self.cuda and self.compute_dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.compute_dtype)
+        return contextlib.nullcontext()
+
+    def batch(self, rows: list[list[int]], examples: list[Example]) -> dict[str, Any]:
+        """One micro-batch of packed rows as tensors on this process's device."""
+        from jobs.train import packing
+
+        tensors = packing.collate(rows, examples, self.data.pad_id, self.config.packing == "mask")
+        return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in tensors.items()}
+
+    def all_sum(self, *values: float) -> list[float]:
+        """Sum over processes (the values themselves on one)."""
+        if self.world == 1:
+            return list(values)
+        import torch
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(tensor, reduction="sum").tolist()
+
+    def step_batches(self, step: int) -> list[Any]:
+        """The micro-batches of optimizer step `step`, all processes' together, from its data position."""
+        from jobs.train import packing
+
+        epoch, first = self.schedule.position(step)
+        if self._epoch_batches[0] != epoch:
+            self._epoch_batches = (epoch, packing.micro_batches(self.data.rows, self.config.batch_size,
+                                                                 self.config.seed, epoch))
+        batches = self._epoch_batches[1]
+        return [batches[(first + j) % len(batches)] for j in range(self.schedule.per_step)]
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on this process's share of the step's micro-batches; returns what to log."""
+        import torch
+
+        from jobs.train import packing
+
+        world, examples = self.world, self.data.train
+        everyone = self.step_batches(self.state.step)
+        counts = [packing.count_tokens(b, examples) for b in everyone]
+        step_tokens, step_trained = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        mine = everyone[self.rank::world]
+        started = time.monotonic()
+        loss_total = 0.0
+        for k, mb in enumerate(mine):
+            sync = world == 1 or k == len(mine) - 1
+            with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)), self.autocast():
+                s, _ = packing.loss_sum(self.model, self.batch(mb, examples))
+                # Sum over tokens / all tokens of the step: every trained token weighs the same, however the
+                # tokens fall into micro-batches and ranks (DDP averages gradients, hence * world).
+                (s * (world / step_trained)).backward()
+            loss_total += float(s.detach())
+        grad_norm = None
+        if self.config.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss_total,) = self.all_sum(loss_total)
+        loss, seconds, lr = loss_total / step_trained, time.monotonic() - started, self.scheduler.get_last_lr()[0]
+        self.state.advance(loss=loss, lr=lr, tokens=step_tokens, trained_tokens=step_trained, seconds=seconds)
+        scalars = {"train/loss": loss, "train/lr": lr,
+                   "train/tokens_per_s": step_tokens / seconds if seconds > 0 else 0.0}
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = grad_norm
+        return scalars
+
+    def evaluate(self) -> float | None:
+        """Mean eval loss per target token over every process's share of the eval batches (None: no eval split)."""
+        import torch
+
+        from jobs.train import packing
+
+        if not self.data.eval_batches:
+            return None
+        self.model.eval()
+        loss_sum, count = 0.0, 0
+        with torch.no_grad(), self.autocast():
+            for i in range(self.rank, len(self.data.eval_batches), self.world):
+                s, n = packing.loss_sum(self.model, self.batch(self.data.eval_batches[i], self.data.eval))
+                loss_sum, count = loss_sum + float(s), count + n
+        self.model.train()
+        total, tokens = self.all_sum(loss_sum, count)
+        return total / max(tokens, 1)
+
+    def timed_eval(self) -> float | None:
+        """evaluate, its time added to timings["eval_s"], its loss to the state's eval losses."""
+        started = time.monotonic()
+        loss = self.evaluate()
+        self.timings["eval_s"] = self.timings.get("eval_s", 0.0) + time.monotonic() - started
+        if loss is not None and not (self.state.eval_losses and self.state.eval_losses[-1]["step"] == self.state.step):
+            self.state.eval_losses.append({"step": self.state.step, "loss": round(loss, 6)})
+        return loss
+
+    def save_checkpoint(self) -> str | None:
+        """Rank 0 saves the state as checkpoint `step` and prunes old ones; every process waits for it."""
+        started = time.monotonic()
+        uri = None
+        if self.main:
+            uri = checkpoints.write(self.config.output, self.identity, self.peft_model, self.optimizer,
+                                    self.scheduler, self.state)
+            removed = checkpoints.prune(self.config.output, self.config.checkpoint.keep)
+            LOG.info("checkpoint saved: %s (%.1fs)%s", uri, time.monotonic() - started,
+                     f"; removed steps {removed}" if removed else "",
+                     extra={"checkpoint": uri, "step": self.state.step})
+        self.accelerator.wait_for_everyone()
+        return uri
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, Any]) -> Trainer:
+    """Everything the loop needs, resumed from the newest checkpoint of this run when there is one."""
     import torch
     from accelerate import Accelerator
-    from transformers import AutoTokenizer
 
-    from common import chat
-    from jobs.train import checkpoints, data, packing
     from jobs.train.tracking import Tracker
 
+    timings: dict[str, float] = {}
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    device = accelerator.device
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
-    # ---- base model source and tokenizer
     t = time.monotonic()
-    with accelerator.main_process_first():
-        ref = models.resolve(config.base_model, revision=config.base_revision, cache_dir=config.cache_dir)
-    models.check_trust_remote_code(ref.path, config.trust_remote_code)
-    if models.is_quantized(ref.path):
-        raise ConfigError(f"{config.base_model} is already quantized ({models.is_quantized(ref.path)}); train "
-                          "from the 16-bit base model")
-    tokenizer = AutoTokenizer.from_pretrained(str(ref.path), trust_remote_code=config.trust_remote_code)
-    fmt = chat.chat_format(tokenizer, config.chat_template)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    base, tokenizer, fmt = _base_and_tokenizer(config, accelerator)
+    train_data = _load_data(config, prep, tokenizer, fmt)
+    schedule = _schedule(config, train_data, accelerator.num_processes)
+    LOG.info("data: %d train examples (%s) in %d packed rows of %d tokens (%.1f%% full), %d eval examples; "
+             "%d steps (%d per epoch)", len(train_data.train), train_data.source, len(train_data.rows),
+             config.max_seq_length, 100 * train_data.density, len(train_data.eval), schedule.total,
+             schedule.steps_per_epoch)
+    timings["load_data_s"] = time.monotonic() - t
 
-    # ---- data: verified shards -> examples -> packed rows
+    t = time.monotonic()
+    peft_model, compute_dtype, quant = _load_model(config, base.path, accelerator.device, cuda)
+    param_counts = _count_params(peft_model)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer, optimizer_name = _optimizer(config, params, cuda)
+    from transformers import get_scheduler  # here, so load_model_s counts its import as it always did
+
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=schedule.warmup,
+                              num_training_steps=schedule.total)
+    model = accelerator.prepare_model(peft_model, device_placement=False) if accelerator.num_processes > 1 \
+        else peft_model
+    timings["load_model_s"] = time.monotonic() - t
+
+    state, resumed_from = checkpoints.resume(config.output, identity, peft_model, optimizer, scheduler,
+                                             accelerator.process_index, config.seed)
+    if resumed_from is not None:
+        LOG.info("resuming from %s (step %d of %d)", checkpoints.step_uri(config.output, resumed_from),
+                 resumed_from, schedule.total)
+    state.attempts += 1
+    state.run_id = os.environ.get("FTJOBS_RUN_ID") or state.run_id or mf.new_run_id()
+    tracker = Tracker(config.report_to, config.run_name or state.run_id, resolved,
+                      enabled=accelerator.is_main_process)
+    return Trainer(config=config, accelerator=accelerator, base=base, tokenizer=tokenizer, fmt=fmt,
+                   data=train_data, schedule=schedule, model=model, peft_model=peft_model, params=params,
+                   param_counts=param_counts, optimizer=optimizer,
+                   optimizer_name=optimizer_name, scheduler=scheduler, compute_dtype=compute_dtype, quant=quant,
+                   identity=identity, state=state, resumed_from=resumed_from, tracker=tracker, timings=timings)
+
+
+def _base_and_tokenizer(config: Config, accelerator: Any) -> tuple[models.ModelRef, Any, chat.ChatFormat]:
+    """The base model's local folder (fetched by one process first) and its tokenizer and chat format."""
+    from transformers import AutoTokenizer
+
+    with accelerator.main_process_first():
+        base = models.resolve(config.base_model, revision=config.base_revision, cache_dir=config.cache_dir)
+    models.check_trust_remote_code(base.path, config.trust_remote_code)
+    if models.is_quantized(base.path):
+        raise ConfigError(f"{config.base_model} is already quantized ({models.is_quantized(base.path)}); train "
+                          "from the 16-bit base model")
+    tokenizer = AutoTokenizer.from_pretrained(str(base.path), trust_remote_code=config.trust_remote_code)
+    return base, tokenizer, chat.chat_format(tokenizer, config.chat_template)
+
+
+def _load_data(config: Config, prep: mf.Loaded, tokenizer: Any, fmt: chat.ChatFormat) -> TrainData:
+    """Verified shards -> examples -> packed rows; refuses a split that would drop too much or train nothing."""
+    from jobs.train import data, packing
+
     source = data.choose_source(prep, tokenizer, fmt, base_model=config.base_model, retokenize=config.retokenize)
     load_args: dict[str, Any] = {"source": source, "tokenizer": tokenizer, "fmt": fmt,
                                  "max_seq_length": config.max_seq_length, "train_on": config.train_on}
@@ -230,245 +497,139 @@ def _train(config: Config, prep: mf.Loaded, inputs: list[mf.InputRef], resolved:
         raise InputError(f"The train split of {prep.uri} has no trainable examples "
                          f"({train_stats['rows']} rows; dropped: {train_stats['dropped'] or 'none'}). "
                          "Check max_seq_length and the prepare run.")
-    rows = packing.pack([len(e) for e in train_ex], config.max_seq_length)
     eval_rows = packing.pack([len(e) for e in eval_ex], config.max_seq_length)
-    eval_batches = [eval_rows[i:i + config.batch_size] for i in range(0, len(eval_rows), config.batch_size)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TrainData(source=source, train=train_ex, eval=eval_ex, train_stats=train_stats, eval_stats=eval_stats,
+                     rows=packing.pack([len(e) for e in train_ex], config.max_seq_length),
+                     row_tokens=config.max_seq_length,
+                     eval_batches=[eval_rows[i:i + config.batch_size]
+                                   for i in range(0, len(eval_rows), config.batch_size)], pad_id=pad_id)
+
+
+def _schedule(config: Config, train_data: TrainData, world: int) -> Schedule:
     per_step = config.grad_accum * world
-    batches_per_epoch = math.ceil(len(rows) / config.batch_size)
+    batches_per_epoch = math.ceil(len(train_data.rows) / config.batch_size)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / per_step))
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup = config.warmup_steps if config.warmup_steps is not None else round(
-        (config.warmup_ratio if config.warmup_ratio is not None else 0.03) * total_steps)
-    packed_tokens = sum(len(e) for e in train_ex)
-    density = packed_tokens / (len(rows) * config.max_seq_length)
-    LOG.info("data: %d train examples (%s) in %d packed rows of %d tokens (%.1f%% full), %d eval examples; "
-             "%d steps (%d per epoch)", len(train_ex), source, len(rows), config.max_seq_length, 100 * density,
-             len(eval_ex), total_steps, steps_per_epoch)
-    timings["load_data_s"] = time.monotonic() - t
+        (config.warmup_ratio if config.warmup_ratio is not None else 0.03) * total)
+    return Schedule(per_step=per_step, steps_per_epoch=steps_per_epoch, total=total, warmup=warmup)
 
-    # ---- model: 4-bit base + LoRA
-    t = time.monotonic()
-    model, compute_dtype, quant = _load_model(config, ref.path, device, cuda)
-    trainable, total_params = _count_params(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, optimizer_name = _optimizer(config, params, cuda)
-    from transformers import get_scheduler
 
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
-    unwrapped = model
-    if world > 1:
-        model = accelerator.prepare_model(model, device_placement=False)
-    timings["load_model_s"] = time.monotonic() - t
+# --------------------------------------------------------------------------- fit
 
-    # ---- resume from the newest complete, verified checkpoint of this run
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "trained_tokens": 0, "train_seconds": 0.0,
-                             "loss": [], "eval": [], "attempts": 0}
-    resumed_from = None
-    with tempfile.TemporaryDirectory(prefix="ftjobs-ckpt-") as tmp:
-        ckpt = checkpoints.latest(config.output, Path(tmp), identity)
-        if ckpt is not None:
-            state = _restore(ckpt.local, unwrapped, optimizer, scheduler, rank, config.seed)
-            resumed_from = ckpt.step
-            LOG.info("resuming from %s (step %d of %d)", ckpt.uri, ckpt.step, total_steps)
-    state["attempts"] += 1
-    run_id = os.environ.get("FTJOBS_RUN_ID") or state.get("run_id") or mf.new_run_id()
-    state["run_id"] = run_id
 
-    tracker = Tracker(config.report_to, config.run_name or run_id, resolved, enabled=main)
-    autocast = (torch.autocast("cuda", dtype=compute_dtype) if cuda and compute_dtype != torch.float32
-                else contextlib.nullcontext())
-    with_mask = config.packing == "mask"
+def fit(t: Trainer, stop: _StopFlag) -> Fitted:
+    """Optimizer steps from the state's step to the total, evaluating and checkpointing on the way.
 
-    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-    def all_sum(*values: float) -> list[float]:
-        if world == 1:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)
-        return accelerator.reduce(tensor, reduction="sum").tolist()
-
-    def evaluate() -> float | None:
-        if not eval_batches:
-            return None
-        model.eval()
-        loss_sum, count = 0.0, 0
-        with torch.no_grad(), autocast:
-            for i in range(rank, len(eval_batches), world):
-                s, n = packing.loss_sum(model, to_device(packing.collate(eval_batches[i], eval_ex, pad_id,
-                                                                         with_mask)))
-                loss_sum, count = loss_sum + float(s), count + n
-        model.train()
-        loss_sum, count = all_sum(loss_sum, count)
-        return loss_sum / max(count, 1)
-
-    def save_checkpoint(step: int) -> str | None:
-        t_save = time.monotonic()
-        uri = None
-        if main:
-            with tempfile.TemporaryDirectory(prefix="ftjobs-ckpt-") as local:
-                _snapshot(Path(local), unwrapped, optimizer, scheduler, state)
-                uri = checkpoints.save(config.output, step, Path(local), identity)
-            removed = checkpoints.prune(config.output, config.checkpoint.keep)
-            LOG.info("checkpoint saved: %s (%.1fs)%s", uri, time.monotonic() - t_save,
-                     f"; removed steps {removed}" if removed else "", extra={"checkpoint": uri, "step": step})
-        accelerator.wait_for_everyone()
-        return uri
-
-    # ---- the loop
+    SIGTERM: the step in flight finishes, a checkpoint is saved, and Preempted (exit 1) ends the attempt.
+    """
     if stop.requested:
         raise Preempted("SIGTERM arrived before training started; nothing to save. Re-run the same command.")
-    step = state["step"]
-    model.train()
-    progress = Progress("train", total=total_steps - step, unit="steps")
-    last_ckpt = time.monotonic()
-    epoch_cached, batches = -1, []
-    t_train = time.monotonic()
-    while step < total_steps:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        if epoch != epoch_cached:
-            batches, epoch_cached = packing.micro_batches(rows, config.batch_size, config.seed, epoch), epoch
-        first = in_epoch * per_step
-        everyone = [batches[(first + j) % len(batches)] for j in range(per_step)]
-        mine = everyone[rank::world]
-        step_tokens = sum(packing.count_tokens(b, train_ex)[0] for b in everyone)
-        step_trained = sum(packing.count_tokens(b, train_ex)[1] for b in everyone)
-        t_step = time.monotonic()
-        loss_total = 0.0
-        for k, mb in enumerate(mine):
-            sync = world == 1 or k == len(mine) - 1
-            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), autocast:
-                s, _ = packing.loss_sum(model, to_device(packing.collate(mb, train_ex, pad_id, with_mask)))
-                # Sum over tokens / all tokens of the step: every trained token weighs the same, however the
-                # tokens fall into micro-batches and ranks (DDP averages gradients, hence * world).
-                (s * (world / step_trained)).backward()
-            loss_total += float(s.detach())
-        grad_norm = None
-        if config.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        (loss_total,) = all_sum(loss_total)
-        loss = loss_total / step_trained
-        seconds = time.monotonic() - t_step
-        state["train_seconds"] += seconds
-        state["tokens"] += step_tokens
-        state["trained_tokens"] += step_trained
-        state["step"] = step
-        lr = scheduler.get_last_lr()[0]
-        state["loss"].append({"step": step, "loss": round(loss, 6), "lr": lr, "tokens": state["tokens"]})
-        tok_s = step_tokens / seconds if seconds > 0 else 0.0
-        progress.update(1, step=step, loss=loss, tok_s=round(tok_s))
-        scalars = {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tok_s}
-        if grad_norm is not None:
-            scalars["train/grad_norm"] = grad_norm
-        if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-            t_eval = time.monotonic()
-            eval_loss = evaluate()
-            timings["eval_s"] = timings.get("eval_s", 0.0) + time.monotonic() - t_eval
+    total, ckpt = t.schedule.total, t.config.checkpoint
+    t.model.train()
+    progress = Progress("train", total=total - t.state.step, unit="steps")
+    last_ckpt = started = time.monotonic()
+    while t.state.step < total:
+        scalars = t.train_step()
+        step = t.state.step
+        progress.update(1, step=step, loss=scalars["train/loss"], tok_s=round(scalars["train/tokens_per_s"]))
+        if t.config.eval_every and step % t.config.eval_every == 0 and step < total:
+            eval_loss = t.timed_eval()
             if eval_loss is not None:
-                state["eval"].append({"step": step, "loss": round(eval_loss, 6)})
                 scalars["eval/loss"] = eval_loss
                 LOG.info("step %d eval loss %.4f", step, eval_loss)
-        tracker.log(scalars, step)
+        t.tracker.log(scalars, step)
 
-        stopping = stop.requested
-        if world > 1:
-            stopping = all_sum(float(stopping))[0] > 0
-        due = (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0) or (
-            config.checkpoint.every_minutes and time.monotonic() - last_ckpt >= 60 * config.checkpoint.every_minutes)
-        if step < total_steps and (stopping or due):
-            uri = save_checkpoint(step)
+        stopping = t.all_sum(float(stop.requested))[0] > 0  # any process asked to stop: all stop
+        due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (
+            ckpt.every_minutes and time.monotonic() - last_ckpt >= 60 * ckpt.every_minutes)
+        if step < total and (stopping or due):
+            uri = t.save_checkpoint()
             last_ckpt = time.monotonic()
             if stopping:
                 progress.close()
-                tracker.close()
-                raise Preempted(f"Stopped by SIGTERM after step {step} of {total_steps}; state saved to {uri}. "
+                t.tracker.close()
+                raise Preempted(f"Stopped by SIGTERM after step {step} of {total}; state saved to {uri}. "
                                 "Re-run the same command to resume from it.")
     progress.close()
-    timings["train_s"] = time.monotonic() - t_train
+    t.timings["train_s"] = time.monotonic() - started
 
-    t_eval = time.monotonic()
-    final_eval = evaluate()
-    if final_eval is not None and (not state["eval"] or state["eval"][-1]["step"] != step):
-        state["eval"].append({"step": step, "loss": round(final_eval, 6)})
-        tracker.log({"eval/loss": final_eval}, step)
-    timings["eval_s"] = timings.get("eval_s", 0.0) + time.monotonic() - t_eval
-    tracker.close()
-    peak = _peak_memory(cuda, device)
+    eval_loss = t.timed_eval()  # always at the end, when there is an eval split
+    if eval_loss is not None:
+        t.tracker.log({"eval/loss": eval_loss}, t.state.step)
+    t.tracker.close()
+    return Fitted(eval_loss=eval_loss, peak_memory=_peak_memory(t.cuda, t.accelerator.device))
 
-    # ---- outputs (rank 0 only), manifest last
-    out_uri = mf.manifest_uri(config.output)
-    if main:
-        t = time.monotonic()
-        writer = mf.ArtifactWriter(config.output)
-        with tempfile.TemporaryDirectory(prefix="ftjobs-train-") as tmp:
-            local = Path(tmp)
-            unwrapped.peft_config["default"].base_model_name_or_path = config.base_model
-            unwrapped.save_pretrained(str(local / "adapter"), safe_serialization=True)
-            (local / "adapter" / "README.md").unlink(missing_ok=True)  # peft's boilerplate model card
-            tokenizer.chat_template = fmt.template
-            tokenizer.save_pretrained(str(local / "tokenizer"))
-            writer.add_dir(local / "adapter", "adapter")
-            writer.add_dir(local / "tokenizer", "tokenizer")
-            curve = {"train": state["loss"], "eval": state["eval"]}
-            writer.add_bytes(storage.json_bytes(curve), "loss_curve.json")
-            _plot(curve, local / "loss_curve.png", config.base_model)
-            writer.add_file(local / "loss_curve.png", "loss_curve.png")
-        timings["save_s"] = time.monotonic() - t
-        timings["wall_s"] = time.monotonic() - started
-        train_seconds = state["train_seconds"]
-        metrics = {
-            "final_train_loss": state["loss"][-1]["loss"],
-            "first_train_loss": state["loss"][0]["loss"],
-            "eval_loss": final_eval,
-            "eval_loss_series": state["eval"],
-            "steps": step,
-            "tokens_trained": state["tokens"],
-            "target_tokens_trained": state["trained_tokens"],
-            "effective_tokens_per_s": state["tokens"] / train_seconds if train_seconds else None,
-            "train_seconds": train_seconds,
-            "peak_memory_bytes": peak["bytes"],
-            "peak_memory_kind": peak["kind"],
-            "wall_s": timings["wall_s"],
-        }
-        stats = {
-            "train": train_stats,
-            "eval": eval_stats,
-            "data_source": source,
-            "packing": {"mode": config.packing, "attention": config.attention, "rows": len(rows),
-                        "row_tokens": config.max_seq_length, "density": round(density, 4),
-                        "padding_free": True},
-            "steps": {"total": total_steps, "per_epoch": steps_per_epoch, "warmup": warmup},
-            "world_size": world,
-            "resumed_from_step": resumed_from,
-            "attempts": state["attempts"],
-            "optimizer": optimizer_name,
-            "params": {"trainable": trainable, "total": total_params},
-            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        }
-        model_info = {
-            "base_model": config.base_model,
-            "base_revision": ref.revision,
-            "template_hash": fmt.hash,
-            "chat_template": fmt.template,
-            "tokenizer": chat.tokenizer_identity(tokenizer),
-            "quantization": quant,
-            "lora": {"r": config.lora.r, "alpha": config.lora.alpha, "dropout": config.lora.dropout,
-                     "target_modules": config.lora.target_modules, "modules_to_save": config.lora.modules_to_save},
-        }
-        manifest = mf.build(stage=STAGE, run_id=run_id, config=resolved, inputs=inputs, artifacts=writer.artifacts,
-                            stats=stats, metrics=metrics, timings=timings, model=model_info)
-        out_uri = mf.publish(config.output, manifest)
-        if config.checkpoint.delete_on_success:
-            storage.delete_prefix(checkpoints.root(config.output))
-        LOG.info("trained %d steps: loss %.4f -> %.4f, %s tokens/s", step, metrics["first_train_loss"],
-                 metrics["final_train_loss"], f"{metrics['effective_tokens_per_s'] or 0:,.0f}")
-    accelerator.wait_for_everyone()
-    return mf.load(out_uri, verify="none")
+
+# --------------------------------------------------------------------------- outputs
+
+
+def save_outputs(t: Trainer, writer: mf.ArtifactWriter) -> None:
+    """adapter/, tokenizer/ (with the chat template trained on), loss_curve.json and .png, through the writer."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ftjobs-train-") as tmp:
+        local = Path(tmp)
+        t.peft_model.peft_config["default"].base_model_name_or_path = t.config.base_model
+        t.peft_model.save_pretrained(str(local / "adapter"), safe_serialization=True)
+        (local / "adapter" / "README.md").unlink(missing_ok=True)  # peft's boilerplate model card
+        t.tokenizer.chat_template = t.fmt.template
+        t.tokenizer.save_pretrained(str(local / "tokenizer"))
+        writer.add_dir(local / "adapter", "adapter")
+        writer.add_dir(local / "tokenizer", "tokenizer")
+        curve = {"train": t.state.losses, "eval": t.state.eval_losses}
+        writer.add_bytes(storage.json_bytes(curve), "loss_curve.json")
+        _plot(curve, local / "loss_curve.png", t.config.base_model)
+        writer.add_file(local / "loss_curve.png", "loss_curve.png")
+    t.timings["save_s"] = time.monotonic() - started
+
+
+def _outcome(t: Trainer, fitted: Fitted) -> stage.Outcome:
+    """What the manifest records beside the artifacts: metrics, stats, the model block, timings."""
+    import torch
+
+    config, state, train_data = t.config, t.state, t.data
+    metrics = {
+        "final_train_loss": state.losses[-1]["loss"],
+        "first_train_loss": state.losses[0]["loss"],
+        "eval_loss": fitted.eval_loss,
+        "eval_loss_series": state.eval_losses,
+        "steps": state.step,
+        "tokens_trained": state.tokens,
+        "target_tokens_trained": state.trained_tokens,
+        "effective_tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
+        "train_seconds": state.train_seconds,
+        "peak_memory_bytes": fitted.peak_memory["bytes"],
+        "peak_memory_kind": fitted.peak_memory["kind"],
+        "wall_s": t.timings["wall_s"],
+    }
+    stats = {
+        "train": train_data.train_stats,
+        "eval": train_data.eval_stats,
+        "data_source": train_data.source,
+        "packing": {"mode": config.packing, "attention": config.attention, "rows": len(train_data.rows),
+                    "row_tokens": config.max_seq_length, "density": round(train_data.density, 4),
+                    "padding_free": True},
+        "steps": {"total": t.schedule.total, "per_epoch": t.schedule.steps_per_epoch, "warmup": t.schedule.warmup},
+        "world_size": t.world,
+        "resumed_from_step": t.resumed_from,
+        "attempts": state.attempts,
+        "optimizer": t.optimizer_name,
+        "params": {"trainable": t.param_counts[0], "total": t.param_counts[1]},
+        "device": torch.cuda.get_device_name(t.accelerator.device) if t.cuda else "cpu",
+    }
+    model_info = {
+        "base_model": config.base_model,
+        "base_revision": t.base.revision,
+        "template_hash": t.fmt.hash,
+        "chat_template": t.fmt.template,
+        "tokenizer": chat.tokenizer_identity(t.tokenizer),
+        "quantization": t.quant,
+        "lora": {"r": config.lora.r, "alpha": config.lora.alpha, "dropout": config.lora.dropout,
+                 "target_modules": config.lora.target_modules, "modules_to_save": config.lora.modules_to_save},
+    }
+    return stage.Outcome(run_id=state.run_id, stats=stats, metrics=metrics, timings=t.timings, model=model_info)
+
 
 
 # --------------------------------------------------------------------------- pieces
@@ -544,48 +705,6 @@ def _optimizer(config: Config, params: list[Any], cuda: bool) -> tuple[Any, str]
     cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(params, lr=config.learning_rate, weight_decay=config.weight_decay), name
 
-
-def _snapshot(local: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
-    """Everything a resume needs, as files: adapter (safetensors), optimizer, scheduler, RNG, state.json."""
-    import torch
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(weights, str(local / "adapter_model.safetensors"))
-    torch.save(optimizer.state_dict(), local / "optimizer.pt")
-    torch.save(scheduler.state_dict(), local / "scheduler.pt")
-    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, local / "rng.pt")
-    py_state = random.getstate()
-    (local / "state.json").write_text(json.dumps({**state, "python_rng": [py_state[0], list(py_state[1]),
-                                                                          py_state[2]]}))
-
-
-def _restore(local: Path, model: Any, optimizer: Any, scheduler: Any, rank: int, seed: int) -> dict[str, Any]:
-    """Load a verified checkpoint (checksums were checked before any of these files is read)."""
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(str(local / "adapter_model.safetensors")))
-    optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=True))
-    state = json.loads((local / "state.json").read_text())
-    rng = torch.load(local / "rng.pt", weights_only=True)
-    if rank == 0:
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        version, internal, gauss = state.pop("python_rng")
-        random.setstate((version, tuple(internal), gauss))
-    else:  # other ranks' dropout streams are not saved: reseed them deterministically from the step
-        state.pop("python_rng", None)
-        torch.manual_seed(seed + 7919 * rank + state["step"])
-        random.seed(seed + 7919 * rank + state["step"])
-    return state
 
 
 def _peak_memory(cuda: bool, device: Any) -> dict[str, Any]:

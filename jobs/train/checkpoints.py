@@ -2,9 +2,10 @@
 
 A checkpoint is a folder `<output>/checkpoints/step-NNNNNNNN/` with the
 adapter (safetensors), optimizer, scheduler and RNG state, and `state.json`
-(data position, counters, loss history). `COMPLETE.json` is written LAST and
-lists every file's sha256 and size: a folder without it is an attempt that was
-killed mid-upload and is ignored.
+(`TrainState`: data position, counters, loss history; `snapshot` writes it,
+`restore` reads it back). `COMPLETE.json` is written LAST and lists every
+file's sha256 and size: a folder without it is an attempt that was killed
+mid-upload and is ignored.
 
 On resume, the newest checkpoint whose marker belongs to this run and whose
 files all match the marker's sha256 is used; anything else is skipped for the
@@ -17,18 +18,69 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common import storage
+from common.errors import InputError
 from common.manifest import now
 
 LOG = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+# state.json's layout. Checkpoints written before the field existed have the same layout and count as 1.
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Where a training run stands: what a checkpoint saves as state.json and the manifest reports.
+
+    `step` is also the data position: the loop derives the epoch and the micro-batch to start from it, so
+    a resumed run replays the same batches in the same order.
+    """
+
+    step: int = 0                 # optimizer steps done
+    tokens: int = 0               # real (non-padding) tokens seen
+    trained_tokens: int = 0       # tokens with a loss target
+    train_seconds: float = 0.0    # time inside optimizer steps, summed over attempts
+    losses: list[dict[str, Any]] = field(default_factory=list)       # {step, loss, lr, tokens} per step
+    eval_losses: list[dict[str, Any]] = field(default_factory=list)  # {step, loss} per evaluation
+    attempts: int = 0             # runs of the job that trained on this state, the current one included
+    run_id: str | None = None
+
+    def advance(self, *, loss: float, lr: float, tokens: int, trained_tokens: int, seconds: float) -> None:
+        """Count one optimizer step and record its loss."""
+        self.step += 1
+        self.train_seconds += seconds
+        self.tokens += tokens
+        self.trained_tokens += trained_tokens
+        self.losses.append({"step": self.step, "loss": round(loss, 6), "lr": lr, "tokens": self.tokens})
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        losses, evals = data.pop("losses"), data.pop("eval_losses")
+        return {"version": STATE_VERSION, **data, "loss": losses, "eval": evals}  # the keys state.json always had
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> TrainState:
+        version = data.get("version", 1)
+        if version != STATE_VERSION:
+            raise InputError(f"{where} has state.json version {version}; this ftjobs reads version "
+                             f"{STATE_VERSION}. Resume with the ftjobs that wrote it, or delete the checkpoints "
+                             "to train from the start.")
+        try:
+            return cls(step=int(data["step"]), tokens=int(data["tokens"]), trained_tokens=int(data["trained_tokens"]),
+                       train_seconds=float(data["train_seconds"]), losses=list(data["loss"]),
+                       eval_losses=list(data["eval"]), attempts=int(data["attempts"]), run_id=data.get("run_id"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{where}: state.json is not a training state ({type(exc).__name__}: {exc}). Delete "
+                             "that checkpoint folder to resume from the one before it.") from None
 
 
 @dataclass(frozen=True)
@@ -129,3 +181,71 @@ def _download_verified(uri: str, files: dict[str, Any], local: Path) -> str | No
             target.unlink(missing_ok=True)
             return f"{rel} has sha256 {got.sha256[:12]}..., the marker recorded {str(want.get('sha256'))[:12]}..."
     return None
+
+
+# --------------------------------------------------------------------------- snapshot / restore
+
+
+def write(output: str, identity: str, model: Any, optimizer: Any, scheduler: Any, state: TrainState) -> str:
+    """Snapshot the training state into a temporary folder and save it as checkpoint `state.step`."""
+    with tempfile.TemporaryDirectory(prefix="ftjobs-ckpt-") as local:
+        snapshot(Path(local), model, optimizer, scheduler, state)
+        return save(output, state.step, Path(local), identity)
+
+
+def resume(output: str, identity: str, model: Any, optimizer: Any, scheduler: Any, rank: int,
+           seed: int) -> tuple[TrainState, int | None]:
+    """Load the newest complete, verified checkpoint of this run into model, optimizer and scheduler.
+
+    Returns its state and step, or a fresh state and None when there is none.
+    """
+    with tempfile.TemporaryDirectory(prefix="ftjobs-ckpt-") as tmp:
+        ckpt = latest(output, Path(tmp), identity)
+        if ckpt is None:
+            return TrainState(), None
+        state = restore(ckpt.local, model, optimizer, scheduler, rank, seed, where=ckpt.uri)
+        return state, ckpt.step
+
+
+def snapshot(local: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState) -> None:
+    """Everything a resume needs, as files: adapter (safetensors), optimizer, scheduler, RNG, state.json."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(weights, str(local / "adapter_model.safetensors"))
+    torch.save(optimizer.state_dict(), local / "optimizer.pt")
+    torch.save(scheduler.state_dict(), local / "scheduler.pt")
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, local / "rng.pt")
+    py_state = random.getstate()
+    (local / "state.json").write_text(json.dumps({**state.to_json(), "python_rng": [py_state[0], list(py_state[1]),
+                                                                                    py_state[2]]}))
+
+
+def restore(local: Path, model: Any, optimizer: Any, scheduler: Any, rank: int, seed: int,
+            where: str | None = None) -> TrainState:
+    """Load a verified checkpoint (checksums were checked before any of these files is read)."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    raw = json.loads((local / "state.json").read_text())
+    state = TrainState.from_json(raw, where or str(local))  # refuse an unreadable state before touching the model
+    set_peft_model_state_dict(model, load_file(str(local / "adapter_model.safetensors")))
+    optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=True))
+    rng = torch.load(local / "rng.pt", weights_only=True)
+    if rank == 0:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        version, internal, gauss = raw["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+    else:  # other ranks' dropout streams are not saved: reseed them deterministically from the step
+        torch.manual_seed(seed + 7919 * rank + state.step)
+        random.seed(seed + 7919 * rank + state.step)
+    return state
