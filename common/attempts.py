@@ -75,6 +75,7 @@ class Heartbeat:
     interval: float = HEARTBEAT_S
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
+    _made_output: bool = field(default=False, repr=False)
     _started: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"))
 
     @property
@@ -89,6 +90,7 @@ class Heartbeat:
         storage.write_bytes(self.uri, storage.json_bytes(self.record(**more)))
 
     def __enter__(self) -> Heartbeat:
+        self._made_output = not storage.is_s3(self.output) and not storage.local_path(self.output).exists()
         self.beat()  # synchronously: an unwritable store fails here, before any work
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.attempt_id}", daemon=True)
         self._thread.start()
@@ -109,7 +111,8 @@ class Heartbeat:
             storage.delete(self.uri)
             if not storage.is_s3(self.uri):  # no empty folders left behind by a refused run
                 here = storage.local_path(folder(self.output, self.attempt_id))
-                for path in (here, here.parent):
+                _remove_empty_folders(str(here))
+                for path in (here, here.parent, *((here.parent.parent,) if self._made_output else ())):
                     with contextlib.suppress(OSError):
                         path.rmdir()
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common import storage
 from common.errors import AlreadyExistsError, ChecksumError, FtjobsError, InputError, OutputTakenError
@@ -152,6 +152,11 @@ class LoraBlock(BaseModel):
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] = Field(default_factory=list)
+
+    @field_validator("modules_to_save", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value  # peft's own spelling of "none"
 
 
 class TrainModel(ModelBlock):
@@ -307,6 +312,11 @@ class ArtifactWriter:
         uri = self.uri(path)
         digest = sha256 or storage.sha256_uri(uri)
         return self._record(name or path, self.rel(path), uri, digest, storage.size(uri), rows)
+
+    def add_shared(self, rel: str, name: str, sha256: str, size: int) -> Artifact:
+        """Record a file outside the attempt's folder, at `rel` under the prefix, whose bytes are already known
+        (train's kept checkpoints, which any attempt of the run may have written and every attempt resumes from)."""
+        return self._record(name, rel, storage.join(self.prefix, rel), sha256, size, None)
 
     def _record(self, name: str, path: str, uri: str, sha: str, size: int, rows: int | None) -> Artifact:
         art = Artifact(name=name, path=path, uri=uri, sha256=sha, bytes=size, rows=rows)

@@ -146,12 +146,15 @@ def publish(attempt: Attempt, outcome: Outcome) -> mf.Loaded:
     try:
         uri = mf.publish(ident.output, manifest)
     except AlreadyExistsError:
-        return _lost_race(ident)
+        return winner(ident)
     return mf.load(uri, verify="none")
 
 
-def _lost_race(identity: Identity) -> mf.Loaded:
-    """Another attempt published while this one worked: its manifest stands when it is the same run."""
+def winner(identity: Identity) -> mf.Loaded:
+    """Another attempt published while this one worked: its manifest stands when it is the same run.
+
+    Work that notices this early (train, at a checkpoint) returns it instead of finishing for nothing.
+    """
     try:
         winner = already_done(identity)
     except OutputTakenError:

@@ -225,7 +225,7 @@ class Plan:
 
     config: Config
     train: mf.Loaded
-    info: dict[str, Any]           # the train manifest's model block
+    info: mf.TrainModel            # the train manifest's model block
     quant: Quant                   # the 4-bit settings the adapter trained under
     roundtrip: Quant | None        # quant when base_weights is nf4_roundtrip
     device: str
@@ -277,12 +277,9 @@ def plan_merge(config: Config, train: mf.Loaded, work: Path) -> Plan:
                 eos=[e for e in eos if e is not None], prompt_ids=encode_prompts(tokenizer, config.checks.prompts))
 
 
-def _adapter_settings(config: Config, train: mf.Loaded) -> tuple[dict[str, Any], Quant, Quant | None]:
-    info = train.manifest.model
-    missing = [k for k in ("base_model", "template_hash") if not info.get(k)]
-    if missing:
-        raise InputError(f"{train.uri} model section lacks {missing}: not a train manifest merge can use")
-    quant = Quant.from_manifest(info.get("quantization") or {})
+def _adapter_settings(config: Config, train: mf.Loaded) -> tuple[mf.TrainModel, Quant, Quant | None]:
+    info: mf.TrainModel = mf.model_block(train)  # exit 3 naming the manifest when it is not train's block
+    quant = Quant.from_manifest(info.quantization)
     if config.base_weights == "nf4_roundtrip" and quant.mode == "none":
         raise ConfigError("base_weights: nf4_roundtrip, but the adapter trained on unquantized weights "
                           "(quantization.mode none): there is no 4-bit roundtrip to reproduce. Use original")
@@ -310,30 +307,30 @@ def _fetch_adapter(train: mf.Loaded, work: Path) -> tuple[Path, Path, str]:
     return work / "adapter", work / "tokenizer", train.manifest.artifact("adapter/adapter_model.safetensors").sha256
 
 
-def _resolve_base(config: Config, info: dict[str, Any]) -> tuple[str, models.ModelRef]:
+def _resolve_base(config: Config, info: mf.TrainModel) -> tuple[str, models.ModelRef]:
     """The 16-bit base the adapter was trained on, at the revision the train manifest records."""
-    base_src = config.base_model or info["base_model"]
-    ref = models.resolve(base_src, revision=info.get("base_revision") if models.looks_like_hf_id(base_src) else None)
+    base_src = config.base_model or info.base_model
+    ref = models.resolve(base_src, revision=info.base_revision if models.looks_like_hf_id(base_src) else None)
     quantized = models.is_quantized(ref.path)
     if quantized:
         raise InputError(f"base model {base_src} is quantized ({quantized}). Merging into quantized weights "
                          "either loses the adapter to rounding or needs requantizing; merge needs the 16-bit "
                          "base the adapter was trained from. Point base_model at the unquantized checkpoint.")
-    if info.get("base_revision") and ref.revision != info["base_revision"]:
+    if info.base_revision and ref.revision != info.base_revision:
         raise InputError(f"base model {base_src} is revision {ref.revision}; the adapter was trained on "
-                         f"{info['base_revision']}. Give the same base (base_model: ...).")
+                         f"{info.base_revision}. Give the same base (base_model: ...).")
     models.check_trust_remote_code(ref.path, config.trust_remote_code)
     return base_src, ref
 
 
-def _training_tokenizer(train: mf.Loaded, tok_dir: Path, info: dict[str, Any]) -> tuple[Any, chat.ChatFormat]:
+def _training_tokenizer(train: mf.Loaded, tok_dir: Path, info: mf.TrainModel) -> tuple[Any, chat.ChatFormat]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     fmt = chat.chat_format(tokenizer)
-    if fmt.hash != info["template_hash"]:
+    if fmt.hash != info.template_hash:
         raise InputError(f"tokenizer in {train.uri} renders chat template {fmt.hash[:12]}; the manifest "
-                         f"records {info['template_hash'][:12]}. The train output is inconsistent.")
+                         f"records {info.template_hash[:12]}. The train output is inconsistent.")
     return tokenizer, fmt
 
 
@@ -673,17 +670,14 @@ def record_model(writer: mf.ArtifactWriter, out_dir: Path, written: Written) -> 
 def _outcome(plan: Plan, written: Written, metrics: dict[str, Any], timings: dict[str, float]) -> stage.Outcome:
     """What the manifest records beside the artifacts: the model block, stats, check results, timings."""
     info, quant = plan.info, plan.quant
-    model_info = {
-        "base_model": info["base_model"], "base_revision": plan.base.revision, "base_source": plan.base_src,
-        "adapter_sha256": plan.adapter_sha,
-        "dtype": plan.dtype, "base_weights": plan.config.base_weights, "mode": plan.mode,
-        "template_hash": plan.fmt.hash,
+    model_info = mf.MergeModel(
+        base_model=info.base_model, base_revision=plan.base.revision, base_source=plan.base_src,
+        adapter_sha256=plan.adapter_sha, dtype=plan.dtype, base_weights=plan.config.base_weights, mode=plan.mode,
+        template_hash=plan.fmt.hash, chat_template=plan.fmt.template,
         # the tokenizer loaded from a temporary folder: name it as training did
-        "chat_template": plan.fmt.template, "tokenizer": {**chat.tokenizer_identity(plan.tokenizer),
-                                                          "name": (info.get("tokenizer") or {}).get("name", "")},
-        "quantization": {"mode": quant.mode, "blocksize": quant.blocksize, "double_quant": quant.double_quant},
-        "lora": info.get("lora"),
-    }
+        tokenizer={**chat.tokenizer_identity(plan.tokenizer), "name": (info.tokenizer or {}).get("name", "")},
+        quantization={"mode": quant.mode, "blocksize": quant.blocksize, "double_quant": quant.double_quant},
+        lora=info.lora).model_dump(mode="json")
     stats = {"mode": plan.mode, "device": plan.device, "model_bytes": plan.model_bytes, "shards": len(written.files),
              "memory_budget": plan.budget}
     return stage.Outcome(stats=stats, metrics=metrics, timings=timings, model=model_info)

@@ -194,8 +194,15 @@ def run(config: Config) -> stage.Result:
 def train(config: Config, prep: mf.Loaded, attempt: stage.Attempt, stop: _StopFlag,
           started: float) -> stage.Outcome | stage.Pending:
     """setup -> fit -> save_outputs; rank 0's outcome becomes the manifest, other ranks leave it to rank 0."""
-    trainer = setup(config, prep, attempt.identity.key, attempt.identity.config)
-    fitted = fit(trainer, stop)
+    trainer = setup(config, prep, attempt.identity.key, attempt.identity.config, attempt.id)
+    try:
+        fitted = fit(trainer, stop)
+        if trainer.superseded():
+            raise Superseded
+    except Superseded:
+        # A zombie or a losing racer: it stops here and writes nothing more (the winner's checkpoints stay).
+        trainer.tracker.close()
+        return stage.winner(attempt.identity)
     if trainer.main:
         save_outputs(trainer, attempt.writer)
     trainer.accelerator.wait_for_everyone()  # the last collective: rank 0 publishes alone after it
@@ -274,6 +281,7 @@ class Trainer:
     compute_dtype: Any
     quant: dict[str, Any]  # the manifest's quantization block
     identity: str          # config + inputs: whose checkpoints this run may resume from
+    attempt: str           # names this attempt's checkpoint folders
     state: checkpoints.TrainState
     resumed_from: int | None
     tracker: Any
@@ -393,13 +401,24 @@ class Trainer:
             self.state.eval_losses.append({"step": self.state.step, "loss": round(loss, 6)})
         return loss
 
+    def superseded(self) -> bool:
+        """Whether another attempt of this run published while this one trained (every rank gets rank 0's answer)."""
+        published = float(self.main and storage.exists(mf.manifest_uri(self.config.output)))
+        return self.all_sum(published)[0] > 0
+
     def save_checkpoint(self) -> str | None:
-        """Rank 0 saves the state as checkpoint `step` and prunes old ones; every process waits for it."""
+        """Rank 0 saves the state as checkpoint `step` and prunes old ones; every process waits for it.
+
+        Raises Superseded, before writing, when another attempt already published this run: pruning could
+        otherwise delete checkpoints its manifest names, and the rest of the training would be for nothing.
+        """
+        if self.superseded():
+            raise Superseded
         started = time.monotonic()
         uri = None
         if self.main:
             uri = checkpoints.write(self.config.output, self.identity, self.peft_model, self.optimizer,
-                                    self.scheduler, self.state)
+                                    self.scheduler, self.state, self.attempt)
             removed = checkpoints.prune(self.config.output, self.config.checkpoint.keep)
             LOG.info("checkpoint saved: %s (%.1fs)%s", uri, time.monotonic() - started,
                      f"; removed steps {removed}" if removed else "",
@@ -411,7 +430,11 @@ class Trainer:
 # --------------------------------------------------------------------------- setup
 
 
-def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, Any]) -> Trainer:
+class Superseded(Exception):  # noqa: N818 - a signal inside train, never seen outside it
+    """Another attempt of this run published while this one trained."""
+
+
+def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, Any], attempt: str) -> Trainer:
     """Everything the loop needs, resumed from the newest checkpoint of this run when there is one."""
     import torch
     from accelerate import Accelerator
@@ -447,11 +470,11 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
         else peft_model
     timings["load_model_s"] = time.monotonic() - t
 
-    state, resumed_from = checkpoints.resume(config.output, identity, peft_model, optimizer, scheduler,
-                                             accelerator.process_index, config.seed)
-    if resumed_from is not None:
-        LOG.info("resuming from %s (step %d of %d)", checkpoints.step_uri(config.output, resumed_from),
-                 resumed_from, schedule.total)
+    state, ckpt = checkpoints.resume(config.output, identity, peft_model, optimizer, scheduler,
+                                     accelerator.process_index, config.seed)
+    resumed_from = ckpt.step if ckpt is not None else None
+    if ckpt is not None:
+        LOG.info("resuming from %s (step %d of %d)", ckpt.uri, ckpt.step, schedule.total)
     state.attempts += 1
     state.run_id = os.environ.get("FTJOBS_RUN_ID") or state.run_id or mf.new_run_id()
     tracker = Tracker(config.report_to, config.run_name or state.run_id, resolved,
@@ -460,7 +483,8 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
                    data=train_data, schedule=schedule, model=model, peft_model=peft_model, params=params,
                    param_counts=param_counts, optimizer=optimizer,
                    optimizer_name=optimizer_name, scheduler=scheduler, compute_dtype=compute_dtype, quant=quant,
-                   identity=identity, state=state, resumed_from=resumed_from, tracker=tracker, timings=timings)
+                   identity=identity, attempt=attempt, state=state, resumed_from=resumed_from, tracker=tracker,
+                   timings=timings)
 
 
 def _base_and_tokenizer(config: Config, accelerator: Any) -> tuple[models.ModelRef, Any, chat.ChatFormat]:
@@ -581,6 +605,9 @@ def save_outputs(t: Trainer, writer: mf.ArtifactWriter) -> None:
         writer.add_bytes(storage.json_bytes(curve), "loss_curve.json")
         _plot(curve, local / "loss_curve.png", t.config.base_model)
         writer.add_file(local / "loss_curve.png", "loss_curve.png")
+    if not t.config.checkpoint.delete_on_success:  # kept: then the manifest names them, and gc keeps them
+        for rel, want in checkpoints.complete_files(t.config.output):
+            writer.add_shared(rel, rel, want["sha256"], want["bytes"])
     t.timings["save_s"] = time.monotonic() - started
 
 
@@ -618,16 +645,12 @@ def _outcome(t: Trainer, fitted: Fitted) -> stage.Outcome:
         "params": {"trainable": t.param_counts[0], "total": t.param_counts[1]},
         "device": torch.cuda.get_device_name(t.accelerator.device) if t.cuda else "cpu",
     }
-    model_info = {
-        "base_model": config.base_model,
-        "base_revision": t.base.revision,
-        "template_hash": t.fmt.hash,
-        "chat_template": t.fmt.template,
-        "tokenizer": chat.tokenizer_identity(t.tokenizer),
-        "quantization": t.quant,
-        "lora": {"r": config.lora.r, "alpha": config.lora.alpha, "dropout": config.lora.dropout,
-                 "target_modules": config.lora.target_modules, "modules_to_save": config.lora.modules_to_save},
-    }
+    model_info = mf.TrainModel(
+        base_model=config.base_model, base_revision=t.base.revision, template_hash=t.fmt.hash,
+        chat_template=t.fmt.template, tokenizer=chat.tokenizer_identity(t.tokenizer), quantization=t.quant,
+        lora=mf.LoraBlock(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                          target_modules=config.lora.target_modules, modules_to_save=config.lora.modules_to_save),
+    ).model_dump(mode="json")
     return stage.Outcome(run_id=state.run_id, stats=stats, metrics=metrics, timings=t.timings, model=model_info)
 
 

@@ -1,6 +1,6 @@
 """Training checkpoints in the object store, and finding the one to resume from.
 
-A checkpoint is a folder `<output>/checkpoints/step-NNNNNNNN/` with the
+A checkpoint is a folder `<output>/checkpoints/step-NNNNNNNN-<attempt>/` with the
 adapter (safetensors), optimizer, scheduler and RNG state, and `state.json`
 (`TrainState`: data position, counters, loss history; `snapshot` writes it,
 `restore` reads it back). `COMPLETE.json` is written LAST and lists every
@@ -32,7 +32,7 @@ from common.manifest import now
 LOG = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
-STEP_DIR = re.compile(r"^step-(\d{8})$")
+STEP_DIR = re.compile(r"^step-(\d{8})(?:-[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*)?$")
 # state.json's layout. Checkpoints written before the field existed have the same layout and count as 1.
 STATE_VERSION = 1
 
@@ -95,60 +95,80 @@ def root(output: str) -> str:
     return storage.join(output, "checkpoints")
 
 
-def step_uri(output: str, step: int) -> str:
-    return storage.join(root(output), f"step-{step:08d}")
+def folder_name(step: int, attempt: str | None = None) -> str:
+    """`step-NNNNNNNN-<attempt>`: two attempts saving the same step never write into one folder."""
+    return f"step-{step:08d}" + (f"-{attempt}" if attempt else "")
 
 
-def steps_present(output: str) -> dict[int, set[str]]:
-    """Checkpoint steps under the output prefix, each with the files it holds."""
-    found: dict[int, set[str]] = {}
+def present(output: str) -> dict[str, tuple[int, set[str]]]:
+    """Checkpoint folders under the output prefix: name -> (step, the files it holds)."""
+    found: dict[str, tuple[int, set[str]]] = {}
     for obj in storage.list_objects(root(output)):
         head, _, rest = obj.rel.partition("/")
         match = STEP_DIR.match(head)
         if match and rest:
-            found.setdefault(int(match.group(1)), set()).add(rest)
+            found.setdefault(head, (int(match.group(1)), set()))[1].add(rest)
     return found
 
 
-def save(output: str, step: int, local_dir: Path, identity: str) -> str:
-    """Upload every file in `local_dir` as checkpoint `step`, then its marker. Returns the folder URI."""
-    uri = step_uri(output, step)
+def newest_first(folders: dict[str, tuple[int, set[str]]]) -> list[str]:
+    return sorted(folders, key=lambda name: (folders[name][0], name), reverse=True)
+
+
+def save(output: str, step: int, local_dir: Path, identity: str, attempt: str | None = None) -> str:
+    """Upload every file in `local_dir` as checkpoint `step` of `attempt`, then its marker. Returns the folder."""
+    uri = storage.join(root(output), folder_name(step, attempt))
     files = {}
     for t in storage.upload_dir(local_dir, uri):
         files[t.rel] = {"sha256": t.sha256, "bytes": t.size}
-    marker = {"step": step, "identity": identity, "created_at": now(), "files": files}
+    marker = {"step": step, "identity": identity, "attempt": attempt, "created_at": now(), "files": files}
     storage.write_bytes(storage.join(uri, MARKER), storage.json_bytes(marker))
     return uri
 
 
-def prune(output: str, keep: int) -> list[int]:
-    """Delete all but the newest `keep` complete checkpoints, and unfinished ones older than those."""
-    present = steps_present(output)
-    complete = sorted((s for s, files in present.items() if MARKER in files), reverse=True)
-    kept = set(complete[:keep])
-    oldest_kept = min(kept) if kept else None
+def prune(output: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints (whichever attempts wrote them), and unfinished ones
+    older than those."""
+    folders = present(output)
+    complete = [name for name in newest_first(folders) if MARKER in folders[name][1]]
+    kept = complete[:keep]
+    oldest_kept = min((folders[name][0] for name in kept), default=None)
     removed = []
-    for step, files in present.items():
-        stale_complete = MARKER in files and step not in kept
+    for name, (step, files) in folders.items():
+        stale_complete = MARKER in files and name not in kept
         stale_partial = MARKER not in files and oldest_kept is not None and step < oldest_kept
         if stale_complete or stale_partial:
-            storage.delete_prefix(step_uri(output, step))
-            removed.append(step)
+            storage.delete_prefix(storage.join(root(output), name))
+            removed.append(name)
     return sorted(removed)
 
 
+def complete_files(output: str) -> list[tuple[str, dict[str, Any]]]:
+    """(path relative to the output, {sha256, bytes}) of every file of every complete checkpoint, from their
+    markers: what a train manifest names when its checkpoints are kept."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for name, (_, files) in sorted(present(output).items()):
+        if MARKER not in files:
+            continue
+        marker = json.loads(storage.read_bytes(storage.join(root(output), name, MARKER)))
+        out += [(f"checkpoints/{name}/{rel}", want) for rel, want in sorted(marker["files"].items())]
+    return out
+
+
 def latest(output: str, dest: Path, identity: str) -> Checkpoint | None:
-    """Download and verify the newest usable checkpoint; None when there is none.
+    """Download and verify the newest usable checkpoint, whichever attempt wrote it; None when there is none.
 
     A checkpoint written by a different run (other config or inputs) is not
     resumed from: the caller is told by the warning, and starts fresh only if
     no checkpoint of this run exists.
     """
-    present = steps_present(output)
-    for step in sorted(present, reverse=True):
-        uri = step_uri(output, step)
-        if MARKER not in present[step]:
-            LOG.warning("checkpoint %s has no %s (killed while saving): skipping it", uri, MARKER)
+    folders = present(output)
+    for name in newest_first(folders):
+        step, files_there = folders[name]
+        uri = storage.join(root(output), name)
+        if MARKER not in files_there:
+            LOG.warning("checkpoint %s has no %s (killed while saving, or still being saved): skipping it", uri,
+                        MARKER)
             continue
         try:
             marker = json.loads(storage.read_bytes(storage.join(uri, MARKER)))
@@ -159,7 +179,7 @@ def latest(output: str, dest: Path, identity: str) -> Checkpoint | None:
         if marker.get("identity") != identity:
             LOG.warning("checkpoint %s belongs to a different run (other config or inputs): skipping it", uri)
             continue
-        local = dest / f"step-{step:08d}"
+        local = dest / name
         problem = _download_verified(uri, files, local)
         if problem:
             LOG.warning("checkpoint %s failed verification (%s): skipping it", uri, problem)
@@ -186,25 +206,26 @@ def _download_verified(uri: str, files: dict[str, Any], local: Path) -> str | No
 # --------------------------------------------------------------------------- snapshot / restore
 
 
-def write(output: str, identity: str, model: Any, optimizer: Any, scheduler: Any, state: TrainState) -> str:
+def write(output: str, identity: str, model: Any, optimizer: Any, scheduler: Any, state: TrainState,
+          attempt: str | None = None) -> str:
     """Snapshot the training state into a temporary folder and save it as checkpoint `state.step`."""
     with tempfile.TemporaryDirectory(prefix="ftjobs-ckpt-") as local:
         snapshot(Path(local), model, optimizer, scheduler, state)
-        return save(output, state.step, Path(local), identity)
+        return save(output, state.step, Path(local), identity, attempt)
 
 
 def resume(output: str, identity: str, model: Any, optimizer: Any, scheduler: Any, rank: int,
-           seed: int) -> tuple[TrainState, int | None]:
+           seed: int) -> tuple[TrainState, Checkpoint | None]:
     """Load the newest complete, verified checkpoint of this run into model, optimizer and scheduler.
 
-    Returns its state and step, or a fresh state and None when there is none.
+    Returns its state and the checkpoint, or a fresh state and None when there is none.
     """
     with tempfile.TemporaryDirectory(prefix="ftjobs-ckpt-") as tmp:
         ckpt = latest(output, Path(tmp), identity)
         if ckpt is None:
             return TrainState(), None
         state = restore(ckpt.local, model, optimizer, scheduler, rank, seed, where=ckpt.uri)
-        return state, ckpt.step
+        return state, ckpt
 
 
 def snapshot(local: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState) -> None:

@@ -106,7 +106,8 @@ def test_racing_and_zombie_attempts_leave_the_published_run_intact(stage: str, s
     assert named and all(p.startswith(f"attempts/{winner.manifest.attempt}/") for p in named)
     leftover = [o.rel for o in storage.list_objects(storage.join(out, "attempts"))
                 if not o.rel.startswith(f"{winner.manifest.attempt}/")]
-    assert leftover, "the zombie (and the losing racer) should have left files of their own"
+    if stage != "train":  # train's zombie stops at its first checkpoint once it sees the manifest: no files
+        assert leftover, "the zombie (and the losing racer) should have left files of their own"
 
     # gc: a dry run lists exactly the unreferenced files; --apply removes them and nothing published.
     dry = subprocess.run([*CLI, "gc", out], env=env, capture_output=True, text=True, timeout=120)

@@ -51,10 +51,12 @@ def test_pipeline_on_s3_with_the_tiny_model(s3_root: str, tiny_model: Path, tmp_
     prefix = f"{s3_root}/runs/e2e"
     uri = mf.manifest_uri(f"{prefix}/evaluate")
     assert first.stdout.splitlines() == [uri]
-    assert "report: " + f"{prefix}/evaluate/report.html" in first.stderr
+    report = mf.load(uri).artifact_uri("report.html")  # in the winning attempt's folder, as the manifest says
+    assert report.startswith(f"{prefix}/evaluate/attempts/")
+    assert f"report: {report}" in first.stderr
     verdict = first.stderr.strip().splitlines()[-1]
     assert "the finetuned model did not beat the base model on exact_match (finetuned 0.0% vs base 0.0%)" in verdict
-    assert f"the report is at {prefix}/evaluate/report.html" in verdict
+    assert f"the report is at {report}" in verdict
     assert "will not change the verdict" in verdict and "Fix it" not in verdict
     record = json.loads(storage.read_text(f"{prefix}/pipeline.json"))
     assert record["exit_code"] == 4
@@ -76,8 +78,9 @@ def test_pipeline_on_s3_with_the_tiny_model(s3_root: str, tiny_model: Path, tmp_
     assert len(prepares) >= 2  # reached through both infer runs
     for node in prepares:
         assert [c.uri for c in node.children if c.stage is None] == [str(small)]
+    evaluated = mf.load(uri)
     for name in ("report.md", "report.html", "chart.png", "metrics.json"):
-        assert storage.exists(f"{prefix}/evaluate/{name}")
+        assert storage.exists(evaluated.artifact_uri(name))
     metrics = mf.load(uri).manifest.metrics
     assert set(metrics["sets"]) == {"base", "finetuned"} and metrics["sets"]["base"]["rows"] == 4
 

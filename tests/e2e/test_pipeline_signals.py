@@ -73,7 +73,7 @@ def test_sigterm_to_the_pipeline_lets_train_checkpoint_and_the_rerun_resumes_fro
     assert "SIGTERM: finishing the current step, then checkpointing" in log
     assert "Stopped by SIGTERM after step" in log
     assert "SIGTERM while stage train ran; it exited 1. Re-run the same command with --run-id sig" in log
-    saved = {s for s, files in checkpoints.steps_present(train_out).items() if checkpoints.MARKER in files}
+    saved = {step for step, files in checkpoints.present(train_out).values() if checkpoints.MARKER in files}
     assert len(saved) == 1 and min(saved) >= 2, saved
     assert not storage.exists(mf.manifest_uri(train_out))
     record = json.loads((prefix / "pipeline.json").read_text())
@@ -84,7 +84,8 @@ def test_sigterm_to_the_pipeline_lets_train_checkpoint_and_the_rerun_resumes_fro
     again = subprocess.run(cmd, cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stderr[-4000:]
     step = saved.pop()
-    assert f"resuming from {checkpoints.step_uri(train_out, step)} (step {step} of 40)" in again.stderr
+    assert f"resuming from {train_out}/checkpoints/{checkpoints.folder_name(step)}-" in again.stderr
+    assert f"(step {step} of 40)" in again.stderr
     stats = mf.load(again.stdout.strip().splitlines()[-1], expect_stage="train").manifest.stats
     assert stats["resumed_from_step"] == step and stats["attempts"] == 2
     record = json.loads((prefix / "pipeline.json").read_text())

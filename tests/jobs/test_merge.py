@@ -72,8 +72,13 @@ def merged(adapter: mf.Loaded, s3_prefix: str, tmp_path_factory: pytest.TempPath
     """In-memory merge onto S3, three shards; and the folder as a reader downloads it."""
     loaded = do_merge(input=adapter.uri, output=f"{s3_prefix}/merge", mode="in_memory", max_shard_size="1MB")
     folder = tmp_path_factory.mktemp("merged") / "model"
-    storage.download_dir(storage.join(loaded.prefix, "model"), folder)
+    storage.download_dir(model_dir(loaded), folder)
     return loaded, folder
+
+
+def model_dir(loaded: mf.Loaded) -> str:
+    """The merged model's folder, as its manifest names it (in the attempt's own folder)."""
+    return storage.parent(loaded.artifact_uri("model/config.json"))
 
 
 def test_merged_model_on_s3_is_the_adapted_model_and_loads_in_transformers(
@@ -101,7 +106,7 @@ def test_merged_model_on_s3_is_the_adapted_model_and_loads_in_transformers(
     names = {a.name for a in m.artifacts}
     assert {"model/config.json", "model/generation_config.json", "model/model.safetensors.index.json",
             "model/tokenizer.json", "model/model-00003-of-00003.safetensors"} <= names
-    assert all(a.name == a.path for a in m.artifacts)
+    assert all(a.path == f"attempts/{m.attempt}/{a.name}" for a in m.artifacts)  # in its attempt's own folder
     mf.load(loaded.uri, verify="full")  # every artifact's bytes match their recorded sha256
 
     config = json.loads((folder / "config.json").read_text())
@@ -144,10 +149,10 @@ def test_shard_by_shard_gives_the_same_weights_as_in_memory(merged: tuple[mf.Loa
     m = loaded.manifest
     assert m.stats["mode"] == "sharded" and m.metrics["checks_passed"]
     assert m.metrics["generation"]["tokens_equal"] and m.metrics["probe_tensors"] == 14
-    a, b = weights(merged[1]), weights(tmp_path / "out" / "model")
+    a, b = weights(merged[1]), weights(Path(model_dir(loaded)))
     assert sorted(a) == sorted(b)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
-    index = json.loads((tmp_path / "out/model/model.safetensors.index.json").read_text())
+    index = json.loads((Path(model_dir(loaded)) / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == json.loads((merged[1] / "model.safetensors.index.json").read_text())["weight_map"]
 
 
@@ -178,8 +183,8 @@ def test_nf4_roundtrip_merges_into_the_weights_training_saw(nf4_adapter: mf.Load
         assert loaded.manifest.model["base_weights"] == "nf4_roundtrip"
         assert loaded.manifest.model["quantization"]["mode"] == "nf4"
         assert loaded.manifest.metrics["checks_passed"]
-    nf4, nf4_sharded, original = (weights(tmp_path / "in_memory/model"), weights(tmp_path / "sharded/model"),
-                                  weights(merged[1]))
+    nf4, nf4_sharded, original = (weights(Path(model_dir(runs["in_memory"]))),
+                                  weights(Path(model_dir(runs["sharded"]))), weights(merged[1]))
     assert all(torch.equal(nf4[k], nf4_sharded[k]) for k in nf4)
     base = weights(tiny_model)
     q = "model.layers.0.self_attn.q_proj.weight"
@@ -303,9 +308,9 @@ def test_head_trained_on_a_tied_base_is_untied_alike_by_both_modes(tiny_model: P
     for mode in ("in_memory", "sharded"):
         out = do_merge(input=train.uri, output=str(tmp_path / mode), mode=mode)
         assert out.manifest.metrics["checks_passed"] and out.manifest.stats["mode"] == mode
-        cfg = json.loads((tmp_path / mode / "model" / "config.json").read_text())
+        cfg = json.loads((Path(model_dir(out)) / "config.json").read_text())
         assert cfg.get("tie_word_embeddings") is False, mode
-        merged[mode] = weights(tmp_path / mode / "model")
+        merged[mode] = weights(Path(model_dir(out)))
     assert merged["in_memory"].keys() == merged["sharded"].keys()
     for name, tensor in merged["in_memory"].items():
         torch.testing.assert_close(merged["sharded"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -209,22 +209,26 @@ def test_packed_loss_equals_the_models_own_loss(tiny_model):
 
 def test_resume_skips_checkpoints_without_marker_or_with_bad_checksum(s3_root, tmp_path, caplog):
     out = f"{s3_root}/train"
-    for step in (2, 4, 6, 8):
+    # Two attempts saved checkpoints (a preempted one, then its replacement): resume takes the newest usable
+    # one whichever attempt wrote it.
+    for step, attempt in ((2, "a1"), (4, "a1"), (6, "a2"), (8, "a2")):
         local = tmp_path / f"src{step}"
         local.mkdir()
         (local / "state.json").write_text(json.dumps({"step": step}))
         (local / "optimizer.pt").write_bytes(bytes([step]) * 100)
-        checkpoints.save(out, step, local, identity="run-a")
-    storage.delete(storage.join(checkpoints.step_uri(out, 8), checkpoints.MARKER))       # killed mid-save
-    storage.write_bytes(storage.join(checkpoints.step_uri(out, 6), "optimizer.pt"), b"x" * 100)  # corrupted
+        checkpoints.save(out, step, local, identity="run-a", attempt=attempt)
+    folder = {step: storage.join(checkpoints.root(out), checkpoints.folder_name(step, a))
+              for step, a in ((2, "a1"), (4, "a1"), (6, "a2"), (8, "a2"))}
+    storage.delete(storage.join(folder[8], checkpoints.MARKER))       # killed mid-save
+    storage.write_bytes(storage.join(folder[6], "optimizer.pt"), b"x" * 100)  # corrupted
     ckpt = checkpoints.latest(out, tmp_path / "dl", identity="run-a")
-    assert ckpt is not None and ckpt.step == 4
+    assert ckpt is not None and ckpt.step == 4 and ckpt.uri == folder[4]
     assert json.loads((ckpt.local / "state.json").read_text()) == {"step": 4}
-    assert "step-00000008 has no COMPLETE.json" in caplog.text and "optimizer.pt has sha256" in caplog.text
+    assert "step-00000008-a2 has no COMPLETE.json" in caplog.text and "optimizer.pt has sha256" in caplog.text
     assert checkpoints.latest(out, tmp_path / "dl2", identity="run-b") is None  # another run's checkpoints
     # Pruning keeps the newest K with a marker; an unfinished folder newer than those is left alone.
-    assert checkpoints.prune(out, keep=1) == [2, 4]
-    assert sorted(checkpoints.steps_present(out)) == [6, 8]
+    assert checkpoints.prune(out, keep=1) == ["step-00000002-a1", "step-00000004-a1"]
+    assert sorted(checkpoints.present(out)) == ["step-00000006-a2", "step-00000008-a2"]
 
 
 def test_shipped_config_and_validation_messages():

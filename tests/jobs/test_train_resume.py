@@ -85,7 +85,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(sig, prepared, ti
     output = f"{prepared.prefix}-{sig.name.lower()}"
     cmd = _command(prepared, tiny_model, output)
     code, log = _run_until_checkpoint_then(sig, cmd, subprocess_env)
-    saved = {s for s, files in checkpoints.steps_present(output).items() if checkpoints.MARKER in files}
+    saved = {step for step, files in checkpoints.present(output).values() if checkpoints.MARKER in files}
     assert saved, "no complete checkpoint survived"
     if sig == signal.SIGTERM:
         assert code == 1, log[-3000:]
