@@ -33,7 +33,8 @@ Predictions (what infer writes, one Parquet part per shard, and evaluate reads):
 |-------------------|-----------------------------|----------------------------------------------------|
 | id                | string                      | the prompt row's id                                |
 | sample            | int32                       | 0..n-1 with sampling.n > 1                          |
-| prompt            | list<struct<role, content>> | the conversation the model continued               |
+| prompt            | list<MESSAGE>               | the conversation the model continued               |
+| tools             | string (nullable)           | JSON text: the tool schemas the prompt offered     |
 | completion        | string                      | the generated text (empty on an error row)         |
 | reference         | string (nullable)           | the held-out answer, when the prompts had one      |
 | finish_reason     | string                      | stop, length, or error                             |
@@ -90,6 +91,7 @@ PREDICTIONS = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("sample", pa.int32(), nullable=False),
     pa.field("prompt", pa.list_(MESSAGE), nullable=False),
+    pa.field("tools", pa.string()),
     pa.field("completion", pa.string(), nullable=False),
     pa.field("reference", pa.string()),
     pa.field("finish_reason", pa.string(), nullable=False),
