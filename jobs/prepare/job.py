@@ -515,7 +515,7 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
 
 
 def _preview(rec: Any) -> str:
-    """A row for drops.jsonl that cannot fail: repr, not JSON (the record may be what JSON chokes on)."""
+    """A row for drops.jsonl that cannot fail (the record may be what JSON chokes on: too deep, not text)."""
     try:
         return json.dumps(rec, ensure_ascii=False, default=str)[:2000].encode("utf-8", "backslashreplace").decode()
     except Exception:  # noqa: BLE001 - too deep for json: too deep for repr as well

@@ -169,3 +169,19 @@ def test_split_prompt_keeps_tool_fields_and_makes_a_call_the_reference() -> None
     prompt, reference = chat.split_prompt([*TOOL_CONV[:3], {"role": "assistant", "content": "ok",
                                                             "reasoning_content": None}])
     assert prompt[2] == TOOL_CONV[2] and reference == "ok"
+
+
+def test_a_tool_round_before_the_last_user_message_is_located_with_its_call(base: Any) -> None:
+    """Qwen3 drops the reasoning of the tool-calling turn once a later user message follows: prefixes differ,
+    so the turns are located, and the call (not the dropped reasoning) is trained."""
+    tok = tokenizer(FAMILIES["qwen3"], base)
+    fmt = chat.chat_format(tok)
+    conv = [TOOL_CONV[0], {**TOOL_CONV[1], "reasoning_content": "need the weather"}, *TOOL_CONV[2:],
+            {"role": "user", "content": "And tomorrow?"},
+            {"role": "assistant", "content": "Colder.", "reasoning_content": "a guess"}]
+    sp = chat.spans(fmt, conv, TOOLS)
+    assert sp.method == "located"
+    runs = trained_runs(tok, chat.encode_many(tok, fmt, [conv], tools=[TOOLS])[0])
+    assert runs == ['\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>',
+                    "It is 3 degrees.<|im_end|>", "<think>\na guess\n</think>\n\nColder.<|im_end|>"]
+    assert chat.render_prompt(fmt, conv[:-1], TOOLS) == sp.text[:sp.assistant[-1][0]]

@@ -434,6 +434,31 @@ def test_worker_processes_give_identical_output(tmp_path: Path, tok_dir: Path):
     assert rows_of(one) == rows_of(two)
 
 
+TOOL_ROW = {"conversations": [
+    {"from": "human", "value": "Weather in Oslo?"},
+    {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Oslo"}}'},
+    {"from": "observation", "value": '{"temp": 3}'}, {"from": "gpt", "value": "3 degrees."}],
+    "functions": '[{"name": "get_weather", "parameters": {"type": "object"}}]'}
+
+
+def test_tools_a_template_cannot_render_or_a_mapping_that_finds_none_are_refused_naming_the_file(
+        tmp_path: Path, tok_dir: Path):
+    src = jsonl(tmp_path / "tools.jsonl", [TOOL_ROW])
+    mapped = {"columns": {"tools": "functions"}}
+    loaded = run(sources=[str(src)], output=str(tmp_path / "ok"), tokenizer=str(tok_dir), **mapped)
+    assert rows_of(loaded)[0]["tools"] == '[{"type": "function", "function": {"name": "get_weather", ' \
+                                          '"parameters": {"type": "object"}}}]'
+    plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token + '\n' }}{% endfor %}"
+    with pytest.raises(ConfigError, match=r"tools.jsonl line 1: the chat template never reads `tools`"):
+        run(sources=[str(src)], output=str(tmp_path / "o1"), tokenizer=str(tok_dir), chat_template=plain, **mapped)
+    with pytest.raises(InputError, match=r"tools.jsonl: no record has the tools column 'tool_list'"):
+        run(sources=[str(src)], output=str(tmp_path / "o2"), columns={"tools": "tool_list"})
+    bad = jsonl(tmp_path / "bad.jsonl", [{**TOOL_ROW, "functions": "[{not json"}])
+    with pytest.raises(InputError, match=r"bad.jsonl line 1: column 'functions': tools is a string that is not "
+                                         r"JSON.*skip_bad_lines"):
+        run(sources=[str(bad)], output=str(tmp_path / "o3"), **mapped)
+
+
 def test_cli_exit_codes(tmp_path: Path, subprocess_env: dict[str, str]):
     src = jsonl(tmp_path / "c.jsonl", chat_rows(3) + [{"messages": [{"role": "user", "content": "q"}]}])
     cmd = [sys.executable, "-m", "jobs.cli", "prepare", "--source", str(src), "--output", str(tmp_path / "o")]
