@@ -149,7 +149,8 @@ def test_packing_a_hybrid_model_is_refused_and_packing_none_trains(prepared, tin
     with pytest.raises(ConfigError, match=r"packing: position_ids cannot keep packed examples apart in model type "
                                           r"'qwen3_next': its linear_attention layers .*Set packing: none") as err:
         train.run(config)
-    assert err.value.exit_code == 2 and not (tmp_path / "refused").exists()
+    assert err.value.exit_code == 2 and not list((tmp_path / "refused").rglob("*.safetensors"))
+    assert not (tmp_path / "refused" / "manifest.json").exists()
     # One example per row: the accepted setting, trained here on the tiny Llama (same code path for any model).
     done = train.run(train.Config(input=prepared.uri, base_model=str(tiny_model), output=str(tmp_path / "none"),
                                   **{**TINY, "max_steps": 2, "eval_every": None, "packing": "none"}))
