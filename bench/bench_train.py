@@ -55,7 +55,8 @@ def publish(prefix: str, model: Path, n: int) -> str:
     convs = conversations(n)
     enc = chat.encode_many(tok, fmt, convs, max_length=MAX_LEN)
     table = pa.Table.from_pydict({
-        "id": [str(i) for i in range(n)], "messages": convs, "split": ["train"] * n, "source": ["bench"] * n,
+        "id": [str(i) for i in range(n)], "messages": convs, "tools": [None] * n, "split": ["train"] * n,
+        "source": ["bench"] * n,
         "input_ids": [e.input_ids for e in enc], "labels": [e.labels for e in enc],
         "num_tokens": [len(e.input_ids) for e in enc], "num_trainable": [e.num_trainable for e in enc],
     }, schema=data.schema(tokenized=True))

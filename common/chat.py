@@ -1,23 +1,52 @@
 """Chat formatting and loss masks: the one implementation prepare, train and
 infer share, so training and inference can never disagree about the template.
 
-A conversation is a list of `{"role", "content"}` messages (roles: system,
-user, assistant, tool). `render` turns it into text with the model's Jinja
-chat template exactly as `tokenizer.apply_chat_template(tokenize=False)`
-would; `encode_many` tokenizes a batch and builds labels:
+A conversation is a list of messages: `role` (system, user, assistant, tool)
+and `content`, and optionally `reasoning_content` (an assistant's reasoning),
+`tool_calls` (an assistant's calls, see `common.tools`), `tool_call_id` and
+`name` (a tool result). It may come with `tools`, a list of JSON schemas.
+`render` turns it into text with the model's Jinja template through
+transformers' own template machinery (`render_jinja_template`, what
+`apply_chat_template` uses), the tools passed as `tools=`; `encode_many`
+tokenizes a batch and builds labels:
 
 - `train_on`: `assistant` (every assistant turn, the default),
   `last_assistant` (only the final one) or `all` (every token but BOS).
 - A trained turn's label span runs from the first token of its content
-  through the end-of-turn token (EOS), so the model learns to stop.
+  through its end-of-turn token, so the model learns to stop.
 - Exactly one BOS: added when the template does not render it, never twice.
 - Truncation drops whole trailing turns; it never cuts inside a kept turn and
   never keeps a prompt whose answer was cut off.
 
-Spans come from rendering prefixes of the conversation: the text of
-messages[:i] with the generation prompt ends where assistant turn i starts;
-the text of messages[:i+1] ends where it ends. A template for which those are
-not prefixes of the whole rendering cannot be masked reliably and is refused.
+Where each assistant turn lies in the rendered text is found by the first of
+these that applies to a conversation:
+
+1. Generation tags: a template that wraps assistant output in
+   `{% generation %}...{% endgeneration %}` (transformers'
+   `return_assistant_tokens_mask`) says itself what is trained; one block per
+   assistant turn, taken as it is.
+2. Prefixes: the text of messages[:i] with the generation prompt ends where
+   assistant turn i starts and the text of messages[:i+1] ends where it ends
+   (its trailing whitespace is not trained).
+3. Location, for templates whose prefixes render differently (Qwen3 drops the
+   reasoning of turns before the last user message; Mistral moves the system
+   prompt into the last user turn; indented templates without whitespace
+   control): each message's content is found in the full rendering, in order.
+   An assistant turn's span starts after its header (the generation prompt)
+   when the header is there, else at its content, and runs through its tool
+   calls and its end-of-turn token (the special token the template puts after
+   an answer). A turn that cannot be found is refused, naming the turn.
+
+Reasoning is kept: templates that read `reasoning_content` get it as that
+field; others get it as a `<think>` block leading the content. Whatever a
+template renders of a turn's reasoning is part of that turn's span, so
+`train_on` decides whose reasoning is trained: `assistant` every rendered
+turn's, `last_assistant` the last turn's only. (A Qwen3-like template renders
+no reasoning before the last user message: there is nothing there to train.)
+
+Prompts for inference are training's view of the conversation: it is rendered
+with one more assistant turn and cut where that turn's span starts. Where
+prefixes hold that is exactly `apply_chat_template(add_generation_prompt=True)`.
 """
 
 from __future__ import annotations
@@ -25,27 +54,53 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
 
+from common import tools as T
 from common.errors import ConfigError
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
+# Message keys besides role and content, in the order rows store them (see common.data.MESSAGE).
+OPTIONAL_FIELDS = ("reasoning_content", "tool_calls", "tool_call_id", "name")
 TrainOn = Literal["assistant", "last_assistant", "all"]
+Messages = Sequence[dict[str, Any]]
+ToolList = list[dict[str, Any]] | None
 
-# Used when a tokenizer has no chat template and the config names none.
-# ChatML: plain, widely used, and each turn ends in a token the model learns.
+# Used when a tokenizer has no chat template and the config names none. ChatML: plain, widely used, and each
+# turn ends in a token the model learns. With tools it renders them in the system turn and each call as a
+# JSON object in <tool_call> tags (the Hermes convention); without, its text is plain ChatML.
 CHATML = (
     "{{ bos_token if bos_token else '' }}"
+    "{% if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\nYou may call these functions, given as JSON schemas:\n<tools>\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}"
+    "{{ '</tools>\n\nTo call one, answer with a JSON object per call, each in <tool_call></tool_call> tags:\n"
+    "<tool_call>\n{\"name\": <function name>, \"arguments\": <arguments object>}\n</tool_call><|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{{ ('\n' if message['content'] or not loop.first else '') + '<tool_call>\n{\"name\": \"' }}"
+    "{{ call['function']['name'] + '\", \"arguments\": ' }}{{ call['function']['arguments'] | tojson }}"
+    "{{ '}\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 BUILTIN_TEMPLATES = {"chatml": CHATML}
+# The answer of the assistant turn appended to find where a prompt's answer would start.
+PLACEHOLDER = "ftjobs-answer-placeholder"
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # the pattern transformers checks for
 
 
 def template_hash(template: str) -> str:
@@ -63,6 +118,8 @@ class ChatFormat:
     # Whether a BOS id must lead every sequence (the tokenizer adds one by default).
     needs_bos: bool = False
     extra: tuple[tuple[str, str], ...] = ()
+    # Every special token's text, longest first: end-of-turn candidates when turns are located.
+    specials: tuple[str, ...] = ()
 
     @property
     def hash(self) -> str:
@@ -99,7 +156,11 @@ def chat_format(tokenizer: Any, override: str | None = None) -> ChatFormat:
         (k, str(v)) for k, v in (getattr(tokenizer, "special_tokens_map", {}) or {}).items()
         if isinstance(v, str) and k not in ("bos_token", "eos_token")
     )
-    return ChatFormat(template=template, bos_token=bos, eos_token=eos, needs_bos=needs_bos, extra=extra)
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    specials |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+                 if getattr(t, "special", False)}
+    return ChatFormat(template=template, bos_token=bos, eos_token=eos, needs_bos=needs_bos, extra=extra,
+                      specials=tuple(sorted((s for s in specials if s), key=lambda s: (-len(s), s))))
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
@@ -116,48 +177,96 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- rendering
+# --------------------------------------------------------------------------- messages as templates see them
 
 
-def _raise(message: str) -> None:
-    raise ConfigError(f"Chat template raised: {message}")
+def clean(messages: Messages) -> list[dict[str, Any]]:
+    """Messages with only the known keys that are set (Parquet gives every optional key, mostly null)."""
+    return [{k: m[k] for k in ("role", "content", *OPTIONAL_FIELDS) if m.get(k) is not None} for m in messages]
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a template reads, from its text."""
+
+    tags: bool             # {% generation %} blocks
+    tools: bool            # renders `tools`
+    tool_calls: bool       # renders messages' `tool_calls`
+    reasoning: str | None  # the message key it reads reasoning from, if any
 
 
 @lru_cache(maxsize=16)
-def _compiled(template: str) -> Any:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def features(template: str) -> Features:
+    reasoning = "reasoning_content" if "reasoning_content" in template else (
+        "thinking" if re.search(r"message(\.thinking|\[['\"]thinking['\"]\])", template) else None)
+    return Features(tags=bool(GENERATION_TAG.search(template)), tools=bool(re.search(r"\btools\b", template)),
+                    tool_calls="tool_calls" in template, reasoning=reasoning)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+def for_template(fmt: ChatFormat, messages: Messages) -> list[dict[str, Any]]:
+    """Canonical messages as the template receives them: tool call arguments as objects, reasoning in the
+    key the template reads or, when it reads none, as a `<think>` block leading the content."""
+    key = features(fmt.template).reasoning
+    out = []
+    for m in clean(messages):
+        if "tool_calls" in m:
+            m["tool_calls"] = [T.for_template(c) for c in m["tool_calls"]]
+        reasoning = m.pop("reasoning_content", None)
+        if reasoning:
+            if key:
+                m[key] = reasoning
+            else:
+                m["content"] = f"<think>\n{reasoning}\n</think>\n\n{m.get('content', '')}"
+        m.setdefault("content", "")
+        out.append(m)
+    return out
 
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = _raise
 
-    def strftime_now(fmt: str) -> str:
-        import datetime as dt
+def check_supported(fmt: ChatFormat, messages: Messages, tools: ToolList) -> None:
+    """Refuse what the template would silently leave out of the text: tools, tool calls."""
+    feats = features(fmt.template)
+    fix = "Use a template that renders them (chat_template: chatml renders both)."
+    if tools and not feats.tools:
+        raise ConfigError("the chat template never reads `tools`, so the tool schemas would be left out of the "
+                          f"text and the model trained to call functions it was never shown. {fix}")
+    if not feats.tool_calls and any(m.get("tool_calls") for m in messages):
+        raise ConfigError("the chat template never reads `tool_calls`, so assistant tool calls would be left "
+                          f"out of the text. {fix}")
 
-        return dt.datetime.now().strftime(fmt)
 
-    env.globals["strftime_now"] = strftime_now
+# --------------------------------------------------------------------------- rendering
+
+
+def _render(fmt: ChatFormat, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: ToolList,
+            track: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """Text, and with `track` the character spans of its generation blocks, from transformers' renderer."""
+    import jinja2
+    from transformers.utils.chat_template_utils import render_jinja_template
+
     try:
-        return env.from_string(template)
-    except Exception as exc:
+        texts, indices = render_jinja_template(  # type: ignore[str-unpack]  # annotated -> str, returns a tuple
+            conversations=[messages], tools=tools,  # type: ignore[arg-type]
+            chat_template=fmt.template, return_assistant_tokens_mask=track,
+            add_generation_prompt=add_generation_prompt, **fmt.variables())
+    except jinja2.TemplateSyntaxError as exc:
         raise ConfigError(f"Chat template does not compile: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - raise_exception() and template bugs: the template's own words
+        raise ConfigError(f"Chat template raised: {exc}") from None
+    return str(texts[0]), [tuple(x) for x in indices[0]] if track else []  # type: ignore[misc]
 
 
-def render(fmt: ChatFormat, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+def render(fmt: ChatFormat, messages: Messages, add_generation_prompt: bool = False, tools: ToolList = None) -> str:
     """Render with the Jinja template, as `apply_chat_template(tokenize=False)` does."""
-    return str(_compiled(fmt.template).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt, **fmt.variables()
-    ))
+    return _render(fmt, for_template(fmt, messages), add_generation_prompt, tools)[0]
 
 
-def is_text(messages: Sequence[dict[str, Any]]) -> bool:
+def is_text(messages: Messages) -> bool:
     """Plain-text rows (pretraining-style) are one message with role 'text'."""
     return len(messages) == 1 and messages[0].get("role") == "text"
+
+
+class TurnNotFound(ConfigError):
+    """An assistant turn whose text cannot be found in the rendering: its loss mask cannot be built."""
 
 
 @dataclass
@@ -167,29 +276,156 @@ class Spans:
     text: str
     # (start, end, message_index) for assistant turns, in order.
     assistant: list[tuple[int, int, int]] = field(default_factory=list)
+    method: str = "prefix"  # text | tags | prefix | located
 
 
-def spans(fmt: ChatFormat, messages: Sequence[dict[str, Any]]) -> Spans:
+def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None) -> Spans:
     if is_text(messages):
         text = (fmt.bos_token or "") + messages[0]["content"] + (fmt.eos_token or "")
         start = len(fmt.bos_token or "")
-        return Spans(text=text, assistant=[(start, len(text), 0)])
-    full = render(fmt, messages)
-    out = Spans(text=full)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render(fmt, messages[:i], add_generation_prompt=True)
-        through = render(fmt, messages[: i + 1])
+        return Spans(text=text, assistant=[(start, len(text), 0)], method="text")
+    check_supported(fmt, messages, tools)
+    msgs = for_template(fmt, messages)
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    full, blocks = _render(fmt, msgs, False, tools, track=features(fmt.template).tags)
+    ordered = all(0 <= s <= e <= len(full) for s, e in blocks) and all(
+        a[1] <= b[0] for a, b in zip(blocks, blocks[1:], strict=False))
+    if blocks and len(blocks) == len(turns) and ordered:  # else (say, tags inside a macro) the other methods
+        return Spans(full, [(s, e, i) for (s, e), i in zip(blocks, turns, strict=True)], "tags")
+    out = _by_prefix(fmt, msgs, full, turns, tools)
+    if out is not None:
+        return Spans(full, out, "prefix")
+    return Spans(full, _locate(fmt, msgs, full, turns), "located")
+
+
+def _by_prefix(fmt: ChatFormat, msgs: list[dict[str, Any]], full: str, turns: list[int],
+               tools: ToolList) -> list[tuple[int, int, int]] | None:
+    out = []
+    for i in turns:
+        before = _render(fmt, msgs[:i], True, tools)[0]
+        through = _render(fmt, msgs[: i + 1], False, tools)[0]
         if not full.startswith(before) or not full.startswith(through) or len(through) < len(before):
-            raise ConfigError(
-                "The chat template renders a conversation's prefix differently from the whole conversation "
-                f"(at message {i}), so assistant turns cannot be located for the loss mask. Use a template "
-                "whose rendering of messages[:i] is a prefix of the full rendering (set chat_template: chatml "
-                "to use ChatML)."
-            )
+            return None
         end = len(through.rstrip())  # the turn's own end-of-turn token is trained; the newline after is not
-        out.assistant.append((len(before), max(end, len(before)), i))
+        out.append((len(before), max(end, len(before)), i))
+    return out
+
+
+@lru_cache(maxsize=16)
+def _header(fmt: ChatFormat) -> str:
+    """The generation prompt (what add_generation_prompt appends), or "" when the template has none."""
+    probe = [{"role": "user", "content": "ftjobs probe question"}]
+    try:
+        plain, prompted = _render(fmt, probe, False, None)[0], _render(fmt, probe, True, None)[0]
+    except ConfigError:
+        return ""
+    return prompted[len(plain):] if prompted.startswith(plain) else ""
+
+
+@lru_cache(maxsize=16)
+def _end_of_turn(fmt: ChatFormat) -> str | None:
+    """The special token the template puts after an answer (<|im_end|>, <|eot_id|>, </s>, <end_of_turn>...)."""
+    answer, question = "ftjobs probe answer", "ftjobs probe second question"
+    two = [{"role": "user", "content": "ftjobs probe question"}, {"role": "assistant", "content": answer},
+           {"role": "user", "content": question}, {"role": "assistant", "content": "ftjobs probe last"}]
+    rest = None
+    for probe in (two, two[:2]):
+        try:
+            text = _render(fmt, probe, False, None)[0]
+        except ConfigError:
+            continue
+        if answer in text:
+            after = text[text.index(answer) + len(answer):]
+            rest = after[:after.index(question)] if question in after else after
+            break
+    if rest is None:
+        return None
+    rest = rest.lstrip()
+    return next((tok for tok in (*fmt.specials, fmt.eos_token) if tok and rest.startswith(tok)), None)
+
+
+def _candidates(text: str) -> list[str]:
+    """How a message's content may appear: as it is, trimmed, or (reasoning dropped) after its </think>."""
+    out = [text, text.strip()]
+    if "</think>" in text:
+        out.append(text.rsplit("</think>", 1)[1].strip())
+    return [c for i, c in enumerate(out) if c and c not in out[:i]]
+
+
+def _find(full: str, candidates: list[str], start: int) -> tuple[int, int] | None:
+    """The earliest occurrence at or after `start` of any candidate (the longest on a tie)."""
+    hits = [(p, -len(c)) for c in candidates if (p := full.find(c, start)) >= 0]
+    if not hits:
+        return None
+    p, neg = min(hits)
+    return p, p - neg
+
+
+def _locate(fmt: ChatFormat, msgs: list[dict[str, Any]], full: str, turns: list[int]) -> list[tuple[int, int, int]]:
+    header, eot = _header(fmt), _end_of_turn(fmt)
+    header = header if header.strip() else ""
+    key = features(fmt.template).reasoning
+    out: list[tuple[int, int, int]] = []
+    cursor = 0
+
+    def missing(k: int, i: int, what: str) -> TurnNotFound:
+        return TurnNotFound(
+            f"assistant turn {k + 1} (message {i}): {what}, so the turn cannot be located in the rendered text "
+            "for the loss mask (the template renders a conversation's prefixes differently from the whole, and "
+            "changes this turn's text). Use another chat template (chat_template: chatml) or fix the row.")
+
+    for k, i in enumerate(turns):
+        # The user and tool messages before this turn move the cursor past their own text.
+        for j in range(out[-1][2] + 1 if out else 0, i):
+            if msgs[j]["role"] in ("user", "tool") and (hit := _find(full, _candidates(msgs[j]["content"]), cursor)):
+                cursor = hit[1]
+        m = msgs[i]
+        calls = m.get("tool_calls") or []
+        cands = _candidates(m["content"])
+        head = full.find(header, cursor) if header else -1
+        hit = _find(full, cands, head + len(header)) if head >= 0 and cands else None
+        if hit is None and cands:  # the header found may belong to a later turn: look from the cursor
+            head, hit = -1, _find(full, cands, cursor)
+        if hit is not None:
+            start, pos = (head + len(header) if head >= 0 else hit[0]), hit[1]
+            if head < 0 and key and m.get(key):  # no header: reasoning rendered before the content is the turn's
+                r = full.find(str(m[key]).strip(), cursor, hit[0])
+                if r >= 0:
+                    lead = full[:r].rstrip()
+                    start = lead.rfind("<think>") if lead.endswith("<think>") else r
+            if head < 0:  # spaces before the content belong to its first token (" Two" is one token in BPE)
+                while start > cursor and full[start - 1] == " ":
+                    start -= 1
+        elif calls:  # no content: the turn starts after its header
+            bare = header.strip()
+            if head < 0 and bare and (b := full.find(bare, cursor)) >= 0:
+                head, header_len = b, len(bare)
+            else:
+                header_len = len(header)
+            if head < 0:
+                raise missing(k, i, "it has no content and the assistant header is not in the rendering")
+            start = pos = head + header_len
+        else:
+            raise missing(k, i, f"its content ({m['content'][:60]!r}) is not in the rendering")
+        for call in calls:
+            name = call["function"]["name"]
+            n = full.find(name, pos)
+            if n < 0:
+                raise missing(k, i, f"its call of {name!r} is not in the rendering")
+            pos = n + len(name)
+        limit = len(full)
+        nxt = next((msgs[j] for j in range(i + 1, len(msgs)) if msgs[j]["role"] != "assistant"), None)
+        if nxt is not None and (after := _find(full, _candidates(nxt["content"]), pos)):
+            limit = after[0]
+        e = full.find(eot, pos, limit) if eot else -1
+        if e >= 0:
+            end = e + len(eot or "")
+        elif calls:
+            raise missing(k, i, "the end of its tool calls (an end-of-turn token after them) is not in the rendering")
+        else:
+            end = pos
+        out.append((start, end, i))
+        cursor = end
     return out
 
 
@@ -203,6 +439,8 @@ class Encoded:
     kept_messages: int
     truncated: bool = False
     drop_reason: str | None = None
+    # Set when the template refused the row or a turn could not be located: the caller names the row.
+    error: str | None = None
     _trainable: int | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -212,21 +450,33 @@ class Encoded:
         return self._trainable
 
 
-def encode_many(tokenizer: Any, fmt: ChatFormat, conversations: Sequence[Sequence[dict[str, Any]]], *,
-                max_length: int | None = None, train_on: TrainOn = "assistant") -> list[Encoded]:
-    """Tokenize a batch of conversations in one call to the fast tokenizer.
+def encode_many(tokenizer: Any, fmt: ChatFormat, conversations: Sequence[Messages], *,
+                tools: Sequence[ToolList] | None = None, max_length: int | None = None,
+                train_on: TrainOn = "assistant") -> list[Encoded]:
+    """Tokenize a batch of conversations (each with its tools, when given) in one call to the fast tokenizer.
 
     Rendering is per row (Jinja), tokenizing is one batched call (Rust, all
     cores), masks are built from the token offsets by binary search, so the
-    Python work per row does not grow with its length.
+    Python work per row does not grow with its length. A row the template
+    refuses comes back with `error` set and no tokens.
     """
     if not conversations:  # fast tokenizers fail on an empty batch
         return []
-    all_spans = [spans(fmt, conv) for conv in conversations]
-    texts = [s.text for s in all_spans]
+    all_spans: list[Spans | str] = []
+    for n, conv in enumerate(conversations):
+        try:
+            all_spans.append(spans(fmt, conv, tools[n] if tools is not None else None))
+        except ConfigError as exc:
+            all_spans.append(str(exc))
+    texts = [s.text for s in all_spans if isinstance(s, Spans)]
+    encoded = iter(_tokenize(tokenizer, texts) if texts else [])
     bos_id = tokenizer.bos_token_id
     out = []
-    for conv, sp, (ids, offsets) in zip(conversations, all_spans, _tokenize(tokenizer, texts), strict=True):
+    for conv, sp in zip(conversations, all_spans, strict=True):
+        if isinstance(sp, str):
+            out.append(Encoded([], [], 0, drop_reason="template_error", error=sp))
+            continue
+        ids, offsets = next(encoded)
         out.append(_labels_for(conv, sp, ids, offsets, bos_id, fmt, max_length, train_on))
     return out
 
@@ -254,7 +504,7 @@ def _first_at(offsets: Sequence[Sequence[int]], char: int) -> int:
     return bisect.bisect_left(offsets, char, key=lambda o: o[0])
 
 
-def _labels_for(conv: Sequence[dict[str, Any]], sp: Spans, ids: list[int], offsets: Sequence[Sequence[int]],
+def _labels_for(conv: Messages, sp: Spans, ids: list[int], offsets: Sequence[Sequence[int]],
                 bos_id: int | None, fmt: ChatFormat, max_length: int | None, train_on: TrainOn) -> Encoded:
     prepend = 0
     if fmt.needs_bos and bos_id is not None and (not ids or ids[0] != bos_id):
@@ -309,27 +559,34 @@ def _labels_for(conv: Sequence[dict[str, Any]], sp: Spans, ids: list[int], offse
 # --------------------------------------------------------------------------- prompts for inference
 
 
-def split_prompt(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
-    """The conversation up to its last assistant turn, and that turn's text as the reference."""
-    msgs = list(messages)
+def split_prompt(messages: Messages) -> tuple[list[dict[str, Any]], str | None]:
+    """The conversation up to its last assistant turn, and that turn as the reference: its content, and
+    its tool calls as one `{"name", "arguments"}` JSON object per line."""
+    msgs = clean(messages)
     if msgs and msgs[-1].get("role") == "assistant":
-        return msgs[:-1], str(msgs[-1]["content"])
+        last = msgs[-1]
+        reference = str(last.get("content") or "")
+        if last.get("tool_calls"):
+            reference = "\n".join(x for x in (reference, T.calls_text(last["tool_calls"])) if x)
+        return msgs[:-1], reference
     return msgs, None
 
 
-def render_prompt(fmt: ChatFormat, messages: Sequence[dict[str, Any]]) -> str:
-    """The text a model continues from: the conversation plus the generation prompt."""
+def render_prompt(fmt: ChatFormat, messages: Messages, tools: ToolList = None) -> str:
+    """The text a model continues from: the conversation as training renders it, up to where the next
+    assistant turn's trained span starts (for most templates: the conversation plus the generation prompt)."""
     if is_text(messages):
         return (fmt.bos_token or "") + messages[0]["content"]
-    return render(fmt, messages, add_generation_prompt=True)
+    sp = spans(fmt, [*messages, {"role": "assistant", "content": PLACEHOLDER}], tools)
+    return sp.text[:sp.assistant[-1][0]]
 
 
-def encode_prompt(tokenizer: Any, fmt: ChatFormat, messages: Sequence[dict[str, Any]]) -> list[int]:
+def encode_prompt(tokenizer: Any, fmt: ChatFormat, messages: Messages, tools: ToolList = None) -> list[int]:
     """Token ids of the prompt, with the same single-BOS rule as training.
 
     Engines get ids, not text, so they cannot add a second BOS of their own.
     """
-    ids = list(tokenizer(render_prompt(fmt, messages), add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(render_prompt(fmt, messages, tools), add_special_tokens=False)["input_ids"])
     bos_id = tokenizer.bos_token_id
     if fmt.needs_bos and bos_id is not None and (not ids or ids[0] != bos_id):
         ids = [bos_id] + ids

@@ -5,8 +5,10 @@ Rows (one Parquet table per split, zstd, written in shards):
 | column          | type                               | notes                                      |
 |-----------------|------------------------------------|--------------------------------------------|
 | id              | string                             | stable: sha256 of the normalized row       |
-| messages        | list<struct<role, content>>        | roles: system, user, assistant, tool; or a |
+| messages        | list<MESSAGE> (below)              | roles: system, user, assistant, tool; or a |
 |                 |                                    | single {"role": "text"} for plain text     |
+| tools           | string, null when none             | JSON text: the list of tool schemas        |
+|                 |                                    | ({"type": "function", "function": {...}})  |
 | split           | string                             | "train" or "eval"                          |
 | source          | string                             | the raw input URI the row came from        |
 | input_ids       | list<int32>  (with a tokenizer)    | exactly one BOS                            |
@@ -14,13 +16,25 @@ Rows (one Parquet table per split, zstd, written in shards):
 | num_tokens      | int32        (with a tokenizer)    |                                            |
 | num_trainable   | int32        (with a tokenizer)    |                                            |
 
+MESSAGE is a struct of `role` and `content` (strings; content "" for an
+assistant turn that only calls tools) and optional fields, null when unset:
+`reasoning_content` (an assistant's reasoning), `tool_calls` (list of
+`{id, type, function: {name, arguments}}`, arguments as JSON text: calls
+differ in their arguments' shape), `tool_call_id` and `name` (a tool result).
+
+Compatibility: shards written before `tools` and the optional message fields
+existed have neither; readers treat a missing field or column as null
+(`read_split` fills a missing optional column), so old prepare runs still
+train and infer. `REQUIRED` lists the columns every shard has.
+
 Predictions (what infer writes, one Parquet part per shard, and evaluate reads): `PREDICTIONS`.
 
 | column            | type                        | notes                                              |
 |-------------------|-----------------------------|----------------------------------------------------|
 | id                | string                      | the prompt row's id                                |
 | sample            | int32                       | 0..n-1 with sampling.n > 1                          |
-| prompt            | list<struct<role, content>> | the conversation the model continued               |
+| prompt            | list<MESSAGE>               | the conversation the model continued               |
+| tools             | string (nullable)           | JSON text: the tool schemas the prompt offered     |
 | completion        | string                      | the generated text (empty on an error row)         |
 | reference         | string (nullable)           | the held-out answer, when the prompts had one      |
 | finish_reason     | string                      | stop, length, or error                             |
@@ -38,6 +52,7 @@ and `model.chat_template` (the template text itself).
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -46,13 +61,22 @@ import pyarrow.parquet as pq
 
 from common import manifest as mf
 
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+TOOL_CALL = pa.struct([
+    ("id", pa.string()), ("type", pa.string()),
+    ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())])),
+])
+MESSAGE = pa.struct([
+    ("role", pa.string()), ("content", pa.string()), ("reasoning_content", pa.string()),
+    ("tool_calls", pa.list_(TOOL_CALL)), ("tool_call_id", pa.string()), ("name", pa.string()),
+])
 BASE_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
     pa.field("messages", pa.list_(MESSAGE), nullable=False),
+    pa.field("tools", pa.string()),
     pa.field("split", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
 ]
+REQUIRED = ("id", "messages", "split", "source")
 TOKEN_FIELDS = [
     pa.field("input_ids", pa.list_(pa.int32())),
     pa.field("labels", pa.list_(pa.int32())),
@@ -60,11 +84,14 @@ TOKEN_FIELDS = [
     pa.field("num_trainable", pa.int32()),
 ]
 SPLITS = ("train", "eval")
+# Columns a shard may lack (written before they existed), by name.
+OPTIONAL = {f.name: f for f in BASE_FIELDS if f.name not in REQUIRED}
 
 PREDICTIONS = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("sample", pa.int32(), nullable=False),
     pa.field("prompt", pa.list_(MESSAGE), nullable=False),
+    pa.field("tools", pa.string()),
     pa.field("completion", pa.string(), nullable=False),
     pa.field("reference", pa.string()),
     pa.field("finish_reason", pa.string(), nullable=False),
@@ -100,6 +127,31 @@ def read_split(loaded: mf.Loaded, split: str, columns: list[str] | None = None,
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         for i, art in enumerate(arts):
             local = mf.fetch_artifact(loaded, art, Path(tmp) / f"{i:05d}.parquet")
-            tables.append(pq.read_table(local, columns=columns))
-    return pa.concat_tables(tables)
+            tables.append(_with_optional(pq.read_table(local, columns=_present(local, columns)), columns))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _present(local: Path, columns: list[str] | None) -> list[str] | None:
+    """The requested columns this shard has (older shards lack the optional ones)."""
+    if columns is None:
+        return None
+    names = set(pq.ParquetFile(local).schema_arrow.names)
+    return [c for c in columns if c in names or c not in OPTIONAL]
+
+
+def _with_optional(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    for name in columns or [f.name for f in schema(tokenized=False)]:
+        if name in OPTIONAL and name not in table.column_names:
+            table = table.append_column(OPTIONAL[name], pa.nulls(table.num_rows, OPTIONAL[name].type))
+    return table.select(columns) if columns else table
+
+
+def tools_json(tools: list[dict] | None) -> str | None:
+    """A row's tools as the `tools` column stores them."""
+    return json.dumps(tools, ensure_ascii=False) if tools else None
+
+
+def tools_of(value: str | None) -> list[dict] | None:
+    """The `tools` column back as schemas (None when the row has none)."""
+    return json.loads(value) if value else None
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from common import storage
+from common import data, storage, tools
 from common.config import JobConfig
 from common.errors import ConfigError
 
@@ -40,6 +40,7 @@ METRICS = (
     Metric("json_valid", "valid JSON", False),
     Metric("json_schema_valid", "matches JSON schema", False),
     Metric("regex_match", "matches regex", False),
+    Metric("tool_call_valid", "valid tool call", False),
 )
 TITLES = {m.name: m.title for m in METRICS}
 REFERENCE_METRICS = tuple(m.name for m in METRICS if m.reference)
@@ -54,6 +55,9 @@ class Checks(JobConfig):
                           "satisfy once parsed (json_schema_valid). Implies json_valid.")
     regex: str | None = Field(None, description="A Python regex the whole stripped completion must match "
                                                 "(regex_match).")
+    tool_call: bool = Field(False, description="Score the completion's first tool call on rows that offer tools "
+                            "(tool_call_valid): it names the reference's function (any offered one when the "
+                            "reference is no call) and its arguments satisfy that tool's parameters schema.")
 
     @field_validator("regex")
     @classmethod
@@ -70,7 +74,7 @@ def computed(checks: Checks) -> list[str]:
     """The metrics a config computes, in report order: the reference metrics always, a check when configured."""
     configured = {"json_valid": checks.json_valid or checks.json_schema is not None,
                   "json_schema_valid": checks.json_schema is not None,
-                  "regex_match": checks.regex is not None}
+                  "regex_match": checks.regex is not None, "tool_call_valid": checks.tool_call}
     return [m.name for m in METRICS if m.reference or configured[m.name]]
 
 
@@ -146,5 +150,7 @@ def score_rows(rows: list[dict[str, Any]], checks: Checks, validator: Any) -> li
                 s["json_schema_valid"] = float(ok and validator.is_valid(parsed))
         if regex is not None:
             s["regex_match"] = float(regex.fullmatch(completion.strip()) is not None)
+        if checks.tool_call:  # None on rows without tools: they have no call to check
+            s["tool_call_valid"] = tools.check_call(completion, data.tools_of(row.get("tools")), reference)
         out.append(s)
     return out

@@ -17,7 +17,7 @@ Writes, under --output
   shards/<IIIII>/DONE.json             create-only shard marker with the chunks' sha256
   predictions/part-NNNNN.parquet       one part per shard, assembled by whichever shard ends last
   manifest.json                        stage "infer", published last, create-only
-Rows: id, sample, prompt, completion, reference, finish_reason, prompt_tokens, completion_tokens,
+Rows: id, sample, prompt, tools (JSON text), completion, reference, finish_reason, prompt_tokens, completion_tokens,
 model, adapter, sampling (JSON), error (per row, e.g. a prompt longer than max_model_len).
 
 Shard I of N comes from `--shard I/N`, or from `JOB_COMPLETION_INDEX` (Kubernetes Indexed Jobs)
@@ -322,7 +322,7 @@ def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dic
         rows = list(chunks[k])
         ids: list[list[int] | None] = []
         for i, row in enumerate(rows):
-            enc = chat.encode_prompt(tokenizer, fmt, row["prompt"]) if row["error"] is None else None
+            enc = chat.encode_prompt(tokenizer, fmt, row["prompt"], row["tools"]) if row["error"] is None else None
             if enc is not None and len(enc) >= max_len:  # vLLM needs room for at least one new token
                 rows[i] = row | {"error": f"prompt has {len(enc)} tokens; max_model_len is {max_len}: raise "
                                           "engine_args.max_model_len or shorten the prompt", "n_prompt": len(enc)}
@@ -338,7 +338,8 @@ def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dic
             samples = by_row.get(i) or [("", 0, "error")] * config.sampling.n
             for s, (text, n_tok, finish) in enumerate(samples):
                 out_rows.append({
-                    "id": row["id"], "sample": s, "prompt": row["prompt"], "completion": text,
+                    "id": row["id"], "sample": s, "prompt": row["prompt"], "tools": data.tools_json(row["tools"]),
+                    "completion": text,
                     "reference": row["reference"], "finish_reason": finish,
                     "prompt_tokens": len(ids[i]) if ids[i] is not None else row.get("n_prompt", 0),
                     "completion_tokens": n_tok, "model": ident["model"], "adapter": ident["adapter"],

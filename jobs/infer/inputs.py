@@ -31,6 +31,8 @@ class Columns(JobConfig):
     prompt: str = Field("prompt", description="Plain prompt text, used as one user turn when there is no "
                                               "messages column.")
     reference: str = Field("reference", description="Reference answer column for prompt-style files (optional).")
+    tools: str = Field("tools", description="The row's tool schemas (a list, or JSON text of one), rendered into "
+                                            "the prompt as the template's `tools=` (optional).")
 
 
 
@@ -150,7 +152,7 @@ def load_rows(config: Config, prompts_in: mf.Loaded | mf.InputRef) -> list[dict[
                            if "/part-" in a.name})
             raise InputError(f"{prompts_in.uri} has no {config.split!r} split (has: {', '.join(have) or 'none'}): "
                              "set split to one of those")
-        raw = data.read_split(prompts_in, config.split, columns=["id", "messages"]).to_pylist()
+        raw = data.read_split(prompts_in, config.split, columns=["id", "messages", "tools"]).to_pylist()
         cols, where = Columns(), prompts_in.uri
     else:
         where = prompts_in.uri
@@ -205,26 +207,55 @@ def read_jsonl(local: Path, where: str) -> list[dict[str, Any]]:
                 continue
             try:
                 obj = json.loads(line)
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")  # lone surrogates (\\ud800) are not text
             except json.JSONDecodeError as exc:
                 # Some of json's messages end in "at" ("Invalid control character at"): the column completes them.
                 raise InputError(f"{where} line {n}: not valid JSON ({exc.msg.removesuffix(' at')} at column "
                                  f"{exc.colno})") from None
+            except Exception as exc:  # noqa: BLE001 - too deep, not encodable text...: this line's data
+                raise InputError(f"{where} line {n}: cannot be read ({type(exc).__name__}: {str(exc)[:200]}); fix "
+                                 "the prompts file") from None
             if not isinstance(obj, dict):
                 raise InputError(f"{where} line {n}: expected a JSON object, got {type(obj).__name__}")
             out.append(obj)
     return out
 
 
+def _message(m: Any) -> dict[str, Any] | None:
+    """A prompt message in canonical form (tool calls normalized), or None when it is not one."""
+    from common import tools as T
+
+    if not isinstance(m, dict) or m.get("role") not in (*chat.ROLES, "text"):
+        return None
+    calls = m.get("tool_calls") if m["role"] == "assistant" else None
+    content = m.get("content")
+    if not isinstance(content, str) and not (content is None and calls):
+        return None
+    out = {**{k: m[k] for k in chat.OPTIONAL_FIELDS if m.get(k) is not None}, "role": m["role"],
+           "content": content or ""}
+    if calls:
+        try:
+            out["tool_calls"] = T.normalize_calls(calls, "tool_calls")
+        except ValueError:
+            return None
+    return out
+
+
 def normalize_row(row_id: str, item: dict[str, Any], cols: Columns, i: int, where: str) -> dict[str, Any]:
+    from common import tools as T
+
     reference = item.get(cols.reference)
     error = None
+    try:
+        tools = T.normalize_tools(item.get(cols.tools))
+    except ValueError as exc:  # a tools column that cannot be used: never dropped without a word
+        raise InputError(f"{where} row {i}: column {cols.tools!r}: {exc}. Fix the prompts file.") from None
     messages = item.get(cols.messages)
     if messages is not None:
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and m.get("role") in (*chat.ROLES, "text") and isinstance(m.get("content"), str)
-            for m in messages)
+        msgs = [_message(m) for m in messages] if isinstance(messages, list) else []
+        ok = bool(msgs) and all(m is not None for m in msgs)
         if ok:
-            prompt, last = chat.split_prompt([{"role": m["role"], "content": m["content"]} for m in messages])
+            prompt, last = chat.split_prompt(msgs)  # type: ignore[arg-type]
             reference = last if last is not None else reference
             if not prompt:
                 error = "the conversation has no turns before its assistant answer"
@@ -236,5 +267,5 @@ def normalize_row(row_id: str, item: dict[str, Any], cols: Columns, i: int, wher
     else:
         prompt = []
         error = f"no {cols.messages!r} or non-empty {cols.prompt!r} (row {i} of {where})"
-    return {"id": row_id, "prompt": prompt, "reference": None if reference is None else str(reference),
-            "error": error}
+    return {"id": row_id, "prompt": prompt, "tools": tools,
+            "reference": None if reference is None else str(reference), "error": error}

@@ -20,8 +20,9 @@ from typing import Any
 
 from common import chat
 
-# One encoded row, compact for pickling: input_ids, labels, kept_messages, truncated, drop_reason.
-Result = tuple[Sequence[int], Sequence[int], int, bool, str | None]
+# One encoded row, compact for pickling: input_ids, labels, kept_messages, truncated, drop_reason, error.
+Result = tuple[Sequence[int], Sequence[int], int, bool, str | None, str | None]
+Tools = Sequence[chat.ToolList]
 
 _worker: dict[str, Any] = {}
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -34,11 +35,12 @@ def load_tokenizer(path: str) -> Any:
 
 
 def encode_batch(tokenizer: Any, fmt: chat.ChatFormat, conversations: Sequence[Sequence[dict[str, Any]]],
-                 max_length: int | None, train_on: chat.TrainOn) -> list[Result]:
+                 tools: Tools, max_length: int | None, train_on: chat.TrainOn) -> list[Result]:
     # array('i'): pickled as one bytes block, not one object per token, between workers and the main process.
     out = []
-    for e in chat.encode_many(tokenizer, fmt, conversations, max_length=max_length, train_on=train_on):
-        out.append((array("i", e.input_ids), array("i", e.labels), e.kept_messages, e.truncated, e.drop_reason))
+    for e in chat.encode_many(tokenizer, fmt, conversations, tools=tools, max_length=max_length, train_on=train_on):
+        out.append((array("i", e.input_ids), array("i", e.labels), e.kept_messages, e.truncated, e.drop_reason,
+                    e.error))
     return out
 
 
@@ -73,9 +75,9 @@ def _init(path: str, template: str, max_length: int | None, train_on: str, paren
     _worker.update(tok=tok, fmt=chat.chat_format(tok, template), max_length=max_length, train_on=train_on)
 
 
-def _work(conversations: list[list[dict[str, Any]]]) -> tuple[str, list[Result]]:
+def _work(conversations: list[list[dict[str, Any]]], tools: Tools) -> tuple[str, list[Result]]:
     w = _worker
-    return w["fmt"].hash, encode_batch(w["tok"], w["fmt"], conversations, w["max_length"], w["train_on"])
+    return w["fmt"].hash, encode_batch(w["tok"], w["fmt"], conversations, tools, w["max_length"], w["train_on"])
 
 
 class Encoder:
@@ -89,14 +91,15 @@ class Encoder:
         self.pending: deque[tuple[Any, Future[tuple[str, list[Result]]]]] = deque()
         self.batches = 0
 
-    def submit(self, conversations: list[list[dict[str, Any]]], tag: Any,
+    def submit(self, conversations: list[list[dict[str, Any]]], tools: Tools, tag: Any,
                done: Callable[[Any, list[Result]], None]) -> None:
-        """Encode a batch; `done(tag, results)` runs once it and every earlier batch finished."""
+        """Encode a batch (each conversation with its tools); `done(tag, results)` runs once it and every
+        earlier batch finished."""
         self.batches += 1
         if self.workers <= 1 or (self.pool is None and self.batches == 1):
             # The first batch runs here: small inputs never pay for starting a pool.
             self._drain_all(done)
-            done(tag, encode_batch(self.tokenizer, self.fmt, conversations, self.max_length, self.train_on))
+            done(tag, encode_batch(self.tokenizer, self.fmt, conversations, tools, self.max_length, self.train_on))
             return
         if self.pool is None:
             import multiprocessing
@@ -108,7 +111,7 @@ class Encoder:
             self.pool = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context(method), initializer=_init,
                 initargs=(self.path, self.fmt.template, self.max_length, self.train_on, os.getpid()))
-        self.pending.append((tag, self.pool.submit(_work, conversations)))
+        self.pending.append((tag, self.pool.submit(_work, conversations, tools)))
         while len(self.pending) > 2 * self.workers:
             self._finish_one(done)
 

@@ -1,7 +1,8 @@
 """`ftjobs inspect URI`: look at prepared rows exactly as the model will see them.
 
-URI is a prepare manifest (or its prefix) or one Parquet file. For tokenized
-rows the token ids are decoded back to text; trained tokens (labels not -100)
+URI is a prepare manifest (or its prefix) or one Parquet file. A row's tool
+schemas are listed under its header. For tokenized rows the token ids are
+decoded back to text (the tools as the template rendered them included); trained tokens (labels not -100)
 are highlighted (green on a terminal, «guillemets» elsewhere), `--tokens`
 shows token boundaries, and the length histogram follows. `--html FILE`
 writes one self-contained page (no scripts, no external files).
@@ -20,9 +21,9 @@ from typing import Any
 
 import click
 
+from common.chat import IGNORE_INDEX as IGNORE
 from common.errors import ConfigError, InputError
 
-IGNORE = -100
 GREEN, DIM, RESET, UNDER = "\x1b[32m", "\x1b[2m", "\x1b[0m", "\x1b[4m"
 
 
@@ -42,7 +43,7 @@ def load_rows(uri: str, split: str, n: int, tmp: Path) -> tuple[list[dict[str, A
         try:
             pf = pq.ParquetFile(local)
             names = pf.schema_arrow.names
-            missing = [f.name for f in data.BASE_FIELDS if f.name not in names]
+            missing = [c for c in data.REQUIRED if c not in names]
             if missing:
                 raise InputError(f"{uri} is not a prepare shard (missing column{'s' * (len(missing) > 1)} "
                                  f"{', '.join(missing)}; columns: "
@@ -117,7 +118,12 @@ def segments(row: dict[str, Any], tokenizer: Any) -> list[tuple[str, bool, int |
         out: list[tuple[str, bool, int | None]] = []
         for m in row["messages"]:
             out.append((f"[{m['role']}]\n", False, None))
-            out.append((m["content"] + "\n", m["role"] == "assistant", None))
+            trained = m["role"] == "assistant"
+            if m.get("reasoning_content"):
+                out.append((f"<think>{m['reasoning_content']}</think>\n", trained, None))
+            out.append((m["content"] + "\n", trained, None))
+            for call in m.get("tool_calls") or []:
+                out.append((f"call {call['function']['name']}({call['function']['arguments']})\n", trained, None))
         return out
     labels = row.get("labels") or [IGNORE] * len(ids)
     return [(p, lab != IGNORE, t) for p, lab, t in zip(token_pieces(tokenizer, ids), labels, ids, strict=True)]
@@ -127,7 +133,7 @@ def render_text(row: dict[str, Any], segs: list[tuple[str, bool, int | None]], *
     head = f"── row {row.get('id', '')[:12]}  split={row.get('split')}  source={row.get('source')}"
     if row.get("num_tokens") is not None:
         head += f"  tokens={row['num_tokens']} trainable={row['num_trainable']}"
-    out = [head, ""]
+    out = [head, *tool_lines(row), ""]
     body = []
     prev_trained = False
     for i, (text, trained, _) in enumerate(segs):
@@ -148,6 +154,18 @@ def render_text(row: dict[str, Any], segs: list[tuple[str, bool, int | None]], *
         body.append("»")
     out.append("".join(body))
     return "\n".join(out)
+
+
+def tool_lines(row: dict[str, Any]) -> list[str]:
+    """One line per tool schema the row offers: name, parameters and description."""
+    from common.data import tools_of
+
+    out = []
+    for tool in tools_of(row.get("tools")) or []:
+        fn = tool.get("function", {})
+        params = ", ".join((fn.get("parameters") or {}).get("properties") or {})
+        out.append(f"   tool {fn.get('name')}({params})" + (f": {fn['description']}" if fn.get("description") else ""))
+    return out
 
 
 def render_histogram(stats: dict[str, Any], width: int = 40) -> str:
@@ -182,7 +200,8 @@ def render_html(title: str, rows: list[dict[str, Any]], all_segs: list[list[tupl
         meta = f"id {row.get('id', '')[:16]} · split {row.get('split')} · source {row.get('source')}"
         if row.get("num_tokens") is not None:
             meta += f" · {row['num_tokens']} tokens, {row['num_trainable']} trained"
-        shown.append({"meta": meta, "segments": segs})
+        shown.append({"meta": meta, "segments": segs,
+                      "tools": [t.strip().removeprefix("tool ") for t in tool_lines(row)]})
     env = jinja2.Environment(loader=jinja2.PackageLoader("jobs.prepare", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.get_template("inspect.html.jinja").render(

@@ -17,8 +17,8 @@ from typing import Any, Literal
 import click
 from pydantic import Field, field_validator, model_validator
 
+from common import chat, data, stage, storage
 from common import config as cfg
-from common import data, stage, storage
 from common import manifest as mf
 from common.config import JobConfig
 from common.errors import ConfigError, InputError
@@ -30,7 +30,7 @@ from jobs.prepare import sources as S
 STAGE = "prepare"
 LOG = logging.getLogger(__name__)
 
-Format = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+Format = Literal["auto", R.Format]
 
 
 class Source(JobConfig):
@@ -60,6 +60,10 @@ class Columns(JobConfig):
     role: str | None = Field(default=None, description="Key of a turn's role (default: 'role'; sharegpt 'from').")
     content: str | None = Field(default=None,
                                 description="Key of a turn's text (default: 'content'; sharegpt 'value').")
+    tools: str = Field(default="tools", description="The row's tool schemas: a list of JSON schemas, or JSON text "
+                       "of one (LLaMA-Factory's sharegpt `tools` column). Rendered for the template as `tools=`.")
+    reasoning: str = Field(default="reasoning_content", description="Key of an assistant turn's reasoning (kept "
+                           "and rendered the way the template wants; <think> blocks in the text are kept as they are).")
 
 
 class Config(JobConfig):
@@ -69,8 +73,9 @@ class Config(JobConfig):
     output: str = Field(description="Output prefix (local path or s3://...); the manifest is written last.")
     format: Format = Field(default="auto", description="Input format; auto detects it per file and logs what it saw.")
     columns: Columns = Field(default_factory=Columns, description="Column/key names when the data uses other names.")
-    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
-        default_factory=dict, description="Extra role names -> canonical roles, e.g. {bot: assistant}.")
+    roles: dict[str, R.ROLE_TARGETS] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Extra role names -> canonical roles, e.g. {bot: assistant}; tool_call "
+        "makes a turn's text a tool call ({name, arguments} JSON), as sharegpt function_call turns are.")
     tokenizer: str | None = Field(default=None, description="Model source for the tokenizer (folder, s3:// prefix, "
                                   "HF id); only tokenizer files are fetched. Without it rows are not tokenized.")
     chat_template: str | None = Field(default=None, description="Template override: a builtin name (chatml) or "
@@ -91,8 +96,9 @@ class Config(JobConfig):
         default="normalized", description="Drop exact duplicates, or also ones differing only in case/whitespace.")
     max_drop_fraction: float = Field(default=0.1, ge=0, le=1,
                                      description="Fail (exit 3) when more than this share of rows is dropped.")
-    skip_bad_lines: bool = Field(default=False, description="Drop unreadable lines (bad JSON/UTF-8/CSV, too long) "
-                                 "and count them instead of failing on the first one.")
+    skip_bad_lines: bool = Field(default=False, description="Drop unreadable lines and rows (bad JSON/UTF-8/CSV, "
+                                 "too long or too deep, unusable tools) and count them instead of failing on the "
+                                 "first one.")
     max_line_bytes: int = Field(default=64 << 20, ge=1024, description="Longest JSON line/element read.")
     rows_per_shard: int = Field(default=100_000, ge=1, description="Rows per Parquet file.")
     row_group_rows: int = Field(default=8192, ge=1, description="Rows per Parquet row group.")
@@ -137,10 +143,11 @@ class Config(JobConfig):
 @dataclass
 class Row:
     id: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     source: str
     line: int
     split: str  # auto | train | eval (forced by the source)
+    tools: list[dict[str, Any]] | None = None
     input_ids: list[int] | None = None
     labels: list[int] | None = None
 
@@ -160,7 +167,7 @@ class Tally:
         self.per_source[source]["dropped"] += 1
         ex = self.examples.setdefault(reason, [])
         if len(ex) < keep:
-            text = preview if isinstance(preview, str) else json.dumps(preview, ensure_ascii=False, default=str)
+            text = preview if isinstance(preview, str) else _preview(preview)
             ex.append({"reason": reason, "source": source, "line": line, "detail": detail,
                        "row": text[:2000] + ("..." if len(text) > 2000 else "")})
 
@@ -196,6 +203,7 @@ class SplitWriter:
         b = self.buf
         b["id"].append(row.id)
         b["messages"].append(row.messages)
+        b["tools"].append(data.tools_json(row.tools))
         b["split"].append(self.split)
         b["source"].append(row.source)
         if self.tokenized:
@@ -203,7 +211,7 @@ class SplitWriter:
             b["input_ids"].append(row.input_ids)
             b["labels"].append(row.labels)
             b["num_tokens"].append(len(row.input_ids))
-            b["num_trainable"].append(len(row.labels) - row.labels.count(-100))
+            b["num_trainable"].append(len(row.labels) - row.labels.count(chat.IGNORE_INDEX))
         self.rows += 1
         self.shard_rows += 1
         if len(b["id"]) >= self.conf.row_group_rows:
@@ -311,7 +319,7 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
 
 
 def _tokenizer(config: Config) -> tuple[Any, dict[str, Any]]:
-    from common import chat, models
+    from common import models
     from jobs.prepare.encode import Encoder, load_tokenizer
 
     assert config.tokenizer
@@ -379,7 +387,9 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
             for row in batch:
                 place(row)
             return
-        for row, (ids, labels, kept, truncated, reason) in zip(batch, results, strict=True):
+        for row, (ids, labels, kept, truncated, reason, error) in zip(batch, results, strict=True):
+            if error is not None:  # the template refused the row, or a turn of it cannot be located
+                raise ConfigError(f"{row.source} line {row.line}: {error}")
             if reason is None and truncated and config.on_too_long == "drop":
                 reason = "too_long_tokens"
             if reason is not None:
@@ -397,7 +407,7 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
                 row.messages = row.messages[:kept]
             row.input_ids, row.labels = ids, labels
             lengths.append(len(ids))
-            trainable[0] += len(labels) - labels.count(-100)
+            trainable[0] += len(labels) - labels.count(chat.IGNORE_INDEX)
             place(row)
 
     batch: list[Row] = []
@@ -409,11 +419,14 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
         if encoder is None:
             finish(batch, None)
         else:
-            encoder.submit([r.messages for r in batch], batch, finish)
+            encoder.submit([r.messages for r in batch], [r.tools for r in batch], batch, finish)
         batch = []
 
+    # An explicitly mapped tools column that a file never has would drop every row's tools without a word.
+    tools_mapped = "tools" in config.columns.model_fields_set
     for f in files:
         per = tally.per_source.setdefault(f.uri, Counter())
+        saw_tools = False
         fmt: str | None = f.format or config.format
         if fmt == "auto":
             # None: no record to detect from. The file is empty, or (with skip_bad_lines) no line of it could
@@ -434,21 +447,33 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
                 tally.drop(rec.reason, f.uri, line, rec.detail, rec.preview, config.drop_examples)
                 continue
             assert fmt is not None  # _detect reads with the same limits: it saw this record too
+            saw_tools = saw_tools or columns["tools"] in rec
             try:
+                tools = R.to_tools(rec, columns)
                 msgs = R.validate(R.to_messages(rec, fmt, columns, roles), config.max_chars)
+                canon = R.canonical(msgs, tools)
+                key = R.exact_key(canon)
             except R.Drop as d:
+                if d.reason in R.FATAL and not config.skip_bad_lines:
+                    raise InputError(f"{f.uri} line {line}: {d.detail}. Fix the file, or set skip_bad_lines: true "
+                                     "to drop such rows (they are counted in the manifest).") from None
                 tally.drop(d.reason, f.uri, line, d.detail, rec, config.drop_examples)
                 continue
-            canon = R.canonical(msgs)
+            except Exception as exc:  # noqa: BLE001 - whatever breaks on a row is that row's data, never a retry
+                detail = f"the record cannot be read as a {fmt} row ({type(exc).__name__}: {str(exc)[:200]})"
+                if not config.skip_bad_lines:
+                    raise InputError(f"{f.uri} line {line}: {detail}. Fix the file, or set skip_bad_lines: true "
+                                     "to drop such rows (they are counted in the manifest).") from None
+                tally.drop("invalid_record", f.uri, line, detail, _preview(rec), config.drop_examples)
+                continue
             if config.dedup != "none":
-                key = R.exact_key(canon)
                 if key in seen_exact:
                     tally.drop("duplicate_exact", f.uri, line, "an identical row came earlier", rec,
                                config.drop_examples)
                     continue
                 seen_exact.add(key)
                 if config.dedup == "normalized":
-                    nkey = R.normalized_key(msgs)
+                    nkey = R.normalized_key(msgs, tools)
                     if nkey in seen_norm:
                         tally.drop("duplicate_normalized", f.uri, line,
                                    "an earlier row differs only in case or whitespace", rec, config.drop_examples)
@@ -456,15 +481,17 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
                     seen_norm.add(nkey)
             occurrence = 0
             if config.dedup == "none":  # identical rows are kept: number their repeats so ids stay unique
-                key = R.exact_key(canon)
                 occurrence = repeats[key]
                 repeats[key] += 1
             per["rows_out"] += 1
-            batch.append(Row(R.row_id(canon, occurrence), msgs, f.uri, line, f.split))
+            batch.append(Row(R.row_id(canon, occurrence), msgs, f.uri, line, f.split, tools))
             if len(batch) >= config.batch_size:
                 flush_batch()
                 progress.total = _estimate(tally.rows_in, done_bytes, f, total_bytes)
                 progress.update(config.batch_size, dropped=sum(tally.dropped.values()))
+        if tools_mapped and n_file and fmt is not None and not saw_tools:
+            raise InputError(f"{f.uri}: no record has the tools column {columns['tools']!r} that columns.tools "
+                             "names, so every row's tools would be dropped. Fix the mapping or the file.")
         if n_file == 0:
             tally.empty_files.append(f.uri)
             _empty(f, config)
@@ -485,6 +512,14 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
         w.close()
     timings["write_last_shards"] = time.monotonic() - t
     return tally, {s: w.rows for s, w in writers.items()}, lengths, trainable[0]
+
+
+def _preview(rec: Any) -> str:
+    """A row for drops.jsonl that cannot fail (the record may be what JSON chokes on: too deep, not text)."""
+    try:
+        return json.dumps(rec, ensure_ascii=False, default=str)[:2000].encode("utf-8", "backslashreplace").decode()
+    except Exception:  # noqa: BLE001 - too deep for json: too deep for repr as well
+        return f"<a {type(rec).__name__} that cannot be shown>"
 
 
 def _estimate(rows_in: int, done_bytes: int, f: S.RawFile, total_bytes: int) -> int | None:
@@ -524,7 +559,7 @@ def _detect(f: S.RawFile, columns: dict[str, Any], config: Config) -> str | None
     if fmt is None:
         raise InputError(
             f"{f.uri}: cannot detect the format from its fields ({', '.join(map(str, cols[:12]))}). Set format: "
-            "alpaca|sharegpt|messages|prompt_completion|text and map fields with columns: {output: answer, ...}.")
+            f"{'|'.join(R.FORMATS)} and map fields with columns: {{output: answer, ...}}.")
     LOG.info("%s: detected format %s", f.uri, fmt, extra={"source": f.uri, "format": fmt})
     return fmt
 
@@ -641,8 +676,7 @@ def _remove(writer: mf.ArtifactWriter) -> None:
 @click.command("prepare")
 @click.option("--source", "sources", multiple=True, metavar="PATH_OR_URI",
               help="Raw data: file, folder, glob, s3:// object or prefix, hf://id. Repeatable.")
-@click.option("--format", "format_", type=click.Choice(["auto", "alpaca", "sharegpt", "messages",
-                                                        "prompt_completion", "text"]), default=None,
+@click.option("--format", "format_", type=click.Choice(["auto", *R.FORMATS]), default=None,
               help="Input format (default auto: detected per file).")
 @click.option("--tokenizer", metavar="MODEL_SRC", help="Tokenize with this model's tokenizer (folder, s3://, HF id).")
 @click.option("--output", metavar="URI", help="Output prefix (local path or s3://bucket/prefix).")

@@ -2,6 +2,12 @@
 mapping, validation with a named reason per dropped row, duplicate keys.
 
 Every function here is pure (no I/O) so each rule is tested directly.
+
+Tool calling: a row's tools come from the `tools` column (JSON schemas, or JSON text of them, as
+LLaMA-Factory's sharegpt files hold); assistant `tool_calls` (OpenAI style) and sharegpt
+`function_call` turns (role `tool_call`: the value is a call `{name, arguments}` or a list of them)
+become canonical tool calls; tool results keep `tool_call_id` and `name`. Reasoning
+(`reasoning_content`, or the key `columns.reasoning` names) is kept on assistant turns.
 """
 
 from __future__ import annotations
@@ -9,29 +15,37 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+from common import tools as T
+
+# The input formats, declared once: the config, the CLI and the messages read this.
+Format = Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+FORMATS: tuple[str, ...] = get_args(Format)
 
 # Source role names -> canonical roles. Config `roles` entries win over these.
 DEFAULT_ROLES = {
     "system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
     "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant",
-    "function_call": "assistant", "observation": "tool", "function": "tool", "ipython": "tool",
+    "function_call": "tool_call", "observation": "tool", "function": "tool", "ipython": "tool",
 }
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")
+# What a source role may map to: a canonical role, or tool_call (an assistant turn whose text is a tool call).
+ROLE_TARGETS = Literal["system", "user", "assistant", "tool", "tool_call"]
 
 # What may follow each role in a conversation (after any leading system message).
 NEXT = {"user": ("assistant",), "assistant": ("user", "tool"), "tool": ("tool", "assistant")}
 
 # Every reason a row can be dropped for, in the order the reason table prints.
 REASONS = (
-    "invalid_json", "invalid_utf8", "line_too_long", "invalid_csv", "wrong_type", "missing_field",
-    "empty_content", "unknown_role", "broken_alternation", "no_assistant_turn", "too_long_chars",
-    "too_long_tokens", "zero_trainable_tokens", "multiple_bos", "duplicate_exact", "duplicate_normalized",
+    "invalid_json", "invalid_utf8", "invalid_unicode", "line_too_long", "invalid_csv", "invalid_record",
+    "invalid_tools", "wrong_type", "missing_field", "empty_content", "unknown_role", "broken_alternation",
+    "no_assistant_turn", "too_long_chars", "too_long_tokens", "zero_trainable_tokens", "multiple_bos",
+    "duplicate_exact", "duplicate_normalized",
 )
-# Reasons that mean the file itself is broken: fatal unless skip_bad_lines.
-STRUCTURAL = ("invalid_json", "invalid_utf8", "line_too_long", "invalid_csv")
+# Drops that mean the source is unusable as given (not one odd row among good ones): exit 3 naming the file
+# and line unless skip_bad_lines, like an unreadable line.
+FATAL = ("invalid_record", "invalid_tools")
 
 
 class Drop(Exception):
@@ -110,36 +124,88 @@ def _role(raw: Any, roles: Mapping[str, str], where: str) -> str:
     if not isinstance(raw, str):
         raise Drop("wrong_type" if raw is not None else "missing_field", f"{where} role is {_type(raw)}")
     role = roles.get(raw, roles.get(raw.lower()))
-    if role not in CANONICAL_ROLES:
+    if role not in get_args(ROLE_TARGETS):
         raise Drop("unknown_role", f"{where} has role {raw!r}; map it with roles: {{{raw}: user|assistant|...}}")
     return role
 
 
+def _calls(value: Any, where: str, turn: str) -> list[dict[str, Any]]:
+    try:
+        return T.normalize_calls(value, where)
+    except ValueError as exc:
+        raise Drop("wrong_type", f"{exc}; {turn} must hold tool calls as {{name, arguments}} JSON") from None
+
+
+def _message(m: dict[str, Any], role_key: str, content_key: str, reasoning_key: str, roles: Mapping[str, str],
+             where: str) -> dict[str, Any]:
+    if role_key not in m:
+        raise Drop("missing_field", f"{where} has no {role_key!r} key (keys: {', '.join(map(str, m))})")
+    role = _role(m[role_key], roles, where)
+    if role == "tool_call":  # sharegpt function_call: the turn's text is the call
+        return {"role": "assistant", "content": "",
+                "tool_calls": _calls(m.get(content_key), f"{where}.{content_key}", f"a {m[role_key]!r} turn")}
+    raw_calls = m.get("tool_calls") if role == "assistant" else None
+    calls = _calls(raw_calls, f"{where}.tool_calls", "tool_calls") if raw_calls not in (None, "", []) else None
+    content = m.get(content_key)
+    if role == "tool" and isinstance(content, dict | list) and not _is_parts(content):
+        content = T.dumps(content)  # a structured tool result: its JSON is the text the model reads
+    msg: dict[str, Any] = {"role": role,
+                           "content": _text(content, f"{where}.{content_key}", required=calls is None) or ""}
+    if role == "assistant":
+        reasoning = _text(m.get(reasoning_key), f"{where}.{reasoning_key}", required=False)
+        if reasoning and reasoning.strip():
+            msg["reasoning_content"] = reasoning
+    if calls:
+        msg["tool_calls"] = calls
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str) and m[key]:
+                msg[key] = m[key]
+    return msg
+
+
+def _is_parts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(p, dict) and "type" in p for p in value)
+
+
 def _chat_list(items: list[Any], role_key: str, content_key: str, roles: Mapping[str, str],
-               field_name: str) -> list[dict[str, str]]:
-    out = []
+               field_name: str, reasoning_key: str = "reasoning_content") -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(items):
         where = f"{field_name}[{i}]"
         if not isinstance(m, dict):
             raise Drop("wrong_type", f"{where} is {_type(m)}, expected an object with {role_key!r}/{content_key!r}")
-        if role_key not in m:
-            raise Drop("missing_field", f"{where} has no {role_key!r} key (keys: {', '.join(map(str, m))})")
-        role = _role(m[role_key], roles, where)
-        content = _text(m.get(content_key), f"{where}.{content_key}")
-        out.append({"role": role, "content": content or ""})
+        msg = _message(m, role_key, content_key, reasoning_key, roles, where)
+        prev = out[-1] if out else None
+        if (prev is not None and prev["role"] == "assistant" and "tool_calls" not in prev
+                and msg["role"] == "assistant" and not msg["content"] and "tool_calls" in msg):
+            prev["tool_calls"] = msg["tool_calls"]  # an answer, then its function_call turn: one assistant turn
+            continue
+        out.append(msg)
     return out
 
 
+def to_tools(rec: Mapping[str, Any], columns: Mapping[str, str]) -> list[dict[str, Any]] | None:
+    """The record's tool schemas (None when it has none); raises Drop(invalid_tools) when unusable."""
+    try:
+        return T.normalize_tools(rec.get(columns["tools"]))
+    except ValueError as exc:
+        raise Drop("invalid_tools", f"column {columns['tools']!r}: {exc}") from None
+
+
 def to_messages(rec: Mapping[str, Any], fmt: str, columns: Mapping[str, str],
-                roles: Mapping[str, str]) -> list[dict[str, str]]:
+                roles: Mapping[str, str]) -> list[dict[str, Any]]:
     """One raw record as canonical messages; raises Drop with the reason."""
     c = columns
+    reasoning = c.get("reasoning") or "reasoning_content"
     if fmt == "messages":
         items = _json_list(rec.get(c["messages"]), c["messages"])
-        msgs = _chat_list(items, c.get("role") or "role", c.get("content") or "content", roles, c["messages"])
+        msgs = _chat_list(items, c.get("role") or "role", c.get("content") or "content", roles, c["messages"],
+                          reasoning)
     elif fmt == "sharegpt":
         items = _json_list(rec.get(c["conversations"]), c["conversations"])
-        msgs = _chat_list(items, c.get("role") or "from", c.get("content") or "value", roles, c["conversations"])
+        msgs = _chat_list(items, c.get("role") or "from", c.get("content") or "value", roles, c["conversations"],
+                          reasoning)
         system = _text(rec.get(c["system"]), c["system"], required=False)
         if system and not (msgs and msgs[0]["role"] == "system"):
             msgs.insert(0, {"role": "system", "content": system})
@@ -175,7 +241,7 @@ def to_messages(rec: Mapping[str, Any], fmt: str, columns: Mapping[str, str],
     return msgs
 
 
-def validate(msgs: list[dict[str, str]], max_chars: int) -> list[dict[str, str]]:
+def validate(msgs: list[dict[str, Any]], max_chars: int) -> list[dict[str, Any]]:
     """Check a conversation's shape; returns it without empty system messages."""
     if len(msgs) == 1 and msgs[0]["role"] == "text":
         if not msgs[0]["content"].strip():
@@ -183,7 +249,7 @@ def validate(msgs: list[dict[str, str]], max_chars: int) -> list[dict[str, str]]
     else:
         msgs = [m for m in msgs if not (m["role"] == "system" and not m["content"].strip())]
         for i, m in enumerate(msgs):
-            if not m["content"].strip():
+            if not m["content"].strip() and not m.get("tool_calls"):
                 raise Drop("empty_content", f"message {i} ({m['role']}) is empty")
         body = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
         if not any(m["role"] == "assistant" for m in body):
@@ -195,14 +261,18 @@ def validate(msgs: list[dict[str, str]], max_chars: int) -> list[dict[str, str]]
                 raise Drop("broken_alternation", f"{cur['role']} follows {prev['role']}")
         if body[-1]["role"] != "assistant":
             raise Drop("broken_alternation", f"the conversation ends with {body[-1]['role']}, not an assistant answer")
-    chars = sum(len(m["content"]) for m in msgs)
+    chars = sum(len(m["content"]) + len(m.get("reasoning_content") or "")
+                + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls") or []) for m in msgs)
     if chars > max_chars:
         raise Drop("too_long_chars", f"{chars:,} characters > max_chars {max_chars:,}")
     return msgs
 
 
-def canonical(msgs: list[dict[str, str]]) -> str:
-    return json.dumps(msgs, ensure_ascii=False, separators=(",", ":"))
+def canonical(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    """The row as one JSON text: what its id and exact-duplicate key hash. Tool-less rows keep the form
+    they had before tools existed (the messages list), so their ids and splits do not move."""
+    value: Any = msgs if not tools else {"messages": msgs, "tools": tools}
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def row_id(canonical_json: str, occurrence: int = 0) -> str:
@@ -220,9 +290,16 @@ def exact_key(canonical_json: str) -> int:
     return int.from_bytes(hashlib.blake2b(canonical_json.encode(), digest_size=8).digest(), "big")
 
 
-def normalized_key(msgs: list[dict[str, str]]) -> int:
-    """Rows that differ only in letter case or whitespace share this key."""
-    text = "\x1e".join(f"{m['role']}\x1f{' '.join(m['content'].casefold().split())}" for m in msgs)
+def normalized_key(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int:
+    """Rows that differ only in letter case or whitespace share this key (their tools and calls included)."""
+    def norm(text: str) -> str:
+        return " ".join(text.casefold().split())
+
+    parts = [f"{m['role']}\x1f{norm(m['content'])}\x1f{norm(m.get('reasoning_content') or '')}\x1f"
+             + norm(json.dumps(m.get("tool_calls") or [], ensure_ascii=False)) for m in msgs]
+    if tools:
+        parts.append(norm(json.dumps(tools, ensure_ascii=False, sort_keys=True)))
+    text = "\x1e".join(parts)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 

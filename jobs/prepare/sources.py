@@ -9,7 +9,11 @@ files: `.jsonl`/`.ndjson`, `.json` (an array, or JSON lines), `.csv`, `.tsv`,
 Readers stream: JSON lines are read one at a time (up to `max_line_bytes`),
 JSON arrays are decoded element by element, tables batch by batch. A reader
 yields `(line, record)`; a line that cannot be read yields `(line, Bad)` and
-the caller decides (fatal unless `skip_bad_lines`).
+the caller decides (fatal unless `skip_bad_lines`). Whatever fails while a
+line is decoded and parsed (bad UTF-8, bad JSON, nesting deeper than Python's
+recursion limit, strings holding lone UTF-16 surrogates such as `\ud800`,
+which are not text) is a Bad line, never a crash; a leading UTF-8 byte-order
+mark is skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import gzip
 import io
 import json
 import logging
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +40,9 @@ LOG = logging.getLogger(__name__)
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
          ".parquet": "parquet", ".arrow": "arrow"}
 READ_CHUNK = 1 << 20
+BOM = b"\xef\xbb\xbf"
+# A \uD800-\uDFFF escape: JSON allows it, but alone (not as half of a pair) it decodes to no character.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 @dataclass
@@ -187,6 +195,8 @@ def _jsonl(fh: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, dict[str, 
         if not line:
             return
         n += 1
+        if n == 1 and line.startswith(BOM):  # files saved on Windows: pandas and datasets read them too
+            line = line[len(BOM):]
         if len(line) > max_line_bytes:
             while line and not line.endswith(b"\n"):  # skip the rest of the long line
                 line = fh.readline(READ_CHUNK)
@@ -207,9 +217,29 @@ def _parse_json_line(line: bytes) -> dict[str, Any] | Bad:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return Bad("invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}", text[:200])
+    except RecursionError:
+        return Bad("invalid_json", "JSON nested deeper than Python's recursion limit", text[:200])
+    except Exception as exc:  # noqa: BLE001 - whatever else json raises on a line is that line's fault
+        return Bad("invalid_json", f"not readable JSON ({type(exc).__name__}: {exc})", text[:200])
     if not isinstance(obj, dict):
         return Bad("invalid_json", f"a JSON {type(obj).__name__}, expected an object per line", text[:200])
-    return obj
+    return _text_only(obj, text) or obj
+
+
+def _text_only(obj: Any, text: str) -> Bad | None:
+    """Bad when a decoded string holds a lone surrogate (from an escape such as \\ud800): not encodable text."""
+    if not SURROGATE_ESCAPE.search(text):  # pairs such as \\ud83d\\ude00 decode to one character: fine
+        return None
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(exc.object[exc.start])
+        return Bad("invalid_unicode", f"a JSON string holds a lone UTF-16 surrogate (\\u{bad:04x}), "
+                   "which is not text; fix the producer of this file", text[:200].encode("utf-8", "replace")
+                   .decode("utf-8"))
+    except RecursionError:
+        return Bad("invalid_json", "JSON nested deeper than Python's recursion limit", "")
+    return None
 
 
 def _json(fh: IO[bytes], f: RawFile, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
@@ -260,6 +290,10 @@ def _json(fh: IO[bytes], f: RawFile, max_line_bytes: int) -> Iterator[tuple[int,
             try:
                 obj, end = decoder.raw_decode(buf, pos)
                 break
+            except RecursionError:
+                raise InputError(f"{f.uri} line {start_line}: an array element is nested deeper than Python's "
+                                 "recursion limit; a JSON array cannot be read past it. Fix the file or convert it "
+                                 "to JSON lines (then skip_bad_lines can drop bad lines).") from None
             except json.JSONDecodeError as exc:
                 if len(buf) - pos > max_line_bytes:
                     raise InputError(f"{f.uri} line {start_line}: an array element is longer than max_line_bytes "
@@ -269,8 +303,8 @@ def _json(fh: IO[bytes], f: RawFile, max_line_bytes: int) -> Iterator[tuple[int,
                                      "a JSON array cannot be read past a broken element. Fix the file or "
                                      "convert it to JSON lines (then skip_bad_lines can drop bad lines).") from None
         line += buf.count("\n", pos, end)
-        pos = end
-        yield start_line, obj if isinstance(obj, dict) else Bad(
+        element, pos = buf[pos:end], end
+        yield start_line, (_text_only(obj, element) or obj) if isinstance(obj, dict) else Bad(
             "invalid_json", f"array element is a JSON {type(obj).__name__}, expected an object")
         skip_ws()
         if pos >= len(buf):

@@ -147,9 +147,11 @@ class Config(JobConfig):
         "auto", description="auto: paged_adamw_8bit (bitsandbytes) on CUDA, adamw_torch on CPU.")
     attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention implementation the model is loaded with.")
-    packing: Literal["position_ids", "mask"] = Field(
+    packing: Literal["position_ids", "mask", "none"] = Field(
         "position_ids", description="How packed examples are kept apart: position_ids (transformers builds "
-                                    "the block mask; flash-attention runs varlen) or mask (an explicit 4D mask).")
+                                    "the block mask; flash-attention runs varlen), mask (an explicit 4D mask), or "
+                                    "none (one example per row: for models with recurrent or linear-attention "
+                                    "layers, where packing is refused).")
     eval_every: int | None = Field(None, ge=1, description="Eval loss every N steps (and always at the end "
                                                            "when the data has an eval split).")
     checkpoint: Checkpointing = Field(default_factory=Checkpointing, description="Checkpoints and preemption.")
@@ -489,7 +491,9 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
 
 def _base_and_tokenizer(config: Config, accelerator: Any) -> tuple[models.ModelRef, Any, chat.ChatFormat]:
     """The base model's local folder (fetched by one process first) and its tokenizer and chat format."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from jobs.train import packing
 
     with accelerator.main_process_first():
         base = models.resolve(config.base_model, revision=config.base_revision, cache_dir=config.cache_dir)
@@ -497,6 +501,10 @@ def _base_and_tokenizer(config: Config, accelerator: Any) -> tuple[models.ModelR
     if models.is_quantized(base.path):
         raise ConfigError(f"{config.base_model} is already quantized ({models.is_quantized(base.path)}); train "
                           "from the 16-bit base model")
+    refused = packing.refusal(AutoConfig.from_pretrained(str(base.path), trust_remote_code=config.trust_remote_code),
+                              config.packing)
+    if refused:
+        raise ConfigError(f"{config.base_model}: {refused}")
     tokenizer = AutoTokenizer.from_pretrained(str(base.path), trust_remote_code=config.trust_remote_code)
     return base, tokenizer, chat.chat_format(tokenizer, config.chat_template)
 
@@ -521,10 +529,11 @@ def _load_data(config: Config, prep: mf.Loaded, tokenizer: Any, fmt: chat.ChatFo
         raise InputError(f"The train split of {prep.uri} has no trainable examples "
                          f"({train_stats['rows']} rows; dropped: {train_stats['dropped'] or 'none'}). "
                          "Check max_seq_length and the prepare run.")
-    eval_rows = packing.pack([len(e) for e in eval_ex], config.max_seq_length)
+    separate = config.packing == "none"
+    eval_rows = packing.pack([len(e) for e in eval_ex], config.max_seq_length, separate)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TrainData(source=source, train=train_ex, eval=eval_ex, train_stats=train_stats, eval_stats=eval_stats,
-                     rows=packing.pack([len(e) for e in train_ex], config.max_seq_length),
+                     rows=packing.pack([len(e) for e in train_ex], config.max_seq_length, separate),
                      row_tokens=config.max_seq_length,
                      eval_batches=[eval_rows[i:i + config.batch_size]
                                    for i in range(0, len(eval_rows), config.batch_size)], pad_id=pad_id)

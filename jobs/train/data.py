@@ -3,7 +3,8 @@
 Pre-tokenized `input_ids`/`labels` are used as they are when the prepare run
 tokenized with the base model's tokenizer (same vocabulary hash) and the same
 chat template (same template hash). A prepare run without a tokenizer is
-tokenized here through `common.chat`, the code prepare and infer share. A
+tokenized here through `common.chat`, the code prepare and infer share, each
+row with its tools (the `tools` column) and its messages' tool calls. A
 prepare run tokenized for another tokenizer or template is refused, naming
 the command that fixes it, unless `retokenize: true` asks for the messages
 to be tokenized again here.
@@ -21,7 +22,7 @@ import pyarrow as pa
 from common import chat
 from common import data as canonical
 from common import manifest as mf
-from common.errors import InputError
+from common.errors import ConfigError, InputError
 from jobs.train.packing import Example, example
 
 LOG = logging.getLogger(__name__)
@@ -89,12 +90,18 @@ def load(prep: mf.Loaded, split: str, *, source: Source, tokenizer: Any, fmt: ch
             examples.append(ex)
         rows = len(row_ids)
     else:
-        table = canonical.read_split(prep, split, columns=["messages"])
+        table = canonical.read_split(prep, split, columns=["id", "messages", "tools"])
         conversations = table.column("messages").to_pylist()
+        tools = [canonical.tools_of(t) for t in table.column("tools").to_pylist()]
+        row_ids = table.column("id").to_pylist()
         rows = len(conversations)
         for start in range(0, rows, ENCODE_BATCH):
-            batch = conversations[start:start + ENCODE_BATCH]
-            for enc in chat.encode_many(tokenizer, fmt, batch, max_length=max_seq_length, train_on=train_on):
+            batch = slice(start, start + ENCODE_BATCH)
+            encoded = chat.encode_many(tokenizer, fmt, conversations[batch], tools=tools[batch],
+                                       max_length=max_seq_length, train_on=train_on)
+            for rid, enc in zip(row_ids[batch], encoded, strict=True):
+                if enc.error:  # the template refused the row, or a turn of it cannot be located
+                    raise ConfigError(f"Row {rid!r} of split {split!r} in {prep.uri}: {enc.error}")
                 if enc.drop_reason:
                     dropped[enc.drop_reason] += 1
                     continue

@@ -9,6 +9,18 @@ at 0), so attention never crosses an example boundary:
   eager), and flash-attention uses them as varlen boundaries.
 - `mask` mode: an explicit 4D block-diagonal causal mask, for attention
   implementations that do not read packed position ids.
+- `none` mode: one example per row, padded to the micro-batch's longest.
+
+Both packing modes keep examples apart inside attention only. Layers that
+carry state along the sequence (state-space/Mamba, linear attention, short
+convolutions, recurrent blocks: the "hybrid" models such as Qwen3-Next, Jamba,
+Bamba, LFM2, Falcon-H1) read a packed row as one sequence whatever the position
+ids or the mask say, so `refusal` refuses packing for them. transformers' fused
+CUDA kernels for some of them take explicit boundaries (`seq_idx`,
+`cu_seq_lens`), but their torch fallbacks drop them (transformers 5.19:
+`Lfm2ShortConv` passes `seq_idx` into a `causal_conv1d_fn` that ignores it), so
+whether packing would be exact depends on which kernels a machine has: such
+models train with `packing: none`.
 
 Targets are shifted per example here (label of token t+1 at position t), so no
 position ever predicts the first token of the next example. The loss runs the
@@ -54,12 +66,41 @@ def example(input_ids: Sequence[int], labels: Sequence[int]) -> Example:
     return Example(input_ids=input_ids, labels=labels, trainable=trainable)
 
 
-def pack(lengths: Sequence[int], max_len: int) -> list[list[int]]:
-    """Group example indices into rows of at most `max_len` tokens (best fit, longest first).
+# Layer kinds (a config's `layer_types`, older configs' `layers_block_type`) whose state runs along the sequence.
+STATEFUL_LAYERS = ("linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba", "mamba2", "ssm", "recurrent",
+                   "rwkv")
+# Model types made only of such layers, whose configs name no layer kinds.
+RECURRENT_MODELS = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma")
+
+
+def refusal(config: Any, mode: str) -> str | None:
+    """Why `mode` would let packed examples see each other in a model with this (transformers) config, or None."""
+    if mode == "none":
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", None) or getattr(config, "model_type", "?")
+    kinds = set(getattr(text, "layer_types", None) or []) | set(getattr(text, "layers_block_type", None) or [])
+    stateful = sorted(k for k in kinds if isinstance(k, str) and k in STATEFUL_LAYERS)
+    if not stateful and model_type not in RECURRENT_MODELS:
+        return None
+    what = f"{', '.join(stateful)} layers" if stateful else "recurrent layers"
+    return (f"packing: {mode} cannot keep packed examples apart in model type {model_type!r}: its {what} carry "
+            "state along the sequence whatever the position ids or an attention mask say, so each example would "
+            "read the ones packed before it. Set packing: none (one example per row, padded).")
+
+
+def pack(lengths: Sequence[int], max_len: int, separate: bool = False) -> list[list[int]]:
+    """Group example indices into rows of at most `max_len` tokens (best fit, longest first), or with
+    `separate` one example per row.
 
     Deterministic for the same lengths. Every length must be <= max_len.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if separate:
+        for i in order:
+            if lengths[i] > max_len:
+                raise ValueError(f"example {i} has {lengths[i]} tokens, more than max_len {max_len}")
+        return [[i] for i in order]
     rows: list[list[int]] = []
     # (remaining capacity, row index), kept sorted: best fit = smallest capacity that still fits.
     free: list[tuple[int, int]] = []

@@ -45,7 +45,7 @@ def publish_prepare(prefix: str, *, tokenizer: Any = None, n_train: int = 64, n_
         for split, rows in (("train", convs[:n_train]), ("eval", convs[n_train:])):
             counts[split] = len(rows)
             table: dict[str, list[Any]] = {
-                "id": [f"{split}-{i}" for i in range(len(rows))], "messages": rows,
+                "id": [f"{split}-{i}" for i in range(len(rows))], "messages": rows, "tools": [None] * len(rows),
                 "split": [split] * len(rows), "source": ["generated"] * len(rows)}
             if fmt is not None:
                 enc = chat.encode_many(tokenizer, fmt, rows)

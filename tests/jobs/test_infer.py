@@ -160,7 +160,8 @@ def test_jsonl_prompt_column_bad_rows_reported_and_n_samples(tmp_path: Path, tin
     rows = {(r["id"], r["sample"]): r for r in read_predictions(done)}
     assert sorted(rows) == [(f"row-{i:08d}", s) for i in range(4) for s in (0, 1)]
     assert rows[("row-00000000", 1)]["reference"] == "hi" and rows[("row-00000000", 0)]["completion_tokens"] > 0
-    assert rows[("row-00000000", 0)]["prompt"] == [{"role": "user", "content": "hello world"}]
+    # The prompt messages keep the canonical message fields (tool calls and the rest are null here).
+    assert chat.clean(rows[("row-00000000", 0)]["prompt"]) == [{"role": "user", "content": "hello world"}]
     assert "non-empty 'prompt'" in rows[("row-00000001", 0)]["error"]
     assert "not a list of {role, content}" in rows[("row-00000003", 1)]["error"]
     assert rows[("row-00000003", 1)]["finish_reason"] == "error"

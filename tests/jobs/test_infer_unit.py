@@ -70,13 +70,41 @@ def test_rows_split_into_prompt_and_reference() -> None:
     conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
             {"role": "assistant", "content": "a"}]
     row = inputs.normalize_row("x", {"messages": conv}, cols, 0, "f")
-    assert row == {"id": "x", "prompt": conv[:2], "reference": "a", "error": None}
+    assert row == {"id": "x", "prompt": conv[:2], "tools": None, "reference": "a", "error": None}
     row = inputs.normalize_row("y", {"prompt": "hi", "reference": 3}, cols, 1, "f")
     assert row["prompt"] == [{"role": "user", "content": "hi"}] and row["reference"] == "3"
     bad = inputs.normalize_row("z", {"messages": [{"role": "bot", "content": "?"}]}, cols, 7, "f.parquet")
     assert bad["error"] == "'messages' is not a list of {role, content} messages (row 7 of f.parquet)"
     only_answer = inputs.normalize_row("w", {"messages": [{"role": "assistant", "content": "a"}]}, cols, 0, "f")
     assert "no turns before its assistant answer" in only_answer["error"]
+
+
+def test_prompt_rows_keep_tools_and_tool_calls_in_openai_form() -> None:
+    cols = inputs.Columns()
+    item = {"messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 3}'},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "weather", "arguments": {"city": "Bergen"}}}]}],
+        "tools": '[{"name": "weather", "parameters": {"type": "object"}}]'}
+    row = inputs.normalize_row("t", item, cols, 0, "f")
+    assert row["error"] is None and row["tools"] == [
+        {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    assert row["prompt"][1]["tool_calls"][0]["function"] == {"name": "weather", "arguments": '{"city": "Oslo"}'}
+    assert row["prompt"][2] == {"role": "tool", "content": '{"temp": 3}', "tool_call_id": "c1"}
+    assert row["reference"] == '{"name": "weather", "arguments": {"city": "Bergen"}}'
+    with pytest.raises(InputError, match=r"f row 4: column 'tools': tools is a string that is not JSON"):
+        inputs.normalize_row("u", {**item, "tools": "[{no"}, cols, 4, "f")
+
+
+def test_jsonl_lines_too_deep_or_not_text_name_the_line(tmp_path: Path) -> None:
+    for body in (b'{"prompt": "a' + b'"}\n{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}\n",
+                 b'{"prompt": "a"}\n{"prompt": "\\ud800"}\n'):
+        (tmp_path / "p.jsonl").write_bytes(body)
+        with pytest.raises(InputError, match=r"p.jsonl line 2: cannot be read"):
+            inputs.read_jsonl(tmp_path / "p.jsonl", str(tmp_path / "p.jsonl"))
 
 
 def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:

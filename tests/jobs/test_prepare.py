@@ -175,6 +175,10 @@ BROKEN = {
     "truncated_json": (b'{"text": "ok"}\n{"text": "cut of\n', "line 2", "invalid_json"),
     "non_utf8": (b'{"text": "ok"}\n{"text": "bad \xff\xfe bytes"}\n', "line 2", "invalid_utf8"),
     "not_an_object": (b'{"text": "ok"}\n[1, 2]\n', "line 2", "invalid_json"),
+    # Nested past Python's recursion limit: json raises RecursionError (it was a traceback, exit 1).
+    "deep_json": (b'{"text": "ok"}\n' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"\n", "line 2", "invalid_json"),
+    # Valid JSON whose string is not text: a lone UTF-16 surrogate escape (it was a traceback, exit 1).
+    "lone_surrogate": (b'{"text": "ok"}\n{"text": "half \\ud800 of a pair"}\n', "line 2", "invalid_unicode"),
 }
 
 
@@ -190,6 +194,48 @@ def test_broken_lines_fail_naming_file_and_line_unless_skipped(tmp_path: Path, c
     assert loaded.manifest.stats["dropped"] == {reason: 1} and loaded.manifest.stats["rows_out"] == 21
     drops = storage.read_text(loaded.artifact_uri("drops")).splitlines()
     assert json.loads(drops[0])["line"] == 2 and json.loads(drops[0])["reason"] == reason
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize(("name", "body", "where"), [
+    ("deep.csv", f'messages\n"{DEEP}"\n'.encode(), "line 2"),
+    ("deep.json", b'[{"text": "ok"}, ' + DEEP.encode() + b"]", "line 1"),
+    ("surrogate.json", b'[{"text": "ok"},\n {"text": "\\udfff"}]', "line 2"),
+])
+def test_unreadable_rows_anywhere_are_exit_3_naming_file_and_line(tmp_path: Path, name: str, body: bytes,
+                                                                    where: str, subprocess_env: dict[str, str]):
+    """Every failure while reading or normalizing a row is bad input (exit 3), never a retryable crash."""
+    (tmp_path / name).write_bytes(body)
+    cmd = [sys.executable, "-m", "jobs.cli", "prepare", "--source", str(tmp_path / name), "--output",
+           str(tmp_path / "o"), "--format", "messages" if name.endswith(".csv") else "text"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"{name} {where}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_row_failing_while_normalized_is_fatal_unless_skipped(tmp_path: Path):
+    src = tmp_path / "cells.csv"  # a CSV cell of JSON text too deep to parse: fails in normalization
+    src.write_text("messages\n" + "".join(f'"[{{""role"": ""user"", ""content"": ""q{i}""}}, {{""role"": '
+                                          f'""assistant"", ""content"": ""a{i}""}}]"\n' for i in range(20))
+                   + f'"{DEEP}"\n')
+    with pytest.raises(InputError, match=r"cells.csv line 22: the record cannot be read as a messages row "
+                                         r"\(RecursionError.*skip_bad_lines"):
+        run(sources=[str(src)], output=str(tmp_path / "o1"))
+    stats = run(sources=[str(src)], output=str(tmp_path / "o2"), skip_bad_lines=True).manifest.stats
+    assert stats["dropped"] == {"invalid_record": 1} and stats["rows_out"] == 20
+
+
+def test_a_leading_byte_order_mark_is_accepted(tmp_path: Path):
+    body = "".join(json.dumps(r) + "\n" for r in chat_rows(5)).encode()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + body)
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(chat_rows(5, start=5)).encode())
+    gz = tmp_path / "bom.jsonl.gz"
+    gz.write_bytes(gzip.compress(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in chat_rows(5, 10)).encode()))
+    stats = run(sources=[str(tmp_path / n) for n in ("bom.jsonl", "bom.json", "bom.jsonl.gz")],
+                output=str(tmp_path / "o")).manifest.stats
+    assert stats["rows_out"] == 15 and stats["dropped"] == {}
 
 
 LATIN1_CSV = b"instruction,output\n" + b"".join(f"caf\xe9 {i},{i}\n".encode("latin-1") for i in range(20))
@@ -385,6 +431,31 @@ def test_worker_processes_give_identical_output(tmp_path: Path, tok_dir: Path):
     one = run(output=str(tmp_path / "a"), workers=1, **kw)
     two = run(output=str(tmp_path / "b"), workers=2, **kw)
     assert rows_of(one) == rows_of(two)
+
+
+TOOL_ROW = {"conversations": [
+    {"from": "human", "value": "Weather in Oslo?"},
+    {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Oslo"}}'},
+    {"from": "observation", "value": '{"temp": 3}'}, {"from": "gpt", "value": "3 degrees."}],
+    "functions": '[{"name": "get_weather", "parameters": {"type": "object"}}]'}
+
+
+def test_tools_a_template_cannot_render_or_a_mapping_that_finds_none_are_refused_naming_the_file(
+        tmp_path: Path, tok_dir: Path):
+    src = jsonl(tmp_path / "tools.jsonl", [TOOL_ROW])
+    mapped = {"columns": {"tools": "functions"}}
+    loaded = run(sources=[str(src)], output=str(tmp_path / "ok"), tokenizer=str(tok_dir), **mapped)
+    assert rows_of(loaded)[0]["tools"] == '[{"type": "function", "function": {"name": "get_weather", ' \
+                                          '"parameters": {"type": "object"}}}]'
+    plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token + '\n' }}{% endfor %}"
+    with pytest.raises(ConfigError, match=r"tools.jsonl line 1: the chat template never reads `tools`"):
+        run(sources=[str(src)], output=str(tmp_path / "o1"), tokenizer=str(tok_dir), chat_template=plain, **mapped)
+    with pytest.raises(InputError, match=r"tools.jsonl: no record has the tools column 'tool_list'"):
+        run(sources=[str(src)], output=str(tmp_path / "o2"), columns={"tools": "tool_list"})
+    bad = jsonl(tmp_path / "bad.jsonl", [{**TOOL_ROW, "functions": "[{not json"}])
+    with pytest.raises(InputError, match=r"bad.jsonl line 1: column 'functions': tools is a string that is not "
+                                         r"JSON.*skip_bad_lines"):
+        run(sources=[str(bad)], output=str(tmp_path / "o3"), **mapped)
 
 
 def test_cli_exit_codes(tmp_path: Path, subprocess_env: dict[str, str]):

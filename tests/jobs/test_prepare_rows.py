@@ -39,9 +39,70 @@ def test_alpaca_with_input_system_and_history():
 def test_sharegpt_roles_including_function_call_and_observation():
     rec = {"conversations": [
         {"from": "system", "value": "s"}, {"from": "human", "value": "q"},
-        {"from": "function_call", "value": "{\"name\": \"f\"}"}, {"from": "observation", "value": "42"},
-        {"from": "gpt", "value": "It is 42."}]}
-    assert [m["role"] for m in norm(rec, "sharegpt")] == ["system", "user", "assistant", "tool", "assistant"]
+        {"from": "function_call", "value": "{\"name\": \"f\", \"arguments\": {\"x\": 1}}"},
+        {"from": "observation", "value": "42"}, {"from": "gpt", "value": "It is 42."}]}
+    msgs = norm(rec, "sharegpt")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool", "assistant"]
+    # The function_call turn is a tool call, not assistant text.
+    assert msgs[2] == {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]}
+
+
+GLAIVE_TOOLS = ('[{"name": "convert_currency", "description": "Convert an amount", "parameters": {"type": "object", '
+                '"properties": {"amount": {"type": "number"}, "to": {"type": "string"}}, "required": ["amount"]}}]')
+
+
+def test_llama_factory_glaive_style_tools_column_and_parallel_calls():
+    """LLaMA-Factory's sharegpt tool data: a tools column of JSON text holding bare function schemas, and a
+    function_call turn that may hold a list of calls (parallel calling)."""
+    rec = {"conversations": [
+        {"from": "human", "value": "Convert 10 and 20 to EUR"},
+        {"from": "function_call", "value": '[{"name": "convert_currency", "arguments": {"amount": 10, "to": "EUR"}}, '
+                                           '{"name": "convert_currency", "arguments": {"amount": 20, "to": "EUR"}}]'},
+        {"from": "observation", "value": '[{"result": 9}, {"result": 18}]'},
+        {"from": "gpt", "value": "9 and 18 EUR."}], "tools": GLAIVE_TOOLS}
+    msgs = norm(rec, "sharegpt")
+    assert [c["function"]["arguments"] for c in msgs[1]["tool_calls"]] == ['{"amount": 10, "to": "EUR"}',
+                                                                         '{"amount": 20, "to": "EUR"}']
+    tools = R.to_tools(rec, COLS)
+    assert tools == [{"type": "function", "function": {
+        "name": "convert_currency", "description": "Convert an amount", "parameters": {
+            "type": "object", "properties": {"amount": {"type": "number"}, "to": {"type": "string"}},
+            "required": ["amount"]}}}]
+    # Mapped from another column name; none at all is None; an unusable one is a fatal reason.
+    assert R.to_tools({"functions": GLAIVE_TOOLS}, {**COLS, "tools": "functions"}) == tools
+    assert R.to_tools({"tools": ""}, COLS) is None and R.to_tools({}, COLS) is None
+    for bad, why in (("[{oops", "not JSON"), ('[{"description": "no name"}]', "no function name"), ("7", "int")):
+        with pytest.raises(R.Drop, match=why) as info:
+            R.to_tools({"tools": bad}, COLS)
+        assert info.value.reason == "invalid_tools" and "invalid_tools" in R.FATAL
+
+
+def test_openai_messages_with_tool_calls_tool_results_and_reasoning():
+    rec = {"messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "reasoning_content": "I should look it up.", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "name": "weather", "content": {"temp": 3}},
+        {"role": "assistant", "content": "3 degrees."}],
+        "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]}
+    msgs = norm(rec, "messages")
+    assert msgs[1] == {"role": "assistant", "content": "", "reasoning_content": "I should look it up.",
+                       "tool_calls": [{"id": "c1", "type": "function",
+                                       "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]}
+    assert msgs[2] == {"role": "tool", "content": '{"temp": 3}', "tool_call_id": "c1", "name": "weather"}
+    with pytest.raises(R.Drop, match=r"messages\[1\].tool_calls\[0\] has no function name"):
+        norm({"messages": [rec["messages"][0], {"role": "assistant", "tool_calls": [{"function": {}}]}]},
+             "messages")
+
+
+def test_rows_that_differ_only_in_tools_are_not_duplicates_and_tool_less_ids_do_not_move():
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    t1 = [{"type": "function", "function": {"name": "f"}}]
+    t2 = [{"type": "function", "function": {"name": "g"}}]
+    keys = {R.exact_key(R.canonical(msgs, t)) for t in (None, t1, t2)}
+    assert len(keys) == 3 and len({R.normalized_key(msgs, t) for t in (None, t1, t2)}) == 3
+    assert R.canonical(msgs) == '[{"role":"user","content":"q"},{"role":"assistant","content":"a"}]'
 
 
 def test_messages_with_text_parts_and_prompt_completion_and_text():

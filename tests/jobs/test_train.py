@@ -139,6 +139,24 @@ def test_a_max_seq_length_that_drops_most_rows_is_refused_before_training(prepar
     assert train.run(loose).manifest.stats["train"]["dropped"]["longer_than_max_seq_length"] > 0
 
 
+def test_packing_a_hybrid_model_is_refused_and_packing_none_trains(prepared, tiny_model, tiny_tokenizer, tmp_path):
+    from tests.jobs.test_train_packing import tiny_hybrid
+
+    hybrid = tmp_path / "qwen3-next"
+    tiny_hybrid("qwen3_next").save_pretrained(str(hybrid))
+    tiny_tokenizer.save_pretrained(str(hybrid))
+    config = train.Config(input=prepared.uri, base_model=str(hybrid), output=str(tmp_path / "refused"), **TINY)
+    with pytest.raises(ConfigError, match=r"packing: position_ids cannot keep packed examples apart in model type "
+                                          r"'qwen3_next': its linear_attention layers .*Set packing: none") as err:
+        train.run(config)
+    assert err.value.exit_code == 2 and not list((tmp_path / "refused").rglob("*.safetensors"))
+    assert not (tmp_path / "refused" / "manifest.json").exists()
+    # One example per row: the accepted setting, trained here on the tiny Llama (same code path for any model).
+    done = train.run(train.Config(input=prepared.uri, base_model=str(tiny_model), output=str(tmp_path / "none"),
+                                  **{**TINY, "max_steps": 2, "eval_every": None, "packing": "none"}))
+    assert done.manifest.stats["packing"]["rows"] == done.manifest.stats["train"]["examples"] == 96
+
+
 def canonical_lengths(prep: mf.Loaded) -> list[int]:
     from common import data as canonical
 

@@ -78,3 +78,65 @@ def test_loss_sum_counts_only_targets():
     expected = torch.nn.functional.cross_entropy(logits[1:3], torch.tensor([11, 12]), reduction="sum")
     assert n == 2
     assert torch.allclose(total, expected)
+
+
+def tiny_hybrid(kind: str):  # type: ignore[no-untyped-def]
+    """Tiny random models of two hybrid architectures transformers ships (CPU, torch fallbacks): Qwen3-Next
+    (gated delta-net linear attention + full attention) and LFM2 (short convolutions + full attention).
+    Large initial weights make any mixing between packed examples plain in the logits."""
+    from transformers import (
+        Lfm2Config,
+        Lfm2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3NextConfig,
+        Qwen3NextForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    common = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "max_position_embeddings": 128, "initializer_range": 0.5}
+    if kind == "qwen3_next":
+        config = Qwen3NextConfig(**common, num_key_value_heads=1, head_dim=32,
+                                 layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+                                 linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                                 num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=32)
+        return Qwen3NextForCausalLM(config).eval()
+    if kind == "lfm2":
+        return Lfm2ForCausalLM(Lfm2Config(**common, num_key_value_heads=2,
+                                          layer_types=["conv", "full_attention"])).eval()
+    return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2)).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_next", "lfm2", "llama"])
+def test_packing_is_refused_exactly_where_packed_examples_would_read_each_other(kind: str) -> None:
+    model = tiny_hybrid(kind)
+    g = torch.Generator().manual_seed(0)
+    exs = [packing.example(torch.randint(5, 60, (n,), generator=g).tolist(), [-100] * n) for n in (9, 14)]
+    batch = packing.collate([[0, 1]], exs, pad_id=0)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        alone = model(input_ids=torch.tensor([exs[1].input_ids]), use_cache=False).logits[0]
+    leaks = not torch.allclose(packed[9:23], alone, atol=1e-3)
+    for mode in ("position_ids", "mask"):
+        why = packing.refusal(model.config, mode)
+        assert (why is not None) == leaks == (kind != "llama"), (kind, mode, why)
+        if why:
+            assert f"model type {kind!r}" in why and "Set packing: none" in why and f"packing: {mode}" in why
+    assert packing.refusal(model.config, "none") is None
+
+
+def test_pure_recurrent_models_are_refused_and_sliding_attention_is_not() -> None:
+    from transformers import AutoConfig
+
+    assert "'mamba'" in (packing.refusal(AutoConfig.for_model("mamba"), "position_ids") or "")
+    assert "'recurrent_gemma'" in (packing.refusal(AutoConfig.for_model("recurrent_gemma"), "mask") or "")
+    assert packing.refusal(AutoConfig.for_model("gemma3_text"), "position_ids") is None  # sliding + full attention
+
+
+def test_packing_none_puts_one_example_per_row() -> None:
+    rows = packing.pack([5, 9, 3], max_len=10, separate=True)
+    assert sorted(rows) == [[0], [1], [2]] and rows[0] == [1]  # longest first, as packed rows are
+    with pytest.raises(ValueError, match="more than max_len"):
+        packing.pack([11], max_len=10, separate=True)
