@@ -162,8 +162,9 @@ def lock_problems(pyproject: dict[str, Any], spec: LockSpec, lock: Lock) -> list
             reached.add(name)
             todo.extend(children.get(name, ()))
     for name in sorted(set(lock.pins) - reached):
+        recorded = ", ".join(sorted(p or "pyproject.toml" for p in lock.parents[name])) or "nothing"
         problems.append(f"{where} pins {name}=={lock.pins[name]}, which nothing in pyproject.toml requires "
-                        f"(recorded as required by {', '.join(sorted(p or 'pyproject.toml' for p in lock.parents[name])) or 'nothing'})")
+                        f"(recorded as required by {recorded})")
     return problems
 
 
