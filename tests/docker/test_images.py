@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,37 @@ def test_bad_input_in_a_container_exits_3_with_a_message(image: str, seeded: str
     assert "nope.jsonl" in missing.stderr
     assert "Traceback" not in missing.stderr
     assert not storage.exists(f"{seeded}/prepare-missing/manifest.json")
+
+
+def test_the_gpu_infer_build_refuses_a_base_without_the_locks_vllm_and_torch(image: str) -> None:
+    """The GPU infer image's dependency stage, built on the slim stand-in instead of vllm/vllm-openai (which
+    cannot be pulled here): the lock's packages install, then verify-env stops the build because the base
+    lacks the vLLM and torch releases the lock pins. With vLLM's image the same step passes or names the
+    difference; it is the one part of that image this machine can build."""
+    if docker("image", "inspect", "python:3.11-slim-bookworm", timeout=30).returncode != 0:
+        pytest.skip("no stand-in base (docker/offline/build-base-standins.sh builds it)")
+    ca, host_ca = REPO / "docker/build-ca/ca.crt", Path("/etc/ssl/certs/ca-certificates.crt")
+    added = not ca.exists() and host_ca.is_file()
+    if added:  # as docker/build-images.sh does: pip in a build trusts the host's CA bundle
+        shutil.copy(host_ca, ca)
+    try:
+        env = dict(os.environ, DOCKER_BUILDKIT="0")
+        proc = subprocess.run(["docker", "build", "--network", "host", "--target", "deps", "--build-arg",
+                               "BASE_IMAGE=python:3.11-slim-bookworm", "--build-arg", "BASE_DIGEST=",
+                               "-f", "docker/infer.Dockerfile", "-t", "ftjobs-infer-deps:refused", "."],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    finally:
+        if added:
+            ca.unlink(missing_ok=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "the installed packages and /src/requirements/lock-gpu.txt disagree" in out, out[-3000:]
+    pins = dict(re.findall(r"^(vllm|torch)==(\S+)$", (REPO / "requirements/lock-gpu.txt").read_text(), re.M))
+    assert sorted(pins) == ["torch", "vllm"]
+    for name, version in pins.items():
+        assert f"{name}=={version} is pinned and needed (the base image) but not installed" in out, out[-3000:]
+    # everything else the infer extra needs was installed at its pin: those are the only two problems
+    assert "(2 problems)" in out, out[-3000:]
 
 
 def compose_tool() -> list[str] | None:
