@@ -184,6 +184,21 @@ def safetensors_header(f: Path, src: str) -> SafetensorsHeader:
     return SafetensorsHeader(start=8 + n, raw=raw, tensors=tensors)
 
 
+def parameter_count(path: Path) -> int:
+    """The model's parameters as its checkpoint stores them (headers only; a tied head counts once).
+
+    The model size a sweep's leaderboard reports: counting a loaded 4-bit model's parameters would give
+    the packed element count instead.
+    """
+    import math
+
+    seen: dict[str, int] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        for name, t in safetensors_header(f, str(path)).tensors.items():
+            seen[name] = math.prod(t["shape"])
+    return sum(seen.values())
+
+
 SAMPLES_PER_FILE = 16
 SAMPLE_BYTES = 1 << 16
 

@@ -259,7 +259,7 @@ def headline(loaded: mf.Loaded, total: float) -> None:
     for label, comp in metrics["comparisons"].items():
         for name, d in comp["metrics"].items():
             if d["delta"] is not None:
-                lines.append(f"  {name:<24} {baseline} {100 * d['baseline']:5.1f}%  ->  {label} "
+                lines.append(f"  {name:<24} {comp.get('baseline', baseline)} {100 * d['baseline']:5.1f}%  ->  {label} "
                              f"{100 * d['candidate']:5.1f}%   ({100 * d['delta']:+.1f} pts)")
     if not metrics["comparisons"]:  # no baseline: the one set's own numbers (evaluate's `metric/label` keys)
         for key, value in metrics.items():

@@ -54,11 +54,27 @@ from common import manifest as mf
 from common.config import JobConfig, dump
 from common.errors import InputError
 from common.runner import config_options, execute
-from jobs.evaluate import comparison, metrics, report
+from jobs.evaluate import comparison, leaderboard, metrics, report
 from jobs.evaluate.metrics import Checks
 
 STAGE = "evaluate"
 LOG = logging.getLogger(__name__)
+
+
+class Cell(JobConfig):
+    """One cell of a sweep on the leaderboard."""
+
+    label: str = Field(description="The cell's finetuned predictions set (one of `labels`).")
+    values: dict[str, Any] = Field(default_factory=dict, description="The matrix values that made the cell.")
+    train: str | None = Field(None, description="The cell's train manifest: its cost (wall time, tokens, memory, "
+                                                "parameters) on the leaderboard.")
+
+
+class Leaderboard(JobConfig):
+    """A sweep's ranking of its cells (leaderboard.md/.html/.json and two plots)."""
+
+    metric: str = Field(description="The metric the cells are ranked by.")
+    cells: list[Cell] = Field(description="Every finished cell, in matrix order.")
 
 
 class Config(JobConfig):
@@ -80,6 +96,11 @@ class Config(JobConfig):
                                        "(0: off).")
     seed: int = Field(0, description="Seed for the bootstrap.")
     run_id: str | None = Field(None, description="Run id recorded in the manifest. Default: a new one.")
+    baseline_of: dict[str, str] = Field(
+        default_factory=dict, description="Per candidate label, the label of its own baseline (a sweep: each "
+        "finetuned cell against the base model it came from). Default: every set against the first.")
+    leaderboard: Leaderboard | None = Field(None, description="Rank the cells of a sweep (see jobs/sweep.py); "
+                                            "with fail_if_worse, the best cell must beat its own base.")
 
     @field_validator("predictions")
     @classmethod
@@ -98,6 +119,23 @@ class Config(JobConfig):
                                  "sets; give one label per --predictions, in the same order")
             if len(set(self.labels)) != len(self.labels):
                 raise ValueError(f"labels must be unique, got {self.labels}")
+        named = set(self.labels or [])
+        if (self.baseline_of or self.leaderboard) and not self.labels:
+            raise ValueError("baseline_of and leaderboard refer to sets by label: give labels (one per --predictions)")
+        for cand, base in self.baseline_of.items():
+            if cand not in named or base not in named:
+                raise ValueError(f"baseline_of {cand!r}: {base!r}: both must be labels ({', '.join(sorted(named))})")
+            if base in self.baseline_of:
+                raise ValueError(f"baseline_of: {base!r} is a baseline and a candidate; a baseline has no baseline")
+        if self.leaderboard is not None:
+            if self.leaderboard.metric not in self.metric_names():
+                raise ValueError(f"leaderboard.metric={self.leaderboard.metric!r} is not a metric this config "
+                                 f"computes; choose one of {', '.join(self.metric_names())}")
+            bases = {self.labels[0], *self.baseline_of.values()} if self.labels else set()
+            for cell in self.leaderboard.cells:
+                if cell.label not in named or cell.label in bases:
+                    raise ValueError(f"leaderboard cell {cell.label!r} must be a candidate's label, not a baseline "
+                                     "or an unknown set")
         if self.fail_if_worse is not None:
             known = self.metric_names()
             if self.fail_if_worse not in known:
@@ -115,18 +153,22 @@ class Config(JobConfig):
 def run(config: Config) -> mf.Loaded:
     loaded = [mf.load(uri, verify="size", expect_stage="infer") for uri in config.predictions]
     inputs = [lo.ref(role="baseline" if i == 0 else f"candidate{i}") for i, lo in enumerate(loaded)]
+    trains = {c.label: mf.load(c.train, verify="none", expect_stage="train")
+              for c in (config.leaderboard.cells if config.leaderboard else []) if c.train}
+    inputs += [t.ref(role=f"train:{label}") for label, t in trains.items()]
     # The gate is not part of the run's identity: a finished evaluation can be judged again with another metric.
     recorded = {k: v for k, v in dump(config).items() if k != "fail_if_worse"}
     result = stage.run(stage.Identity(STAGE, config.output, recorded, inputs),
-                       lambda attempt: evaluate(config, loaded, attempt))
+                       lambda attempt: evaluate(config, loaded, trains, attempt))
     assert isinstance(result, mf.Loaded)
     LOG.info("report: %s", result.artifact_uri("report.html"))
     comparison.gate(result.manifest.metrics, config.fail_if_worse, result.uri)
     return result
 
 
-def evaluate(config: Config, loaded: list[mf.Loaded], attempt: stage.Attempt) -> stage.Outcome:
-    """Score every set, compare each candidate with the baseline, write the report."""
+def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loaded],
+             attempt: stage.Attempt) -> stage.Outcome:
+    """Score every set, compare each candidate with its baseline, write the report (and the leaderboard)."""
     t0 = time.monotonic()
     labels = list(config.labels) if config.labels else unique(
         [default_label(lo, i) for i, lo in enumerate(loaded)])
@@ -155,7 +197,7 @@ def evaluate(config: Config, loaded: list[mf.Loaded], attempt: stage.Attempt) ->
             + "; and no checks are configured. Evaluate predictions made from prompts with references (a "
               "prepare manifest, or a 'reference' column in the prompts file), or configure checks "
               "(checks.json_valid, checks.json_schema, checks.regex).")
-    comparisons, differing = comparison.compare(sets, names, config.bootstrap, config.seed)
+    comparisons, differing = comparison.compare(sets, names, config.bootstrap, config.seed, config.baseline_of)
     t_compare = time.monotonic()
 
     run_id = config.run_id or mf.new_run_id()
@@ -175,6 +217,8 @@ def evaluate(config: Config, loaded: list[mf.Loaded], attempt: stage.Attempt) ->
                "examples": examples, "differing": len(differing), "checks": config.checks, "notes": notes}
     writer.add_bytes(report.render_markdown(content).encode(), "report.md")
     writer.add_bytes(report.render_html(content, chart).encode(), "report.html")
+    if config.leaderboard is not None:
+        results["leaderboard"] = write_leaderboard(config, sets, comparisons, trains, writer)
     t_write = time.monotonic()
 
     last_model = mf.model_block(loaded[-1])
@@ -185,6 +229,27 @@ def evaluate(config: Config, loaded: list[mf.Loaded], attempt: stage.Attempt) ->
         timings={"read_and_score_s": t_score - t0, "compare_s": t_compare - t_score, "write_s": t_write - t_compare},
         model={"labels": [s["label"] for s in sets], "sets": details,
                "base_model": last_model.base_model, "template_hash": last_model.template_hash})
+
+
+def write_leaderboard(config: Config, sets: list[dict[str, Any]], comparisons: dict[str, Any],
+                      trains: dict[str, mf.Loaded], writer: mf.ArtifactWriter) -> dict[str, Any]:
+    """leaderboard.json, .md, .html and its two plots; returns what the manifest's metrics keep of it."""
+    assert config.leaderboard is not None
+    board = leaderboard.build({s["label"]: s for s in sets}, comparisons, config.leaderboard.cells,
+                              config.leaderboard.metric, trains, config.bootstrap, config.seed)
+    plots = {"size": leaderboard.plot(board, "total_params", "model size (parameters)"),
+             "cost": leaderboard.plot(board, "train_seconds", "train cost (seconds)")}
+    writer.add_bytes(plots["size"], "leaderboard_size.png")
+    writer.add_bytes(plots["cost"], "leaderboard_cost.png")
+    writer.add_bytes(json.dumps(board, indent=2, default=str).encode(), "leaderboard.json", rows=len(board["cells"]))
+    writer.add_bytes(leaderboard.render(board, plots, report.template("leaderboard.md.jinja")).encode(),
+                     "leaderboard.md")
+    writer.add_bytes(leaderboard.render(board, plots, report.template("leaderboard.html.jinja")).encode(),
+                     "leaderboard.html")
+    LOG.info("%s", board["verdict"])
+    return {k: board[k] for k in ("metric", "best", "runner_up", "verdict")} | {
+        "cells": [{k: r[k] for k in ("label", "metric", "ci95", "base", "delta_vs_base", "delta_ci95")}
+                  for r in board["cells"]]}
 
 
 # --------------------------------------------------------------------------- reading

@@ -51,17 +51,25 @@ def reference_notes(summary: dict[str, Any]) -> list[str]:
     return notes
 
 
-def compare(sets: list[dict[str, Any]], names: list[str], resamples: int,
-            seed: int) -> tuple[dict[str, Any], list[str]]:
-    """Each candidate against the baseline (the first set) on their shared ids, and the ids whose completions
-    differ from the baseline's."""
-    base = sets[0]
+def compare(sets: list[dict[str, Any]], names: list[str], resamples: int, seed: int,
+            baseline_of: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Each candidate against its baseline on their shared ids, and the ids whose completions differ.
+
+    The baseline is the first set, unless `baseline_of` names one per candidate (a sweep: each finetuned
+    cell against the base model it was trained from). Sets that are some candidate's baseline are not
+    candidates themselves.
+    """
+    by_label = {s["label"]: s for s in sets}
+    baselines = candidates_and_baselines(sets, baseline_of)
     comparisons: dict[str, Any] = {}
     differing: list[str] = []
-    for i, s in enumerate(sets[1:], start=1):
+    for i, s in enumerate(sets):
+        if s["label"] not in baselines:
+            continue
+        base = by_label[baselines[s["label"]]]
         shared = [rid for rid in base["scores"] if rid in s["scores"]]
         if not shared:
-            raise InputError(f"{s['loaded'].uri} and the baseline {base['loaded'].uri} share no example ids: "
+            raise InputError(f"{s['loaded'].uri} and its baseline {base['loaded'].uri} share no example ids: "
                              "were they predicted from the same prompts?")
         deltas: dict[str, Any] = {}
         for m in names:
@@ -72,12 +80,21 @@ def compare(sets: list[dict[str, Any]], names: list[str], resamples: int,
                          "delta": mean(diffs), "ci95": bootstrap_interval(diffs, resamples, seed + i),
                          "wins": sum(1 for d in diffs if d > 0), "losses": sum(1 for d in diffs if d < 0),
                          "examples": len(pairs)}
-        comparisons[s["label"]] = {"shared_examples": len(shared),
+        comparisons[s["label"]] = {"baseline": base["label"], "shared_examples": len(shared),
                                    "only_in_baseline": len(base["scores"]) - len(shared),
                                    "only_in_candidate": len(s["scores"]) - len(shared), "metrics": deltas}
-        differing += [r for r in shared if r not in differing
+        seen = set(differing)
+        differing += [r for r in shared if r not in seen
                       and base["rows"][r]["completion"] != s["rows"][r]["completion"]]
     return comparisons, differing
+
+
+def candidates_and_baselines(sets: list[dict[str, Any]], baseline_of: dict[str, str] | None) -> dict[str, str]:
+    """candidate label -> its baseline's label."""
+    first = sets[0]["label"]
+    explicit = dict(baseline_of or {})
+    bases = {first, *explicit.values()}
+    return {s["label"]: explicit.get(s["label"], first) for s in sets if s["label"] not in bases}
 
 
 def mean(values: list[float]) -> float | None:
@@ -114,7 +131,7 @@ def pick_examples(sets: list[dict[str, Any]], ids: list[str], limit: int, names:
                 picked.append(group.pop(0))
     out = []
     for rid in picked:
-        row = sets[0]["rows"][rid]
+        row = next(s["rows"][rid] for s in sets if rid in s["rows"])  # sets of data variants differ in ids
         out.append({"id": rid, "prompt": last_user_message(row.get("prompt")), "reference": row["reference"],
                     "completions": {s["label"]: s["rows"][rid]["completion"] for s in sets if rid in s["rows"]},
                     "scores": {s["label"]: {m: s["scores"][rid].get(m) for m in names}
@@ -132,17 +149,26 @@ def last_user_message(prompt: Any) -> str:
 
 
 def gate(metrics: dict[str, Any], metric: str | None, uri: str) -> None:
-    """--fail-if-worse: every candidate must score strictly higher than the baseline."""
+    """--fail-if-worse: every candidate must score strictly higher than its baseline; with a leaderboard
+    (a sweep), the best cell must beat its own base."""
     if metric is None:
         return
-    baseline = metrics["baseline"]
     sets = metrics["sets"]
-    if metric not in sets[baseline]:
+    comparisons = metrics.get("comparisons", {})
+    if metric not in sets[metrics["baseline"]]:
         raise ConfigError(f"fail_if_worse={metric!r}: {uri} did not compute that metric")
+    judged = list(comparisons)
+    board = metrics.get("leaderboard")
+    if board is not None:
+        if board.get("metric") != metric:
+            raise ConfigError(f"fail_if_worse={metric!r}: the leaderboard in {uri} ranks cells by "
+                              f"{board.get('metric')!r}; gate on that metric, or rank by {metric!r}")
+        judged = [board["best"]] if board.get("best") else judged
     # A metric that was not computed is not 0%: comparing it would pass or fail the gate on nothing.
-    for label, values in sets.items():
+    for label in dict.fromkeys([*(comparisons[c]["baseline"] for c in judged), *judged]):
+        values = sets[label]
         if values.get(metric) is None:
-            who = f"the baseline {label}" if label == baseline else label
+            who = f"the baseline {label}" if label not in comparisons else label
             total = values.get("rows", 0)
             if metric in REFERENCE_METRICS:
                 why = f"{total - values.get('rows_without_reference', 0)} of {total} rows have a reference"
@@ -152,10 +178,12 @@ def gate(metrics: dict[str, Any], metric: str | None, uri: str) -> None:
                 why, fix = f"{total} rows", "Evaluate predictions that hold rows."
             raise InputError(f"--fail-if-worse {metric}: {who} has no {metric} ({why}); nothing to compare. "
                              f"{fix} Report: {uri}")
-    worse = [f"{label} {values[metric]:.4f} <= baseline {baseline} {sets[baseline][metric]:.4f}"
-             for label, values in sets.items()
-             if label != baseline and values[metric] <= sets[baseline][metric]]
+    worse = [f"{label} {sets[label][metric]:.4f} <= baseline {comparisons[label]['baseline']} "
+             f"{sets[comparisons[label]['baseline']][metric]:.4f}" for label in judged
+             if sets[label][metric] <= sets[comparisons[label]["baseline"]][metric]]
     if worse:
-        raise GateFailed(f"--fail-if-worse {metric}: " + "; ".join(worse) + f". Report published: {uri}",
+        what = "the best cell did not beat its base: " if board is not None else ""
+        raise GateFailed(f"--fail-if-worse {metric}: {what}" + "; ".join(worse) + f". Report published: {uri}",
                          manifest=uri)
-    LOG.info("gate passed: every candidate beats %s on %s", baseline, metric)
+    LOG.info("gate passed: %s beats %s on %s", "the best cell" if board is not None else "every candidate",
+             "its base" if board is not None else "its baseline", metric)

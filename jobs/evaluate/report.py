@@ -43,8 +43,8 @@ def fmt_delta(d: dict[str, Any]) -> str:
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     labels = [s["label"] for s in report["sets"]]
-    candidates = labels[1:]
-    header = ["metric"] + labels + [f"Δ {c} vs {labels[0]} (95% CI)" for c in candidates]
+    candidates = list(report["comparisons"])
+    header = ["metric"] + labels + [f"Δ {c} vs {report['comparisons'][c]['baseline']} (95% CI)" for c in candidates]
     rows = []
     for m in report["names"]:
         rows.append([TITLES[m]] + [fmt_value(m, report["summary"][lab][m]) for lab in labels]
@@ -66,13 +66,13 @@ def cell(text: Any, limit: int = 160) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     header, rows = table_rows(report)
-    return _template("report.md.jinja").render(
+    return template("report.md.jinja").render(
         **_common(report), header=header, rows=rows, model_keys=("model", "base_model", "adapter", "source"))
 
 
 def render_html(report: dict[str, Any], chart: bytes) -> str:
     header, rows = table_rows(report)
-    return _template("report.html.jinja").render(
+    return template("report.html.jinja").render(
         **_common(report), header=header, rows=rows,
         chart_uri="data:image/png;base64," + base64.b64encode(chart).decode())
 
@@ -82,7 +82,7 @@ def _common(report: dict[str, Any]) -> dict[str, Any]:
             "notes": report.get("notes", []), "differing": report["differing"], "examples": report["examples"]}
 
 
-def _template(name: str) -> Any:
+def template(name: str) -> Any:
     """A template from jobs/evaluate/templates. The HTML one escapes every value it is given (prompts,
     completions and labels are arbitrary text); the Markdown one escapes only table cells (`cell`)."""
     import jinja2

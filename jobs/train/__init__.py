@@ -651,7 +651,8 @@ def _outcome(t: Trainer, fitted: Fitted) -> stage.Outcome:
         "resumed_from_step": t.resumed_from,
         "attempts": state.attempts,
         "optimizer": t.optimizer_name,
-        "params": {"trainable": t.param_counts[0], "total": t.param_counts[1]},
+        "params": {"trainable": t.param_counts[0], "total": t.param_counts[1],
+                   "base": models.parameter_count(t.base.path)},
         "device": torch.cuda.get_device_name(t.accelerator.device) if t.cuda else "cpu",
     }
     model_info = mf.TrainModel(

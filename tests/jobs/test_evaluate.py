@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from common import config as cfg
 from common import data, storage
 from common import manifest as mf
-from common.errors import EXIT_GATE, ConfigError
+from common.errors import EXIT_GATE, ConfigError, GateFailed
 from jobs import evaluate
 from jobs.cli import main
 from jobs.evaluate import metrics
@@ -327,3 +327,69 @@ def test_evaluate_runs_without_torch(tmp_path: Path) -> None:
             "checks={'json_valid': True})); "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def publish_train(prefix: str, *, seconds: float, base_params: int) -> str:
+    """A train manifest carrying what the leaderboard reads (cost and size), as `ftjobs train` records it."""
+    m = mf.build(stage="train", run_id=mf.new_run_id(), config={"at": prefix}, inputs=[], artifacts=[],
+                 metrics={"train_seconds": seconds, "wall_s": seconds + 5, "tokens_trained": 1000,
+                          "peak_memory_bytes": 2**28},
+                 stats={"params": {"trainable": 1000, "total": base_params // 2, "base": base_params}},
+                 model={"base_model": prefix, "template_hash": "h", "lora": {"r": 8, "alpha": 16}})
+    return mf.publish(prefix, m)
+
+
+def test_a_sweep_leaderboard_ranks_cells_against_their_own_base(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    small = publish_predictions(f"{root}/base-s", BASE, label="base-s")
+    large = publish_predictions(f"{root}/base-l", {**BASE, "r2": '{"name": "Cy", "age": 22}'}, label="base-l")
+    cells = {  # label: (completions, base, train seconds, model size)
+        "s-lr1": (dict(BASE, r1='{"name": "Bo", "age": 21}'), "base-s", 10.0, 1_000),
+        "s-lr2": (TUNED, "base-s", 20.0, 1_000),
+        "l-lr1": (dict(TUNED, r3='{"name": "Di", "age": 23}'), "base-l", 80.0, 9_000),
+    }
+    preds, trains = [small, large], {}
+    for label, (completions, _, seconds, size) in cells.items():
+        preds.append(publish_predictions(f"{root}/{label}", completions, label=label))
+        trains[label] = publish_train(f"{root}/train-{label}", seconds=seconds, base_params=size)
+    conf = evaluate.Config(
+        predictions=preds, labels=["base-s", "base-l", *cells], output=f"{root}/eval", fail_if_worse="exact_match",
+        baseline_of={label: c[1] for label, c in cells.items()},
+        leaderboard={"metric": "exact_match", "cells": [
+            {"label": label, "values": {"base_model": c[1], "lr": label[-1]}, "train": trains[label]}
+            for label, c in cells.items()]})
+    loaded = evaluate.run(conf)  # the best cell beats its own base: the gate passes
+    m = loaded.manifest
+    assert {c: v["baseline"] for c, v in m.metrics["comparisons"].items()} == {
+        "s-lr1": "base-s", "s-lr2": "base-s", "l-lr1": "base-l"}
+    assert {r.role for r in m.inputs} >= {"train:s-lr1", "train:s-lr2", "train:l-lr1"}
+    board = json.loads(storage.read_text(loaded.artifact_uri("leaderboard.json")))
+    ranked = [(c["label"], c["metric"]) for c in board["cells"]]
+    assert ranked == [("l-lr1", 0.75), ("s-lr1", 0.5), ("s-lr2", 0.5)]  # ties by label
+    best = board["cells"][0]
+    assert best["base"] == "base-l" and best["delta_vs_base"] == pytest.approx(0.25)  # vs its own base (50%)
+    assert best["total_params"] == 9_000 and best["train_seconds"] == 80.0
+    # l-lr1 is the best at any size; s-lr1 and s-lr2 tie at the small size, but s-lr1 costs less to train
+    assert [(c["label"], c["pareto_total_params"], c["pareto_train_seconds"]) for c in board["cells"]] == [
+        ("l-lr1", True, True), ("s-lr1", True, True), ("s-lr2", True, False)]
+    assert board["best"] == "l-lr1" and board["runner_up"] == "s-lr1"
+    paired = board["best_vs_runner_up"]
+    assert paired["delta"] == pytest.approx(0.25) and paired["examples"] == 4 and paired["cis_overlap"] is True
+    assert "Best: l-lr1 (75.0%" in board["verdict"] and "over the runner-up s-lr1" in board["verdict"]
+    assert "intervals overlap, so the data does not separate them" in board["verdict"]
+    page = storage.read_text(loaded.artifact_uri("leaderboard.html"))
+    assert page.count("data:image/png;base64,") == 2 and "http" not in page
+    md = storage.read_text(loaded.artifact_uri("leaderboard.md"))
+    assert "| 1 | l-lr1 | base-l | 1 | 75.0% |" in md
+    assert m.metrics["leaderboard"]["best"] == "l-lr1"
+
+
+def test_the_sweep_gate_fails_when_the_best_cell_does_not_beat_its_base(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    base = publish_predictions(f"{root}/base", TUNED, label="base")
+    cell = publish_predictions(f"{root}/cell", BASE, label="cell")
+    conf = evaluate.Config(predictions=[base, cell], labels=["base", "cell"], output=f"{root}/eval",
+                           fail_if_worse="exact_match", leaderboard={"metric": "exact_match",
+                                                                     "cells": [{"label": "cell"}]})
+    with pytest.raises(GateFailed, match="the best cell did not beat its base: cell 0.2500 <= baseline base 0.5000"):
+        evaluate.run(conf)
