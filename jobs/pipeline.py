@@ -214,18 +214,23 @@ def call(name: str, argv: list[str], grace: float, run_id: str) -> str:
         raise Preempted(f"{signal.Signals(received[0]).name} while stage {name} ran; it {how}. Re-run the same "
                         f"command with --run-id {run_id} to resume: finished stages are skipped, and train "
                         "continues from its last checkpoint.")
-    lines = [line for line in stdout.splitlines() if line.strip()]
-    if proc.returncode == 0 and lines:
-        return lines[-1].strip()
     hint = " Fix it, then re-run the same command with the same run_id: finished stages are skipped."
-    message = f"stage {name} failed with exit {proc.returncode} (its log is above).{hint}"
-    if proc.returncode == 0:
+    return step_result(name, proc.returncode, stdout, f"(its log is above).{hint}")
+
+
+def step_result(name: str, returncode: int, stdout: str, hint: str) -> str:
+    """A finished step's manifest URI (its last stdout line), or the error its exit code stands for."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if returncode == 0 and lines:
+        return lines[-1].strip()
+    message = f"stage {name} failed with exit {returncode} {hint}"
+    if returncode == 0:
         raise FtjobsError(f"stage {name} exited 0 but printed no manifest URI")
-    if proc.returncode == EXIT_CONFIG:
+    if returncode == EXIT_CONFIG:
         raise ConfigError(message)
-    if proc.returncode == EXIT_INPUT:
+    if returncode == EXIT_INPUT:
         raise InputError(message)
-    if proc.returncode == EXIT_GATE:
+    if returncode == EXIT_GATE:
         raise GateFailed(message)
     raise FtjobsError(message)
 
