@@ -319,7 +319,7 @@ class Runner:
         proc.popen.wait()
         inst = proc.inst
         inst.seconds = round(time.monotonic() - proc.started, 1)
-        self.keep_log(proc.log_path, name)
+        inst.log = self.keep_log(proc.log_path, name)
         try:
             inst.manifest = step_result(name, proc.popen.returncode, stdout, f"(log: {inst.log})")
             inst.status, inst.exit_code = "done", 0
@@ -329,11 +329,13 @@ class Runner:
             LOG.error("%s failed (exit %s) after %.0fs: cells %s stop here; log %s", name, inst.exit_code,
                       inst.seconds, ", ".join(inst.cells), inst.log)
 
-    def keep_log(self, path: Path, name: str) -> None:
-        """Logs of an s3:// sweep go to the store beside its steps once a step ends."""
-        if storage.is_s3(self.prefix):
-            uri = storage.join(self.prefix, "logs", f"{name}.log")
-            storage.upload_file(path, uri)
+    def keep_log(self, path: Path, name: str) -> str:
+        """Where the step's log stays: an s3:// sweep's go to the store beside its steps once a step ends."""
+        if not storage.is_s3(self.prefix):
+            return str(path)
+        uri = storage.join(self.prefix, "logs", f"{name}.log")
+        storage.upload_file(path, uri)
+        return uri
 
     def run(self, instances: dict[str, Instance], cells: list[Cell]) -> None:
         """Run every instance once its inputs are published; a failure blocks only what needs it."""

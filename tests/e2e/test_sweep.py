@@ -1,0 +1,106 @@
+"""`ftjobs sweep` through the CLI against the S3 test server: a 2x2 matrix on the tiny model plus one cell
+that only fails at train time. Shared steps run once (every cell's lineage reaches the one prepare and the
+one base inference), every other cell trains, the leaderboard ranks them with intervals, the failed cell is
+reported as failed, and a re-run is "already done" throughout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common import lineage as lin
+from common import manifest as mf
+from common import storage
+from common.tinymodel import WORDS
+
+pytestmark = pytest.mark.e2e
+
+
+def sweep_config(tmp_path: Path, root: str, model: Path) -> Path:
+    rows = []
+    for i in range(48):
+        word = WORDS[i % len(WORDS)]
+        rows.append({"messages": [{"role": "user", "content": f"echo {word} {i}"},
+                                  {"role": "assistant", "content": f"{word} {i}"}]})
+    data = tmp_path / "echo.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    conf = {
+        "root": root, "base_model": str(model), "data": [str(data)], "max_parallel": 2,
+        "prepare": {"eval_size": 8, "max_length": 64},
+        "train": {"quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                  "max_seq_length": 128, "batch_size": 2, "max_steps": 3, "gradient_checkpointing": False,
+                  "checkpoint": {"every_steps": None}},
+        "infer": {"engine": "transformers", "sampling": {"temperature": 0, "max_tokens": 6}},
+        "evaluate": {"bootstrap": 200},
+        "matrix": {"train.learning_rate": [0.001, 0.01], "train.lora.r": [4, 8]},
+        # valid as a config, refused by peft when train builds the adapter: exit 2 at train time only
+        "include": [{"train.learning_rate": 0.02, "train.lora.target_modules": ["no_such_module"]}],
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def run_sweep(conf: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", "--log-format", "text", "sweep", "--config", str(conf),
+                           "--sweep-id", "s1"], env=env, capture_output=True, text=True, timeout=1500)
+
+
+def test_a_2x2_sweep_shares_steps_ranks_cells_and_resumes(tmp_path: Path, s3_root: str, tiny_model: Path,
+                                                          subprocess_env: dict[str, str]) -> None:
+    conf = sweep_config(tmp_path, s3_root, tiny_model)
+    first = run_sweep(conf, subprocess_env)
+    assert first.returncode == 0, first.stderr[-6000:]
+    prefix = f"{s3_root}/sweeps/s1"
+    # The plan came first: the cells, what they share, how many train runs.
+    assert "5 cells over train.learning_rate, train.lora.r" in first.stderr
+    assert "prepare#" in first.stderr and "(shared by 5)" in first.stderr
+    assert "steps to run: prepare 1, infer-base 1, train 5, merge 5, infer-finetuned 5, evaluate 1" in first.stderr
+
+    record = json.loads(storage.read_text(f"{prefix}/sweep.json"))
+    assert record["exit_code"] == 0
+    by_step: dict[str, list[dict]] = {}
+    for step in record["steps"].values():
+        by_step.setdefault(step["step"], []).append(step)
+    assert len(by_step["prepare"]) == 1 and len(by_step["infer-base"]) == 1 and len(by_step["train"]) == 5
+    status = {c["values"].get("train.lora.target_modules") is not None: c["status"] for c in record["cells"]}
+    assert status == {False: "done", True: "failed"}
+    failed = next(s for s in by_step["train"] if s["status"] == "failed")
+    assert failed["exit_code"] == 2 and "no_such_module" in storage.read_text(failed["log"])
+    assert [s["status"] for s in by_step["merge"]].count("blocked") == 1
+
+    # Every finished cell's predictions descend from the one prepare; the leaderboard compares them with
+    # the one base inference.
+    (prep,) = by_step["prepare"]
+    (base,) = by_step["infer-base"]
+    finished = [s for s in by_step["infer-finetuned"] if s["status"] == "done"]
+    assert len(finished) == 4
+    for step in finished:
+        tree = lin.lineage(step["manifest"], verify="size")
+        assert lin.all_ok(tree)
+        assert prep["manifest"] in {n.uri for n in walk(tree)}
+    evaluated = mf.load(record["evaluate"]["manifest"])
+    inputs = {r.uri for r in evaluated.manifest.inputs}
+    assert base["manifest"] in inputs and {s["manifest"] for s in finished} <= inputs
+    board = json.loads(storage.read_text(evaluated.artifact_uri("leaderboard.json")))
+    assert len(board["cells"]) == 4 and all(c["ci95"] is not None and c["base"] == "base:model" for c in board["cells"])
+    assert all(c["train_seconds"] is not None and c["total_params"] for c in board["cells"])
+    assert board["verdict"].startswith("Best: ")
+    assert first.stdout.strip().splitlines()[-1] == evaluated.uri
+
+    again = run_sweep(conf, subprocess_env)
+    assert again.returncode == 0, again.stderr[-6000:]
+    assert again.stdout.strip().splitlines()[-1] == evaluated.uri
+    record = json.loads(storage.read_text(f"{prefix}/sweep.json"))
+    for step in record["steps"].values():
+        if step["status"] == "done":
+            assert "already done" in storage.read_text(step["log"]), step
+
+
+def walk(node: lin.Node) -> list[lin.Node]:
+    return [node, *(n for c in node.children for n in walk(c))]
