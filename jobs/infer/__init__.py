@@ -26,7 +26,7 @@ assembles (given only --output, it finalizes the run recorded in plan.json). Eve
 appears exactly once in the output (n times with `sampling.n: n`).
 stdout: the manifest URI, or this shard's DONE.json marker while other shards are still running.
 Code: this module (config, run, shards, finalize, CLI); `inputs.py` (model, prompts, template check);
-`engines.py` (vLLM and transformers).
+`common.generate` (the settings and the vLLM and transformers engines, shared with synth and the judge).
 
     ftjobs infer --model s3://ml-data/runs/r1/merge --prompts s3://ml-data/runs/r1/prepare \\
         --output s3://ml-data/runs/r1/infer --shard 0/4 --set sampling.temperature=0
@@ -52,6 +52,7 @@ from common import config as cfg
 from common import manifest as mf
 from common.config import JobConfig, dump
 from common.errors import AlreadyExistsError, ChecksumError, ConfigError, FtjobsError
+from common.generate import EngineArgs, Sampling
 from common.runner import config_options, execute
 from jobs.infer.inputs import Columns, load_model_input, load_prompts_input, load_rows, prepare_model, template_check
 
@@ -59,44 +60,6 @@ STAGE = "infer"
 LOG = logging.getLogger(__name__)
 # Test and demo hook: seconds to sleep after each written chunk, so a pod can be killed mid-shard on purpose.
 PAUSE_ENV = "FTJOBS_INFER_CHUNK_PAUSE_S"
-
-
-class Sampling(JobConfig):
-    """vLLM `SamplingParams`; the defaults are vLLM's own (never the model repo's generation_config)."""
-
-    temperature: float = Field(1.0, ge=0.0, description="0 is greedy. vLLM's default is 1.0.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 is off.")
-    top_k: int = Field(0, ge=-1, description="Sample among the k most likely tokens; 0 or -1 is off.")
-    max_tokens: int = Field(256, ge=1, description="Most new tokens per completion (vLLM's own default, 16, "
-                                                   "is too short for evaluation).")
-    stop: list[str] = Field(default_factory=list, description="Strings that end a completion (not included in it).")
-    seed: int | None = Field(None, description="Per-prompt sampling seed: a prompt gets the same samples in any "
-                                               "batch, chunk or shard (a resumed run matches); None: random.")
-    n: int = Field(1, ge=1, description="Completions per prompt; each is its own output row (column `sample`).")
-
-    @model_validator(mode="after")
-    def _n_needs_sampling(self) -> Sampling:
-        if self.n > 1 and self.temperature == 0:
-            raise ValueError(f"n={self.n} with temperature 0 gives {self.n} identical completions: "
-                             "set temperature > 0 or n: 1")
-        return self
-
-
-class EngineArgs(JobConfig):
-    """Engine settings, passed through to `vllm.LLM` (the transformers engine uses dtype and batch_size)."""
-
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (vLLM).")
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may "
-                                                                           "take (weights + KV cache).")
-    max_model_len: int | None = Field(None, ge=2, description="Context length (prompt + completion); None: the "
-                                                             "model's. Longer prompts become per-row errors.")
-    max_num_seqs: int | None = Field(None, ge=1, description="Most sequences vLLM batches at once; None: vLLM's.")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto: the model's dtype on GPU, float32 on CPU (vLLM's CPU build wants it).")
-    enforce_eager: bool | None = Field(None, description="Skip CUDA graphs (vLLM); None: true on CPU, false on GPU.")
-    quantization: str | None = Field(None, description="vLLM quantization method (awq, gptq, fp8, ...); None: "
-                                                       "what the checkpoint says.")
-    batch_size: int = Field(16, ge=1, description="Prompts per `generate` call in the transformers engine.")
 
 
 class Config(JobConfig):
@@ -306,8 +269,8 @@ def read_plan(out: str) -> dict[str, Any]:
 
 def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dict[str, Any]]], todo: list[int],
                     shard_dir: str, shard: int) -> None:
+    from common.generate import start_transformers, start_vllm
     from common.logs import Progress
-    from jobs.infer.engines import start_transformers, start_vllm
 
     generate, max_len, version, close = (start_vllm if config.engine == "vllm" else start_transformers)(config, model)
     tokenizer, fmt = model["tokenizer"], model["fmt"]

@@ -15,6 +15,7 @@ from common import chat, models, storage
 from common import manifest as mf
 from common.config import JobConfig
 from common.errors import ConfigError, InputError
+from common.generate import download_named
 
 if TYPE_CHECKING:
     from jobs.infer import Config
@@ -54,21 +55,6 @@ def load_prompts_input(src: str) -> mf.Loaded | mf.InputRef:
     if name.endswith(".json") and not name.endswith(mf.MANIFEST_NAME):
         raise ConfigError(f"Prompts file {src}: use JSON Lines (.jsonl), one object per line, or Parquet")
     return mf.load(src, expect_stage="prepare")
-
-
-def download_named(loaded: mf.Loaded, prefix: str, dest: Path) -> Path:
-    """Fetch a manifest's artifacts named `<prefix>...` into `dest` (once; sha256-checked)."""
-    done = dest / ".ftjobs-complete"
-    if done.exists():
-        return dest
-    arts = loaded.manifest.artifacts_named(prefix)
-    if not arts:
-        raise InputError(f"{loaded.uri} has no {prefix}* artifacts: is it the output of "
-                         f"`{mf.PRODUCER[loaded.manifest.stage]}`?")
-    for art in arts:
-        mf.fetch_artifact(loaded, art, storage.safe_destination(dest, art.name[len(prefix):]))
-    done.write_text(loaded.uri)
-    return dest
 
 
 def prepare_model(config: Config, model_in: mf.Loaded | None, adapter_in: mf.Loaded | None,

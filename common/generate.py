@@ -1,4 +1,14 @@
-"""infer's engines: vLLM's offline `LLM` and batched transformers `generate`, behind one signature."""
+"""Generation shared by every stage that runs a model over prompts (infer, synth, evaluate's judge).
+
+- `Sampling` and `EngineArgs`: the typed settings of vLLM's `SamplingParams` and `LLM`, one declaration for
+  every stage's config;
+- the engines: vLLM's offline `LLM` (`start_vllm`) and batched transformers `generate`
+  (`start_transformers`), behind one signature: `generate(list of prompt token ids) -> per prompt, n samples
+  of (text, completion tokens, finish reason)`, plus the context length, the engine's version and `close`;
+- `download_named`: a manifest's model (or adapter) files, fetched once and sha256-checked.
+
+Heavy libraries (torch, vLLM, transformers) are imported inside the functions that need them.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +17,80 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
-if TYPE_CHECKING:
-    from jobs.infer import Config
+from pydantic import Field, model_validator
+
+from common import manifest as mf
+from common import storage
+from common.config import JobConfig
+from common.errors import InputError
 
 LOG = logging.getLogger(__name__)
 
 # An engine is `generate(list of prompt ids) -> per prompt, n samples of (text, completion tokens, finish reason)`,
 # plus its context length, its version and a function that releases it.
-Generate = Callable[[list[list[int]]], list[list[tuple[str, int, str]]]]
+Completion = tuple[str, int, str]
+Generate = Callable[[list[list[int]]], list[list[Completion]]]
 Engine = tuple[Generate, int, str, Callable[[], None]]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+class Sampling(JobConfig):
+    """vLLM `SamplingParams`; the defaults are vLLM's own (never the model repo's generation_config)."""
+
+    temperature: float = Field(1.0, ge=0.0, description="0 is greedy. vLLM's default is 1.0.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 is off.")
+    top_k: int = Field(0, ge=-1, description="Sample among the k most likely tokens; 0 or -1 is off.")
+    max_tokens: int = Field(256, ge=1, description="Most new tokens per completion (vLLM's own default, 16, "
+                                                   "is too short for evaluation).")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a completion (not included in it).")
+    seed: int | None = Field(None, description="Per-prompt sampling seed: a prompt gets the same samples in any "
+                                               "batch, chunk or shard (a resumed run matches); None: random.")
+    n: int = Field(1, ge=1, description="Completions per prompt; each is its own output row (column `sample`).")
+
+    @model_validator(mode="after")
+    def _n_needs_sampling(self) -> Sampling:
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n={self.n} with temperature 0 gives {self.n} identical completions: "
+                             "set temperature > 0 or n: 1")
+        return self
+
+
+class EngineArgs(JobConfig):
+    """Engine settings, passed through to `vllm.LLM` (the transformers engine uses dtype and batch_size)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (vLLM).")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may "
+                                                                           "take (weights + KV cache).")
+    max_model_len: int | None = Field(None, ge=2, description="Context length (prompt + completion); None: the "
+                                                             "model's. Longer prompts become per-row errors.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Most sequences vLLM batches at once; None: vLLM's.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: the model's dtype on GPU, float32 on CPU (vLLM's CPU build wants it).")
+    enforce_eager: bool | None = Field(None, description="Skip CUDA graphs (vLLM); None: true on CPU, false on GPU.")
+    quantization: str | None = Field(None, description="vLLM quantization method (awq, gptq, fp8, ...); None: "
+                                                       "what the checkpoint says.")
+    batch_size: int = Field(16, ge=1, description="Prompts per `generate` call in the transformers engine.")
+
+
+class Settings(Protocol):
+    """What an engine reads from a stage's config (infer's, synth's, the judge's)."""
+
+    @property
+    def engine_args(self) -> EngineArgs: ...
+
+    @property
+    def sampling(self) -> Sampling: ...
+
+    @property
+    def trust_remote_code(self) -> bool: ...
+
+
+# --------------------------------------------------------------------------- engines
 
 
 def on_gpu() -> bool:
@@ -26,7 +99,7 @@ def on_gpu() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def start_vllm(config: Config, model: dict[str, Any]) -> Engine:
+def start_vllm(config: Settings, model: dict[str, Any]) -> Engine:
     """vLLM's offline LLM with its own generation defaults; LoRA adapters as a LoRARequest."""
     gpu = on_gpu()
     if not gpu:
@@ -62,7 +135,7 @@ def start_vllm(config: Config, model: dict[str, Any]) -> Engine:
                    "max_lora_rank": next(x for x in (1, 8, 16, 32, 64, 128, 256, 320, 512) if x >= rank)}
         lora = LoRARequest("adapter", 1, str(model["adapter_dir"]))
     LOG.info("starting vLLM %s: %s", vllm.__version__, {k: v for k, v in kwargs.items() if v is not None})
-    llm = LLM(str(model["path"]), **kwargs)
+    llm: Any = LLM(str(model["path"]), **kwargs)  # vLLM's prompt types are stricter than the dicts it takes
     max_len = int(llm.llm_engine.model_config.max_model_len)
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
                             stop=s.stop or None, seed=s.seed, n=s.n)
@@ -78,7 +151,7 @@ def start_vllm(config: Config, model: dict[str, Any]) -> Engine:
     return generate, max_len, str(vllm.__version__), close
 
 
-def start_transformers(config: Config, model: dict[str, Any]) -> Engine:
+def start_transformers(config: Settings, model: dict[str, Any]) -> Engine:
     """Batched `generate` with left padding: the same rows as vLLM, for machines without it."""
     import torch
     import transformers
@@ -87,7 +160,7 @@ def start_transformers(config: Config, model: dict[str, Any]) -> Engine:
     gpu = on_gpu()
     e, s = config.engine_args, config.sampling
     dtype = getattr(torch, e.dtype) if e.dtype != "auto" else (torch.bfloat16 if gpu else torch.float32)
-    net = AutoModelForCausalLM.from_pretrained(str(model["path"]), dtype=dtype,
+    net: Any = AutoModelForCausalLM.from_pretrained(str(model["path"]), dtype=dtype,
                                                trust_remote_code=config.trust_remote_code)
     if model["adapter_dir"] is not None:
         from peft import PeftModel
@@ -186,3 +259,21 @@ class _SeededSampler:
         picked = torch.stack([torch.multinomial(probs[r], 1, generator=g)
                               for r, g in enumerate(self.generators)])
         return torch.full_like(scores, float("-inf")).scatter(-1, picked, 0.0)
+
+
+# --------------------------------------------------------------------------- model files from a manifest
+
+
+def download_named(loaded: mf.Loaded, prefix: str, dest: Path) -> Path:
+    """Fetch a manifest's artifacts named `<prefix>...` into `dest` (once; sha256-checked)."""
+    done = dest / ".ftjobs-complete"
+    if done.exists():
+        return dest
+    arts = loaded.manifest.artifacts_named(prefix)
+    if not arts:
+        raise InputError(f"{loaded.uri} has no {prefix}* artifacts: is it the output of "
+                         f"`{mf.PRODUCER[loaded.manifest.stage]}`?")
+    for art in arts:
+        mf.fetch_artifact(loaded, art, storage.safe_destination(dest, art.name[len(prefix):]))
+    done.write_text(loaded.uri)
+    return dest
