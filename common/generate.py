@@ -29,10 +29,18 @@ from common.errors import InputError
 
 LOG = logging.getLogger(__name__)
 
-# An engine is `generate(list of prompt ids) -> per prompt, n samples of (text, completion tokens, finish reason)`,
-# plus its context length, its version and a function that releases it.
+# An engine is `generate(list of prompt ids, adapter=0) -> per prompt, n samples of (text, completion tokens,
+# finish reason)`, plus its context length, its version and a function that releases it. `adapter` picks one of
+# the LoRA adapters the engine serves (`model["adapter_dirs"]`, all on the one base: a sweep's cells).
 Completion = tuple[str, int, str]
-Generate = Callable[[list[list[int]]], list[list[Completion]]]
+Generate = Callable[..., list[list[Completion]]]
+
+
+def adapter_dirs(model: dict[str, Any]) -> list[Path]:
+    """The adapters an engine serves: `adapter_dirs`, or the one `adapter_dir`."""
+    if model.get("adapter_dirs"):
+        return list(model["adapter_dirs"])
+    return [model["adapter_dir"]] if model.get("adapter_dir") is not None else []
 Engine = tuple[Generate, int, str, Callable[[], None]]
 
 
@@ -125,24 +133,26 @@ def start_vllm(config: Settings, model: dict[str, Any]) -> Engine:
         kwargs["max_model_len"] = e.max_model_len
     if e.max_num_seqs is not None:
         kwargs["max_num_seqs"] = e.max_num_seqs
-    lora = None
-    if model["adapter_dir"] is not None:
+    loras: list[Any] = []
+    dirs = adapter_dirs(model)
+    if dirs:
         from vllm.lora.request import LoRARequest
 
-        rank = int(json.loads((model["adapter_dir"] / "adapter_config.json").read_text())["r"])
-        # vLLM accepts only these ranks as the maximum; round the adapter's rank up to one.
-        kwargs |= {"enable_lora": True, "max_loras": 1,
+        rank = max(int(json.loads((d / "adapter_config.json").read_text())["r"]) for d in dirs)
+        # vLLM accepts only these ranks as the maximum; round the largest adapter's rank up to one. Every
+        # adapter fits in the engine at once (max_loras): a sweep's cells are served without reloading.
+        kwargs |= {"enable_lora": True, "max_loras": len(dirs),
                    "max_lora_rank": next(x for x in (1, 8, 16, 32, 64, 128, 256, 320, 512) if x >= rank)}
-        lora = LoRARequest("adapter", 1, str(model["adapter_dir"]))
+        loras = [LoRARequest(f"adapter{i}", i + 1, str(d)) for i, d in enumerate(dirs)]
     LOG.info("starting vLLM %s: %s", vllm.__version__, {k: v for k, v in kwargs.items() if v is not None})
     llm: Any = LLM(str(model["path"]), **kwargs)  # vLLM's prompt types are stricter than the dicts it takes
     max_len = int(llm.llm_engine.model_config.max_model_len)
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
                             stop=s.stop or None, seed=s.seed, n=s.n)
 
-    def generate(batch: list[list[int]]) -> list[list[tuple[str, int, str]]]:
-        outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, lora_request=lora,
-                            use_tqdm=False)
+    def generate(batch: list[list[int]], adapter: int = 0) -> list[list[tuple[str, int, str]]]:
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params,
+                            lora_request=loras[adapter] if loras else None, use_tqdm=False)
         return [[(o.text, len(o.token_ids), o.finish_reason or "length") for o in req.outputs] for req in outs]
 
     def close() -> None:  # stop the engine process now, not at interpreter exit
@@ -162,10 +172,13 @@ def start_transformers(config: Settings, model: dict[str, Any]) -> Engine:
     dtype = getattr(torch, e.dtype) if e.dtype != "auto" else (torch.bfloat16 if gpu else torch.float32)
     net: Any = AutoModelForCausalLM.from_pretrained(str(model["path"]), dtype=dtype,
                                                trust_remote_code=config.trust_remote_code)
-    if model["adapter_dir"] is not None:
+    dirs = adapter_dirs(model)
+    if dirs:
         from peft import PeftModel
 
-        net = PeftModel.from_pretrained(net, str(model["adapter_dir"]))
+        net = PeftModel.from_pretrained(net, str(dirs[0]), adapter_name="adapter0")
+        for i, d in enumerate(dirs[1:], start=1):  # a sweep's cells: one base in memory, adapters switched
+            net.load_adapter(str(d), adapter_name=f"adapter{i}")
     net = net.to("cuda" if gpu else "cpu").eval()
     tok = model["tokenizer"]
     max_len = e.max_model_len or int(getattr(net.config, "max_position_embeddings", 0) or 2048)
@@ -212,7 +225,9 @@ def start_transformers(config: Settings, model: dict[str, Any]) -> Engine:
             out.append(samples)
         return out
 
-    def generate(batch: list[list[int]]) -> list[list[tuple[str, int, str]]]:
+    def generate(batch: list[list[int]], adapter: int = 0) -> list[list[tuple[str, int, str]]]:
+        if len(dirs) > 1:
+            net.set_adapter(f"adapter{adapter}")
         order = sorted(range(len(batch)), key=lambda i: len(batch[i]))  # similar lengths: less padding
         results: list[list[tuple[str, int, str]]] = [[] for _ in batch]
         for lo in range(0, len(order), e.batch_size):

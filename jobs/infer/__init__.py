@@ -62,6 +62,14 @@ LOG = logging.getLogger(__name__)
 PAUSE_ENV = "FTJOBS_INFER_CHUNK_PAUSE_S"
 
 
+class Serve(JobConfig):
+    """One more LoRA adapter on the same base, with its own output."""
+
+    adapter: str = Field(description="Train manifest of the adapter.")
+    output: str = Field(description="Its output prefix: its own plan, chunks and manifest, exactly as its own "
+                                    "infer run would write them.")
+
+
 class Config(JobConfig):
     """ftjobs infer: batch generation over a prompt set, sharded and resumable."""
 
@@ -94,6 +102,10 @@ class Config(JobConfig):
                                               "model and prompts, the run is the one in the output's plan.json.")
     cache_dir: str | None = Field(None, description="Where downloaded models go; None: $FTJOBS_CACHE or "
                                                     "~/.cache/ftjobs.")
+    also: list[Serve] = Field(default_factory=list, description="More LoRA adapters on the same base (`model`), "
+                              "served by the same engine (vLLM: one LoRARequest each, all loaded at once), each "
+                              "written to its own output with its own manifest: a sweep's cells without a merge "
+                              "and an engine start each.")
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -107,7 +119,18 @@ class Config(JobConfig):
         if storage.normalize(self.output).rstrip("/") in {storage.normalize(x).rstrip("/")
                                                           for x in (self.model, self.prompts) if x is not None}:
             raise ValueError("output must be a prefix of its own, not the model's or the prompts' location")
+        if self.also:
+            if self.adapter is None or self.finalize:
+                raise ValueError("also: more adapters need the first one (adapter) and a base model, and are "
+                                 "generated, not finalized (finalize each output on its own)")
+            outputs = [storage.normalize(o).rstrip("/") for o in (self.output, *(a.output for a in self.also))]
+            if len(set(outputs)) != len(outputs):
+                raise ValueError("also: every adapter needs an output of its own")
         return self
+
+    def single(self, adapter: str, output: str) -> Config:
+        """The config one of the served adapters would have in an infer run of its own (same identity)."""
+        return Config.model_validate(self.model_dump() | {"adapter": adapter, "output": output, "also": []})
 
 
 # --------------------------------------------------------------------------- the job
@@ -118,6 +141,17 @@ def run(config: Config) -> stage.Result:
     out = config.output
     if config.finalize and config.model is None:
         return finalize_from_plan(out)
+    if config.also:
+        return run_served(config)
+    identity, model_in, adapter_in, prompts_in = read_inputs(config)
+    if config.finalize:
+        return stage.run(identity, lambda attempt: finalize(config, attempt, read_plan(out), wait=False))
+    return stage.run(identity, lambda attempt: generate_shard(config, attempt, model_in, adapter_in, prompts_in),
+                     record={"shard": shard_index(config)})
+
+
+def read_inputs(config: Config) -> tuple[stage.Identity, Any, mf.Loaded | None, Any]:
+    """The run's identity and its inputs (model, adapter, prompts), read and checked."""
     # What makes shards "the same run": the config without where this process stands or caches files.
     identity_config = dump(config) | {"shard": None, "finalize": False, "cache_dir": None}
     model_in = load_model_input(config.model)
@@ -126,15 +160,66 @@ def run(config: Config) -> stage.Result:
     inputs = [ref for ref in (model_in and model_in.ref("model"), adapter_in and adapter_in.ref("adapter"),
                               prompts_in if isinstance(prompts_in, mf.InputRef) else prompts_in.ref("data"))
               if ref is not None]
-    identity = stage.Identity(STAGE, out, identity_config, inputs)
-    if config.finalize:
-        return stage.run(identity, lambda attempt: finalize(config, attempt, read_plan(out), wait=False))
-    return stage.run(identity, lambda attempt: generate_shard(config, attempt, model_in, adapter_in, prompts_in),
-                     record={"shard": shard_index(config)})
+    return stage.Identity(STAGE, config.output, identity_config, inputs), model_in, adapter_in, prompts_in
+
+
+def run_served(config: Config) -> stage.Result:
+    """Several adapters on one base through one engine; each output is published as its own run would be.
+
+    Outputs already done are skipped; the engine starts once, with every adapter still to generate, at the
+    first chunk that needs it. stdout is the first output's manifest (or marker).
+    """
+    singles = [config.single(config.adapter or "", config.output)] + [config.single(a.adapter, a.output)
+                                                                      for a in config.also]
+    reads = [read_inputs(single) for single in singles]
+    todo = [(single, read) for single, read in zip(singles, reads, strict=True)
+            if stage.already_done(read[0]) is None]
+    engine = SharedEngine(config, [(single, read[1], read[2]) for single, read in todo])
+    results = []
+    try:
+        for single, (identity, model_in, adapter_in, prompts_in) in zip(singles, reads, strict=True):
+            def work(attempt: stage.Attempt, c: Config = single, m: Any = model_in, a: Any = adapter_in,
+                     p: Any = prompts_in) -> stage.Outcome | stage.Pending:
+                return generate_shard(c, attempt, m, a, p, engine)
+
+            results.append(stage.run(identity, work, record={"shard": shard_index(single)}))
+    finally:
+        engine.close()
+    LOG.info("served %d adapters from one engine (%d generated here): %s", len(singles), len(todo),
+             ", ".join(str(getattr(r, "uri", r)) for r in results))
+    return results[0]
+
+
+class SharedEngine:
+    """One engine for several adapters on the same base, started when the first chunk needs it."""
+
+    def __init__(self, config: Config, runs: list[tuple[Config, Any, mf.Loaded | None]]):
+        self.config, self.runs = config, runs
+        self.engine: Any = None
+        self.dirs: list[Path] = []
+
+    def bind(self, model: dict[str, Any]) -> tuple[Any, int, str]:
+        """generate() for this model's adapter, its context length and the engine's version."""
+        if self.engine is None:
+            from common.generate import start_transformers, start_vllm
+
+            cache = Path(self.config.cache_dir) if self.config.cache_dir else models.cache_root()
+            self.dirs = [prepare_model(c, m, a, cache)["adapter_dir"] for c, m, a in self.runs]
+            served = model | {"adapter_dirs": self.dirs}
+            start = start_vllm if self.config.engine == "vllm" else start_transformers
+            self.engine = start(self.config, served)
+            LOG.info("one %s engine serves %d adapters on %s", self.config.engine, len(self.dirs), model["path"])
+        generate, max_len, version, _ = self.engine
+        index = self.dirs.index(model["adapter_dir"])
+        return (lambda batch: generate(batch, adapter=index)), max_len, version
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine[3]()
 
 
 def generate_shard(config: Config, attempt: stage.Attempt, model_in: Any, adapter_in: mf.Loaded | None,
-                   prompts_in: Any) -> stage.Outcome | stage.Pending:
+                   prompts_in: Any, shared: SharedEngine | None = None) -> stage.Outcome | stage.Pending:
     """This shard's chunks (skipping finished ones), its marker, then finalize when it is the last."""
     out = config.output
     s = config.sampling
@@ -172,7 +257,7 @@ def generate_shard(config: Config, attempt: stage.Attempt, model_in: Any, adapte
     LOG.info("shard %d/%d: rows %d..%d, %d chunks, %d already written", shard, config.num_shards, lo, hi,
              len(chunks), len(chunks) - len(todo))
     if todo:
-        generate_chunks(config, model, chunks, todo, shard_dir, shard)
+        generate_chunks(config, model, chunks, todo, shard_dir, shard, shared)
     write_marker(marker, shard_dir, shard, len(chunks), len(mine) * config.sampling.n)
     return finalize(config, attempt, plan, wait=True, marker=marker)
 
@@ -268,11 +353,16 @@ def read_plan(out: str) -> dict[str, Any]:
 
 
 def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dict[str, Any]]], todo: list[int],
-                    shard_dir: str, shard: int) -> None:
+                    shard_dir: str, shard: int, shared: SharedEngine | None = None) -> None:
     from common.generate import start_transformers, start_vllm
     from common.logs import Progress
 
-    generate, max_len, version, close = (start_vllm if config.engine == "vllm" else start_transformers)(config, model)
+    if shared is not None:
+        generate, max_len, version = shared.bind(model)
+        close: Any = lambda: None  # noqa: E731 - the shared engine closes once, after every adapter
+    else:
+        generate, max_len, version, close = (start_vllm if config.engine == "vllm" else start_transformers)(config,
+                                                                                                          model)
     tokenizer, fmt = model["tokenizer"], model["fmt"]
     sampling_json = json.dumps(config.sampling.model_dump(mode="json"), sort_keys=True)
     ident = model["identity"]
@@ -446,9 +536,12 @@ def _shard_option(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.command(name="infer")
 @click.option("--model", metavar="MODEL_MANIFEST_OR_SRC",
               help="Merge manifest, or a model source (HF id, s3:// prefix, folder).")
-@click.option("--adapter", metavar="TRAIN_MANIFEST", help="Train manifest: serve its LoRA adapter on top of --model.")
+@click.option("--adapter", "adapters", multiple=True, metavar="TRAIN_MANIFEST",
+              help="Train manifest: serve its LoRA adapter on top of --model. Repeat it, with one --output each, "
+                   "to serve several adapters from one engine (each output gets its own manifest).")
 @click.option("--prompts", metavar="PREPARE_MANIFEST_OR_FILE", help="Prepare manifest, or a .parquet / .jsonl file.")
-@click.option("--output", metavar="URI", help="Output prefix (s3:// or local).")
+@click.option("--output", "outputs", multiple=True, metavar="URI",
+              help="Output prefix (s3:// or local); one per --adapter when several are given.")
 @click.option("--shard", callback=_shard_option, metavar="I/N",
               help="This process's shard of N (default: JOB_COMPLETION_INDEX with num_shards).")
 @click.option("--engine", type=click.Choice(["vllm", "transformers"]), help="Generation engine (default vllm).")
@@ -456,7 +549,7 @@ def _shard_option(ctx: click.Context, param: click.Parameter, value: str | None)
               help="Only assemble finished shards and publish. `--finalize --output URI` alone finalizes the run "
                    "recorded in URI/plan.json.")
 @config_options(example="sampling.temperature=0")
-def command(model: str | None, adapter: str | None, prompts: str | None, output: str | None,
+def command(model: str | None, adapters: tuple[str, ...], prompts: str | None, outputs: tuple[str, ...],
             shard: tuple[int, int] | None, engine: str | None, finalize: bool | None, config_file: str | None,
             sets: tuple[str, ...]) -> None:
     """Generate completions for a prompt set, sharded and resumable.
@@ -466,7 +559,14 @@ def command(model: str | None, adapter: str | None, prompts: str | None, output:
     """
     import sys
 
-    flags = {"model": model, "adapter": adapter, "prompts": prompts, "output": output, "engine": engine,
+    if len(adapters) > 1 and len(adapters) != len(outputs):
+        raise ConfigError(f"{len(adapters)} --adapter but {len(outputs)} --output: give one --output per --adapter "
+                          "(each served adapter writes its own predictions and manifest)")
+    if len(adapters) <= 1 and len(outputs) > 1:
+        raise ConfigError("several --output need as many --adapter (one output per served adapter)")
+    also = [{"adapter": a, "output": o} for a, o in zip(adapters[1:], outputs[1:], strict=True)] or None
+    flags = {"model": model, "adapter": adapters[0] if adapters else None, "prompts": prompts,
+             "output": outputs[0] if outputs else None, "also": also, "engine": engine,
              "finalize": finalize or None, "shard": shard[0] if shard else None,
              "num_shards": shard[1] if shard else None}
     execute(sys.modules[__name__], config_file, sets, flags)

@@ -257,3 +257,25 @@ def test_finalize_given_only_the_output_publishes_the_run_recorded_in_plan_json(
     assert infer.run(config(**common, shard=0)).uri == loaded.uri
     again = finalize_alone()
     assert again.exit_code == 0 and "already done" in again.output
+
+
+def test_several_adapters_on_the_transformers_engine_give_the_rows_of_separate_runs(
+        tmp_path: Path, tiny_model: Path, tiny_tokenizer: Any) -> None:
+    from tests.jobs.builders import publish_adapter
+
+    prompts = publish_prompts(str(tmp_path / "prepare"), tiny_tokenizer, 5)
+    a = publish_adapter(str(tmp_path / "train-a"), tiny_model, r=4, seed=1)
+    b = publish_adapter(str(tmp_path / "train-b"), tiny_model, r=8, seed=2)
+    common = {"model": str(tiny_model), "prompts": prompts.uri, "engine": "transformers",
+              "cache_dir": str(tmp_path / "cache"), "sampling": {"temperature": 0, "max_tokens": 6}}
+    first = infer.run(config(**common, adapter=a.uri, output=str(tmp_path / "served-a"),
+                             also=[{"adapter": b.uri, "output": str(tmp_path / "served-b")}]))
+    assert isinstance(first, mf.Loaded) and first.uri == mf.manifest_uri(str(tmp_path / "served-a"))
+    for name, adapter in (("a", a), ("b", b)):
+        served = read_predictions(mf.load(str(tmp_path / f"served-{name}"), verify="full"))
+        alone = read_predictions(infer.run(config(**common, adapter=adapter.uri, output=str(tmp_path / name))))
+        assert [(r["id"], r["completion"], r["adapter"]) for r in served] == \
+            [(r["id"], r["completion"], r["adapter"]) for r in alone]
+    with pytest.raises(ConfigError, match="also: every adapter needs an output of its own"):
+        config(**common, adapter=a.uri, output=str(tmp_path / "x"), also=[{"adapter": b.uri,
+                                                                            "output": str(tmp_path / "x")}])

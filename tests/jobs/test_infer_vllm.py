@@ -108,3 +108,33 @@ def test_adapter_with_modules_to_save_is_sent_to_merge(s3_root: str, tiny_model:
                                             "cache_dir": str(tmp_path / "cache")})
     with pytest.raises(ConfigError, match=r"modules_to_save: \['lm_head'\].*Run `ftjobs merge"):
         infer.run(conf)
+
+
+def test_several_adapters_from_one_engine_match_one_engine_each(stack: dict[str, Any], tiny_model: Path,
+                                                              tmp_path: Path) -> None:
+    """A sweep's cells on one base: one vLLM engine serves both adapters (a LoRARequest each, max_loras 2),
+    each output is the run its own infer would publish (the same identity: a single run there is already
+    done), and the completions equal one engine per adapter (greedy)."""
+    env = dict(os.environ) | {"FTJOBS_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "FTJOBS_CACHE": str(stack["cache"])}
+    root = stack["root"]
+    other = publish_adapter(f"{root}/train-other", tiny_model, r=4, seed=3, scale=1.0)
+    common = ["--model", str(tiny_model), "--prompts", stack["prompts"].uri]
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "infer", *common,
+                           "--adapter", stack["adapter"].uri, "--output", f"{root}/served-a",
+                           "--adapter", other.uri, "--output", f"{root}/served-b", *SETTINGS], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("starting vLLM") == 1 and "'max_loras': 2" in proc.stderr
+    served = {name: mf.load(f"{root}/served-{name}", verify="full") for name in "ab"}
+    assert proc.stdout.strip().splitlines()[-1] == served["a"].uri
+    alone = {"a": run_cli([*common, "--adapter", stack["adapter"].uri, "--output", f"{root}/alone-a"], env),
+             "b": run_cli([*common, "--adapter", other.uri, "--output", f"{root}/alone-b"], env)}
+    for name, adapter in (("a", stack["adapter"]), ("b", other)):
+        rows, ref = by_id(served[name]), by_id(alone[name])
+        assert all(r["adapter"] == adapter.uri for r in rows.values())
+        assert {i: r["completion"] for i, r in rows.items()} == {i: r["completion"] for i, r in ref.items()}
+        assert served[name].manifest.config == alone[name].manifest.config | {"output": served[name].manifest.config[
+            "output"]}
+    assert by_id(served["a"])["q000"]["completion"] != by_id(served["b"])["q000"]["completion"]  # two adapters
+    again = run_cli([*common, "--adapter", other.uri, "--output", f"{root}/served-b"], env)
+    assert again.uri == served["b"].uri  # the single run's identity: already done
