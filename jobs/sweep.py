@@ -88,6 +88,10 @@ class Config(chain.Config):
     max_parallel: int = Field(2, ge=1, description="Steps run at once (each gets cores / max_parallel threads).")
     metric: str | None = Field(None, description="The leaderboard's metric. Default: evaluate.fail_if_worse, "
                                                  "else exact_match.")
+    serve_adapters: bool = Field(True, description="Cells that are plain LoRA (no modules_to_save) on the same "
+                                 "base and prompts share one inference engine that serves every adapter (no merge, "
+                                 "one engine start); false: every cell merges and infers on its own, as the "
+                                 "pipeline does.")
 
     @field_validator("sweep_id")
     @classmethod
@@ -159,6 +163,8 @@ class Instance:
     run: chain.Config  # the first cell's: the arguments are the same for every cell sharing the instance
     needs: dict[str, str]  # step name -> key
     cells: list[str] = field(default_factory=list)
+    # A served inference: (cell id, train key, that cell's output), one engine for every adapter.
+    served: list[tuple[str, str, str]] = field(default_factory=list)
     status: str = "pending"
     manifest: str | None = None
     exit_code: int | None = None
@@ -243,8 +249,44 @@ def plan(config: Config, cells: list[Cell], prefix: str) -> dict[str, Instance]:
             inst = instances.setdefault(key, Instance(step=step, key=key, run=cell.run, needs=needs,
                                                       output=storage.join(prefix, step.name, key)))
             inst.cells.append(cell.id)
+    if config.serve_adapters:
+        serve(cells, instances, prefix)
     order = {s.name: i for i, s in enumerate(chain.CHAIN)}
     return dict(sorted(instances.items(), key=lambda kv: order[kv[1].step.name]))
+
+
+def servable(run: chain.Config) -> bool:
+    """Plain LoRA: the adapter alone is the finetune (modules_to_save needs a merge; vLLM serves only LoRA)."""
+    return not (run.train.get("lora") or {}).get("modules_to_save")
+
+
+def serve(cells: list[Cell], instances: dict[str, Instance], prefix: str) -> None:
+    """Replace merge + infer-finetuned of plain-LoRA cells by one served inference per base, prompts and infer
+    section: one engine for all their adapters. Each cell keeps an output (and manifest) of its own."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        if not servable(cell.run):
+            continue
+        step = chain.BY_NAME["infer-finetuned"]
+        recipe = {"served": True, "base": run_values(cell.run)["base_model"], "prepare": cell.keys["prepare"],
+                  "section": cell.run.section(step)}
+        groups.setdefault(hashlib.sha256(mf.canonical_json(recipe)).hexdigest()[:12], []).append(cell)
+    for group_key, members in groups.items():
+        inst = Instance(step=chain.BY_NAME["infer-finetuned"], key=group_key, run=members[0].run,
+                        needs={"prepare": members[0].keys["prepare"]}, output="")
+        for cell in members:
+            for name in ("merge", "infer-finetuned"):
+                old = instances[cell.keys[name]]
+                old.cells.remove(cell.id)
+                if not old.cells:
+                    del instances[cell.keys[name]]
+            del cell.keys["merge"]
+            own = hashlib.sha256(mf.canonical_json({"served": group_key, "train": cell.keys["train"]})).hexdigest()[:12]
+            inst.served.append((cell.id, cell.keys["train"], storage.join(prefix, "infer-finetuned", own)))
+            inst.cells.append(cell.id)
+            cell.keys["infer-finetuned"] = group_key
+        inst.output = inst.served[0][2]
+        instances[group_key] = inst
 
 
 def describe(config: Config, cells: list[Cell], instances: dict[str, Instance], sweep_id: str,
@@ -295,10 +337,15 @@ class Runner:
         env.setdefault("FTJOBS_LOG_FORMAT", "json")
         return env
 
-    def arguments(self, inst: Instance, done: dict[str, str]) -> list[str]:
+    def arguments(self, inst: Instance, done: dict[str, str], instances: dict[str, Instance]) -> list[str]:
         conf_uri = storage.join(self.conf_dir, f"{inst.step.name}-{inst.key}.yaml")
         if not storage.exists(conf_uri):
             storage.write_bytes(conf_uri, yaml.safe_dump(inst.run.section(inst.step), sort_keys=True).encode())
+        if inst.served:  # the base model with every trained adapter, one output each
+            pairs = [a for _, train, output in inst.served if instances[train].status == "done"
+                     for a in ("--adapter", str(instances[train].manifest), "--output", output)]
+            return ["--model", run_values(inst.run)["base_model"], "--prompts", done["prepare"], *pairs,
+                    "--config", conf_uri]
         return [*chain.arguments(inst.step, inst.run, done, run_values(inst.run)), "--output", inst.output,
                 "--config", conf_uri]
 
@@ -348,6 +395,15 @@ class Runner:
                 if self.received:
                     self.stop(running)
                 for inst in list(pending):
+                    if inst.served:
+                        trains = [by_key[t] for _, t, _ in inst.served]
+                        if any(t.status in ("pending", "running") for t in trains):
+                            continue  # the engine starts once, with every adapter of the group
+                        if not any(t.status == "done" for t in trains):
+                            inst.status, inst.exit_code, inst.log = "blocked", trains[0].exit_code, \
+                                "every adapter it serves failed to train"
+                            pending.remove(inst)
+                            continue
                     deps = [by_key[k] for k in inst.needs.values()]
                     if any(d.status in ("failed", "blocked") for d in deps):
                         failed = next(d for d in deps if d.status in ("failed", "blocked"))
@@ -356,7 +412,7 @@ class Runner:
                         pending.remove(inst)
                     elif all(d.status == "done" for d in deps) and len(running) < self.config.max_parallel:
                         done = {d.step.name: d.manifest for d in deps if d.manifest}
-                        running.append(self.start(inst, self.arguments(inst, done),
+                        running.append(self.start(inst, self.arguments(inst, done, by_key),
                                                    f"{inst.step.name}-{inst.key}"))
                         pending.remove(inst)
                 for proc in list(running):
@@ -399,16 +455,14 @@ class Runner:
 def leaderboard_step(config: Config, cells: list[Cell], instances: dict[str, Instance], prefix: str,
                      conf_dir: str) -> tuple[Instance, list[str], list[Cell]]:
     """One evaluate over every base model's predictions and every finished cell, each against its own base."""
-    finished = [c for c in cells if instances[c.keys["infer-finetuned"]].status == "done"
-                and instances[c.keys["infer-base"]].status == "done"]
+    finished = [c for c in cells if finetuned(c, instances) and instances[c.keys["infer-base"]].status == "done"]
     bases: dict[str, str] = {}  # infer-base key -> label
     for c in finished:
         key = c.keys["infer-base"]
         if key not in bases:
             label = f"base:{short(c.run.base_model)}"
             bases[key] = label if label not in bases.values() else f"{label}#{key[:6]}"  # same base, other prompts
-    predictions = [instances[k].manifest for k in bases] + [instances[c.keys["infer-finetuned"]].manifest
-                                                            for c in finished]
+    predictions = [instances[k].manifest for k in bases] + [finetuned(c, instances) for c in finished]
     labels = list(bases.values()) + [c.label for c in finished]
     board = {"metric": config.leaderboard_metric(),
              "cells": [{"label": c.label, "values": c.values,
@@ -425,6 +479,17 @@ def leaderboard_step(config: Config, cells: list[Cell], instances: dict[str, Ins
     args = [a for p, label in zip(predictions, labels, strict=True)
             for a in ("--predictions", str(p), "--label", label)]
     return inst, [*args, "--output", inst.output, "--config", conf_uri], finished
+
+
+def finetuned(cell: Cell, instances: dict[str, Instance]) -> str | None:
+    """The cell's finetuned predictions manifest, when its inference finished."""
+    inst = instances[cell.keys["infer-finetuned"]]
+    if inst.status != "done" or instances[cell.keys["train"]].status != "done":
+        return None
+    if not inst.served:
+        return inst.manifest
+    output = next(out for cell_id, _, out in inst.served if cell_id == cell.id)
+    return mf.manifest_uri(output) if storage.exists(mf.manifest_uri(output)) else None
 
 
 def check_leaderboard(config: Config) -> None:
