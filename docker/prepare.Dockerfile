@@ -30,10 +30,10 @@ RUN python3 -m venv /opt/ftjobs \
  && mkdir -p /src/common /src/jobs && touch /src/README.md /src/common/__init__.py /src/jobs/__init__.py \
  && if [ -s /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
  && /opt/ftjobs/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels \
-      -c "/src/$LOCK" "/src[prepare]" \
+      -c "/src/$LOCK" "/src[prepare,driver]" \
  && /opt/ftjobs/bin/pip uninstall --yes ftjobs \
  && /opt/ftjobs/bin/python /src/requirements/lockfile.py verify-env --lock "/src/$LOCK" \
-      --pyproject /src/pyproject.toml --extras prepare --exclusive
+      --pyproject /src/pyproject.toml --extras prepare,driver --exclusive
 
 # ---- source
 FROM deps AS build

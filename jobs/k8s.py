@@ -47,7 +47,7 @@ import click
 import yaml
 
 from common.errors import EXIT_GATE, EXIT_RETRYABLE, ConfigError, FtjobsError
-from common.manifest import RUN_ID_RE, STAGES
+from common.manifest import RUN_ID_RE, STAGES, new_run_id
 from jobs import chain
 
 LOG = logging.getLogger(__name__)
@@ -312,8 +312,11 @@ def job_state(kube: Kubectl, name: str) -> bool:
         return True
     failed = condition(status, "Failed")
     if failed:
-        codes = [c for c in kube.exit_codes(name) if c in (2, 3, 4)]
-        code = codes[-1] if codes else EXIT_RETRYABLE
+        # A podFailurePolicy FailJob names the exit code in the condition ("... failed with exit code 3 matching
+        # FailJob rule ..."): readable with permission on Jobs alone, as a sweep's driver Job has.
+        said = re.search(r"exit code (\d+)", str(failed.get("message", "")))
+        codes = [int(said.group(1))] if said else [c for c in kube.exit_codes(name) if c in (2, 3, 4)]
+        code = codes[-1] if codes and codes[-1] in (2, 3, 4) else EXIT_RETRYABLE
         tail = kube.logs_tail(name)
         raise StageFailed(f"Job {name} failed ({failed.get('reason')}: {failed.get('message', '')}); "
                           f"exit code {code}. Last log lines:\n{tail}", code)
@@ -447,10 +450,15 @@ def _common_options(fn: Any) -> Any:
 @click.option("--tag", help="Tell apart two Jobs of one stage in a run (e.g. 'base' for the baseline infer).")
 @click.option("--shards", type=int, default=1, show_default=True, help="infer only: pods in the Indexed Job.")
 @click.option("--setup", is_flag=True, help="Print the shared objects (Namespace, ConfigMap, ServiceAccount) instead.")
+@click.option("--sweep-driver", is_flag=True, help="Print the in-cluster driver of a sweep instead (needs --sweep, "
+                                                   "--sweep-id): ConfigMap, ServiceAccount, Role, RoleBinding, Job.")
+@click.option("--sweep", "sweep_file", metavar="FILE", help="With --sweep-driver: the sweep file.")
+@click.option("--sweep-id", metavar="ID", help="With --sweep-driver: the sweep id its Jobs and outputs carry.")
 @_common_options
 def render(stage: str | None, stage_args: tuple[str, ...], run_id: str | None, tag: str | None, shards: int,
-           setup: bool, overlay: str, kustomize_dir: str | None, image_pairs: tuple[str, ...],
-           images_file: str | None, queue: str | None, namespace: str | None, kubectl: str | None) -> None:
+           setup: bool, sweep_driver: bool, sweep_file: str | None, sweep_id: str | None, overlay: str,
+           kustomize_dir: str | None, image_pairs: tuple[str, ...], images_file: str | None, queue: str | None,
+           namespace: str | None, kubectl: str | None) -> None:
     """Print the Job for one run of STAGE (YAML for `kubectl create -f -`).
 
     The stage's arguments come after `--`, e.g.
@@ -458,6 +466,15 @@ def render(stage: str | None, stage_args: tuple[str, ...], run_id: str | None, t
     they are checked with the stage's own command line first (exit 2 naming a mistake).
     """
     docs = kustomize(overlay_dir(overlay, kustomize_dir), kubectl)
+    if sweep_driver:
+        from jobs import k8s_sweep
+
+        if stage or not sweep_file or not sweep_id:
+            raise ConfigError("--sweep-driver needs --sweep FILE and --sweep-id ID, and no STAGE.")
+        objs = k8s_sweep.render_driver(docs, sweep_file, sweep_id, parse_images(image_pairs, images_file), queue,
+                                       namespace, shards)
+        click.echo(dump_yaml(objs), nl=False)
+        return
     if setup:
         if stage:
             raise ConfigError("--setup prints the shared objects only: drop STAGE.")
@@ -476,7 +493,13 @@ def render(stage: str | None, stage_args: tuple[str, ...], run_id: str | None, t
 
 
 @command.command()
-@click.option("--run-id", required=True, help="Names the Jobs and the output prefixes; re-running follows them.")
+@click.option("--run-id", help="Names the Jobs and the output prefixes; re-running follows them.")
+@click.option("--sweep", "sweep_file", metavar="FILE_OR_URI",
+              help="Submit a sweep instead of one run: its cells' Jobs, shared steps once, then the leaderboard "
+                   "(see `ftjobs sweep`). Outputs go to <FTJOBS_RUNS>/sweeps/<sweep_id>/.")
+@click.option("--sweep-id", metavar="ID", help="With --sweep: names its Jobs and outputs; re-running follows them.")
+@click.option("--templates", metavar="FILE", help="Job templates as rendered YAML instead of kustomizing k8s/ "
+                                                   "(what the in-cluster sweep driver reads).")
 @click.option("--config", "config_file", metavar="FILE_OR_URI",
               help="A run config (the same file `ftjobs pipeline` reads: base_model, data, labels and each step's "
                    "section). The flags below override it.")
@@ -495,7 +518,8 @@ def render(stage: str | None, stage_args: tuple[str, ...], run_id: str | None, t
 @click.option("--poll-s", type=float, default=10.0, show_default=True, help="Seconds between status checks.")
 @click.option("--summary", metavar="FILE", help="Also write {step: manifest URI} as JSON here (for CI).")
 @_common_options
-def submit(run_id: str, config_file: str | None, sets: tuple[str, ...], sources: tuple[str, ...],
+def submit(run_id: str | None, sweep_file: str | None, sweep_id: str | None, templates: str | None,
+           config_file: str | None, sets: tuple[str, ...], sources: tuple[str, ...],
            base_model: str | None, shards: int, baseline: bool | None, fail_if_worse: str | None,
            stage_args: tuple[str, ...], timeout_s: float, poll_s: float, summary: str | None, overlay: str,
            kustomize_dir: str | None, image_pairs: tuple[str, ...], images_file: str | None, queue: str | None,
@@ -508,14 +532,33 @@ def submit(run_id: str, config_file: str | None, sets: tuple[str, ...], sources:
     """
     from common import config as cfg
 
-    gate = (f"evaluate.fail_if_worse={fail_if_worse}",) if fail_if_worse else ()
-    config = cfg.load_config(chain.Config, file=config_file, sets=(*sets, *gate),
-                             flags={"run_id": run_id, "base_model": base_model, "data": list(sources) or None,
-                                    "baseline": baseline})
-    docs = kustomize(overlay_dir(overlay, kustomize_dir), kubectl)
+    docs = load_templates(templates) if templates else kustomize(overlay_dir(overlay, kustomize_dir), kubectl)
     images = parse_images(image_pairs, images_file)
     # kubectl must look where the Jobs are created: the overlay's namespace unless told otherwise.
     namespace = namespace or next((d["metadata"].get("namespace") for d in docs if d.get("kind") == "Job"), None)
+    gate = (f"evaluate.fail_if_worse={fail_if_worse}",) if fail_if_worse else ()
+    if sweep_file:
+        from jobs import k8s_sweep, sweep
+
+        if run_id or config_file or sources or base_model:
+            raise ConfigError("--sweep takes the whole sweep from its file: drop --run-id, --config, --source and "
+                              "--base-model (use --sweep-id and --set)")
+        conf = cfg.load_config(sweep.Config, file=sweep_file, sets=(*sets, *gate),
+                               flags={"sweep_id": sweep_id, "baseline": baseline})
+        the_id = conf.sweep_id or new_run_id()
+        sub = Submission(docs=docs, kube=Kubectl(kubectl, namespace), run_id=the_id, config=conf, shards=shards,
+                         extra=stage_args_map(stage_args), images=images, queue=queue, namespace=namespace,
+                         timeout_s=timeout_s, poll_s=poll_s)
+        loaded = k8s_sweep.submit_sweep(sub, conf)
+        if summary:
+            Path(summary).write_text(json.dumps({"sweep_id": the_id, "evaluate": loaded.uri}, indent=2) + "\n")
+        click.echo(loaded.uri)
+        return
+    if not run_id:
+        raise ConfigError("Pass --run-id (one run of the chain) or --sweep FILE (a sweep).")
+    config = cfg.load_config(chain.Config, file=config_file, sets=(*sets, *gate),
+                             flags={"run_id": run_id, "base_model": base_model, "data": list(sources) or None,
+                                    "baseline": baseline})
     sub = Submission(docs=docs, kube=Kubectl(kubectl, namespace), run_id=run_id, config=config, shards=shards,
                      extra=stage_args_map(stage_args), images=images, queue=queue, namespace=namespace,
                      timeout_s=timeout_s, poll_s=poll_s)
@@ -528,3 +571,14 @@ def submit(run_id: str, config_file: str | None, sets: tuple[str, ...], sources:
     for step, uri in done.items():
         LOG.info("%s: %s", step, uri)
     click.echo(done["evaluate"])
+
+
+def load_templates(path: str) -> list[dict[str, Any]]:
+    """Job templates already rendered (`kubectl kustomize`), e.g. mounted into the sweep driver's pod."""
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--templates {path}: cannot read rendered Job templates ({exc})") from None
+    if not any(d.get("kind") == "Job" for d in docs):
+        raise ConfigError(f"--templates {path} holds no Job templates: render them with `kubectl kustomize k8s/...`")
+    return docs

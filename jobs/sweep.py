@@ -312,6 +312,50 @@ def describe(config: Config, cells: list[Cell], instances: dict[str, Instance], 
 # --------------------------------------------------------------------------- running
 
 
+def arguments(inst: Instance, done: dict[str, str], instances: dict[str, Instance], conf_dir: str) -> list[str]:
+    """The instance's stage arguments (its section written to `<sweep>/config/<step>-<key>.yaml` once)."""
+    conf_uri = storage.join(conf_dir, f"{inst.step.name}-{inst.key}.yaml")
+    if not storage.exists(conf_uri):
+        storage.write_bytes(conf_uri, yaml.safe_dump(inst.run.section(inst.step), sort_keys=True).encode())
+    if inst.served:  # the base model with every trained adapter, one output each
+        pairs = [a for _, train, output in inst.served if instances[train].status == "done"
+                 for a in ("--adapter", str(instances[train].manifest), "--output", output)]
+        return ["--model", run_values(inst.run)["base_model"], "--prompts", done["prepare"], *pairs,
+                "--config", conf_uri]
+    return [*chain.arguments(inst.step, inst.run, done, run_values(inst.run)), "--output", inst.output,
+            "--config", conf_uri]
+
+
+def ready(pending: list[Instance], instances: dict[str, Instance]) -> list[Instance]:
+    """The pending instances whose inputs are all published, in order; those that can never run are marked
+    blocked (and dropped from `pending`), naming what they needed."""
+    out = []
+    for inst in list(pending):
+        if inst.served:
+            trains = [instances[t] for _, t, _ in inst.served]
+            if any(t.status in ("pending", "running") for t in trains):
+                continue  # the engine starts once, with every adapter of the group
+            if not any(t.status == "done" for t in trains):
+                inst.status, inst.exit_code, inst.log = "blocked", trains[0].exit_code, \
+                    "every adapter it serves failed to train"
+                pending.remove(inst)
+                continue
+        deps = [instances[k] for k in inst.needs.values()]
+        failed = next((d for d in deps if d.status in ("failed", "blocked")), None)
+        if failed is not None:
+            inst.status, inst.exit_code = "blocked", failed.exit_code
+            inst.log = f"needs {failed.step.name}#{failed.key[:6]}, which {failed.status}"
+            pending.remove(inst)
+        elif all(d.status == "done" for d in deps):
+            out.append(inst)
+    return out
+
+
+def inputs_of(inst: Instance, instances: dict[str, Instance]) -> dict[str, str]:
+    """{step name: manifest URI} of what the instance takes."""
+    return {instances[k].step.name: str(instances[k].manifest) for k in inst.needs.values()}
+
+
 @dataclass
 class Proc:
     inst: Instance
@@ -336,18 +380,6 @@ class Runner:
             env.setdefault(var, str(self.threads))
         env.setdefault("FTJOBS_LOG_FORMAT", "json")
         return env
-
-    def arguments(self, inst: Instance, done: dict[str, str], instances: dict[str, Instance]) -> list[str]:
-        conf_uri = storage.join(self.conf_dir, f"{inst.step.name}-{inst.key}.yaml")
-        if not storage.exists(conf_uri):
-            storage.write_bytes(conf_uri, yaml.safe_dump(inst.run.section(inst.step), sort_keys=True).encode())
-        if inst.served:  # the base model with every trained adapter, one output each
-            pairs = [a for _, train, output in inst.served if instances[train].status == "done"
-                     for a in ("--adapter", str(instances[train].manifest), "--output", output)]
-            return ["--model", run_values(inst.run)["base_model"], "--prompts", done["prepare"], *pairs,
-                    "--config", conf_uri]
-        return [*chain.arguments(inst.step, inst.run, done, run_values(inst.run)), "--output", inst.output,
-                "--config", conf_uri]
 
     def start(self, inst: Instance, args: list[str], name: str) -> Proc:
         log_path = self.logs / f"{name}.log"
@@ -394,27 +426,10 @@ class Runner:
             while pending or running:
                 if self.received:
                     self.stop(running)
-                for inst in list(pending):
-                    if inst.served:
-                        trains = [by_key[t] for _, t, _ in inst.served]
-                        if any(t.status in ("pending", "running") for t in trains):
-                            continue  # the engine starts once, with every adapter of the group
-                        if not any(t.status == "done" for t in trains):
-                            inst.status, inst.exit_code, inst.log = "blocked", trains[0].exit_code, \
-                                "every adapter it serves failed to train"
-                            pending.remove(inst)
-                            continue
-                    deps = [by_key[k] for k in inst.needs.values()]
-                    if any(d.status in ("failed", "blocked") for d in deps):
-                        failed = next(d for d in deps if d.status in ("failed", "blocked"))
-                        inst.status, inst.exit_code = "blocked", failed.exit_code
-                        inst.log = f"needs {failed.step.name}#{failed.key[:6]}, which {failed.status}"
-                        pending.remove(inst)
-                    elif all(d.status == "done" for d in deps) and len(running) < self.config.max_parallel:
-                        done = {d.step.name: d.manifest for d in deps if d.manifest}
-                        running.append(self.start(inst, self.arguments(inst, done, by_key),
-                                                   f"{inst.step.name}-{inst.key}"))
-                        pending.remove(inst)
+                for inst in ready(pending, by_key)[:max(0, self.config.max_parallel - len(running))]:
+                    args = arguments(inst, inputs_of(inst, by_key), by_key, self.conf_dir)
+                    running.append(self.start(inst, args, f"{inst.step.name}-{inst.key}"))
+                    pending.remove(inst)
                 for proc in list(running):
                     if proc.popen.poll() is not None:
                         self.finish(proc, f"{proc.inst.step.name}-{proc.inst.key}")

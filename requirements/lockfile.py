@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROJECT = "ftjobs"
 PLATFORM = "x86_64-manylinux_2_28"  # torch 2.13.0's wheels are manylinux_2_28
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-IMAGE_EXTRAS = ("prepare", "train", "tracking", "infer")
+IMAGE_EXTRAS = ("prepare", "driver", "train", "tracking", "infer")
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,8 @@ def test_images_pin_bases_run_as_non_root_and_start_their_stage(stage: str) -> N
     assert text.index("COPY requirements/") < text.index("COPY README.md") < text.index("COPY common")
 
 
-INSTALLS = {"prepare": ["prepare"], "train": ["train", "train,tracking"], "merge": ["train"], "infer": ["$EXTRAS"]}
+INSTALLS = {"prepare": ["prepare,driver"], "train": ["train", "train,tracking"], "merge": ["train"],
+            "infer": ["$EXTRAS"]}
 
 
 @pytest.mark.parametrize("stage", STAGE_IMAGES)
@@ -168,6 +169,7 @@ def test_compose_commands_match_the_stage_clis(service: str) -> None:
     for key in ctx.params.get("sets") or ():
         path = key.split("=", 1)[0].split(".")
         assert known_key(module.Config, path), f"{service}: --set {key}: no such config key"
-    assert ctx.params.get("output") == f"s3://ftjobs/runs/rehearsal/{service}/"
+    output = ctx.params.get("output") or (ctx.params.get("outputs") or [None])[0]  # infer: --output repeats
+    assert output == f"s3://ftjobs/runs/rehearsal/{service}/"
     if stage == "evaluate":
         assert svc["entrypoint"] == ["ftjobs", "evaluate"]

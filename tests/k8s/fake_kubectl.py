@@ -6,7 +6,7 @@ under the Job's --output (on the real test S3 server), with every manifest the a
 name recorded as an input. `kustomize` goes to the real kubectl.
 
 Env: FAKE_KUBE_STATE (folder for Job state), FAKE_KUBE_REAL (the real kubectl),
-FAKE_KUBE_FAIL ("stage:code[,stage:code]": that stage's pod exits with code; the evaluate
+FAKE_KUBE_FAIL ("key:code[,key:code]", key a stage or a piece of a Job name: that pod exits with code; the evaluate
 gate's code 4 still publishes first, as evaluate does).
 """
 
@@ -26,16 +26,17 @@ INPUT_FLAGS = {"--input": "data", "--model": "model", "--prompts": "prompts", "-
 def publish_for(stage: str, args: list[str], name: str) -> None:
     from common import manifest as mf
 
-    output = args[args.index("--output") + 1]
+    outputs = [value for flag, value in zip(args, args[1:], strict=False) if flag == "--output"]
     inputs = []
     for flag, value in zip(args, args[1:], strict=False):
         if flag in INPUT_FLAGS and value.endswith("/manifest.json"):
             loaded = mf.load(value, verify="none")
             inputs.append(loaded.ref(INPUT_FLAGS[flag]))
-    config = {"args": args, "job": name}
-    if mf.check_output(output, stage=stage, config=config, inputs=inputs) is None:
-        manifest = mf.build(stage=stage, run_id=name, config=config, inputs=inputs, artifacts=[])
-        mf.publish(output, manifest)
+    for output in outputs:  # an infer serving several adapters publishes one manifest per output
+        config = {"args": args, "job": name, "output": output}
+        if mf.check_output(output, stage=stage, config=config, inputs=inputs) is None:
+            manifest = mf.build(stage=stage, run_id=name, config=config, inputs=inputs, artifacts=[])
+            mf.publish(output, manifest)
 
 
 def main(argv: list[str]) -> int:
@@ -56,7 +57,8 @@ def main(argv: list[str]) -> int:
         container = job["spec"]["template"]["spec"]["containers"][0]
         stage, args = container["args"][0], container["args"][1:]
         fails = dict(item.split(":") for item in filter(None, os.environ.get("FAKE_KUBE_FAIL", "").split(",")))
-        code = int(fails.get(stage, 0))
+        # a key is a stage, or a piece of one Job's name (a sweep's step key)
+        code = int(next((c for key, c in fails.items() if key == stage or (len(key) > 6 and key in name)), 0))
         if code in (0, 4):
             publish_for(stage, args, name)
         state.write_text(json.dumps({"code": code, "args": args, "image": container["image"],

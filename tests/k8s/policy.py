@@ -44,8 +44,9 @@ def _under(path: str, mounts: list[str]) -> bool:
     return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
 
 
-def violations(job: dict[str, Any], *, gpu: bool | None = None) -> list[str]:
-    """Everything wrong with one Job; [] when it meets the policy. gpu: also check the GPU pool settings."""
+def violations(job: dict[str, Any], *, gpu: bool | None = None, api_access: bool = False) -> list[str]:
+    """Everything wrong with one Job; [] when it meets the policy. gpu: also check the GPU pool settings.
+    api_access: the one pod that talks to the Kubernetes API (a sweep's driver) mounts its account's token."""
     out: list[str] = []
     name = job.get("metadata", {}).get("name", "?")
     stage = job.get("metadata", {}).get("labels", {}).get("ftjobs.dev/stage", "?")
@@ -87,7 +88,7 @@ def violations(job: dict[str, Any], *, gpu: bool | None = None) -> list[str]:
     for key in ("hostNetwork", "hostPID", "hostIPC"):
         if pod.get(key):
             bad(f"{key} is not allowed")
-    if pod.get("automountServiceAccountToken") is not False:
+    if not api_access and pod.get("automountServiceAccountToken") is not False:
         bad("automountServiceAccountToken must be false (RBAC-free jobs)")
     volumes = {v["name"]: v for v in pod.get("volumes") or []}
     for v in volumes.values():
