@@ -27,8 +27,8 @@ an assistant turn's weight from the data, 0 (context only, never trained) or 1
 (trained whatever `train_on` says); null leaves it to `train_on`. Prompts and
 predictions use MESSAGE: inference has no use for weights.
 
-Compatibility: shards written before `tools` and the optional message fields
-existed have neither; readers treat a missing field or column as null
+Compatibility: shards written before `tools`, `weight` and the optional message
+fields existed have none of them; readers treat a missing field or column as null
 (`read_split` fills a missing optional column), so old prepare runs still
 train and infer. `REQUIRED` lists the columns every shard has.
 

@@ -183,7 +183,8 @@ def count_lines(stats: dict[str, Any]) -> list[str]:
         out.append(f"assistant turns: {turns['trained']:,} trained, {turns['weight_0']:,} weight 0 (context only), "
                    f"{turns['train_on_excluded']:,} excluded by train_on")
     if stats.get("ignored_keys"):
-        out.append("ignored keys: " + ", ".join(f"{k} ({n:,} rows)" for k, n in stats["ignored_keys"].items()))
+        keys = stats["ignored_keys"].items()
+        out.append("ignored keys: " + ", ".join(f"{k} ({n:,} row{'s' * (n != 1)})" for k, n in keys))
     return out
 
 

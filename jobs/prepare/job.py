@@ -518,7 +518,7 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
                              "names, so every row's tools would be dropped. Fix the mapping or the file.")
         if ignored:  # named once per file: neither silently dropped nor a reason to refuse the file
             LOG.warning("%s: keys that ftjobs does not read were ignored: %s", f.uri,
-                        ", ".join(f"{k} ({n:,} rows)" for k, n in sorted(ignored.items())),
+                        ", ".join(f"{k} ({n:,} row{'s' * (n != 1)})" for k, n in sorted(ignored.items())),
                         extra={"source": f.uri, "ignored_keys": dict(ignored)})
             tally.ignored.update(ignored)
         if n_file == 0:
