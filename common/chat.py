@@ -72,7 +72,8 @@ from common.errors import ConfigError
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
-# Message keys besides role and content, in the order rows store them (see common.data.MESSAGE).
+# Message keys besides role and content that templates see, in the order rows store them (common.data.MESSAGE;
+# rows also store `weight`, which decides labels and is never rendered).
 OPTIONAL_FIELDS = ("reasoning_content", "tool_calls", "tool_call_id", "name")
 TrainOn = Literal["assistant", "last_assistant", "all"]
 # What decided an assistant turn's labels, in the order prepare's `stats.turns` lists them.
