@@ -3,8 +3,10 @@ infer share, so training and inference can never disagree about the template.
 
 A conversation is a list of messages: `role` (system, user, assistant, tool)
 and `content`, and optionally `reasoning_content` (an assistant's reasoning),
-`tool_calls` (an assistant's calls, see `common.tools`), `tool_call_id` and
-`name` (a tool result). It may come with `tools`, a list of JSON schemas.
+`tool_calls` (an assistant's calls, see `common.tools`), `tool_call_id` (a
+tool result), `name` (a tool result's function, or a participant's name on
+any message: templates that read it render it) and `weight` (an assistant
+turn's, below). It may come with `tools`, a list of JSON schemas.
 `render` turns it into text with the model's Jinja template through
 transformers' own template machinery (`render_jinja_template`, what
 `apply_chat_template` uses), the tools passed as `tools=`; `encode_many`
@@ -12,6 +14,11 @@ tokenizes a batch and builds labels:
 
 - `train_on`: `assistant` (every assistant turn, the default),
   `last_assistant` (only the final one) or `all` (every token but BOS).
+- A turn's `weight` (OpenAI's chat fine-tuning format) wins over `train_on`:
+  0 makes an assistant turn context only (never trained, also under `all`),
+  1 trains it (also under `last_assistant`); a turn without one follows
+  `train_on`. `turn_rules` says per turn which rule decided, for the counts
+  prepare records. Weights are not part of the text: templates never see them.
 - A trained turn's label span runs from the first token of its content
   through its end-of-turn token, so the model learns to stop.
 - Exactly one BOS: added when the template does not render it, never twice.
@@ -65,9 +72,12 @@ from common.errors import ConfigError
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
-# Message keys besides role and content, in the order rows store them (see common.data.MESSAGE).
+# Message keys besides role and content that templates see, in the order rows store them (common.data.MESSAGE;
+# rows also store `weight`, which decides labels and is never rendered).
 OPTIONAL_FIELDS = ("reasoning_content", "tool_calls", "tool_call_id", "name")
 TrainOn = Literal["assistant", "last_assistant", "all"]
+# What decided an assistant turn's labels, in the order prepare's `stats.turns` lists them.
+TURN_RULES = ("trained", "weight_0", "train_on_excluded")
 Messages = Sequence[dict[str, Any]]
 ToolList = list[dict[str, Any]] | None
 
@@ -193,6 +203,7 @@ class Features:
     tools: bool            # renders `tools`
     tool_calls: bool       # renders messages' `tool_calls`
     reasoning: str | None  # the message key it reads reasoning from, if any
+    names: bool            # reads a message's `name` (a participant's name)
 
 
 @lru_cache(maxsize=16)
@@ -200,7 +211,8 @@ def features(template: str) -> Features:
     reasoning = "reasoning_content" if "reasoning_content" in template else (
         "thinking" if re.search(r"message(\.thinking|\[['\"]thinking['\"]\])", template) else None)
     return Features(tags=bool(GENERATION_TAG.search(template)), tools=bool(re.search(r"\btools\b", template)),
-                    tool_calls="tool_calls" in template, reasoning=reasoning)
+                    tool_calls="tool_calls" in template, reasoning=reasoning,
+                    names=bool(re.search(r"\b(message|msg|m)(\.name\b|\[['\"]name['\"]\])", template)))
 
 
 def for_template(fmt: ChatFormat, messages: Messages) -> list[dict[str, Any]]:
@@ -432,6 +444,25 @@ def _locate(fmt: ChatFormat, msgs: list[dict[str, Any]], full: str, turns: list[
 # --------------------------------------------------------------------------- tokenizing
 
 
+def turn_rules(messages: Messages, train_on: TrainOn, turns: Sequence[int] | None = None) -> list[str]:
+    """For each assistant turn (message indices `turns`, default every assistant message), the rule that
+    decides its labels (one of TURN_RULES): its `weight` when the data gives one (0: `weight_0`, 1:
+    `trained`), else `train_on` (`last_assistant` excludes every turn but the last one of `turns`)."""
+    if turns is None:
+        turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    out = []
+    for k, i in enumerate(turns):
+        weight = messages[i].get("weight")
+        if weight is not None:
+            out.append("trained" if weight else "weight_0")
+        elif train_on == "last_assistant" and k != len(turns) - 1:
+            out.append("train_on_excluded")
+        else:
+            out.append("trained")
+    return out
+
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -535,19 +566,26 @@ def _labels_for(conv: Messages, sp: Spans, ids: list[int], offsets: Sequence[Seq
     kept_messages = kept[-1][2] + 1 if truncated else len(conv)
 
     n = len(ids)
+    rules = turn_rules(conv, train_on, [i for _, _, i in kept])
+
+    def tokens(start: int, end: int) -> tuple[int, int]:
+        return min(prepend + _first_at(offsets, start), n), min(prepend + _first_at(offsets, end), n)
+
     if train_on == "all":
         labels = list(ids)
         if prepend or (bos_id is not None and ids and ids[0] == bos_id):
             labels[0] = IGNORE_INDEX
+        for (start, end, _), rule in zip(kept, rules, strict=True):
+            if rule == "weight_0":  # a weight in the data wins: context only, also when every token is trained
+                lo, hi = tokens(start, end)
+                labels[lo:hi] = [IGNORE_INDEX] * max(hi - lo, 0)
         trainable = n - labels.count(IGNORE_INDEX)
     else:
         labels = [IGNORE_INDEX] * n
         trainable = 0
-        chosen = kept[-1:] if train_on == "last_assistant" else kept
-        for start, end, _ in chosen:
-            lo = min(prepend + _first_at(offsets, start), n)
-            hi = min(prepend + _first_at(offsets, end), n)
-            if hi > lo:
+        for (start, end, _), rule in zip(kept, rules, strict=True):
+            lo, hi = tokens(start, end)
+            if rule == "trained" and hi > lo:
                 labels[lo:hi] = ids[lo:hi]
                 trainable += hi - lo
     enc = Encoded(ids, labels, kept_messages, truncated=truncated, _trainable=trainable)

@@ -5,7 +5,7 @@ Rows (one Parquet table per split, zstd, written in shards):
 | column          | type                               | notes                                      |
 |-----------------|------------------------------------|--------------------------------------------|
 | id              | string                             | stable: sha256 of the normalized row       |
-| messages        | list<MESSAGE> (below)              | roles: system, user, assistant, tool; or a |
+| messages        | list<ROW_MESSAGE> (below)          | roles: system, user, assistant, tool; or a |
 |                 |                                    | single {"role": "text"} for plain text     |
 | tools           | string, null when none             | JSON text: the list of tool schemas        |
 |                 |                                    | ({"type": "function", "function": {...}})  |
@@ -20,10 +20,15 @@ MESSAGE is a struct of `role` and `content` (strings; content "" for an
 assistant turn that only calls tools) and optional fields, null when unset:
 `reasoning_content` (an assistant's reasoning), `tool_calls` (list of
 `{id, type, function: {name, arguments}}`, arguments as JSON text: calls
-differ in their arguments' shape), `tool_call_id` and `name` (a tool result).
+differ in their arguments' shape), `tool_call_id` (a tool result) and `name`
+(a tool result's function, or a participant's name on any message).
+ROW_MESSAGE, what prepared rows store, adds `weight` (int8, null when unset):
+an assistant turn's weight from the data, 0 (context only, never trained) or 1
+(trained whatever `train_on` says); null leaves it to `train_on`. Prompts and
+predictions use MESSAGE: inference has no use for weights.
 
-Compatibility: shards written before `tools` and the optional message fields
-existed have neither; readers treat a missing field or column as null
+Compatibility: shards written before `tools`, `weight` and the optional message
+fields existed have none of them; readers treat a missing field or column as null
 (`read_split` fills a missing optional column), so old prepare runs still
 train and infer. `REQUIRED` lists the columns every shard has.
 
@@ -65,13 +70,15 @@ TOOL_CALL = pa.struct([
     ("id", pa.string()), ("type", pa.string()),
     ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())])),
 ])
-MESSAGE = pa.struct([
+MESSAGE_FIELDS = [
     ("role", pa.string()), ("content", pa.string()), ("reasoning_content", pa.string()),
     ("tool_calls", pa.list_(TOOL_CALL)), ("tool_call_id", pa.string()), ("name", pa.string()),
-])
+]
+MESSAGE = pa.struct(MESSAGE_FIELDS)
+ROW_MESSAGE = pa.struct([*MESSAGE_FIELDS, ("weight", pa.int8())])
 BASE_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
-    pa.field("messages", pa.list_(MESSAGE), nullable=False),
+    pa.field("messages", pa.list_(ROW_MESSAGE), nullable=False),
     pa.field("tools", pa.string()),
     pa.field("split", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),

@@ -1,7 +1,10 @@
 """`ftjobs inspect URI`: look at prepared rows exactly as the model will see them.
 
 URI is a prepare manifest (or its prefix) or one Parquet file. A row's tool
-schemas are listed under its header. For tokenized rows the token ids are
+schemas are listed under its header; a manifest's assistant turns are
+counted by what decided their labels (trained, a weight of 0 in the data,
+train_on) and the keys its sources held that nothing reads are named. For
+tokenized rows the token ids are
 decoded back to text (the tools as the template rendered them included); trained tokens (labels not -100)
 are highlighted (green on a terminal, «guillemets» elsewhere), `--tokens`
 shows token boundaries, and the length histogram follows. `--html FILE`
@@ -115,10 +118,14 @@ def segments(row: dict[str, Any], tokenizer: Any) -> list[tuple[str, bool, int |
     """(text, trained, token id) per token; untokenized rows give one segment per message."""
     ids = row.get("input_ids")
     if ids is None or tokenizer is None:
+        from common.chat import turn_rules
+
         out: list[tuple[str, bool, int | None]] = []
+        rules = iter(turn_rules(row["messages"], "assistant"))  # untokenized: train applies its own train_on
         for m in row["messages"]:
-            out.append((f"[{m['role']}]\n", False, None))
-            trained = m["role"] == "assistant"
+            weight = f" weight={m['weight']}" if m.get("weight") is not None else ""
+            out.append((f"[{m['role']}{weight}]\n", False, None))
+            trained = m["role"] == "assistant" and next(rules) == "trained"
             if m.get("reasoning_content"):
                 out.append((f"<think>{m['reasoning_content']}</think>\n", trained, None))
             out.append((m["content"] + "\n", trained, None))
@@ -168,6 +175,19 @@ def tool_lines(row: dict[str, Any]) -> list[str]:
     return out
 
 
+def count_lines(stats: dict[str, Any]) -> list[str]:
+    """The manifest's turn counts and ignored keys, one line each (none for a lone Parquet file)."""
+    out = []
+    turns = stats.get("turns")
+    if turns:
+        out.append(f"assistant turns: {turns['trained']:,} trained, {turns['weight_0']:,} weight 0 (context only), "
+                   f"{turns['train_on_excluded']:,} excluded by train_on")
+    if stats.get("ignored_keys"):
+        keys = stats["ignored_keys"].items()
+        out.append("ignored keys: " + ", ".join(f"{k} ({n:,} row{'s' * (n != 1)})" for k, n in keys))
+    return out
+
+
 def render_histogram(stats: dict[str, Any], width: int = 40) -> str:
     tok = stats.get("tokens") or {}
     hist = tok.get("histogram")
@@ -204,9 +224,14 @@ def render_html(title: str, rows: list[dict[str, Any]], all_segs: list[list[tupl
                       "tools": [t.strip().removeprefix("tool ") for t in tool_lines(row)]})
     env = jinja2.Environment(loader=jinja2.PackageLoader("jobs.prepare", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    counts = {k: stats[k] for k in ("rows_in", "rows_out", "train", "eval", "truncated") if k in stats}
+    for rule, label in (("trained", "trained"), ("weight_0", "weight 0 (context only)"),
+                        ("train_on_excluded", "excluded by train_on")):
+        if "turns" in stats:
+            counts[f"assistant turns: {label}"] = stats["turns"][rule]
+    counts |= {f"ignored key: {k}": n for k, n in (stats.get("ignored_keys") or {}).items()}
     return env.get_template("inspect.html.jinja").render(
-        title=title, rows=shown, bins=bins, dropped=stats.get("dropped") or {},
-        counts={k: stats[k] for k in ("rows_in", "rows_out", "train", "eval", "truncated") if k in stats})
+        title=title, rows=shown, bins=bins, dropped=stats.get("dropped") or {}, counts=counts)
 
 
 def check_writable(path: str) -> None:
@@ -261,6 +286,8 @@ def command(uri: str, split: str, n: int, tokens: bool, tokenizer: str | None, h
     hist = render_histogram(stats)
     if hist:
         click.echo(hist)
+    for line in count_lines(stats):
+        click.echo(line)
     if html_file:
         try:
             Path(html_file).write_text(render_html(f"ftjobs inspect {uri} ({split})", rows, all_segs, stats),

@@ -161,6 +161,11 @@ class Tally:
     formats: dict[str, str] = field(default_factory=dict)
     truncated: int = 0
     empty_files: list[str] = field(default_factory=list)
+    # Assistant turns of the rows kept, by the rule that decided their labels (chat.TURN_RULES).
+    turns: Counter[str] = field(default_factory=Counter)
+    # Keys of messages records that nothing reads (R.ignored_keys), by the number of rows holding them.
+    ignored: Counter[str] = field(default_factory=Counter)
+    named: int = 0  # messages other than tool results that carry a participant's `name`
 
     def drop(self, reason: str, source: str, line: int, detail: str, preview: Any, keep: int) -> None:
         self.dropped[reason] += 1
@@ -310,6 +315,9 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
             _remove(writer)
             raise _no_train(config, tally, rows_out)
     stats = _stats(config, tally, split_counts, lengths, trainable, rows_out, drop_fraction)
+    if tally.named and model_info and not chat.features(model_info["chat_template"]).names:
+        LOG.warning("%d messages carry a participant's name, which this chat template never reads: the names are "
+                    "kept in the rows but are not in the training text", tally.named)
     drops = "".join(json.dumps(e, ensure_ascii=False) + "\n" for r in R.REASONS for e in tally.examples.get(r, []))
     writer.add_bytes(drops.encode(), "drops.jsonl", name="drops", rows=drops.count("\n"))
     writer.add_bytes(storage.json_bytes(stats), "stats.json", name="stats")
@@ -382,10 +390,21 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
             return
         writers["eval" if point < fraction else "train"].add(row)
 
+    def keep(row: Row) -> None:
+        tally.turns.update(chat.turn_rules(row.messages, config.train_on))
+        tally.named += sum(1 for m in row.messages if m.get("name") and m["role"] != "tool")
+        place(row)
+
     def finish(batch: list[Row], results: list[Any] | None) -> None:
         if results is None:
             for row in batch:
-                place(row)
+                weights = [m.get("weight") for m in row.messages if m["role"] == "assistant"]
+                if weights and all(w == 0 for w in weights) and config.train_on != "all":
+                    tally.per_source[row.source]["rows_out"] -= 1
+                    tally.drop("zero_trainable_tokens", row.source, row.line, ALL_WEIGHT_0, row.messages,
+                               config.drop_examples)
+                    continue
+                keep(row)
             return
         for row, (ids, labels, kept, truncated, reason, error) in zip(batch, results, strict=True):
             if error is not None:  # the template refused the row, or a turn of it cannot be located
@@ -394,7 +413,7 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
                 reason = "too_long_tokens"
             if reason is not None:
                 detail = {"too_long_tokens": f"the first answer does not fit in max_length {config.max_length}",
-                          "zero_trainable_tokens": f"no token is trained on (train_on={config.train_on})",
+                          "zero_trainable_tokens": _untrained(row.messages[:kept], config.train_on),
                           "multiple_bos": "the rendered text holds more than one BOS token",
                           "no_assistant_turn": "no assistant turn"}.get(reason, reason)
                 if reason == "too_long_tokens" and config.on_too_long == "drop":
@@ -408,7 +427,7 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
             row.input_ids, row.labels = ids, labels
             lengths.append(len(ids))
             trainable[0] += len(labels) - labels.count(chat.IGNORE_INDEX)
-            place(row)
+            keep(row)
 
     batch: list[Row] = []
 
@@ -426,6 +445,7 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
     tools_mapped = "tools" in config.columns.model_fields_set
     for f in files:
         per = tally.per_source.setdefault(f.uri, Counter())
+        ignored: Counter[str] = Counter()
         saw_tools = False
         fmt: str | None = f.format or config.format
         if fmt == "auto":
@@ -447,6 +467,10 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
                 tally.drop(rec.reason, f.uri, line, rec.detail, rec.preview, config.drop_examples)
                 continue
             assert fmt is not None  # _detect reads with the same limits: it saw this record too
+            if R.is_preference(rec):  # whatever the format says: read as one, a pair loses an answer
+                raise InputError(_preference(f.uri, f"line {line}"))
+            if fmt == "messages":
+                ignored.update(R.ignored_keys(rec, columns))
             saw_tools = saw_tools or columns["tools"] in rec
             try:
                 tools = R.to_tools(rec, columns)
@@ -492,6 +516,11 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
         if tools_mapped and n_file and fmt is not None and not saw_tools:
             raise InputError(f"{f.uri}: no record has the tools column {columns['tools']!r} that columns.tools "
                              "names, so every row's tools would be dropped. Fix the mapping or the file.")
+        if ignored:  # named once per file: neither silently dropped nor a reason to refuse the file
+            LOG.warning("%s: keys that ftjobs does not read were ignored: %s", f.uri,
+                        ", ".join(f"{k} ({n:,} row{'s' * (n != 1)})" for k, n in sorted(ignored.items())),
+                        extra={"source": f.uri, "ignored_keys": dict(ignored)})
+            tally.ignored.update(ignored)
         if n_file == 0:
             tally.empty_files.append(f.uri)
             _empty(f, config)
@@ -512,6 +541,25 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
         w.close()
     timings["write_last_shards"] = time.monotonic() - t
     return tally, {s: w.rows for s, w in writers.items()}, lengths, trainable[0]
+
+
+ALL_WEIGHT_0 = "every assistant turn has weight 0 (context only): nothing to train on"
+
+
+def _untrained(messages: list[dict[str, Any]], train_on: str) -> str:
+    """Why a row has no trained token: its weights, or train_on."""
+    rules = chat.turn_rules(messages, train_on)  # type: ignore[arg-type]
+    if rules and all(r == "weight_0" for r in rules):
+        return ALL_WEIGHT_0
+    weight_0 = rules.count("weight_0")
+    return f"no token is trained on (train_on={train_on}" + (f"; {weight_0} turns have weight 0)" if weight_0 else ")")
+
+
+def _preference(uri: str, where: str) -> str:
+    return (f"{uri} {where}: a preference pair (preferred_output / non_preferred_output: OpenAI's preference "
+            "fine-tuning format). Preference (DPO) training is not supported yet; ftjobs trains on supervised "
+            "chat rows. Remove this file from the sources, or write its rows as supervised ones "
+            '({"messages": input.messages + preferred_output}).')
 
 
 def _preview(rec: Any) -> str:
@@ -540,11 +588,12 @@ def _detect(f: S.RawFile, columns: dict[str, Any], config: Config) -> str | None
     skip_bad_lines is set. Without skip_bad_lines an unreadable file fails here, naming its first bad line.
     """
     cols = S.table_columns(f)
+    where = "its columns"
     if cols is None:
         first_bad: tuple[int, S.Bad] | None = None
         for line, rec in S.records(f, max_line_bytes=config.max_line_bytes):
             if isinstance(rec, dict):
-                cols = list(rec)
+                cols, where = list(rec), f"line {line}"
                 break
             first_bad = first_bad or (line, rec)
         else:
@@ -555,6 +604,8 @@ def _detect(f: S.RawFile, columns: dict[str, Any], config: Config) -> str | None
                     f"{HINTS.get(f.kind, 'is it in a supported format?')}). Fix the file, or set skip_bad_lines: "
                     "true to drop such lines (they are counted in the manifest).")
             return None
+    if R.is_preference(cols):
+        raise InputError(_preference(f.uri, where))
     fmt = R.detect(cols, columns)
     if fmt is None:
         raise InputError(
@@ -568,6 +619,8 @@ def _check_table_columns(f: S.RawFile, fmt: str, columns: dict[str, Any]) -> Non
     cols = S.table_columns(f)
     if cols is None:
         return
+    if R.is_preference(cols):
+        raise InputError(_preference(f.uri, "its columns"))
     missing = [c for c in R.required_columns(fmt, columns) if c not in cols]
     if missing:
         raise InputError(f"{f.uri} has no column {missing[0]!r} needed for format {fmt} (columns: "
@@ -638,6 +691,11 @@ def _stats(config: Config, tally: Tally, split_counts: dict[str, int], lengths: 
         "sources": {uri: {"rows_in": c["rows_in"], "rows_out": c["rows_out"], "dropped": c["dropped"]}
                     for uri, c in tally.per_source.items()},
         "eval_fraction": config.effective_eval_fraction() if config.eval_size is None else None,
+        # Assistant turns of the rows kept: trained, or which rule excluded them (a weight-0 turn in the data;
+        # train_on, e.g. last_assistant). Untokenized runs count them as train_on here would.
+        "turns": {rule: tally.turns[rule] for rule in chat.TURN_RULES},
+        "ignored_keys": dict(sorted(tally.ignored.items())),
+        "named_messages": tally.named,
     }
     if config.tokenizer:
         tokens = _token_stats(lengths, trainable)
@@ -653,6 +711,9 @@ def _log_summary(tally: Tally, stats: dict[str, Any]) -> None:
              stats.get("train", 0), stats.get("eval", 0), sum(tally.dropped.values()),
              "".join(f"\n  {r:<24} {n:>8,}" for r, n in tally.dropped.most_common()),
              extra={"stats": {k: v for k, v in stats.items() if k != "sources"}})
+    turns = stats["turns"]
+    LOG.info("assistant turns: %d trained, %d weight 0 (context only), %d excluded by train_on", turns["trained"],
+             turns["weight_0"], turns["train_on_excluded"])
     tok = stats.get("tokens")
     if tok and tok.get("rows"):
         LOG.info("tokens: p50 %d, p95 %d, max %d, trainable ratio %.3f, truncated %d",

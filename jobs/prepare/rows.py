@@ -4,10 +4,18 @@ mapping, validation with a named reason per dropped row, duplicate keys.
 Every function here is pure (no I/O) so each rule is tested directly.
 
 Tool calling: a row's tools come from the `tools` column (JSON schemas, or JSON text of them, as
-LLaMA-Factory's sharegpt files hold); assistant `tool_calls` (OpenAI style) and sharegpt
+LLaMA-Factory's sharegpt files hold) and OpenAI's older top-level `functions` list; assistant
+`tool_calls` (OpenAI style), an assistant's `function_call` (OpenAI's older form) and sharegpt
 `function_call` turns (role `tool_call`: the value is a call `{name, arguments}` or a list of them)
-become canonical tool calls; tool results keep `tool_call_id` and `name`. Reasoning
-(`reasoning_content`, or the key `columns.reasoning` names) is kept on assistant turns.
+become canonical tool calls; tool results (roles `tool`, `function`, `observation`) keep
+`tool_call_id` and `name`, and a `tool_call_id` must name a call of the assistant turn before it.
+Reasoning (`reasoning_content`, or the key `columns.reasoning` names) is kept on assistant turns.
+
+OpenAI's chat fine-tuning format besides: `weight` (0 or 1) on an assistant message is kept (see
+`common.chat` for what it trains), `name` is kept on every message, and `ignored_keys` names what a
+messages record holds that nothing reads, for prepare to count and log. A preference row (OpenAI's
+`input`/`preferred_output`/`non_preferred_output`) is recognised by `is_preference`, so that prepare can
+refuse it rather than misread it.
 """
 
 from __future__ import annotations
@@ -40,12 +48,17 @@ NEXT = {"user": ("assistant",), "assistant": ("user", "tool"), "tool": ("tool", 
 REASONS = (
     "invalid_json", "invalid_utf8", "invalid_unicode", "line_too_long", "invalid_csv", "invalid_record",
     "invalid_tools", "wrong_type", "missing_field", "empty_content", "unknown_role", "broken_alternation",
-    "no_assistant_turn", "too_long_chars", "too_long_tokens", "zero_trainable_tokens", "multiple_bos",
-    "duplicate_exact", "duplicate_normalized",
+    "unknown_tool_call_id", "no_assistant_turn", "too_long_chars", "too_long_tokens", "zero_trainable_tokens",
+    "multiple_bos", "duplicate_exact", "duplicate_normalized",
 )
 # Drops that mean the source is unusable as given (not one odd row among good ones): exit 3 naming the file
 # and line unless skip_bad_lines, like an unreadable line.
 FATAL = ("invalid_record", "invalid_tools")
+# Keys that make a record a preference pair (OpenAI's preference fine-tuning format), which supervised rows
+# cannot hold: read as anything else it would lose one of its answers or the pairing.
+PREFERENCE_KEYS = ("preferred_output", "non_preferred_output")
+# Message keys a messages record may hold besides its role, content and reasoning keys.
+MESSAGE_KEYS = ("tool_calls", "function_call", "tool_call_id", "name", "weight")
 
 
 class Drop(Exception):
@@ -55,6 +68,25 @@ class Drop(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+def is_preference(keys: Iterable[str]) -> bool:
+    """Whether a record is a preference pair: a preferred and a non-preferred answer (to its `input`)."""
+    return set(PREFERENCE_KEYS) <= set(keys)
+
+
+def ignored_keys(rec: Mapping[str, Any], columns: Mapping[str, str]) -> list[str]:
+    """What a messages record holds that prepare does not read, set (not null): top-level keys by name
+    (`parallel_tool_calls`, `metadata`, ...), message keys as `messages[].KEY` (`refusal`, `audio`, ...)."""
+    known = {columns["messages"], columns["tools"], "functions"}
+    out = sorted(k for k, v in rec.items() if k not in known and v is not None)
+    items = rec.get(columns["messages"])
+    if isinstance(items, list):
+        msg_known = {columns.get("role") or "role", columns.get("content") or "content",
+                     columns.get("reasoning") or "reasoning_content", *MESSAGE_KEYS}
+        extra = {k for m in items if isinstance(m, dict) for k, v in m.items() if k not in msg_known and v is not None}
+        out += [f"{columns['messages']}[].{k}" for k in sorted(extra)]
+    return out
 
 
 def detect(keys: Iterable[str], columns: Mapping[str, str]) -> str | None:
@@ -146,6 +178,11 @@ def _message(m: dict[str, Any], role_key: str, content_key: str, reasoning_key: 
                 "tool_calls": _calls(m.get(content_key), f"{where}.{content_key}", f"a {m[role_key]!r} turn")}
     raw_calls = m.get("tool_calls") if role == "assistant" else None
     calls = _calls(raw_calls, f"{where}.tool_calls", "tool_calls") if raw_calls not in (None, "", []) else None
+    legacy = m.get("function_call") if role == "assistant" else None
+    if legacy not in (None, "", {}, []):  # OpenAI's older form: one call {name, arguments} on the message
+        if calls:
+            raise Drop("wrong_type", f"{where} has both tool_calls and function_call; give its calls in one of them")
+        calls = _calls(legacy, f"{where}.function_call", "function_call")
     content = m.get(content_key)
     if role == "tool" and isinstance(content, dict | list) and not _is_parts(content):
         content = T.dumps(content)  # a structured tool result: its JSON is the text the model reads
@@ -157,11 +194,27 @@ def _message(m: dict[str, Any], role_key: str, content_key: str, reasoning_key: 
             msg["reasoning_content"] = reasoning
     if calls:
         msg["tool_calls"] = calls
-    if role == "tool":
-        for key in ("tool_call_id", "name"):
-            if isinstance(m.get(key), str) and m[key]:
-                msg[key] = m[key]
+    if role == "tool" and isinstance(m.get("tool_call_id"), str) and m["tool_call_id"]:
+        msg["tool_call_id"] = m["tool_call_id"]
+    if isinstance(m.get("name"), str) and m["name"]:  # a tool result's function, or a participant's name
+        msg["name"] = m["name"]
+    weight = _weight(m.get("weight"), role, where)
+    if weight is not None:
+        msg["weight"] = weight
     return msg
+
+
+def _weight(value: Any, role: str, where: str) -> int | None:
+    """An assistant turn's weight, as OpenAI's chat format gives it: 0 (context only) or 1 (trained)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value not in (0, 1):
+        raise Drop("wrong_type", f"{where}.weight is {value!r}; a weight is 0 (context only, not trained) or 1 "
+                   "(trained)")
+    if role != "assistant":
+        raise Drop("wrong_type", f"{where}.weight is set on a {role} message; only assistant turns have a weight "
+                   "(0: context only, 1: trained). Remove it.")
+    return int(value)
 
 
 def _is_parts(value: Any) -> bool:
@@ -178,7 +231,8 @@ def _chat_list(items: list[Any], role_key: str, content_key: str, roles: Mapping
         msg = _message(m, role_key, content_key, reasoning_key, roles, where)
         prev = out[-1] if out else None
         if (prev is not None and prev["role"] == "assistant" and "tool_calls" not in prev
-                and msg["role"] == "assistant" and not msg["content"] and "tool_calls" in msg):
+                and msg["role"] == "assistant" and not msg["content"] and "tool_calls" in msg
+                and prev.get("weight") == msg.get("weight")):
             prev["tool_calls"] = msg["tool_calls"]  # an answer, then its function_call turn: one assistant turn
             continue
         out.append(msg)
@@ -186,11 +240,15 @@ def _chat_list(items: list[Any], role_key: str, content_key: str, roles: Mapping
 
 
 def to_tools(rec: Mapping[str, Any], columns: Mapping[str, str]) -> list[dict[str, Any]] | None:
-    """The record's tool schemas (None when it has none); raises Drop(invalid_tools) when unusable."""
-    try:
-        return T.normalize_tools(rec.get(columns["tools"]))
-    except ValueError as exc:
-        raise Drop("invalid_tools", f"column {columns['tools']!r}: {exc}") from None
+    """The record's tool schemas (None when it has none): its tools column, then its `functions` (OpenAI's
+    older list of bare function schemas); raises Drop(invalid_tools) when unusable."""
+    out: list[dict[str, Any]] = []
+    for key in dict.fromkeys((columns["tools"], "functions")):
+        try:
+            out += T.normalize_tools(rec.get(key)) or []
+        except ValueError as exc:
+            raise Drop("invalid_tools", f"column {key!r}: {exc}") from None
+    return out or None
 
 
 def to_messages(rec: Mapping[str, Any], fmt: str, columns: Mapping[str, str],
@@ -261,6 +319,14 @@ def validate(msgs: list[dict[str, Any]], max_chars: int) -> list[dict[str, Any]]
                 raise Drop("broken_alternation", f"{cur['role']} follows {prev['role']}")
         if body[-1]["role"] != "assistant":
             raise Drop("broken_alternation", f"the conversation ends with {body[-1]['role']}, not an assistant answer")
+        ids: set[str] = set()
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                ids = {c["id"] for c in m.get("tool_calls") or [] if c.get("id")}
+            elif m["role"] == "tool" and m.get("tool_call_id") and m["tool_call_id"] not in ids:
+                raise Drop("unknown_tool_call_id", f"message {i} (tool) answers tool_call_id {m['tool_call_id']!r}, "
+                           "which no call of the assistant turn before it has "
+                           f"(its call ids: {', '.join(sorted(ids)) or 'none'})")
     chars = sum(len(m["content"]) + len(m.get("reasoning_content") or "")
                 + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls") or []) for m in msgs)
     if chars > max_chars:
@@ -291,12 +357,14 @@ def exact_key(canonical_json: str) -> int:
 
 
 def normalized_key(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int:
-    """Rows that differ only in letter case or whitespace share this key (their tools and calls included)."""
+    """Rows that differ only in letter case or whitespace share this key (their tools, calls and weights
+    included: rows that train different turns are not duplicates)."""
     def norm(text: str) -> str:
         return " ".join(text.casefold().split())
 
     parts = [f"{m['role']}\x1f{norm(m['content'])}\x1f{norm(m.get('reasoning_content') or '')}\x1f"
-             + norm(json.dumps(m.get("tool_calls") or [], ensure_ascii=False)) for m in msgs]
+             + norm(json.dumps(m.get("tool_calls") or [], ensure_ascii=False))
+             + (f"\x1fweight {m['weight']}" if m.get("weight") is not None else "") for m in msgs]
     if tools:
         parts.append(norm(json.dumps(tools, ensure_ascii=False, sort_keys=True)))
     text = "\x1e".join(parts)

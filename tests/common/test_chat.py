@@ -185,3 +185,57 @@ def test_a_tool_round_before_the_last_user_message_is_located_with_its_call(base
     assert runs == ['\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>',
                     "It is 3 degrees.<|im_end|>", "<think>\na guess\n</think>\n\nColder.<|im_end|>"]
     assert chat.render_prompt(fmt, conv[:-1], TOOLS) == sp.text[:sp.assistant[-1][0]]
+
+
+WEIGHTED = [
+    {"role": "user", "content": "What is one plus one?"},
+    {"role": "assistant", "content": "Three.", "weight": 0},
+    {"role": "user", "content": "Are you sure?"},
+    {"role": "assistant", "content": "Two, sorry.", "weight": 1},
+    {"role": "user", "content": "And two plus two?"},
+    {"role": "assistant", "content": "Four."},
+]
+
+
+@pytest.mark.parametrize(("train_on", "rules", "runs"), [
+    ("assistant", ["weight_0", "trained", "trained"], ["Two, sorry.<|im_end|>", "Four.<|im_end|>"]),
+    # weight 1 wins over last_assistant: the corrected answer is trained although it is not the last
+    ("last_assistant", ["weight_0", "trained", "trained"], ["Two, sorry.<|im_end|>", "Four.<|im_end|>"]),
+])
+def test_a_weight_in_the_data_wins_over_train_on(base: Any, train_on: chat.TrainOn, rules: list[str],
+                                                 runs: list[str]) -> None:
+    tok = tokenizer(FAMILIES["chatml"], base)
+    fmt = chat.chat_format(tok)
+    assert chat.turn_rules(WEIGHTED, train_on) == rules
+    enc = chat.encode_many(tok, fmt, [WEIGHTED], train_on=train_on)[0]
+    assert trained_runs(tok, enc) == runs
+    # Weights are never part of the text: the same tokens as the row without them.
+    plain = [{k: v for k, v in m.items() if k != "weight"} for m in WEIGHTED]
+    assert chat.encode_many(tok, fmt, [plain])[0].input_ids == enc.input_ids
+
+
+def test_last_assistant_excludes_earlier_unweighted_turns_and_all_still_skips_weight_0(base: Any) -> None:
+    tok = tokenizer(FAMILIES["llama3"], base)
+    fmt = chat.chat_format(tok)
+    unweighted_first = [{**m, "weight": None} if i == 1 else m for i, m in enumerate(WEIGHTED)]
+    assert chat.turn_rules(unweighted_first, "last_assistant") == ["train_on_excluded", "trained", "trained"]
+    enc = chat.encode_many(tok, fmt, [unweighted_first], train_on="last_assistant")[0]
+    assert trained_runs(tok, enc) == ["Two, sorry.<|eot_id|>", "Four.<|eot_id|>"]
+    every = chat.encode_many(tok, fmt, [WEIGHTED], train_on="all")[0]
+    text = "".join(trained_runs(tok, every))
+    assert "Three." not in text and "Two, sorry." in text and "What is one plus one?" in text
+    # Every answer context only: nothing to train on.
+    none = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in WEIGHTED]
+    assert chat.encode_many(tok, fmt, [none])[0].drop_reason == "zero_trainable_tokens"
+
+
+def test_truncation_counts_the_rules_of_the_turns_it_keeps(base: Any) -> None:
+    tok = tokenizer(FAMILIES["chatml"], base)
+    fmt = chat.chat_format(tok)
+    full = chat.encode_many(tok, fmt, [WEIGHTED])[0]
+    cut = chat.encode_many(tok, fmt, [WEIGHTED], max_length=len(full.input_ids) - 2,
+                           train_on="last_assistant")[0]
+    assert cut.truncated and cut.kept_messages == 4
+    # The last kept turn has weight 1: trained; the weight-0 one before it is not.
+    assert trained_runs(tok, cut) == ["Two, sorry.<|im_end|>"]
+    assert chat.turn_rules(WEIGHTED[:cut.kept_messages], "last_assistant") == ["weight_0", "trained"]

@@ -126,3 +126,22 @@ def test_hostile_row_text_and_paths_are_escaped_in_the_page(tmp_path: Path):
     shown = html.unescape(re.sub(r"<[^>]+>", "", text))
     assert f"[user]\n{hostile}\n" in shown and f"ok {hostile}" in shown
     assert f"ftjobs inspect {out} (train)" in shown
+
+
+def test_weights_show_in_the_rows_and_the_turn_counts_and_ignored_keys_under_them(tmp_path: Path):
+    """Untokenized rows show each message's weight and mark a weight-0 answer as context; the manifest's
+    turn counts and ignored keys follow the rows, in the terminal and on the page."""
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "draft", "weight": 0},
+                          {"role": "user", "content": "again"}, {"role": "assistant", "content": "final"}],
+             "metadata": {"n": 1}}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare.run(cfg.validate(prepare.Config, {"sources": [str(tmp_path / "in.jsonl")], "output": str(tmp_path / "o"),
+                                             "eval_fraction": 0.0}))
+    page = tmp_path / "rows.html"
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "o"), "--color", "never", "--html", str(page)])
+    assert res.exit_code == 0, res.output
+    assert "[assistant weight=0]\ndraft\n[user]\nagain\n[assistant]\n«final\n»" in res.output
+    assert "assistant turns: 1 trained, 1 weight 0 (context only), 0 excluded by train_on" in res.output
+    assert "ignored keys: metadata (1 row)" in res.output
+    shown = html.unescape(re.sub(r"<[^>]+>", " ", page.read_text()))
+    assert "assistant turns: weight 0 (context only)" in shown and "ignored key: metadata" in shown

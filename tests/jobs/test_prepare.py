@@ -472,6 +472,59 @@ def test_cli_exit_codes(tmp_path: Path, subprocess_env: dict[str, str]):
     assert usage.returncode == 2 and "max_length" in usage.stderr
 
 
+OPENAI = REPO / "tests" / "data" / "openai"
+
+
+def test_a_preference_file_is_refused_with_exit_3_naming_it(tmp_path: Path, subprocess_env: dict[str, str]):
+    """OpenAI's preference format (input / preferred_output / non_preferred_output) is not misread as chat
+    rows (or called undetectable): refused, whatever the format setting and wherever the pair comes."""
+    src = OPENAI / "preference.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "prepare", "--source", str(src), "--output",
+                           str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, env=subprocess_env,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"{src} line 1: a preference pair" in proc.stderr and "(DPO) training is not supported yet" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o" / "manifest.json").exists()
+    pair = json.loads(src.read_text().splitlines()[0])
+    mixed = jsonl(tmp_path / "mixed.jsonl", [*chat_rows(3), pair])
+    with pytest.raises(InputError, match=r"mixed.jsonl line 4: a preference pair"):
+        run(sources=[str(mixed)], output=str(tmp_path / "o2"), format="messages", skip_bad_lines=True)
+    pq.write_table(pa.Table.from_pylist([{k: json.dumps(v) for k, v in pair.items()}]), tmp_path / "p.parquet")
+    with pytest.raises(InputError, match=r"p.parquet its columns: a preference pair"):
+        run(sources=[str(tmp_path / "p.parquet")], output=str(tmp_path / "o3"))
+
+
+def test_turn_counts_weights_and_ignored_keys_reach_the_manifest(tmp_path: Path, tok_dir: Path, tok, caplog):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"old {i}",
+                                                                 "weight": 0},
+                          {"role": "user", "content": "again"}, {"role": "assistant", "content": f"new {i}"},
+                          {"role": "user", "content": "thanks"}, {"role": "assistant", "content": f"bye {i}"}],
+             "metadata": {"n": i}, "parallel_tool_calls": False} for i in range(4)]
+    rows.append({"messages": [{"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "context only", "weight": 0}]})
+    src = jsonl(tmp_path / "w.jsonl", rows)
+    with caplog.at_level("WARNING", logger="jobs.prepare.job"):
+        loaded = run(sources=[str(src)], output=str(tmp_path / "tok"), tokenizer=str(tok_dir),
+                     train_on="last_assistant", max_drop_fraction=0.5)
+    stats = loaded.manifest.stats
+    assert stats["turns"] == {"trained": 4, "weight_0": 4, "train_on_excluded": 4}
+    assert stats["ignored_keys"] == {"metadata": 4, "parallel_tool_calls": 4}
+    named = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert named == [f"{src}: keys that ftjobs does not read were ignored: metadata (4 rows), "
+                     "parallel_tool_calls (4 rows)"]  # once for the file, not once per row
+    # The row whose only answer has weight 0 has nothing to train on: dropped, saying why.
+    assert stats["dropped"] == {"zero_trainable_tokens": 1}
+    drops = storage.read_bytes(loaded.artifact_uri("drops")).decode()
+    assert "every assistant turn has weight 0 (context only)" in drops
+    assert sorted(t for r in rows_of(loaded) for t in trained_text(tok, r)) == [f"bye {i}<|im_end|>"
+                                                                                for i in range(4)]
+    # Untokenized: the same weights travel in the rows, and the same row is dropped for the same reason.
+    raw = run(sources=[str(src)], output=str(tmp_path / "raw"), max_drop_fraction=0.5)
+    assert raw.manifest.stats["dropped"] == {"zero_trainable_tokens": 1}
+    weights = [[m["weight"] for m in r["messages"] if m["role"] == "assistant"] for r in rows_of(raw)]
+    assert weights == [[0, None, None]] * 4
+
+
 def test_a_hub_dataset_out_of_reach_offline_says_how_to_bring_it(tmp_path: Path, subprocess_env: dict[str, str]):
     env = {**subprocess_env, "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "prepare", "--source", "hf://nobody/nodataset@train",

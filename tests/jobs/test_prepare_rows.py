@@ -96,6 +96,99 @@ def test_openai_messages_with_tool_calls_tool_results_and_reasoning():
              "messages")
 
 
+HOURS = {"name": "opening_hours", "parameters": {"type": "object", "properties": {"day": {"type": "string"}}}}
+
+
+def test_openai_weights_and_names_are_kept_on_the_messages():
+    rec = {"messages": [
+        {"role": "system", "name": "policy", "content": "s"},
+        {"role": "user", "name": "dana", "content": "q"},
+        {"role": "assistant", "name": "pip", "content": "a", "weight": 0},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2", "weight": 1.0}]}  # a Parquet float column gives 1.0
+    msgs = norm(rec, "messages")
+    assert msgs[:3] == [{"role": "system", "content": "s", "name": "policy"},
+                        {"role": "user", "content": "q", "name": "dana"},
+                        {"role": "assistant", "content": "a", "name": "pip", "weight": 0}]
+    assert msgs[4] == {"role": "assistant", "content": "a2", "weight": 1} and type(msgs[4]["weight"]) is int
+    # Rows that train different turns are neither the same row nor duplicates of each other.
+    other = [{**m, "weight": 1} if m["role"] == "assistant" else m for m in msgs]
+    assert R.canonical(msgs) != R.canonical(other) and R.normalized_key(msgs) != R.normalized_key(other)
+    unweighted = [{k: v for k, v in m.items() if k not in ("weight", "name")} for m in msgs]
+    assert "weight" not in R.canonical(unweighted)
+
+
+@pytest.mark.parametrize(("weight", "role", "why"), [
+    (2, "assistant", "weight is 2; a weight is 0"), (0.5, "assistant", "weight is 0.5"),
+    ("1", "assistant", "weight is '1'"), (True, "assistant", "weight is True"),
+    (1, "user", "weight is set on a user message; only assistant turns"),
+])
+def test_a_weight_other_than_0_or_1_or_off_an_assistant_turn_is_refused(weight, role, why):
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    target = 1 if role == "assistant" else 0
+    msgs[target] = {**msgs[target], "weight": weight}
+    with pytest.raises(R.Drop, match=why) as info:
+        norm({"messages": msgs}, "messages")
+    assert info.value.reason == "wrong_type" and f"messages[{target}].weight" in info.value.detail
+
+
+def test_openai_functions_function_call_and_function_results_become_tools_calls_and_results():
+    """The older form of OpenAI's function calling: top-level `functions`, an assistant `function_call`
+    {name, arguments (JSON text)} with null content, a `function` role result with the function's name."""
+    rec = {"messages": [
+        {"role": "user", "content": "Hours on Monday?"},
+        {"role": "assistant", "content": None,
+         "function_call": {"name": "opening_hours", "arguments": "{\"day\": \"monday\"}"}},
+        {"role": "function", "name": "opening_hours", "content": "{\"open\": \"09:00\"}"},
+        {"role": "assistant", "content": "Nine."}], "functions": [HOURS]}
+    msgs = norm(rec, "messages")
+    assert msgs[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "opening_hours", "arguments": '{"day": "monday"}'}}]}
+    assert msgs[2] == {"role": "tool", "content": '{"open": "09:00"}', "name": "opening_hours"}
+    assert R.to_tools(rec, COLS) == [{"type": "function", "function": HOURS}]
+    # tools and functions together: both offered, tools first
+    both = R.to_tools({**rec, "tools": [{"type": "function", "function": {"name": "f"}}]}, COLS)
+    assert [t["function"]["name"] for t in both] == ["f", "opening_hours"]
+    with pytest.raises(R.Drop, match="column 'functions'") as info:
+        R.to_tools({"functions": [{"description": "no name"}]}, COLS)
+    assert info.value.reason == "invalid_tools"
+    two = {"messages": [rec["messages"][0], {**rec["messages"][1], "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "opening_hours", "arguments": "{}"}}]}]}
+    with pytest.raises(R.Drop, match="both tool_calls and function_call"):
+        norm(two, "messages")
+
+
+def test_several_calls_per_turn_and_results_must_answer_a_call_of_their_turn():
+    def call(i):
+        return {"id": i, "type": "function", "function": {"name": "get_stock", "arguments": "{}"}}
+    rec = {"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [call("c1"), call("c2")]},
+        {"role": "tool", "tool_call_id": "c1", "content": "1"}, {"role": "tool", "tool_call_id": "c2", "content": "2"},
+        {"role": "assistant", "content": "a"}]}
+    msgs = norm(rec, "messages")
+    assert [c["id"] for c in msgs[1]["tool_calls"]] == ["c1", "c2"]
+    assert [m.get("tool_call_id") for m in msgs[2:4]] == ["c1", "c2"]
+    wrong = {"messages": [*rec["messages"][:3], {**rec["messages"][3], "tool_call_id": "c9"}, rec["messages"][4]]}
+    with pytest.raises(R.Drop, match=r"message 3 \(tool\) answers tool_call_id 'c9'.*call ids: c1, c2") as info:
+        norm(wrong, "messages")
+    assert info.value.reason == "unknown_tool_call_id"
+
+
+def test_keys_nothing_reads_are_named_and_preference_pairs_recognised():
+    rec = {"messages": [{"role": "user", "content": "q", "audio": None},
+                        {"role": "assistant", "content": "a", "refusal": "no", "weight": 1}],
+           "tools": None, "functions": [HOURS], "parallel_tool_calls": True, "metadata": {"k": 1}, "empty": None}
+    assert R.ignored_keys(rec, COLS) == ["metadata", "parallel_tool_calls", "messages[].refusal"]
+    mapped = {"dialog": [{"speaker": "user", "text": "q", "lang": "en"}]}
+    assert R.ignored_keys(mapped, {**COLS, "messages": "dialog", "role": "speaker", "content": "text"}) == [
+        "dialog[].lang"]
+    pair = {"input": {"messages": [{"role": "user", "content": "q"}]},
+            "preferred_output": [{"role": "assistant", "content": "good"}],
+            "non_preferred_output": [{"role": "assistant", "content": "bad"}]}
+    assert R.is_preference(pair) and R.is_preference(list(pair))
+    assert not R.is_preference(rec) and not R.is_preference({"preferred_output": 1})
+
+
 def test_rows_that_differ_only_in_tools_are_not_duplicates_and_tool_less_ids_do_not_move():
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     t1 = [{"type": "function", "function": {"name": "f"}}]
