@@ -19,6 +19,12 @@ alone, under the frozen head, learns the answer format but not the routing.
 Seeded; bit-identical weights also need the same --threads:
 
     .venv/bin/python -m demo.pretrain_base --out demo/base-model --threads 2
+
+The sweep demo (demo/sweep.yaml) adds a smaller and a larger model made the same way:
+
+    .venv/bin/python -m demo.pretrain_base --out demo/base-model-s --hidden 64 --layers 2 --threads 1
+    .venv/bin/python -m demo.pretrain_base --out demo/base-model-l --hidden 256 --layers 4 --threads 1 \
+        --save-dtype bfloat16
 """
 
 from __future__ import annotations
@@ -112,6 +118,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1536)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="bfloat16 halves the files of the larger sweep model (trained in float32 either way)")
     args = parser.parse_args()
 
     import torch
@@ -159,6 +167,8 @@ def main() -> None:
     model.eval()
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id)
+    if args.save_dtype != "float32":
+        model = model.to(getattr(torch, args.save_dtype))
     model.save_pretrained(str(out), safe_serialization=True)
     (out / "ftjobs-demo-base.json").write_text(json.dumps(vars(args) | {"parameters": params}, indent=2) + "\n")
     check(model, tok, fmt, rng)
