@@ -163,3 +163,20 @@ def test_packing_none_puts_one_example_per_row() -> None:
     assert sorted(rows) == [[0], [1], [2]] and rows[0] == [1]  # longest first, as packed rows are
     with pytest.raises(ValueError, match="more than max_len"):
         packing.pack([11], max_len=10, separate=True)
+
+
+def test_state_json_records_the_step_size_and_reads_version_1_as_before():
+    from common.errors import InputError
+    from jobs.train import checkpoints
+
+    state = checkpoints.TrainState(step=6, tokens=10, trained_tokens=5, attempts=2, per_step=4, world=2)
+    data = state.to_json()
+    assert (data["version"], data["per_step"], data["world"]) == (2, 4, 2)
+    assert checkpoints.TrainState.from_json(data, "here") == state
+    v1 = {k: v for k, v in data.items() if k not in ("per_step", "world")} | {"version": 1}
+    old = checkpoints.TrainState.from_json(v1, "here")
+    assert (old.step, old.per_step, old.world) == (6, None, None)  # the config's grad_accum x processes then
+    with pytest.raises(InputError, match="state.json is not a training state"):
+        checkpoints.TrainState.from_json({k: v for k, v in data.items() if k != "per_step"}, "here")
+    with pytest.raises(InputError, match="version 3; this ftjobs reads versions 1, 2"):
+        checkpoints.TrainState.from_json({**data, "version": 3}, "here")
