@@ -3,12 +3,18 @@
 On a terminal: readable lines. Elsewhere (containers, CI) or with
 `--log-format json`: one JSON object per line, which log collectors parse.
 Modules only call `logging.getLogger(__name__)`; nothing here runs at import.
+
+Under torchrun / `ftjobs launch` (RANK and WORLD_SIZE set) every record carries
+its `rank`, and processes other than rank 0 log errors only: they run the same
+code on the same data, so whatever else they would say, rank 0 says once; an
+error is that process's own reason to stop. Their progress stays silent too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -38,6 +44,36 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-5s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        where = getattr(record, "rank", 0)
+        return f"[rank {where}] {line}" if where else line
+
+
+def rank() -> int:
+    """This process's rank among the processes torchrun started (RANK), 0 outside them."""
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
+
+
+def world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return 1
+
+
+class _Rank(logging.Filter):
+    def __init__(self, value: int) -> None:
+        super().__init__()
+        self.value = value
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__["rank"] = self.value
+        return True
+
 
 def setup(fmt: str = "auto", level: str = "info") -> None:
     """Configure the root logger once. `fmt`: auto | text | json."""
@@ -48,6 +84,13 @@ def setup(fmt: str = "auto", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    if world_size() > 1:
+        handler.addFilter(_Rank(rank()))
+        if rank() > 0:  # on the handler: libraries' loggers with a level of their own pass it too
+            handler.setLevel(logging.ERROR)
+            # Hugging Face's progress bars (weights loading, downloads) write to stderr, not through logging;
+            # read when huggingface_hub is first imported, which is after this.
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Libraries that are chatty at INFO.
     for name in ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "httpx", "datasets", "fsspec"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -84,6 +127,7 @@ class Progress:
         self.start = time.monotonic()
         self._last = self.start
         self._tty = is_tty()
+        self._silent = rank() > 0  # rank 0 reports the progress all processes make together
 
     def update(self, n: int = 1, **fields: Any) -> None:
         self.done += n
@@ -108,6 +152,8 @@ class Progress:
         return "  ".join(parts)
 
     def _emit(self, final: bool) -> None:
+        if self._silent:
+            return
         if self._tty:
             sys.stderr.write("\r" + self.line()[:200].ljust(100) + ("\n" if final else ""))
             sys.stderr.flush()

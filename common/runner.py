@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from common import config as cfg
+from common import logs
 from common import manifest as mf
 from common.errors import EXIT_INTERRUPTED, EXIT_RETRYABLE, FtjobsError
 from common.stage import Pending
@@ -90,7 +91,8 @@ def execute(job: Any, config_file: str | None, sets: tuple[str, ...], flags: dic
     result = job.run(conf)
     if isinstance(result, Pending):
         LOG.info("%s", result.why, extra={"pending": result.marker})
-        click.echo(result.marker)
+        if logs.rank() == 0:  # a training rank other than 0: rank 0 prints the manifest it publishes
+            click.echo(result.marker)
         return
     uri = result.uri if isinstance(result, mf.Loaded) else str(result)
     LOG.info("manifest: %s", uri, extra={"manifest": uri})

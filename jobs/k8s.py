@@ -8,6 +8,8 @@ YAML on stdout (`render`), or creates Jobs with kubectl and follows them (`submi
     ftjobs k8s render train --run-id r1 --overlay gpu --images images.json -- \\
         --input s3://ftjobs/runs/r1/prepare/manifest.json --base-model meta-llama/Llama-3.1-8B \\
         | kubectl create -f -
+    # train on 4 pods of 8 GPUs: a headless Service + an Indexed Job (or --engine jobset: one JobSet)
+    ftjobs k8s render train --run-id r1 --overlay gpu --nodes 4 --gpus-per-node 8 -- --input ... | kubectl create -f -
     # the shared objects (Namespace, ConfigMap, ServiceAccount, local Secret) once per cluster
     ftjobs k8s render --setup --overlay gpu | kubectl apply -f -
     # the whole chain (jobs/chain.py), the way CI runs it; prints the evaluate manifest URI last
@@ -39,7 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +251,127 @@ def render_job(docs: list[dict[str, Any]], stage: str, run_id: str, stage_args: 
     return job, output
 
 
+# --------------------------------------------------------------------------- render: several processes
+
+ENGINES = ("job", "jobset")
+JOBSET_API = "jobset.x-k8s.io/v1alpha2"
+JOBSET_NODE = "node"  # the JobSet's one replicated Job: its pods are <jobset>-node-0-<node rank>
+RENDEZVOUS_PORT = 29500
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set by the Job controller on every pod of the Job
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"  # JOB_COMPLETION_INDEX's source
+SHUTDOWN_MARGIN_S = 30  # what the launcher leaves of the pod's grace period after its workers' shutdown timeout
+
+
+def render_multinode(docs: list[dict[str, Any]], run_id: str, stage_args: list[str], *, nodes: int,
+                     gpus_per_node: int | None = None, engine: str = "job", tag: str | None = None,
+                     images: dict[str, str] | None = None, queue: str | None = None,
+                     namespace: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """train on `nodes` pods of `gpus_per_node` processes each: the objects to create in order, and the output.
+
+    engine job (core API, any cluster): a headless Service and an Indexed Job of `nodes` pods; pod i is
+    `<job>-i.<service>` and node rank i (the Job's completion index), `<job>-0.<service>` the rendezvous
+    master. One node needs neither the Service nor the index: a single pod runs the processes
+    (`--standalone`). engine jobset: one JobSet (jobset.x-k8s.io/v1alpha2) whose controller makes the
+    Service and restarts every pod together when one fails. Each pod runs `ftjobs launch` (torchrun) with
+    the stage's arguments; only rank 0 writes to the store. The single-pod Job's security settings, exit
+    codes and grace period carry over: the launcher keeps a worker's exit 2/3/4, and gives its workers the
+    pod's grace period less SHUTDOWN_MARGIN_S to checkpoint.
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}.")
+    if nodes < 1 or (gpus_per_node is not None and gpus_per_node < 1):
+        raise ConfigError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: both must be >= 1.")
+    job, output = render_job(docs, "train", run_id, stage_args, tag=tag, images=images, queue=queue,
+                             namespace=namespace)
+    name = job["metadata"]["name"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "job")
+    limits, requests = container["resources"].setdefault("limits", {}), container["resources"].setdefault(
+        "requests", {})
+    gpus = "nvidia.com/gpu" in limits
+    procs = gpus_per_node or (int(limits["nvidia.com/gpu"]) if gpus else 1)
+    if gpus:  # else CPU pods (the base and local overlays): `procs` processes on gloo
+        limits["nvidia.com/gpu"] = requests["nvidia.com/gpu"] = str(procs)
+
+    grace = int(pod["terminationGracePeriodSeconds"])
+    shutdown = grace - SHUTDOWN_MARGIN_S
+    resolved = chain.validate_arguments("train", container["args"][1:])
+    if resolved.checkpoint.grace_seconds >= shutdown:
+        raise ConfigError(f"checkpoint.grace_seconds {resolved.checkpoint.grace_seconds:g} does not fit the pod's "
+                          f"terminationGracePeriodSeconds {grace}: the launcher gives its processes {shutdown} s "
+                          f"after SIGTERM. Set checkpoint.grace_seconds below {shutdown}.")
+    if engine == "jobset":
+        hostname_len = len(f"{name}-{JOBSET_NODE}-0-{nodes - 1}")
+        if hostname_len > 63:
+            raise ConfigError(f"The pod hostnames of JobSet {name} would be {hostname_len} characters (63 at most): "
+                              "use a shorter --run-id or --tag.")
+        master = f"{name}-{JOBSET_NODE}-0-0.{name}"  # JobSet's subdomain defaults to its own name
+    else:
+        master = f"{name}-0.{name}"
+    launch = ["launch", "--nproc-per-node", str(procs), "--shutdown-timeout", str(shutdown)]
+    if nodes == 1 and engine == "job":
+        launch += ["--standalone"]
+    else:
+        launch += ["--nnodes", str(nodes), "--node-rank", "$(FTJOBS_NODE_RANK)", "--master-addr", master,
+                   "--master-port", str(RENDEZVOUS_PORT)]
+        container["env"].append({"name": "FTJOBS_NODE_RANK",
+                                 "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}})
+        container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+    container["args"] = [*launch, "--", *container["args"]]
+    meta = job["metadata"]
+    meta["annotations"].update({"ftjobs.dev/nodes": str(nodes), "ftjobs.dev/processes-per-node": str(procs)})
+
+    if engine == "jobset":
+        return [_jobset(job, nodes)], output
+    if nodes == 1:
+        return [job], output
+    retries = spec.pop("backoffLimit", 4)
+    spec.update({"completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
+                 # every pod of the run is one training: any index out of retries fails it
+                 "backoffLimitPerIndex": retries, "maxFailedIndexes": 0})
+    for rule in spec["podFailurePolicy"]["rules"]:
+        if rule["action"] == "FailJob":
+            rule["action"] = "FailIndex"  # with maxFailedIndexes 0 it fails the Job too
+    pod["subdomain"] = name
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, **({"namespace": meta["namespace"]} if meta.get("namespace") else {}),
+                     "labels": dict(meta["labels"]), "annotations": {"ftjobs.dev/job": name}},
+        "spec": {"clusterIP": "None", "selector": {JOB_NAME_LABEL: name},
+                 "publishNotReadyAddresses": True,  # the pods find each other before any is Ready
+                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT,
+                            "protocol": "TCP"}]},
+    }
+    return [service, job], output
+
+
+def _jobset(job: dict[str, Any], nodes: int) -> dict[str, Any]:
+    """The Job as the one replicated Job of a JobSet: any failed pod restarts the whole set (up to the Job's
+    retries), and exit 2, 3 or 4 (a podFailurePolicy failure) fails it for good."""
+    spec = copy.deepcopy(job["spec"])
+    retries = spec.pop("backoffLimit", 4)
+    suspend = spec.pop("suspend", False)
+    ttl = spec.pop("ttlSecondsAfterFinished", None)
+    spec.update({"completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
+                 "backoffLimit": 0})  # a pod's failure fails the child Job; the JobSet restarts them all
+    meta = job["metadata"]
+    return {
+        "apiVersion": JOBSET_API, "kind": "JobSet",
+        "metadata": copy.deepcopy(meta),
+        "spec": {
+            "suspend": suspend,
+            **({"ttlSecondsAfterFinished": ttl} if ttl is not None else {}),
+            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+            "successPolicy": {"operator": "All"},
+            "failurePolicy": {"maxRestarts": retries, "rules": [
+                {"name": "ExitCodesNotWorthRetrying", "action": "FailJobSet",
+                 "onJobFailureReasons": ["PodFailurePolicy"]}]},
+            "replicatedJobs": [{"name": JOBSET_NODE, "replicas": 1,
+                                "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": spec}}],
+        },
+    }
+
+
 def dump_yaml(objs: list[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(objs, sort_keys=False, default_flow_style=False)
 
@@ -357,18 +480,34 @@ class Submission:
     namespace: str | None
     timeout_s: float
     poll_s: float
+    nodes: int = 1                     # train's pods (render_multinode), and processes in each
+    gpus_per_node: int | None = None
+    companions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # Job name -> created before it
 
     def render(self, step: chain.Step, done: dict[str, str], conf_uri: str) -> tuple[dict[str, Any], str]:
         extra = [a for key in dict.fromkeys((step.stage, step.name)) for a in self.extra.get(key, [])]
         args = [*chain.arguments(step, self.config, done), "--config", conf_uri, *extra]
-        job, output = render_job(self.docs, step.stage, self.run_id, args, tag=step_tag(step),
-                                 shards=self.shards if step.stage == "infer" else 1, images=self.images,
-                                 queue=self.queue, namespace=self.namespace)
+        if step.stage == "train" and multinode(step.stage, self.nodes, self.gpus_per_node, "job"):
+            objs, output = render_multinode(self.docs, self.run_id, args, nodes=self.nodes,
+                                            gpus_per_node=self.gpus_per_node, tag=step_tag(step),
+                                            images=self.images, queue=self.queue, namespace=self.namespace)
+            job = objs[-1]
+            self.companions[job["metadata"]["name"]] = objs[:-1]
+        else:
+            job, output = render_job(self.docs, step.stage, self.run_id, args, tag=step_tag(step),
+                                     shards=self.shards if step.stage == "infer" else 1, images=self.images,
+                                     queue=self.queue, namespace=self.namespace)
         image = job["spec"]["template"]["spec"]["containers"][0]["image"]
         if image.endswith("@" + PLACEHOLDER_DIGEST):
             raise ConfigError(f"{step.name}: image {image} still carries the placeholder digest: pass --images FILE "
                               "or --image NAME=REF@sha256:... with the pushed digest (make images PUSH=REGISTRY).")
         return job, output
+
+    def create(self, job: dict[str, Any]) -> bool:
+        """Create what the Job needs first (a multi-node train's headless Service), then the Job."""
+        for obj in self.companions.get(job["metadata"]["name"], []):
+            self.kube.create(obj)  # False: it exists already (a re-run of submit)
+        return self.kube.create(job)
 
 
 def submit_chain(sub: Submission, done: dict[str, str]) -> None:
@@ -393,7 +532,7 @@ def submit_chain(sub: Submission, done: dict[str, str]) -> None:
                 continue
             if all(n in done for n in step.needs() if n in conf_uri):
                 job, output = sub.render(step, done, conf_uri[step.name])
-                created = sub.kube.create(job)
+                created = sub.create(job)
                 LOG.info("%s job %s (%s)", "created" if created else "following existing", job["metadata"]["name"],
                          output)
                 running[step.name] = (job["metadata"]["name"], output, time.monotonic())
@@ -443,12 +582,23 @@ def _common_options(fn: Any) -> Any:
     return fn
 
 
+def _multinode_options(fn: Any) -> Any:
+    fn = click.option("--engine", type=click.Choice(ENGINES), default="job", show_default=True,
+                      help="train on several pods as: job (a headless Service + an Indexed Job, any cluster) or "
+                           "jobset (a JobSet, jobset.x-k8s.io/v1alpha2: clusters that run its controller).")(fn)
+    fn = click.option("--gpus-per-node", type=int, metavar="G",
+                      help="train only: processes (GPUs) per pod (default: the overlay's GPUs per pod, or 1).")(fn)
+    return click.option("--nodes", type=int, default=1, show_default=True, metavar="N",
+                        help="train only: pods (nodes) training together; rank 0 publishes.")(fn)
+
+
 @command.command()
 @click.argument("stage", required=False, type=click.Choice(STAGES))
 @click.argument("stage_args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--run-id", help="The run this Job belongs to: part of its name, labels and default output prefix.")
 @click.option("--tag", help="Tell apart two Jobs of one stage in a run (e.g. 'base' for the baseline infer).")
 @click.option("--shards", type=int, default=1, show_default=True, help="infer only: pods in the Indexed Job.")
+@_multinode_options
 @click.option("--setup", is_flag=True, help="Print the shared objects (Namespace, ConfigMap, ServiceAccount) instead.")
 @click.option("--sweep-driver", is_flag=True, help="Print the in-cluster driver of a sweep instead (needs --sweep, "
                                                    "--sweep-id): ConfigMap, ServiceAccount, Role, RoleBinding, Job.")
@@ -456,14 +606,17 @@ def _common_options(fn: Any) -> Any:
 @click.option("--sweep-id", metavar="ID", help="With --sweep-driver: the sweep id its Jobs and outputs carry.")
 @_common_options
 def render(stage: str | None, stage_args: tuple[str, ...], run_id: str | None, tag: str | None, shards: int,
-           setup: bool, sweep_driver: bool, sweep_file: str | None, sweep_id: str | None, overlay: str,
-           kustomize_dir: str | None, image_pairs: tuple[str, ...], images_file: str | None, queue: str | None,
-           namespace: str | None, kubectl: str | None) -> None:
+           nodes: int, gpus_per_node: int | None, engine: str, setup: bool, sweep_driver: bool,
+           sweep_file: str | None, sweep_id: str | None, overlay: str, kustomize_dir: str | None,
+           image_pairs: tuple[str, ...], images_file: str | None, queue: str | None, namespace: str | None,
+           kubectl: str | None) -> None:
     """Print the Job for one run of STAGE (YAML for `kubectl create -f -`).
 
     The stage's arguments come after `--`, e.g.
     `ftjobs k8s render merge --run-id r1 -- --input s3://b/runs/r1/train/manifest.json`;
     they are checked with the stage's own command line first (exit 2 naming a mistake).
+    train with --nodes/--gpus-per-node/--engine prints the multi-process form instead: a headless Service
+    and an Indexed Job (or one JobSet), in the order to create them.
     """
     docs = kustomize(overlay_dir(overlay, kustomize_dir), kubectl)
     if sweep_driver:
@@ -484,12 +637,33 @@ def render(stage: str | None, stage_args: tuple[str, ...], run_id: str | None, t
         raise ConfigError("Pass STAGE and --run-id (or --setup), e.g. `ftjobs k8s render prepare --run-id r1 "
                           "-- --source s3://data/chats.jsonl`.")
     images = parse_images(image_pairs, images_file)
-    job, _ = render_job(docs, stage, run_id, list(stage_args), tag=tag, shards=shards, images=images,
-                        queue=queue, namespace=namespace)
-    image = job["spec"]["template"]["spec"]["containers"][0]["image"]
-    if image.endswith("@" + PLACEHOLDER_DIGEST):
-        LOG.warning("image %s carries the placeholder digest: pass --images/--image before creating it", image)
-    click.echo(dump_yaml([job]), nl=False)
+    if multinode(stage, nodes, gpus_per_node, engine):
+        objs, _ = render_multinode(docs, run_id, list(stage_args), nodes=nodes, gpus_per_node=gpus_per_node,
+                                   engine=engine, tag=tag, images=images, queue=queue, namespace=namespace)
+    else:
+        objs = [render_job(docs, stage, run_id, list(stage_args), tag=tag, shards=shards, images=images,
+                           queue=queue, namespace=namespace)[0]]
+    for image in {c["image"] for c in _containers(objs[-1])}:
+        if image.endswith("@" + PLACEHOLDER_DIGEST):
+            LOG.warning("image %s carries the placeholder digest: pass --images/--image before creating it", image)
+    click.echo(dump_yaml(objs), nl=False)
+
+
+def multinode(stage: str, nodes: int, gpus_per_node: int | None, engine: str) -> bool:
+    """Whether the options ask for train's multi-process form; a mistake (another stage) is exit 2."""
+    wanted = nodes != 1 or gpus_per_node is not None or engine != "job"
+    if wanted and stage != "train":
+        raise ConfigError(f"--nodes, --gpus-per-node and --engine are for train only (got {stage}); infer spreads "
+                          "over pods with --shards.")
+    return wanted
+
+
+def _containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = obj.get("spec", {})
+    if obj.get("kind") == "JobSet":
+        return [c for rj in spec.get("replicatedJobs", []) for c in rj["template"]["spec"]["template"]["spec"]
+                ["containers"]]
+    return list(spec.get("template", {}).get("spec", {}).get("containers", []))
 
 
 @command.command()
@@ -517,17 +691,22 @@ def render(stage: str | None, stage_args: tuple[str, ...], run_id: str | None, t
 @click.option("--timeout-s", type=float, default=48 * 3600, show_default=True, help="Per Job.")
 @click.option("--poll-s", type=float, default=10.0, show_default=True, help="Seconds between status checks.")
 @click.option("--summary", metavar="FILE", help="Also write {step: manifest URI} as JSON here (for CI).")
+@click.option("--nodes", type=int, default=1, show_default=True, metavar="N",
+              help="train on N pods (a headless Service + an Indexed Job; rank 0 publishes).")
+@click.option("--gpus-per-node", type=int, metavar="G", help="train's processes (GPUs) per pod (default: the "
+                                                              "overlay's GPUs per pod, or 1).")
 @_common_options
 def submit(run_id: str | None, sweep_file: str | None, sweep_id: str | None, templates: str | None,
            config_file: str | None, sets: tuple[str, ...], sources: tuple[str, ...],
            base_model: str | None, shards: int, baseline: bool | None, fail_if_worse: str | None,
-           stage_args: tuple[str, ...], timeout_s: float, poll_s: float, summary: str | None, overlay: str,
-           kustomize_dir: str | None, image_pairs: tuple[str, ...], images_file: str | None, queue: str | None,
-           namespace: str | None, kubectl: str | None) -> None:
+           stage_args: tuple[str, ...], timeout_s: float, poll_s: float, summary: str | None, nodes: int,
+           gpus_per_node: int | None, overlay: str, kustomize_dir: str | None, image_pairs: tuple[str, ...],
+           images_file: str | None, queue: str | None, namespace: str | None, kubectl: str | None) -> None:
     """Run the chain (prepare, infer-base, train, merge, infer-finetuned, evaluate) as Jobs.
 
     Each Job starts once the steps it takes from have published, fed their manifests; each step's config
     section goes to <FTJOBS_RUNS>/<run_id>/config/<step>.yaml. Prints the evaluate manifest URI last.
+    With --nodes/--gpus-per-node, train runs as `render --nodes` prints it: its Service, then its Job.
     Needs the store credentials locally too: it writes the sections and reads each published manifest.
     """
     from common import config as cfg
@@ -561,7 +740,7 @@ def submit(run_id: str | None, sweep_file: str | None, sweep_id: str | None, tem
                                     "baseline": baseline})
     sub = Submission(docs=docs, kube=Kubectl(kubectl, namespace), run_id=run_id, config=config, shards=shards,
                      extra=stage_args_map(stage_args), images=images, queue=queue, namespace=namespace,
-                     timeout_s=timeout_s, poll_s=poll_s)
+                     timeout_s=timeout_s, poll_s=poll_s, nodes=nodes, gpus_per_node=gpus_per_node)
     done: dict[str, str] = {}
     try:
         submit_chain(sub, done)

@@ -15,9 +15,14 @@ Writes under --output:
         --base-model meta-llama/Llama-3.2-1B-Instruct --output s3://ml/ftjobs/runs/r1/train \\
         --config configs/train.yaml --set lora.r=32
 
-One pod, several GPUs (data parallel; only rank 0 writes to the store):
+Several processes (data parallel: GPUs of one pod, or pods of a multi-node Job; only rank 0 writes to the
+store): `ftjobs launch` is torchrun with ftjobs' exit codes kept (`jobs/launch.py`)
 
-    accelerate launch --num_processes 8 -m jobs.cli train --input ... --base-model ... --output ...
+    ftjobs launch --nproc-per-node 8 -- train --input ... --base-model ... --output ...
+
+Each optimizer step takes grad_accum x processes micro-batches of `batch_size` packed rows, split across
+the processes (`packing.step_share`), and the adapter's gradients are summed over them once per step. A
+resume keeps the step size of the run's first attempt on any number of processes (state.json `per_step`).
 
 The loop is written out here (torchtune-style) rather than handed to HF
 Trainer, so checkpoints hold the exact data position and a resumed run
@@ -60,6 +65,7 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 STAGE = "train"
+GRAD_BUCKET = 1 << 24  # gradient elements per all-reduce (64 MiB of float32)
 
 
 # --------------------------------------------------------------------------- config
@@ -243,15 +249,15 @@ class TrainData:
 class Schedule:
     """How many optimizer steps, and which micro-batches each one takes."""
 
-    per_step: int          # micro-batches per optimizer step, all processes together
+    per_step: int          # micro-batches per optimizer step, all processes together (fixed by the first attempt)
     steps_per_epoch: int
     total: int
     warmup: int
 
     def position(self, step: int) -> tuple[int, int]:
-        """(epoch, first micro-batch) of `step`: the data position a checkpoint's step stands for."""
+        """(epoch, step within it) of `step`: the data position a checkpoint's step stands for."""
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        return epoch, in_epoch * self.per_step
+        return epoch, in_epoch
 
 
 @dataclass(frozen=True)
@@ -273,8 +279,7 @@ class Trainer:
     fmt: chat.ChatFormat
     data: TrainData
     schedule: Schedule
-    model: Any             # what forward and backward run on (DDP-wrapped on several processes)
-    peft_model: Any        # the unwrapped peft model: what checkpoints and the adapter hold
+    peft_model: Any        # what forward and backward run on, and what checkpoints and the adapter hold
     params: list[Any]      # the trainable parameters
     param_counts: tuple[int, int]  # (trainable, all)
     optimizer: Any
@@ -329,16 +334,15 @@ class Trainer:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
         return self.accelerator.reduce(tensor, reduction="sum").tolist()
 
-    def step_batches(self, step: int) -> list[Any]:
-        """The micro-batches of optimizer step `step`, all processes' together, from its data position."""
+    def step_batches(self, step: int, rank: int = 0, world: int = 1) -> list[Any]:
+        """Process `rank`'s micro-batches of optimizer step `step` (with the defaults: every process's)."""
         from jobs.train import packing
 
-        epoch, first = self.schedule.position(step)
+        epoch, in_epoch = self.schedule.position(step)
         if self._epoch_batches[0] != epoch:
             self._epoch_batches = (epoch, packing.micro_batches(self.data.rows, self.config.batch_size,
                                                                  self.config.seed, epoch))
-        batches = self._epoch_batches[1]
-        return [batches[(first + j) % len(batches)] for j in range(self.schedule.per_step)]
+        return packing.step_share(self._epoch_batches[1], self.schedule.per_step, in_epoch, rank, world)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step on this process's share of the step's micro-batches; returns what to log."""
@@ -346,21 +350,20 @@ class Trainer:
 
         from jobs.train import packing
 
-        world, examples = self.world, self.data.train
-        everyone = self.step_batches(self.state.step)
-        counts = [packing.count_tokens(b, examples) for b in everyone]
+        examples = self.data.train
+        counts = [packing.count_tokens(b, examples) for b in self.step_batches(self.state.step)]
         step_tokens, step_trained = sum(c[0] for c in counts), sum(c[1] for c in counts)
-        mine = everyone[self.rank::world]
         started = time.monotonic()
         loss_total = 0.0
-        for k, mb in enumerate(mine):
-            sync = world == 1 or k == len(mine) - 1
-            with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)), self.autocast():
-                s, _ = packing.loss_sum(self.model, self.batch(mb, examples))
-                # Sum over tokens / all tokens of the step: every trained token weighs the same, however the
-                # tokens fall into micro-batches and ranks (DDP averages gradients, hence * world).
-                (s * (world / step_trained)).backward()
+        for mb in self.step_batches(self.state.step, self.rank, self.world):
+            with self.autocast():
+                s, _ = packing.loss_sum(self.peft_model, self.batch(mb, examples))
+                # Sum over tokens / all tokens of the step, on every process: every trained token weighs the
+                # same however the tokens fall into micro-batches and processes, and the gradients' sum over
+                # processes is the whole step's gradient.
+                (s / step_trained).backward()
             loss_total += float(s.detach())
+        self.sum_gradients()
         grad_norm = None
         if self.config.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
@@ -376,6 +379,46 @@ class Trainer:
             scalars["train/grad_norm"] = grad_norm
         return scalars
 
+    def sum_gradients(self) -> None:
+        """Sum the trainable parameters' gradients over processes, once per optimizer step.
+
+        Not DDP: the loss runs the decoder and the output head directly (`packing.loss_sum`, to keep [B, L, V]
+        logits out of memory), which never passes through DDP's forward, so DDP would sync nothing. One
+        all-reduce per bucket of adapter gradients instead; a process without a micro-batch in this step (an
+        epoch's last step can hold fewer than there are processes) adds zeros. Every process then clips and
+        steps the same summed gradient, so the replicas stay equal.
+        """
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket: list[Any] = []
+        size = 0
+        for i, p in enumerate(self.params):
+            bucket.append(p.grad)
+            size += p.grad.numel()
+            if size >= GRAD_BUCKET or i == len(self.params) - 1:
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                at = 0
+                for g in bucket:
+                    g.copy_(flat[at:at + g.numel()].view_as(g))
+                    at += g.numel()
+                bucket, size = [], 0
+
+    def broadcast_parameters(self) -> None:
+        """Rank 0's trainable weights on every process, before the first step (as DDP does at start)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in self.params:
+            dist.broadcast(p.data, src=0)
+
     def evaluate(self) -> float | None:
         """Mean eval loss per target token over every process's share of the eval batches (None: no eval split)."""
         import torch
@@ -384,13 +427,13 @@ class Trainer:
 
         if not self.data.eval_batches:
             return None
-        self.model.eval()
+        self.peft_model.eval()
         loss_sum, count = 0.0, 0
         with torch.no_grad(), self.autocast():
             for i in range(self.rank, len(self.data.eval_batches), self.world):
-                s, n = packing.loss_sum(self.model, self.batch(self.data.eval_batches[i], self.data.eval))
+                s, n = packing.loss_sum(self.peft_model, self.batch(self.data.eval_batches[i], self.data.eval))
                 loss_sum, count = loss_sum + float(s), count + n
-        self.model.train()
+        self.peft_model.train()
         total, tokens = self.all_sum(loss_sum, count)
         return total / max(tokens, 1)
 
@@ -452,41 +495,68 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
     t = time.monotonic()
     base, tokenizer, fmt = _base_and_tokenizer(config, accelerator)
     train_data = _load_data(config, prep, tokenizer, fmt)
-    schedule = _schedule(config, train_data, accelerator.num_processes)
-    LOG.info("data: %d train examples (%s) in %d packed rows of %d tokens (%.1f%% full), %d eval examples; "
-             "%d steps (%d per epoch)", len(train_data.train), train_data.source, len(train_data.rows),
-             config.max_seq_length, 100 * train_data.density, len(train_data.eval), schedule.total,
-             schedule.steps_per_epoch)
     timings["load_data_s"] = time.monotonic() - t
 
-    t = time.monotonic()
-    peft_model, compute_dtype, quant = _load_model(config, base.path, accelerator.device, cuda)
-    param_counts = _count_params(peft_model)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer, optimizer_name = _optimizer(config, params, cuda)
-    from transformers import get_scheduler  # here, so load_model_s counts its import as it always did
+    with tempfile.TemporaryDirectory(prefix="ftjobs-ckpt-") as tmp:
+        t = time.monotonic()
+        ckpt = _checkpoint_to_resume(config.output, identity, accelerator, Path(tmp))
+        saved = checkpoints.saved_state(ckpt) if ckpt is not None else None  # its step count fixes the schedule
+        schedule = _schedule(config, train_data, accelerator.num_processes, saved)
+        timings["resume_s"] = time.monotonic() - t
+        LOG.info("data: %d train examples (%s) in %d packed rows of %d tokens (%.1f%% full), %d eval examples; "
+                 "%d steps (%d per epoch) of %d micro-batches of %d rows on %d process(es)", len(train_data.train),
+                 train_data.source, len(train_data.rows), config.max_seq_length, 100 * train_data.density,
+                 len(train_data.eval), schedule.total, schedule.steps_per_epoch, schedule.per_step,
+                 config.batch_size, accelerator.num_processes)
 
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=schedule.warmup,
-                              num_training_steps=schedule.total)
-    model = accelerator.prepare_model(peft_model, device_placement=False) if accelerator.num_processes > 1 \
-        else peft_model
-    timings["load_model_s"] = time.monotonic() - t
+        t = time.monotonic()
+        peft_model, compute_dtype, quant = _load_model(config, base.path, accelerator.device, cuda)
+        param_counts = _count_params(peft_model)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer, optimizer_name = _optimizer(config, params, cuda)
+        from transformers import get_scheduler  # here, so load_model_s counts its import as it always did
 
-    state, ckpt = checkpoints.resume(config.output, identity, peft_model, optimizer, scheduler,
-                                     accelerator.process_index, config.seed)
+        scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=schedule.warmup,
+                                  num_training_steps=schedule.total)
+        timings["load_model_s"] = time.monotonic() - t
+
+        state = checkpoints.TrainState()
+        if ckpt is not None:
+            state = checkpoints.restore(ckpt.local, peft_model, optimizer, scheduler, accelerator.process_index,
+                                        config.seed, where=ckpt.uri)
+            LOG.info("resuming from %s (step %d of %d)", ckpt.uri, ckpt.step, schedule.total)
     resumed_from = ckpt.step if ckpt is not None else None
-    if ckpt is not None:
-        LOG.info("resuming from %s (step %d of %d)", ckpt.uri, ckpt.step, schedule.total)
     state.attempts += 1
+    state.per_step, state.world = schedule.per_step, accelerator.num_processes
     state.run_id = os.environ.get("FTJOBS_RUN_ID") or state.run_id or mf.new_run_id()
     tracker = Tracker(config.report_to, config.run_name or state.run_id, resolved,
                       enabled=accelerator.is_main_process)
-    return Trainer(config=config, accelerator=accelerator, base=base, tokenizer=tokenizer, fmt=fmt,
-                   data=train_data, schedule=schedule, model=model, peft_model=peft_model, params=params,
-                   param_counts=param_counts, optimizer=optimizer,
-                   optimizer_name=optimizer_name, scheduler=scheduler, compute_dtype=compute_dtype, quant=quant,
-                   identity=identity, attempt=attempt, state=state, resumed_from=resumed_from, tracker=tracker,
-                   timings=timings)
+    trainer = Trainer(config=config, accelerator=accelerator, base=base, tokenizer=tokenizer, fmt=fmt,
+                      data=train_data, schedule=schedule, peft_model=peft_model, params=params,
+                      param_counts=param_counts, optimizer=optimizer,
+                      optimizer_name=optimizer_name, scheduler=scheduler, compute_dtype=compute_dtype, quant=quant,
+                      identity=identity, attempt=attempt, state=state, resumed_from=resumed_from, tracker=tracker,
+                      timings=timings)
+    trainer.broadcast_parameters()
+    return trainer
+
+
+def _checkpoint_to_resume(output: str, identity: str, accelerator: Any,
+                          dest: Path) -> checkpoints.Checkpoint | None:
+    """The newest usable checkpoint of this run, downloaded and verified; None to start from step 0.
+
+    Rank 0 chooses and the others fetch the folder it chose: one process finding a checkpoint unusable
+    where rank 0 did not must not let the processes resume from different steps.
+    """
+    if accelerator.num_processes == 1:
+        return checkpoints.latest(output, dest, identity)
+    from accelerate.utils import broadcast_object_list
+
+    chosen = checkpoints.latest(output, dest, identity) if accelerator.is_main_process else None
+    name = broadcast_object_list([chosen.local.name if chosen is not None else None], from_process=0)[0]
+    if accelerator.is_main_process or name is None:
+        return chosen
+    return checkpoints.fetch(output, name, dest, identity)
 
 
 def _base_and_tokenizer(config: Config, accelerator: Any) -> tuple[models.ModelRef, Any, chat.ChatFormat]:
@@ -539,8 +609,20 @@ def _load_data(config: Config, prep: mf.Loaded, tokenizer: Any, fmt: chat.ChatFo
                                    for i in range(0, len(eval_rows), config.batch_size)], pad_id=pad_id)
 
 
-def _schedule(config: Config, train_data: TrainData, world: int) -> Schedule:
+def _schedule(config: Config, train_data: TrainData, world: int,
+              saved: checkpoints.TrainState | None = None) -> Schedule:
+    """Steps and micro-batches per step: grad_accum x processes on a fresh start, the checkpoint's on a resume."""
     per_step = config.grad_accum * world
+    if saved is not None and saved.per_step is not None:
+        if saved.per_step != per_step or saved.world != world:
+            uneven = (f"; {world} processes share {saved.per_step} micro-batches unevenly"
+                      if saved.per_step % world else "")
+            LOG.warning("checkpoint step %d was saved by %d process(es) taking %d micro-batches per step; resuming "
+                        "on %d process(es) with the same %d micro-batches per step (%s per process, whatever "
+                        "grad_accum says), so every step takes the same global batch and the schedule keeps its "
+                        "length%s", saved.step, saved.world, saved.per_step, world, saved.per_step,
+                        f"{saved.per_step / world:g}", uneven)
+        per_step = saved.per_step
     batches_per_epoch = math.ceil(len(train_data.rows) / config.batch_size)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / per_step))
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
@@ -560,7 +642,7 @@ def fit(t: Trainer, stop: _StopFlag) -> Fitted:
     if stop.requested:
         raise Preempted("SIGTERM arrived before training started; nothing to save. Re-run the same command.")
     total, ckpt = t.schedule.total, t.config.checkpoint
-    t.model.train()
+    t.peft_model.train()
     progress = Progress("train", total=total - t.state.step, unit="steps")
     last_ckpt = started = time.monotonic()
     while t.state.step < total:
@@ -583,6 +665,8 @@ def fit(t: Trainer, stop: _StopFlag) -> Fitted:
             if stopping:
                 progress.close()
                 t.tracker.close()
+                if not t.main:  # its own line: rank 0's says where the state went
+                    raise Preempted(f"rank {t.rank}: stopped with the other processes after step {step}")
                 raise Preempted(f"Stopped by SIGTERM after step {step} of {total}; state saved to {uri}. "
                                 "Re-run the same command to resume from it.")
     progress.close()
@@ -646,7 +730,8 @@ def _outcome(t: Trainer, fitted: Fitted) -> stage.Outcome:
         "packing": {"mode": config.packing, "attention": config.attention, "rows": len(train_data.rows),
                     "row_tokens": config.max_seq_length, "density": round(train_data.density, 4),
                     "padding_free": True},
-        "steps": {"total": t.schedule.total, "per_epoch": t.schedule.steps_per_epoch, "warmup": t.schedule.warmup},
+        "steps": {"total": t.schedule.total, "per_epoch": t.schedule.steps_per_epoch, "warmup": t.schedule.warmup,
+                  "micro_batches": t.schedule.per_step, "rows_per_micro_batch": config.batch_size},
         "world_size": t.world,
         "resumed_from_step": t.resumed_from,
         "attempts": state.attempts,

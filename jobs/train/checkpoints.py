@@ -9,7 +9,9 @@ mid-upload and is ignored.
 
 On resume, the newest checkpoint whose marker belongs to this run and whose
 files all match the marker's sha256 is used; anything else is skipped for the
-previous one, with a warning that says why. Files are verified after download
+previous one, with a warning that says why. With several processes, rank 0
+chooses it and the others fetch that same folder (`fetch`): every process
+resumes from one step. Files are verified after download
 and before anything reads them, so a pickled optimizer state is only
 unpickled (and then with `weights_only=True`) once its bytes are known good.
 """
@@ -26,15 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from common import storage
-from common.errors import InputError
+from common.errors import FtjobsError, InputError
 from common.manifest import now
 
 LOG = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
 STEP_DIR = re.compile(r"^step-(\d{8})(?:-[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*)?$")
-# state.json's layout. Checkpoints written before the field existed have the same layout and count as 1.
-STATE_VERSION = 1
+# state.json's layout. Version 2 added per_step and world; version 1 (and checkpoints written before the version
+# field existed, which count as 1) is read as having the config's micro-batches per step on this many processes.
+STATE_VERSION = 2
+READS = (1, 2)
 
 
 @dataclass
@@ -42,7 +46,9 @@ class TrainState:
     """Where a training run stands: what a checkpoint saves as state.json and the manifest reports.
 
     `step` is also the data position: the loop derives the epoch and the micro-batch to start from it, so
-    a resumed run replays the same batches in the same order.
+    a resumed run replays the same batches in the same order. `per_step` (micro-batches per optimizer step,
+    all processes together) is fixed by the run's first attempt: a resume on another number of processes
+    keeps it, so each step still takes the same global batch and the schedule keeps its length.
     """
 
     step: int = 0                 # optimizer steps done
@@ -53,6 +59,8 @@ class TrainState:
     eval_losses: list[dict[str, Any]] = field(default_factory=list)  # {step, loss} per evaluation
     attempts: int = 0             # runs of the job that trained on this state, the current one included
     run_id: str | None = None
+    per_step: int | None = None   # micro-batches per optimizer step, all processes together (None: version 1)
+    world: int | None = None      # processes of the attempt that saved it
 
     def advance(self, *, loss: float, lr: float, tokens: int, trained_tokens: int, seconds: float) -> None:
         """Count one optimizer step and record its loss."""
@@ -70,14 +78,19 @@ class TrainState:
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> TrainState:
         version = data.get("version", 1)
-        if version != STATE_VERSION:
-            raise InputError(f"{where} has state.json version {version}; this ftjobs reads version "
-                             f"{STATE_VERSION}. Resume with the ftjobs that wrote it, or delete the checkpoints "
-                             "to train from the start.")
+        if version not in READS:
+            raise InputError(f"{where} has state.json version {version}; this ftjobs reads versions "
+                             f"{', '.join(map(str, READS))}. Resume with the ftjobs that wrote it, or delete the "
+                             "checkpoints to train from the start.")
         try:
-            return cls(step=int(data["step"]), tokens=int(data["tokens"]), trained_tokens=int(data["trained_tokens"]),
-                       train_seconds=float(data["train_seconds"]), losses=list(data["loss"]),
-                       eval_losses=list(data["eval"]), attempts=int(data["attempts"]), run_id=data.get("run_id"))
+            state = cls(step=int(data["step"]), tokens=int(data["tokens"]), trained_tokens=int(data["trained_tokens"]),
+                        train_seconds=float(data["train_seconds"]), losses=list(data["loss"]),
+                        eval_losses=list(data["eval"]), attempts=int(data["attempts"]), run_id=data.get("run_id"))
+            if version >= 2:
+                state.per_step, state.world = int(data["per_step"]), int(data["world"])
+                if state.per_step < 1 or state.world < 1:
+                    raise ValueError(f"per_step {state.per_step} and world {state.world} must be >= 1")
+            return state
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{where}: state.json is not a training state ({type(exc).__name__}: {exc}). Delete "
                              "that checkpoint folder to resume from the one before it.") from None
@@ -188,6 +201,27 @@ def latest(output: str, dest: Path, identity: str) -> Checkpoint | None:
     return None
 
 
+def fetch(output: str, name: str, dest: Path, identity: str) -> Checkpoint:
+    """Download and verify the checkpoint folder `name` (the one rank 0 chose); an error if it is not usable."""
+    uri = storage.join(root(output), name)
+    match = STEP_DIR.match(name)
+    try:
+        marker = json.loads(storage.read_bytes(storage.join(uri, MARKER)))
+        files = marker["files"]
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        raise CheckpointUnusable(f"checkpoint {uri}, which rank 0 resumes from, has no readable {MARKER} here "
+                                 f"({type(exc).__name__}: {exc}); retry") from None
+    problem = None if match and marker.get("identity") == identity else "it belongs to a different run"
+    problem = problem or _download_verified(uri, files, dest / name)
+    if problem:
+        raise CheckpointUnusable(f"checkpoint {uri}, which rank 0 resumes from, failed here: {problem}; retry")
+    return Checkpoint(step=int(match.group(1)) if match else -1, uri=uri, local=dest / name, marker=marker)
+
+
+class CheckpointUnusable(FtjobsError):
+    """Another process could not read the checkpoint rank 0 resumes from (exit 1: a retry reads it again)."""
+
+
 def _download_verified(uri: str, files: dict[str, Any], local: Path) -> str | None:
     for rel, want in sorted(files.items()):
         try:
@@ -214,18 +248,9 @@ def write(output: str, identity: str, model: Any, optimizer: Any, scheduler: Any
         return save(output, state.step, Path(local), identity, attempt)
 
 
-def resume(output: str, identity: str, model: Any, optimizer: Any, scheduler: Any, rank: int,
-           seed: int) -> tuple[TrainState, Checkpoint | None]:
-    """Load the newest complete, verified checkpoint of this run into model, optimizer and scheduler.
-
-    Returns its state and the checkpoint, or a fresh state and None when there is none.
-    """
-    with tempfile.TemporaryDirectory(prefix="ftjobs-ckpt-") as tmp:
-        ckpt = latest(output, Path(tmp), identity)
-        if ckpt is None:
-            return TrainState(), None
-        state = restore(ckpt.local, model, optimizer, scheduler, rank, seed, where=ckpt.uri)
-        return state, ckpt
+def saved_state(ckpt: Checkpoint) -> TrainState:
+    """The training state a downloaded, verified checkpoint holds (refused when unreadable or too new)."""
+    return TrainState.from_json(json.loads((ckpt.local / "state.json").read_text()), ckpt.uri)
 
 
 def snapshot(local: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState) -> None:
@@ -243,6 +268,8 @@ def snapshot(local: Path, model: Any, optimizer: Any, scheduler: Any, state: Tra
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, local / "rng.pt")
     py_state = random.getstate()
+    if state.per_step is None or state.world is None:
+        raise ValueError("the training state to save names no per_step and world")
     (local / "state.json").write_text(json.dumps({**state.to_json(), "python_rng": [py_state[0], list(py_state[1]),
                                                                                     py_state[2]]}))
 

@@ -135,6 +135,21 @@ def micro_batches(rows: list[list[int]], batch_size: int, seed: int, epoch: int)
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+def step_share(batches: Sequence[Any], per_step: int, step_in_epoch: int, rank: int = 0,
+               world: int = 1) -> list[Any]:
+    """The micro-batches process `rank` of `world` trains on in optimizer step `step_in_epoch` of an epoch.
+
+    A step takes the epoch's next `per_step` micro-batches (its last step what is left: never the epoch's
+    first ones again); process r takes every `world`-th of them, starting at the r-th. So over an epoch each
+    micro-batch is trained on exactly once, by one process, whatever `world` is, and a step's micro-batches
+    are the same set on any number of processes: the data position is the global step alone.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of {world} processes")
+    first = step_in_epoch * per_step
+    return list(batches[first:first + per_step][rank::world])
+
+
 def collate(batch: list[list[int]], examples: Sequence[Example], pad_id: int,
             with_mask: bool = False) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch of packed rows, padded only to its longest row.

@@ -35,6 +35,29 @@ def test_epoch_order_is_reproducible_and_differs_between_epochs():
     assert packing.micro_batches(rows, 4, seed=1, epoch=0) != packing.micro_batches(rows, 4, seed=1, epoch=1)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize(("n_rows", "batch_size", "grad_accum"), [(26, 2, 1), (26, 2, 3), (7, 4, 2), (1, 1, 1)])
+def test_every_packed_row_of_an_epoch_is_trained_once_by_one_process(world, n_rows, batch_size, grad_accum):
+    # What train_step takes: this epoch's micro-batches, a step's share per process (packing.step_share).
+    rows = [[2 * i, 2 * i + 1] for i in range(n_rows)]  # packed rows of example indices
+    batches = packing.micro_batches(rows, batch_size, seed=3, epoch=0)
+    per_step = grad_accum * world
+    steps = -(-len(batches) // per_step)  # jobs.train's steps_per_epoch
+    taken = []
+    for step in range(steps):
+        shares = [packing.step_share(batches, per_step, step, rank, world) for rank in range(world)]
+        # The step's micro-batches are the same on any number of processes: ranks split them, nothing more.
+        alone = packing.step_share(batches, per_step, step)
+        assert sorted(map(str, (b for share in shares for b in share))) == sorted(map(str, alone))
+        assert all(len(share) <= -(-per_step // world) for share in shares)
+        taken += [example for share in shares for batch in share for row in batch for example in row]
+    # No duplicates, no gaps: every example of every packed row exactly once per epoch.
+    assert sorted(taken) == list(range(2 * n_rows))
+    assert packing.step_share(batches, per_step, steps) == []  # past the epoch's end there is nothing
+    with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
+        packing.step_share(batches, per_step, 0, rank=2, world=2)
+
+
 def test_collate_restarts_positions_and_never_targets_across_examples():
     a = packing.example([1, 10, 11, 12], [IGNORE_INDEX, IGNORE_INDEX, 11, 12])
     b = packing.example([1, 20, 21], [IGNORE_INDEX, 20, 21])
@@ -140,3 +163,20 @@ def test_packing_none_puts_one_example_per_row() -> None:
     assert sorted(rows) == [[0], [1], [2]] and rows[0] == [1]  # longest first, as packed rows are
     with pytest.raises(ValueError, match="more than max_len"):
         packing.pack([11], max_len=10, separate=True)
+
+
+def test_state_json_records_the_step_size_and_reads_version_1_as_before():
+    from common.errors import InputError
+    from jobs.train import checkpoints
+
+    state = checkpoints.TrainState(step=6, tokens=10, trained_tokens=5, attempts=2, per_step=4, world=2)
+    data = state.to_json()
+    assert (data["version"], data["per_step"], data["world"]) == (2, 4, 2)
+    assert checkpoints.TrainState.from_json(data, "here") == state
+    v1 = {k: v for k, v in data.items() if k not in ("per_step", "world")} | {"version": 1}
+    old = checkpoints.TrainState.from_json(v1, "here")
+    assert (old.step, old.per_step, old.world) == (6, None, None)  # the config's grad_accum x processes then
+    with pytest.raises(InputError, match="state.json is not a training state"):
+        checkpoints.TrainState.from_json({k: v for k, v in data.items() if k != "per_step"}, "here")
+    with pytest.raises(InputError, match="version 3; this ftjobs reads versions 1, 2"):
+        checkpoints.TrainState.from_json({**data, "version": 3}, "here")

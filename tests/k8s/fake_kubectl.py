@@ -1,7 +1,8 @@
 """A stand-in for kubectl + a cluster, for testing `ftjobs k8s submit` where no cluster runs.
 
 It answers the calls submit makes. `create -f -` "runs" the Job at once: it reads the
-container arguments the way the stage would, and publishes a real manifest for that stage
+container arguments the way the stage would (after `launch ... --` for a multi-node train, whose
+headless Service it records as created), and publishes a real manifest for that stage
 under the Job's --output (on the real test S3 server), with every manifest the arguments
 name recorded as an input. `kustomize` goes to the real kubectl.
 
@@ -50,19 +51,32 @@ def main(argv: list[str]) -> int:
     if argv[:3] == ["create", "-f", "-"]:
         job = yaml.safe_load(sys.stdin.read())
         name = job["metadata"]["name"]
+        if job["kind"] == "Service":
+            if (STATE / f"service-{name}.json").exists():
+                print(f'Error from server (AlreadyExists): services "{name}" already exists', file=sys.stderr)
+                return 1
+            with (STATE / "created.log").open("a") as log:
+                log.write(f"service/{name}\n")
+            (STATE / f"service-{name}.json").write_text(json.dumps(job))
+            print(f"service/{name} created")
+            return 0
         state = STATE / f"{name}.json"
         if state.exists():
             print(f'Error from server (AlreadyExists): jobs.batch "{name}" already exists', file=sys.stderr)
             return 1
         container = job["spec"]["template"]["spec"]["containers"][0]
-        stage, args = container["args"][0], container["args"][1:]
+        args = container["args"]
+        if args[0] == "launch":  # torchrun's options, then the stage's command line
+            args = args[args.index("--") + 1:]
+        stage, args = args[0], args[1:]
         fails = dict(item.split(":") for item in filter(None, os.environ.get("FAKE_KUBE_FAIL", "").split(",")))
         # a key is a stage, or a piece of one Job's name (a sweep's step key)
         code = int(next((c for key, c in fails.items() if key == stage or (len(key) > 6 and key in name)), 0))
         if code in (0, 4):
             publish_for(stage, args, name)
         state.write_text(json.dumps({"code": code, "args": args, "image": container["image"],
-                                     "completions": job["spec"].get("completions")}))
+                                     "completions": job["spec"].get("completions"),
+                                     "command": container["args"]}))
         with (STATE / "created.log").open("a") as log:
             log.write(name + "\n")
         print(f"job.batch/{name} created")

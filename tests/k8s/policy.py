@@ -44,9 +44,14 @@ def _under(path: str, mounts: list[str]) -> bool:
     return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
 
 
-def violations(job: dict[str, Any], *, gpu: bool | None = None, api_access: bool = False) -> list[str]:
+def violations(job: dict[str, Any], *, gpu: bool | None = None, jobset_child: bool = False,
+               api_access: bool = False) -> list[str]:
     """Everything wrong with one Job; [] when it meets the policy. gpu: also check the GPU pool settings.
-    api_access: the one pod that talks to the Kubernetes API (a sweep's driver) mounts its account's token."""
+
+    jobset_child: the Job is a JobSet's replicated Job (`jobset_violations`): its pods' failures fail it at
+    once (backoffLimit 0) and the JobSet retries the whole set, so it fails on 2 and 3 with FailJob.
+    api_access: the one pod that talks to the Kubernetes API (a sweep's driver) mounts its account's token.
+    """
     out: list[str] = []
     name = job.get("metadata", {}).get("name", "?")
     stage = job.get("metadata", {}).get("labels", {}).get("ftjobs.dev/stage", "?")
@@ -59,7 +64,7 @@ def violations(job: dict[str, Any], *, gpu: bool | None = None, api_access: bool
 
     # -- Job: the exit-code contract, retries, cleanup
     rules = (spec.get("podFailurePolicy") or {}).get("rules") or []
-    fail_action = "FailIndex" if spec.get("completionMode") == "Indexed" else "FailJob"
+    fail_action = "FailIndex" if spec.get("completionMode") == "Indexed" and not jobset_child else "FailJob"
     no_retry = set()
     for r in rules:
         codes = r.get("onExitCodes") or {}
@@ -70,13 +75,15 @@ def violations(job: dict[str, Any], *, gpu: bool | None = None, api_access: bool
     if not any(r.get("action") == "Ignore" and any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
                                                   for c in r.get("onPodConditions") or []) for r in rules):
         bad("podFailurePolicy must Ignore the DisruptionTarget pod condition")
-    if spec.get("completionMode") == "Indexed" and not spec.get("backoffLimitPerIndex"):
+    if jobset_child and spec.get("backoffLimit") != 0:
+        bad("a JobSet's Job needs backoffLimit 0 (the JobSet's failurePolicy retries the set)")
+    elif not jobset_child and spec.get("completionMode") == "Indexed" and not spec.get("backoffLimitPerIndex"):
         bad("an Indexed Job needs backoffLimitPerIndex")
     if spec.get("podReplacementPolicy") != "Failed":
         bad("podReplacementPolicy must be Failed")
     if not spec.get("activeDeadlineSeconds", 0) > 0:
         bad("activeDeadlineSeconds must be set")
-    if spec.get("ttlSecondsAfterFinished") is None:
+    if spec.get("ttlSecondsAfterFinished") is None and not jobset_child:  # a JobSet sets it for its Jobs
         bad("ttlSecondsAfterFinished must be set")
     if pod.get("restartPolicy") != "Never":
         bad("restartPolicy must be Never (podFailurePolicy needs it)")
@@ -156,4 +163,25 @@ def violations(job: dict[str, Any], *, gpu: bool | None = None, api_access: bool
             bad(f"container {cname}: {stage} asks for a GPU it does not use")
 
         out.extend(f"{name}: {v}" for v in image_violations(c.get("image", "")))
+    return out
+
+
+def jobset_violations(jobset: dict[str, Any], *, gpu: bool | None = None) -> list[str]:
+    """Everything wrong with a JobSet that runs one stage: the JobSet's own retry rules, and each replicated
+    Job's as `violations` checks them (the pod policy is the same as a plain Job's)."""
+    out: list[str] = []
+    name = jobset.get("metadata", {}).get("name", "?")
+    spec = jobset.get("spec", {})
+    policy = spec.get("failurePolicy") or {}
+    if not policy.get("maxRestarts", 0) >= 1:
+        out.append(f"{name}: failurePolicy.maxRestarts must be >= 1 (a preempted node restarts the set)")
+    if not any(r.get("action") == "FailJobSet" and "PodFailurePolicy" in (r.get("onJobFailureReasons") or [])
+               for r in policy.get("rules") or []):
+        out.append(f"{name}: failurePolicy must FailJobSet on a Job failed by its podFailurePolicy (exit 2, 3, 4)")
+    if spec.get("ttlSecondsAfterFinished") is None:
+        out.append(f"{name}: ttlSecondsAfterFinished must be set")
+    for rj in spec.get("replicatedJobs") or []:
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {**jobset["metadata"], **rj["template"].get(
+            "metadata", {}), "name": f"{name}-{rj['name']}"}, "spec": rj["template"]["spec"]}
+        out += violations(job, gpu=gpu, jobset_child=True)
     return out

@@ -138,6 +138,27 @@ def test_submit_again_follows_the_existing_jobs(cluster: dict[str, Any]) -> None
     assert "following existing" in again.stderr
 
 
+def test_multinode_train_creates_its_service_then_its_indexed_job(cluster: dict[str, Any]) -> None:
+    result = submit(cluster, "--nodes", "2", "--gpus-per-node", "2")
+    assert result.exit_code == 0, result.output
+    names = created(cluster)
+    assert names.index("service/ftjobs-train-r1") == names.index("ftjobs-train-r1") - 1  # the Service first
+    state = json.loads((cluster["state"] / "ftjobs-train-r1.json").read_text())
+    assert state["completions"] == 2
+    command = state["command"]
+    assert command[:command.index("--")] == [
+        "launch", "--nproc-per-node", "2", "--shutdown-timeout", "570", "--nnodes", "2", "--node-rank",
+        "$(FTJOBS_NODE_RANK)", "--master-addr", "ftjobs-train-r1-0.ftjobs-train-r1", "--master-port", "29500"]
+    # the stage's own arguments are the single-pod Job's, and the chain went on from train's manifest
+    assert job_args(cluster, "ftjobs-train-r1")[-2:] == ["--output", f"{cluster['root']}/r1/train/"]
+    assert "merge" in json.loads(cluster["summary"].read_text())
+    service = json.loads((cluster["state"] / "service-ftjobs-train-r1.json").read_text())
+    assert service["metadata"]["namespace"] == "ml-ci" and service["spec"]["clusterIP"] == "None"
+    again = submit(cluster, "--nodes", "2", "--gpus-per-node", "2")  # follows the Service and the Job
+    assert again.exit_code == 0, again.output
+    assert created(cluster) == names
+
+
 def test_bad_input_stops_the_chain_with_the_stage_exit_code(cluster: dict[str, Any],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_KUBE_FAIL", "train:3")
