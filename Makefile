@@ -48,7 +48,11 @@ lock: ## regenerate requirements/lock-*.txt from pyproject.toml (LOCK_ARGS=--upg
 demo: $(STAMP) ## the offline demo: finetune the bundled base on CPU, report under runs/<id>/evaluate/
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m jobs.cli pipeline --config demo/pipeline.yaml $(DEMO_ARGS)
 
-.PHONY: demo
+# The offline sweep: three bundled base sizes x two finetuning settings, one leaderboard (README "Sweeps").
+demo-sweep: $(STAMP) ## the offline sweep demo: 6 cells on CPU, leaderboard under sweeps/<id>/evaluate/
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m jobs.cli sweep --config demo/sweep.yaml $(DEMO_ARGS)
+
+.PHONY: demo demo-sweep
 
 test: $(STAMP) ## run unit, integration and end-to-end tests (what CI runs)
 	$(PYTEST) -m "not gpu and not docker" $(PYTEST_ARGS)
@@ -59,7 +63,7 @@ test-unit: $(STAMP) ## only the fast unit tier
 bench: $(STAMP) ## run every benchmark on this machine and print one table (bench/README.md)
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 
-lint: $(STAMP) ## ruff + mypy on common/
+lint: $(STAMP) ## ruff + mypy on common/ and jobs/
 	$(BIN)/ruff check common jobs tests bench
 	$(BIN)/mypy
 

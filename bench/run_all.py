@@ -28,6 +28,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "merge": ("bench.bench_merge", ["--size", "small"], ["--size", "small"]),
     "infer": ("bench.bench_infer", ["--quick"], ["--quick"]),
     "storage": ("bench.bench_storage", ["--files", "2", "--mb", "32"], ["--files", "4", "--mb", "48"]),
+    "sweep": ("bench.bench_sweep", ["--steps", "20"], ["--steps", "60"]),
 }
 
 

@@ -197,7 +197,7 @@ def expand(config: Config) -> list[dict[str, Any]]:
 
 def short(value: Any) -> str:
     if isinstance(value, list):
-        return "+".join(short(v) for v in value)
+        return "+".join(short(v) for v in value) or "none"
     if isinstance(value, str) and ("/" in value or "\\" in value):
         return value.rstrip("/").split("/")[-1].removesuffix(".jsonl").removesuffix(".json")
     return str(value)
@@ -559,7 +559,7 @@ def run(config: Config) -> mf.Loaded:
             inst, args, finished = leaderboard_step(config, cells, instances, prefix, conf_dir)
             if not finished:
                 failures = [i for i in instances.values() if i.status == "failed"]
-                codes = {i.exit_code for i in failures}
+                codes = {i.exit_code for i in failures if i.exit_code is not None}
                 code = codes.pop() if len(codes) == 1 else EXIT_RETRYABLE
                 raise _coded(code, f"no cell of sweep {sweep_id} finished; the failing steps: " + "; ".join(
                     f"{i.step.name}#{i.key[:6]} exit {i.exit_code} (log {i.log})" for i in failures))

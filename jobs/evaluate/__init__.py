@@ -173,7 +173,7 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
     labels = list(config.labels) if config.labels else unique(
         [default_label(lo, i) for i, lo in enumerate(loaded)])
     validator = metrics.load_schema(config.checks.json_schema) if config.checks.json_schema is not None else None
-    sets = []
+    sets: list[dict[str, Any]] = []  # {label, loaded, rows, scores}: comparison.py's sets
     with tempfile.TemporaryDirectory() as tmp:
         for i, lo in enumerate(loaded):
             folder = Path(tmp) / str(i)

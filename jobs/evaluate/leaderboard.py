@@ -45,8 +45,8 @@ def build(sets: dict[str, dict[str, Any]], comparisons: dict[str, Any], cells: l
     for axis in ("total_params", "train_seconds"):
         for r, on in zip(rows, pareto(rows, axis), strict=True):
             r[f"pareto_{axis}"] = on
-    board = {"metric": metric, "title": TITLES.get(metric, metric), "cells": rows, "best": None, "runner_up": None,
-             "verdict": "no cell has a value for this metric", "notes": []}
+    board: dict[str, Any] = {"metric": metric, "title": TITLES.get(metric, metric), "cells": rows, "best": None,
+                             "runner_up": None, "verdict": "no cell has a value for this metric", "notes": []}
     scored = [r for r in rows if r["metric"] is not None]
     if scored:
         best = scored[0]
@@ -62,7 +62,7 @@ def build(sets: dict[str, dict[str, Any]], comparisons: dict[str, Any], cells: l
             diffs = [sets[best["label"]]["scores"][r][metric] - sets[runner["label"]]["scores"][r][metric]
                      for r in shared if sets[best["label"]]["scores"][r].get(metric) is not None
                      and sets[runner["label"]]["scores"][r].get(metric) is not None]
-            paired = {"delta": mean(diffs), "ci95": bootstrap_interval(diffs, resamples, seed + 1),
+            paired: dict[str, Any] = {"delta": mean(diffs), "ci95": bootstrap_interval(diffs, resamples, seed + 1),
                       "examples": len(diffs), "cis_overlap": overlap(best["ci95"], runner["ci95"])}
             board["best_vs_runner_up"] = paired
             verdict += (f"; {pts(paired['delta'])} {interval(paired['ci95'], points=True)} over the runner-up "

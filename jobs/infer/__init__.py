@@ -154,12 +154,14 @@ def read_inputs(config: Config) -> tuple[stage.Identity, Any, mf.Loaded | None, 
     """The run's identity and its inputs (model, adapter, prompts), read and checked."""
     # What makes shards "the same run": the config without where this process stands or caches files.
     identity_config = dump(config) | {"shard": None, "finalize": False, "cache_dir": None}
+    assert config.model is not None and config.prompts is not None  # Config requires both unless finalize alone
     model_in = load_model_input(config.model)
     adapter_in = mf.load(config.adapter, expect_stage="train") if config.adapter else None
     prompts_in = load_prompts_input(config.prompts)
-    inputs = [ref for ref in (model_in and model_in.ref("model"), adapter_in and adapter_in.ref("adapter"),
-                              prompts_in if isinstance(prompts_in, mf.InputRef) else prompts_in.ref("data"))
-              if ref is not None]
+    inputs: list[mf.InputRef] = [ref for ref in (model_in.ref("model") if model_in else None,
+                                                 adapter_in.ref("adapter") if adapter_in else None,
+                                                 prompts_in if isinstance(prompts_in, mf.InputRef)
+                                                 else prompts_in.ref("data")) if ref is not None]
     return stage.Identity(STAGE, config.output, identity_config, inputs), model_in, adapter_in, prompts_in
 
 
@@ -383,7 +385,7 @@ def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dic
             ids.append(enc)
         live = [i for i, x in enumerate(ids) if x is not None]
         t0 = time.monotonic()
-        results = generate([ids[i] for i in live]) if live else []  # type: ignore[misc]
+        results = generate([ids[i] for i in live]) if live else []
         elapsed = time.monotonic() - t0
         by_row = dict(zip(live, results, strict=True))
         out_rows = []
@@ -394,7 +396,7 @@ def generate_chunks(config: Config, model: dict[str, Any], chunks: list[list[dic
                     "id": row["id"], "sample": s, "prompt": row["prompt"], "tools": data.tools_json(row["tools"]),
                     "completion": text,
                     "reference": row["reference"], "finish_reason": finish,
-                    "prompt_tokens": len(ids[i]) if ids[i] is not None else row.get("n_prompt", 0),
+                    "prompt_tokens": len(ids[i] or []) if ids[i] is not None else row.get("n_prompt", 0),
                     "completion_tokens": n_tok, "model": ident["model"], "adapter": ident["adapter"],
                     "sampling": sampling_json, "error": row["error"] if ids[i] is None else None,
                 })
@@ -477,11 +479,11 @@ def finalize(config: Config, attempt: stage.Attempt, plan: dict[str, Any], *, wa
         done = storage.read_json(uri)
         tables = []
         for c in done["chunks"]:
-            data = storage.read_bytes(storage.join(out, "shards", f"{i:05d}", c["path"]))
-            if hashlib.sha256(data).hexdigest() != c["sha256"]:
+            chunk = storage.read_bytes(storage.join(out, "shards", f"{i:05d}", c["path"]))
+            if hashlib.sha256(chunk).hexdigest() != c["sha256"]:
                 raise ChecksumError(f"shard {i} {c['path']} changed after its shard finished (sha256 differs "
                                     f"from {uri}); delete {storage.parent(uri)} and re-run shard {i}")
-            tables.append(pq.read_table(io.BytesIO(data)).replace_schema_metadata(None))
+            tables.append(pq.read_table(io.BytesIO(chunk)).replace_schema_metadata(None))
         table = pa.concat_tables(tables) if tables else data.PREDICTIONS.empty_table()
         for row_id, sample in zip(table.column("id").to_pylist(), table.column("sample").to_pylist(), strict=True):
             if (row_id, sample) in keys:

@@ -71,6 +71,7 @@ def prepare_model(config: Config, model_in: mf.Loaded | None, adapter_in: mf.Loa
         recorded: mf.ModelBlock = mf.model_block(model_in)
         identity = {"model": model_in.uri, "adapter": None, "base_model": getattr(recorded, "base_model", None)}
     else:
+        assert config.model is not None  # Config requires it unless finalizing, which loads no model
         ref = models.resolve(config.model, cache_dir=cache / "models")
         path = ref.path
         recorded = mf.ModelBlock()

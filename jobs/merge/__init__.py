@@ -529,7 +529,8 @@ def load_base(path: Path, dtype: str, device: str, trust: bool, roundtrip: Quant
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), trust_remote_code=trust)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
+                                                      trust_remote_code=trust)
     model.to(device).eval()
     if roundtrip is not None:
         names = quantized_weight_names(model, roundtrip)
@@ -631,8 +632,8 @@ def check(plan: Plan, merged: Merged, written: Written, out_dir: Path, timings: 
     generation: dict[str, Any] = {"skipped": plan.skipped or ("disabled" if not plan.config.checks.generation
                                                               else None)}
     if merged.reference is not None and not written.problems:
-        merged_model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=getattr(torch, plan.dtype),
-                                                            trust_remote_code=plan.config.trust_remote_code)
+        merged_model: Any = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=getattr(torch, plan.dtype),
+                                                                 trust_remote_code=plan.config.trust_remote_code)
         merged_model.to(plan.device).eval()
         generation = compare_run(merged_model, merged.reference, plan.tokenizer, atol, plan.device)
         del merged_model

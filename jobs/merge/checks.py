@@ -64,10 +64,11 @@ def compare_run(model: Any, reference: list[tuple[list[int], int, Any]], tokeniz
             ok = first is None or diff <= atol
             results.append({"prompt": i, "tokens": len(want), "tokens_equal": first is None,
                             "first_diff_step": first, "max_logit_diff": diff, "ok": ok})
-            if not ok and first_failure is None:
+            if not ok and first_failure is None and first is not None:
                 first_failure = (f"prompt {i}, generated token {first}: base+adapter chose "
                                  f"{want[first]} ({tokenizer.decode([want[first]])!r}), merged chose {got[first]} "
                                  f"({tokenizer.decode([got[first]])!r}); max |logit diff| {diff:.4g} > {atol:g}")
     return {"prompts": results, "tokens_equal": all(r["tokens_equal"] for r in results),
-            "max_logit_diff": max((r["max_logit_diff"] for r in results), default=0.0), "logit_atol": atol,
+            "max_logit_diff": max((float(r["max_logit_diff"] or 0.0) for r in results), default=0.0),
+            "logit_atol": atol,
             "ok": all(r["ok"] for r in results), "first_failure": first_failure}

@@ -37,7 +37,7 @@ def load_tokenizer(path: str) -> Any:
 def encode_batch(tokenizer: Any, fmt: chat.ChatFormat, conversations: Sequence[Sequence[dict[str, Any]]],
                  tools: Tools, max_length: int | None, train_on: chat.TrainOn) -> list[Result]:
     # array('i'): pickled as one bytes block, not one object per token, between workers and the main process.
-    out = []
+    out: list[tuple[Sequence[int], Sequence[int], int, bool, str | None, str | None]] = []
     for e in chat.encode_many(tokenizer, fmt, conversations, tools=tools, max_length=max_length, train_on=train_on):
         out.append((array("i", e.input_ids), array("i", e.labels), e.kept_messages, e.truncated, e.drop_reason,
                     e.error))

@@ -65,7 +65,7 @@ def load_rows(uri: str, split: str, n: int, tmp: Path) -> tuple[list[dict[str, A
     if not arts:
         have = sorted({a.name.split("/")[0] for a in loaded.manifest.artifacts_named("") if "/part-" in a.name})
         raise InputError(f"{loaded.uri} has no {split!r} split (has: {', '.join(have) or 'none'}); use --split")
-    rows: list[dict[str, Any]] = []
+    rows = []
     for i, art in enumerate(arts):
         local = mf.fetch_artifact(loaded, art, tmp / f"{i:05d}.parquet")
         pf = pq.ParquetFile(local)
@@ -224,7 +224,7 @@ def render_html(title: str, rows: list[dict[str, Any]], all_segs: list[list[tupl
                       "tools": [t.strip().removeprefix("tool ") for t in tool_lines(row)]})
     env = jinja2.Environment(loader=jinja2.PackageLoader("jobs.prepare", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    counts = {k: stats[k] for k in ("rows_in", "rows_out", "train", "eval", "truncated") if k in stats}
+    counts: dict[str, Any] = {k: stats[k] for k in ("rows_in", "rows_out", "train", "eval", "truncated") if k in stats}
     for rule, label in (("trained", "trained"), ("weight_0", "weight 0 (context only)"),
                         ("train_on_excluded", "excluded by train_on")):
         if "turns" in stats:

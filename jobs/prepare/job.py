@@ -73,7 +73,7 @@ class Config(JobConfig):
     output: str = Field(description="Output prefix (local path or s3://...); the manifest is written last.")
     format: Format = Field(default="auto", description="Input format; auto detects it per file and logs what it saw.")
     columns: Columns = Field(default_factory=Columns, description="Column/key names when the data uses other names.")
-    roles: dict[str, R.ROLE_TARGETS] = Field(  # type: ignore[valid-type]
+    roles: dict[str, R.ROLE_TARGETS] = Field(
         default_factory=dict, description="Extra role names -> canonical roles, e.g. {bot: assistant}; tool_call "
         "makes a turn's text a tool call ({name, arguments} JSON), as sharegpt function_call turns are.")
     tokenizer: str | None = Field(default=None, description="Model source for the tokenizer (folder, s3:// prefix, "
@@ -287,7 +287,8 @@ def run(config: Config) -> mf.Loaded:
 def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.Attempt,
              timings: dict[str, float]) -> stage.Outcome:
     """Read -> normalize -> validate -> dedup -> tokenize -> split -> write; refuse when too much was dropped."""
-    encoder, model_info = None, {}
+    encoder: Any = None
+    model_info: dict[str, Any] = {}
     if config.tokenizer:
         encoder, model_info = _tokenizer(config)
     writer = attempt.writer

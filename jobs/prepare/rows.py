@@ -156,7 +156,7 @@ def _role(raw: Any, roles: Mapping[str, str], where: str) -> str:
     if not isinstance(raw, str):
         raise Drop("wrong_type" if raw is not None else "missing_field", f"{where} role is {_type(raw)}")
     role = roles.get(raw, roles.get(raw.lower()))
-    if role not in get_args(ROLE_TARGETS):
+    if role is None or role not in get_args(ROLE_TARGETS):
         raise Drop("unknown_role", f"{where} has role {raw!r}; map it with roles: {{{raw}: user|assistant|...}}")
     return role
 

@@ -172,7 +172,7 @@ def records(f: RawFile, *, max_line_bytes: int) -> Iterator[tuple[int, dict[str,
             return
         assert f.local is not None
         with open(f.local, "rb") as raw:
-            fh: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if f.uri.lower().endswith(".gz") else raw
+            fh: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if f.uri.lower().endswith(".gz") else raw  # type: ignore[assignment]
             if f.kind == "jsonl":
                 gen = _jsonl(fh, max_line_bytes)
             elif f.kind == "json":
@@ -244,7 +244,7 @@ def _text_only(obj: Any, text: str) -> Bad | None:
 
 def _json(fh: IO[bytes], f: RawFile, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
     """A JSON array decoded element by element; a file of JSON lines named .json is read as lines."""
-    buffered = io.BufferedReader(fh) if not isinstance(fh, io.BufferedReader) else fh  # type: ignore[arg-type]
+    buffered = fh if isinstance(fh, io.BufferedReader) else io.BufferedReader(fh)  # type: ignore[type-var]
     head = buffered.peek(4096)[:4096].lstrip()
     if head.startswith(b"\xef\xbb\xbf"):
         head = head[3:].lstrip()

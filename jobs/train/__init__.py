@@ -200,7 +200,7 @@ def run(config: Config) -> stage.Result:
 
 
 def train(config: Config, prep: mf.Loaded, attempt: stage.Attempt, stop: _StopFlag,
-          started: float) -> stage.Outcome | stage.Pending:
+          started: float) -> stage.Outcome | stage.Result:
     """setup -> fit -> save_outputs; rank 0's outcome becomes the manifest, other ranks leave it to rank 0."""
     trainer = setup(config, prep, attempt.identity.key, attempt.identity.config, attempt.id)
     try:
@@ -775,7 +775,7 @@ def _load_model(config: Config, path: Path, device: Any, cuda: bool) -> tuple[An
             bnb_4bit_compute_dtype=dtype)
         quant.update({"method": "bitsandbytes", "bits": 4, "double_quant": q.double_quant})
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise InputError(f"Could not load base model {config.base_model}: {exc}") from None
     if q.mode != "none" and not cuda:
@@ -793,7 +793,7 @@ def _load_model(config: Config, path: Path, device: Any, cuda: bool) -> tuple[An
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     model.config.use_cache = False
-    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,  # type: ignore[arg-type] # peft takes floats lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, modules_to_save=config.lora.modules_to_save or None,
                       bias="none", task_type="CAUSAL_LM")
     try:

@@ -57,10 +57,11 @@ class Example:
         return len(self.input_ids)
 
 
-def example(input_ids: Sequence[int], labels: Sequence[int]) -> Example:
+def example(input_ids: Sequence[int] | Any, labels: Sequence[int] | Any) -> Example:
+    """An example from token ids and labels (Python lists, or numpy/torch arrays as read from Parquet)."""
     tail = labels[1:]
     if hasattr(tail, "dtype"):  # numpy or torch: count without a Python loop
-        trainable = int((tail != IGNORE_INDEX).sum())
+        trainable = int((tail != IGNORE_INDEX).sum())  # type: ignore[union-attr]
     else:
         trainable = sum(1 for x in tail if x != IGNORE_INDEX)
     return Example(input_ids=input_ids, labels=labels, trainable=trainable)
