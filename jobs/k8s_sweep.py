@@ -30,7 +30,7 @@ import click
 import yaml
 
 from common import manifest as mf
-from common.errors import EXIT_GATE, ConfigError, FtjobsError, GateFailed
+from common.errors import EXIT_GATE, ConfigError
 from jobs import chain, k8s, sweep
 
 LOG = logging.getLogger(__name__)
@@ -79,9 +79,7 @@ def submit_sweep(sub: k8s.Submission, config: sweep.Config) -> mf.Loaded:
         follow(sub, instances, conf_dir)
         inst, args, finished = sweep.leaderboard_step(config, cells, instances, prefix, conf_dir)
         if not finished:
-            failures = [i for i in instances.values() if i.status == "failed"]
-            raise FtjobsError(f"no cell of sweep {sub.run_id} finished; the failing Jobs: "
-                              + "; ".join(f"{i.step.name}#{i.key[:6]} exit {i.exit_code}" for i in failures))
+            raise sweep.no_cell_finished(sub.run_id, instances)
         evaluate = inst
         job = render_instance(sub, inst, args)
         sub.kube.create(job)
@@ -99,9 +97,7 @@ def submit_sweep(sub: k8s.Submission, config: sweep.Config) -> mf.Loaded:
             click.echo(verdict, err=True)
         if inst.exit_code == EXIT_GATE:
             code = EXIT_GATE
-            click.echo(loaded.uri)
-            raise GateFailed(f"the best cell did not beat its own base on {config.leaderboard_metric()}; the "
-                             f"leaderboard is at {loaded.artifact_uri('leaderboard.html')}")
+            sweep.gate_failed(config, loaded)
         code = 0
         return loaded
     finally:

@@ -558,11 +558,9 @@ def run(config: Config) -> mf.Loaded:
             runner.run(instances, cells)
             inst, args, finished = leaderboard_step(config, cells, instances, prefix, conf_dir)
             if not finished:
-                failures = [i for i in instances.values() if i.status == "failed"]
-                codes = {i.exit_code for i in failures if i.exit_code is not None}
-                code = codes.pop() if len(codes) == 1 else EXIT_RETRYABLE
-                raise _coded(code, f"no cell of sweep {sweep_id} finished; the failing steps: " + "; ".join(
-                    f"{i.step.name}#{i.key[:6]} exit {i.exit_code} (log {i.log})" for i in failures))
+                error = no_cell_finished(sweep_id, instances)
+                code = error.exit_code
+                raise error
             evaluate = inst
             proc = runner.start(inst, args, f"evaluate-{inst.key}")
             while proc.popen.poll() is None:
@@ -579,9 +577,7 @@ def run(config: Config) -> mf.Loaded:
                             ", ".join(c.id for c in failed), storage.join(prefix, "sweep.json"))
             if inst.exit_code == EXIT_GATE:
                 code = EXIT_GATE
-                click.echo(loaded.uri)
-                raise GateFailed(f"the best cell did not beat its own base on {config.leaderboard_metric()}; the "
-                                 f"leaderboard is at {loaded.artifact_uri('leaderboard.html')}")
+                gate_failed(config, loaded)
             code = 0
             return loaded
         except BaseException as exc:
@@ -605,9 +601,22 @@ def summary(loaded: mf.Loaded, seconds: float) -> None:
     click.echo("\n".join(lines), err=True)
 
 
-def _coded(code: int, message: str) -> FtjobsError:
+def no_cell_finished(sweep_id: str, instances: dict[str, Instance]) -> FtjobsError:
+    """The error when every cell failed: the failing steps' exit code when they agree (2, 3), else retryable."""
+    failures = [i for i in instances.values() if i.status == "failed"]
+    codes = {i.exit_code for i in failures if i.exit_code is not None}
+    code = codes.pop() if len(codes) == 1 else EXIT_RETRYABLE
+    message = f"no cell of sweep {sweep_id} finished; the failing steps: " + "; ".join(
+        f"{i.step.name}#{i.key[:6]} exit {i.exit_code} (log {i.log})" for i in failures)
     return ConfigError(message) if code == EXIT_CONFIG else InputError(message) if code == EXIT_INPUT \
         else FtjobsError(message)
+
+
+def gate_failed(config: Config, loaded: mf.Loaded) -> None:
+    """The leaderboard's evaluate exited 4: its manifest stays the stdout line, and the sweep exits 4."""
+    click.echo(loaded.uri)
+    raise GateFailed(f"the best cell did not beat its own base on {config.leaderboard_metric()}; the "
+                     f"leaderboard is at {loaded.artifact_uri('leaderboard.html')}")
 
 
 @click.command("sweep")
