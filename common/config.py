@@ -197,3 +197,23 @@ def redacted(data: Any) -> Any:
     if isinstance(data, list):
         return [redacted(v) for v in data]
     return data
+
+
+def json_schema_validator(schema: dict[str, Any] | str, key: str) -> Any:
+    """A jsonschema validator for a config value that is a JSON schema: inline, or the path/URI of a .json
+    file. A missing file, bad JSON or an invalid schema is a ConfigError naming `key`."""
+    import jsonschema
+
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(storage.read_text(schema))
+        except FileNotFoundError:
+            raise ConfigError(f"{key}: {schema} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{key}: {schema} is not JSON ({exc})") from None
+    try:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ConfigError(f"{key} is not a valid JSON schema: {exc.message}") from None
+    return cls(schema)

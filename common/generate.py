@@ -5,7 +5,9 @@
 - the engines: vLLM's offline `LLM` (`start_vllm`) and batched transformers `generate`
   (`start_transformers`), behind one signature: `generate(list of prompt token ids) -> per prompt, n samples
   of (text, completion tokens, finish reason)`, plus the context length, the engine's version and `close`;
-- `download_named`: a manifest's model (or adapter) files, fetched once and sha256-checked.
+- `download_named`: a manifest's model (or adapter) files, fetched once and sha256-checked;
+- `load_model`: a model that answers prompts for another stage (synth's teacher, evaluate's judge): a merge
+  manifest or any model source, with its tokenizer and chat template.
 
 Heavy libraries (torch, vLLM, transformers) are imported inside the functions that need them.
 """
@@ -17,15 +19,16 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
+from common import chat, models, storage
 from common import manifest as mf
-from common import storage
 from common.config import JobConfig
-from common.errors import InputError
+from common.errors import ConfigError, InputError
 
 LOG = logging.getLogger(__name__)
 
@@ -107,8 +110,22 @@ def on_gpu() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def start_vllm(config: Settings, model: dict[str, Any]) -> Engine:
-    """vLLM's offline LLM with its own generation defaults; LoRA adapters as a LoRARequest."""
+def start(engine: str, config: Settings, model: dict[str, Any], *, guided: dict[str, Any] | None = None) -> Engine:
+    """The named engine ("vllm" or "transformers"); `guided`: a JSON schema every completion must follow."""
+    if engine == "vllm":
+        return start_vllm(config, model, guided=guided)
+    if guided is not None:
+        raise ConfigError("guided decoding (a JSON schema the completions must follow) needs engine: vllm; the "
+                          "transformers engine cannot constrain its output. Set engine: vllm or guided: false.")
+    return start_transformers(config, model)
+
+
+def start_vllm(config: Settings, model: dict[str, Any], *, guided: dict[str, Any] | None = None) -> Engine:
+    """vLLM's offline LLM with its own generation defaults; LoRA adapters as a LoRARequest.
+
+    `guided`: a JSON schema every completion must follow (vLLM's structured outputs, xgrammar, compact: no
+    whitespace between tokens, which an unconstrained sampler would otherwise fill the output with).
+    """
     gpu = on_gpu()
     if not gpu:
         # vLLM's CPU build sizes its KV cache from this (GiB); its default takes a large share of RAM.
@@ -133,6 +150,8 @@ def start_vllm(config: Settings, model: dict[str, Any]) -> Engine:
         kwargs["max_model_len"] = e.max_model_len
     if e.max_num_seqs is not None:
         kwargs["max_num_seqs"] = e.max_num_seqs
+    if guided is not None:
+        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     loras: list[Any] = []
     dirs = adapter_dirs(model)
     if dirs:
@@ -149,6 +168,10 @@ def start_vllm(config: Settings, model: dict[str, Any]) -> Engine:
     max_len = int(llm.llm_engine.model_config.max_model_len)
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
                             stop=s.stop or None, seed=s.seed, n=s.n)
+    if guided is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params.structured_outputs = StructuredOutputsParams(json=guided)
 
     def generate(batch: list[list[int]], adapter: int = 0) -> list[list[tuple[str, int, str]]]:
         outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params,
@@ -292,3 +315,54 @@ def download_named(loaded: mf.Loaded, prefix: str, dest: Path) -> Path:
         mf.fetch_artifact(loaded, art, storage.safe_destination(dest, art.name[len(prefix):]))
     done.write_text(loaded.uri)
     return dest
+
+
+@dataclass
+class Model:
+    """A model ready for an engine: where its files are, its tokenizer and chat format, and where it came from."""
+
+    source: str  # what the config named: a merge manifest or a model source
+    path: Path
+    tokenizer: Any
+    fmt: chat.ChatFormat
+    revision: str | None
+    loaded: mf.Loaded | None  # the merge manifest, when `source` is one
+
+    def engine_model(self) -> dict[str, Any]:
+        """What `start` takes."""
+        return {"path": self.path, "adapter_dir": None, "tokenizer": self.tokenizer}
+
+    def identity(self) -> dict[str, Any]:
+        """What a manifest records about it (beside the input ref of a merge manifest)."""
+        base = getattr(mf.model_block(self.loaded), "base_model", None) if self.loaded else self.source
+        return {"model": self.loaded.uri if self.loaded else self.source, "base_model": base,
+                "revision": self.revision, "template_hash": self.fmt.hash}
+
+
+def model_input(src: str) -> mf.Loaded | None:
+    """The merge manifest `src` names, or None for a plain model source (a Hugging Face id, s3:// prefix or
+    folder). Cheap: it reads the manifest, not the weights, so a stage can put it in its identity first."""
+    if models.looks_like_hf_id(src) or not storage.exists(mf.as_manifest_uri(src)):
+        return None
+    return mf.load(src, expect_stage="merge")
+
+
+def load_model(src: str, loaded: mf.Loaded | None, *, cache: Path, trust_remote_code: bool = False,
+               chat_template: str | None = None) -> Model:
+    """The model's files (a merge manifest's `model/`, sha256-checked, or the source resolved into the
+    cache), its tokenizer, and the chat template: the override, else the one recorded upstream, else the
+    tokenizer's own."""
+    from transformers import AutoTokenizer
+
+    if loaded is not None:
+        path = download_named(loaded, "model/", cache / "models" / f"merge-{loaded.sha256[:16]}")
+        recorded = mf.model_block(loaded)
+        revision = getattr(recorded, "base_revision", None)
+        template = chat_template or recorded.chat_template
+    else:
+        ref = models.resolve(src, cache_dir=cache / "models")
+        path, revision, template = ref.path, ref.revision, chat_template
+    models.check_trust_remote_code(path, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return Model(source=src, path=path, tokenizer=tokenizer, fmt=chat.chat_format(tokenizer, template),
+                 revision=revision, loaded=loaded)

@@ -32,8 +32,8 @@ from common.errors import AlreadyExistsError, ChecksumError, FtjobsError, InputE
 LOG = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-STAGES: tuple[str, ...] = ("prepare", "train", "merge", "infer", "evaluate")
-PRODUCER = {"prepare": "ftjobs prepare", "train": "ftjobs train", "merge": "ftjobs merge",
+STAGES: tuple[str, ...] = ("synth", "prepare", "train", "merge", "infer", "evaluate")
+PRODUCER = {"synth": "ftjobs synth", "prepare": "ftjobs prepare", "train": "ftjobs train", "merge": "ftjobs merge",
             "infer": "ftjobs infer", "evaluate": "ftjobs evaluate"}
 
 
@@ -195,8 +195,20 @@ class InferModel(ModelBlock):
     label: str | None = None
 
 
-MODEL_BLOCKS: dict[str, type[ModelBlock]] = {"prepare": PrepareModel, "train": TrainModel, "merge": MergeModel,
-                                             "infer": InferModel}
+class SynthModel(ModelBlock):
+    """synth: which teacher wrote the examples (and which judge accepted them), in which format."""
+
+    teacher: str
+    teacher_base_model: str | None = None
+    teacher_revision: str | None = None
+    teacher_template_hash: str | None = None
+    engine: str | None = None
+    format: str | None = None
+    judge: str | None = None
+
+
+MODEL_BLOCKS: dict[str, type[ModelBlock]] = {"synth": SynthModel, "prepare": PrepareModel, "train": TrainModel,
+                                             "merge": MergeModel, "infer": InferModel}
 
 
 def model_block(loaded: Loaded) -> Any:

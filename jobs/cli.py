@@ -37,7 +37,7 @@ LOG = logging.getLogger(__name__)
 def main(log_format: str, log_level: str) -> None:
     """ftjobs: finetune LLMs as batch jobs linked by manifests in an object store.
 
-    Stages: prepare -> train -> merge -> infer -> evaluate. Each reads the previous
+    Stages: (synth ->) prepare -> train -> merge -> infer -> evaluate. Each reads the previous
     stage's manifest URI and writes its own output prefix, locally or on S3/MinIO.
     """
     logs.setup(log_format, log_level)
@@ -129,7 +129,7 @@ def _short(v: Any) -> str:
 def _add_job_commands() -> None:
     import importlib
 
-    for modname in ("jobs.prepare", "jobs.train", "jobs.merge", "jobs.infer", "jobs.evaluate",
+    for modname in ("jobs.synth", "jobs.prepare", "jobs.train", "jobs.merge", "jobs.infer", "jobs.evaluate",
                     "jobs.pipeline", "jobs.sweep", "jobs.k8s", "jobs.launch"):
         try:
             module = importlib.import_module(modname)

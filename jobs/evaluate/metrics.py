@@ -18,9 +18,8 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from common import data, storage, tools
-from common.config import JobConfig
-from common.errors import ConfigError
+from common import data, tools
+from common.config import JobConfig, json_schema_validator
 
 
 @dataclass(frozen=True)
@@ -106,21 +105,7 @@ class _Words:
 
 
 def load_schema(schema: dict[str, Any] | str) -> Any:
-    import jsonschema
-
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(storage.read_text(schema))
-        except FileNotFoundError:
-            raise ConfigError(f"checks.json_schema: {schema} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"checks.json_schema: {schema} is not JSON ({exc})") from None
-    try:
-        cls = jsonschema.validators.validator_for(schema)
-        cls.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise ConfigError(f"checks.json_schema is not a valid JSON schema: {exc.message}") from None
-    return cls(schema)
+    return json_schema_validator(schema, "checks.json_schema")
 
 
 def score_rows(rows: list[dict[str, Any]], checks: Checks, validator: Any) -> list[dict[str, Any]]:
