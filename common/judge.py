@@ -42,8 +42,9 @@ class JudgeModel(JobConfig):
                                                  "judge prompt); None: a default for the mode.")
     scale: int = Field(10, ge=2, le=100, description="Scores run from 1 to this (score mode).")
     engine: Literal["vllm", "transformers"] = Field("vllm", description="Generation engine for the judge.")
-    engine_args: EngineArgs = Field(default_factory=EngineArgs, description="Engine settings for the judge.")
-    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.0, max_tokens=256),
+    engine_args: EngineArgs = Field(default_factory=lambda: EngineArgs.model_validate({}),
+                                  description="Engine settings for the judge.")
+    sampling: Sampling = Field(default_factory=lambda: Sampling.model_validate({"temperature": 0.0, "max_tokens": 256}),
                                description="Sampling for the judge; greedy by default, so a verdict is repeatable.")
     guided: bool = Field(False, description="Constrain the judge's output to the verdict JSON (vLLM structured "
                                             "outputs): every verdict parses. Needs engine: vllm.")
