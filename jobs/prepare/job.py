@@ -277,7 +277,7 @@ def run(config: Config) -> mf.Loaded:
             files += S.expand(spec.path, spec.split, spec.format)
         S.fetch(files, work)
         timings["fetch_and_hash_inputs"] = time.monotonic() - t_start
-        inputs = [mf.InputRef(uri=f.uri, sha256=f.sha256, stage=None, role="data") for f in files]
+        inputs = list({(ref.uri, ref.sha256): ref for ref in (f.input_ref() for f in files)}.values())
         identity = stage.Identity(STAGE, output, cfg.dump(config), inputs)
         result = stage.run(identity, lambda attempt: _prepare(config, files, work, attempt, timings))
     assert isinstance(result, mf.Loaded)  # prepare has no partial attempts

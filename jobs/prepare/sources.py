@@ -4,7 +4,9 @@ A source is a file, a folder, a glob, an `s3://` object or prefix, a
 `datasets.save_to_disk` folder (its `.arrow` files), or `hf://<dataset id>`
 (optionally `@split`) when the Hugging Face Hub is reachable. Supported
 files: `.jsonl`/`.ndjson`, `.json` (an array, or JSON lines), `.csv`, `.tsv`,
-`.parquet`, `.arrow`; the text formats may be gzipped (`.gz`).
+`.parquet`, `.arrow`; the text formats may be gzipped (`.gz`). A synth manifest (its URI, or the prefix
+that holds it) stands for the data set it published: its `data` artifact, sha256-checked, and the manifest
+is the run's input, so the lineage goes on through synth to its seeds and teacher.
 
 Readers stream: JSON lines are read one at a time (up to `max_line_bytes`),
 JSON arrays are decoded element by element, tables batch by batch. A reader
@@ -63,6 +65,15 @@ class RawFile:
     local: Path | None = None
     sha256: str = ""
     pos: int = 0      # bytes of the file read so far (for progress)
+    manifest: Any = None  # the synth manifest (common.manifest.Loaded) whose data artifact this is
+
+    def input_ref(self) -> Any:
+        """What the prepare manifest records as this input: the synth manifest, or the raw file."""
+        from common import manifest as mf
+
+        if self.manifest is not None:
+            return self.manifest.ref("data")
+        return mf.InputRef(uri=self.uri, sha256=self.sha256, stage=None, role="data")
 
     @property
     def kind(self) -> str:
@@ -91,6 +102,9 @@ def expand(path: str, split: str, fmt: str | None) -> list[RawFile]:
     """Every supported file a source names, in a stable order."""
     if path.startswith("hf://"):
         return _hf_dataset(path[len("hf://"):], split, fmt)
+    produced = _stage_output(path, split, fmt)
+    if produced is not None:
+        return produced
     if storage.is_s3(path):
         return _expand_s3(path, split, fmt)
     p = storage.local_path(path).expanduser()
@@ -115,6 +129,28 @@ def expand(path: str, split: str, fmt: str | None) -> list[RawFile]:
     else:
         raise InputError(f"Source {path!r} does not exist")
     return [RawFile(uri=str(f.resolve()), size=f.stat().st_size, split=split, format=fmt, local=f) for f in files]
+
+
+def _stage_output(path: str, split: str, fmt: str | None) -> list[RawFile] | None:
+    """A synth manifest (or the prefix that holds one): its data artifact. None when `path` is raw data. A
+    prefix whose manifest.json is not a ftjobs manifest is raw data as before; another stage's is refused."""
+    from common import manifest as mf
+
+    named = path.rstrip("/").endswith("/" + mf.MANIFEST_NAME) or path == mf.MANIFEST_NAME
+    uri = mf.as_manifest_uri(path) if named else mf.manifest_uri(path)
+    if not named and (any(ch in path for ch in "*?[") or supported(path) or not storage.exists(uri)):
+        return None
+    try:
+        loaded = mf.load(uri, verify="size")
+    except InputError:
+        if named:
+            raise
+        return None
+    if loaded.manifest.stage != "synth":
+        raise InputError(f"Source {path} is the output of `{mf.PRODUCER.get(loaded.manifest.stage)}`; prepare "
+                         "reads raw data, or a synth manifest (the examples it generated)")
+    art = loaded.manifest.artifact("data")
+    return [RawFile(uri=loaded.resolve(art), size=art.bytes, split=split, format=fmt, manifest=loaded)]
 
 
 def _expand_s3(path: str, split: str, fmt: str | None) -> list[RawFile]:
@@ -149,8 +185,14 @@ def _hf_dataset(spec: str, split: str, fmt: str | None) -> list[RawFile]:
 
 def fetch(files: list[RawFile], workdir: Path) -> None:
     """Give every file a local path and its sha256 (S3 objects are downloaded, hashed while streaming)."""
+    from common import manifest as mf
+
     for i, f in enumerate(files):
-        if f.local is None:
+        if f.manifest is not None:  # a synth data set: its bytes must be the ones its manifest recorded
+            art = f.manifest.manifest.artifact("data")
+            f.local = mf.fetch_artifact(f.manifest, art, workdir / f"{i:05d}-{f.uri.rsplit('/', 1)[-1]}")
+            f.sha256 = art.sha256
+        elif f.local is None:
             t = storage.download_file(f.uri, workdir / f"{i:05d}-{f.uri.rsplit('/', 1)[-1]}")
             f.local, f.sha256 = Path(t.path), t.sha256
         else:
