@@ -1,6 +1,7 @@
 """The chain, declared once: which steps run, in which order, and what each takes from the ones before.
 
-    prepare          raw data -> canonical Parquet (tokenized with the base model's tokenizer)
+    synth            optional (a `synth:` section): a teacher writes examples from the data as seeds
+    prepare          raw data (+ synth's examples) -> canonical Parquet (tokenized with the base model's tokenizer)
     infer-base       the base model answers the eval prompts
     train            LoRA / QLoRA adapter
     merge            adapter folded into the 16-bit base
@@ -57,6 +58,12 @@ class Step:
     takes: tuple[Take, ...]
     sections: tuple[str, ...]  # run config sections merged (later wins) into the step's config
     baseline: bool = False  # the base model's side of the comparison: may be left out (`--no-baseline`)
+    optional: str | None = None  # a run config section: the step runs only when that section is set
+
+    def wanted(self, config: Config) -> bool:
+        """Whether a run of `config` takes this step (the baseline and optional steps may be left out)."""
+        return not (self.baseline and not config.baseline) and not (self.optional and not getattr(config,
+                                                                                               self.optional))
 
     @property
     def wired(self) -> tuple[str, ...]:
@@ -70,7 +77,10 @@ class Step:
 
 
 CHAIN: tuple[Step, ...] = (
-    Step("prepare", "prepare", (Take("sources", "--source", "data"),
+    # synth's seeds are the run's data; prepare then reads both, so "seeds only" and "seeds + synthetic" are
+    # two runs (or sweep cells) that differ only in the synth section.
+    Step("synth", "synth", (Take("seeds", "--seeds", "data"),), ("synth",), optional="synth"),
+    Step("prepare", "prepare", (Take("sources", "--source", "data"), Take("sources", "--source", "synth"),
                                 Take("tokenizer", "--tokenizer", "base_model", when="tokenize")), ("prepare",)),
     Step("infer-base", "infer", (Take("model", "--model", "base_model"), Take("prompts", "--prompts", "prepare")),
          ("infer", "infer_base"), baseline=True),
@@ -104,6 +114,10 @@ class Config(JobConfig):
     baseline: bool = Field(True, description="Run the base model's predictions (infer-base) and compare against "
                                              "them; false: evaluate scores the finetuned model alone.")
     labels: tuple[str, str] = Field(("base", "finetuned"), description="Report labels for the two infer runs.")
+    synth: dict[str, Any] = Field(default_factory=dict, description="synth's config section (teacher, format, "
+                                                                    "num_prompts, ...); set: synth runs before "
+                                                                    "prepare, with the data as seeds, and prepare "
+                                                                    "reads its examples beside the data.")
     prepare: dict[str, Any] = Field(default_factory=dict, description="prepare's config section.")
     train: dict[str, Any] = Field(default_factory=dict, description="train's config section.")
     merge: dict[str, Any] = Field(default_factory=dict, description="merge's config section.")
@@ -175,7 +189,9 @@ def wiring(step: Step, keys: list[str]) -> str:
     said = []
     for t in step.takes:
         if t.key in keys:
-            said.append(f"{t.key} from {'the run config' if t.source in RUN_VALUES else 'step'} {t.source}")
+            optional = BY_NAME[t.source].optional if t.source in BY_NAME else None
+            said.append(f"{t.key} from {'the run config' if t.source in RUN_VALUES else 'step'} {t.source}"
+                        + (f" when the run config has a `{optional}` section" if optional else ""))
     if "labels" in keys:
         said.append("labels from the run config's labels")
     if "output" in keys:
@@ -184,10 +200,11 @@ def wiring(step: Step, keys: list[str]) -> str:
 
 
 def steps(config: Config) -> list[Step]:
-    """The steps this run takes, in order: the baseline only when wanted, none after stop_after."""
+    """The steps this run takes, in order: the baseline and optional steps only when wanted, none after
+    stop_after."""
     out = []
     for step in CHAIN:
-        if step.baseline and not config.baseline:
+        if not step.wanted(config):
             continue
         out.append(step)
         if step.name == config.stop_after:
@@ -198,11 +215,12 @@ def steps(config: Config) -> list[Step]:
 def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str, Any] | None = None) -> list[str]:
     """The stage's command-line arguments for what the chain wires (not --output or --config).
 
-    `done` maps earlier steps to their manifest URIs; a step left out of the run (the baseline) is left
-    out of the arguments too. `values` overrides the run values (e.g. local paths made absolute).
+    `done` maps earlier steps to their manifest URIs; a step left out of the run (the baseline, synth
+    without its section) is left out of the arguments too. `values` overrides the run values (e.g. local
+    paths made absolute).
     """
     run_values = {"base_model": config.base_model, "data": list(config.data), **(values or {})}
-    left_out = {s.name for s in CHAIN if s.baseline and not config.baseline}
+    left_out = {s.name for s in CHAIN if not s.wanted(config)}
     args: list[str] = []
     for take in step.takes:
         if take.when and not getattr(config, take.when):
