@@ -33,7 +33,12 @@ to score: exit 3, before anything is written.
     ftjobs evaluate --predictions runs/r1/infer-base --predictions runs/r1/infer-finetuned \\
         --output runs/r1/evaluate --fail-if-worse exact_match
 
-Imports neither torch nor transformers: it runs in the prepare image.
+`judge:` adds an LLM judge (jobs/evaluate/judge.py): `score` grades each answer against the reference,
+`pairwise` picks between the baseline's and each candidate's answer, asked in both orders; its metric is
+`judge` (the report, the comparison and `--fail-if-worse judge` treat it like any other).
+
+Without a judge it imports neither torch nor transformers and runs in the prepare image; with one it runs
+the judge model through infer's engines (the infer image; `ftjobs k8s` picks it).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from common.config import JobConfig, dump
 from common.errors import InputError
 from common.runner import config_options, execute
 from jobs.evaluate import comparison, leaderboard, metrics, report
+from jobs.evaluate import judge as judging
 from jobs.evaluate.metrics import Checks
 
 STAGE = "evaluate"
@@ -94,7 +100,12 @@ class Config(JobConfig):
     bootstrap: int = Field(1000, ge=0, le=100_000,
                            description="Paired bootstrap resamples for the 95% interval of each difference "
                                        "(0: off).")
-    seed: int = Field(0, description="Seed for the bootstrap.")
+    seed: int = Field(0, description="Seed for the bootstrap (and the judge's sample of reasons).")
+    judge: judging.Judge | None = Field(None, description="Optional LLM judge: a model that grades each answer "
+                                                          "(mode score) or picks between baseline and candidate "
+                                                          "(mode pairwise); adds the metric `judge`.")
+    cache_dir: str | None = Field(None, description="Where the judge model is downloaded; None: $FTJOBS_CACHE or "
+                                                    "~/.cache/ftjobs.")
     run_id: str | None = Field(None, description="Run id recorded in the manifest. Default: a new one.")
     baseline_of: dict[str, str] = Field(
         default_factory=dict, description="Per candidate label, the label of its own baseline (a sweep: each "
@@ -136,6 +147,9 @@ class Config(JobConfig):
                 if cell.label not in named or cell.label in bases:
                     raise ValueError(f"leaderboard cell {cell.label!r} must be a candidate's label, not a baseline "
                                      "or an unknown set")
+        if self.judge is not None and self.judge.mode == "pairwise" and len(self.predictions) < 2:
+            raise ValueError("judge mode pairwise compares a baseline with candidates: give two or more "
+                             "--predictions, or use mode: score")
         if self.fail_if_worse is not None:
             known = self.metric_names()
             if self.fail_if_worse not in known:
@@ -147,28 +161,38 @@ class Config(JobConfig):
         return self
 
     def metric_names(self) -> list[str]:
-        return metrics.computed(self.checks)
+        return metrics.computed(self.checks, judge=self.judge is not None)
 
 
-def run(config: Config) -> mf.Loaded:
+def run(config: Config, *, judge_engine: Any = None) -> mf.Loaded:
+    """`judge_engine`: a started engine for the judge instead of its model (tests: a scripted stand-in)."""
     loaded = [mf.load(uri, verify="size", expect_stage="infer") for uri in config.predictions]
     inputs = [lo.ref(role="baseline" if i == 0 else f"candidate{i}") for i, lo in enumerate(loaded)]
     trains = {c.label: mf.load(c.train, verify="none", expect_stage="train")
               for c in (config.leaderboard.cells if config.leaderboard else []) if c.train}
     inputs += [t.ref(role=f"train:{label}") for label, t in trains.items()]
+    judge_in = None
+    if config.judge is not None:
+        from common.generate import model_input
+
+        judge_in = model_input(config.judge.model)
+        inputs += [judge_in.ref("judge")] if judge_in is not None else []
     # The gate is not part of the run's identity: a finished evaluation can be judged again with another metric.
-    recorded = {k: v for k, v in dump(config).items() if k != "fail_if_worse"}
+    recorded = {k: v for k, v in dump(config).items() if k not in ("fail_if_worse", "cache_dir")}
     result = stage.run(stage.Identity(STAGE, config.output, recorded, inputs),
-                       lambda attempt: evaluate(config, loaded, trains, attempt))
+                       lambda attempt: evaluate(config, loaded, trains, attempt, judge_in, judge_engine=judge_engine))
     assert isinstance(result, mf.Loaded)
     LOG.info("report: %s", result.artifact_uri("report.html"))
     comparison.gate(result.manifest.metrics, config.fail_if_worse, result.uri)
     return result
 
 
-def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loaded],
-             attempt: stage.Attempt) -> stage.Outcome:
-    """Score every set, compare each candidate with its baseline, write the report (and the leaderboard)."""
+def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loaded], attempt: stage.Attempt,
+             judge_in: mf.Loaded | None = None, *, judge_engine: Any = None) -> stage.Outcome:
+    """Score every set (and ask the judge), compare each candidate with its baseline, write the report (and the
+    leaderboard).
+
+    `judge_engine`: a started engine for the judge instead of its model (tests: a scripted stand-in)."""
     t0 = time.monotonic()
     labels = list(config.labels) if config.labels else unique(
         [default_label(lo, i) for i, lo in enumerate(loaded)])
@@ -182,6 +206,10 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
             scores = metrics.score_rows(rows, config.checks, validator)
             sets.append({"label": labels[i], "loaded": lo, "rows": {r["id"]: r for r in rows},
                          "scores": {s["id"]: s for s in scores}})
+    judged = None
+    if config.judge is not None:
+        judged = judging.run(config.judge, sets, attempt, config.output, judge_in, config.cache_dir, config.seed,
+                             baseline_of=config.baseline_of, engine=judge_engine)
     t_score = time.monotonic()
 
     names = config.metric_names()
@@ -198,6 +226,10 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
               "prepare manifest, or a 'reference' column in the prompts file), or configure checks "
               "(checks.json_valid, checks.json_schema, checks.regex).")
     comparisons, differing = comparison.compare(sets, names, config.bootstrap, config.seed, config.baseline_of)
+    if judged is not None:
+        judging.amend(judged, summary, comparisons, config.bootstrap, config.seed)
+    judge_model = (judge_in.uri if judge_in is not None else config.judge.model) if config.judge else None
+    judge_report = judging.report(judged, config.judge, judge_model, comparisons)
     t_compare = time.monotonic()
 
     run_id = config.run_id or mf.new_run_id()
@@ -213,8 +245,12 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
     writer.add_bytes(report.scores_parquet(sets, names), "scores.parquet", rows=sum(len(s["scores"]) for s in sets))
     writer.add_bytes("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples).encode(),
                      "differences.jsonl", rows=len(examples))
+    if judged is not None:
+        writer.add_bytes("".join(json.dumps(v, ensure_ascii=False) + "\n" for v in judged.verdicts).encode(),
+                         "judge.jsonl", rows=len(judged.verdicts))
     content = {"run_id": run_id, "sets": details, "summary": summary, "comparisons": comparisons, "names": names,
-               "examples": examples, "differing": len(differing), "checks": config.checks, "notes": notes}
+               "examples": examples, "differing": len(differing), "checks": config.checks, "notes": notes,
+               "judge": judge_report}
     writer.add_bytes(report.render_markdown(content).encode(), "report.md")
     writer.add_bytes(report.render_html(content, chart).encode(), "report.html")
     if config.leaderboard is not None:
@@ -225,10 +261,12 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
     return stage.Outcome(
         run_id=run_id, metrics=results,
         stats={"sets": len(sets), "differing_examples": len(differing),
-               "rows": {s["label"]: len(s["rows"]) for s in sets}},
+               "rows": {s["label"]: len(s["rows"]) for s in sets},
+               **({"judge": {"mode": judged.mode, "counts": judged.counts, **judged.cost}} if judged else {})},
         timings={"read_and_score_s": t_score - t0, "compare_s": t_compare - t_score, "write_s": t_write - t_compare},
         model={"labels": [s["label"] for s in sets], "sets": details,
-               "base_model": last_model.base_model, "template_hash": last_model.template_hash})
+               "base_model": last_model.base_model, "template_hash": last_model.template_hash,
+               **({"judge": judge_model} if judge_model else {})})
 
 
 def write_leaderboard(config: Config, sets: list[dict[str, Any]], comparisons: dict[str, Any],

@@ -174,6 +174,10 @@ def gate(metrics: dict[str, Any], metric: str | None, uri: str) -> None:
                 why = f"{total - values.get('rows_without_reference', 0)} of {total} rows have a reference"
                 fix = ("Evaluate predictions made from prompts with references (a prepare manifest, or a "
                        "'reference' column in the prompts file), or gate on a check metric.")
+            elif metric == "judge":
+                why = "no verdict of the judge could be read for any of its rows, or none was judged"
+                fix = ("See the report's judge section: unparseable verdicts are counted, never guessed. Use a "
+                       "stronger judge, or judge.guided: true (vLLM) to constrain its answers.")
             else:
                 why, fix = f"{total} rows", "Evaluate predictions that hold rows."
             raise InputError(f"--fail-if-worse {metric}: {who} has no {metric} ({why}); nothing to compare. "

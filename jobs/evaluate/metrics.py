@@ -40,6 +40,7 @@ METRICS = (
     Metric("json_schema_valid", "matches JSON schema", False),
     Metric("regex_match", "matches regex", False),
     Metric("tool_call_valid", "valid tool call", False),
+    Metric("judge", "LLM judge", False),  # jobs/evaluate/judge.py: a share of the scale, or a win rate
 )
 TITLES = {m.name: m.title for m in METRICS}
 REFERENCE_METRICS = tuple(m.name for m in METRICS if m.reference)
@@ -69,11 +70,12 @@ class Checks(JobConfig):
         return value
 
 
-def computed(checks: Checks) -> list[str]:
-    """The metrics a config computes, in report order: the reference metrics always, a check when configured."""
+def computed(checks: Checks, judge: bool = False) -> list[str]:
+    """The metrics a config computes, in report order: the reference metrics always, a check or the judge when
+    configured."""
     configured = {"json_valid": checks.json_valid or checks.json_schema is not None,
                   "json_schema_valid": checks.json_schema is not None,
-                  "regex_match": checks.regex is not None, "tool_call_valid": checks.tool_call}
+                  "regex_match": checks.regex is not None, "tool_call_valid": checks.tool_call, "judge": judge}
     return [m.name for m in METRICS if m.reference or configured[m.name]]
 
 

@@ -79,7 +79,8 @@ def render_html(report: dict[str, Any], chart: bytes) -> str:
 
 def _common(report: dict[str, Any]) -> dict[str, Any]:
     return {"run_id": report["run_id"], "labels": [s["label"] for s in report["sets"]], "sets": report["sets"],
-            "notes": report.get("notes", []), "differing": report["differing"], "examples": report["examples"]}
+            "notes": report.get("notes", []), "differing": report["differing"], "examples": report["examples"],
+            "judge": report.get("judge"), "summary": report["summary"]}
 
 
 def template(name: str) -> Any:
@@ -92,6 +93,7 @@ def template(name: str) -> Any:
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["cell"] = cell
     env.filters["text"] = lambda v: "" if v is None else str(v)
+    env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
     return env.get_template(name)
 
 
