@@ -110,17 +110,31 @@ def on_gpu() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def start(engine: str, config: Settings, model: dict[str, Any], *, guided: dict[str, Any] | None = None) -> Engine:
-    """The named engine ("vllm" or "transformers"); `guided`: a JSON schema every completion must follow."""
+def start(engine: str, config: Settings, model: dict[str, Any], *, guided: dict[str, Any] | None = None,
+          seed_by_prompt: bool = False) -> Engine:
+    """The named engine ("vllm" or "transformers"); `guided`: a JSON schema every completion must follow;
+    `seed_by_prompt`: see `prompt_seed`."""
     if engine == "vllm":
-        return start_vllm(config, model, guided=guided)
+        return start_vllm(config, model, guided=guided, seed_by_prompt=seed_by_prompt)
     if guided is not None:
         raise ConfigError("guided decoding (a JSON schema the completions must follow) needs engine: vllm; the "
                           "transformers engine cannot constrain its output. Set engine: vllm or guided: false.")
-    return start_transformers(config, model)
+    return start_transformers(config, model, seed_by_prompt=seed_by_prompt)
 
 
-def start_vllm(config: Settings, model: dict[str, Any], *, guided: dict[str, Any] | None = None) -> Engine:
+def prompt_seed(seed: int, ids: list[int]) -> int:
+    """A prompt's own sampling seed, from the configured seed and the prompt's tokens.
+
+    With one seed for every prompt (infer's rule) each prompt draws the same random numbers; when the model
+    leans little on the prompt (a small teacher, similar few-shot prompts) that makes their samples alike.
+    Synth seeds each prompt apart this way: still the same samples in any batch, chunk or attempt.
+    """
+    digest = hashlib.sha256(f"{seed}/".encode() + b",".join(str(i).encode() for i in ids)).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def start_vllm(config: Settings, model: dict[str, Any], *, guided: dict[str, Any] | None = None,
+               seed_by_prompt: bool = False) -> Engine:
     """vLLM's offline LLM with its own generation defaults; LoRA adapters as a LoRARequest.
 
     `guided`: a JSON schema every completion must follow (vLLM's structured outputs, xgrammar, compact: no
@@ -166,15 +180,21 @@ def start_vllm(config: Settings, model: dict[str, Any], *, guided: dict[str, Any
     LOG.info("starting vLLM %s: %s", vllm.__version__, {k: v for k, v in kwargs.items() if v is not None})
     llm: Any = LLM(str(model["path"]), **kwargs)  # vLLM's prompt types are stricter than the dicts it takes
     max_len = int(llm.llm_engine.model_config.max_model_len)
-    params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
-                            stop=s.stop or None, seed=s.seed, n=s.n)
-    if guided is not None:
-        from vllm.sampling_params import StructuredOutputsParams
+    def params_for(seed: int | None) -> Any:
+        params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
+                                stop=s.stop or None, seed=seed, n=s.n)
+        if guided is not None:
+            from vllm.sampling_params import StructuredOutputsParams
 
-        params.structured_outputs = StructuredOutputsParams(json=guided)
+            params.structured_outputs = StructuredOutputsParams(json=guided)
+        return params
+
+    params = params_for(s.seed)
+    by_prompt = seed_by_prompt and s.seed is not None
 
     def generate(batch: list[list[int]], adapter: int = 0) -> list[list[tuple[str, int, str]]]:
-        outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params,
+        per = [params_for(prompt_seed(s.seed, ids)) for ids in batch] if by_prompt else params  # type: ignore[arg-type]
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], per,
                             lora_request=loras[adapter] if loras else None, use_tqdm=False)
         return [[(o.text, len(o.token_ids), o.finish_reason or "length") for o in req.outputs] for req in outs]
 
@@ -184,7 +204,7 @@ def start_vllm(config: Settings, model: dict[str, Any], *, guided: dict[str, Any
     return generate, max_len, str(vllm.__version__), close
 
 
-def start_transformers(config: Settings, model: dict[str, Any]) -> Engine:
+def start_transformers(config: Settings, model: dict[str, Any], *, seed_by_prompt: bool = False) -> Engine:
     """Batched `generate` with left padding: the same rows as vLLM, for machines without it."""
     import torch
     import transformers
@@ -227,7 +247,8 @@ def start_transformers(config: Settings, model: dict[str, Any]) -> Engine:
         extra: dict[str, Any] = {}
         if seeded:  # n rows per prompt, sample j from its own generator; generate() then takes that token
             ids, mask = ids.repeat_interleave(s.n, dim=0), mask.repeat_interleave(s.n, dim=0)
-            extra["logits_processor"] = LogitsProcessorList([_SeededSampler(s, len(batch), net.device)])
+            keys = [str(prompt_seed(s.seed, x)) if seed_by_prompt else "" for x in batch]  # type: ignore[arg-type]
+            extra["logits_processor"] = LogitsProcessorList([_SeededSampler(s, keys, net.device)])
         with torch.no_grad():
             seqs = net.generate(input_ids=ids, attention_mask=mask, generation_config=gen, tokenizer=tok, **extra)
         out = []
@@ -266,18 +287,20 @@ class _SeededSampler:
     """A logits processor that samples each row with its own generator and leaves only that token.
 
     Rows are prompt-major (prompt i's sample j is row i * n + j); row (i, j) is seeded from `seed` and j
-    alone, never from its position in the batch. Temperature, top-k and top-p are applied as vLLM does.
+    (and the prompt's own seed when prompts are seeded apart), never from its position in the batch.
+    Temperature, top-k and top-p are applied as vLLM does.
     """
 
-    def __init__(self, s: Any, prompts: int, device: Any):
+    def __init__(self, s: Any, prompt_keys: list[str], device: Any):
         import torch
 
         self.s = s
         self.generators = []
-        for _ in range(prompts):
+        for key in prompt_keys:  # "" for every prompt unless each is seeded apart (prompt_seed)
             for j in range(s.n):
                 g = torch.Generator(device=device)
-                g.manual_seed(int.from_bytes(hashlib.sha256(f"{s.seed}/{j}".encode()).digest()[:8], "little"))
+                text = f"{s.seed}/{j}" if not key else f"{s.seed}/{key}/{j}"
+                g.manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little"))
                 self.generators.append(g)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:

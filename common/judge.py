@@ -123,7 +123,7 @@ def verdict_schema(mode: str, scale: int) -> dict[str, Any]:
     value: dict[str, Any] = ({"type": "integer", "minimum": 1, "maximum": scale} if mode == "score"
                              else {"enum": list(WINNERS)})
     key = "score" if mode == "score" else "winner"
-    return {"type": "object", "properties": {"reason": {"type": "string", "maxLength": 400}, key: value},
+    return {"type": "object", "properties": {"reason": {"type": "string", "maxLength": 300}, key: value},
             "required": ["reason", key], "additionalProperties": False}
 
 
@@ -178,6 +178,14 @@ def parse_pairwise(text: str) -> Verdict:
         if label:
             return Verdict(label, _reason(obj))
     return Verdict(None, _reason(obj), f"'winner' is {json.dumps(winner)[:40]}, expected \"A\", \"B\" or \"tie\"")
+
+
+def read(text: str, finish_reason: str, mode: str, scale: int) -> Verdict:
+    """A judge's completion as a verdict; one cut off at max_tokens is unparseable and says so."""
+    if finish_reason == "length":
+        return Verdict(None, None, "the verdict hit sampling.max_tokens and was cut off: raise judge "
+                                   "sampling.max_tokens")
+    return parse_score(text, scale) if mode == "score" else parse_pairwise(text)
 
 
 def normalized(score: int, scale: int) -> float:

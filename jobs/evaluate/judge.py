@@ -148,8 +148,7 @@ def run(jc: Judge, sets: list[dict[str, Any]], attempt: stage.Attempt, output: s
 def _read(jc: Judge, reply: dict[str, Any]) -> J.Verdict:
     if reply["error"] is not None:
         return J.Verdict(None, None, f"not asked: {reply['error']}")
-    text = reply["completion"] or ""
-    return J.parse_score(text, jc.scale) if jc.mode == "score" else J.parse_pairwise(text)
+    return J.read(reply["completion"] or "", reply["finish_reason"], jc.mode, jc.scale)
 
 
 def _verdict(label: str, rid: str, order: str | None, reply: dict[str, Any], v: J.Verdict) -> dict[str, Any]:

@@ -629,6 +629,9 @@ def _check_table_columns(f: S.RawFile, fmt: str, columns: dict[str, Any]) -> Non
 
 
 def _empty(f: S.RawFile, config: Config) -> None:
+    if f.manifest is not None:  # a synth run that kept nothing (min_rows: 0): its manifest said so
+        LOG.warning("%s kept no examples (%s); nothing to read from it", f.manifest.uri, f.uri)
+        return
     if not config.skip_bad_lines:
         raise InputError(f"{f.uri} holds no records (empty file). Remove it from the sources, or set "
                          "skip_bad_lines: true to skip empty files (they are listed in the manifest).")

@@ -6,7 +6,8 @@ A source is a file, a folder, a glob, an `s3://` object or prefix, a
 files: `.jsonl`/`.ndjson`, `.json` (an array, or JSON lines), `.csv`, `.tsv`,
 `.parquet`, `.arrow`; the text formats may be gzipped (`.gz`). A synth manifest (its URI, or the prefix
 that holds it) stands for the data set it published: its `data` artifact, sha256-checked, and the manifest
-is the run's input, so the lineage goes on through synth to its seeds and teacher.
+is the run's input, so the lineage goes on through synth to its seeds and teacher. Its rows go to the train
+split (unless the source says otherwise): the held-out comparison stays on real data.
 
 Readers stream: JSON lines are read one at a time (up to `max_line_bytes`),
 JSON arrays are decoded element by element, tables batch by batch. A reader
@@ -150,7 +151,9 @@ def _stage_output(path: str, split: str, fmt: str | None) -> list[RawFile] | Non
         raise InputError(f"Source {path} is the output of `{mf.PRODUCER.get(loaded.manifest.stage)}`; prepare "
                          "reads raw data, or a synth manifest (the examples it generated)")
     art = loaded.manifest.artifact("data")
-    return [RawFile(uri=loaded.resolve(art), size=art.bytes, split=split, format=fmt, manifest=loaded)]
+    # Generated examples train; the held-out comparison stays on real data unless a split is asked for.
+    return [RawFile(uri=loaded.resolve(art), size=art.bytes, split="train" if split == "auto" else split,
+                    format=fmt, manifest=loaded)]
 
 
 def _expand_s3(path: str, split: str, fmt: str | None) -> list[RawFile]:

@@ -216,7 +216,8 @@ def synthesize(config: Config, attempt: stage.Attempt, seeds_in: list[Any], teac
     t_prep = time.monotonic()
     gen = chunks.run(storage.join(config.output, "shards", "teacher"), requests, run_key=attempt.identity.key,
                      chunk_rows=config.chunk_rows, samples=config.sampling.n, max_tokens=config.sampling.max_tokens,
-                     start_engine=lambda: generate.start(config.engine, config, teacher.engine_model(), guided=guided),
+                     start_engine=lambda: generate.start(config.engine, config, teacher.engine_model(), guided=guided,
+                                                         seed_by_prompt=True),
                      what="synth teacher", estimate=sum(lengths) / len(lengths) + 1)  # + its end-of-turn token
     t_gen = time.monotonic()
 
@@ -305,8 +306,8 @@ def judge_candidates(config: Config, jc: SynthJudge, judge_in: mf.Loaded | None,
     kept, scores = [], Counter()  # type: ignore[var-annotated]
     for c in candidates:
         rec = verdicts[c.key]
-        v = J.parse_score(rec["completion"] or "", jc.scale) if rec["error"] is None else J.Verdict(
-            None, None, rec["error"])
+        v = (J.read(rec["completion"] or "", rec["finish_reason"], "score", jc.scale) if rec["error"] is None
+             else J.Verdict(None, None, rec["error"]))
         if not v.ok:
             tally.reject(c.key, "judge_unparseable", v.problem or "", c.completion, verdict=rec["completion"])
             continue
