@@ -16,6 +16,7 @@ one); the totals of every chunk go into the stage's manifest (`Generated.totals`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -112,14 +113,19 @@ class Generated:
                 "engines": self.engines, "announced": self.cost.as_dict()}
 
 
-def run(folder: str, requests: list[Request], *, run_key: str, chunk_rows: int, samples: int, max_tokens: int,
-        start_engine: Callable[[], Engine], what: str, estimate: float | None = None) -> Generated:
+def run(folder: str, requests: list[Request], *, settings: dict[str, Any], chunk_rows: int, samples: int,
+        max_tokens: int, start_engine: Callable[[], Engine], what: str, estimate: float | None = None) -> Generated:
     """Generate the chunks no attempt has written yet (starting the engine only if there are any), then read
-    every chunk back: each request's `samples` completions, in request order."""
+    every chunk back: each request's `samples` completions, in request order.
+
+    `settings`: everything besides the prompts that decides the completions (the model's identity, engine,
+    sampling, a guided schema). Chunks are reused only for the same settings and the same prompts, so a
+    change to what happens after generation (a filter, a gate) keeps them, and a change to either refuses."""
     keys = [r.key for r in requests]
     if len(set(keys)) != len(keys):
         raise FtjobsError(f"{what}: two requests share a key; this is a bug in the stage that built them")
-    claim_plan(folder, {"run": run_key, "requests": len(requests), "chunk_rows": chunk_rows, "samples": samples})
+    claim_plan(folder, {"run": identity(settings, requests), "requests": len(requests), "chunk_rows": chunk_rows,
+                        "samples": samples})
     chunks = [requests[i:i + chunk_rows] for i in range(0, len(requests), chunk_rows)]
     written = {o.rel for o in storage.list_objects(folder)}
     todo = [k for k in range(len(chunks)) if chunk_name(k) not in written]
@@ -135,6 +141,14 @@ def run(folder: str, requests: list[Request], *, run_key: str, chunk_rows: int, 
     return out
 
 
+def identity(settings: dict[str, Any], requests: list[Request]) -> str:
+    """What the chunks are of: the settings and every prompt (key and token ids, or its error)."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for r in requests:
+        h.update(json.dumps([r.key, r.ids, r.error]).encode())
+    return h.hexdigest()
+
+
 def chunk_name(k: int) -> str:
     return f"chunk-{k:05d}.parquet"
 
@@ -148,8 +162,9 @@ def claim_plan(folder: str, plan: dict[str, Any]) -> None:
     except AlreadyExistsError:
         have = storage.read_json(uri)
     if {k: have.get(k) for k in plan} != plan:
-        raise ConfigError(f"{folder} holds chunks of a different run (config, inputs or chunking differ; see "
-                          f"{uri}). Choose another --output, or delete {folder} to start over.")
+        raise ConfigError(f"{folder} holds chunks of other prompts or generation settings (the model, engine, "
+                          f"sampling, prompts or chunking differ; see {uri}). Choose another --output, or delete "
+                          f"{folder} to start over.")
 
 
 def _generate(folder: str, chunks: list[list[Request]], todo: list[int], start_engine: Callable[[], Engine],

@@ -208,7 +208,7 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
                          "scores": {s["id"]: s for s in scores}})
     judged = None
     if config.judge is not None:
-        judged = judging.run(config.judge, sets, attempt, config.output, judge_in, config.cache_dir, config.seed,
+        judged = judging.run(config.judge, sets, config.output, judge_in, config.cache_dir, config.seed,
                              baseline_of=config.baseline_of, engine=judge_engine)
     t_score = time.monotonic()
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from common import chat, chunks, models, stage, storage
+from common import chat, chunks, models, storage
 from common import judge as J
 from common import manifest as mf
 from jobs.evaluate.comparison import bootstrap_interval, candidates_and_baselines, mean
@@ -112,8 +112,8 @@ def requests_for(jc: Judge, sets: list[dict[str, Any]], baseline_of: dict[str, s
     return asks, decided
 
 
-def run(jc: Judge, sets: list[dict[str, Any]], attempt: stage.Attempt, output: str, judge_in: mf.Loaded | None,
-        cache_dir: str | None, seed: int, *, baseline_of: dict[str, str] | None = None, engine: Any = None) -> Judged:
+def run(jc: Judge, sets: list[dict[str, Any]], output: str, judge_in: mf.Loaded | None, cache_dir: str | None,
+        seed: int, *, baseline_of: dict[str, str] | None = None, engine: Any = None) -> Judged:
     """Ask the judge (resumably), read its verdicts, and put each row's `judge` score into the sets' scores.
 
     `engine`: a started engine to use instead of loading `jc.model`; prompts reach it as the Unicode code
@@ -134,7 +134,10 @@ def run(jc: Judge, sets: list[dict[str, Any]], attempt: stage.Attempt, output: s
 
         def start() -> generate.Engine:
             return engine  # type: ignore[no-any-return]
-    gen = chunks.run(storage.join(output, "shards", "judge"), requests, run_key=attempt.identity.key,
+    settings = {"judge": model.identity() if engine is None else "given engine", "mode": jc.mode,
+                "judge_manifest": judge_in.sha256 if judge_in else None,
+                **jc.model_dump(mode="json", include={"engine", "engine_args", "sampling", "guided"})}
+    gen = chunks.run(storage.join(output, "shards", "judge"), requests, settings=settings,
                      chunk_rows=jc.chunk_rows, samples=1, max_tokens=jc.sampling.max_tokens, start_engine=start,
                      what=f"judge ({jc.mode})")
     replies = {r["key"]: r for r in gen.records}

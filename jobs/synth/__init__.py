@@ -214,7 +214,10 @@ def synthesize(config: Config, attempt: stage.Attempt, seeds_in: list[Any], teac
     guided = (R.guided_schema(config.format, schema, config.limits.min_chars, config.limits.max_chars,
                               config.limits.max_turns) if config.guided else None)
     t_prep = time.monotonic()
-    gen = chunks.run(storage.join(config.output, "shards", "teacher"), requests, run_key=attempt.identity.key,
+    settings = {"teacher": teacher.identity(), "teacher_manifest": teacher_in.sha256 if teacher_in else None,
+                "engine": config.engine, "engine_args": config.engine_args.model_dump(mode="json"),
+                "sampling": config.sampling.model_dump(mode="json"), "guided": guided, "seed_by_prompt": True}
+    gen = chunks.run(storage.join(config.output, "shards", "teacher"), requests, settings=settings,
                      chunk_rows=config.chunk_rows, samples=config.sampling.n, max_tokens=config.sampling.max_tokens,
                      start_engine=lambda: generate.start(config.engine, config, teacher.engine_model(), guided=guided,
                                                          seed_by_prompt=True),
@@ -225,7 +228,7 @@ def synthesize(config: Config, attempt: stage.Attempt, seeds_in: list[Any], teac
     candidates = check_completions(config, gen.records, seeds, validator, tally)
     judged: dict[str, Any] = {}
     if config.judge is not None:
-        candidates, judged = judge_candidates(config, config.judge, judge_in, candidates, attempt, cache, tally)
+        candidates, judged = judge_candidates(config, config.judge, judge_in, candidates, cache, tally)
     keep_new(config, candidates, tally)
     t_filter = time.monotonic()
 
@@ -287,7 +290,7 @@ def check_completions(config: Config, records: list[dict[str, Any]], seeds: list
 
 
 def judge_candidates(config: Config, jc: SynthJudge, judge_in: mf.Loaded | None, candidates: list[Candidate],
-                     attempt: stage.Attempt, cache: Path, tally: Tally) -> tuple[list[Candidate], dict[str, Any]]:
+                     cache: Path, tally: Tally) -> tuple[list[Candidate], dict[str, Any]]:
     """Ask the judge to score each candidate on its own; keep those at min_score or above."""
     from common import generate
 
@@ -298,7 +301,9 @@ def judge_candidates(config: Config, jc: SynthJudge, judge_in: mf.Loaded | None,
     requests = [chunks.Request(c.key, chat.encode_prompt(model.tokenizer, model.fmt, J.example_prompt(
         jc.rubric, R.shown(c.row), jc.scale, jc.max_text_chars))) for c in candidates]
     guided = J.verdict_schema("score", jc.scale) if jc.guided else None
-    gen = chunks.run(storage.join(config.output, "shards", "judge"), requests, run_key=attempt.identity.key,
+    settings = {"judge": model.identity(), "judge_manifest": judge_in.sha256 if judge_in else None,
+                **jc.model_dump(mode="json", include={"engine", "engine_args", "sampling"}), "guided": guided}
+    gen = chunks.run(storage.join(config.output, "shards", "judge"), requests, settings=settings,
                      chunk_rows=jc.chunk_rows, samples=1, max_tokens=jc.sampling.max_tokens,
                      start_engine=lambda: generate.start(jc.engine, jc, model.engine_model(), guided=guided),
                      what="synth judge")
