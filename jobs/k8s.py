@@ -55,8 +55,12 @@ from jobs import chain
 LOG = logging.getLogger(__name__)
 
 OVERLAYS = ("base", "local", "gpu")
-# Which image each stage runs in: evaluate needs no torch and shares the slim prepare image.
-IMAGE_OF = {"prepare": "prepare", "train": "train", "merge": "merge", "infer": "infer", "evaluate": "prepare"}
+# Which image each Job template runs: evaluate needs no torch and shares the slim prepare image, unless it has
+# a judge to run (the `evaluate-judge` template: the infer image, a GPU in the gpu overlay); synth runs a
+# teacher model in the infer image.
+IMAGE_OF = {"synth": "infer", "prepare": "prepare", "train": "train", "merge": "merge", "infer": "infer",
+            "evaluate": "prepare", "evaluate-judge": "infer"}
+TEMPLATES = tuple(IMAGE_OF)  # the ftjobs.dev/stage label of each Job template in k8s/base
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 STAGE_LABEL = "ftjobs.dev/stage"
 STEP_LABEL = "ftjobs.dev/step"
@@ -207,7 +211,6 @@ def render_job(docs: list[dict[str, Any]], stage: str, run_id: str, stage_args: 
                           "with a letter or digit (it becomes a label value and part of the Job name).")
     if shards < 1 or (shards > 1 and stage != "infer"):
         raise ConfigError(f"--shards {shards}: only infer is sharded (an Indexed Job), and shards must be >= 1.")
-    job = copy.deepcopy(find_job(docs, stage))
     args = list(stage_args)
     output = None
     for i, a in enumerate(args):
@@ -223,7 +226,8 @@ def render_job(docs: list[dict[str, Any]], stage: str, run_id: str, stage_args: 
             raise ConfigError("Do not pass --shard to a Kubernetes infer Job: use --shards N; each pod takes its "
                               "shard from JOB_COMPLETION_INDEX.")
         args += ["--set", f"num_shards={shards}"]
-    chain.validate_arguments(stage, args)
+    resolved = chain.validate_arguments(stage, args)
+    job = copy.deepcopy(find_job(docs, template_of(stage, resolved)))
 
     name = job_name(stage, run_id, tag)
     meta = job["metadata"]
@@ -242,13 +246,18 @@ def render_job(docs: list[dict[str, Any]], stage: str, run_id: str, stage_args: 
     pod = spec["template"]
     pod.setdefault("metadata", {}).setdefault("labels", {}).update(labels)
     container = next(c for c in pod["spec"]["containers"] if c["name"] == "job")
-    ref = (images or {}).get(IMAGE_OF[stage]) or container["image"]
+    ref = (images or {}).get(IMAGE_OF[template_of(stage, resolved)]) or container["image"]
     container["image"] = ref
     container["args"] = [stage, *args]
     container["command"] = ["ftjobs"]
     env = container.setdefault("env", [])
     env[:] = [e for e in env if e["name"] != "FTJOBS_IMAGE"] + [{"name": "FTJOBS_IMAGE", "value": ref}]
     return job, output
+
+
+def template_of(stage: str, resolved: Any) -> str:
+    """The Job template a stage's run needs: evaluate with a judge runs a model (infer image, GPU)."""
+    return "evaluate-judge" if stage == "evaluate" and getattr(resolved, "judge", None) is not None else stage
 
 
 # --------------------------------------------------------------------------- render: several processes

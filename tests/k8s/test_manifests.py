@@ -27,6 +27,7 @@ VALIDATE = shutil.which("kubernetes-validate", path=str(BIN)) or shutil.which("k
 DIGEST = "sha256:" + "ab" * 32
 IMAGES = {name: f"ghcr.io/acme/ftjobs-{name}:0.1.0@{DIGEST}" for name in ("prepare", "train", "merge", "infer")}
 SAMPLE_ARGS = {
+    "synth": ["--seeds", "s3://data/seeds.jsonl", "--teacher", "Qwen/Qwen2.5-7B-Instruct"],
     "prepare": ["--source", "s3://data/chats.jsonl"],
     "train": ["--input", "s3://ftjobs/runs/r1/prepare/manifest.json", "--base-model", "meta-llama/Llama-3.1-8B"],
     "merge": ["--input", "s3://ftjobs/runs/r1/train/manifest.json"],
@@ -66,7 +67,7 @@ def test_every_overlay_and_every_rendered_run_validates_strictly(rendered: dict[
                                                                  tmp_path: Path) -> None:
     docs: list[dict[str, Any]] = []
     for overlay, objs in rendered.items():
-        assert sorted(j["metadata"]["labels"]["ftjobs.dev/stage"] for j in jobs_of(objs)) == sorted(k8s.STAGES)
+        assert sorted(j["metadata"]["labels"]["ftjobs.dev/stage"] for j in jobs_of(objs)) == sorted(k8s.TEMPLATES)
         docs += [dict(d, metadata={**d["metadata"], "name": f"{d['metadata']['name']}-{overlay.replace('+', '-')}"})
                  for d in objs if d["kind"] != "Namespace"]
         for stage in k8s.STAGES:
@@ -134,7 +135,7 @@ def test_gpu_overlay_puts_only_gpu_stages_on_gpus(rendered: dict[str, list[dict[
         stage = job["metadata"]["labels"]["ftjobs.dev/stage"]
         pod = job["spec"]["template"]["spec"]
         limits = pod["containers"][0]["resources"]["limits"]
-        on_gpu = stage in ("train", "merge", "infer")
+        on_gpu = stage in policy.GPU_STAGES
         assert (limits.get("nvidia.com/gpu") == "1") is on_gpu, stage
         assert ("nodeSelector" in pod) is on_gpu, stage
     for job in jobs_of(rendered["local"]) + jobs_of(rendered["base"]):
@@ -166,3 +167,19 @@ def test_local_overlay_runs_the_cpu_variants(rendered: dict[str, list[dict[str, 
     assert images["train"].startswith("localhost:5001/ftjobs-train:0.1.0-cpu@sha256:")
     assert images["infer"].startswith("localhost:5001/ftjobs-infer:0.1.0-cpu@sha256:")
     assert images["evaluate"] == images["prepare"]
+    assert images["synth"] == images["evaluate-judge"] == images["infer"]
+
+
+@pytest.mark.parametrize("overlay", ["base", "gpu"])
+def test_evaluate_with_a_judge_renders_on_the_infer_image_and_a_gpu(rendered: dict[str, list[dict[str, Any]]],
+                                                                    overlay: str) -> None:
+    plain, _ = k8s.render_job(rendered[overlay], "evaluate", "r1", SAMPLE_ARGS["evaluate"], images=IMAGES)
+    judged, _ = k8s.render_job(rendered[overlay], "evaluate", "r1",
+                               [*SAMPLE_ARGS["evaluate"], "--set", "judge.model=Qwen/Qwen2.5-7B-Instruct"],
+                               images=IMAGES)
+    pod = judged["spec"]["template"]["spec"]
+    assert plain["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGES["prepare"]
+    assert pod["containers"][0]["image"] == IMAGES["infer"]
+    assert pod["containers"][0]["args"][0] == "evaluate" and judged["metadata"]["name"] == "ftjobs-evaluate-r1"
+    assert ("nvidia.com/gpu" in pod["containers"][0]["resources"]["limits"]) is (overlay == "gpu")
+    assert policy.violations(judged, gpu=overlay == "gpu") == []
