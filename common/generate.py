@@ -166,6 +166,10 @@ def start_vllm(config: Settings, model: dict[str, Any], *, guided: dict[str, Any
         kwargs["max_num_seqs"] = e.max_num_seqs
     if guided is not None:
         kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+    if not gpu and s.seed is not None and s.temperature > 0:
+        # vLLM rewinds a seeded request's generator when a prompt's prefill is split over steps, by a CUDA
+        # generator's offset; a CPU generator has none ("CPU Generator does not use offset"). Whole prefills only.
+        kwargs["enable_chunked_prefill"] = False
     loras: list[Any] = []
     dirs = adapter_dirs(model)
     if dirs:

@@ -227,3 +227,15 @@ def test_shipped_configs_validate() -> None:
     resolved = pipeline.check_sections(run)
     assert list(resolved)[:2] == ["synth", "prepare"]
     assert resolved["evaluate"].judge.mode == "pairwise" and resolved["evaluate"].fail_if_worse == "judge"
+
+
+def test_help_names_what_each_option_takes() -> None:
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    result = CliRunner().invoke(main, ["synth", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for option in ("--seeds", "--teacher", "--output", "--engine", "--config", "--set"):
+        assert option in result.output
+    assert "ftjobs prepare --source URI" in result.output
