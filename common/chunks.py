@@ -186,7 +186,7 @@ def _generate(folder: str, chunks: list[list[Request]], todo: list[int], start_e
                       for r in reqs if r.ids is None or len(r.ids) >= max_len}  # room for one new token
             live = [r for r in reqs if r.key not in errors]
             t0 = time.monotonic()
-            results = generate([r.ids for r in live]) if live else []  # type: ignore[misc]
+            results = generate([r.ids for r in live]) if live else []
             elapsed = time.monotonic() - t0
             by_key = dict(zip([r.key for r in live], results, strict=True))
             rows = []

@@ -271,7 +271,8 @@ def report(jc: Judged | None, config: Judge | None, model: str | None,
             entry["mean_score"] = jc.mean_scores.get(label)
         else:
             m = comparisons[label]["metrics"][METRIC]
-            entry |= {"win_rate": m["candidate"], "ci95": [0.5 + x for x in m["ci95"]] if m["ci95"] else None}
+            entry |= {"baseline": jc.baselines.get(label), "win_rate": m["candidate"],
+                      "ci95": [0.5 + x for x in m["ci95"]] if m["ci95"] else None}
         head[label] = entry
     return {"mode": jc.mode, "model": model, "scale": config.scale, "rubric": config.rubric, "by_set": head,
             "samples": jc.samples}

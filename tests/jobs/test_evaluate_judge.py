@@ -107,7 +107,7 @@ def test_pairwise_asks_both_orders_and_counts_wins_ties_and_inconsistent(sets: t
     verdicts = [json.loads(x) for x in storage.read_text(artifact_at(f"{root}/eval", "judge.jsonl")).splitlines()]
     assert len(verdicts) == 8 and {v["order"] for v in verdicts} == {"ab", "ba"}
     report = storage.read_text(artifact_at(f"{root}/eval", "report.md"))
-    assert "## LLM judge (pairwise)" in report and "| finetuned | 75.0% [" in report
+    assert "## LLM judge (pairwise)" in report and "| finetuned | base | 75.0% [" in report
     assert "compared with the reference" in report  # the judge's reasons for sampled rows
     assert m.stats["judge"]["completions"] == 8 and m.stats["judge"]["announced"]["prompts"] == 8
 
