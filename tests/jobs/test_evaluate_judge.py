@@ -194,3 +194,21 @@ def test_pairwise_needs_a_baseline_and_guided_needs_vllm() -> None:
     conf = cfg.validate(evaluate.Config, {"predictions": ["a", "b"], "output": "o", "fail_if_worse": "judge",
                                           "judge": {"model": "m"}})
     assert "judge" in conf.metric_names() and REFERENCES
+
+
+def test_pairwise_pairs_each_candidate_with_its_own_baseline(tmp_path: Any) -> None:
+    # A sweep's evaluate: each finetuned cell against the base model it came from (baseline_of).
+    root = str(tmp_path / "store")
+    preds = [publish_predictions(f"{root}/{name}", answers) for name, answers in
+             (("base0", BASE), ("base1", TUNED), ("ft0", TUNED), ("ft1", BASE))]
+    engine, asked = scripted(fair)
+    conf = cfg.validate(evaluate.Config, {
+        "predictions": preds, "output": f"{root}/eval", "labels": ["base0", "base1", "ft0", "ft1"],
+        "baseline_of": {"ft1": "base1"}, "bootstrap": 100, "judge": {"model": "scripted", "mode": "pairwise"}})
+    m = evaluate.run(conf, judge_engine=engine).manifest
+    assert len(asked) == 16  # two candidates x four rows x both orders
+    assert m.stats["judge"]["counts"]["ft0"]["wins"] == 2 and m.stats["judge"]["counts"]["ft1"]["losses"] == 2
+    assert m.metrics["sets"]["ft0"]["judge"] == 0.75 and m.metrics["sets"]["ft1"]["judge"] == 0.25
+    assert m.metrics["sets"]["base0"]["judge"] == m.metrics["sets"]["base1"]["judge"] == 0.5
+    assert m.metrics["comparisons"]["ft1"]["baseline"] == "base1"
+    assert "| ft1 | base1 | 25.0% [" in storage.read_text(artifact_at(f"{root}/eval", "report.md"))
