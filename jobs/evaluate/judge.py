@@ -133,7 +133,7 @@ def run(jc: Judge, sets: list[dict[str, Any]], output: str, judge_in: mf.Loaded 
         requests = [chunks.Request(k, [ord(ch) for ch in msgs[-1]["content"]]) for k, msgs in asks]
 
         def start() -> generate.Engine:
-            return engine  # type: ignore[no-any-return]
+            return engine
     settings = {"judge": model.identity() if engine is None else "given engine", "mode": jc.mode,
                 "judge_manifest": judge_in.sha256 if judge_in else None,
                 **jc.model_dump(mode="json", include={"engine", "engine_args", "sampling", "guided"})}
