@@ -20,8 +20,9 @@ How it works, in order (see `run` and the phases after it):
    with the adapter's NF4/FP4 settings, since that is what the adapter learned to correct.
 3. `mode: in_memory` (`merge_in_memory`) loads the model and uses peft's merge; `mode: sharded`
    (`merge_streaming`) streams the base checkpoint tensor by tensor (peak memory: about one tensor) and
-   applies W + scale * B @ A itself; `auto` picks in_memory when the model fits the memory budget. Both
-   hand `write_model` the same tensors, written to the same files, streamed and hashed.
+   applies W + scale * B @ A itself; `auto` picks sharded for plain LoRA (what it cannot place, such as
+   DoRA, goes to in_memory). Both hand `write_model` the same tensors, written to the same files, streamed
+   and hashed.
 4. `check`, before publishing: NaN/Inf and shapes on every tensor; greedy generation of the saved merged
    folder (loaded back by transformers) against the unmerged base + adapter on fixed chat prompts;
    in sharded mode, a per-tensor probe W'x = Wx + s*B(Ax). A failed check exits 3 and names the first
@@ -62,6 +63,7 @@ from jobs.merge.checks import (
     DEFAULT_PROMPTS,
     PROBE_RTOL,
     MergeCheckError,
+    Reference,
     compare_run,
     encode_prompts,
     reference_run,
@@ -69,13 +71,14 @@ from jobs.merge.checks import (
 from jobs.merge.lora import (
     Adapter,
     LoraUpdate,
+    Probe,
     Quant,
     lora_merge,
     pattern_value,
-    probe,
     quantized_weight_names,
     read_adapter,
     roundtrip_4bit,
+    sharded_refusal,
     tied_head,
 )
 from jobs.merge.tensors import (
@@ -149,7 +152,7 @@ class Config(JobConfig):
         "dequantize(quantize(W)) with the adapter's 4-bit settings, the weights training actually saw.")
     mode: Literal["auto", "in_memory", "sharded"] = Field(
         "auto", description="in_memory: load the whole model, peft merge. sharded: stream the checkpoint "
-        "tensor by tensor with bounded memory. auto: in_memory when it fits max_memory.")
+        "tensor by tensor with bounded memory. auto: sharded for plain LoRA, otherwise in_memory.")
     max_shard_size: str = Field("5GB", description="Largest output safetensors file ('5GB', '500MB', bytes). "
                                 "Smaller shards download in parallel; vLLM and transformers read either.")
     max_memory: str | None = Field(None, description="Memory budget for mode/check decisions ('16GB'); default: "
@@ -261,7 +264,7 @@ def plan_merge(config: Config, train: mf.Loaded, work: Path) -> Plan:
     model_bytes = sum(t.nbytes(dtype) for t in tensors)
     budget = memory_budget(config, device)
     fits = model_bytes * IN_MEMORY_FACTOR <= budget
-    mode = ("in_memory" if fits else "sharded") if config.mode == "auto" else config.mode
+    mode = config.mode if config.mode != "auto" else _auto_mode(adapter_dir, fits, model_bytes, budget)
     gen_check = config.checks.generation and fits
     skipped = None if gen_check or not config.checks.generation else (
         f"model is {model_bytes / 1e9:.2f} GB at {dtype}; budget {budget / 1e9:.2f} GB")
@@ -275,6 +278,19 @@ def plan_merge(config: Config, train: mf.Loaded, work: Path) -> Plan:
                 base_cfg=base_cfg, tokenizer=tokenizer, fmt=fmt, dtype=dtype, tensors=tensors,
                 model_bytes=model_bytes, budget=budget, mode=mode, gen_check=gen_check, skipped=skipped,
                 eos=[e for e in eos if e is not None], prompt_ids=encode_prompts(tokenizer, config.checks.prompts))
+
+
+def _auto_mode(adapter_dir: Path, fits: bool, model_bytes: int, budget: int) -> str:
+    """sharded for a plain LoRA adapter (bounded memory, per-tensor probes, and faster: no model object
+    to build and tear down); in_memory, peft's own merge, for what only peft can place, when it fits."""
+    refusal = sharded_refusal(json.loads((adapter_dir / "adapter_config.json").read_text()))
+    if refusal is None:
+        return "sharded"
+    if not fits:
+        raise ConfigError(f"{refusal}, and mode: in_memory needs the model in memory ({model_bytes / 1e9:.2f} GB "
+                          f"x {IN_MEMORY_FACTOR}; budget {budget / 1e9:.2f} GB). Raise max_memory or merge on a "
+                          "larger machine")
+    return "in_memory"
 
 
 def _adapter_settings(config: Config, train: mf.Loaded) -> tuple[mf.TrainModel, Quant, Quant | None]:
@@ -376,7 +392,7 @@ class Merged:
 
     tensors: list[TensorInfo]  # what the output holds: the base's, plus a trained head untied from the embeddings
     untied: bool               # such a head exists (config.json says tie_word_embeddings: false)
-    reference: Any | None      # the unmerged base + adapter's greedy run, for the generation check
+    reference: Reference | None  # the unmerged base + adapter's greedy run, for the generation check
     source: TensorSource
 
 
@@ -505,23 +521,24 @@ class StreamedTensors:
             if tuple(up.source.shape) != info.shape:
                 raise ConfigError(f"the adapter saves {info.name} as {tuple(up.source.shape)}; the base "
                                   f"has {info.shape} (vocabulary resized?). Set mode: in_memory")
-            w = up.source
+            w = up.source.clone()  # the merge updates its input in place
         torch_dtype = getattr(torch, self.dtype)
         src = w.to(self.device, torch_dtype)
         if info.name in self.roundtrip_names:
             src = roundtrip_4bit(src, self.quant)
         if up is None:
             return src
+        check = Probe.before_merge(src, up, self.device) if up.replace is None else None
         merged = lora_merge(src, up, self.device)
-        if up.replace is None:
-            self.probes[info.name] = probe(merged.to(torch_dtype), src, up, self.device)
+        if check is not None:
+            self.probes[info.name] = check.error(merged.to(torch_dtype))
         return merged
 
     def close(self) -> None:
         self.handles.clear()
 
 
-def _reference(plan: Plan, peft_model: Any) -> Any:
+def _reference(plan: Plan, peft_model: Any) -> Reference:
     return reference_run(peft_model, plan.prompt_ids, plan.config.checks.max_new_tokens, plan.eos, plan.device)
 
 
@@ -594,7 +611,7 @@ def write_model(plan: Plan, merged: Merged, out_dir: Path, timings: dict[str, fl
     progress = Progress("merge", total=len(merged.tensors), unit="tensors", logger=LOG)
     pull = functools.partial(written.pull, merged.source, plan.dtype, progress)
     for fname, shard in zip(written.files, shards, strict=True):
-        written.digests[fname] = write_safetensors(out_dir / fname, shard, plan.dtype, pull)
+        written.digests[fname] = write_safetensors(out_dir / fname, shard, plan.dtype, pull, timings)
     progress.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": plan.model_bytes},
@@ -604,7 +621,7 @@ def write_model(plan: Plan, merged: Merged, out_dir: Path, timings: dict[str, fl
                        untied=merged.untied)
     merged.source.close()
     timings["merge"] += written.merge_s
-    timings["save"] = time.monotonic() - t - written.merge_s
+    timings["save"] = time.monotonic() - t - written.merge_s - timings.get("hash", 0.0)
     return written
 
 
@@ -632,8 +649,16 @@ def check(plan: Plan, merged: Merged, written: Written, out_dir: Path, timings: 
     generation: dict[str, Any] = {"skipped": plan.skipped or ("disabled" if not plan.config.checks.generation
                                                               else None)}
     if merged.reference is not None and not written.problems:
-        merged_model: Any = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=getattr(torch, plan.dtype),
-                                                                 trust_remote_code=plan.config.trust_remote_code)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            str(out_dir), dtype=getattr(torch, plan.dtype), trust_remote_code=plan.config.trust_remote_code,
+            output_loading_info=True)
+        merged_model, loading = loaded
+        # transformers only warns about weights the folder lacks (it initializes them at random) or holds
+        # in excess: either means the folder does not load as the model that was checked.
+        for what in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+            if loading.get(what):
+                failures.append(f"transformers loading the merged folder reports {what.replace('_', ' ')}: "
+                                f"{sorted(map(str, loading[what]))[:3]}")
         merged_model.to(plan.device).eval()
         generation = compare_run(merged_model, merged.reference, plan.tokenizer, atol, plan.device)
         del merged_model

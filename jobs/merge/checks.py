@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from common import chat
@@ -32,43 +33,83 @@ def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     return [chat.encode_prompt(tokenizer, fmt, [{"role": "user", "content": p}]) for p in prompts if p.strip()]
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The unmerged model's greedy sequences and their teacher-forced logits, batched as they were run."""
+
+    seqs: list[list[int]]   # prompt + generated tokens, cut after the first end-of-turn token
+    n_prompt: list[int]
+    logits: list[Any]       # per sequence: the logits at every position but the last (each predicts the next)
+    pad: int
+
+
+def _padded(seqs: list[list[int]], pad: int, device: str) -> tuple[Any, Any, Any]:
+    """Left-padded ids, attention mask and position ids for a batch of token sequences."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def _forced_logits(model: Any, seqs: list[list[int]], pad: int, device: str) -> list[Any]:
+    """Teacher-forced logits at every position of each sequence but its last, from one batched forward."""
+    ids, mask, positions = _padded(seqs, pad, device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float().cpu()
+    width = ids.shape[1]
+    return [logits[i, width - len(s): width - 1] for i, s in enumerate(seqs)]
+
+
 def reference_run(model: Any, prompt_ids: list[list[int]], max_new_tokens: int, eos: list[int],
-                  device: str) -> list[tuple[list[int], int, Any]]:
-    """Greedy generation with the unmerged model, then the logits of that sequence (teacher-forced)."""
+                  device: str) -> Reference:
+    """Greedy generation with the unmerged model, then the logits of those sequences (teacher-forced).
+
+    All prompts go through as one left-padded batch (one `generate`, then one forward): on a large model
+    the check's cost is reading the weights once per step, and a batch reads them once for every prompt.
+    """
     import torch
 
-    out = []
+    pad = eos[0]
     with torch.no_grad():
-        for ids in prompt_ids:
-            x = torch.tensor([ids], device=device)
-            seq = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=eos[0])[0]
-            logits = model(input_ids=seq[None]).logits[0, len(ids) - 1: -1].float().cpu()
-            out.append((seq.tolist(), len(ids), logits))
-    return out
+        ids, mask, _ = _padded(prompt_ids, pad, device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=pad)
+        seqs = []
+        for prompt, new in zip(prompt_ids, out[:, ids.shape[1]:].tolist(), strict=True):
+            stop = next((j + 1 for j, t in enumerate(new) if t in eos), len(new))
+            seqs.append(prompt + new[:stop])
+        return Reference(seqs=seqs, n_prompt=[len(p) for p in prompt_ids],
+                         logits=_forced_logits(model, seqs, pad, device), pad=pad)
 
 
-def compare_run(model: Any, reference: list[tuple[list[int], int, Any]], tokenizer: Any, atol: float,
-                device: str) -> dict[str, Any]:
-    """The merged model on the reference sequences: same greedy choices, or logits within atol."""
+def compare_run(model: Any, reference: Reference, tokenizer: Any, atol: float, device: str) -> dict[str, Any]:
+    """The merged model on the reference's batch, at every position of prompt and generation: the same
+    greedy choice as base + adapter (its generated token, or its argmax over the prompt), or logits within
+    atol where the choice differs."""
     import torch
 
+    with torch.no_grad():
+        merged = _forced_logits(model, reference.seqs, reference.pad, device)
     results, first_failure = [], None
-    with torch.no_grad():
-        for i, (seq, n_prompt, ref_logits) in enumerate(reference):
-            logits = model(input_ids=torch.tensor([seq], device=device)).logits[0, n_prompt - 1: -1].float().cpu()
-            want = seq[n_prompt:]
-            got = logits.argmax(-1).tolist()
-            diff = float((logits - ref_logits).abs().max()) if len(want) else 0.0
-            first = next((j for j, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), None)
-            ok = first is None or diff <= atol
-            results.append({"prompt": i, "tokens": len(want), "tokens_equal": first is None,
-                            "first_diff_step": first, "max_logit_diff": diff, "ok": ok})
-            if not ok and first_failure is None and first is not None:
-                first_failure = (f"prompt {i}, generated token {first}: base+adapter chose "
-                                 f"{want[first]} ({tokenizer.decode([want[first]])!r}), merged chose {got[first]} "
-                                 f"({tokenizer.decode([got[first]])!r}); max |logit diff| {diff:.4g} > {atol:g}")
+    for i, (seq, n, ref_logits, logits) in enumerate(zip(reference.seqs, reference.n_prompt, reference.logits,
+                                                         merged, strict=True)):
+        want = ref_logits[: n - 1].argmax(-1).tolist() + seq[n:]
+        got = logits.argmax(-1).tolist()
+        diff = float((logits - ref_logits).abs().max()) if len(want) else 0.0
+        first = next((j for j, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), None)
+        ok = first is None or diff <= atol
+        results.append({"prompt": i, "tokens": len(seq) - n, "positions": len(want), "tokens_equal": first is None,
+                        "first_diff_position": first,
+                        "first_diff_step": first - (n - 1) if first is not None and first >= n - 1 else None,
+                        "max_logit_diff": diff, "ok": ok})
+        if not ok and first_failure is None and first is not None:
+            where = (f"generated token {first - (n - 1)}" if first >= n - 1 else f"prompt position {first + 1}")
+            first_failure = (f"prompt {i}, {where}: base+adapter chose "
+                             f"{want[first]} ({tokenizer.decode([want[first]])!r}), merged chose {got[first]} "
+                             f"({tokenizer.decode([got[first]])!r}); max |logit diff| {diff:.4g} > {atol:g}")
     return {"prompts": results, "tokens_equal": all(r["tokens_equal"] for r in results),
+            "positions": sum(r["positions"] for r in results),
             "max_logit_diff": max((float(r["max_logit_diff"] or 0.0) for r in results), default=0.0),
             "logit_atol": atol,
             "ok": all(r["ok"] for r in results), "first_failure": first_failure}

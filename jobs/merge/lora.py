@@ -2,7 +2,7 @@
 
 `read_adapter` maps every update to the base tensor it changes (A/B pairs with their scale, rank and
 alpha patterns, rsLoRA, fan_in_fan_out, modules_to_save replacements); `lora_merge` applies one;
-`probe` checks one merged tensor against the unmerged computation. `roundtrip_4bit` reproduces what a
+`Probe` checks one merged tensor against the unmerged computation. `roundtrip_4bit` reproduces what a
 bitsandbytes Linear4bit weight looked like to training.
 """
 
@@ -110,6 +110,16 @@ def tied_head(model: Any, stored: set[str]) -> dict[str, str]:
     return {head_name: embed_name}
 
 
+def sharded_refusal(cfg: dict[str, Any]) -> str | None:
+    """Why the streaming merge cannot apply an adapter with this adapter_config.json, or None."""
+    if cfg.get("peft_type") != "LORA":
+        return f"adapter is {cfg.get('peft_type')}, not LORA; mode: sharded merges LoRA only"
+    used = [k for k in UNSUPPORTED if cfg.get(k)]
+    if cfg.get("bias", "none") != "none":
+        used.append(f"bias={cfg['bias']}")
+    return f"adapter uses {', '.join(used)}; mode: sharded merges plain LoRA only" if used else None
+
+
 def read_adapter(adapter_dir: Path, base_names: set[str]) -> Adapter:
     """Every update the adapter makes, keyed by the base tensor it changes (for the streaming merge).
 
@@ -118,14 +128,9 @@ def read_adapter(adapter_dir: Path, base_names: set[str]) -> Adapter:
     from safetensors.torch import load_file
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise ConfigError(f"adapter is {cfg.get('peft_type')}, not LORA; mode: sharded merges LoRA only "
-                          "(mode: in_memory uses peft's own merge)")
-    used = [k for k in UNSUPPORTED if cfg.get(k)]
-    if cfg.get("bias", "none") != "none":
-        used.append(f"bias={cfg['bias']}")
-    if used:
-        raise ConfigError(f"adapter uses {', '.join(used)}; mode: sharded merges plain LoRA only. Set mode: in_memory")
+    refusal = sharded_refusal(cfg)
+    if refusal:
+        raise ConfigError(f"{refusal}. Set mode: in_memory (peft's own merge)")
     weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
     adapter = Adapter(cfg)
     r0, alpha0 = cfg["r"], cfg["lora_alpha"]
@@ -165,28 +170,41 @@ def read_adapter(adapter_dir: Path, base_names: set[str]) -> Adapter:
 
 
 def lora_merge(src: Any, up: LoraUpdate, device: str) -> Any:
-    """W' = W + scale * B @ A, in float32 (or the modules_to_save replacement)."""
+    """W' = W + scale * B @ A, in float32 (or the modules_to_save replacement).
+
+    A float32 `src` is updated in place and returned: the caller hands over a tensor it owns (a fresh
+    read of the checkpoint), so a large model's merge allocates one delta per tensor and nothing more.
+    """
     import torch
 
     if up.replace is not None:
         return up.replace.to(device, torch.float32)
     delta = up.b.to(device, torch.float32) @ up.a.to(device, torch.float32)
-    return src.to(torch.float32) + (delta.T if up.transpose else delta) * up.scale
+    return src.to(torch.float32).add_(delta.T if up.transpose else delta, alpha=up.scale)
 
 
-def probe(merged: Any, w_src: Any, up: LoraUpdate, device: str) -> float:
-    """Relative error of the merged weight against the unmerged computation on random inputs."""
-    import torch
+@dataclass(frozen=True)
+class Probe:
+    """Random inputs and what the unmerged computation gives for them: Wx + s*B(Ax)."""
 
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    a, b = up.a.to(device, torch.float32), up.b.to(device, torch.float32)
-    if up.transpose:  # embedding rows: compare rows picked by one-hot inputs through the same algebra
+    x: Any
+    want: Any
+
+    @classmethod
+    def before_merge(cls, w_src: Any, up: LoraUpdate, device: str) -> Probe:
+        """Taken from the base weight before `lora_merge` updates it in place."""
+        import torch
+
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        a, b = up.a.to(device, torch.float32), up.b.to(device, torch.float32)
         x = torch.randn(w_src.shape[1], 4, generator=gen).to(device)
-        want = w_src.float() @ x + ((b @ a).T @ x) * up.scale
-    else:
-        x = torch.randn(w_src.shape[1], 4, generator=gen).to(device)
-        want = w_src.float() @ x + (b @ (a @ x)) * up.scale
-    got = merged.float() @ x
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+        if up.transpose:  # embedding rows: compare rows picked by random inputs through the same algebra
+            return cls(x, w_src.float() @ x + ((b @ a).T @ x) * up.scale)
+        return cls(x, w_src.float() @ x + (b @ (a @ x)) * up.scale)
+
+    def error(self, merged: Any) -> float:
+        """Relative error of the merged weight (in the output dtype) on the same inputs."""
+        got = merged.float() @ self.x
+        return float((got - self.want).norm() / self.want.norm().clamp_min(1e-30))
 
 

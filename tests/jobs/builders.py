@@ -19,7 +19,7 @@ from common import manifest as mf
 def publish_adapter(prefix: str, base_model: Path, *, r: int = 8, alpha: int = 16, seed: int = 0,
                     modules_to_save: list[str] | None = None, scale: float = 1.0, saved_noise: float = 0.0,
                     quantization: dict[str, Any] | None = None,
-                    target_modules: str | list[str] = "all-linear") -> mf.Loaded:
+                    target_modules: str | list[str] = "all-linear", use_dora: bool = False) -> mf.Loaded:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -28,7 +28,8 @@ def publish_adapter(prefix: str, base_model: Path, *, r: int = 8, alpha: int = 1
     base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(base_model))
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
-                      modules_to_save=modules_to_save, init_lora_weights=False, task_type="CAUSAL_LM")
+                      modules_to_save=modules_to_save, init_lora_weights=False, task_type="CAUSAL_LM",
+                      use_dora=use_dora)
     model = get_peft_model(base, lora)
     with torch.no_grad():
         for name, p in model.named_parameters():
