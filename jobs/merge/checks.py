@@ -1,7 +1,7 @@
 """The checks a merged model must pass before it is published: what merge compares and how closely.
 
-`reference_run` generates greedily with the unmerged base + adapter and keeps the teacher-forced logits;
-`compare_run` feeds the same sequences through the merged model loaded back from disk.
+`reference_run` generates greedily with the unmerged base + adapter and keeps the logits of every position;
+`compare_run` feeds the same sequences, teacher-forced, through the merged model loaded back from disk.
 """
 
 from __future__ import annotations
@@ -63,24 +63,43 @@ def _forced_logits(model: Any, seqs: list[list[int]], pad: int, device: str) -> 
 
 def reference_run(model: Any, prompt_ids: list[list[int]], max_new_tokens: int, eos: list[int],
                   device: str) -> Reference:
-    """Greedy generation with the unmerged model, then the logits of those sequences (teacher-forced).
+    """Greedy generation with the unmerged model, keeping the logits of every position on the way.
 
-    All prompts go through as one left-padded batch (one `generate`, then one forward): on a large model
-    the check's cost is reading the weights once per step, and a batch reads them once for every prompt.
+    All prompts go through as one left-padded batch: the prefill gives the logits of every prompt position,
+    each cached decode step the next one, so the reference costs one pass over the weights per generated
+    token and no teacher-forced pass of its own (on a large model, reading the weights is what a step
+    costs). Each sequence is cut after its first end-of-turn token.
     """
     import torch
 
     pad = eos[0]
+    stop_ids = torch.tensor(eos, device=device)
     with torch.no_grad():
-        ids, mask, _ = _padded(prompt_ids, pad, device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=pad)
-        seqs = []
-        for prompt, new in zip(prompt_ids, out[:, ids.shape[1]:].tolist(), strict=True):
-            stop = next((j + 1 for j, t in enumerate(new) if t in eos), len(new))
-            seqs.append(prompt + new[:stop])
-        return Reference(seqs=seqs, n_prompt=[len(p) for p in prompt_ids],
-                         logits=_forced_logits(model, seqs, pad, device), pad=pad)
+        ids, mask, positions = _padded(prompt_ids, pad, device)
+        width = ids.shape[1]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        steps = [out.logits.float().cpu()]
+        token = out.logits[:, -1].argmax(-1)
+        new, done = [token], torch.isin(token, stop_ids)
+        for _ in range(max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                        past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits.float().cpu())
+            token = out.logits[:, -1].argmax(-1)
+            new.append(token)
+            done |= torch.isin(token, stop_ids)
+        logits = torch.cat(steps, dim=1)
+        seqs, kept = [], []
+        for i, (prompt, row) in enumerate(zip(prompt_ids, torch.stack(new, dim=1).tolist(), strict=True)):
+            stop = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+            seqs.append(prompt + row[:stop])
+            start = width - len(prompt)  # sequence position p sits in column start + p
+            kept.append(logits[i, start: start + len(prompt) + stop - 1].clone())
+    return Reference(seqs=seqs, n_prompt=[len(p) for p in prompt_ids], logits=kept, pad=pad)
 
 
 def compare_run(model: Any, reference: Reference, tokenizer: Any, atol: float, device: str) -> dict[str, Any]:
