@@ -60,11 +60,13 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common import manifest as mf
+from common.errors import InputError
 
 TOOL_CALL = pa.struct([
     ("id", pa.string()), ("type", pa.string()),
@@ -162,3 +164,35 @@ def tools_of(value: str | None) -> list[dict] | None:
     """The `tools` column back as schemas (None when the row has none)."""
     return json.loads(value) if value else None
 
+
+
+def json_lines(local: Path, where: str, what: str) -> list[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a small JSON Lines file (seeds, prompts).
+
+    Read as bytes and decoded line by line, so a bad byte names its line, as prepare does; a UTF-8 BOM on
+    the first line is dropped. A line that is not JSON, nests too deep, or holds escapes that are not text
+    (lone surrogates such as \\ud800) is an InputError naming `where`, the line and what to do with `what`.
+    """
+    out = []
+    with open(local, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                # Without its line break, so json's column of an error at the end stays on this line.
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{where} line {n}: invalid UTF-8 at byte {exc.start} ({exc.reason}); save the "
+                                 f"{what} as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")  # lone surrogates are not text
+            except json.JSONDecodeError as exc:
+                # Some of json's messages end in "at" ("Invalid control character at"): the column completes them.
+                raise InputError(f"{where} line {n}: not valid JSON ({exc.msg.removesuffix(' at')} at column "
+                                 f"{exc.colno})") from None
+            except Exception as exc:  # noqa: BLE001 - too deep, not encodable text...: this line's data
+                raise InputError(f"{where} line {n}: cannot be read ({type(exc).__name__}: {str(exc)[:200]}); fix "
+                                 f"the {what} file") from None
+            out.append((n, obj))
+    return out

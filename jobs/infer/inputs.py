@@ -3,7 +3,6 @@ prompt rows (prepare manifest or a Parquet/JSONL file), and the chat-template ch
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from common import chat, models, storage
+from common import chat, data, models, storage
 from common import manifest as mf
 from common.config import JobConfig
 from common.errors import ConfigError, InputError
@@ -130,8 +129,6 @@ def template_check(config: Config, model: dict[str, Any], prompts_in: mf.Loaded 
 
 def load_rows(config: Config, prompts_in: mf.Loaded | mf.InputRef) -> list[dict[str, Any]]:
     """Prompt rows: id, prompt messages, reference, and an error when the row cannot be used."""
-    from common import data
-
     if isinstance(prompts_in, mf.Loaded):
         if not data.split_artifacts(prompts_in, config.split):
             # Only `<split>/part-NNNNN` artifacts are splits; prepare also publishes drops and stats.
@@ -181,30 +178,10 @@ def read_parquet(local: Path, where: str) -> list[dict[str, Any]]:
 
 def read_jsonl(local: Path, where: str) -> list[dict[str, Any]]:
     out = []
-    # Bytes, decoded per line: a bad byte then names its line, as prepare does.
-    with open(local, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                # Without its line break, so json's column of an error at the end stays on this line.
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{where} line {n}: invalid UTF-8 at byte {exc.start} ({exc.reason}); save the "
-                                 "prompts as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                json.dumps(obj, ensure_ascii=False).encode("utf-8")  # lone surrogates (\\ud800) are not text
-            except json.JSONDecodeError as exc:
-                # Some of json's messages end in "at" ("Invalid control character at"): the column completes them.
-                raise InputError(f"{where} line {n}: not valid JSON ({exc.msg.removesuffix(' at')} at column "
-                                 f"{exc.colno})") from None
-            except Exception as exc:  # noqa: BLE001 - too deep, not encodable text...: this line's data
-                raise InputError(f"{where} line {n}: cannot be read ({type(exc).__name__}: {str(exc)[:200]}); fix "
-                                 "the prompts file") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{where} line {n}: expected a JSON object, got {type(obj).__name__}")
-            out.append(obj)
+    for n, obj in data.json_lines(local, where, "prompts"):
+        if not isinstance(obj, dict):
+            raise InputError(f"{where} line {n}: expected a JSON object, got {type(obj).__name__}")
+        out.append(obj)
     return out
 
 

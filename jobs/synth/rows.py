@@ -278,23 +278,4 @@ def _parquet(local: Path, where: str) -> list[tuple[str, Any]]:
 
 
 def _jsonl(local: Path, where: str) -> list[tuple[str, Any]]:
-    out = []
-    with open(local, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{where} line {n}: invalid UTF-8 at byte {exc.start}; save the seeds as "
-                                 "UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                json.dumps(obj, ensure_ascii=False).encode("utf-8")  # lone surrogates are not text
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where} line {n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            except Exception as exc:  # noqa: BLE001 - too deep, not encodable...: this line's data
-                raise InputError(f"{where} line {n}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})") \
-                    from None
-            out.append((f"{where} line {n}", obj))
-    return out
+    return [(f"{where} line {n}", obj) for n, obj in data.json_lines(local, where, "seeds")]
