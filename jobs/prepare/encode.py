@@ -28,6 +28,12 @@ _worker: dict[str, Any] = {}
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+def default_workers() -> int:
+    """Tokenizing processes when the config sets none: the CPUs this process may run on."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return int(n or 1)
+
+
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import os
 import tempfile
 import time
 from array import array
@@ -329,7 +328,7 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
 
 def _tokenizer(config: Config) -> tuple[Any, dict[str, Any]]:
     from common import models
-    from jobs.prepare.encode import Encoder, load_tokenizer
+    from jobs.prepare.encode import Encoder, default_workers, load_tokenizer
 
     assert config.tokenizer
     ref = models.resolve(config.tokenizer, tokenizer_only=True)
@@ -342,10 +341,8 @@ def _tokenizer(config: Config) -> tuple[Any, dict[str, Any]]:
                           "offsets to build loss masks. Provide tokenizer.json.")
     fmt = chat.chat_format(tok, config.chat_template)
     chat.render(fmt, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])  # compiles or fails
-    workers = config.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                 else os.cpu_count())
     encoder = Encoder(tok, str(ref.path), fmt, max_length=config.max_length, train_on=config.train_on,
-                      workers=int(workers or 1))
+                      workers=config.workers or default_workers())
     info = mf.PrepareModel(tokenizer=chat.tokenizer_identity(tok), tokenizer_source=config.tokenizer,
                            tokenizer_revision=ref.revision, template_hash=fmt.hash, chat_template=fmt.template,
                            train_on=config.train_on, max_length=config.max_length).model_dump(mode="json")
