@@ -11,12 +11,14 @@ input.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from common import chat
@@ -36,7 +38,31 @@ def default_workers() -> int:
     return int(n or 1)
 
 
+# Tokenizer classes that name the generic Rust-backed tokenizer (transformers 5 calls it TokenizersBackend).
+GENERIC_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(path: str) -> Any:
+    """AutoTokenizer's tokenizer for a folder, without importing torch where that is safe.
+
+    `AutoTokenizer` imports the model registry and with it torch: ~6 s of CPU before the first row. A
+    tokenizer-only folder (no config.json, so no model type can pick another class) whose tokenizer_config
+    names the generic fast class, with no remote code, is exactly what AutoTokenizer returns for it; that
+    class loads it directly. Anything else goes through AutoTokenizer.
+    """
+    folder = Path(path)
+    try:
+        conf = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        conf = None
+    if (isinstance(conf, dict) and conf.get("tokenizer_class") in GENERIC_FAST and "auto_map" not in conf
+            and (folder / "tokenizer.json").is_file() and not (folder / "config.json").exists()):
+        try:
+            from transformers import TokenizersBackend
+        except ImportError:  # transformers < 5
+            pass
+        else:
+            return TokenizersBackend.from_pretrained(path)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
