@@ -103,7 +103,8 @@ class Config(JobConfig):
     rows_per_shard: int = Field(default=100_000, ge=1, description="Rows per Parquet file.")
     row_group_rows: int = Field(default=8192, ge=1, description="Rows per Parquet row group.")
     batch_size: int = Field(default=1024, ge=1, description="Rows per tokenizer call.")
-    workers: int | None = Field(default=None, ge=1, description="Tokenizing processes (default: CPU count; 1: none).")
+    workers: int | None = Field(default=None, ge=1, description="Processes that decode, validate and tokenize "
+                                "rows when a tokenizer is set (default: CPU count; 1: none).")
     drop_examples: int = Field(default=5, ge=0, description="Examples kept per drop reason in drops.jsonl.")
     run_id: str | None = Field(default=None, description="Run id recorded in the manifest (default: generated).")
 
