@@ -8,11 +8,20 @@ row (prefix renders locate each assistant turn, offsets map it to tokens).
 Each side runs in its own child process; rows/s is end to end, peak RSS is
 the child's (`wait4`), for the largest process of its tree.
 
+The same run also measures the ceiling: the tokenizer alone. Its child
+renders every row's text first (untimed), then times only the Rust fast
+tokenizer's `encode_batch` over those texts, in as many forked processes as
+ftjobs starts tokenizer workers (`jobs.prepare.encode.default_workers`), each
+taking its share of batches of the same size. No parsing, validation,
+rendering, masks, IPC of texts or Parquet: what prepare could reach if all of
+that were free. ftjobs' end-to-end rows/s is printed as a fraction of it.
+
     .venv/bin/python -m bench.bench_prepare                      # 10k and 50k rows, a few minutes on 2 cores
     .venv/bin/python -m bench.bench_prepare --rows 100000,1000000  # the full run (tens of minutes on 2 cores)
 
-Goal: >= 3x the baseline's rows/s with identical output, and ftjobs' peak
-memory flat (<= 1.3x) from the smallest to the largest size.
+Goals: >= 3x the baseline's rows/s with identical output; >= 0.85x the
+tokenizer-alone ceiling's rows/s; ftjobs' peak memory flat (<= 1.3x) from the
+smallest to the largest size.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,6 +85,48 @@ def baseline_child(src: str, out: str, tok_dir: str, cache: str) -> None:
     ds.map(one, remove_columns=ds.column_names).to_parquet(out)
 
 
+# Set in the ceiling child before it forks its workers, which inherit them (nothing is pickled to them).
+_texts: list[str] = []
+_worker_tok: list[Any] = []
+
+
+def _encode_share(span: tuple[int, int, int]) -> int:
+    """Tokens in texts[start:end], encoded in batches (runs in a forked worker that inherited the texts)."""
+    start, end, batch = span
+    backend = _worker_tok[0].backend_tokenizer
+    return sum(len(e.ids) for i in range(start, end, batch)
+               for e in backend.encode_batch(_texts[i:min(i + batch, end)], add_special_tokens=False))
+
+
+
+def _ceiling_init() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in ftjobs' workers: the processes are the parallelism
+
+
+def ceiling_child(src: str, tok_dir: str, result: str) -> None:
+    """The tokenizer alone over the already-rendered texts of the same rows, in ftjobs' number of workers."""
+    import multiprocessing
+
+    from common import chat
+    from jobs.prepare.encode import default_workers, load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    fmt = chat.chat_format(tok)
+    with open(src) as f:  # untimed: reading and rendering are not the tokenizer's work
+        _texts[:] = [chat.render(fmt, json.loads(line)["messages"]) for line in f]
+    _worker_tok[:] = [tok]
+    workers, batch, n = default_workers(), 1024, len(_texts)
+    # Each worker takes whole batches, spread evenly, as ftjobs' pool hands them out.
+    bounds = list(range(0, n, batch)) + [n]
+    spans = [(bounds[k], bounds[k + 1], batch) for k in range(len(bounds) - 1)]
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_ceiling_init) as pool:
+        pool.map(int, range(workers))  # the workers are up before the clock starts
+        t = time.perf_counter()
+        tokens = sum(pool.imap(_encode_share, spans, chunksize=max(1, len(spans) // (4 * workers))))
+        seconds = time.perf_counter() - t
+    Path(result).write_text(json.dumps({"seconds": seconds, "tokens": tokens, "workers": workers, "rows": n}))
+
+
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of a child process."""
     # stderr goes to a file, not a pipe: nobody reads a pipe during wait4, and datasets' progress bars over
@@ -109,12 +161,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="10000,50000", help="Comma-separated dataset sizes.")
     parser.add_argument("--baseline-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_child:
         baseline_child(*args.baseline_child)
         return
+    if args.ceiling_child:
+        ceiling_child(*args.ceiling_child)
+        return
 
     from bench.report import emit, row
+    from common import manifest as mf
     from common import tinymodel
 
     sizes = [int(x) for x in args.rows.split(",")]
@@ -135,16 +192,31 @@ def main() -> None:
             base_s, base_rss = timed([sys.executable, "-m", "bench.bench_prepare", "--baseline-child", str(src),
                                       str(base_out), str(root / "tok"), str(root / "hf-cache")], env)
             same = identical(str(out / "manifest.json"), str(base_out))
+            ceil_out = root / f"ceiling-{n}.json"
+            timed([sys.executable, "-m", "bench.bench_prepare", "--ceiling-child", str(src), str(root / "tok"),
+                   str(ceil_out)], env)
+            ceil = json.loads(ceil_out.read_text())
+            # The same texts: the ceiling's tokens are the ones ftjobs wrote.
+            ours_tokens = mf.load(str(out / "manifest.json")).manifest.stats["tokens"]["total"]
+            same_tokens = ceil["tokens"] == ours_tokens
             raw[n] = {"ftjobs_s": ours_s, "baseline_s": base_s, "ftjobs_rss_mib": ours_rss,
-                      "baseline_rss_mib": base_rss, "identical": same}
+                      "baseline_rss_mib": base_rss, "identical": same, "ceiling_s": ceil["seconds"],
+                      "ceiling_workers": ceil["workers"], "ceiling_tokens": ceil["tokens"],
+                      "ftjobs_tokens": ours_tokens}
             print(f"{n:>9,} rows: ftjobs {n / ours_s:,.0f} rows/s, {ours_rss:,.0f} MiB | baseline "
-                  f"{n / base_s:,.0f} rows/s, {base_rss:,.0f} MiB | identical output: {same}", flush=True)
+                  f"{n / base_s:,.0f} rows/s, {base_rss:,.0f} MiB | identical output: {same} | tokenizer alone "
+                  f"({ceil['workers']} workers) {n / ceil['seconds']:,.0f} rows/s, ftjobs at "
+                  f"{ceil['seconds'] / ours_s:.0%} of it", flush=True)
             rows.append(row("prepare", f"rows/s @ {n:,} rows", n / ours_s, n / base_s, goal=">= 3x",
                             met=same and base_s / ours_s >= 3, unit="rows/s",
                             notes="identical output" if same else "OUTPUT DIFFERS"))
+            rows.append(row("prepare", f"rows/s vs tokenizer only @ {n:,}", n / ours_s, n / ceil["seconds"],
+                            goal=">= 0.85x", met=same_tokens and ceil["seconds"] / ours_s >= 0.85, unit="rows/s",
+                            notes=f"ceiling: encode_batch only, {ceil['workers']} processes" if same_tokens
+                            else "TOKEN COUNTS DIFFER"))
             rows.append(row("prepare", f"peak RSS MiB @ {n:,} rows", ours_rss, base_rss, goal="info", met=None,
                             unit="MiB"))
-            for f in (src, base_out):
+            for f in (src, base_out, ceil_out):
                 f.unlink()
         if len(sizes) > 1:
             lo, hi = min(sizes), max(sizes)

@@ -315,7 +315,8 @@ def _by_prefix(fmt: ChatFormat, msgs: list[dict[str, Any]], full: str, turns: li
     out = []
     for i in turns:
         before = _render(fmt, msgs[:i], True, tools)[0]
-        through = _render(fmt, msgs[: i + 1], False, tools)[0]
+        # A turn that ends the conversation ends at the end of `full`: the same render, done once.
+        through = full if i == len(msgs) - 1 else _render(fmt, msgs[: i + 1], False, tools)[0]
         if not full.startswith(before) or not full.startswith(through) or len(through) < len(before):
             return None
         end = len(through.rstrip())  # the turn's own end-of-turn token is trained; the newline after is not

@@ -1,47 +1,79 @@
-"""Tokenizing batches of conversations, in this process or in worker processes.
+"""Prepare's per-row work on batches, in this process or in worker processes.
 
-Rendering a chat template is Python (Jinja) and runs on one core; with
-`workers > 1` batches go to a pool of processes, each with its own tokenizer,
-and come back in submission order, so the output is identical to a
-single-process run. At most `2 * workers` batches are in flight: memory
-stays bounded however long the input.
+Rendering a chat template is Python (Jinja) and runs on one core, and so do
+decoding, validating and hashing a record; with `workers > 1` each batch
+(`batch.process`: raw lines in, verdicts and Arrow columns out) goes to a
+pool of processes, each with its own tokenizer, and comes back in submission
+order, so the output is identical to a single-process run. At most
+`2 * workers` batches are in flight: memory stays bounded however long the
+input.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
-from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from common import chat
+from jobs.prepare import batch as B
 
-# One encoded row, compact for pickling: input_ids, labels, kept_messages, truncated, drop_reason, error.
-Result = tuple[Sequence[int], Sequence[int], int, bool, str | None, str | None]
-Tools = Sequence[chat.ToolList]
+# What a batch gives back: its verdicts and the Arrow columns of its kept rows (batch.process).
+Result = tuple[list[tuple[Any, ...]], Any]
+Done = Callable[[Any, Result], None]
 
 _worker: dict[str, Any] = {}
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+def default_workers() -> int:
+    """Tokenizing processes when the config sets none: the CPUs this process may run on."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return int(n or 1)
+
+
+# Tokenizer classes that name the generic Rust-backed tokenizer (transformers 5 calls it TokenizersBackend).
+GENERIC_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(path: str) -> Any:
+    """AutoTokenizer's tokenizer for a folder, without importing torch where that is safe.
+
+    `AutoTokenizer` imports the model registry and with it torch: ~6 s of CPU before the first row. A
+    tokenizer-only folder (no config.json, so no model type can pick another class) whose tokenizer_config
+    names the generic fast class, with no remote code, is exactly what AutoTokenizer returns for it; that
+    class loads it directly. Anything else goes through AutoTokenizer.
+    """
+    folder = Path(path)
+    try:
+        conf = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        conf = None
+    if (isinstance(conf, dict) and conf.get("tokenizer_class") in GENERIC_FAST and "auto_map" not in conf
+            and (folder / "tokenizer.json").is_file() and not (folder / "config.json").exists()):
+        try:
+            from transformers import TokenizersBackend
+        except ImportError:  # transformers < 5
+            pass
+        else:
+            return TokenizersBackend.from_pretrained(path)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
-def encode_batch(tokenizer: Any, fmt: chat.ChatFormat, conversations: Sequence[Sequence[dict[str, Any]]],
-                 tools: Tools, max_length: int | None, train_on: chat.TrainOn) -> list[Result]:
-    # array('i'): pickled as one bytes block, not one object per token, between workers and the main process.
-    out: list[tuple[Sequence[int], Sequence[int], int, bool, str | None, str | None]] = []
-    for e in chat.encode_many(tokenizer, fmt, conversations, tools=tools, max_length=max_length, train_on=train_on):
-        out.append((array("i", e.input_ids), array("i", e.labels), e.kept_messages, e.truncated, e.drop_reason,
-                    e.error))
-    return out
+def encoder(tokenizer: Any, fmt: chat.ChatFormat, rules: B.Rules) -> Callable[..., list[chat.Encoded]]:
+    """The tokenizing step of batch.process for this tokenizer and template."""
+    def encode(conversations: Sequence[chat.Messages], tools: Sequence[chat.ToolList]) -> list[chat.Encoded]:
+        return chat.encode_many(tokenizer, fmt, conversations, tools=tools, max_length=rules.max_length,
+                                train_on=rules.train_on)
+    return encode
 
 
 def _die_with_parent(parent: int) -> None:
@@ -68,65 +100,69 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _init(path: str, template: str, max_length: int | None, train_on: str, parent: int) -> None:
+def _init(path: str, template: str, rules: B.Rules, parent: int) -> None:
     _die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     tok = load_tokenizer(path)
-    _worker.update(tok=tok, fmt=chat.chat_format(tok, template), max_length=max_length, train_on=train_on)
+    fmt = chat.chat_format(tok, template)
+    _worker.update(fmt=fmt, rules=rules, encode=encoder(tok, fmt, rules))
 
 
-def _work(conversations: list[list[dict[str, Any]]], tools: Tools) -> tuple[str, list[Result]]:
+def _work(file_format: str | None, items: list[Any]) -> tuple[str, Result]:
     w = _worker
-    return w["fmt"].hash, encode_batch(w["tok"], w["fmt"], conversations, tools, w["max_length"], w["train_on"])
+    return w["fmt"].hash, B.process(file_format, items, w["rules"], w["encode"])
 
 
 class Encoder:
-    """Submit batches in order; `drain` hands results back in the same order."""
+    """Submit batches in order; `drain` hands results back in the same order.
 
-    def __init__(self, tokenizer: Any, tokenizer_path: str, fmt: chat.ChatFormat, *, max_length: int | None,
-                 train_on: chat.TrainOn, workers: int):
-        self.tokenizer, self.path, self.fmt = tokenizer, tokenizer_path, fmt
-        self.max_length, self.train_on, self.workers = max_length, train_on, workers
+    Without a tokenizer every batch runs here (there is nothing worth a pool)."""
+
+    def __init__(self, tokenizer: Any, tokenizer_path: str | None, fmt: chat.ChatFormat | None, rules: B.Rules, *,
+                 workers: int):
+        self.path, self.fmt, self.rules = tokenizer_path, fmt, rules
+        self.encode = encoder(tokenizer, fmt, rules) if tokenizer is not None and fmt is not None else None
+        self.workers = workers if self.encode is not None else 1
         self.pool: ProcessPoolExecutor | None = None
-        self.pending: deque[tuple[Any, Future[tuple[str, list[Result]]]]] = deque()
+        self.pending: deque[tuple[Any, Future[tuple[str, Result]]]] = deque()
         self.batches = 0
 
-    def submit(self, conversations: list[list[dict[str, Any]]], tools: Tools, tag: Any,
-               done: Callable[[Any, list[Result]], None]) -> None:
-        """Encode a batch (each conversation with its tools); `done(tag, results)` runs once it and every
+    def submit(self, file_format: str | None, items: list[Any], tag: Any, done: Done) -> None:
+        """Process a batch of one file's items (batch.process); `done(tag, result)` runs once it and every
         earlier batch finished."""
         self.batches += 1
         if self.workers <= 1 or (self.pool is None and self.batches == 1):
             # The first batch runs here: small inputs never pay for starting a pool.
             self._drain_all(done)
-            done(tag, encode_batch(self.tokenizer, self.fmt, conversations, tools, self.max_length, self.train_on))
+            done(tag, B.process(file_format, items, self.rules, self.encode))
             return
         if self.pool is None:
             import multiprocessing
 
+            assert self.fmt is not None and self.path is not None
             # fork: workers start in milliseconds with transformers already imported (spawn re-imports it,
             # seconds per worker). Nothing here holds a lock across the fork; tokenizers turns its own
             # thread pool off in forked children, which is what the workers want anyway.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             self.pool = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context(method), initializer=_init,
-                initargs=(self.path, self.fmt.template, self.max_length, self.train_on, os.getpid()))
-        self.pending.append((tag, self.pool.submit(_work, conversations, tools)))
+                initargs=(self.path, self.fmt.template, self.rules, os.getpid()))
+        self.pending.append((tag, self.pool.submit(_work, file_format, items)))
         while len(self.pending) > 2 * self.workers:
             self._finish_one(done)
 
-    def _finish_one(self, done: Callable[[Any, list[Result]], None]) -> None:
+    def _finish_one(self, done: Done) -> None:
         tag, fut = self.pending.popleft()
-        template_hash, results = fut.result()
-        if template_hash != self.fmt.hash:  # a worker must render exactly what the manifest records
+        template_hash, result = fut.result()
+        if self.fmt is not None and template_hash != self.fmt.hash:  # workers render what the manifest records
             raise RuntimeError("a tokenizer worker resolved a different chat template than the main process")
-        done(tag, results)
+        done(tag, result)
 
-    def _drain_all(self, done: Callable[[Any, list[Result]], None]) -> None:
+    def _drain_all(self, done: Done) -> None:
         while self.pending:
             self._finish_one(done)
 
-    def drain(self, done: Callable[[Any, list[Result]], None]) -> None:
+    def drain(self, done: Done) -> None:
         self._drain_all(done)
 
     def close(self) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import os
 import tempfile
 import time
 from array import array
@@ -24,6 +23,7 @@ from common.config import JobConfig
 from common.errors import ConfigError, InputError
 from common.logs import Progress
 from common.runner import config_options, execute
+from jobs.prepare import batch as B
 from jobs.prepare import rows as R
 from jobs.prepare import sources as S
 
@@ -103,7 +103,8 @@ class Config(JobConfig):
     rows_per_shard: int = Field(default=100_000, ge=1, description="Rows per Parquet file.")
     row_group_rows: int = Field(default=8192, ge=1, description="Rows per Parquet row group.")
     batch_size: int = Field(default=1024, ge=1, description="Rows per tokenizer call.")
-    workers: int | None = Field(default=None, ge=1, description="Tokenizing processes (default: CPU count; 1: none).")
+    workers: int | None = Field(default=None, ge=1, description="Processes that decode, validate and tokenize "
+                                "rows when a tokenizer is set (default: CPU count; 1: none).")
     drop_examples: int = Field(default=5, ge=0, description="Examples kept per drop reason in drops.jsonl.")
     run_id: str | None = Field(default=None, description="Run id recorded in the manifest (default: generated).")
 
@@ -141,15 +142,26 @@ class Config(JobConfig):
 
 
 @dataclass
-class Row:
-    id: str
-    messages: list[dict[str, Any]]
-    source: str
-    line: int
-    split: str  # auto | train | eval (forced by the source)
-    tools: list[dict[str, Any]] | None = None
-    input_ids: list[int] | None = None
-    labels: list[int] | None = None
+class FileState:
+    """One file while its batches are read and processed: what is checked once all its rows are in."""
+
+    file: S.RawFile
+    format: str | None
+    rows: int = 0
+    submitted: int = 0  # batches
+    finished: int = 0
+    read: bool = False  # every line of it is in a submitted batch
+    saw_tools: bool = False
+    ignored: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class Chunk:
+    """A submitted batch: where its items came from, and the items (for previews and repeated rows)."""
+
+    state: FileState
+    lines: list[int]
+    items: list[Any]
 
 
 @dataclass
@@ -172,23 +184,11 @@ class Tally:
         self.per_source[source]["dropped"] += 1
         ex = self.examples.setdefault(reason, [])
         if len(ex) < keep:
-            text = preview if isinstance(preview, str) else _preview(preview)
+            if callable(preview):  # built only when kept: most drops are counted, not shown
+                preview = preview()
+            text = preview if isinstance(preview, str) else B.preview(preview)
             ex.append({"reason": reason, "source": source, "line": line, "detail": detail,
                        "row": text[:2000] + ("..." if len(text) > 2000 else "")})
-
-
-def _int_lists(values: list[list[int]], type_: Any) -> Any:
-    """list<int32> column through numpy: ~5x faster than pyarrow converting Python lists one by one."""
-    import itertools
-
-    import numpy as np
-    import pyarrow as pa
-
-    lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.array(list(itertools.chain.from_iterable(values)), dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32())).cast(type_)
 
 
 class SplitWriter:
@@ -197,52 +197,45 @@ class SplitWriter:
     def __init__(self, split: str, tokenized: bool, writer: mf.ArtifactWriter, workdir: Path, conf: Config):
         self.split, self.tokenized, self.writer, self.workdir, self.conf = split, tokenized, writer, workdir, conf
         self.schema = data.schema(tokenized)
-        self.buf: dict[str, list[Any]] = {f.name: [] for f in self.schema}
+        self.parts: list[Any] = []  # tables of rows (every column but split), to be one row group
+        self.buffered = 0
         self.shard = 0
         self.shard_rows = 0
         self.rows = 0
         self.pq_writer: Any = None
         self.local: Path | None = None
 
-    def add(self, row: Row) -> None:
-        b = self.buf
-        b["id"].append(row.id)
-        b["messages"].append(row.messages)
-        b["tools"].append(data.tools_json(row.tools))
-        b["split"].append(self.split)
-        b["source"].append(row.source)
-        if self.tokenized:
-            assert row.input_ids is not None and row.labels is not None
-            b["input_ids"].append(row.input_ids)
-            b["labels"].append(row.labels)
-            b["num_tokens"].append(len(row.input_ids))
-            b["num_trainable"].append(len(row.labels) - row.labels.count(chat.IGNORE_INDEX))
-        self.rows += 1
-        self.shard_rows += 1
-        if len(b["id"]) >= self.conf.row_group_rows:
-            self._flush()
-        if self.shard_rows >= self.conf.rows_per_shard:
-            self._close_shard()
+    def add(self, table: Any) -> None:
+        """Rows (a pyarrow Table with the schema's columns but `split`), in order."""
+        start, n = 0, table.num_rows
+        while start < n:
+            take = min(n - start, self.conf.row_group_rows - self.buffered,
+                       self.conf.rows_per_shard - self.shard_rows)
+            self.parts.append(table.slice(start, take))
+            start += take
+            self.buffered += take
+            self.rows += take
+            self.shard_rows += take
+            if self.buffered >= self.conf.row_group_rows:
+                self._flush()
+            if self.shard_rows >= self.conf.rows_per_shard:
+                self._close_shard()
 
     def _flush(self) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if not self.buf["id"]:
+        if not self.parts:
             return
-        columns = {}
-        for f in self.schema:
-            values = self.buf[f.name]
-            if f.name in ("input_ids", "labels"):
-                columns[f.name] = _int_lists(values, f.type)
-            else:
-                columns[f.name] = pa.array(values, type=f.type)
-        table = pa.Table.from_pydict(columns, schema=self.schema)
+        rows = pa.concat_tables(self.parts).combine_chunks()
+        split = pa.array([self.split] * rows.num_rows, type=pa.string())
+        table = pa.Table.from_arrays([split if f.name == "split" else rows.column(f.name) for f in self.schema],
+                                     schema=self.schema)
         if self.pq_writer is None:
             self.local = self.workdir / f"{self.split}-{self.shard:05d}.parquet"
             self.pq_writer = pq.ParquetWriter(self.local, self.schema, compression="zstd")
         self.pq_writer.write_table(table, row_group_size=self.conf.row_group_rows)
-        self.buf = {f.name: [] for f in self.schema}
+        self.parts, self.buffered = [], 0
 
     def _close_shard(self) -> None:
         self._flush()
@@ -287,10 +280,16 @@ def run(config: Config) -> mf.Loaded:
 def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.Attempt,
              timings: dict[str, float]) -> stage.Outcome:
     """Read -> normalize -> validate -> dedup -> tokenize -> split -> write; refuse when too much was dropped."""
-    encoder: Any = None
+    from jobs.prepare.encode import Encoder
+
+    rules = B.Rules(columns=config.columns.model_dump(), roles={**R.DEFAULT_ROLES, **config.roles},
+                    max_chars=config.max_chars, dedup=config.dedup, seed=config.seed, train_on=config.train_on,
+                    max_length=config.max_length, on_too_long=config.on_too_long)
     model_info: dict[str, Any] = {}
     if config.tokenizer:
-        encoder, model_info = _tokenizer(config)
+        encoder, model_info = _tokenizer(config, rules)
+    else:
+        encoder = Encoder(None, None, None, rules, workers=1)
     writer = attempt.writer
     try:
         tally, split_counts, lengths, trainable = _process(config, files, encoder, writer, work, timings)
@@ -298,8 +297,7 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
         _remove(writer)
         raise
     finally:
-        if encoder is not None:
-            encoder.close()
+        encoder.close()
 
     # Loud statistics; nothing is published when too much was dropped.
     rows_out = sum(split_counts.values())
@@ -327,9 +325,9 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
     return stage.Outcome(stats=stats, timings=timings, model=model_info, run_id=config.run_id)
 
 
-def _tokenizer(config: Config) -> tuple[Any, dict[str, Any]]:
+def _tokenizer(config: Config, rules: B.Rules) -> tuple[Any, dict[str, Any]]:
     from common import models
-    from jobs.prepare.encode import Encoder, load_tokenizer
+    from jobs.prepare.encode import Encoder, default_workers, load_tokenizer
 
     assert config.tokenizer
     ref = models.resolve(config.tokenizer, tokenizer_only=True)
@@ -342,10 +340,7 @@ def _tokenizer(config: Config) -> tuple[Any, dict[str, Any]]:
                           "offsets to build loss masks. Provide tokenizer.json.")
     fmt = chat.chat_format(tok, config.chat_template)
     chat.render(fmt, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])  # compiles or fails
-    workers = config.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                 else os.cpu_count())
-    encoder = Encoder(tok, str(ref.path), fmt, max_length=config.max_length, train_on=config.train_on,
-                      workers=int(workers or 1))
+    encoder = Encoder(tok, str(ref.path), fmt, rules, workers=config.workers or default_workers())
     info = mf.PrepareModel(tokenizer=chat.tokenizer_identity(tok), tokenizer_source=config.tokenizer,
                            tokenizer_revision=ref.revision, template_hash=fmt.hash, chat_template=fmt.template,
                            train_on=config.train_on, max_length=config.max_length).model_dump(mode="json")
@@ -356,11 +351,14 @@ def _tokenizer(config: Config) -> tuple[Any, dict[str, Any]]:
 
 def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.ArtifactWriter, work: Path,
              timings: dict[str, float]) -> tuple[Tally, dict[str, int], array[int], int]:
+    """Read every file into batches for the encoder (batch.process), then, batch by batch in row order, decide
+    what the order of the rows decides: errors, duplicates, repeats' ids, the split; and write."""
+    import pyarrow as pa
+
     t0 = time.monotonic()
     columns = config.columns.model_dump()
-    roles = {**R.DEFAULT_ROLES, **config.roles}
     tally = Tally()
-    tokenized = encoder is not None
+    tokenized = encoder.encode is not None
     writers = {s: SplitWriter(s, tokenized, writer, work, config) for s in data.SPLITS}
     seen_exact: set[int] = set()
     seen_norm: set[int] = set()
@@ -368,170 +366,168 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
     lengths: array[int] = array("l")
     trainable = [0]
     fraction = config.effective_eval_fraction()
-    eval_heap: list[tuple[float, int, Row]] = []  # max-heap by -point: the eval_size lowest points
+    eval_heap: list[tuple[float, int, Any]] = []  # max-heap by -point: the eval_size lowest points, 1-row tables
     seq = [0]
     total_bytes = sum(f.size for f in files) or 1
     done_bytes = 0
     progress = Progress("prepare", unit="rows")
-
-    def place(row: Row) -> None:
-        if row.split != "auto":
-            writers[row.split].add(row)
-            return
-        point = R.split_point(row.id, config.seed)
-        if config.eval_size is not None:
-            seq[0] += 1
-            item = (-point, seq[0], row)
-            if len(eval_heap) < config.eval_size:
-                heapq.heappush(eval_heap, item)
-                return
-            if point < -eval_heap[0][0]:
-                row = heapq.heapreplace(eval_heap, item)[2]
-            writers["train"].add(row)
-            return
-        writers["eval" if point < fraction else "train"].add(row)
-
-    def keep(row: Row) -> None:
-        tally.turns.update(chat.turn_rules(row.messages, config.train_on))
-        tally.named += sum(1 for m in row.messages if m.get("name") and m["role"] != "tool")
-        place(row)
-
-    def finish(batch: list[Row], results: list[Any] | None) -> None:
-        if results is None:
-            for row in batch:
-                weights = [m.get("weight") for m in row.messages if m["role"] == "assistant"]
-                if weights and all(w == 0 for w in weights) and config.train_on != "all":
-                    tally.per_source[row.source]["rows_out"] -= 1
-                    tally.drop("zero_trainable_tokens", row.source, row.line, ALL_WEIGHT_0, row.messages,
-                               config.drop_examples)
-                    continue
-                keep(row)
-            return
-        for row, (ids, labels, kept, truncated, reason, error) in zip(batch, results, strict=True):
-            if error is not None:  # the template refused the row, or a turn of it cannot be located
-                raise ConfigError(f"{row.source} line {row.line}: {error}")
-            if reason is None and truncated and config.on_too_long == "drop":
-                reason = "too_long_tokens"
-            if reason is not None:
-                detail = {"too_long_tokens": f"the first answer does not fit in max_length {config.max_length}",
-                          "zero_trainable_tokens": _untrained(row.messages[:kept], config.train_on),
-                          "multiple_bos": "the rendered text holds more than one BOS token",
-                          "no_assistant_turn": "no assistant turn"}.get(reason, reason)
-                if reason == "too_long_tokens" and config.on_too_long == "drop":
-                    detail = f"{len(ids)} tokens > max_length {config.max_length}"
-                tally.per_source[row.source]["rows_out"] -= 1
-                tally.drop(reason, row.source, row.line, detail, row.messages, config.drop_examples)
-                continue
-            if truncated:
-                tally.truncated += 1
-                row.messages = row.messages[:kept]
-            row.input_ids, row.labels = ids, labels
-            lengths.append(len(ids))
-            trainable[0] += len(labels) - labels.count(chat.IGNORE_INDEX)
-            keep(row)
-
-    batch: list[Row] = []
-
-    def flush_batch() -> None:
-        nonlocal batch
-        if not batch:
-            return
-        if encoder is None:
-            finish(batch, None)
-        else:
-            encoder.submit([r.messages for r in batch], [r.tools for r in batch], batch, finish)
-        batch = []
-
+    skip, keep_examples = config.skip_bad_lines, config.drop_examples
     # An explicitly mapped tools column that a file never has would drop every row's tools without a word.
     tools_mapped = "tools" in config.columns.model_fields_set
-    for f in files:
-        per = tally.per_source.setdefault(f.uri, Counter())
-        ignored: Counter[str] = Counter()
-        saw_tools = False
-        fmt: str | None = f.format or config.format
-        if fmt == "auto":
-            # None: no record to detect from. The file is empty, or (with skip_bad_lines) no line of it could
-            # be read: the loop below then counts every line as dropped, so max_drop_fraction sees them.
-            fmt = _detect(f, columns, config)
-        if fmt is not None:
-            tally.formats[f.uri] = fmt
-            _check_table_columns(f, fmt, columns)
-        n_file = 0
-        for line, rec in S.records(f, max_line_bytes=config.max_line_bytes):
-            n_file += 1
-            tally.rows_in += 1
-            per["rows_in"] += 1
-            if isinstance(rec, S.Bad):
-                if not config.skip_bad_lines:
-                    raise InputError(f"{f.uri} line {line}: {rec.detail}. Fix the file, or set skip_bad_lines: true "
-                                     "to drop such lines (they are counted in the manifest).")
-                tally.drop(rec.reason, f.uri, line, rec.detail, rec.preview, config.drop_examples)
+
+    def end_of_file(st: FileState) -> None:
+        f = st.file
+        if tools_mapped and st.rows and st.format is not None and not st.saw_tools:
+            raise InputError(f"{f.uri}: no record has the tools column {columns['tools']!r} that columns.tools "
+                             "names, so every row's tools would be dropped. Fix the mapping or the file.")
+        if st.ignored:  # named once per file: neither silently dropped nor a reason to refuse the file
+            LOG.warning("%s: keys that ftjobs does not read were ignored: %s", f.uri,
+                        ", ".join(f"{k} ({n:,} row{'s' * (n != 1)})" for k, n in sorted(st.ignored.items())),
+                        extra={"source": f.uri, "ignored_keys": dict(st.ignored)})
+            tally.ignored.update(st.ignored)
+        if st.rows == 0:
+            tally.empty_files.append(f.uri)
+            _empty(f, config)
+        elif st.format is None:
+            LOG.warning("%s: none of its %d lines could be read; all are counted as dropped", f.uri, st.rows,
+                        extra={"source": f.uri})
+
+    def finish(chunk: Chunk, result: tuple[list[tuple[Any, ...]], Any]) -> None:
+        verdicts, table = result
+        st = chunk.state
+        uri, split = st.file.uri, st.file.split
+        per = tally.per_source[uri]
+        table = table.append_column("source", pa.array([uri] * table.num_rows, type=pa.string()))
+        kept = -1  # the row of `table` of the latest KEPT verdict
+        out: dict[str, list[int]] = {"train": [], "eval": []}  # rows of `table`, in order
+        renamed: dict[int, str] = {}  # rows of `table` whose id a repeat changes
+
+        def preview(i: int) -> Any:
+            return lambda: B.preview(B.record(chunk.items[i]))
+
+        def flush_out() -> None:
+            for name, rows in out.items():
+                if rows:
+                    writers[name].add(_take(table, rows))
+                    rows.clear()
+
+        for i, v in enumerate(verdicts):
+            kind, line = v[0], chunk.lines[i]
+            if kind == B.BAD:
+                if not skip:
+                    raise InputError(f"{uri} line {line}: {v[2]}. Fix the file, or set skip_bad_lines: true to drop "
+                                     "such lines (they are counted in the manifest).")
+                tally.drop(v[1], uri, line, v[2], v[3], keep_examples)
                 continue
-            assert fmt is not None  # _detect reads with the same limits: it saw this record too
-            if R.is_preference(rec):  # whatever the format says: read as one, a pair loses an answer
-                raise InputError(_preference(f.uri, f"line {line}"))
-            if fmt == "messages":
-                ignored.update(R.ignored_keys(rec, columns))
-            saw_tools = saw_tools or columns["tools"] in rec
-            try:
-                tools = R.to_tools(rec, columns)
-                msgs = R.validate(R.to_messages(rec, fmt, columns, roles), config.max_chars)
-                canon = R.canonical(msgs, tools)
-                key = R.exact_key(canon)
-            except R.Drop as d:
-                if d.reason in R.FATAL and not config.skip_bad_lines:
-                    raise InputError(f"{f.uri} line {line}: {d.detail}. Fix the file, or set skip_bad_lines: true "
-                                     "to drop such rows (they are counted in the manifest).") from None
-                tally.drop(d.reason, f.uri, line, d.detail, rec, config.drop_examples)
+            if kind == B.PREFERENCE:  # whatever the format says: read as one, a pair loses an answer
+                raise InputError(_preference(uri, f"line {line}"))
+            if v[1]:
+                st.ignored.update(v[1])
+            st.saw_tools = st.saw_tools or v[2]
+            if kind == B.DROP:
+                reason, detail, fatal = v[3], v[4], v[5]
+                if fatal and not skip:
+                    raise InputError(f"{uri} line {line}: {detail}. Fix the file, or set skip_bad_lines: true to drop "
+                                     "such rows (they are counted in the manifest).")
+                tally.drop(reason, uri, line, detail, preview(i), keep_examples)
                 continue
-            except Exception as exc:  # noqa: BLE001 - whatever breaks on a row is that row's data, never a retry
-                detail = f"the record cannot be read as a {fmt} row ({type(exc).__name__}: {str(exc)[:200]})"
-                if not config.skip_bad_lines:
-                    raise InputError(f"{f.uri} line {line}: {detail}. Fix the file, or set skip_bad_lines: true "
-                                     "to drop such rows (they are counted in the manifest).") from None
-                tally.drop("invalid_record", f.uri, line, detail, _preview(rec), config.drop_examples)
-                continue
+            if kind == B.KEPT:
+                kept += 1
+            key = v[3]
             if config.dedup != "none":
                 if key in seen_exact:
-                    tally.drop("duplicate_exact", f.uri, line, "an identical row came earlier", rec,
-                               config.drop_examples)
+                    tally.drop("duplicate_exact", uri, line, "an identical row came earlier", preview(i),
+                               keep_examples)
                     continue
                 seen_exact.add(key)
                 if config.dedup == "normalized":
-                    nkey = R.normalized_key(msgs, tools)
-                    if nkey in seen_norm:
-                        tally.drop("duplicate_normalized", f.uri, line,
-                                   "an earlier row differs only in case or whitespace", rec, config.drop_examples)
+                    if v[4] in seen_norm:
+                        tally.drop("duplicate_normalized", uri, line,
+                                   "an earlier row differs only in case or whitespace", preview(i), keep_examples)
                         continue
-                    seen_norm.add(nkey)
+                    seen_norm.add(v[4])
             occurrence = 0
             if config.dedup == "none":  # identical rows are kept: number their repeats so ids stay unique
                 occurrence = repeats[key]
                 repeats[key] += 1
+            if kind == B.TEMPLATE_ERROR:  # the template refused the row, or a turn of it cannot be located
+                raise ConfigError(f"{uri} line {line}: {v[5]}")
+            if kind == B.ENCODE_DROP:
+                tally.drop(v[5], uri, line, v[6], v[7], keep_examples)
+                continue
+            point, truncated, turns, named, n_tokens, n_trainable = v[5:11]
             per["rows_out"] += 1
-            batch.append(Row(R.row_id(canon, occurrence), msgs, f.uri, line, f.split, tools))
-            if len(batch) >= config.batch_size:
-                flush_batch()
+            if occurrence:
+                canon = B.normalize(B.record(chunk.items[i]), st.format or "", encoder.rules)[2]  # type: ignore[arg-type]
+                renamed[kept] = R.row_id(canon, occurrence)
+                point = R.split_point(renamed[kept], config.seed)
+            if truncated:
+                tally.truncated += 1
+            if tokenized:
+                lengths.append(n_tokens)
+                trainable[0] += n_trainable
+            for rule, n in zip(chat.TURN_RULES, turns, strict=True):
+                if n:
+                    tally.turns[rule] += n
+            tally.named += named
+            if split != "auto":
+                out[split].append(kept)
+            elif config.eval_size is not None:
+                seq[0] += 1
+                if len(eval_heap) < config.eval_size or point < -eval_heap[0][0]:
+                    if renamed:
+                        table = _renamed(table, renamed)
+                        renamed.clear()
+                    item = (-point, seq[0], _take(table, [kept]))
+                    if len(eval_heap) < config.eval_size:
+                        heapq.heappush(eval_heap, item)
+                    else:
+                        flush_out()  # rows before this one first: the row it displaces comes after them
+                        writers["train"].add(heapq.heapreplace(eval_heap, item)[2])
+                else:
+                    out["train"].append(kept)
+            else:
+                out["eval" if point < fraction else "train"].append(kept)
+        if renamed:
+            table = _renamed(table, renamed)
+        flush_out()
+        st.finished += 1
+        if st.read and st.finished == st.submitted:
+            end_of_file(st)
+
+    for f in files:
+        tally.per_source.setdefault(f.uri, Counter())
+        fmt: str | None = f.format or config.format
+        if fmt == "auto":
+            # None: no record to detect from. The file is empty, or (with skip_bad_lines) no line of it could
+            # be read: every line is then counted as dropped, so max_drop_fraction sees them.
+            fmt = _detect(f, columns, config)
+        if fmt is not None:
+            tally.formats[f.uri] = fmt
+            _check_table_columns(f, fmt, columns)
+        st = FileState(f, fmt)
+        lines: list[int] = []
+        items: list[Any] = []
+        for line, rec in S.records(f, max_line_bytes=config.max_line_bytes, undecoded=True):
+            st.rows += 1
+            tally.rows_in += 1
+            lines.append(line)
+            items.append(rec)
+            if len(items) >= config.batch_size:
+                st.submitted += 1
+                encoder.submit(fmt, items, Chunk(st, lines, items), finish)
+                lines, items = [], []
                 progress.total = _estimate(tally.rows_in, done_bytes, f, total_bytes)
                 progress.update(config.batch_size, dropped=sum(tally.dropped.values()))
-        if tools_mapped and n_file and fmt is not None and not saw_tools:
-            raise InputError(f"{f.uri}: no record has the tools column {columns['tools']!r} that columns.tools "
-                             "names, so every row's tools would be dropped. Fix the mapping or the file.")
-        if ignored:  # named once per file: neither silently dropped nor a reason to refuse the file
-            LOG.warning("%s: keys that ftjobs does not read were ignored: %s", f.uri,
-                        ", ".join(f"{k} ({n:,} row{'s' * (n != 1)})" for k, n in sorted(ignored.items())),
-                        extra={"source": f.uri, "ignored_keys": dict(ignored)})
-            tally.ignored.update(ignored)
-        if n_file == 0:
-            tally.empty_files.append(f.uri)
-            _empty(f, config)
-        elif fmt is None:
-            LOG.warning("%s: none of its %d lines could be read; all are counted as dropped", f.uri, n_file,
-                        extra={"source": f.uri})
+        tally.per_source[f.uri]["rows_in"] += st.rows
+        if items:
+            st.submitted += 1
+            encoder.submit(fmt, items, Chunk(st, lines, items), finish)
+        st.read = True
+        if st.finished == st.submitted:
+            end_of_file(st)
         done_bytes += f.size
-    flush_batch()
-    if encoder is not None:
-        encoder.drain(finish)
+    encoder.drain(finish)
     for _, _, row in sorted(eval_heap, key=lambda it: -it[0]):  # lowest split point first
         writers["eval"].add(row)
     progress.done = tally.rows_in
@@ -544,16 +540,23 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
     return tally, {s: w.rows for s, w in writers.items()}, lengths, trainable[0]
 
 
-ALL_WEIGHT_0 = "every assistant turn has weight 0 (context only): nothing to train on"
+def _take(table: Any, rows: list[int]) -> Any:
+    """Those rows of a table, in that order: a slice when they are one run (no copy)."""
+    if rows[-1] - rows[0] == len(rows) - 1:
+        return table.slice(rows[0], len(rows))
+    import pyarrow as pa
+
+    return table.take(pa.array(rows, type=pa.int64()))
 
 
-def _untrained(messages: list[dict[str, Any]], train_on: str) -> str:
-    """Why a row has no trained token: its weights, or train_on."""
-    rules = chat.turn_rules(messages, train_on)  # type: ignore[arg-type]
-    if rules and all(r == "weight_0" for r in rules):
-        return ALL_WEIGHT_0
-    weight_0 = rules.count("weight_0")
-    return f"no token is trained on (train_on={train_on}" + (f"; {weight_0} turns have weight 0)" if weight_0 else ")")
+def _renamed(table: Any, ids: dict[int, str]) -> Any:
+    """The table with those rows' ids replaced."""
+    import pyarrow as pa
+
+    column = table.column("id").to_pylist()
+    for row, new in ids.items():
+        column[row] = new
+    return table.set_column(table.schema.get_field_index("id"), "id", pa.array(column, type=pa.string()))
 
 
 def _preference(uri: str, where: str) -> str:
@@ -561,14 +564,6 @@ def _preference(uri: str, where: str) -> str:
             "fine-tuning format). Preference (DPO) training is not supported yet; ftjobs trains on supervised "
             "chat rows. Remove this file from the sources, or write its rows as supervised ones "
             '({"messages": input.messages + preferred_output}).')
-
-
-def _preview(rec: Any) -> str:
-    """A row for drops.jsonl that cannot fail (the record may be what JSON chokes on: too deep, not text)."""
-    try:
-        return json.dumps(rec, ensure_ascii=False, default=str)[:2000].encode("utf-8", "backslashreplace").decode()
-    except Exception:  # noqa: BLE001 - too deep for json: too deep for repr as well
-        return f"<a {type(rec).__name__} that cannot be shown>"
 
 
 def _estimate(rows_in: int, done_bytes: int, f: S.RawFile, total_bytes: int) -> int | None:
@@ -596,6 +591,7 @@ def _detect(f: S.RawFile, columns: dict[str, Any], config: Config) -> str | None
             if isinstance(rec, dict):
                 cols, where = list(rec), f"line {line}"
                 break
+            assert isinstance(rec, S.Bad)  # records come decoded here
             first_bad = first_bad or (line, rec)
         else:
             if first_bad is not None and not config.skip_bad_lines:

@@ -205,8 +205,12 @@ def fetch(files: list[RawFile], workdir: Path) -> None:
 # --------------------------------------------------------------------------- reading
 
 
-def records(f: RawFile, *, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
-    """Stream one file's records as (line or row number, record | Bad); `f.pos` follows the bytes read."""
+def records(f: RawFile, *, max_line_bytes: int, undecoded: bool = False
+            ) -> Iterator[tuple[int, dict[str, Any] | bytes | Bad]]:
+    """Stream one file's records as (line or row number, record | Bad); `f.pos` follows the bytes read.
+
+    With `undecoded`, JSON lines come undecoded (bytes, BOM and blank lines already dealt with) for the caller to
+    decode with `parse_json_line`, possibly in another process; other files still yield records."""
     try:
         if f.kind in ("parquet", "arrow"):
             total = total_rows(f)
@@ -218,22 +222,24 @@ def records(f: RawFile, *, max_line_bytes: int) -> Iterator[tuple[int, dict[str,
         assert f.local is not None
         with open(f.local, "rb") as raw:
             fh: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if f.uri.lower().endswith(".gz") else raw  # type: ignore[assignment]
+            gen: Iterator[tuple[int, dict[str, Any] | bytes | Bad]]
             if f.kind == "jsonl":
-                gen = _jsonl(fh, max_line_bytes)
+                gen = _jsonl(fh, max_line_bytes, undecoded)
             elif f.kind == "json":
-                gen = _json(fh, f, max_line_bytes)
+                gen = _json(fh, f, max_line_bytes, undecoded)
             else:
                 gen = _csv(fh, "\t" if f.kind == "tsv" else ",", max_line_bytes)
-            for i, item in enumerate(gen):
+            for i, read in enumerate(gen):
                 if i % 1024 == 0:
                     f.pos = raw.tell()
-                yield item
+                yield read
         f.pos = f.size
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise InputError(f"{f.uri}: compressed data is truncated or corrupt ({exc}); re-create the file") from None
 
 
-def _jsonl(fh: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
+def _jsonl(fh: IO[bytes], max_line_bytes: int, undecoded: bool = False
+           ) -> Iterator[tuple[int, dict[str, Any] | bytes | Bad]]:
     n = 0
     while True:
         line = fh.readline(max_line_bytes + 1)
@@ -249,10 +255,10 @@ def _jsonl(fh: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, dict[str, 
             continue
         if not line.strip():
             continue
-        yield n, _parse_json_line(line)
+        yield n, line if undecoded else parse_json_line(line)
 
 
-def _parse_json_line(line: bytes) -> dict[str, Any] | Bad:
+def parse_json_line(line: bytes) -> dict[str, Any] | Bad:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -287,14 +293,15 @@ def _text_only(obj: Any, text: str) -> Bad | None:
     return None
 
 
-def _json(fh: IO[bytes], f: RawFile, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
+def _json(fh: IO[bytes], f: RawFile, max_line_bytes: int, undecoded: bool = False
+          ) -> Iterator[tuple[int, dict[str, Any] | bytes | Bad]]:
     """A JSON array decoded element by element; a file of JSON lines named .json is read as lines."""
     buffered = fh if isinstance(fh, io.BufferedReader) else io.BufferedReader(fh)  # type: ignore[type-var]
     head = buffered.peek(4096)[:4096].lstrip()
     if head.startswith(b"\xef\xbb\xbf"):
         head = head[3:].lstrip()
     if not head.startswith(b"["):
-        yield from _jsonl(buffered, max_line_bytes)
+        yield from _jsonl(buffered, max_line_bytes, undecoded)
         return
     text = io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="strict")
     decoder = json.JSONDecoder()

@@ -73,3 +73,24 @@ def test_workers_die_when_prepare_is_killed(tmp_path: Path, subprocess_env: dict
         for p in workers:  # never leak them into the rest of the test session
             if alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_a_tokenizer_only_folder_loads_as_autotokenizer_would_without_torch(tmp_path: Path,
+                                                                             subprocess_env: dict[str, str]):
+    from transformers import AutoTokenizer
+
+    from common import tinymodel
+    from jobs.prepare.encode import load_tokenizer
+
+    tinymodel.build_tokenizer(tmp_path / "tok")
+    ours, auto = load_tokenizer(str(tmp_path / "tok")), AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert type(ours) is type(auto) and ours.get_vocab() == auto.get_vocab()
+    assert ours.chat_template == auto.chat_template and ours.special_tokens_map == auto.special_tokens_map
+    text = "<s><|im_start|>user\nwhat is one plus one?<|im_end|>\n"
+    assert ours(text, return_offsets_mapping=True).data == auto(text, return_offsets_mapping=True).data
+    # The point of it: prepare starts without importing torch (seconds of CPU before the first row).
+    probe = ("import sys; from jobs.prepare.encode import load_tokenizer; load_tokenizer(sys.argv[1]); "
+             "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "tok")], cwd=REPO, env=subprocess_env,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
