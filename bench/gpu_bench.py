@@ -11,6 +11,19 @@ base with bf16 compute, gradient checkpointing and paged 8-bit AdamW:
 - plain: HF Trainer, batches of 4 examples padded to the longest in the batch.
 - ftjobs: rows of 2048 tokens packed with restarted position ids, 4 rows per
   step, loss on target positions only.
+- trl: TRL's SFTTrainer as its docs recommend for variable-length SFT data:
+  `packing=True, packing_strategy="bfd"` (best-fit decreasing into rows of
+  2048, which turns on `padding_free`: each step's 4 rows are flattened into one
+  sequence with restarted position ids and no attention mask), the same
+  pre-tokenized input_ids/labels. Its docs pair padding-free with
+  FlashAttention; it is used when `flash_attn` imports, else SDPA, where
+  transformers builds the block-diagonal mask from the position ids (correct,
+  but dense over the flattened row). Skipped, with a note, where trl or datasets
+  is not installed.
+
+Each recipe then scores its trained adapter on the same held-out examples
+(`heldout_loss`: mean cross-entropy per target token, one example per row), so
+a recipe cannot look fast by learning less.
 
     python bench/gpu_bench.py            # on a CUDA box; writes $OUT/gpu_bench.json when OUT is set
     python bench/gpu_bench.py --tiny     # CPU smoke test, tiny shapes, a minute
@@ -67,6 +80,14 @@ def make_examples(n: int, lo: int, hi: int, vocab: int) -> list[Any]:
         cut = max(1, int(0.4 * n_tok))
         out.append(packing.example(ids, [-100] * cut + ids[cut:]))
     return out
+
+
+def split_heldout(examples: list[Any], n: int) -> tuple[list[Any], list[Any]]:
+    """(train, held out): every k-th example is held out, so both keep the same length distribution."""
+    k = max(2, len(examples) // max(n, 1))
+    held = examples[::k][:n]
+    keep = set(range(0, len(examples), k)[:n])
+    return [e for i, e in enumerate(examples) if i not in keep], held
 
 
 def build_base(shape: str, folder: Path, device: str) -> float:
@@ -140,7 +161,8 @@ def peak(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_ftjobs(base: Any, examples: list[Any], device: str, max_len: int, steps: int, warmup: int) -> dict:
+def run_ftjobs(base: Any, examples: list[Any], device: str, max_len: int, steps: int, warmup: int,
+               heldout: list[Any] | None = None) -> dict:
     """The train job's loop body: packed rows, loss on targets only, bf16 autocast."""
     model = with_lora(base)
     model.train()
@@ -151,7 +173,7 @@ def run_ftjobs(base: Any, examples: list[Any], device: str, max_len: int, steps:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu",
                                                                                                      enabled=False)
     reset_peak(device)
-    tokens, t0 = 0, None
+    tokens, t0, totals = 0, None, [0, 0]
     for step in range(warmup + steps):
         if step == warmup:
             if device == "cuda":
@@ -165,23 +187,101 @@ def run_ftjobs(base: Any, examples: list[Any], device: str, max_len: int, steps:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += packing.count_tokens(mb, examples)[0]
+        real, trained = packing.count_tokens(mb, examples)
+        tokens += real
+        totals[0] += real
+        totals[1] += trained
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.monotonic() - t0
     out = {"tokens_per_s": tokens / seconds, "step_s": seconds / steps, "peak_gib": peak(device),
-           "tokens_per_step": tokens / steps, "density": sum(len(e) for e in examples) / (len(rows) * max_len)}
+           "tokens_per_step": tokens / steps, "density": sum(len(e) for e in examples) / (len(rows) * max_len),
+           "tokens_total": totals[0], "targets_total": totals[1]}
+    if heldout:
+        out["heldout_loss"] = heldout_loss(model, heldout, device)
     model.unload()
     del opt
     return out
 
 
-def run_plain(base: Any, examples: list[Any], device: str, steps: int, warmup: int) -> dict:
+def heldout_loss(model: Any, examples: list[Any], device: str) -> float:
+    """Mean cross-entropy per target token on `examples`, one example per row (no packing, no padding), with
+    gradients off and dropout off: the one measure every recipe's trained adapter is scored with."""
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu",
+                                                                                                     enabled=False)
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast:
+        for i in range(len(examples)):
+            batch = {k: v.to(device) for k, v in packing.collate([[i]], examples, pad_id=0).items()}
+            s, n = packing.loss_sum(model, batch)
+            total, count = total + float(s), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+class _Timed:
+    """Trainer mixin: counts each optimizer step's real tokens and target tokens from the batch it trains on.
+
+    Counting here, not in the collator, is exact: accelerate's dataloader collates one batch ahead.
+    """
+
+    counted: list[tuple[int, int]]
+
+    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        mask = inputs.get("attention_mask")
+        real = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())  # padding-free: no pads
+        self.counted.append((real, int((inputs["labels"][:, 1:] != -100).sum())))
+        return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
+
+
+def _train_timed(trainer_cls: Any, device: str, steps: int, warmup: int, **kwargs: Any) -> tuple[Any, dict]:
+    """Run a (TRL or HF) trainer with `_Timed` mixed in; the clock starts after `warmup` steps."""
+    from transformers import TrainerCallback
+
+    marks: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == warmup:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                marks["t0"] = time.monotonic()
+                marks["n0"] = len(trainer.counted)
+
+    cls = type(f"Timed{trainer_cls.__name__}", (_Timed, trainer_cls), {})
+    reset_peak(device)
+    trainer = cls(callbacks=[Clock()], **kwargs)
+    trainer.counted = []
+    trainer.train()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.monotonic() - marks["t0"]
+    timed = trainer.counted[int(marks["n0"]):]
+    tokens = sum(c[0] for c in timed)
+    return trainer, {"tokens_per_s": tokens / seconds, "step_s": seconds / steps, "peak_gib": peak(device),
+                     "tokens_per_step": tokens / steps, "steps": len(trainer.counted),
+                     "tokens_total": sum(c[0] for c in trainer.counted),
+                     "targets_total": sum(c[1] for c in trainer.counted)}
+
+
+def _trainer_args(device: str, steps: int, warmup: int, schedule: str) -> dict[str, Any]:
+    """TrainingArguments both Trainer recipes share (plain HF and TRL)."""
+    return {"max_steps": warmup + steps, "learning_rate": 2e-4, "lr_scheduler_type": schedule, "warmup_steps": 0,
+            "bf16": device == "cuda", "use_cpu": device == "cpu", "gradient_checkpointing": True,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False},
+            "optim": "paged_adamw_8bit" if device == "cuda" else "adamw_torch", "report_to": [],
+            "save_strategy": "no", "logging_strategy": "no", "disable_tqdm": True, "dataloader_num_workers": 0,
+            "seed": 0}
+
+
+def run_plain(base: Any, examples: list[Any], device: str, steps: int, warmup: int,
+              heldout: list[Any] | None = None, schedule: str = "constant") -> dict:
     """HF Trainer + peft + bitsandbytes, batches of 4 padded to the longest: the usual QLoRA recipe."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     model = with_lora(base)
-    real_tokens: list[int] = []
 
     def collate(items: list[dict]) -> dict:
         width = max(len(x["input_ids"]) for x in items)
@@ -193,41 +293,76 @@ def run_plain(base: Any, examples: list[Any], device: str, steps: int, warmup: i
             ids[i, :n] = torch.tensor(x["input_ids"])
             labels[i, :n] = torch.tensor(x["labels"])
             mask[i, :n] = 1
-        real_tokens.append(int(mask.sum()))
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-    marks: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step == warmup:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                marks["t0"] = time.monotonic()
-                marks["n0"] = len(real_tokens)
 
     data = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in examples]
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=warmup + steps,
-                                 learning_rate=2e-4, bf16=device == "cuda", use_cpu=device == "cpu",
-                                 gradient_checkpointing=True,
-                                 gradient_checkpointing_kwargs={"use_reentrant": False},
-                                 optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
-                                 report_to=[], save_strategy="no", logging_strategy="no",
-                                 remove_unused_columns=False, dataloader_num_workers=0, seed=0)
-        reset_peak(device)
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()])
-        trainer.train()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.monotonic() - marks["t0"]
-    # The collator ran for every step; those after the warmup were timed.
-    tokens = sum(real_tokens[marks["n0"]:marks["n0"] + steps]) if len(real_tokens) > marks["n0"] else 0
-    out = {"tokens_per_s": tokens / seconds, "step_s": seconds / steps, "peak_gib": peak(device),
-           "tokens_per_step": tokens / steps}
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, remove_unused_columns=False,
+                                 **_trainer_args(device, steps, warmup, schedule))
+        trainer, result = _train_timed(Trainer, device, steps, warmup, model=model, args=args, train_dataset=data,
+                                       data_collator=collate)
+    if heldout:
+        result["heldout_loss"] = heldout_loss(model, heldout, device)
     model.unload()
     del trainer
-    return out
+    return result
+
+
+def trl_missing() -> str | None:
+    """Why the TRL recipe cannot run here (None: it can)."""
+    for name in ("trl", "datasets"):
+        if importlib.util.find_spec(name) is None:
+            return f"{name} is not installed"
+    return None
+
+
+def stub_tokenizer() -> Any:
+    """SFTTrainer wants a tokenizer for its pad and eos tokens even with pre-tokenized data: three tokens do."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
+                                   pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>")
+
+
+def run_trl(base: Any, examples: list[Any], device: str, max_len: int, rows: int, steps: int, warmup: int,
+            heldout: list[Any] | None = None, schedule: str = "constant", tokenizer: Any = None) -> dict:
+    """TRL's SFTTrainer with BFD packing (padding-free) on the same pre-tokenized input_ids + labels.
+
+    TRL keeps a `labels` column as it is (loss where labels != -100, shifted by the model as ours), packs
+    examples best-fit-decreasing into rows of `max_len`, and flattens each step's `rows` rows into one sequence
+    with restarted position ids. It builds the LoRA itself from `peft_config` (and casts the adapter to bf16
+    on a 4-bit base, as its QLoRA recipe does). Call it last on a base: it patches the base's forward.
+    """
+    import datasets
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    datasets.disable_progress_bars()
+
+    attention = "sdpa"
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        attention = "flash_attention_2"
+        base.set_attn_implementation(attention)
+    torch.manual_seed(0)
+    data = datasets.Dataset.from_dict({"input_ids": [list(e.input_ids) for e in examples],
+                              "labels": [list(e.labels) for e in examples]})
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, per_device_train_batch_size=rows, packing=True, packing_strategy="bfd",
+                         padding_free=True, max_length=max_len, **_trainer_args(device, steps, warmup, schedule))
+        trainer, result = _train_timed(SFTTrainer, device, steps, warmup, model=base, args=args,
+                                       train_dataset=data, processing_class=tokenizer or stub_tokenizer(),
+                                       peft_config=lora)
+    result.update(attention=attention, packed_rows=len(trainer.train_dataset),
+                  density=sum(len(e) for e in examples) / (len(trainer.train_dataset) * max_len))
+    model = trainer.model
+    if heldout:
+        result["heldout_loss"] = heldout_loss(model, heldout, device)
+    model.unload()
+    del trainer
+    return result
 
 
 def merge_vs_copy(folder: Path, device: str, work: Path) -> dict:
@@ -284,20 +419,24 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
             work = Path(tmp)
             build_s = build_base(shape, work / "base", device)
-            examples = make_examples(600 if not args.tiny else 200, lo, max_len, SHAPES[shape]["vocab_size"])
+            examples, heldout = split_heldout(
+                make_examples(616 if not args.tiny else 208, lo, max_len, SHAPES[shape]["vocab_size"]), 16 if not
+                args.tiny else 8)
             t = time.monotonic()
             base = load_quantized(work / "base", device)
             load_s = time.monotonic() - t
             steps = args.steps if not shape.endswith("8b") else max(3, args.steps // 2)
-            plain = run_plain(base, examples, device, steps, warmup=2)
-            ours = run_ftjobs(base, examples, device, max_len, steps, warmup=2)
+            plain = run_plain(base, examples, device, steps, warmup=2, heldout=heldout)
+            ours = run_ftjobs(base, examples, device, max_len, steps, warmup=2, heldout=heldout)
+            trl = {"skipped": trl_missing()} if trl_missing() else run_trl(
+                base, examples, device, max_len, 4, steps, warmup=2, heldout=heldout)  # last: it patches the base
             del base
             if device == "cuda":
                 torch.cuda.empty_cache()
             merge = None
             if args.budget_s - (time.monotonic() - started) > (120 if shape.endswith("8b") else 40):
                 merge = merge_vs_copy(work / "base", device, work)
-            details[shape] = {"build_s": build_s, "load_4bit_s": load_s, "plain": plain, "ftjobs": ours,
+            details[shape] = {"build_s": build_s, "load_4bit_s": load_s, "plain": plain, "ftjobs": ours, "trl": trl,
                               "merge": merge, "lengths": {"min": lo, "max": max_len,
                                                           "mean": sum(len(e) for e in examples) / len(examples)}}
             print(json.dumps({shape: details[shape]}, default=str), flush=True)
@@ -306,6 +445,19 @@ def main() -> None:
                                    met=ours["tokens_per_s"] >= 2 * plain["tokens_per_s"], unit="tok/s"))
             rows.append(report.row("train", f"{shape} peak memory", ours["peak_gib"], plain["peak_gib"],
                                    goal="<= 1x", met=ours["peak_gib"] <= plain["peak_gib"] * 1.02, unit="GiB"))
+            if "skipped" not in trl:
+                rows.append(report.row("train", f"{shape} tokens/s vs TRL packed", ours["tokens_per_s"],
+                                       trl["tokens_per_s"], goal=">= 1.2x",
+                                       met=ours["tokens_per_s"] >= 1.2 * trl["tokens_per_s"], unit="tok/s",
+                                       notes=f"TRL bfd padding-free, {trl['attention']}"))
+                rows.append(report.row("train", f"{shape} peak memory vs TRL", ours["peak_gib"], trl["peak_gib"],
+                                       goal="<= 1x", met=ours["peak_gib"] <= trl["peak_gib"] * 1.02, unit="GiB"))
+                rows.append(report.row("train", f"{shape} held-out loss vs TRL", ours["heldout_loss"],
+                                       trl["heldout_loss"], goal="<= 1.05x",
+                                       met=ours["heldout_loss"] <= 1.05 * trl["heldout_loss"],
+                                       notes=f"tokens trained {ours['tokens_total']} vs {trl['tokens_total']}"))
+            else:
+                print(f"TRL recipe skipped: {trl['skipped']}", flush=True)
             if merge:
                 rows.append(report.row("merge", f"{shape} merge+save vs copy", merge["merge_s"], merge["copy_s"],
                                        goal="<= 1.3x", met=merge["merge_s"] <= 1.3 * merge["copy_s"], unit="s"))

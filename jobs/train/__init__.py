@@ -793,7 +793,8 @@ def _load_model(config: Config, path: Path, device: Any, cuda: bool) -> tuple[An
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     model.config.use_cache = False
-    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,  # type: ignore[arg-type] # peft takes floats lora_dropout=config.lora.dropout,
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,  # type: ignore[arg-type] # peft takes floats
+                      lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, modules_to_save=config.lora.modules_to_save or None,
                       bias="none", task_type="CAUSAL_LM")
     try:

@@ -225,6 +225,16 @@ def test_packed_loss_equals_the_models_own_loss(tiny_model):
     assert torch.allclose(total / n, ref, atol=1e-5)
 
 
+def test_the_lora_settings_reach_the_adapter(tiny_model):
+    # lora.dropout once fell into a comment and the adapter quietly trained with peft's default (0.0).
+    config = train.Config(input="unused", base_model=str(tiny_model), output="unused", quantization={"mode": "none"},
+                          lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]})
+    model, _, _ = train._load_model(config, tiny_model, torch.device("cpu"), cuda=False)
+    lora = model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (4, 8, 0.1)
+    assert lora.target_modules == {"q_proj", "v_proj"}
+
+
 def test_resume_skips_checkpoints_without_marker_or_with_bad_checksum(s3_root, tmp_path, caplog):
     out = f"{s3_root}/train"
     # Two attempts saved checkpoints (a preempted one, then its replacement): resume takes the newest usable
