@@ -142,14 +142,20 @@ def plot(board: dict[str, Any], axis: str, xlabel: str) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    # Points carry the table's rank (#1 is the best); the key beside the axes names each cell in full,
+    # so long matrix labels neither overlap each other nor run off the plot.
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
+    fig.subplots_adjust(left=0.08, right=0.6, bottom=0.12, top=0.9)
+    rank = {id(r): i + 1 for i, r in enumerate(board["cells"])}
     pts_ = [r for r in board["cells"] if r["metric"] is not None and r.get(axis) is not None]
     for r in pts_:
         on = r[f"pareto_{axis}"]
         ax.scatter(r[axis], 100 * r["metric"], s=60 if on else 30, marker="o" if on else "x",
                    color="tab:red" if on else "tab:gray", zorder=3)
-        ax.annotate(r["label"], (r[axis], 100 * r["metric"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(f"#{rank[id(r)]}", (r[axis], 100 * r["metric"]), fontsize=8, xytext=(5, 3),
+                    textcoords="offset points")
         if r["ci95"]:
             ax.plot([r[axis]] * 2, [100 * r["ci95"][0], 100 * r["ci95"][1]], color="tab:gray", lw=0.8, zorder=2)
     front = sorted((r for r in pts_ if r[f"pareto_{axis}"]), key=lambda r: r[axis])
@@ -159,11 +165,16 @@ def plot(board: dict[str, Any], axis: str, xlabel: str) -> bytes:
         ax.legend(fontsize=8)
     if axis == "total_params" and pts_ and max(r[axis] for r in pts_) > 10 * min(r[axis] for r in pts_):
         ax.set_xscale("log")
+        sizes = sorted({r[axis] for r in pts_})
+        ax.set_xticks(sizes, [human(x) for x in sizes])  # the bases' own sizes, not crowded decades
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.12)
+    key = "\n".join(f"#{rank[id(r)]}  {r['label']}" for r in pts_)
+    fig.text(0.62, 0.9, key, fontsize=7.5, va="top", family="monospace")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{board['title']}, %")
     ax.set_title(f"{board['title']} vs {xlabel}", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
