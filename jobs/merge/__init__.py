@@ -86,6 +86,7 @@ from jobs.merge.tensors import (
     finite_check,
     plan_shards,
     read_checkpoint,
+    read_tensor,
     shard_names,
     tensors_float,
     write_safetensors,
@@ -490,7 +491,8 @@ def merge_streaming(plan: Plan, timings: dict[str, float]) -> Merged:
     timings["merge"] = time.monotonic() - t
     return Merged(tensors=tensors, untied=untied, reference=reference,
                   source=StreamedTensors(base=plan.base.path, device=plan.device, dtype=plan.dtype, quant=plan.quant,
-                                         adapter=adapter, aliases=aliases, roundtrip_names=rt_names))
+                                         adapter=adapter, aliases=aliases, roundtrip_names=rt_names,
+                                         stored={x.name: x for x in plan.tensors}))
 
 
 @dataclass
@@ -504,16 +506,17 @@ class StreamedTensors:
     adapter: Adapter
     aliases: dict[str, str]      # output name -> the base tensor it starts from (a tied head: the embedding)
     roundtrip_names: set[str]    # weights replaced by their 4-bit roundtrip first
+    stored: dict[str, TensorInfo]  # the base checkpoint's tensors by name: where each one's bytes are
     probes: dict[str, float] = field(default_factory=dict)
     handles: dict[str, Any] = field(default_factory=dict)  # open base checkpoint files
 
     def tensor(self, info: TensorInfo) -> Any:
         import torch
-        from safetensors import safe_open
 
-        if info.file not in self.handles:
-            self.handles[info.file] = safe_open(str(self.base / info.file), "pt")
-        w = self.handles[info.file].get_tensor(self.aliases.get(info.name, info.name))
+        stored = self.stored[self.aliases.get(info.name, info.name)]
+        if stored.file not in self.handles:
+            self.handles[stored.file] = open(self.base / stored.file, "rb")  # noqa: SIM115 - closed in close()
+        w = read_tensor(self.handles[stored.file], stored, self.base / stored.file)
         up = self.adapter.updates.get(info.name)
         if up is None and info.name not in self.roundtrip_names:
             return w
@@ -535,6 +538,8 @@ class StreamedTensors:
         return merged
 
     def close(self) -> None:
+        for f in self.handles.values():
+            f.close()
         self.handles.clear()
 
 

@@ -173,14 +173,16 @@ def lora_merge(src: Any, up: LoraUpdate, device: str) -> Any:
     """W' = W + scale * B @ A, in float32 (or the modules_to_save replacement).
 
     A float32 `src` is updated in place and returned: the caller hands over a tensor it owns (a fresh
-    read of the checkpoint), so a large model's merge allocates one delta per tensor and nothing more.
+    read of the checkpoint), so a large model's merge allocates nothing W-sized.
     """
     import torch
 
     if up.replace is not None:
         return up.replace.to(device, torch.float32)
-    delta = up.b.to(device, torch.float32) @ up.a.to(device, torch.float32)
-    return src.to(torch.float32).add_(delta.T if up.transpose else delta, alpha=up.scale)
+    a, b = up.a.to(device, torch.float32), up.b.to(device, torch.float32)
+    w = src.to(torch.float32)
+    # addmm_ adds scale * B @ A into W without a W-sized temporary; (B @ A)^T = A^T @ B^T.
+    return w.addmm_(a.T, b.T, alpha=up.scale) if up.transpose else w.addmm_(b, a, alpha=up.scale)
 
 
 @dataclass(frozen=True)

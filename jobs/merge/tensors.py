@@ -7,6 +7,7 @@ tensor whatever the model's size, and the sha256 the manifest needs is computed 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -34,6 +35,7 @@ class TensorInfo:
     file: str          # base checkpoint file it lives in
     shape: tuple[int, ...]
     dtype: str         # safetensors dtype code, as stored in the base
+    offset: int = -1   # where its bytes start in `file` (-1: not a stored tensor, e.g. a head untied on merge)
 
     def out_dtype(self, dtype: str) -> str:
         return SAFE_DTYPES[dtype] if self.dtype in ("F32", "BF16", "F16", "F64") else self.dtype
@@ -53,11 +55,13 @@ def read_checkpoint(path: Path) -> list[TensorInfo]:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     out = []
     for fname in files:
-        for name, meta in models.safetensors_header(path / fname, str(path)).tensors.items():
+        header = models.safetensors_header(path / fname, str(path))
+        for name, meta in header.tensors.items():
             if meta["dtype"] not in SAFE_BYTES:
                 raise InputError(f"{path / fname}: tensor {name} has dtype {meta['dtype']}, which merge does not "
                                  "handle (already quantized?). Give the 16-bit base.")
-            out.append(TensorInfo(name, fname, tuple(meta["shape"]), meta["dtype"]))
+            out.append(TensorInfo(name, fname, tuple(meta["shape"]), meta["dtype"],
+                                  header.start + meta["data_offsets"][0]))
     if not out:
         raise InputError(f"{path} holds no safetensors tensors")
     return out
@@ -130,6 +134,24 @@ def write_safetensors(path: Path, infos: list[TensorInfo], dtype: str, produce: 
     if timings is not None:
         timings["hash"] = timings.get("hash", 0.0) + hash_s
     return h.hexdigest()
+
+
+def read_tensor(f: io.BufferedReader, info: TensorInfo, where: Path) -> Any:
+    """One stored tensor, read into memory of its own (a plain read, not a memory map).
+
+    A merge updates every weight in place: on a copy-on-write map of the file each page it touches faults
+    and is copied by the kernel (measured: 11.5 s of a 1.6 GB merge, against 0.9 s for reading the same
+    bytes into fresh memory).
+    """
+    import torch
+
+    tensor = torch.empty(info.shape, dtype=getattr(torch, TORCH_NAME[info.dtype]))
+    buf: Any = tensor.reshape(-1).view(torch.uint8).numpy()
+    f.seek(info.offset)
+    if f.readinto(buf) != buf.nbytes:
+        raise InputError(f"{where}: tensor {info.name} ends past the end of the file (truncated?); re-download "
+                         "the base model")
+    return tensor
 
 
 def finite_check(name: str, tensor: Any) -> str | None:
