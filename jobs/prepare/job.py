@@ -353,158 +353,80 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
              timings: dict[str, float]) -> tuple[Tally, dict[str, int], array[int], int]:
     """Read every file into batches for the encoder (batch.process), then, batch by batch in row order, decide
     what the order of the rows decides: errors, duplicates, repeats' ids, the split; and write."""
-    import pyarrow as pa
-
     t0 = time.monotonic()
-    columns = config.columns.model_dump()
-    tally = Tally()
-    tokenized = encoder.encode is not None
-    writers = {s: SplitWriter(s, tokenized, writer, work, config) for s in data.SPLITS}
-    seen_exact: set[int] = set()
-    seen_norm: set[int] = set()
-    repeats: Counter[int] = Counter()
-    lengths: array[int] = array("l")
-    trainable = [0]
-    fraction = config.effective_eval_fraction()
-    eval_heap: list[tuple[float, int, Any]] = []  # max-heap by -point: the eval_size lowest points, 1-row tables
-    seq = [0]
-    total_bytes = sum(f.size for f in files) or 1
-    done_bytes = 0
+    order = RowOrder(config, encoder, {s: SplitWriter(s, encoder.encode is not None, writer, work, config)
+                                       for s in data.SPLITS})
     progress = Progress("prepare", unit="rows")
-    skip, keep_examples = config.skip_bad_lines, config.drop_examples
-    # An explicitly mapped tools column that a file never has would drop every row's tools without a word.
-    tools_mapped = "tools" in config.columns.model_fields_set
-
-    def end_of_file(st: FileState) -> None:
-        f = st.file
-        if tools_mapped and st.rows and st.format is not None and not st.saw_tools:
-            raise InputError(f"{f.uri}: no record has the tools column {columns['tools']!r} that columns.tools "
-                             "names, so every row's tools would be dropped. Fix the mapping or the file.")
-        if st.ignored:  # named once per file: neither silently dropped nor a reason to refuse the file
-            LOG.warning("%s: keys that ftjobs does not read were ignored: %s", f.uri,
-                        ", ".join(f"{k} ({n:,} row{'s' * (n != 1)})" for k, n in sorted(st.ignored.items())),
-                        extra={"source": f.uri, "ignored_keys": dict(st.ignored)})
-            tally.ignored.update(st.ignored)
-        if st.rows == 0:
-            tally.empty_files.append(f.uri)
-            _empty(f, config)
-        elif st.format is None:
-            LOG.warning("%s: none of its %d lines could be read; all are counted as dropped", f.uri, st.rows,
-                        extra={"source": f.uri})
-
-    def finish(chunk: Chunk, result: tuple[list[tuple[Any, ...]], Any]) -> None:
-        verdicts, table = result
-        st = chunk.state
-        uri, split = st.file.uri, st.file.split
-        per = tally.per_source[uri]
-        table = table.append_column("source", pa.array([uri] * table.num_rows, type=pa.string()))
-        kept = -1  # the row of `table` of the latest KEPT verdict
-        out: dict[str, list[int]] = {"train": [], "eval": []}  # rows of `table`, in order
-        renamed: dict[int, str] = {}  # rows of `table` whose id a repeat changes
-
-        def preview(i: int) -> Any:
-            return lambda: B.preview(B.record(chunk.items[i]))
-
-        def flush_out() -> None:
-            for name, rows in out.items():
-                if rows:
-                    writers[name].add(_take(table, rows))
-                    rows.clear()
-
-        for i, v in enumerate(verdicts):
-            kind, line = v[0], chunk.lines[i]
-            if kind == B.BAD:
-                if not skip:
-                    raise InputError(f"{uri} line {line}: {v[2]}. Fix the file, or set skip_bad_lines: true to drop "
-                                     "such lines (they are counted in the manifest).")
-                tally.drop(v[1], uri, line, v[2], v[3], keep_examples)
-                continue
-            if kind == B.PREFERENCE:  # whatever the format says: read as one, a pair loses an answer
-                raise InputError(_preference(uri, f"line {line}"))
-            if v[1]:
-                st.ignored.update(v[1])
-            st.saw_tools = st.saw_tools or v[2]
-            if kind == B.DROP:
-                reason, detail, fatal = v[3], v[4], v[5]
-                if fatal and not skip:
-                    raise InputError(f"{uri} line {line}: {detail}. Fix the file, or set skip_bad_lines: true to drop "
-                                     "such rows (they are counted in the manifest).")
-                tally.drop(reason, uri, line, detail, preview(i), keep_examples)
-                continue
-            if kind == B.KEPT:
-                kept += 1
-            key = v[3]
-            if config.dedup != "none":
-                if key in seen_exact:
-                    tally.drop("duplicate_exact", uri, line, "an identical row came earlier", preview(i),
-                               keep_examples)
-                    continue
-                seen_exact.add(key)
-                if config.dedup == "normalized":
-                    if v[4] in seen_norm:
-                        tally.drop("duplicate_normalized", uri, line,
-                                   "an earlier row differs only in case or whitespace", preview(i), keep_examples)
-                        continue
-                    seen_norm.add(v[4])
-            occurrence = 0
-            if config.dedup == "none":  # identical rows are kept: number their repeats so ids stay unique
-                occurrence = repeats[key]
-                repeats[key] += 1
-            if kind == B.TEMPLATE_ERROR:  # the template refused the row, or a turn of it cannot be located
-                raise ConfigError(f"{uri} line {line}: {v[5]}")
-            if kind == B.ENCODE_DROP:
-                tally.drop(v[5], uri, line, v[6], v[7], keep_examples)
-                continue
-            point, truncated, turns, named, n_tokens, n_trainable = v[5:11]
-            per["rows_out"] += 1
-            if occurrence:
-                canon = B.normalize(B.record(chunk.items[i]), st.format or "", encoder.rules)[2]  # type: ignore[arg-type]
-                renamed[kept] = R.row_id(canon, occurrence)
-                point = R.split_point(renamed[kept], config.seed)
-            if truncated:
-                tally.truncated += 1
-            if tokenized:
-                lengths.append(n_tokens)
-                trainable[0] += n_trainable
-            for rule, n in zip(chat.TURN_RULES, turns, strict=True):
-                if n:
-                    tally.turns[rule] += n
-            tally.named += named
-            if split != "auto":
-                out[split].append(kept)
-            elif config.eval_size is not None:
-                seq[0] += 1
-                if len(eval_heap) < config.eval_size or point < -eval_heap[0][0]:
-                    if renamed:
-                        table = _renamed(table, renamed)
-                        renamed.clear()
-                    item = (-point, seq[0], _take(table, [kept]))
-                    if len(eval_heap) < config.eval_size:
-                        heapq.heappush(eval_heap, item)
-                    else:
-                        flush_out()  # rows before this one first: the row it displaces comes after them
-                        writers["train"].add(heapq.heapreplace(eval_heap, item)[2])
-                else:
-                    out["train"].append(kept)
-            else:
-                out["eval" if point < fraction else "train"].append(kept)
-        if renamed:
-            table = _renamed(table, renamed)
-        flush_out()
-        st.finished += 1
-        if st.read and st.finished == st.submitted:
-            end_of_file(st)
-
+    total_bytes, done_bytes = sum(f.size for f in files) or 1, 0
     for f in files:
+        order.read_file(f, progress, done_bytes, total_bytes)
+        done_bytes += f.size
+    encoder.drain(order.finish)
+    order.close_eval()
+    progress.done = order.tally.rows_in
+    progress.close()
+    timings["process"] = time.monotonic() - t0
+    t = time.monotonic()
+    for w in order.writers.values():
+        w.close()
+    timings["write_last_shards"] = time.monotonic() - t
+    return order.tally, {s: w.rows for s, w in order.writers.items()}, order.lengths, order.trainable
+
+
+@dataclass
+class _Batch:
+    """One finished chunk on its way to the split writers: its table and which of its rows go where."""
+
+    table: Any
+    kept: int = -1  # the row of `table` of the latest KEPT verdict
+    out: dict[str, list[int]] = field(default_factory=lambda: {"train": [], "eval": []})  # rows, in order
+    renamed: dict[int, str] = field(default_factory=dict)  # rows whose id a repeat changes
+
+    def apply_renames(self) -> None:
+        if self.renamed:
+            self.table = _renamed(self.table, self.renamed)
+            self.renamed.clear()
+
+    def flush(self, writers: dict[str, SplitWriter]) -> None:
+        for name, rows in self.out.items():
+            if rows:
+                writers[name].add(_take(self.table, rows))
+                rows.clear()
+
+
+class RowOrder:
+    """What prepare decides in row order, in the job's process, as the workers' batches come back:
+    errors and drops (named and counted), duplicates, the ids of repeated rows, and the split."""
+
+    def __init__(self, config: Config, encoder: Any, writers: dict[str, SplitWriter]) -> None:
+        self.config, self.encoder, self.writers = config, encoder, writers
+        self.columns = config.columns.model_dump()
+        self.tally = Tally()
+        self.tokenized = encoder.encode is not None
+        self.seen_exact: set[int] = set()
+        self.seen_norm: set[int] = set()
+        self.repeats: Counter[int] = Counter()
+        self.lengths: array[int] = array("l")
+        self.trainable = 0
+        self.fraction = config.effective_eval_fraction()
+        self.eval_heap: list[tuple[float, int, Any]] = []  # max-heap by -point: the eval_size lowest, 1-row tables
+        self.seq = 0
+        # An explicitly mapped tools column that a file never has would drop every row's tools without a word.
+        self.tools_mapped = "tools" in config.columns.model_fields_set
+
+    # ---- reading: one file's records into batches for the workers
+
+    def read_file(self, f: S.RawFile, progress: Progress, done_bytes: int, total_bytes: int) -> None:
+        config, tally = self.config, self.tally
         tally.per_source.setdefault(f.uri, Counter())
         fmt: str | None = f.format or config.format
         if fmt == "auto":
             # None: no record to detect from. The file is empty, or (with skip_bad_lines) no line of it could
             # be read: every line is then counted as dropped, so max_drop_fraction sees them.
-            fmt = _detect(f, columns, config)
+            fmt = _detect(f, self.columns, config)
         if fmt is not None:
             tally.formats[f.uri] = fmt
-            _check_table_columns(f, fmt, columns)
+            _check_table_columns(f, fmt, self.columns)
         st = FileState(f, fmt)
         lines: list[int] = []
         items: list[Any] = []
@@ -515,29 +437,150 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
             items.append(rec)
             if len(items) >= config.batch_size:
                 st.submitted += 1
-                encoder.submit(fmt, items, Chunk(st, lines, items), finish)
+                self.encoder.submit(fmt, items, Chunk(st, lines, items), self.finish)
                 lines, items = [], []
                 progress.total = _estimate(tally.rows_in, done_bytes, f, total_bytes)
                 progress.update(config.batch_size, dropped=sum(tally.dropped.values()))
         tally.per_source[f.uri]["rows_in"] += st.rows
         if items:
             st.submitted += 1
-            encoder.submit(fmt, items, Chunk(st, lines, items), finish)
+            self.encoder.submit(fmt, items, Chunk(st, lines, items), self.finish)
         st.read = True
         if st.finished == st.submitted:
-            end_of_file(st)
-        done_bytes += f.size
-    encoder.drain(finish)
-    for _, _, row in sorted(eval_heap, key=lambda it: -it[0]):  # lowest split point first
-        writers["eval"].add(row)
-    progress.done = tally.rows_in
-    progress.close()
-    timings["process"] = time.monotonic() - t0
-    t = time.monotonic()
-    for w in writers.values():
-        w.close()
-    timings["write_last_shards"] = time.monotonic() - t
-    return tally, {s: w.rows for s, w in writers.items()}, lengths, trainable[0]
+            self.end_of_file(st)
+
+    def end_of_file(self, st: FileState) -> None:
+        f, tally = st.file, self.tally
+        if self.tools_mapped and st.rows and st.format is not None and not st.saw_tools:
+            raise InputError(f"{f.uri}: no record has the tools column {self.columns['tools']!r} that columns.tools "
+                             "names, so every row's tools would be dropped. Fix the mapping or the file.")
+        if st.ignored:  # named once per file: neither silently dropped nor a reason to refuse the file
+            LOG.warning("%s: keys that ftjobs does not read were ignored: %s", f.uri,
+                        ", ".join(f"{k} ({n:,} row{'s' * (n != 1)})" for k, n in sorted(st.ignored.items())),
+                        extra={"source": f.uri, "ignored_keys": dict(st.ignored)})
+            tally.ignored.update(st.ignored)
+        if st.rows == 0:
+            tally.empty_files.append(f.uri)
+            _empty(f, self.config)
+        elif st.format is None:
+            LOG.warning("%s: none of its %d lines could be read; all are counted as dropped", f.uri, st.rows,
+                        extra={"source": f.uri})
+
+    # ---- a batch back from the workers: every verdict in row order
+
+    def finish(self, chunk: Chunk, result: tuple[list[tuple[Any, ...]], Any]) -> None:
+        import pyarrow as pa
+
+        verdicts, table = result
+        st = chunk.state
+        uri = st.file.uri
+        b = _Batch(table.append_column("source", pa.array([uri] * table.num_rows, type=pa.string())))
+        for i, v in enumerate(verdicts):
+            if v[0] == B.KEPT:
+                b.kept += 1
+            occurrence = self._admit(chunk, i, v)
+            if occurrence is not None:
+                self._place(chunk, i, v, occurrence, b)
+        b.apply_renames()
+        b.flush(self.writers)
+        st.finished += 1
+        if st.read and st.finished == st.submitted:
+            self.end_of_file(st)
+
+    def _admit(self, chunk: Chunk, i: int, v: tuple[Any, ...]) -> int | None:
+        """Errors, drops and duplicates: None when the row goes no further, else its repeat number."""
+        config, tally, st = self.config, self.tally, chunk.state
+        kind, line, uri, skip, keep = v[0], chunk.lines[i], st.file.uri, config.skip_bad_lines, config.drop_examples
+
+        def preview() -> Any:
+            return lambda: B.preview(B.record(chunk.items[i]))
+
+        if kind == B.BAD:
+            if not skip:
+                raise InputError(f"{uri} line {line}: {v[2]}. Fix the file, or set skip_bad_lines: true to drop "
+                                 "such lines (they are counted in the manifest).")
+            tally.drop(v[1], uri, line, v[2], v[3], keep)
+            return None
+        if kind == B.PREFERENCE:  # whatever the format says: read as one, a pair loses an answer
+            raise InputError(_preference(uri, f"line {line}"))
+        if v[1]:
+            st.ignored.update(v[1])
+        st.saw_tools = st.saw_tools or v[2]
+        if kind == B.DROP:
+            reason, detail, fatal = v[3], v[4], v[5]
+            if fatal and not skip:
+                raise InputError(f"{uri} line {line}: {detail}. Fix the file, or set skip_bad_lines: true to drop "
+                                 "such rows (they are counted in the manifest).")
+            tally.drop(reason, uri, line, detail, preview(), keep)
+            return None
+        key = v[3]
+        if config.dedup != "none":
+            if key in self.seen_exact:
+                tally.drop("duplicate_exact", uri, line, "an identical row came earlier", preview(), keep)
+                return None
+            self.seen_exact.add(key)
+            if config.dedup == "normalized":
+                if v[4] in self.seen_norm:
+                    tally.drop("duplicate_normalized", uri, line,
+                               "an earlier row differs only in case or whitespace", preview(), keep)
+                    return None
+                self.seen_norm.add(v[4])
+        occurrence = 0
+        if config.dedup == "none":  # identical rows are kept: number their repeats so ids stay unique
+            occurrence = self.repeats[key]
+            self.repeats[key] += 1
+        if kind == B.TEMPLATE_ERROR:  # the template refused the row, or a turn of it cannot be located
+            raise ConfigError(f"{uri} line {line}: {v[5]}")
+        if kind == B.ENCODE_DROP:
+            tally.drop(v[5], uri, line, v[6], v[7], keep)
+            return None
+        return occurrence
+
+    def _place(self, chunk: Chunk, i: int, v: tuple[Any, ...], occurrence: int, b: _Batch) -> None:
+        """A kept row: counted, its id renumbered if it repeats, and sent to its split."""
+        config, tally, st = self.config, self.tally, chunk.state
+        point, truncated, turns, named, n_tokens, n_trainable = v[5:11]
+        tally.per_source[st.file.uri]["rows_out"] += 1
+        if occurrence:
+            canon = B.normalize(B.record(chunk.items[i]), st.format or "", self.encoder.rules)[2]  # type: ignore[arg-type]
+            b.renamed[b.kept] = R.row_id(canon, occurrence)
+            point = R.split_point(b.renamed[b.kept], config.seed)
+        if truncated:
+            tally.truncated += 1
+        if self.tokenized:
+            self.lengths.append(n_tokens)
+            self.trainable += n_trainable
+        for rule, n in zip(chat.TURN_RULES, turns, strict=True):
+            if n:
+                tally.turns[rule] += n
+        tally.named += named
+        split = st.file.split
+        if split != "auto":
+            b.out[split].append(b.kept)
+        elif config.eval_size is not None:
+            self._eval_size_split(point, b)
+        else:
+            b.out["eval" if point < self.fraction else "train"].append(b.kept)
+
+    def _eval_size_split(self, point: float, b: _Batch) -> None:
+        """eval_size: the rows with the lowest split points are held out, kept in a bounded heap until the end."""
+        self.seq += 1
+        heap, size = self.eval_heap, self.config.eval_size
+        assert size is not None
+        if len(heap) < size or point < -heap[0][0]:
+            b.apply_renames()
+            item = (-point, self.seq, _take(b.table, [b.kept]))
+            if len(heap) < size:
+                heapq.heappush(heap, item)
+            else:
+                b.flush(self.writers)  # rows before this one first: the row it displaces comes after them
+                self.writers["train"].add(heapq.heapreplace(heap, item)[2])
+        else:
+            b.out["train"].append(b.kept)
+
+    def close_eval(self) -> None:
+        for _, _, row in sorted(self.eval_heap, key=lambda it: -it[0]):  # lowest split point first
+            self.writers["eval"].add(row)
 
 
 def _take(table: Any, rows: list[int]) -> Any:
