@@ -48,7 +48,7 @@ lock: ## regenerate requirements/lock-*.txt from pyproject.toml (LOCK_ARGS=--upg
 demo: $(STAMP) ## the offline demo: finetune the bundled base on CPU, report under runs/<id>/evaluate/
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m jobs.cli pipeline --config demo/pipeline.yaml $(DEMO_ARGS)
 
-# The offline sweep: three bundled base sizes x two finetuning settings, one leaderboard (README "Sweeps").
+# The offline sweep: three bundled base sizes x two finetuning settings, one leaderboard (docs/sweeps.md).
 demo-sweep: $(STAMP) ## the offline sweep demo: 6 cells on CPU, leaderboard under sweeps/<id>/evaluate/
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m jobs.cli sweep --config demo/sweep.yaml $(DEMO_ARGS)
 
@@ -69,7 +69,7 @@ lint: $(STAMP) ## ruff + mypy on common/ and jobs/
 
 .PHONY: help install lock test test-unit lint bench
 
-# ---- containers and Kubernetes (docker/, k8s/; see README "Containers" and "Kubernetes")
+# ---- containers and Kubernetes (docker/, k8s/; see docs/containers.md and docs/kubernetes.md)
 images: ## build the images (VARIANT=cpu|gpu, OFFLINE=1 for stand-in bases, PUSH=REGISTRY)
 	docker/build-images.sh
 
