@@ -55,7 +55,7 @@ demo-sweep: $(STAMP) ## the offline sweep demo: 6 cells on CPU, leaderboard unde
 .PHONY: demo demo-sweep
 
 test: $(STAMP) ## run unit, integration and end-to-end tests (what CI runs)
-	$(PYTEST) -m "not gpu and not docker" $(PYTEST_ARGS)
+	$(PYTEST) -m "not gpu and not docker" --durations=25 $(PYTEST_ARGS)
 
 test-unit: $(STAMP) ## only the fast unit tier
 	$(PYTEST) -m unit $(PYTEST_ARGS)
