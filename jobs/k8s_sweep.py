@@ -163,6 +163,17 @@ def wait_one(sub: k8s.Submission, name: str, inst: sweep.Instance) -> None:
 
 # --------------------------------------------------------------------------- the driver Job
 
+# What the driver's ConfigMap may carry from the kustomization: the Job templates and the plain settings
+# (ftjobs-store: where runs live). Never a Secret: anyone who may read ConfigMaps (the stock `view` role) would
+# read its keys. The templates reference the Secret by name (envFrom secretRef), which is all a Job needs.
+DRIVER_TEMPLATE_KINDS = ("Job", "ConfigMap")
+
+
+def driver_templates(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The kustomization's objects the driver needs to render its Jobs: an allow-list, so a new kind an overlay
+    adds (a Secret, a token, a kubeconfig) stays out of the ConfigMap unless named here."""
+    return [d for d in docs if d.get("kind") in DRIVER_TEMPLATE_KINDS]
+
 
 def render_driver(docs: list[dict[str, Any]], sweep_file: str, sweep_id: str, images: dict[str, str],
                   queue: str | None, namespace: str | None, shards: int) -> list[dict[str, Any]]:
@@ -183,7 +194,7 @@ def render_driver(docs: list[dict[str, Any]], sweep_file: str, sweep_id: str, im
         return {"name": kind_name, "labels": dict(labels), **({"namespace": ns} if ns else {})}
 
     files = {"sweep.yaml": yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False),
-             "images.json": json.dumps(images, indent=2), "templates.yaml": k8s.dump_yaml(docs)}
+             "images.json": json.dumps(images, indent=2), "templates.yaml": k8s.dump_yaml(driver_templates(docs))}
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(name), "data": files}
     account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(DRIVER),
                "automountServiceAccountToken": True}

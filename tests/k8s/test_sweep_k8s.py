@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from common import config as cfg
-from jobs import sweep
+from jobs import k8s, sweep
 from jobs.cli import main
 from tests.k8s import policy
 from tests.k8s.test_manifests import validate
@@ -103,3 +103,25 @@ def test_render_sweep_driver_validates_offline_with_jobs_only_rbac(tmp_path: Pat
     assert "automountServiceAccountToken" in "\n".join(policy.violations(job, gpu=False))  # only the driver may
     proc = validate(docs, tmp_path / "driver.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_the_driver_configmap_carries_no_secret_for_any_overlay(overlay: str, tmp_path: Path) -> None:
+    # Anyone who may read ConfigMaps (the stock `view` role) reads what the driver's ConfigMap holds: the
+    # overlay's Secret (local: the MinIO keys) must stay a Secret, referenced by name from the Job templates.
+    result = CliRunner().invoke(main, ["--log-format", "text", "k8s", "render", "--sweep-driver", "--sweep",
+                                       str(sweep_file(tmp_path)), "--sweep-id", "s1", "--overlay", overlay],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    config_maps = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "ConfigMap"]
+    assert config_maps
+    embedded = [obj for cm in config_maps for text in cm["data"].values()
+                for obj in (yaml.safe_load_all(text) if text.lstrip().startswith(("apiVersion", "-", "{")) else [])
+                if isinstance(obj, dict)]
+    assert [o["metadata"]["name"] for o in embedded if o.get("kind") == "Secret"] == []
+    assert "minioadmin" not in result.stdout
+    templates = [o for o in embedded if o.get("kind") == "Job"]
+    assert templates and all(  # the Jobs still find the keys: by the Secret's name
+        any(src.get("secretRef", {}).get("name") == "ftjobs-s3" for src in t["spec"]["template"]["spec"]
+            ["containers"][0].get("envFrom", [])) for t in templates)
+    assert k8s.run_prefix(k8s.store_settings(embedded), "sweeps")  # the plain settings travel
