@@ -108,12 +108,46 @@ def normalize(uri: str) -> str:
 
 
 
+def relpath_problem(rel: str) -> str | None:
+    """Why `rel` is not a plain relative path under a folder or prefix (None when it is one).
+
+    One rule for every key or artifact path joined to a destination: relative, '/'-separated, every
+    segment a name. Refused: empty, absolute ('/x', 'C:x'), backslashes (a separator on Windows runners),
+    empty segments ('a//b', 'a/'), '.' and '..' segments, and control characters.
+    """
+    if not rel:
+        return "is empty"
+    if rel.startswith("/") or (len(rel) > 1 and rel[1] == ":" and rel[0].isalpha()):
+        return "is absolute"
+    if "\\" in rel:
+        return "holds a backslash"
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        return "holds a control character"
+    parts = rel.split("/")
+    if "" in parts:
+        return "has an empty segment ('//' or a trailing '/')"
+    if ".." in parts:
+        return "climbs out of its folder with '..'"
+    if "." in parts:
+        return "has a '.' segment"
+    return None
+
+
+def join_under(base: str, rel: str) -> str:
+    """`base/rel` for a URI or local path, refusing a `rel` that is not a plain relative path (exit 3)."""
+    problem = relpath_problem(rel)
+    if problem:
+        raise InputError(f"Refusing path {rel!r} under {base}: it {problem}; only plain relative paths are joined.")
+    return f"{base.rstrip('/')}/{rel}"
+
+
 def safe_destination(dest_dir: Path, rel: str) -> Path:
     """Where a key `rel` lands inside `dest_dir`; refuses keys that would escape it."""
-    pure = PurePosixPath(rel)
-    if rel.startswith("/") or pure.is_absolute() or ".." in pure.parts or "\\" in rel or not rel:
-        raise InputError(f"Refusing object key {rel!r}: it would escape the destination folder {dest_dir}")
-    target = (dest_dir / Path(*pure.parts)).resolve()
+    problem = relpath_problem(rel)
+    if problem:
+        raise InputError(f"Refusing object key {rel!r}: it {problem}, so it could land outside the destination "
+                         f"folder {dest_dir}")
+    target = (dest_dir / Path(*PurePosixPath(rel).parts)).resolve()
     root = dest_dir.resolve()
     if target != root and root not in target.parents:
         raise InputError(f"Refusing object key {rel!r}: it resolves outside {dest_dir}")
