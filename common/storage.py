@@ -394,6 +394,12 @@ def delete_prefix(uri: str) -> int:
     return len(objects)
 
 
+def is_folder_marker(obj: ObjectInfo) -> bool:
+    """An empty S3 key naming a folder (the listed prefix itself, or a key ending in '/'), as the AWS console and
+    some sync tools create: no file to download."""
+    return obj.size == 0 and (obj.rel == "" or obj.rel.endswith("/"))
+
+
 def list_objects(prefix: str) -> list[ObjectInfo]:
     """Every object under `prefix` treated as a folder, sorted by key."""
     return sorted(iter_objects(prefix), key=lambda o: o.rel)
@@ -551,10 +557,10 @@ def download_dir(uri: str, dest_dir: str | Path, workers: int = FILE_WORKERS) ->
     """Download every object under prefix `uri` into `dest_dir`, files in parallel.
 
     Keys that would land outside `dest_dir` (`..`, absolute keys) are refused
-    before anything is written.
+    before anything is written; empty folder markers (`sub/`) are skipped.
     """
     dest = Path(dest_dir)
-    objects = list_objects(uri)
+    objects = [o for o in list_objects(uri) if not is_folder_marker(o)]
     targets = [(o, safe_destination(dest, o.rel)) for o in objects]
 
     def one(item: tuple[ObjectInfo, Path]) -> Transferred:
