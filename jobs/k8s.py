@@ -209,6 +209,10 @@ def render_job(docs: list[dict[str, Any]], stage: str, run_id: str, stage_args: 
     if not RUN_ID_RE.match(run_id):
         raise ConfigError(f"--run-id {run_id!r}: use 1-63 letters, digits, '.', '_' or '-', starting and ending "
                           "with a letter or digit (it becomes a label value and part of the Job name).")
+    if tag is not None and not RUN_ID_RE.match(tag):  # it names the output prefix too: no '/', no '..'
+        raise ConfigError(f"--tag {tag!r}: use 1-63 letters, digits, '.', '_' or '-', starting and ending with a "
+                          "letter or digit, as for --run-id (it becomes part of a label, the Job name and the "
+                          "output prefix).")
     if shards < 1 or (shards > 1 and stage != "infer"):
         raise ConfigError(f"--shards {shards}: only infer is sharded (an Indexed Job), and shards must be >= 1.")
     args = list(stage_args)
