@@ -636,7 +636,8 @@ def _multinode_options(fn: Any) -> Any:
 @_multinode_options
 @click.option("--setup", is_flag=True, help="Print the shared objects (Namespace, ConfigMap, ServiceAccount) instead.")
 @click.option("--sweep-driver", is_flag=True, help="Print the in-cluster driver of a sweep instead (needs --sweep, "
-                                                   "--sweep-id): ConfigMap, ServiceAccount, Role, RoleBinding, Job.")
+                                                   "--sweep-id): ConfigMap, ServiceAccount, Role, RoleBinding, Job, "
+                                                   "ValidatingAdmissionPolicy + binding.")
 @click.option("--sweep", "sweep_file", metavar="FILE", help="With --sweep-driver: the sweep file.")
 @click.option("--sweep-id", metavar="ID", help="With --sweep-driver: the sweep id its Jobs and outputs carry.")
 @_common_options
