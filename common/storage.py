@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -266,9 +267,11 @@ def check_writable(prefix: str) -> None:
 
     A mistyped volume path or a read-only root in a pod would otherwise surface only at the first
     upload, after the whole job ran. Folders created for the probe are removed again. S3 prefixes are
-    not probed: a write needs no bucket-level permission, and a missing bucket is named at the first write.
+    not probed for permissions (a write needs no bucket-level permission, and a missing bucket is named at the
+    first write), but for conditional writes: a store that ignores them is refused here, before any work.
     """
     if is_s3(prefix):
+        check_conditional_writes(join(prefix, "manifest.json"))
         return
     path = local_path(prefix)
     top = path
@@ -330,6 +333,7 @@ def put_if_absent(uri: str, data: bytes) -> None:
     """
     if is_s3(uri):
         bucket, key = split_s3(uri)
+        check_conditional_writes(uri)
         try:
             s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except Exception as exc:
@@ -345,6 +349,63 @@ def put_if_absent(uri: str, data: bytes) -> None:
         raise AlreadyExistsError(f"{uri} already exists (create-only write refused)") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# Stores that ignore `If-None-Match: *` (some S3-compatible servers and gateways) would let a second writer
+# overwrite a manifest silently. The first create-only write to a store in a process probes it; the verdict
+# is kept per (endpoint, bucket). Local folders need no probe: the hard link is create-only by the kernel.
+UNSAFE_STORE_ENV = "FTJOBS_ALLOW_UNSAFE_STORE"
+PROBE_FOLDER = ".ftjobs-probe"
+_probe_lock = threading.Lock()
+_probed: dict[tuple[str | None, str], bool] = {}  # (endpoint, bucket) -> honours conditional writes
+
+
+def check_conditional_writes(uri: str) -> None:
+    """Refuse (exit 2) a store that accepts a second create-only write of one key, unless the user accepted the
+    risk with FTJOBS_ALLOW_UNSAFE_STORE=1. Probed once per store and process, next to `uri` (where this job
+    may write anyway), with an empty object that is removed again."""
+    bucket, key = split_s3(uri)
+    store = (endpoint_url(), bucket)
+    with _probe_lock:
+        if store not in _probed:
+            _probed[store] = _probe(bucket, f"{key.rsplit('/', 1)[0] + '/' if '/' in key else ''}{PROBE_FOLDER}/"
+                                            f"{os.getpid()}-{os.urandom(6).hex()}")
+        honoured = _probed[store]
+    if honoured:
+        return
+    where = f"bucket {bucket!r} at {store[0] or 'AWS S3'}"
+    if os.environ.get(UNSAFE_STORE_ENV, "").lower() in ("1", "true", "yes"):
+        logging.getLogger(__name__).warning(
+            "%s ignores conditional writes; %s=1 accepts the risk: two attempts that publish at once may "
+            "overwrite each other's manifest", where, UNSAFE_STORE_ENV)
+        return
+    raise ConfigError(
+        f"The object store ({where}) ignores conditional writes: a second create-only write (If-None-Match: *) "
+        "to one key was accepted instead of refused with 412. ftjobs relies on it so that no published manifest "
+        "is ever overwritten by another attempt. Use a store that supports conditional writes, or set "
+        f"{UNSAFE_STORE_ENV}=1 to run anyway and accept that risk (docs/storage.md).")
+
+
+def _probe(bucket: str, key: str) -> bool:
+    """Two create-only writes of one new key: True when the second is refused."""
+    client = s3_client()
+    uri = f"s3://{bucket}/{key}"
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
+    except Exception as exc:
+        raise _s3_error(exc, uri, "probing conditional writes at") from exc
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
+        return False
+    except Exception as exc:
+        if _error_code(exc) in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
+            return True
+        raise _s3_error(exc, uri, "probing conditional writes at") from exc
+    finally:
+        try:
+            client.delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001 - an empty probe object left behind costs nothing
+            logging.getLogger(__name__).debug("could not remove the probe %s: %s", uri, exc)
 
 
 def exists(uri: str) -> bool:
