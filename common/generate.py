@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
-from common import chat, models, storage
+from common import chat, models, resources, storage
 from common import manifest as mf
 from common.config import JobConfig
 from common.errors import ConfigError, InputError
@@ -147,6 +147,10 @@ def start_vllm(config: Settings, model: dict[str, Any], *, guided: dict[str, Any
         # Run the engine core in this process: on CPU there is no GPU work to overlap with scheduling, and
         # each spawned engine/worker process re-imports torch and vLLM (measured: 61 s -> 36 s per run).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM binds one OpenMP thread per core it sees: the node's, in a pod with a CPU limit. Name the pod's.
+        ids = resources.capped_cpu_ids()
+        if ids and config.engine_args.tensor_parallel_size == 1:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, ids)))
     # vLLM logs to stdout by default; ftjobs' stdout carries only the manifest URI.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     import vllm
@@ -227,6 +231,8 @@ def start_transformers(config: Settings, model: dict[str, Any], *, seed_by_promp
         for i, d in enumerate(dirs[1:], start=1):  # a sweep's cells: one base in memory, adapters switched
             net.load_adapter(str(d), adapter_name=f"adapter{i}")
     net = net.to("cuda" if gpu else "cpu").eval()
+    if not gpu:
+        resources.limit_torch_threads()  # torch's default is the node's cores
     tok = model["tokenizer"]
     max_len = e.max_model_len or int(getattr(net.config, "max_position_embeddings", 0) or 2048)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common import storage
 from common.errors import AlreadyExistsError, ChecksumError, FtjobsError, InputError, OutputTakenError
@@ -50,6 +50,16 @@ class Artifact(_Frozen):
     sha256: str = Field(description="sha256 of the bytes.")
     bytes: int = Field(description="Size in bytes.")
     rows: int | None = Field(default=None, description="Row count, for tables.")
+
+    @model_validator(mode="after")
+    def _path_stays_under_the_prefix(self) -> Artifact:
+        # Readers join `path` to the manifest's prefix and to local folders (fetch, the retrain workflow's
+        # report): a path that is absolute or climbs out with '..' would read or write outside them.
+        problem = storage.relpath_problem(self.path)
+        if problem:
+            raise ValueError(f"artifact {self.name!r} has path {self.path!r}, which {problem}: artifact paths are "
+                             "plain relative paths under the manifest's folder")
+        return self
 
 
 class InputRef(_Frozen):
@@ -111,7 +121,7 @@ class Loaded:
 
     def resolve(self, artifact: Artifact) -> str:
         """The artifact's location, resolved relative to where the manifest was read."""
-        return storage.join(self.prefix, artifact.path)
+        return storage.join_under(self.prefix, artifact.path)
 
     def artifact_uri(self, name: str) -> str:
         """Where the artifact of that name is (raises InputError naming the manifest when it has none)."""
@@ -217,10 +227,14 @@ def model_block(loaded: Loaded) -> Any:
     try:
         return cls.model_validate(loaded.manifest.model)
     except Exception as exc:  # pydantic's ValidationError, named for the file it came from
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                             for e in getattr(exc, "errors", lambda: [])()) or str(exc)
         raise InputError(f"{loaded.uri}: its model section is not what `{PRODUCER.get(loaded.manifest.stage)}` "
-                         f"writes ({problems}). Re-run that stage with this ftjobs.") from None
+                         f"writes ({_problems(exc)}). Re-run that stage with this ftjobs.") from None
+
+
+def _problems(exc: Exception) -> str:
+    """A pydantic ValidationError as `loc: message; ...` (the exception's text for anything else)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                     for e in getattr(exc, "errors", lambda: [])()) or str(exc)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -295,8 +309,13 @@ class ArtifactWriter:
     artifacts: list[Artifact] = field(default_factory=list)
 
     def rel(self, path: str) -> str:
-        """The path as the manifest records it, relative to the prefix."""
-        return f"{self.base}/{path.strip('/')}" if self.base else path.strip("/")
+        """The path as the manifest records it, relative to the prefix (checked before anything is written)."""
+        rel = f"{self.base}/{path.strip('/')}" if self.base else path.strip("/")
+        problem = storage.relpath_problem(rel)
+        if problem:
+            raise InputError(f"{manifest_uri(self.prefix)} cannot record an artifact at {rel!r}: the path {problem}; "
+                             "artifact paths are plain relative paths. Rename the file (or key) it came from.")
+        return rel
 
     def uri(self, path: str) -> str:
         return storage.join(self.prefix, self.rel(path))
@@ -328,10 +347,14 @@ class ArtifactWriter:
     def add_shared(self, rel: str, name: str, sha256: str, size: int) -> Artifact:
         """Record a file outside the attempt's folder, at `rel` under the prefix, whose bytes are already known
         (train's kept checkpoints, which any attempt of the run may have written and every attempt resumes from)."""
-        return self._record(name, rel, storage.join(self.prefix, rel), sha256, size, None)
+        return self._record(name, rel, storage.join_under(self.prefix, rel), sha256, size, None)
 
     def _record(self, name: str, path: str, uri: str, sha: str, size: int, rows: int | None) -> Artifact:
-        art = Artifact(name=name, path=path, uri=uri, sha256=sha, bytes=size, rows=rows)
+        try:
+            art = Artifact(name=name, path=path, uri=uri, sha256=sha, bytes=size, rows=rows)
+        except ValueError as exc:  # a file or key name that no reader could safely join again
+            raise InputError(f"{manifest_uri(self.prefix)} cannot record {uri}: {_problems(exc)}. Rename the "
+                             "file (or key) it came from.") from None
         self.artifacts = [a for a in self.artifacts if a.name != name] + [art]
         return art
 
@@ -403,7 +426,7 @@ def parse(uri: str, data: bytes) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except Exception as exc:
-        raise InputError(f"{uri} is not a valid ftjobs manifest: {exc}") from None
+        raise InputError(f"{uri} is not a valid ftjobs manifest: {_problems(exc)}") from None
 
 
 def load(
@@ -478,6 +501,11 @@ def verify_artifact(loaded: Loaded, artifact: Artifact, *, full: bool = False) -
 def verify_artifacts(loaded: Loaded, *, full: bool = False) -> None:
     for artifact in loaded.manifest.artifacts:
         verify_artifact(loaded, artifact, full=full)
+
+
+def fetch_into(loaded: Loaded, artifact: Artifact, dest_dir: str | Path) -> Path:
+    """Download an artifact to `dest_dir/<its path>` (never outside `dest_dir`), checked as fetch_artifact does."""
+    return fetch_artifact(loaded, artifact, storage.safe_destination(Path(dest_dir), artifact.path))
 
 
 def fetch_artifact(loaded: Loaded, artifact: Artifact, dest: str | Path) -> Path:

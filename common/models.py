@@ -62,7 +62,8 @@ def resolve(src: str, *, revision: str | None = None, cache_dir: str | Path | No
         dest = cache / (f"s3tok-{key}" if tokenizer_only else f"s3-{key}")
         marker = dest / ".ftjobs-complete"
         if not marker.exists():
-            objects = [o for o in storage.list_objects(src) if not o.rel.startswith(".")]
+            objects = [o for o in storage.list_objects(src)
+                       if not o.rel.startswith(".") and not storage.is_folder_marker(o)]
             if tokenizer_only:
                 objects = [o for o in objects if "/" not in o.rel and is_tokenizer_file(o.rel)]
             if not objects:

@@ -28,7 +28,7 @@ from typing import Any
 
 from common import attempts, storage
 from common import manifest as mf
-from common.errors import AlreadyExistsError, OutputTakenError
+from common.errors import AlreadyExistsError, FtjobsError, OutputTakenError
 
 LOG = logging.getLogger(__name__)
 HOLD_ENV = "FTJOBS_ATTEMPT_HOLD_S"
@@ -136,8 +136,19 @@ def _hold(output: str) -> None:
 
 
 def publish(attempt: Attempt, outcome: Outcome) -> mf.Loaded:
-    """Build the manifest from the outcome and the recorded artifacts; publish it create-only."""
+    """Build the manifest from the outcome and the recorded artifacts; publish it create-only.
+
+    Never a manifest that names missing files: an attempt silent long enough that another one may have
+    removed its folder does not publish, and every artifact is checked to be there with its size first
+    (a retry starts a fresh attempt; its resume caches make that cheap).
+    """
     ident = attempt.identity
+    refused = attempt.heartbeat.safe_to_publish()
+    lost = [] if refused else attempts.missing(ident.output, attempt.writer.artifacts)
+    if refused or lost:
+        why = refused or f"files of attempt {attempt.id} are gone: {'; '.join(lost[:5])}"
+        raise FtjobsError(f"Not publishing {mf.manifest_uri(ident.output)}: {why}. Nothing was published; retry "
+                          "the stage (exit 1) and a fresh attempt redoes the work.")
     timings = dict(outcome.timings)
     timings.setdefault("wall_s", time.monotonic() - attempt.started)
     manifest = mf.build(stage=ident.stage, run_id=outcome.run_id or mf.new_run_id(), config=ident.config,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -108,12 +109,46 @@ def normalize(uri: str) -> str:
 
 
 
+def relpath_problem(rel: str) -> str | None:
+    """Why `rel` is not a plain relative path under a folder or prefix (None when it is one).
+
+    One rule for every key or artifact path joined to a destination: relative, '/'-separated, every
+    segment a name. Refused: empty, absolute ('/x', 'C:x'), backslashes (a separator on Windows runners),
+    empty segments ('a//b', 'a/'), '.' and '..' segments, and control characters.
+    """
+    if not rel:
+        return "is empty"
+    if rel.startswith("/") or (len(rel) > 1 and rel[1] == ":" and rel[0].isalpha()):
+        return "is absolute"
+    if "\\" in rel:
+        return "holds a backslash"
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        return "holds a control character"
+    parts = rel.split("/")
+    if "" in parts:
+        return "has an empty segment ('//' or a trailing '/')"
+    if ".." in parts:
+        return "climbs out of its folder with '..'"
+    if "." in parts:
+        return "has a '.' segment"
+    return None
+
+
+def join_under(base: str, rel: str) -> str:
+    """`base/rel` for a URI or local path, refusing a `rel` that is not a plain relative path (exit 3)."""
+    problem = relpath_problem(rel)
+    if problem:
+        raise InputError(f"Refusing path {rel!r} under {base}: it {problem}; only plain relative paths are joined.")
+    return f"{base.rstrip('/')}/{rel}"
+
+
 def safe_destination(dest_dir: Path, rel: str) -> Path:
     """Where a key `rel` lands inside `dest_dir`; refuses keys that would escape it."""
-    pure = PurePosixPath(rel)
-    if rel.startswith("/") or pure.is_absolute() or ".." in pure.parts or "\\" in rel or not rel:
-        raise InputError(f"Refusing object key {rel!r}: it would escape the destination folder {dest_dir}")
-    target = (dest_dir / Path(*pure.parts)).resolve()
+    problem = relpath_problem(rel)
+    if problem:
+        raise InputError(f"Refusing object key {rel!r}: it {problem}, so it could land outside the destination "
+                         f"folder {dest_dir}")
+    target = (dest_dir / Path(*PurePosixPath(rel).parts)).resolve()
     root = dest_dir.resolve()
     if target != root and root not in target.parents:
         raise InputError(f"Refusing object key {rel!r}: it resolves outside {dest_dir}")
@@ -232,9 +267,11 @@ def check_writable(prefix: str) -> None:
 
     A mistyped volume path or a read-only root in a pod would otherwise surface only at the first
     upload, after the whole job ran. Folders created for the probe are removed again. S3 prefixes are
-    not probed: a write needs no bucket-level permission, and a missing bucket is named at the first write.
+    not probed for permissions (a write needs no bucket-level permission, and a missing bucket is named at the
+    first write), but for conditional writes: a store that ignores them is refused here, before any work.
     """
     if is_s3(prefix):
+        check_conditional_writes(join(prefix, "manifest.json"))
         return
     path = local_path(prefix)
     top = path
@@ -296,6 +333,7 @@ def put_if_absent(uri: str, data: bytes) -> None:
     """
     if is_s3(uri):
         bucket, key = split_s3(uri)
+        check_conditional_writes(uri)
         try:
             s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except Exception as exc:
@@ -311,6 +349,63 @@ def put_if_absent(uri: str, data: bytes) -> None:
         raise AlreadyExistsError(f"{uri} already exists (create-only write refused)") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# Stores that ignore `If-None-Match: *` (some S3-compatible servers and gateways) would let a second writer
+# overwrite a manifest silently. The first create-only write to a store in a process probes it; the verdict
+# is kept per (endpoint, bucket). Local folders need no probe: the hard link is create-only by the kernel.
+UNSAFE_STORE_ENV = "FTJOBS_ALLOW_UNSAFE_STORE"
+PROBE_FOLDER = ".ftjobs-probe"
+_probe_lock = threading.Lock()
+_probed: dict[tuple[str | None, str], bool] = {}  # (endpoint, bucket) -> honours conditional writes
+
+
+def check_conditional_writes(uri: str) -> None:
+    """Refuse (exit 2) a store that accepts a second create-only write of one key, unless the user accepted the
+    risk with FTJOBS_ALLOW_UNSAFE_STORE=1. Probed once per store and process, next to `uri` (where this job
+    may write anyway), with an empty object that is removed again."""
+    bucket, key = split_s3(uri)
+    store = (endpoint_url(), bucket)
+    with _probe_lock:
+        if store not in _probed:
+            _probed[store] = _probe(bucket, f"{key.rsplit('/', 1)[0] + '/' if '/' in key else ''}{PROBE_FOLDER}/"
+                                            f"{os.getpid()}-{os.urandom(6).hex()}")
+        honoured = _probed[store]
+    if honoured:
+        return
+    where = f"bucket {bucket!r} at {store[0] or 'AWS S3'}"
+    if os.environ.get(UNSAFE_STORE_ENV, "").lower() in ("1", "true", "yes"):
+        logging.getLogger(__name__).warning(
+            "%s ignores conditional writes; %s=1 accepts the risk: two attempts that publish at once may "
+            "overwrite each other's manifest", where, UNSAFE_STORE_ENV)
+        return
+    raise ConfigError(
+        f"The object store ({where}) ignores conditional writes: a second create-only write (If-None-Match: *) "
+        "to one key was accepted instead of refused with 412. ftjobs relies on it so that no published manifest "
+        "is ever overwritten by another attempt. Use a store that supports conditional writes, or set "
+        f"{UNSAFE_STORE_ENV}=1 to run anyway and accept that risk (docs/storage.md).")
+
+
+def _probe(bucket: str, key: str) -> bool:
+    """Two create-only writes of one new key: True when the second is refused."""
+    client = s3_client()
+    uri = f"s3://{bucket}/{key}"
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
+    except Exception as exc:
+        raise _s3_error(exc, uri, "probing conditional writes at") from exc
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
+        return False
+    except Exception as exc:
+        if _error_code(exc) in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
+            return True
+        raise _s3_error(exc, uri, "probing conditional writes at") from exc
+    finally:
+        try:
+            client.delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001 - an empty probe object left behind costs nothing
+            logging.getLogger(__name__).debug("could not remove the probe %s: %s", uri, exc)
 
 
 def exists(uri: str) -> bool:
@@ -358,6 +453,12 @@ def delete_prefix(uri: str) -> int:
     else:
         shutil.rmtree(local_path(uri), ignore_errors=True)
     return len(objects)
+
+
+def is_folder_marker(obj: ObjectInfo) -> bool:
+    """An empty S3 key naming a folder (the listed prefix itself, or a key ending in '/'), as the AWS console and
+    some sync tools create: no file to download."""
+    return obj.size == 0 and (obj.rel == "" or obj.rel.endswith("/"))
 
 
 def list_objects(prefix: str) -> list[ObjectInfo]:
@@ -517,10 +618,10 @@ def download_dir(uri: str, dest_dir: str | Path, workers: int = FILE_WORKERS) ->
     """Download every object under prefix `uri` into `dest_dir`, files in parallel.
 
     Keys that would land outside `dest_dir` (`..`, absolute keys) are refused
-    before anything is written.
+    before anything is written; empty folder markers (`sub/`) are skipped.
     """
     dest = Path(dest_dir)
-    objects = list_objects(uri)
+    objects = [o for o in list_objects(uri) if not is_folder_marker(o)]
     targets = [(o, safe_destination(dest, o.rel)) for o in objects]
 
     def one(item: tuple[ObjectInfo, Path]) -> Transferred:

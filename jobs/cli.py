@@ -100,21 +100,30 @@ def show(uri: str, as_json: bool, verify: str) -> None:
 @main.command()
 @click.argument("prefix")
 @click.option("--apply", is_flag=True, help="Remove the files (without it: only list them).")
-def gc(prefix: str, apply: bool) -> None:
+@click.option("--unpublish-broken", is_flag=True,
+              help="Instead: move aside a manifest that names files that are not there (an output stuck with "
+                   "exit 3), so the next run publishes there. A manifest whose files are all there is never moved. "
+                   "See docs/attempts.md.")
+def gc(prefix: str, apply: bool, unpublish_broken: bool) -> None:
     """List (or, with --apply, remove) what no manifest at PREFIX names: earlier attempts' files.
 
     PREFIX is a stage's output. With a manifest there, whatever it does not name in the folders ftjobs
     writes (attempts/, checkpoints/, shards/) goes: losers', zombies' and resume files. Without one, only
-    the folders of attempts that are gone; a live attempt's files and resume files stay. A published file
-    is never removed. Every later run at the prefix does the same on its own.
+    the folders of attempts that are over (ended, their process gone, or silent for
+    FTJOBS_ATTEMPT_REMOVE_AFTER_S, 4x the staleness limit); other attempts' files and resume files stay.
+    A published file is never removed. Every later run at the prefix does the same on its own.
     """
     from common import attempts, storage
 
+    if unpublish_broken:
+        click.echo(attempts.unpublish_broken(storage.normalize(prefix).rstrip("/"), dry_run=not apply)
+                   + ("" if apply else "; --apply does it"), err=True)
+        return
     found = attempts.collect(storage.normalize(prefix).rstrip("/"), dry_run=not apply)
     for obj in found.removed:
         click.echo(f"{'removed' if apply else 'would remove'}  {obj.size:>12,} B  {obj.rel}")
     what = "published run: keeping what its manifest names" if found.published else "no manifest yet"
-    live = f"; live attempts left alone: {', '.join(found.kept_live)}" if found.kept_live else ""
+    live = f"; attempts that may still publish left alone: {', '.join(found.kept_live)}" if found.kept_live else ""
     click.echo(f"{len(found.removed)} file(s), {found.bytes:,} bytes {'removed' if apply else 'to remove'} "
                f"({what}{live}){'' if apply or not found.removed else '; --apply removes them'}", err=True)
 

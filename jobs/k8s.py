@@ -209,6 +209,10 @@ def render_job(docs: list[dict[str, Any]], stage: str, run_id: str, stage_args: 
     if not RUN_ID_RE.match(run_id):
         raise ConfigError(f"--run-id {run_id!r}: use 1-63 letters, digits, '.', '_' or '-', starting and ending "
                           "with a letter or digit (it becomes a label value and part of the Job name).")
+    if tag is not None and not RUN_ID_RE.match(tag):  # it names the output prefix too: no '/', no '..'
+        raise ConfigError(f"--tag {tag!r}: use 1-63 letters, digits, '.', '_' or '-', starting and ending with a "
+                          "letter or digit, as for --run-id (it becomes part of a label, the Job name and the "
+                          "output prefix).")
     if shards < 1 or (shards > 1 and stage != "infer"):
         raise ConfigError(f"--shards {shards}: only infer is sharded (an Indexed Job), and shards must be >= 1.")
     args = list(stage_args)
@@ -331,7 +335,7 @@ def render_multinode(docs: list[dict[str, Any]], run_id: str, stage_args: list[s
     meta["annotations"].update({"ftjobs.dev/nodes": str(nodes), "ftjobs.dev/processes-per-node": str(procs)})
 
     if engine == "jobset":
-        return [_jobset(job, nodes)], output
+        return [*_rank_network_policy(job, nodes), _jobset(job, nodes)], output
     if nodes == 1:
         return [job], output
     retries = spec.pop("backoffLimit", 4)
@@ -351,7 +355,29 @@ def render_multinode(docs: list[dict[str, Any]], run_id: str, stage_args: list[s
                  "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT,
                             "protocol": "TCP"}]},
     }
-    return [service, job], output
+    return [*_rank_network_policy(job, nodes), service, job], output
+
+
+def _rank_network_policy(job: dict[str, Any], nodes: int) -> list[dict[str, Any]]:
+    """Several pods: a NetworkPolicy that admits to the run's training pods (the rendezvous port 29500 and the
+    ports gloo/NCCL open between ranks, which are ephemeral) only the same run's training pods.
+
+    Selected by the run and step labels every pod of the run carries (JobSet's too). Labels are what a
+    NetworkPolicy can select on, so the boundary is the namespace: whoever may create pods there may label one
+    alike (docs/kubernetes-security.md). Egress is left open: the pods need the object store.
+    """
+    if nodes < 2:
+        return []
+    meta = job["metadata"]
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    selector = {"matchLabels": {k: pod_labels[k] for k in (RUN_LABEL, STEP_LABEL)}}
+    return [{
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": meta["name"], **({"namespace": meta["namespace"]} if meta.get("namespace") else {}),
+                     "labels": dict(meta["labels"]), "annotations": {"ftjobs.dev/job": meta["name"]}},
+        "spec": {"podSelector": selector, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": copy.deepcopy(selector)}]}]},
+    }]
 
 
 def _jobset(job: dict[str, Any], nodes: int) -> dict[str, Any]:
@@ -513,7 +539,7 @@ class Submission:
         return job, output
 
     def create(self, job: dict[str, Any]) -> bool:
-        """Create what the Job needs first (a multi-node train's headless Service), then the Job."""
+        """Create what the Job needs first (a multi-node train's NetworkPolicy and headless Service), then the Job."""
         for obj in self.companions.get(job["metadata"]["name"], []):
             self.kube.create(obj)  # False: it exists already (a re-run of submit)
         return self.kube.create(job)
@@ -610,7 +636,8 @@ def _multinode_options(fn: Any) -> Any:
 @_multinode_options
 @click.option("--setup", is_flag=True, help="Print the shared objects (Namespace, ConfigMap, ServiceAccount) instead.")
 @click.option("--sweep-driver", is_flag=True, help="Print the in-cluster driver of a sweep instead (needs --sweep, "
-                                                   "--sweep-id): ConfigMap, ServiceAccount, Role, RoleBinding, Job.")
+                                                   "--sweep-id): ConfigMap, ServiceAccount, Role, RoleBinding, Job, "
+                                                   "ValidatingAdmissionPolicy + binding.")
 @click.option("--sweep", "sweep_file", metavar="FILE", help="With --sweep-driver: the sweep file.")
 @click.option("--sweep-id", metavar="ID", help="With --sweep-driver: the sweep id its Jobs and outputs carry.")
 @_common_options

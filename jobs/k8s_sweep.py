@@ -12,8 +12,9 @@ no others; the final evaluate ranks the finished cells. Outputs go to `<FTJOBS_R
 
 `render --sweep-driver` prints the objects that run that same `submit` inside the cluster, so a sweep
 outlives the laptop or CI runner that started it: a ConfigMap with the sweep file, the images and the
-rendered Job templates; a ServiceAccount with a namespaced Role that may create, get, list and watch Jobs
-and nothing else; and a driver Job (PSS restricted, like every ftjobs pod) on the prepare image. The driver
+rendered Job templates (never a Secret); a ServiceAccount with a namespaced Role that may create, get, list and
+watch Jobs and nothing else; a driver Job (PSS restricted, like every ftjobs pod) on the prepare image; and a
+ValidatingAdmissionPolicy with its binding that admits only driver-made Jobs running as the `ftjobs` account. The driver
 holds no state: killed and restarted, it finds every finished step through the manifests and follows Jobs
 that exist.
 """
@@ -163,6 +164,17 @@ def wait_one(sub: k8s.Submission, name: str, inst: sweep.Instance) -> None:
 
 # --------------------------------------------------------------------------- the driver Job
 
+# What the driver's ConfigMap may carry from the kustomization: the Job templates and the plain settings
+# (ftjobs-store: where runs live). Never a Secret: anyone who may read ConfigMaps (the stock `view` role) would
+# read its keys. The templates reference the Secret by name (envFrom secretRef), which is all a Job needs.
+DRIVER_TEMPLATE_KINDS = ("Job", "ConfigMap")
+
+
+def driver_templates(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The kustomization's objects the driver needs to render its Jobs: an allow-list, so a new kind an overlay
+    adds (a Secret, a token, a kubeconfig) stays out of the ConfigMap unless named here."""
+    return [d for d in docs if d.get("kind") in DRIVER_TEMPLATE_KINDS]
+
 
 def render_driver(docs: list[dict[str, Any]], sweep_file: str, sweep_id: str, images: dict[str, str],
                   queue: str | None, namespace: str | None, shards: int) -> list[dict[str, Any]]:
@@ -183,7 +195,7 @@ def render_driver(docs: list[dict[str, Any]], sweep_file: str, sweep_id: str, im
         return {"name": kind_name, "labels": dict(labels), **({"namespace": ns} if ns else {})}
 
     files = {"sweep.yaml": yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False),
-             "images.json": json.dumps(images, indent=2), "templates.yaml": k8s.dump_yaml(docs)}
+             "images.json": json.dumps(images, indent=2), "templates.yaml": k8s.dump_yaml(driver_templates(docs))}
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(name), "data": files}
     account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(DRIVER),
                "automountServiceAccountToken": True}
@@ -222,4 +234,47 @@ def render_driver(docs: list[dict[str, Any]], sweep_file: str, sweep_id: str, im
                          *(["--namespace", ns] if ns else [])]
     container["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": "1Gi"},
                               "limits": {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "1Gi"}}
-    return [config_map, account, role, binding, job]
+    return [config_map, account, role, binding, job, *driver_admission()]
+
+
+# RBAC grants verbs on resources, never a say over what a created object holds: a Role that may create Jobs may
+# create one whose pods run as any ServiceAccount of the namespace (and so use its token and its cloud identity).
+# These cluster-scoped objects close that for the driver: a Job it creates or changes must run as the stage
+# account (`ftjobs`, no API token). They are the same for every sweep and every namespace (the driver's account
+# is matched in the namespace of the request), so applying them again changes nothing; applying them needs
+# cluster-scope rights (docs/kubernetes-security.md).
+STAGE_ACCOUNT = "ftjobs"
+ADMISSION_POLICY = "ftjobs-sweep-driver-jobs"
+
+
+def driver_admission() -> list[dict[str, Any]]:
+    """A ValidatingAdmissionPolicy (admissionregistration.k8s.io/v1, GA in Kubernetes 1.30) and its binding."""
+    labels = {"app.kubernetes.io/part-of": "ftjobs", "app.kubernetes.io/name": DRIVER}
+    pod = "object.spec.template.spec"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": ADMISSION_POLICY, "labels": dict(labels)},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{"apiGroups": ["batch"], "apiVersions": ["*"],
+                                                    "operations": ["CREATE", "UPDATE"], "resources": ["jobs"]}]},
+            "matchConditions": [{"name": "made-by-the-sweep-driver", "expression":
+                                 f"request.userInfo.username == 'system:serviceaccount:' + request.namespace + "
+                                 f"':{DRIVER}'"}],
+            "validations": [
+                {"expression": f"has({pod}.serviceAccountName) && {pod}.serviceAccountName == '{STAGE_ACCOUNT}'",
+                 "message": f"the sweep driver may only create Jobs whose pods run as ServiceAccount "
+                            f"{STAGE_ACCOUNT}"},
+                {"expression": f"has({pod}.automountServiceAccountToken) && "
+                               f"{pod}.automountServiceAccountToken == false",
+                 "message": "the sweep driver's Jobs may not mount an API token (automountServiceAccountToken: "
+                            "false)"},
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": ADMISSION_POLICY, "labels": dict(labels)},
+        "spec": {"policyName": ADMISSION_POLICY, "validationActions": ["Deny"]},
+    }
+    return [policy, binding]

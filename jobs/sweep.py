@@ -64,6 +64,7 @@ from common.errors import (
     InputError,
     Preempted,
 )
+from common.resources import available_cpus
 from common.runner import config_options, execute, exit_code
 from jobs import chain
 from jobs.pipeline import STOP_MARGIN_S, absolute, step_result
@@ -372,7 +373,7 @@ class Runner:
         self.config, self.prefix, self.conf_dir, self.logs = config, prefix, conf_dir, logs
         self.resolved = resolved  # (cell id, step name) -> the step's resolved stage config
         self.received: list[int] = []
-        self.threads = max(1, (os.cpu_count() or 1) // config.max_parallel)
+        self.threads = max(1, available_cpus() // config.max_parallel)  # the pod's CPUs, not the node's
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -2,7 +2,8 @@
 
 It forwards requests to an upstream (the S3 test server) and, for the first
 requests matching a rule, answers 503 or drops the connection without a
-response, the way a flaky load balancer does. It also records what went over the wire (headers and
+response, the way a flaky load balancer does; it can also drop chosen headers (a
+store that ignores them). It also records what went over the wire (headers and
 status of every forwarded request). Runs on loopback only.
 """
 
@@ -30,6 +31,9 @@ class FaultProxy:
         self.match = ""  # only requests whose path contains this are faulted
         self.seen: list[tuple[str, str, str]] = []  # (method, path, outcome)
         self.exchanges: list[Exchange] = []  # every forwarded request's headers and the upstream's status
+        # Headers dropped before forwarding (lower case): {"if-none-match"} makes the upstream behave like a
+        # store that ignores conditional writes.
+        self.strip_headers: set[str] = set()
         self.lock = threading.Lock()
         proxy = self
 
@@ -59,7 +63,8 @@ class FaultProxy:
                     self.wfile.write(payload)
                     return
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() != "host" and k.lower() not in proxy.strip_headers}
                 headers["Host"] = f"{proxy.upstream.hostname}:{proxy.upstream.port}"
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
@@ -70,7 +75,9 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD answer has no body but the size of the object: pass the upstream's on
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -8,6 +8,7 @@ data URI, so the page is a single file with no external requests.
 from __future__ import annotations
 
 import base64
+import html
 import io
 from typing import Any
 
@@ -57,11 +58,22 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def md_text(text: Any) -> str:
+    """Arbitrary text (a prompt, a label, a note) shown as text in Markdown: `&`, `<`, `>` as entities, so a
+    renderer that passes HTML through (GitHub, most viewers) shows `<script>` instead of running or hiding it."""
+    return html.escape("" if text is None else str(text), quote=False)
+
+
 def cell(text: Any, limit: int = 160) -> str:
-    """A Markdown table cell: cut to `limit` characters, pipes escaped, line breaks as <br>."""
+    """A Markdown table cell: cut to `limit` characters, HTML escaped, pipes escaped, line breaks as <br>."""
     s = "" if text is None else str(text)
     s = s if len(s) <= limit else s[: limit - 1] + "…"
-    return s.replace("|", "\\|").replace("\n", "<br>")
+    return md_text(s).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def md_code(text: Any) -> str:
+    """A value shown as inline code (a URI, a model id): one line, no backtick that could end the span."""
+    return "`" + " ".join(("" if text is None else str(text)).replace("`", "'").split()) + "`"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -85,13 +97,16 @@ def _common(report: dict[str, Any]) -> dict[str, Any]:
 
 def template(name: str) -> Any:
     """A template from jobs/evaluate/templates. The HTML one escapes every value it is given (prompts,
-    completions and labels are arbitrary text); the Markdown one escapes only table cells (`cell`)."""
+    completions and labels are arbitrary text); the Markdown one escapes each value by where it goes: table
+    cells with `cell`, prose with `md`, inline code with `code`."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("jobs.evaluate", "templates"),
                              autoescape=name.endswith(".html.jinja"), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["cell"] = cell
+    env.filters["md"] = md_text
+    env.filters["code"] = md_code
     env.filters["text"] = lambda v: "" if v is None else str(v)
     env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
     return env.get_template(name)

@@ -4,13 +4,12 @@ prompt rows (prepare manifest or a Parquet/JSONL file), and the chat-template ch
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from common import chat, data, models, storage
+from common import chat, data, models, rawinputs, storage
 from common import manifest as mf
 from common.config import JobConfig
 from common.errors import ConfigError, InputError
@@ -46,11 +45,8 @@ def load_model_input(src: str) -> mf.Loaded | None:
 def load_prompts_input(src: str) -> mf.Loaded | mf.InputRef:
     name = src.lower().rstrip("/")
     if name.endswith((".parquet", ".jsonl")):
-        try:
-            digest = storage.sha256_uri(src)
-        except (FileNotFoundError, IsADirectoryError):
-            raise InputError(f"Prompts file {src} does not exist") from None
-        return mf.InputRef(uri=src, sha256=digest, stage=None, role="data")
+        # hashed as it is fetched; load_rows parses that same copy (common/rawinputs.py)
+        return mf.InputRef(uri=src, sha256=rawinputs.fetch(src, "Prompts file").sha256, stage=None, role="data")
     if name.endswith(".json") and not name.endswith(mf.MANIFEST_NAME):
         raise ConfigError(f"Prompts file {src}: use JSON Lines (.jsonl), one object per line, or Parquet")
     return mf.load(src, expect_stage="prepare")
@@ -140,12 +136,8 @@ def load_rows(config: Config, prompts_in: mf.Loaded | mf.InputRef) -> list[dict[
         cols, where = Columns(), prompts_in.uri
     else:
         where = prompts_in.uri
-        with tempfile.TemporaryDirectory() as tmp:
-            local = storage.open_local(where, tmp)
-            if where.lower().endswith(".parquet"):
-                raw = read_parquet(local, where)
-            else:
-                raw = read_jsonl(local, where)
+        local = rawinputs.local_copy(where, prompts_in.sha256, "Prompts file")  # the bytes its sha256 came from
+        raw = read_parquet(local, where) if where.lower().endswith(".parquet") else read_jsonl(local, where)
         cols = config.columns
     if raw and cols.messages not in raw[0] and cols.prompt not in raw[0]:
         raise InputError(f"{where} has neither a {cols.messages!r} nor a {cols.prompt!r} column (has: "

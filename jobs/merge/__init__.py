@@ -309,6 +309,10 @@ def _device(config: Config) -> str:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda, but no CUDA device is visible; use device: cpu or auto")
+    if device == "cpu":
+        from common.resources import limit_torch_threads
+
+        limit_torch_threads()  # torch's default is the node's cores, not the pod's CPU limit
     return device
 
 

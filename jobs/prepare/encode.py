@@ -33,9 +33,11 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def default_workers() -> int:
-    """Tokenizing processes when the config sets none: the CPUs this process may run on."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return int(n or 1)
+    """Tokenizing processes when the config sets none: the CPUs this process may use (the pod's CPU limit,
+    not the node's cores)."""
+    from common.resources import available_cpus
+
+    return available_cpus()
 
 
 # Tokenizer classes that name the generic Rust-backed tokenizer (transformers 5 calls it TokenizersBackend).

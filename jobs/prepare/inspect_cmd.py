@@ -17,6 +17,7 @@ writes one self-contained page (no scripts, no external files).
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -136,14 +137,28 @@ def segments(row: dict[str, Any], tokenizer: Any) -> list[tuple[str, bool, int |
     return [(p, lab != IGNORE, t) for p, lab, t in zip(token_pieces(tokenizer, ids), labels, ids, strict=True)]
 
 
+# What row text must not send to a terminal: C0 controls but newline and tab (ESC starts colour, cursor and
+# title sequences; CR and BS overwrite what was shown), DEL, C1 controls (0x9b is a one-byte CSI) and the
+# bidirectional overrides that make text read other than it is.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: Any) -> str:
+    """Row text for a terminal: every control character shown as a visible escape (`\\x1b`), never obeyed."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
+                       "" if text is None else str(text))
+
+
 def render_text(row: dict[str, Any], segs: list[tuple[str, bool, int | None]], *, tokens: bool, color: bool) -> str:
-    head = f"── row {row.get('id', '')[:12]}  split={row.get('split')}  source={row.get('source')}"
+    """One row for the terminal; its text made terminal_safe before any colour of ours is added."""
+    head = terminal_safe(f"── row {row.get('id', '')[:12]}  split={row.get('split')}  source={row.get('source')}")
     if row.get("num_tokens") is not None:
         head += f"  tokens={row['num_tokens']} trainable={row['num_trainable']}"
     out = [head, *tool_lines(row), ""]
     body = []
     prev_trained = False
     for i, (text, trained, _) in enumerate(segs):
+        text = terminal_safe(text)
         shown = text.replace("\n", "↵\n") if tokens else text
         if color:
             style = GREEN if trained else DIM
@@ -171,7 +186,8 @@ def tool_lines(row: dict[str, Any]) -> list[str]:
     for tool in tools_of(row.get("tools")) or []:
         fn = tool.get("function", {})
         params = ", ".join((fn.get("parameters") or {}).get("properties") or {})
-        out.append(f"   tool {fn.get('name')}({params})" + (f": {fn['description']}" if fn.get("description") else ""))
+        out.append(terminal_safe(f"   tool {fn.get('name')}({params})"
+                                 + (f": {fn['description']}" if fn.get("description") else "")))
     return out
 
 
@@ -287,7 +303,7 @@ def command(uri: str, split: str, n: int, tokens: bool, tokenizer: str | None, h
     if hist:
         click.echo(hist)
     for line in count_lines(stats):
-        click.echo(line)
+        click.echo(terminal_safe(line))  # ignored keys are the data's own names
     if html_file:
         try:
             Path(html_file).write_text(render_html(f"ftjobs inspect {uri} ({split})", rows, all_segs, stats),

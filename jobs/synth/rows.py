@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from common import data, storage
+from common import data, rawinputs
 from common import manifest as mf
 from common.errors import ConfigError, InputError
 from common.judge import first_json_object
@@ -219,10 +218,8 @@ def seed_input(src: str) -> mf.Loaded | mf.InputRef:
     """A prepare manifest, or a JSONL/Parquet file (its sha256 read now: it is part of the run's identity)."""
     name = src.lower().rstrip("/")
     if name.endswith((".jsonl", ".parquet")):
-        try:
-            return mf.InputRef(uri=src, sha256=storage.sha256_uri(src), stage=None, role="seeds")
-        except (FileNotFoundError, IsADirectoryError):
-            raise InputError(f"Seeds file {src} does not exist") from None
+        # hashed as it is fetched; _records parses that same copy (common/rawinputs.py)
+        return mf.InputRef(uri=src, sha256=rawinputs.fetch(src, "Seeds file").sha256, stage=None, role="seeds")
     if name.endswith((".json", ".csv", ".tsv", ".gz")) and not name.endswith(mf.MANIFEST_NAME):
         raise ConfigError(f"Seeds {src}: synth reads JSON Lines (.jsonl) or Parquet with `messages` or "
                           "`prompt`/`completion`, or a prepare manifest. For other formats run `ftjobs prepare "
@@ -259,11 +256,10 @@ def _records(given: mf.Loaded | mf.InputRef, split: str) -> list[tuple[str, Any]
             out.append((f"{given.uri} row {i}", {"messages": [{"role": m["role"], "content": m["content"]}
                                                               for m in r["messages"]]}))
         return out
-    with tempfile.TemporaryDirectory() as tmp:
-        local = storage.open_local(given.uri, tmp)
-        if given.uri.lower().endswith(".parquet"):
-            return _parquet(local, given.uri)
-        return _jsonl(local, given.uri)
+    local = rawinputs.local_copy(given.uri, given.sha256, "Seeds file")  # the bytes its sha256 came from
+    if given.uri.lower().endswith(".parquet"):
+        return _parquet(local, given.uri)
+    return _jsonl(local, given.uri)
 
 
 def _parquet(local: Path, where: str) -> list[tuple[str, Any]]:

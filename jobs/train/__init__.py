@@ -488,6 +488,10 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
 
     timings: dict[str, float] = {}
     cuda = torch.cuda.is_available()
+    if not cuda:
+        from common.resources import limit_torch_threads
+
+        limit_torch_threads()  # torch's default is the node's cores, not the pod's CPU limit
     accelerator = Accelerator(cpu=not cuda)
     torch.manual_seed(config.seed)
     random.seed(config.seed)

@@ -66,3 +66,48 @@ def test_the_boto3_floor_has_conditional_writes_and_the_client_options_storage_s
     put = botocore.session.get_session().get_service_model("s3").operation_model("PutObject")
     assert "IfNoneMatch" in put.input_shape.members
     Config(request_checksum_calculation="when_required", response_checksum_validation="when_required")
+
+
+def _publish_through(proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch, prefix: str) -> object:
+    """`ftjobs`'s publish of a small manifest with the store behind `proxy`; what the CLI exits with for it."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", proxy.url)
+    storage._clients.clear()
+    storage._probed.clear()
+    data = storage.join(prefix, "rows.jsonl").replace("/prepare", "/raw")
+    storage.write_bytes(data, b'{"prompt": "q", "completion": "a"}\n')
+    return CliRunner().invoke(main, ["--log-format", "text", "prepare", "--source", data, "--output", prefix,
+                                     "--set", "eval_fraction=0"])
+
+
+@pytest.mark.integration
+def test_a_store_that_ignores_conditional_writes_is_refused_unless_the_risk_is_accepted(
+        s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = f"s3://{TEST_BUCKET}/conditional/{uuid.uuid4().hex[:12]}"
+    try:
+        with FaultProxy(s3_endpoint) as proxy:
+            proxy.strip_headers = {"if-none-match"}  # a gateway that drops the header: every write goes through
+            refused = _publish_through(proxy, monkeypatch, f"{root}/a/prepare")
+            assert refused.exit_code == 2, refused.output
+            assert f"bucket '{TEST_BUCKET}' at {proxy.url}" in refused.output
+            assert "ignores conditional writes" in refused.output and "FTJOBS_ALLOW_UNSAFE_STORE=1" in refused.output
+            assert storage.list_objects(f"{root}/a/prepare") == []  # refused before any work, nothing written
+            probes = [o.rel for o in storage.list_objects(root) if storage.PROBE_FOLDER in o.rel]
+            assert probes == []  # the probe cleans up after itself
+            monkeypatch.setenv(storage.UNSAFE_STORE_ENV, "1")
+            accepted = _publish_through(proxy, monkeypatch, f"{root}/b/prepare")
+            assert accepted.exit_code == 0, accepted.output
+            assert "ignores conditional writes" in accepted.output  # said, not hidden
+            monkeypatch.delenv(storage.UNSAFE_STORE_ENV)
+        with FaultProxy(s3_endpoint) as honest:  # the real server, headers intact: probed once, passes
+            ok = _publish_through(honest, monkeypatch, f"{root}/c/prepare")
+            assert ok.exit_code == 0, ok.output
+            storage.put_if_absent(f"{root}/c/other.json", b"{}")  # cached: no second probe
+            probe_puts = [x for x in honest.exchanges if x.method == "PUT" and storage.PROBE_FOLDER in x.path]
+            assert [x.status for x in probe_puts] == [200, 412]
+    finally:
+        storage._clients.clear()
+        storage._probed.clear()

@@ -69,3 +69,21 @@ def test_hub_failures_split_permanent_from_transient(monkeypatch: pytest.MonkeyP
     assert "There is no local folder demo/base-modl either" in str(down)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline by choice: a retry cannot help
     assert isinstance(models.hub_error(ConnectionError("offline"), "model", "a/b"), InputError)
+
+
+def test_s3_folder_markers_do_not_break_a_model_download(tiny_model: Path, s3_root: str, tmp_path: Path) -> None:
+    """The AWS console's "Create folder" and some sync tools leave empty keys named like folders (`model/`,
+    `model/sub/`) beside the files: a download skips them and gets the same model as without them."""
+    from common import storage
+
+    src = storage.join(s3_root, "model")
+    storage.upload_dir(tiny_model, src)
+    bucket, key = storage.split_s3(src)
+    for marker in (f"{key}/", f"{key}/extra/"):
+        storage.s3_client().put_object(Bucket=bucket, Key=marker, Body=b"")
+    ref = models.resolve(src, cache_dir=tmp_path / "cache")
+    assert ref.revision == models.resolve(str(tiny_model)).revision
+    tok = models.resolve(src, cache_dir=tmp_path / "cache", tokenizer_only=True)
+    assert (tok.path / "tokenizer_config.json").is_file()
+    assert [t.rel for t in storage.download_dir(src, tmp_path / "plain")] == sorted(
+        p.relative_to(tiny_model).as_posix() for p in tiny_model.rglob("*") if p.is_file())

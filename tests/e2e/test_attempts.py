@@ -130,16 +130,21 @@ def test_gc_without_a_manifest_leaves_live_attempts_and_resume_files_alone(tmp_p
     out = str(tmp_path / "train")
     storage.write_bytes(f"{out}/checkpoints/step-00000001/state.json", b"{}")
     storage.write_bytes(f"{out}/attempts/dead/adapter/a.bin", b"x")  # no record: its attempt is gone
-    stale = {"attempt": "old", "host": "elsewhere", "pid": 1, "heartbeat_at": time.time() - attempts.STALE_S - 1}
-    storage.write_bytes(f"{out}/attempts/old/attempt.json", storage.json_bytes(stale))
+    over = {"attempt": "old", "host": "elsewhere", "pid": 1, "heartbeat_at": time.time() - attempts.REMOVE_AFTER_S - 1}
+    storage.write_bytes(f"{out}/attempts/old/attempt.json", storage.json_bytes(over))
     storage.write_bytes(f"{out}/attempts/old/adapter/a.bin", b"x")
+    # stale (nobody waits for it) but not over: it may be paused and come back to publish its files
+    stale = {"attempt": "quiet", "host": "elsewhere", "pid": 1, "heartbeat_at": time.time() - attempts.STALE_S - 1}
+    storage.write_bytes(f"{out}/attempts/quiet/attempt.json", storage.json_bytes(stale))
+    storage.write_bytes(f"{out}/attempts/quiet/adapter/a.bin", b"x")
     with attempts.Heartbeat(out, "live", "train"):
         storage.write_bytes(f"{out}/attempts/live/adapter/a.bin", b"x")
         found = attempts.collect(out, dry_run=False)
         assert sorted(o.rel for o in found.removed) == ["attempts/dead/adapter/a.bin", "attempts/old/adapter/a.bin",
                                                        "attempts/old/attempt.json"]
-        assert found.kept_live == ["live"] and not found.published
+        assert found.kept_live == ["live", "quiet"] and not found.published
         assert storage.exists(f"{out}/attempts/live/adapter/a.bin")
+        assert storage.exists(f"{out}/attempts/quiet/adapter/a.bin")
     assert storage.exists(f"{out}/checkpoints/step-00000001/state.json")
     assert not storage.exists(f"{out}/attempts/live/attempt.json")  # an ended attempt takes its record away
 

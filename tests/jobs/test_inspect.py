@@ -145,3 +145,20 @@ def test_weights_show_in_the_rows_and_the_turn_counts_and_ignored_keys_under_the
     assert "ignored keys: metadata (1 row)" in res.output
     shown = html.unescape(re.sub(r"<[^>]+>", " ", page.read_text()))
     assert "assistant turns: weight 0 (context only)" in shown and "ignored key: metadata" in shown
+
+
+def test_row_text_cannot_drive_the_terminal(tmp_path: Path):
+    """Escape sequences in row text (clear screen, set the title, recolour, CR overwrite, one-byte CSI, a bidi
+    override) print as visible escapes, and only inspect's own colours reach the terminal."""
+    evil = "hi\x1b[2J\x1b]0;pwned\x07\r\x9b31mred\u202eevil"
+    rows = [{"messages": [{"role": "user", "content": evil}, {"role": "assistant", "content": f"ok {evil}"}]}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    prepare.run(cfg.validate(prepare.Config, {"sources": [str(tmp_path / "in.jsonl")], "output": str(out),
+                                             "eval_fraction": 0.0}))
+    for color in ("never", "always"):
+        res = CliRunner().invoke(main, ["inspect", str(out), "--color", color])
+        assert res.exit_code == 0, res.output
+        ours = re.sub(r"\x1b\[[0-9;]*m", "", res.stdout) if color == "always" else res.stdout  # our SGR colours
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e]", ours), repr(ours)
+        assert "hi\\x1b[2J\\x1b]0;pwned\\x07\\x0d\\x9b31mred\\u202eevil" in ours

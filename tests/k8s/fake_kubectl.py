@@ -51,14 +51,15 @@ def main(argv: list[str]) -> int:
     if argv[:3] == ["create", "-f", "-"]:
         job = yaml.safe_load(sys.stdin.read())
         name = job["metadata"]["name"]
-        if job["kind"] == "Service":
-            if (STATE / f"service-{name}.json").exists():
-                print(f'Error from server (AlreadyExists): services "{name}" already exists', file=sys.stderr)
+        if job["kind"] != "Job":  # what a Job needs first: a Service, a NetworkPolicy
+            kind = job["kind"].lower()
+            if (STATE / f"{kind}-{name}.json").exists():
+                print(f'Error from server (AlreadyExists): {kind} "{name}" already exists', file=sys.stderr)
                 return 1
             with (STATE / "created.log").open("a") as log:
-                log.write(f"service/{name}\n")
-            (STATE / f"service-{name}.json").write_text(json.dumps(job))
-            print(f"service/{name} created")
+                log.write(f"{kind}/{name}\n")
+            (STATE / f"{kind}-{name}.json").write_text(json.dumps(job))
+            print(f"{kind}/{name} created")
             return 0
         state = STATE / f"{name}.json"
         if state.exists():

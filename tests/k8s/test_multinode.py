@@ -68,7 +68,8 @@ def pod_command(c: dict[str, Any], rank: int) -> list[str]:
 
 def test_indexed_job_and_headless_service_wire_torchrun_from_the_pod_hostnames(overlays, tmp_path):
     objs, output = k8s.render_multinode(overlays["gpu"], "r1", ARGS, nodes=3, gpus_per_node=8, images=IMAGES)
-    service, job = objs
+    network, service, job = objs
+    assert network["kind"] == "NetworkPolicy"  # test_only_the_runs_own_pods_reach_its_ranks
     name = "ftjobs-train-r1"
     assert (service["kind"], job["kind"], service["metadata"]["name"], job["metadata"]["name"]) == (
         "Service", "Job", name, name)
@@ -120,8 +121,9 @@ def test_cpu_overlay_runs_processes_on_cpu_pods(overlays, tmp_path):
 
 
 def test_jobset_validates_against_its_schema_and_restarts_the_set_together(overlays, tmp_path):
-    (jobset,), _ = k8s.render_multinode(overlays["gpu"], "r1", ARGS, nodes=4, gpus_per_node=8, engine="jobset",
-                                        images=IMAGES, queue="team-a")
+    (network, jobset), _ = k8s.render_multinode(overlays["gpu"], "r1", ARGS, nodes=4, gpus_per_node=8,
+                                                engine="jobset", images=IMAGES, queue="team-a")
+    assert network["kind"] == "NetworkPolicy"
     name = "ftjobs-train-r1"
     assert (jobset["apiVersion"], jobset["kind"], jobset["metadata"]["name"]) == (k8s.JOBSET_API, "JobSet", name)
     spec = jobset["spec"]
@@ -150,7 +152,7 @@ def test_jobset_validates_against_its_schema_and_restarts_the_set_together(overl
 
 
 def test_the_jobset_policy_catches_drift(overlays):
-    (good,), _ = k8s.render_multinode(overlays["gpu"], "r1", ARGS, nodes=2, engine="jobset", images=IMAGES)
+    (_, good), _ = k8s.render_multinode(overlays["gpu"], "r1", ARGS, nodes=2, engine="jobset", images=IMAGES)
 
     def broken(mutate: Any) -> str:
         js = copy.deepcopy(good)
@@ -165,18 +167,47 @@ def test_the_jobset_policy_catches_drift(overlays):
         lambda s, j: j["template"]["spec"]["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False))
 
 
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) == {"matchLabels"}  # no expressions: what it selects is read off its labels
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+@pytest.mark.parametrize("engine", k8s.ENGINES)
+def test_only_the_runs_own_pods_reach_its_ranks(overlays, tmp_path, engine):
+    """The rendezvous port (and the ports gloo/NCCL open between ranks) admit the run's own training pods only:
+    not another run's, not another step's of this run, not other namespaces'."""
+    objs, _ = k8s.render_multinode(overlays["local"], "r1", ARGS, nodes=2, engine=engine, images=IMAGES)
+    network = objs[0]
+    assert network["kind"] == "NetworkPolicy" and network["metadata"]["namespace"] == "ftjobs"
+    pod_labels = (objs[-1]["spec"]["template"]["metadata"]["labels"] if engine == "job" else
+                  objs[-1]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["metadata"]["labels"])
+    spec = network["spec"]
+    assert spec["policyTypes"] == ["Ingress"] and selects(spec["podSelector"], pod_labels)
+    (rule,) = spec["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # no namespaceSelector, no ipBlock: this namespace's pods only
+    assert selects(peer["podSelector"], pod_labels)
+    other_run = dict(pod_labels, **{k8s.RUN_LABEL: "r2"})
+    other_step = dict(pod_labels, **{k8s.STEP_LABEL: "infer-base"})
+    assert not selects(peer["podSelector"], other_run) and not selects(peer["podSelector"], other_step)
+    proc = validate([network], tmp_path / "netpol.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    single, _ = k8s.render_multinode(overlays["local"], "r1", ARGS, nodes=1, images=IMAGES)
+    assert [o["kind"] for o in single] == ["Job"]  # one pod: no rendezvous between pods to guard
+
+
 def cli(*args: str) -> Any:
     return CliRunner().invoke(main, ["--log-format", "text", *args], catch_exceptions=False)
 
 
-def test_render_prints_the_service_then_the_job() -> None:
+def test_render_prints_the_network_policy_and_service_then_the_job() -> None:
     result = cli("k8s", "render", "train", "--run-id", "r1", "--overlay", "gpu", "--nodes", "2",
                  "--gpus-per-node", "8", "--image", f"train={IMAGES['train']}", "--", *ARGS)
     assert result.exit_code == 0, result.output
-    assert [d["kind"] for d in yaml.safe_load_all(result.stdout) if d] == ["Service", "Job"]
+    assert [d["kind"] for d in yaml.safe_load_all(result.stdout) if d] == ["NetworkPolicy", "Service", "Job"]
     result = cli("k8s", "render", "train", "--run-id", "r1", "--nodes", "2", "--engine", "jobset", "--", *ARGS)
     assert result.exit_code == 0, result.output
-    assert [d["kind"] for d in yaml.safe_load_all(result.stdout) if d] == ["JobSet"]
+    assert [d["kind"] for d in yaml.safe_load_all(result.stdout) if d] == ["NetworkPolicy", "JobSet"]
     assert "placeholder digest" in result.stderr
 
 

@@ -92,6 +92,10 @@ def test_setup_prints_the_shared_objects_and_no_jobs() -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["train", "--run-id", "bad id!"], "--run-id 'bad id!'"),
+    # a tag names the output prefix (<runs>/<run>/<stage>-<tag>/): it may not climb out of the run's folder
+    (["prepare", "--run-id", "r1", "--tag", "../../other-run/prepare", "--", "--source", "s3://b/d.jsonl"],
+     "--tag '../../other-run/prepare'"),
+    (["prepare", "--run-id", "r1", "--tag", "a b", "--", "--source", "s3://b/d.jsonl"], "--tag 'a b'"),
     (["prepare", "--run-id", "r1", "--shards", "2"], "only infer is sharded"),
     (["infer", "--run-id", "r1", "--", "--shard", "0/2"], "use --shards N"),
     (["train", "--run-id", "r1", "--image", "train=ghcr.io/acme/ftjobs-train:latest"], "is not pinned"),

@@ -143,6 +143,7 @@ def test_multinode_train_creates_its_service_then_its_indexed_job(cluster: dict[
     assert result.exit_code == 0, result.output
     names = created(cluster)
     assert names.index("service/ftjobs-train-r1") == names.index("ftjobs-train-r1") - 1  # the Service first
+    assert names.index("networkpolicy/ftjobs-train-r1") < names.index("service/ftjobs-train-r1")  # guarded first
     state = json.loads((cluster["state"] / "ftjobs-train-r1.json").read_text())
     assert state["completions"] == 2
     command = state["command"]

@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from common import config as cfg
-from jobs import sweep
+from jobs import k8s, sweep
 from jobs.cli import main
 from tests.k8s import policy
 from tests.k8s.test_manifests import validate
@@ -88,8 +88,9 @@ def test_render_sweep_driver_validates_offline_with_jobs_only_rbac(tmp_path: Pat
                                        "--images", str(images), "--queue", "team-a"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
-    assert [d["kind"] for d in docs] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
-    config_map, account, role, binding, job = docs
+    assert [d["kind"] for d in docs] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job",
+                                         "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    config_map, account, role, binding, job, _, _ = docs
     assert role["rules"] == [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list",
                                                                                       "watch"]}]
     assert binding["subjects"][0]["name"] == account["metadata"]["name"] == job["spec"]["template"]["spec"][
@@ -101,5 +102,60 @@ def test_render_sweep_driver_validates_offline_with_jobs_only_rbac(tmp_path: Pat
     assert "--queue" in container["args"] and container["image"].endswith(DIGEST)
     assert policy.violations(job, gpu=False, api_access=True) == []
     assert "automountServiceAccountToken" in "\n".join(policy.violations(job, gpu=False))  # only the driver may
+    proc = validate(docs, tmp_path / "driver.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_the_driver_configmap_carries_no_secret_for_any_overlay(overlay: str, tmp_path: Path) -> None:
+    # Anyone who may read ConfigMaps (the stock `view` role) reads what the driver's ConfigMap holds: the
+    # overlay's Secret (local: the MinIO keys) must stay a Secret, referenced by name from the Job templates.
+    result = CliRunner().invoke(main, ["--log-format", "text", "k8s", "render", "--sweep-driver", "--sweep",
+                                       str(sweep_file(tmp_path)), "--sweep-id", "s1", "--overlay", overlay],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    config_maps = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "ConfigMap"]
+    assert config_maps
+    embedded = [obj for cm in config_maps for text in cm["data"].values()
+                for obj in (yaml.safe_load_all(text) if text.lstrip().startswith(("apiVersion", "-", "{")) else [])
+                if isinstance(obj, dict)]
+    assert [o["metadata"]["name"] for o in embedded if o.get("kind") == "Secret"] == []
+    assert "minioadmin" not in result.stdout
+    templates = [o for o in embedded if o.get("kind") == "Job"]
+    assert templates and all(  # the Jobs still find the keys: by the Secret's name
+        any(src.get("secretRef", {}).get("name") == "ftjobs-s3" for src in t["spec"]["template"]["spec"]
+            ["containers"][0].get("envFrom", [])) for t in templates)
+    assert k8s.run_prefix(k8s.store_settings(embedded), "sweeps")  # the plain settings travel
+
+
+def test_the_driver_may_only_create_jobs_that_run_as_the_stage_account(tmp_path: Path) -> None:
+    """RBAC cannot say which ServiceAccount a created Job's pods use: the admission policy does. It applies to
+    requests by the driver's account in their own namespace only, and every Job the driver renders from its
+    templates meets it."""
+    result = CliRunner().invoke(main, ["--log-format", "text", "k8s", "render", "--sweep-driver", "--sweep",
+                                       str(sweep_file(tmp_path)), "--sweep-id", "s1", "--overlay", "local"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    policy_, binding = docs[-2:]
+    spec = policy_["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    assert spec["matchConstraints"]["resourceRules"] == [{"apiGroups": ["batch"], "apiVersions": ["*"],
+                                                          "operations": ["CREATE", "UPDATE"], "resources": ["jobs"]}]
+    (condition,) = spec["matchConditions"]
+    assert condition["expression"] == ("request.userInfo.username == 'system:serviceaccount:' + request.namespace"
+                                       " + ':ftjobs-sweep-driver'")
+    rules = [v["expression"] for v in spec["validations"]]
+    assert rules == ["has(object.spec.template.spec.serviceAccountName) && "
+                     "object.spec.template.spec.serviceAccountName == 'ftjobs'",
+                     "has(object.spec.template.spec.automountServiceAccountToken) && "
+                     "object.spec.template.spec.automountServiceAccountToken == false"]
+    assert binding["spec"] == {"policyName": policy_["metadata"]["name"], "validationActions": ["Deny"]}
+    templates = [d for d in yaml.safe_load_all(docs[0]["data"]["templates.yaml"]) if d and d["kind"] == "Job"]
+    for t in templates:  # what the two rules read, on every Job the driver creates from its templates
+        pod = t["spec"]["template"]["spec"]
+        assert (pod["serviceAccountName"], pod["automountServiceAccountToken"]) == ("ftjobs", False)
+    driver_pod = docs[4]["spec"]["template"]["spec"]  # the driver itself is created by a person, not matched
+    assert driver_pod["serviceAccountName"] == "ftjobs-sweep-driver"
     proc = validate(docs, tmp_path / "driver.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
