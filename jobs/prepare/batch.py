@@ -56,6 +56,7 @@ class Rules:
     train_on: chat.TrainOn
     max_length: int | None
     on_too_long: str
+    max_messages: int | None = None
 
 
 def preview(rec: Any) -> str:
@@ -74,7 +75,7 @@ def record(item: dict[str, Any] | bytes | S.Bad) -> dict[str, Any] | S.Bad:
 def normalize(rec: dict[str, Any], fmt: str, rules: Rules) -> tuple[list[dict[str, Any]], Any, str]:
     """Canonical messages, tools and canonical JSON of a record; raises rows.Drop, or anything the data breaks."""
     tools = R.to_tools(rec, rules.columns)
-    msgs = R.validate(R.to_messages(rec, fmt, rules.columns, rules.roles), rules.max_chars)
+    msgs = R.validate(R.to_messages(rec, fmt, rules.columns, rules.roles), rules.max_chars, rules.max_messages)
     return msgs, tools, R.canonical(msgs, tools)
 
 

@@ -87,6 +87,9 @@ class Config(JobConfig):
     on_too_long: Literal["truncate", "drop"] = Field(
         default="truncate", description="truncate: drop trailing turns to fit max_length; drop: drop the row.")
     max_chars: int = Field(default=200_000, gt=0, description="Rows with more characters than this are dropped.")
+    max_messages: int = Field(default=1000, gt=0, description="Rows with more messages than this are dropped "
+                              "(too_many_messages): finding each turn's loss mask renders the conversation once "
+                              "per turn.")
     eval_fraction: float | None = Field(
         default=None, description="Share of rows (by seeded hash) for eval. Default 0.05 unless eval_size is set "
         "or a source is marked split: eval.")
@@ -99,7 +102,8 @@ class Config(JobConfig):
     skip_bad_lines: bool = Field(default=False, description="Drop unreadable lines and rows (bad JSON/UTF-8/CSV, "
                                  "too long or too deep, unusable tools) and count them instead of failing on the "
                                  "first one.")
-    max_line_bytes: int = Field(default=64 << 20, ge=1024, description="Longest JSON line/element read.")
+    max_line_bytes: int = Field(default=data.MAX_LINE_BYTES, ge=1024, description="Longest JSON line/element, "
+                                "CSV record or Parquet/Arrow row (its values' bytes) read; longer ones are bad lines.")
     rows_per_shard: int = Field(default=100_000, ge=1, description="Rows per Parquet file.")
     row_group_rows: int = Field(default=8192, ge=1, description="Rows per Parquet row group.")
     batch_size: int = Field(default=1024, ge=1, description="Rows per tokenizer call.")
@@ -284,7 +288,7 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
 
     rules = B.Rules(columns=config.columns.model_dump(), roles={**R.DEFAULT_ROLES, **config.roles},
                     max_chars=config.max_chars, dedup=config.dedup, seed=config.seed, train_on=config.train_on,
-                    max_length=config.max_length, on_too_long=config.on_too_long)
+                    max_length=config.max_length, on_too_long=config.on_too_long, max_messages=config.max_messages)
     model_info: dict[str, Any] = {}
     if config.tokenizer:
         encoder, model_info = _tokenizer(config, rules)
