@@ -24,6 +24,7 @@ from common.errors import ConfigError, InputError
 from common.logs import Progress
 from common.runner import config_options, execute
 from jobs.prepare import batch as B
+from jobs.prepare import decontam, mixing
 from jobs.prepare import rows as R
 from jobs.prepare import sources as S
 
@@ -42,6 +43,13 @@ class Source(JobConfig):
         default="auto", description="auto: split by the seeded row hash; train/eval: every row of this source "
         "goes there.")
     format: Format | None = Field(default=None, description="Overrides the top-level format for this source.")
+    weight: float | None = Field(default=None, gt=0, description="Share of the training rows (relative to the "
+                                 "other sources' weights; every training source then needs one). See "
+                                 "docs/prepare.md, Mixing.")
+    max_rows: int | None = Field(default=None, ge=1, description="At most this many of its training rows (a "
+                                 "seeded choice, nested: a smaller max_rows keeps a subset).")
+    repeat: bool = Field(default=False, description="Let its weight take more rows than it has, by repeating its "
+                         "rows (each copy gets its own id); without it such a weight is an error.")
 
 
 class Columns(JobConfig):
@@ -111,6 +119,19 @@ class Config(JobConfig):
                                 "rows when a tokenizer is set (default: CPU count; 1: none).")
     drop_examples: int = Field(default=5, ge=0, description="Examples kept per drop reason in drops.jsonl.")
     run_id: str | None = Field(default=None, description="Run id recorded in the manifest (default: generated).")
+    mix_rows: int | None = Field(default=None, ge=1, description="Training rows of a weighted mixture (default: the "
+                                 "rows the weighted sources have, after max_rows).")
+    max_train_rows: int | None = Field(default=None, ge=1, description="Train on at most this many rows: a seeded, "
+                                       "nested subset of the same split (the learning-curve axis; eval unchanged).")
+    train_fraction: float | None = Field(default=None, gt=0, le=1, description="Train on this share of the training "
+                                         "rows: nested like max_train_rows (both set: the smaller wins).")
+    decontaminate: Literal["near", "exact", "off"] = Field(
+        default="near", description="Remove training rows that near-duplicate (or, exact: equal after "
+        "normalization) an eval row or a guard suite prompt; counted as eval_overlap.")
+    decontam_threshold: float = Field(default=0.8, gt=0, le=1, description="Jaccard similarity of character "
+                                      "5-grams at or above which a training row is a near-duplicate.")
+    guard_suites: list[str] = Field(default_factory=list, description="JSON Lines files of prompts (prompt, "
+                                    "messages or text per line) that training rows must not near-duplicate.")
 
     @field_validator("sources")
     @classmethod
@@ -129,6 +150,7 @@ class Config(JobConfig):
             raise ValueError("chat_template needs a tokenizer (set tokenizer: MODEL_SRC)")
         if self.max_length is not None and self.max_length < 8:
             raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
+        mixing.check_sources(self.source_specs())
         return self
 
     def source_specs(self) -> list[Source]:
@@ -182,6 +204,7 @@ class Tally:
     # Keys of messages records that nothing reads (R.ignored_keys), by the number of rows holding them.
     ignored: Counter[str] = field(default_factory=Counter)
     named: int = 0  # messages other than tool results that carry a participant's `name`
+    sections: dict[str, Any] = field(default_factory=dict)  # stats sections of mixing.TrainSet
 
     def drop(self, reason: str, source: str, line: int, detail: str, preview: Any, keep: int) -> None:
         self.dropped[reason] += 1
@@ -270,19 +293,24 @@ def run(config: Config) -> mf.Loaded:
         # What the inputs are: expand sources, fetch S3 objects, hash everything. Their bytes are the run's
         # identity beside the config, so this comes before the "already done" check.
         files: list[S.RawFile] = []
-        for spec in config.source_specs():
-            files += S.expand(spec.path, spec.split, spec.format)
+        shape = mixing.Inputs(source_of={})
+        for k, spec in enumerate(config.source_specs()):
+            expanded = S.expand(spec.path, spec.split, spec.format)
+            shape.source_of.update({f.uri: k for f in expanded})
+            files += expanded
         S.fetch(files, work)
+        shape.guards = decontam.fetch_guards(config.guard_suites, work)
         timings["fetch_and_hash_inputs"] = time.monotonic() - t_start
         inputs = list({(ref.uri, ref.sha256): ref for ref in (f.input_ref() for f in files)}.values())
+        inputs += [g.ref() for g in shape.guards]
         identity = stage.Identity(STAGE, output, cfg.dump(config), inputs)
-        result = stage.run(identity, lambda attempt: _prepare(config, files, work, attempt, timings))
+        result = stage.run(identity, lambda attempt: _prepare(config, files, work, attempt, timings, shape))
     assert isinstance(result, mf.Loaded)  # prepare has no partial attempts
     return result
 
 
 def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.Attempt,
-             timings: dict[str, float]) -> stage.Outcome:
+             timings: dict[str, float], shape: mixing.Inputs | None = None) -> stage.Outcome:
     """Read -> normalize -> validate -> dedup -> tokenize -> split -> write; refuse when too much was dropped."""
     from jobs.prepare.encode import Encoder
 
@@ -296,7 +324,7 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
         encoder = Encoder(None, None, None, rules, workers=1)
     writer = attempt.writer
     try:
-        tally, split_counts, lengths, trainable = _process(config, files, encoder, writer, work, timings)
+        tally, split_counts, lengths, trainable = _process(config, files, encoder, writer, work, timings, shape)
     except BaseException:
         _remove(writer)
         raise
@@ -354,12 +382,15 @@ def _tokenizer(config: Config, rules: B.Rules) -> tuple[Any, dict[str, Any]]:
 
 
 def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.ArtifactWriter, work: Path,
-             timings: dict[str, float]) -> tuple[Tally, dict[str, int], array[int], int]:
+             timings: dict[str, float], shape: mixing.Inputs | None = None
+             ) -> tuple[Tally, dict[str, int], array[int], int]:
     """Read every file into batches for the encoder (batch.process), then, batch by batch in row order, decide
-    what the order of the rows decides: errors, duplicates, repeats' ids, the split; and write."""
+    what the order of the rows decides: errors, duplicates, repeats' ids, the split; and write (the training
+    rows through mixing.TrainSet when something shapes or filters them)."""
     t0 = time.monotonic()
-    order = RowOrder(config, encoder, {s: SplitWriter(s, encoder.encode is not None, writer, work, config)
-                                       for s in data.SPLITS})
+    writers = {s: SplitWriter(s, encoder.encode is not None, writer, work, config) for s in data.SPLITS}
+    train_set = mixing.TrainSet.maybe(config, shape, writers, work)
+    order = RowOrder(config, encoder, train_set.writers if train_set else writers)
     progress = Progress("prepare", unit="rows")
     total_bytes, done_bytes = sum(f.size for f in files) or 1, 0
     for f in files:
@@ -367,14 +398,16 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
         done_bytes += f.size
     encoder.drain(order.finish)
     order.close_eval()
+    if train_set is not None:
+        train_set.finish(order.tally)
     progress.done = order.tally.rows_in
     progress.close()
     timings["process"] = time.monotonic() - t0
     t = time.monotonic()
-    for w in order.writers.values():
+    for w in writers.values():
         w.close()
     timings["write_last_shards"] = time.monotonic() - t
-    return order.tally, {s: w.rows for s, w in order.writers.items()}, order.lengths, order.trainable
+    return order.tally, {s: w.rows for s, w in writers.items()}, order.lengths, order.trainable
 
 
 @dataclass
@@ -743,6 +776,7 @@ def _stats(config: Config, tally: Tally, split_counts: dict[str, int], lengths: 
         "turns": {rule: tally.turns[rule] for rule in chat.TURN_RULES},
         "ignored_keys": dict(sorted(tally.ignored.items())),
         "named_messages": tally.named,
+        **tally.sections,
     }
     if config.tokenizer:
         tokens = _token_stats(lengths, trainable)
