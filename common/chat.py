@@ -488,6 +488,11 @@ class Encoded:
     drop_reason: str | None = None
     # Set when the template refused the row or a turn could not be located: the caller names the row.
     error: str | None = None
+    # A plain-text row kept whole past max_length (encode_many's long_text): each token's character span in
+    # `text`, the document (None for a BOS added here; BOS/EOS markup falls outside it), for the caller to cut
+    # it into windows (jobs/prepare/windows.py).
+    offsets: list[tuple[int, int] | None] | None = None
+    text: str | None = None
     _trainable: int | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -499,13 +504,14 @@ class Encoded:
 
 def encode_many(tokenizer: Any, fmt: ChatFormat, conversations: Sequence[Messages], *,
                 tools: Sequence[ToolList] | None = None, max_length: int | None = None,
-                train_on: TrainOn = "assistant") -> list[Encoded]:
+                train_on: TrainOn = "assistant", long_text: bool = False) -> list[Encoded]:
     """Tokenize a batch of conversations (each with its tools, when given) in one call to the fast tokenizer.
 
     Rendering is per row (Jinja), tokenizing is one batched call (Rust, all
     cores), masks are built from the token offsets by binary search, so the
     Python work per row does not grow with its length. A row the template
-    refuses comes back with `error` set and no tokens.
+    refuses comes back with `error` set and no tokens. With `long_text`, a plain-text row longer than
+    max_length comes back whole, with its offsets, rather than dropped (a document to cut into windows).
     """
     if not conversations:  # fast tokenizers fail on an empty batch
         return []
@@ -525,7 +531,13 @@ def encode_many(tokenizer: Any, fmt: ChatFormat, conversations: Sequence[Message
             out.append(Encoded([], [], 0, drop_reason="template_error", error=sp))
             continue
         ids, offsets = next(encoded)
-        out.append(_labels_for(conv, sp, ids, offsets, bos_id, fmt, max_length, train_on))
+        whole = long_text and sp.method == "text" and max_length is not None
+        out.append(_labels_for(conv, sp, ids, offsets, bos_id, fmt, None if whole else max_length, train_on))
+        if whole and len(out[-1].input_ids) > max_length:  # type: ignore[operator]
+            lead: list[tuple[int, int] | None] = [None] * (len(out[-1].input_ids) - len(ids))
+            shift = len(fmt.bos_token or "")  # offsets into the document's own text
+            out[-1].offsets = lead + [(int(a) - shift, int(b) - shift) for a, b in offsets]
+            out[-1].text = conv[0]["content"]
     return out
 
 

@@ -27,6 +27,7 @@ from jobs.prepare import batch as B
 from jobs.prepare import decontam, mixing
 from jobs.prepare import rows as R
 from jobs.prepare import sources as S
+from jobs.prepare import windows as W
 
 STAGE = "prepare"
 LOG = logging.getLogger(__name__)
@@ -95,6 +96,13 @@ class Config(JobConfig):
     on_too_long: Literal["truncate", "drop"] = Field(
         default="truncate", description="truncate: drop trailing turns to fit max_length; drop: drop the row.")
     max_chars: int = Field(default=200_000, gt=0, description="Rows with more characters than this are dropped.")
+    long_documents: Literal["windows", "drop"] = Field(
+        default="windows", description="Plain-text rows (format text) longer than max_length: cut into windows "
+        "of max_length tokens (each a row), or drop them (too_long_tokens). Chat rows follow on_too_long.")
+    window_overlap: int = Field(default=0, ge=0, description="Tokens a window shares with the one before "
+                                "(context only there: each token is trained once). Must be below max_length.")
+    last_window: Literal["keep", "drop"] = Field(default="keep", description="A document's last window when it is "
+                                                 "shorter than max_length: keep it or drop it.")
     max_messages: int = Field(default=1000, gt=0, description="Rows with more messages than this are dropped "
                               "(too_many_messages): finding each turn's loss mask renders the conversation once "
                               "per turn.")
@@ -151,6 +159,9 @@ class Config(JobConfig):
         if self.max_length is not None and self.max_length < 8:
             raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
         mixing.check_sources(self.source_specs())
+        if self.max_length is not None and self.window_overlap >= self.max_length:
+            raise ValueError(f"window_overlap ({self.window_overlap}) must be below max_length ({self.max_length}): "
+                             "windows would not advance. Lower window_overlap.")
         return self
 
     def source_specs(self) -> list[Source]:
@@ -316,7 +327,9 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
 
     rules = B.Rules(columns=config.columns.model_dump(), roles={**R.DEFAULT_ROLES, **config.roles},
                     max_chars=config.max_chars, dedup=config.dedup, seed=config.seed, train_on=config.train_on,
-                    max_length=config.max_length, on_too_long=config.on_too_long, max_messages=config.max_messages)
+                    max_length=config.max_length, on_too_long=config.on_too_long, max_messages=config.max_messages,
+                    long_documents=config.long_documents, window_overlap=config.window_overlap,
+                    last_window=config.last_window)
     model_info: dict[str, Any] = {}
     if config.tokenizer:
         encoder, model_info = _tokenizer(config, rules)
@@ -398,6 +411,9 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
         done_bytes += f.size
     encoder.drain(order.finish)
     order.close_eval()
+    if order.windows:
+        order.tally.sections["windows"] = W.stats(order.windows, config.window_overlap, config.max_length,
+                                                  config.last_window)
     if train_set is not None:
         train_set.finish(order.tally)
     progress.done = order.tally.rows_in
@@ -443,6 +459,7 @@ class RowOrder:
         self.seen_exact: set[int] = set()
         self.seen_norm: set[int] = set()
         self.repeats: Counter[int] = Counter()
+        self.windows: Counter[int] = Counter()  # documents cut into windows, by their number of windows
         self.lengths: array[int] = array("l")
         self.trainable = 0
         self.fraction = config.effective_eval_fraction()
@@ -514,7 +531,7 @@ class RowOrder:
         b = _Batch(table.append_column("source", pa.array([uri] * table.num_rows, type=pa.string())))
         for i, v in enumerate(verdicts):
             if v[0] == B.KEPT:
-                b.kept += 1
+                b.kept += max(len(v[11]), 1)  # a document cut into windows is that many rows
             occurrence = self._admit(chunk, i, v)
             if occurrence is not None:
                 self._place(chunk, i, v, occurrence, b)
@@ -576,16 +593,21 @@ class RowOrder:
     def _place(self, chunk: Chunk, i: int, v: tuple[Any, ...], occurrence: int, b: _Batch) -> None:
         """A kept row: counted, its id renumbered if it repeats, and sent to its split."""
         config, tally, st = self.config, self.tally, chunk.state
-        point, truncated, turns, named, n_tokens, n_trainable = v[5:11]
+        point, truncated, turns, named, n_tokens, n_trainable, parts = v[5:12]
+        rows = list(range(b.kept - len(parts) + 1, b.kept + 1)) if parts else [b.kept]
         tally.per_source[st.file.uri]["rows_out"] += 1
         if occurrence:
             canon = B.normalize(B.record(chunk.items[i]), st.format or "", self.encoder.rules)[2]  # type: ignore[arg-type]
-            b.renamed[b.kept] = R.row_id(canon, occurrence)
-            point = R.split_point(b.renamed[b.kept], config.seed)
+            doc_id = R.row_id(canon, occurrence)
+            point = R.split_point(doc_id, config.seed)
+            for k, row in enumerate(rows):
+                b.renamed[row] = W.window_id(doc_id, k)
         if truncated:
             tally.truncated += 1
+        if parts:
+            self.windows[len(parts)] += 1
         if self.tokenized:
-            self.lengths.append(n_tokens)
+            self.lengths.extend(parts or (n_tokens,))
             self.trainable += n_trainable
         for rule, n in zip(chat.TURN_RULES, turns, strict=True):
             if n:
@@ -593,27 +615,27 @@ class RowOrder:
         tally.named += named
         split = st.file.split
         if split != "auto":
-            b.out[split].append(b.kept)
+            b.out[split] += rows
         elif config.eval_size is not None:
-            self._eval_size_split(point, b)
+            self._eval_size_split(point, b, rows)
         else:
-            b.out["eval" if point < self.fraction else "train"].append(b.kept)
+            b.out["eval" if point < self.fraction else "train"] += rows
 
-    def _eval_size_split(self, point: float, b: _Batch) -> None:
+    def _eval_size_split(self, point: float, b: _Batch, rows: list[int]) -> None:
         """eval_size: the rows with the lowest split points are held out, kept in a bounded heap until the end."""
         self.seq += 1
         heap, size = self.eval_heap, self.config.eval_size
         assert size is not None
         if len(heap) < size or point < -heap[0][0]:
             b.apply_renames()
-            item = (-point, self.seq, _take(b.table, [b.kept]))
+            item = (-point, self.seq, _take(b.table, rows))
             if len(heap) < size:
                 heapq.heappush(heap, item)
             else:
                 b.flush(self.writers)  # rows before this one first: the row it displaces comes after them
                 self.writers["train"].add(heapq.heapreplace(heap, item)[2])
         else:
-            b.out["train"].append(b.kept)
+            b.out["train"] += rows
 
     def close_eval(self) -> None:
         for _, _, row in sorted(self.eval_heap, key=lambda it: -it[0]):  # lowest split point first
