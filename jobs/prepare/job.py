@@ -24,7 +24,7 @@ from common.errors import ConfigError, InputError
 from common.logs import Progress
 from common.runner import config_options, execute
 from jobs.prepare import batch as B
-from jobs.prepare import decontam, mixing
+from jobs.prepare import decontam, listing, mixing
 from jobs.prepare import rows as R
 from jobs.prepare import sources as S
 from jobs.prepare import windows as W
@@ -312,7 +312,7 @@ def run(config: Config) -> mf.Loaded:
         S.fetch(files, work)
         shape.guards = decontam.fetch_guards(config.guard_suites, work)
         timings["fetch_and_hash_inputs"] = time.monotonic() - t_start
-        inputs = list({(ref.uri, ref.sha256): ref for ref in (f.input_ref() for f in files)}.values())
+        inputs, shape.listing = listing.refs(files, shape.source_of, config.source_specs())
         inputs += [g.ref() for g in shape.guards]
         identity = stage.Identity(STAGE, output, cfg.dump(config), inputs)
         result = stage.run(identity, lambda attempt: _prepare(config, files, work, attempt, timings, shape))
@@ -336,6 +336,8 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
     else:
         encoder = Encoder(None, None, None, rules, workers=1)
     writer = attempt.writer
+    if shape is not None and shape.listing is not None:  # many raw files: their list, digested in the manifest
+        writer.add_bytes(shape.listing, "inputs.jsonl", name="inputs", rows=shape.listing.count(b"\n"))
     try:
         tally, split_counts, lengths, trainable = _process(config, files, encoder, writer, work, timings, shape)
     except BaseException:
@@ -367,6 +369,8 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
     writer.add_bytes(storage.json_bytes(stats), "stats.json", name="stats")
     _log_summary(tally, stats)
     timings["total"] = time.monotonic() - attempt.started + timings["fetch_and_hash_inputs"]
+    if shape is not None and shape.listing is not None:
+        stats = listing.compact(stats, shape.source_of, config.source_specs())
     return stage.Outcome(stats=stats, timings=timings, model=model_info, run_id=config.run_id)
 
 

@@ -291,6 +291,7 @@ class Inputs:
 
     source_of: dict[str, int]
     guards: list[Any] = field(default_factory=list)
+    listing: bytes | None = None  # listing.py: the raw files, when the manifest records a digest of them
 
 
 class TrainSet:

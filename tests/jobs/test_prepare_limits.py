@@ -103,7 +103,7 @@ def test_a_huge_value_among_small_rows_is_dropped_before_python_sees_it(tmp_path
     table = pa.table({"text": pa.concat_arrays([texts.slice(0, 1500), big, texts.slice(1500)])})
     src = tmp_path / "mixed.parquet"
     pq.write_table(table, src, row_group_size=4000)
-    conf = {"sources": [str(src)], "max_line_bytes": 1 << 20, "eval_size": 10}
+    conf = {"sources": [str(src)], "max_line_bytes": 1 << 20, "eval_size": 10, "decontaminate": "off"}
     with pytest.raises(InputError, match=r"mixed.parquet line 1501: row 1,501 holds 4,194,304 bytes, more than "
                                          r"max_line_bytes \(1,048,576 bytes\)"):
         prepare.run(cfg.validate(prepare.Config, {**conf, "output": str(tmp_path / "o")}))
@@ -140,3 +140,31 @@ def test_json_lines_of_infer_and_synth_refuse_a_line_over_the_limit(tmp_path: Pa
     with pytest.raises(InputError, match=r"prompts line 2: longer than 4,096 bytes"):
         data.json_lines(src, "prompts", "prompts", max_line_bytes=4096)
     assert data.json_lines(src, "prompts", "prompts")[0] == (1, {"prompt": "short"})
+
+
+def test_many_raw_files_are_one_digest_in_the_manifest_with_their_list_as_an_artifact(tmp_path: Path):
+    from common import config as cfg
+    from common import lineage
+    from jobs import prepare
+    from jobs.prepare import listing
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    n = listing.LISTED_MAX + 20
+    for i in range(n):
+        (folder / f"f{i:04d}.jsonl").write_text(json.dumps(chat_rows(i + 1)[-1]) + "\n")
+    conf = {"sources": [str(folder)], "output": str(tmp_path / "o"), "eval_size": 5}
+    loaded = prepare.run(cfg.validate(prepare.Config, conf))
+    refs = loaded.manifest.inputs
+    assert [(r.uri, r.role) for r in refs] == [(str(folder), "data-listing")]
+    art = loaded.manifest.artifact("inputs")
+    listed = [json.loads(line) for line in Path(loaded.resolve(art)).read_text().splitlines()]
+    assert len(listed) == n and {x["source"] for x in listed} == {str(folder)}
+    assert (tmp_path / "o" / "manifest.json").stat().st_size < 20_000
+    # The same files: already done (the digest is the identity); a changed file: another run.
+    assert prepare.run(cfg.validate(prepare.Config, conf)).manifest.run_id == loaded.manifest.run_id
+    (folder / "f0000.jsonl").write_text(json.dumps(chat_rows(500)[-1]) + "\n")
+    other = prepare.run(cfg.validate(prepare.Config, {**conf, "output": str(tmp_path / "o2")}))
+    assert other.manifest.inputs[0].sha256 != refs[0].sha256
+    tree = lineage.lineage(str(tmp_path / "o"), verify="full")
+    assert tree.ok and all(c.ok for c in tree.children)
