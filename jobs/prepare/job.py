@@ -245,6 +245,7 @@ class SplitWriter:
 
     def add(self, table: Any) -> None:
         """Rows (a pyarrow Table with the schema's columns but `split`), in order."""
+        table = _unpinned(table)
         start, n = 0, table.num_rows
         while start < n:
             take = min(n - start, self.conf.row_group_rows - self.buffered,
@@ -644,6 +645,17 @@ class RowOrder:
     def close_eval(self) -> None:
         for _, _, row in sorted(self.eval_heap, key=lambda it: -it[0]):  # lowest split point first
             self.writers["eval"].add(row)
+
+
+def _unpinned(table: Any) -> Any:
+    """A copy of a small slice of a large batch: a slice shares its batch's buffers, and the eval split's few
+    rows per batch, buffered until a row group fills (8,192 rows: about 160,000 rows read at 5% eval), kept
+    every batch they came from in memory (issue 28: peak RSS grew with the rows read)."""
+    if table.num_rows and table.get_total_buffer_size() > 4 * table.nbytes + (1 << 16):
+        import pyarrow as pa
+
+        return table.take(pa.array(range(table.num_rows), type=pa.int64()))
+    return table
 
 
 def _take(table: Any, rows: list[int]) -> Any:
