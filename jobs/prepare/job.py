@@ -158,7 +158,7 @@ class Config(JobConfig):
             raise ValueError("chat_template needs a tokenizer (set tokenizer: MODEL_SRC)")
         if self.max_length is not None and self.max_length < 8:
             raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
-        mixing.check_sources(self.source_specs())
+        mixing.check_sources(self.source_specs(), self.mix_rows)
         if self.max_length is not None and self.window_overlap >= self.max_length:
             raise ValueError(f"window_overlap ({self.window_overlap}) must be below max_length ({self.max_length}): "
                              "windows would not advance. Lower window_overlap.")

@@ -37,9 +37,12 @@ LOG = logging.getLogger(__name__)
 STRIDE = 64  # rows per round of the interleave
 
 
-def check_sources(specs: Sequence[Any]) -> None:
-    """Config rules for weight / max_rows / repeat (raises ValueError, which the config reports)."""
+def check_sources(specs: Sequence[Any], mix_rows: int | None = None) -> None:
+    """Config rules for weight / max_rows / repeat / mix_rows (raises ValueError, which the config reports)."""
     train = [s for s in specs if s.split != "eval"]
+    if mix_rows is not None and not any(s.weight is not None for s in specs):
+        raise ValueError(f"mix_rows ({mix_rows}) sets the total of a weighted mixture, and no source has a weight. "
+                         "Give the sources weights, or use max_train_rows to cut the training rows.")
     for s in specs:
         if s.split == "eval" and (s.weight is not None or s.repeat or s.max_rows is not None):
             raise ValueError(f"source {s.path!r} is split: eval; weight, max_rows and repeat shape the training "

@@ -145,3 +145,5 @@ def test_weights_must_be_given_for_every_training_source(tmp_path: Path, sources
         cfg.validate(prepare.Config, {"sources": [{"path": str(real), "weight": 1}, str(synth)], "output": "x"})
     with pytest.raises(Exception, match="repeat without a weight"):
         cfg.validate(prepare.Config, {"sources": [{"path": str(real), "repeat": True}], "output": "x"})
+    with pytest.raises(Exception, match="no source has a weight"):
+        cfg.validate(prepare.Config, {"sources": [str(real)], "mix_rows": 10, "output": "x"})
