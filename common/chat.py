@@ -62,7 +62,7 @@ import bisect
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
@@ -289,9 +289,22 @@ class Spans:
     # (start, end, message_index) for assistant turns, in order.
     assistant: list[tuple[int, int, int]] = field(default_factory=list)
     method: str = "prefix"  # text | tags | prefix | located
+    # False when the prefix method stopped early (`fits`): the turns after the last listed one start beyond
+    # max_length tokens and cannot be kept, so they were never rendered on their own.
+    complete: bool = True
 
 
-def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None) -> Spans:
+# Whether a rendered prefix (the text before an assistant turn) may still fit in max_length tokens.
+Fits = Callable[[str], bool]
+
+
+def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None, fits: Fits | None = None) -> Spans:
+    """Where each assistant turn lies in the rendered text (see the module docstring for the methods).
+
+    `fits`, when given, lets the prefix method stop at the first turn whose prefix is already longer than
+    max_length: one render per turn over the conversation so far is quadratic in the number of turns, and
+    turns past max_length are truncated away anyway."""
+
     if is_text(messages):
         text = (fmt.bos_token or "") + messages[0]["content"] + (fmt.eos_token or "")
         start = len(fmt.bos_token or "")
@@ -304,17 +317,19 @@ def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None) -> Spans:
         a[1] <= b[0] for a, b in zip(blocks, blocks[1:], strict=False))
     if blocks and len(blocks) == len(turns) and ordered:  # else (say, tags inside a macro) the other methods
         return Spans(full, [(s, e, i) for (s, e), i in zip(blocks, turns, strict=True)], "tags")
-    out = _by_prefix(fmt, msgs, full, turns, tools)
+    out = _by_prefix(fmt, msgs, full, turns, tools, fits)
     if out is not None:
-        return Spans(full, out, "prefix")
+        return Spans(full, out, "prefix", complete=len(out) == len(turns))
     return Spans(full, _locate(fmt, msgs, full, turns), "located")
 
 
 def _by_prefix(fmt: ChatFormat, msgs: list[dict[str, Any]], full: str, turns: list[int],
-               tools: ToolList) -> list[tuple[int, int, int]] | None:
-    out = []
+               tools: ToolList, fits: Fits | None = None) -> list[tuple[int, int, int]] | None:
+    out: list[tuple[int, int, int]] = []
     for i in turns:
         before = _render(fmt, msgs[:i], True, tools)[0]
+        if fits is not None and out and full.startswith(before) and not fits(before):
+            return out  # this turn and every later one start past max_length: they cannot be kept
         # A turn that ends the conversation ends at the end of `full`: the same render, done once.
         through = full if i == len(msgs) - 1 else _render(fmt, msgs[: i + 1], False, tools)[0]
         if not full.startswith(before) or not full.startswith(through) or len(through) < len(before):
@@ -473,6 +488,11 @@ class Encoded:
     drop_reason: str | None = None
     # Set when the template refused the row or a turn could not be located: the caller names the row.
     error: str | None = None
+    # A plain-text row kept whole past max_length (encode_many's long_text): each token's character span in
+    # `text`, the document (None for a BOS added here; BOS/EOS markup falls outside it), for the caller to cut
+    # it into windows (jobs/prepare/windows.py).
+    offsets: list[tuple[int, int] | None] | None = None
+    text: str | None = None
     _trainable: int | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -484,20 +504,22 @@ class Encoded:
 
 def encode_many(tokenizer: Any, fmt: ChatFormat, conversations: Sequence[Messages], *,
                 tools: Sequence[ToolList] | None = None, max_length: int | None = None,
-                train_on: TrainOn = "assistant") -> list[Encoded]:
+                train_on: TrainOn = "assistant", long_text: bool = False) -> list[Encoded]:
     """Tokenize a batch of conversations (each with its tools, when given) in one call to the fast tokenizer.
 
     Rendering is per row (Jinja), tokenizing is one batched call (Rust, all
     cores), masks are built from the token offsets by binary search, so the
     Python work per row does not grow with its length. A row the template
-    refuses comes back with `error` set and no tokens.
+    refuses comes back with `error` set and no tokens. With `long_text`, a plain-text row longer than
+    max_length comes back whole, with its offsets, rather than dropped (a document to cut into windows).
     """
     if not conversations:  # fast tokenizers fail on an empty batch
         return []
     all_spans: list[Spans | str] = []
     for n, conv in enumerate(conversations):
+        fits = _fits(tokenizer, max_length) if max_length is not None else None  # its state is per conversation
         try:
-            all_spans.append(spans(fmt, conv, tools[n] if tools is not None else None))
+            all_spans.append(spans(fmt, conv, tools[n] if tools is not None else None, fits))
         except ConfigError as exc:
             all_spans.append(str(exc))
     texts = [s.text for s in all_spans if isinstance(s, Spans)]
@@ -509,8 +531,30 @@ def encode_many(tokenizer: Any, fmt: ChatFormat, conversations: Sequence[Message
             out.append(Encoded([], [], 0, drop_reason="template_error", error=sp))
             continue
         ids, offsets = next(encoded)
-        out.append(_labels_for(conv, sp, ids, offsets, bos_id, fmt, max_length, train_on))
+        whole = long_text and sp.method == "text" and max_length is not None
+        out.append(_labels_for(conv, sp, ids, offsets, bos_id, fmt, None if whole else max_length, train_on))
+        if whole and len(out[-1].input_ids) > max_length:  # type: ignore[operator]
+            lead: list[tuple[int, int] | None] = [None] * (len(out[-1].input_ids) - len(ids))
+            shift = len(fmt.bos_token or "")  # offsets into the document's own text
+            out[-1].offsets = lead + [(int(a) - shift, int(b) - shift) for a, b in offsets]
+            out[-1].text = conv[0]["content"]
     return out
+
+
+def _fits(tokenizer: Any, max_length: int) -> Fits:
+    """A prefix check that costs linear time over a conversation: a prefix is tokenized only when its length
+    in characters has doubled since the last check (and no sooner than max_length characters: a token is at
+    least one character), so the checks add up to about twice the longest prefix. A prefix over max_length
+    tokens plus a margin (tokens may merge differently where the prefix ends) certainly does not fit."""
+    state = {"next": max_length}
+
+    def fits(prefix: str) -> bool:
+        if len(prefix) < state["next"]:
+            return True
+        state["next"] = 2 * len(prefix)
+        return len(_tokenize(tokenizer, [prefix])[0][0]) <= max_length + 8
+
+    return fits
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
@@ -553,7 +597,7 @@ def _labels_for(conv: Messages, sp: Spans, ids: list[int], offsets: Sequence[Seq
     turn_end_tok = [prepend + _first_at(offsets, end) for (_, end, _) in turns]
     keep_turns = len(turns)
     truncated = False
-    if max_length is not None and len(ids) > max_length:
+    if max_length is not None and (len(ids) > max_length or not sp.complete):
         keep_turns = 0
         for k, n in enumerate(turn_end_tok):
             if n <= max_length:

@@ -166,7 +166,11 @@ def tools_of(value: str | None) -> list[dict] | None:
 
 
 
-def json_lines(local: Path, where: str, what: str) -> list[tuple[int, Any]]:
+# The longest line (or table row) any reader holds whole; prepare's max_line_bytes defaults to it.
+MAX_LINE_BYTES = 64 << 20
+
+
+def json_lines(local: Path, where: str, what: str, max_line_bytes: int = MAX_LINE_BYTES) -> list[tuple[int, Any]]:
     """(line number, value) for every non-blank line of a small JSON Lines file (seeds, prompts).
 
     Read as bytes and decoded line by line, so a bad byte names its line, as prepare does; a UTF-8 BOM on
@@ -175,7 +179,10 @@ def json_lines(local: Path, where: str, what: str) -> list[tuple[int, Any]]:
     """
     out = []
     with open(local, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b""), 1):
+            if len(raw) > max_line_bytes:  # refused before it is read whole
+                raise InputError(f"{where} line {n}: longer than {max_line_bytes:,} bytes; split the record or fix "
+                                 f"the {what} file")
             try:
                 # Without its line break, so json's column of an error at the end stays on this line.
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")

@@ -279,6 +279,10 @@ def write_leaderboard(config: Config, sets: list[dict[str, Any]], comparisons: d
              "cost": leaderboard.plot(board, "train_seconds", "train cost (seconds)")}
     writer.add_bytes(plots["size"], "leaderboard_size.png")
     writer.add_bytes(plots["cost"], "leaderboard_cost.png")
+    curve = leaderboard.plot_data_size(board, leaderboard.train_rows(trains))  # a data-size axis in the matrix
+    if curve is not None:
+        plots["rows"] = curve
+        writer.add_bytes(curve, "leaderboard_rows.png")
     writer.add_bytes(json.dumps(board, indent=2, default=str).encode(), "leaderboard.json", rows=len(board["cells"]))
     writer.add_bytes(leaderboard.render(board, plots, report.template("leaderboard.md.jinja")).encode(),
                      "leaderboard.md")

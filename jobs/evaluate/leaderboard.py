@@ -186,3 +186,58 @@ def render(board: dict[str, Any], plots: dict[str, bytes], template: Any) -> str
     header, rows = table(board)
     uris = {k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in plots.items()}
     return str(template.render(board=board, header=header, rows=rows, plots=uris))
+
+
+# --------------------------------------------------------------------------- learning curves: metric vs training rows
+
+# Matrix keys that change only how much of the same split trains (prepare's nested subsets): cells that differ
+# in nothing else lie on one learning curve.
+DATA_SIZE_KEYS = ("prepare.max_train_rows", "prepare.train_fraction")
+
+
+def train_rows(trains: dict[str, Any]) -> dict[str, int]:
+    """Rows each cell trained on (its train manifest's train split), by cell label."""
+    out = {}
+    for label, loaded in trains.items():
+        rows = ((loaded.manifest.stats or {}).get("train") or {}).get("rows") if loaded is not None else None
+        if rows is not None:
+            out[label] = int(rows)
+    return out
+
+
+def plot_data_size(board: dict[str, Any], rows: dict[str, int]) -> bytes | None:
+    """The metric against training rows, one line per learning curve (cells equal but for DATA_SIZE_KEYS):
+    "how much data do I need". None when every cell trained on the same number of rows."""
+    pts_ = [r for r in board["cells"] if r["metric"] is not None and r["label"] in rows]
+    if len({rows[r["label"]] for r in pts_}) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for r in pts_:
+        key = ", ".join(f"{k}={v}" for k, v in sorted(r["values"].items()) if k not in DATA_SIZE_KEYS)
+        curves.setdefault(key or "all cells", []).append(r)
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
+    fig.subplots_adjust(left=0.08, right=0.6, bottom=0.12, top=0.9)
+    for key, cells in sorted(curves.items()):
+        cells.sort(key=lambda r: rows[r["label"]])
+        xs = [rows[r["label"]] for r in cells]
+        line = ax.plot(xs, [100 * r["metric"] for r in cells], marker="o", lw=1, label=key)[0]
+        for r in cells:
+            if r["ci95"]:
+                ax.plot([rows[r["label"]]] * 2, [100 * r["ci95"][0], 100 * r["ci95"][1]], color=line.get_color(),
+                        lw=0.8, alpha=0.6)
+    if max(rows[r["label"]] for r in pts_) > 10 * min(rows[r["label"]] for r in pts_):
+        ax.set_xscale("log")
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    ax.set_xlabel("training rows")
+    ax.set_ylabel(f"{board['title']}, %")
+    ax.set_title(f"{board['title']} vs training rows", fontsize=9)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

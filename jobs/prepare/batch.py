@@ -21,7 +21,8 @@ Verdicts are plain tuples, cheap to pickle; their first item says the kind:
 - `ENCODE_DROP, ignored, saw_tools, exact_key, normalized_key, reason,
   detail, preview`: tokenizing dropped it (too long, nothing trained, ...).
 - `KEPT, ignored, saw_tools, exact_key, normalized_key, point, truncated,
-  turns, named, num_tokens, num_trainable`: the row is next in the columns.
+  turns, named, num_tokens, num_trainable, windows`: the row is next in the columns; a long document cut
+  into windows (windows.py) is that many rows, `windows` their token counts (empty for one row).
 
 `ignored` is the record's ignored keys (messages format) and `saw_tools`
 whether it has the tools column: counted per file, for every record read.
@@ -39,6 +40,7 @@ from typing import Any
 from common import chat, data
 from jobs.prepare import rows as R
 from jobs.prepare import sources as S
+from jobs.prepare import windows as W
 
 BAD, PREFERENCE, DROP, TEMPLATE_ERROR, ENCODE_DROP, KEPT = range(6)
 ALL_WEIGHT_0 = "every assistant turn has weight 0 (context only): nothing to train on"
@@ -56,6 +58,10 @@ class Rules:
     train_on: chat.TrainOn
     max_length: int | None
     on_too_long: str
+    max_messages: int | None = None
+    long_documents: str = "windows"  # windows | drop (text rows past max_length: windows.py)
+    window_overlap: int = 0
+    last_window: str = "keep"
 
 
 def preview(rec: Any) -> str:
@@ -74,7 +80,7 @@ def record(item: dict[str, Any] | bytes | S.Bad) -> dict[str, Any] | S.Bad:
 def normalize(rec: dict[str, Any], fmt: str, rules: Rules) -> tuple[list[dict[str, Any]], Any, str]:
     """Canonical messages, tools and canonical JSON of a record; raises rows.Drop, or anything the data breaks."""
     tools = R.to_tools(rec, rules.columns)
-    msgs = R.validate(R.to_messages(rec, fmt, rules.columns, rules.roles), rules.max_chars)
+    msgs = R.validate(R.to_messages(rec, fmt, rules.columns, rules.roles), rules.max_chars, rules.max_messages)
     return msgs, tools, R.canonical(msgs, tools)
 
 
@@ -140,12 +146,14 @@ def process(fmt: str | None, items: Sequence[dict[str, Any] | bytes | S.Bad], ru
             if reason is None and truncated and rules.on_too_long == "drop":
                 reason = "too_long_tokens"
             if reason is not None:
-                detail = {"too_long_tokens": f"the first answer does not fit in max_length {rules.max_length}",
+                first = "the document" if chat.is_text(msgs) else "the first answer"
+                detail = {"too_long_tokens": f"{first} does not fit in max_length {rules.max_length}",
                           "zero_trainable_tokens": untrained(msgs[:e.kept_messages], rules.train_on),
                           "multiple_bos": "the rendered text holds more than one BOS token",
                           "no_assistant_turn": "no assistant turn"}.get(reason, reason)
-                if reason == "too_long_tokens" and rules.on_too_long == "drop":
-                    detail = f"{len(e.input_ids)} tokens > max_length {rules.max_length}"
+                if reason == "too_long_tokens" and (rules.on_too_long == "drop" or chat.is_text(msgs)):
+                    detail = (f"{'the document has ' if chat.is_text(msgs) else ''}{len(e.input_ids)} tokens > "
+                              f"max_length {rules.max_length}")
                 verdicts[at] = (ENCODE_DROP, *keys, reason, detail, preview(msgs))
                 continue
             if truncated:
@@ -154,10 +162,16 @@ def process(fmt: str | None, items: Sequence[dict[str, Any] | bytes | S.Bad], ru
         turns = chat.turn_rules(msgs, rules.train_on)
         named = sum(1 for m in msgs if m.get("name") and m["role"] != "tool")
         n_tokens = len(e.input_ids) if e is not None else 0
+        parts = W.split(e, rules.max_length, rules.window_overlap, rules.last_window) \
+            if e is not None and e.offsets is not None and rules.max_length else []
         verdicts[at] = (KEPT, *keys, R.split_point(row_id, rules.seed), truncated,
                         tuple(turns.count(r) for r in chat.TURN_RULES), named, n_tokens,
-                        e.num_trainable if e is not None else 0)
-        kept.append((row_id, msgs, tools, e))
+                        e.num_trainable if e is not None else 0, tuple(len(w.input_ids) for w in parts))
+        if parts:
+            kept += [(W.window_id(row_id, k), [{"role": "text", "content": w.text}], tools,
+                      chat.Encoded(w.input_ids, w.labels, 1)) for k, w in enumerate(parts)]
+        else:
+            kept.append((row_id, msgs, tools, e))
     return verdicts, _columns(kept, encode is not None)  # type: ignore[return-value]
 
 

@@ -74,7 +74,7 @@ def encoder(tokenizer: Any, fmt: chat.ChatFormat, rules: B.Rules) -> Callable[..
     """The tokenizing step of batch.process for this tokenizer and template."""
     def encode(conversations: Sequence[chat.Messages], tools: Sequence[chat.ToolList]) -> list[chat.Encoded]:
         return chat.encode_many(tokenizer, fmt, conversations, tools=tools, max_length=rules.max_length,
-                                train_on=rules.train_on)
+                                train_on=rules.train_on, long_text=rules.long_documents == "windows")
     return encode
 
 

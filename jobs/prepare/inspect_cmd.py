@@ -27,6 +27,7 @@ import click
 
 from common.chat import IGNORE_INDEX as IGNORE
 from common.errors import ConfigError, InputError
+from jobs.prepare.mixing import describe
 
 GREEN, DIM, RESET, UNDER = "\x1b[32m", "\x1b[2m", "\x1b[0m", "\x1b[4m"
 
@@ -201,7 +202,7 @@ def count_lines(stats: dict[str, Any]) -> list[str]:
     if stats.get("ignored_keys"):
         keys = stats["ignored_keys"].items()
         out.append("ignored keys: " + ", ".join(f"{k} ({n:,} row{'s' * (n != 1)})" for k, n in keys))
-    return out
+    return out + [f"{label}: {value}" for label, value in describe(stats)]
 
 
 def render_histogram(stats: dict[str, Any], width: int = 40) -> str:
@@ -246,6 +247,7 @@ def render_html(title: str, rows: list[dict[str, Any]], all_segs: list[list[tupl
         if "turns" in stats:
             counts[f"assistant turns: {label}"] = stats["turns"][rule]
     counts |= {f"ignored key: {k}": n for k, n in (stats.get("ignored_keys") or {}).items()}
+    counts |= dict(describe(stats))
     return env.get_template("inspect.html.jinja").render(
         title=title, rows=shown, bins=bins, dropped=stats.get("dropped") or {}, counts=counts)
 

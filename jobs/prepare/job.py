@@ -24,8 +24,10 @@ from common.errors import ConfigError, InputError
 from common.logs import Progress
 from common.runner import config_options, execute
 from jobs.prepare import batch as B
+from jobs.prepare import decontam, listing, mixing
 from jobs.prepare import rows as R
 from jobs.prepare import sources as S
+from jobs.prepare import windows as W
 
 STAGE = "prepare"
 LOG = logging.getLogger(__name__)
@@ -42,6 +44,13 @@ class Source(JobConfig):
         default="auto", description="auto: split by the seeded row hash; train/eval: every row of this source "
         "goes there.")
     format: Format | None = Field(default=None, description="Overrides the top-level format for this source.")
+    weight: float | None = Field(default=None, gt=0, description="Share of the training rows (relative to the "
+                                 "other sources' weights; every training source then needs one). See "
+                                 "docs/prepare.md, Mixing.")
+    max_rows: int | None = Field(default=None, ge=1, description="At most this many of its training rows (a "
+                                 "seeded choice, nested: a smaller max_rows keeps a subset).")
+    repeat: bool = Field(default=False, description="Let its weight take more rows than it has, by repeating its "
+                         "rows (each copy gets its own id); without it such a weight is an error.")
 
 
 class Columns(JobConfig):
@@ -87,6 +96,16 @@ class Config(JobConfig):
     on_too_long: Literal["truncate", "drop"] = Field(
         default="truncate", description="truncate: drop trailing turns to fit max_length; drop: drop the row.")
     max_chars: int = Field(default=200_000, gt=0, description="Rows with more characters than this are dropped.")
+    long_documents: Literal["windows", "drop"] = Field(
+        default="windows", description="Plain-text rows (format text) longer than max_length: cut into windows "
+        "of max_length tokens (each a row), or drop them (too_long_tokens). Chat rows follow on_too_long.")
+    window_overlap: int = Field(default=0, ge=0, description="Tokens a window shares with the one before "
+                                "(context only there: each token is trained once). Must be below max_length.")
+    last_window: Literal["keep", "drop"] = Field(default="keep", description="A document's last window when it is "
+                                                 "shorter than max_length: keep it or drop it.")
+    max_messages: int = Field(default=1000, gt=0, description="Rows with more messages than this are dropped "
+                              "(too_many_messages): finding each turn's loss mask renders the conversation once "
+                              "per turn.")
     eval_fraction: float | None = Field(
         default=None, description="Share of rows (by seeded hash) for eval. Default 0.05 unless eval_size is set "
         "or a source is marked split: eval.")
@@ -99,7 +118,8 @@ class Config(JobConfig):
     skip_bad_lines: bool = Field(default=False, description="Drop unreadable lines and rows (bad JSON/UTF-8/CSV, "
                                  "too long or too deep, unusable tools) and count them instead of failing on the "
                                  "first one.")
-    max_line_bytes: int = Field(default=64 << 20, ge=1024, description="Longest JSON line/element read.")
+    max_line_bytes: int = Field(default=data.MAX_LINE_BYTES, ge=1024, description="Longest JSON line/element, "
+                                "CSV record or Parquet/Arrow row (its values' bytes) read; longer ones are bad lines.")
     rows_per_shard: int = Field(default=100_000, ge=1, description="Rows per Parquet file.")
     row_group_rows: int = Field(default=8192, ge=1, description="Rows per Parquet row group.")
     batch_size: int = Field(default=1024, ge=1, description="Rows per tokenizer call.")
@@ -107,6 +127,19 @@ class Config(JobConfig):
                                 "rows when a tokenizer is set (default: CPU count; 1: none).")
     drop_examples: int = Field(default=5, ge=0, description="Examples kept per drop reason in drops.jsonl.")
     run_id: str | None = Field(default=None, description="Run id recorded in the manifest (default: generated).")
+    mix_rows: int | None = Field(default=None, ge=1, description="Training rows of a weighted mixture (default: the "
+                                 "rows the weighted sources have, after max_rows).")
+    max_train_rows: int | None = Field(default=None, ge=1, description="Train on at most this many rows: a seeded, "
+                                       "nested subset of the same split (the learning-curve axis; eval unchanged).")
+    train_fraction: float | None = Field(default=None, gt=0, le=1, description="Train on this share of the training "
+                                         "rows: nested like max_train_rows (both set: the smaller wins).")
+    decontaminate: Literal["near", "exact", "off"] = Field(
+        default="near", description="Remove training rows that near-duplicate (or, exact: equal after "
+        "normalization) an eval row or a guard suite prompt; counted as eval_overlap.")
+    decontam_threshold: float = Field(default=0.8, gt=0, le=1, description="Jaccard similarity of character "
+                                      "5-grams at or above which a training row is a near-duplicate.")
+    guard_suites: list[str] = Field(default_factory=list, description="JSON Lines files of prompts (prompt, "
+                                    "messages or text per line) that training rows must not near-duplicate.")
 
     @field_validator("sources")
     @classmethod
@@ -125,6 +158,10 @@ class Config(JobConfig):
             raise ValueError("chat_template needs a tokenizer (set tokenizer: MODEL_SRC)")
         if self.max_length is not None and self.max_length < 8:
             raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
+        mixing.check_sources(self.source_specs(), self.mix_rows)
+        if self.max_length is not None and self.window_overlap >= self.max_length:
+            raise ValueError(f"window_overlap ({self.window_overlap}) must be below max_length ({self.max_length}): "
+                             "windows would not advance. Lower window_overlap.")
         return self
 
     def source_specs(self) -> list[Source]:
@@ -178,6 +215,7 @@ class Tally:
     # Keys of messages records that nothing reads (R.ignored_keys), by the number of rows holding them.
     ignored: Counter[str] = field(default_factory=Counter)
     named: int = 0  # messages other than tool results that carry a participant's `name`
+    sections: dict[str, Any] = field(default_factory=dict)  # stats sections of mixing.TrainSet
 
     def drop(self, reason: str, source: str, line: int, detail: str, preview: Any, keep: int) -> None:
         self.dropped[reason] += 1
@@ -207,6 +245,7 @@ class SplitWriter:
 
     def add(self, table: Any) -> None:
         """Rows (a pyarrow Table with the schema's columns but `split`), in order."""
+        table = _unpinned(table)
         start, n = 0, table.num_rows
         while start < n:
             take = min(n - start, self.conf.row_group_rows - self.buffered,
@@ -266,33 +305,42 @@ def run(config: Config) -> mf.Loaded:
         # What the inputs are: expand sources, fetch S3 objects, hash everything. Their bytes are the run's
         # identity beside the config, so this comes before the "already done" check.
         files: list[S.RawFile] = []
-        for spec in config.source_specs():
-            files += S.expand(spec.path, spec.split, spec.format)
+        shape = mixing.Inputs(source_of={})
+        for k, spec in enumerate(config.source_specs()):
+            expanded = S.expand(spec.path, spec.split, spec.format)
+            shape.source_of.update({f.uri: k for f in expanded})
+            files += expanded
         S.fetch(files, work)
+        shape.guards = decontam.fetch_guards(config.guard_suites, work)
         timings["fetch_and_hash_inputs"] = time.monotonic() - t_start
-        inputs = list({(ref.uri, ref.sha256): ref for ref in (f.input_ref() for f in files)}.values())
+        inputs, shape.listing = listing.refs(files, shape.source_of, config.source_specs())
+        inputs += [g.ref() for g in shape.guards]
         identity = stage.Identity(STAGE, output, cfg.dump(config), inputs)
-        result = stage.run(identity, lambda attempt: _prepare(config, files, work, attempt, timings))
+        result = stage.run(identity, lambda attempt: _prepare(config, files, work, attempt, timings, shape))
     assert isinstance(result, mf.Loaded)  # prepare has no partial attempts
     return result
 
 
 def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.Attempt,
-             timings: dict[str, float]) -> stage.Outcome:
+             timings: dict[str, float], shape: mixing.Inputs | None = None) -> stage.Outcome:
     """Read -> normalize -> validate -> dedup -> tokenize -> split -> write; refuse when too much was dropped."""
     from jobs.prepare.encode import Encoder
 
     rules = B.Rules(columns=config.columns.model_dump(), roles={**R.DEFAULT_ROLES, **config.roles},
                     max_chars=config.max_chars, dedup=config.dedup, seed=config.seed, train_on=config.train_on,
-                    max_length=config.max_length, on_too_long=config.on_too_long)
+                    max_length=config.max_length, on_too_long=config.on_too_long, max_messages=config.max_messages,
+                    long_documents=config.long_documents, window_overlap=config.window_overlap,
+                    last_window=config.last_window)
     model_info: dict[str, Any] = {}
     if config.tokenizer:
         encoder, model_info = _tokenizer(config, rules)
     else:
         encoder = Encoder(None, None, None, rules, workers=1)
     writer = attempt.writer
+    if shape is not None and shape.listing is not None:  # many raw files: their list, digested in the manifest
+        writer.add_bytes(shape.listing, "inputs.jsonl", name="inputs", rows=shape.listing.count(b"\n"))
     try:
-        tally, split_counts, lengths, trainable = _process(config, files, encoder, writer, work, timings)
+        tally, split_counts, lengths, trainable = _process(config, files, encoder, writer, work, timings, shape)
     except BaseException:
         _remove(writer)
         raise
@@ -322,6 +370,8 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
     writer.add_bytes(storage.json_bytes(stats), "stats.json", name="stats")
     _log_summary(tally, stats)
     timings["total"] = time.monotonic() - attempt.started + timings["fetch_and_hash_inputs"]
+    if shape is not None and shape.listing is not None:
+        stats = listing.compact(stats, shape.source_of, config.source_specs())
     return stage.Outcome(stats=stats, timings=timings, model=model_info, run_id=config.run_id)
 
 
@@ -350,12 +400,15 @@ def _tokenizer(config: Config, rules: B.Rules) -> tuple[Any, dict[str, Any]]:
 
 
 def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.ArtifactWriter, work: Path,
-             timings: dict[str, float]) -> tuple[Tally, dict[str, int], array[int], int]:
+             timings: dict[str, float], shape: mixing.Inputs | None = None
+             ) -> tuple[Tally, dict[str, int], array[int], int]:
     """Read every file into batches for the encoder (batch.process), then, batch by batch in row order, decide
-    what the order of the rows decides: errors, duplicates, repeats' ids, the split; and write."""
+    what the order of the rows decides: errors, duplicates, repeats' ids, the split; and write (the training
+    rows through mixing.TrainSet when something shapes or filters them)."""
     t0 = time.monotonic()
-    order = RowOrder(config, encoder, {s: SplitWriter(s, encoder.encode is not None, writer, work, config)
-                                       for s in data.SPLITS})
+    writers = {s: SplitWriter(s, encoder.encode is not None, writer, work, config) for s in data.SPLITS}
+    train_set = mixing.TrainSet.maybe(config, shape, writers, work)
+    order = RowOrder(config, encoder, train_set.writers if train_set else writers)
     progress = Progress("prepare", unit="rows")
     total_bytes, done_bytes = sum(f.size for f in files) or 1, 0
     for f in files:
@@ -363,14 +416,19 @@ def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.Ar
         done_bytes += f.size
     encoder.drain(order.finish)
     order.close_eval()
+    if order.windows:
+        order.tally.sections["windows"] = W.stats(order.windows, config.window_overlap, config.max_length,
+                                                  config.last_window)
+    if train_set is not None:
+        train_set.finish(order.tally)
     progress.done = order.tally.rows_in
     progress.close()
     timings["process"] = time.monotonic() - t0
     t = time.monotonic()
-    for w in order.writers.values():
+    for w in writers.values():
         w.close()
     timings["write_last_shards"] = time.monotonic() - t
-    return order.tally, {s: w.rows for s, w in order.writers.items()}, order.lengths, order.trainable
+    return order.tally, {s: w.rows for s, w in writers.items()}, order.lengths, order.trainable
 
 
 @dataclass
@@ -406,6 +464,7 @@ class RowOrder:
         self.seen_exact: set[int] = set()
         self.seen_norm: set[int] = set()
         self.repeats: Counter[int] = Counter()
+        self.windows: Counter[int] = Counter()  # documents cut into windows, by their number of windows
         self.lengths: array[int] = array("l")
         self.trainable = 0
         self.fraction = config.effective_eval_fraction()
@@ -477,7 +536,7 @@ class RowOrder:
         b = _Batch(table.append_column("source", pa.array([uri] * table.num_rows, type=pa.string())))
         for i, v in enumerate(verdicts):
             if v[0] == B.KEPT:
-                b.kept += 1
+                b.kept += max(len(v[11]), 1)  # a document cut into windows is that many rows
             occurrence = self._admit(chunk, i, v)
             if occurrence is not None:
                 self._place(chunk, i, v, occurrence, b)
@@ -539,16 +598,21 @@ class RowOrder:
     def _place(self, chunk: Chunk, i: int, v: tuple[Any, ...], occurrence: int, b: _Batch) -> None:
         """A kept row: counted, its id renumbered if it repeats, and sent to its split."""
         config, tally, st = self.config, self.tally, chunk.state
-        point, truncated, turns, named, n_tokens, n_trainable = v[5:11]
+        point, truncated, turns, named, n_tokens, n_trainable, parts = v[5:12]
+        rows = list(range(b.kept - len(parts) + 1, b.kept + 1)) if parts else [b.kept]
         tally.per_source[st.file.uri]["rows_out"] += 1
         if occurrence:
             canon = B.normalize(B.record(chunk.items[i]), st.format or "", self.encoder.rules)[2]  # type: ignore[arg-type]
-            b.renamed[b.kept] = R.row_id(canon, occurrence)
-            point = R.split_point(b.renamed[b.kept], config.seed)
+            doc_id = R.row_id(canon, occurrence)
+            point = R.split_point(doc_id, config.seed)
+            for k, row in enumerate(rows):
+                b.renamed[row] = W.window_id(doc_id, k)
         if truncated:
             tally.truncated += 1
+        if parts:
+            self.windows[len(parts)] += 1
         if self.tokenized:
-            self.lengths.append(n_tokens)
+            self.lengths.extend(parts or (n_tokens,))
             self.trainable += n_trainable
         for rule, n in zip(chat.TURN_RULES, turns, strict=True):
             if n:
@@ -556,31 +620,42 @@ class RowOrder:
         tally.named += named
         split = st.file.split
         if split != "auto":
-            b.out[split].append(b.kept)
+            b.out[split] += rows
         elif config.eval_size is not None:
-            self._eval_size_split(point, b)
+            self._eval_size_split(point, b, rows)
         else:
-            b.out["eval" if point < self.fraction else "train"].append(b.kept)
+            b.out["eval" if point < self.fraction else "train"] += rows
 
-    def _eval_size_split(self, point: float, b: _Batch) -> None:
+    def _eval_size_split(self, point: float, b: _Batch, rows: list[int]) -> None:
         """eval_size: the rows with the lowest split points are held out, kept in a bounded heap until the end."""
         self.seq += 1
         heap, size = self.eval_heap, self.config.eval_size
         assert size is not None
         if len(heap) < size or point < -heap[0][0]:
             b.apply_renames()
-            item = (-point, self.seq, _take(b.table, [b.kept]))
+            item = (-point, self.seq, _take(b.table, rows))
             if len(heap) < size:
                 heapq.heappush(heap, item)
             else:
                 b.flush(self.writers)  # rows before this one first: the row it displaces comes after them
                 self.writers["train"].add(heapq.heapreplace(heap, item)[2])
         else:
-            b.out["train"].append(b.kept)
+            b.out["train"] += rows
 
     def close_eval(self) -> None:
         for _, _, row in sorted(self.eval_heap, key=lambda it: -it[0]):  # lowest split point first
             self.writers["eval"].add(row)
+
+
+def _unpinned(table: Any) -> Any:
+    """A copy of a small slice of a large batch: a slice shares its batch's buffers, and the eval split's few
+    rows per batch, buffered until a row group fills (8,192 rows: about 160,000 rows read at 5% eval), kept
+    every batch they came from in memory (issue 28: peak RSS grew with the rows read)."""
+    if table.num_rows and table.get_total_buffer_size() > 4 * table.nbytes + (1 << 16):
+        import pyarrow as pa
+
+        return table.take(pa.array(range(table.num_rows), type=pa.int64()))
+    return table
 
 
 def _take(table: Any, rows: list[int]) -> Any:
@@ -739,6 +814,7 @@ def _stats(config: Config, tally: Tally, split_counts: dict[str, int], lengths: 
         "turns": {rule: tally.turns[rule] for rule in chat.TURN_RULES},
         "ignored_keys": dict(sorted(tally.ignored.items())),
         "named_messages": tally.named,
+        **tally.sections,
     }
     if config.tokenizer:
         tokens = _token_stats(lengths, trainable)

@@ -48,8 +48,8 @@ NEXT = {"user": ("assistant",), "assistant": ("user", "tool"), "tool": ("tool", 
 REASONS = (
     "invalid_json", "invalid_utf8", "invalid_unicode", "line_too_long", "invalid_csv", "invalid_record",
     "invalid_tools", "wrong_type", "missing_field", "empty_content", "unknown_role", "broken_alternation",
-    "unknown_tool_call_id", "no_assistant_turn", "too_long_chars", "too_long_tokens", "zero_trainable_tokens",
-    "multiple_bos", "duplicate_exact", "duplicate_normalized",
+    "unknown_tool_call_id", "no_assistant_turn", "too_many_messages", "too_long_chars", "too_long_tokens",
+    "zero_trainable_tokens", "multiple_bos", "duplicate_exact", "duplicate_normalized", "eval_overlap",
 )
 # Drops that mean the source is unusable as given (not one odd row among good ones): exit 3 naming the file
 # and line unless skip_bad_lines, like an unreadable line.
@@ -299,8 +299,10 @@ def to_messages(rec: Mapping[str, Any], fmt: str, columns: Mapping[str, str],
     return msgs
 
 
-def validate(msgs: list[dict[str, Any]], max_chars: int) -> list[dict[str, Any]]:
+def validate(msgs: list[dict[str, Any]], max_chars: int, max_messages: int | None = None) -> list[dict[str, Any]]:
     """Check a conversation's shape; returns it without empty system messages."""
+    if max_messages is not None and len(msgs) > max_messages:  # before any per-message work
+        raise Drop("too_many_messages", f"{len(msgs):,} messages > max_messages {max_messages:,}")
     if len(msgs) == 1 and msgs[0]["role"] == "text":
         if not msgs[0]["content"].strip():
             raise Drop("empty_content", "text is empty")

@@ -37,6 +37,7 @@ from typing import IO, Any
 
 from common import models, storage
 from common.errors import InputError
+from jobs.prepare import limits
 
 LOG = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def records(f: RawFile, *, max_line_bytes: int, undecoded: bool = False
     try:
         if f.kind in ("parquet", "arrow"):
             total = total_rows(f)
-            for i, item in enumerate(_table(f)):
+            for i, item in enumerate(_table(f, max_line_bytes)):
                 if total and i % 1024 == 0:
                     f.pos = f.size * i // total
                 yield item
@@ -370,17 +371,25 @@ def _json(fh: IO[bytes], f: RawFile, max_line_bytes: int, undecoded: bool = Fals
 
 def _csv(fh: IO[bytes], delimiter: str, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
     csv.field_size_limit(max(max_line_bytes, 1 << 17))
-    text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
-    reader = csv.DictReader(text, delimiter=delimiter)
+    lines = limits.BoundedLines(fh, max_line_bytes)  # a record over max_line_bytes is never held whole
+    reader = csv.DictReader(lines, delimiter=delimiter)
     while True:
+        lines.start_record()
         try:
             row = next(reader)
         except StopIteration:
             return
-        except csv.Error as exc:
-            yield reader.line_num, Bad("invalid_csv", f"CSV error: {exc}")
+        except limits.RowTooLong as exc:
+            yield exc.line, Bad("line_too_long", f"CSV record is longer than max_line_bytes ({max_line_bytes:,} "
+                                "bytes)")
+            if reader.fieldnames is None:  # the header itself: nothing after it can be read
+                return
+            reader = csv.DictReader(lines, fieldnames=reader.fieldnames, delimiter=delimiter)
             continue
-        n = reader.line_num
+        except csv.Error as exc:
+            yield lines.line_num, Bad("invalid_csv", f"CSV error: {exc}")
+            continue
+        n = lines.line_num
         if None in row:
             yield n, Bad("invalid_csv", f"{len(reader.fieldnames or []) + len(row[None])} fields; the header has "
                          f"{len(reader.fieldnames or [])}")
@@ -398,21 +407,36 @@ def _csv(fh: IO[bytes], delimiter: str, max_line_bytes: int) -> Iterator[tuple[i
             yield n, row
 
 
-def _table(f: RawFile) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
+def _table(f: RawFile, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
+    """Rows of a Parquet or Arrow file; a row over max_line_bytes is a Bad line, never converted to Python
+    (limits.py: Parquet row groups that certainly hold one are not even decompressed)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     assert f.local is not None
     n = 0
     try:
+        groups: list[tuple[Iterator[Any] | None, int]]  # (batches, rows): None for a refused row group
         if f.kind == "parquet":
-            batches: Iterator[Any] = pq.ParquetFile(f.local).iter_batches(batch_size=1024)
+            pf = pq.ParquetFile(f.local)
+            oversized = limits.oversized_groups(pf, max_line_bytes)
+            groups = [(None if g in oversized else pf.iter_batches(batch_size=1024, row_groups=[g]),
+                       pf.metadata.row_group(g).num_rows) for g in range(pf.metadata.num_row_groups)]
         else:
-            batches = iter(_arrow_reader(f.local))
-        for batch in batches:
-            for rec in batch.to_pylist():
-                n += 1
-                yield n, rec
+            groups = [(iter(_arrow_reader(f.local)), 0)]
+        for batches, rows in groups:
+            if batches is None:
+                detail = (f"rows {n + 1:,}-{n + rows:,} (a row group) average more than max_line_bytes "
+                          f"({max_line_bytes:,} bytes) each, uncompressed; not read")
+                for _ in range(rows):
+                    n += 1
+                    yield n, Bad("line_too_long", detail)
+                continue
+            for row, rec, size in limits.table_records(batches, n, max_line_bytes):
+                n = row
+                yield n, rec if rec is not None else Bad(
+                    "line_too_long", f"row {n:,} holds {size:,} bytes, more than max_line_bytes "
+                    f"({max_line_bytes:,} bytes)")
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(f, exc, after=n) from None
 

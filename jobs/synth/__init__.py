@@ -10,7 +10,7 @@ Each of `num_prompts` prompts shows the teacher `prompt.shots` seeds (a seeded d
 one new example in the declared `format` (messages, prompt_completion, or json with `json_schema`);
 `sampling.n` completions per prompt. A completion is kept only when it is parseable, a row of the format
 (schema-valid), within `limits`, not a near-duplicate of a seed or of an earlier kept row (Jaccard of
-character 5-grams >= `near_duplicates.threshold`, 0.8: see dedup.py) and, with a judge, scored high enough.
+character 5-grams >= `near_duplicates.threshold`, 0.8: see common/neardup.py) and, with a judge, scored high enough.
 Every rejected completion is counted by reason (rows.REASONS); the first examples of each go to
 rejects.jsonl. `guided: true` constrains the teacher to the format's JSON schema (vLLM structured outputs).
 
@@ -45,11 +45,11 @@ from pydantic import Field, field_validator, model_validator
 from common import chat, chunks, models, stage, storage
 from common import judge as J
 from common import manifest as mf
+from common import neardup as dedup
 from common.config import JobConfig, dump, json_schema_validator
 from common.errors import InputError
 from common.generate import EngineArgs, Sampling
 from common.runner import config_options, execute
-from jobs.synth import dedup
 from jobs.synth import rows as R
 
 STAGE = "synth"

@@ -10,9 +10,9 @@ import jsonschema
 import pytest
 
 from common import config as cfg
+from common import neardup as dedup
 from common.errors import ConfigError, InputError
 from jobs import pipeline, synth
-from jobs.synth import dedup
 from jobs.synth import rows as R
 
 pytestmark = pytest.mark.unit
