@@ -127,6 +127,9 @@ class Config(JobConfig):
                                             description="Overrides of `infer` for the finetuned run.")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="evaluate's config section.")
     stop_after: str | None = Field(None, description=f"Stop after this step (one of {', '.join(STEP_NAMES)}).")
+    max_parallel: int = Field(2, ge=1, description="Steps run at once by the local executor (infer-base beside "
+                                                   "train; a sweep's cells side by side); each gets cores / "
+                                                   "max_parallel threads. Kubernetes runs what is ready at once.")
 
     @field_validator("run_id", mode="before")
     @classmethod
@@ -140,10 +143,9 @@ class Config(JobConfig):
     @classmethod
     def _run_id(cls, value: str | None) -> str | None:
         # It becomes a folder under <root>/runs/: a '/' or '..' would write outside the root.
-        if value is not None and not mf.RUN_ID_RE.match(value):
-            raise ValueError(f"{value!r} is not a run id: use 1-63 letters, digits, '.', '_' or '-', starting "
-                             "and ending with a letter or digit (it names the folder <root>/runs/<run_id>/ and, "
-                             "on Kubernetes, the Jobs)")
+        problem = mf.run_id_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("data")
@@ -239,11 +241,14 @@ def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str
 
 
 def stage_command(stage: str) -> click.Command:
-    from jobs.cli import main
+    """The stage's click command, found through the stage registry's module (no import of the CLI)."""
+    import importlib
 
-    command = main.get_command(click.Context(main), stage)
-    if command is None:
-        raise ConfigError(f"this ftjobs has no `{stage}` command")
+    from common import stages
+
+    command = getattr(importlib.import_module(stages.get(stage).module), "command", None)
+    if not isinstance(command, click.Command):
+        raise ConfigError(f"stage {stage}: module {stages.get(stage).module} has no click `command`")
     return command
 
 
