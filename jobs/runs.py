@@ -21,7 +21,7 @@ import click
 
 from common import manifest as mf
 from common import storage
-from common.errors import ConfigError, FtjobsError
+from common.errors import ConfigError, InputError
 
 RECORDS = ("pipeline.json", "sweep.json")
 
@@ -70,7 +70,7 @@ def find(root: str, run_id: str) -> Found:
                 steps.append(Step("/".join(parts[:-1]), mf.load(obj.uri, verify="none")))
         steps.sort(key=lambda s: s.loaded.manifest.created_at)
         return Found(run_id, prefix, record, steps)
-    raise FtjobsError(f"no run or sweep {run_id} under {root} (looked in {', '.join(places(root, run_id))}): "
+    raise InputError(f"no run or sweep {run_id} under {root} (looked in {', '.join(places(root, run_id))}): "
                       f"`ftjobs runs list --root {root}` lists those there")
 
 
