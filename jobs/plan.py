@@ -37,6 +37,7 @@ from jobs import chain
 # checkpoint.grace_seconds, train's): the exit itself (closing files, an engine's processes) takes a few seconds.
 STOP_MARGIN_S = 30.0
 LEADERBOARD = "evaluate"  # the chain step a sweep replaces by its one leaderboard over every cell
+PREDICTIONS = "infer-finetuned"  # the step whose predictions of a cell the leaderboard ranks
 SETTLED = ("done", "failed", "blocked", "interrupted")
 
 
@@ -203,11 +204,10 @@ class Plan:
     # ----------------------------------------------------------------------- the cells' outcome
 
     def finetuned(self, cell: Cell) -> str | None:
-        """The cell's finetuned predictions manifest, when it finished (the last step before the comparison)."""
-        last = [k for name, k in cell.keys.items() if name != LEADERBOARD]
-        if not last or any(self.instances[k].status != "done" for k in last):
+        """The cell's finetuned predictions manifest, once every step of the cell finished."""
+        if PREDICTIONS not in cell.keys or any(self.instances[k].status != "done" for k in cell.keys.values()):
             return None
-        inst = self.instances[last[-1]]
+        inst = self.instances[cell.keys[PREDICTIONS]]
         if not inst.served:
             return inst.manifest
         output = next(s.output for s in inst.served if s.cell == cell.id)
@@ -350,8 +350,10 @@ def build(kind: Literal["run", "sweep"], plan_id: str, prefix: str, cells: list[
                 evaluate=dict(evaluate or {}), axes=list(axes or []))
     for cell in cells:
         resolved = chain.check(cell.config)  # every step's config, before any step runs
+        left_out = {LEADERBOARD} if kind == "sweep" else set()
         for step in chain.steps(cell.config):
-            if kind == "sweep" and step.name == LEADERBOARD:
+            if step.name in left_out or left_out & set(step.needs()):
+                left_out.add(step.name)  # a sweep's cells stop before the comparison and what takes from it
                 continue
             _add(plan, cell, step, resolved.get(step.name))
     if serve:
@@ -391,10 +393,10 @@ def servable(config: chain.Config) -> bool:
 def _serve(plan: Plan) -> None:
     """Replace merge + infer-finetuned of plain-LoRA cells by one served inference per base, prompts and infer
     section: one engine for all their adapters. Each cell keeps an output (and manifest) of its own."""
-    step = chain.BY_NAME["infer-finetuned"]
+    step = chain.BY_NAME[PREDICTIONS]
     groups: dict[str, list[Cell]] = {}
     for cell in plan.cells:
-        if servable(cell.config) and "infer-finetuned" in cell.keys:
+        if servable(cell.config) and PREDICTIONS in cell.keys:
             recipe = {"served": True, "base": plan.values(cell.config)["base_model"], "prepare": cell.keys["prepare"],
                       "section": cell.config.section(step)}
             groups.setdefault(short_hash(recipe), []).append(cell)
@@ -402,15 +404,15 @@ def _serve(plan: Plan) -> None:
         inst = Instance(step=step, key=group_key, name=f"{step.name}-{group_key}", tag=f"finetuned-{group_key[:8]}",
                         output="", config=members[0].config, needs={"prepare": members[0].keys["prepare"]})
         for cell in members:
-            for name in ("merge", "infer-finetuned"):
+            for name in ("merge", PREDICTIONS):
                 old = plan.instances[cell.keys[name]]
                 old.cells.remove(cell.id)
                 if not old.cells:
                     del plan.instances[cell.keys[name]]
             del cell.keys["merge"]
             own = short_hash({"served": group_key, "train": cell.keys["train"]})
-            inst.served.append(Served(cell.id, cell.keys["train"], storage.join(plan.prefix, "infer-finetuned", own)))
+            inst.served.append(Served(cell.id, cell.keys["train"], storage.join(plan.prefix, PREDICTIONS, own)))
             inst.cells.append(cell.id)
-            cell.keys["infer-finetuned"] = group_key
+            cell.keys[PREDICTIONS] = group_key
         inst.output = inst.served[0].output
         plan.instances[group_key] = inst
