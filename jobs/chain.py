@@ -10,9 +10,10 @@
 
 Each step names its stage, the inputs the chain wires into it (an earlier step's manifest, or a value of
 the run such as the base model) with the stage's command-line flag and config key for each, and the
-sections of the run config that make up its own config. `ftjobs pipeline` (subprocesses), `ftjobs k8s
-submit` (Jobs), `ftjobs sweep` and config validation all read `CHAIN`; nothing else lists the steps. A step's
-name is its one spelling everywhere: its output folder `<run>/<step>/`, `pipeline.json`, Job names, logs.
+sections of the run config that make up its own config. `jobs/plan.py` plans `CHAIN` for every executor
+(`ftjobs pipeline` and `ftjobs sweep`: subprocesses; `ftjobs k8s submit`: Jobs), and config validation reads
+it; nothing else lists the steps. A step's name is its one spelling everywhere: its output folder
+`<run>/<step>/`, `pipeline.json`, Job names, logs.
 
 A run config section may not set what the chain wires (a step's inputs and its output): such a key is
 refused naming it, since it would be overridden silently otherwise.

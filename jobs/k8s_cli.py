@@ -36,7 +36,7 @@ import click
 from common import manifest as mf
 from common import stages
 from common.errors import ConfigError
-from jobs import chain, pipeline
+from jobs import chain, pipeline, sweep
 from jobs.executors.kube import Kubectl, KubeExecutor
 from jobs.k8s import (
     ENGINES,
@@ -200,46 +200,51 @@ def submit(run_id: str | None, sweep_file: str | None, sweep_id: str | None, tem
                             shards=shards, extra=stage_args_map(stage_args), queue=queue, namespace=namespace,
                             timeout_s=timeout_s, poll_s=poll_s, nodes=nodes, gpus_per_node=gpus_per_node)
     gate = (f"evaluate.fail_if_worse={fail_if_worse}",) if fail_if_worse else ()
-    settings = store_settings(docs)
     if sweep_file:
-        from jobs import sweep
-
         if run_id or config_file or sources or base_model:
             raise ConfigError("--sweep takes the whole sweep from its file: drop --run-id, --config, --source and "
                               "--base-model (use --sweep-id and --set)")
-        conf = cfg.load_config(sweep.Config, file=sweep_file, sets=(*sets, *gate),
-                               flags={"sweep_id": sweep_id, "baseline": baseline,
-                                      "allow_failed_cells": allow_failed_cells})
-        the_id = conf.sweep_id or mf.new_run_id()
-        the_plan = sweep.plan_sweep(conf, run_prefix(settings, "sweeps") + f"/{the_id}", the_id, local=False)
-        click.echo(the_plan.describe(), err=True)
-        the_plan.write_sections()
-        executor.check(the_plan)  # every Job's arguments and image, before the first one exists
-        try:
-            loaded = sweep.execute_plan(the_plan, executor, conf)
-        finally:
-            final = the_plan.final
-            if summary:
-                Path(summary).write_text(json.dumps({"sweep_id": the_id, "evaluate": final.manifest if final else None},
-                                                    indent=2) + "\n")
-        click.echo(loaded.uri)
+        flags = {"sweep_id": sweep_id, "baseline": baseline, "allow_failed_cells": allow_failed_cells}
+        click.echo(submit_sweep(executor, cfg.load_config(sweep.Config, file=sweep_file, sets=(*sets, *gate),
+                                                          flags=flags), summary).uri)
         return
     if not run_id:
         raise ConfigError("Pass --run-id (one run of the chain) or --sweep FILE (a sweep).")
     config = cfg.load_config(chain.Config, file=config_file, sets=(*sets, *gate),
                              flags={"run_id": run_id, "base_model": base_model, "data": list(sources) or None,
                                     "baseline": baseline})
-    the_plan = pipeline.plan_run(config, run_prefix(settings, run_id), run_id, local=False)
+    click.echo(submit_run(executor, config, run_id, summary).uri)
+
+
+def submit_run(executor: KubeExecutor, config: chain.Config, run_id: str, summary: str | None) -> mf.Loaded:
+    """The run's plan, checked whole, then its Jobs; `summary` gets {step: manifest URI} (also on a failure)."""
+    the_plan = pipeline.plan_run(config, run_prefix(store_settings(executor.docs), run_id), run_id, local=False)
     click.echo(the_plan.describe(), err=True)
     the_plan.write_sections()
-    executor.check(the_plan)
+    executor.check(the_plan)  # every Job's arguments and image, before the first one exists
     try:
-        loaded = pipeline.execute_plan(the_plan, executor, config)
+        return pipeline.execute_plan(the_plan, executor, config)
     finally:
         if summary:
             done = {i.step.name: i.manifest for i in the_plan.instances.values() if i.manifest}
             Path(summary).write_text(json.dumps(done, indent=2) + "\n")
-    click.echo(loaded.uri)
+
+
+def submit_sweep(executor: KubeExecutor, conf: sweep.Config, summary: str | None) -> mf.Loaded:
+    """The sweep's plan under <FTJOBS_RUNS>/sweeps/<sweep_id>, checked whole, then its Jobs and leaderboard."""
+    the_id = conf.sweep_id or mf.new_run_id()
+    prefix = run_prefix(store_settings(executor.docs), "sweeps") + f"/{the_id}"
+    the_plan = sweep.plan_sweep(conf, prefix, the_id, local=False)
+    click.echo(the_plan.describe(), err=True)
+    the_plan.write_sections()
+    executor.check(the_plan)
+    try:
+        return sweep.execute_plan(the_plan, executor, conf)
+    finally:
+        final = the_plan.final
+        if summary:
+            Path(summary).write_text(json.dumps({"sweep_id": the_id, "evaluate": final.manifest if final else None},
+                                                indent=2) + "\n")
 
 
 def stage_args_map(items: tuple[str, ...]) -> dict[str, list[str]]:
