@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from common import config as cfg
 from common import manifest as mf
 from common import stages
 from jobs import chain, k8s, pipeline, plan, sweep
+from jobs.cli import main
 from jobs.executors import Finished
 from jobs.executors.kube import Kubectl, KubeExecutor
 from jobs.executors.local import LocalExecutor
@@ -146,6 +148,17 @@ def test_a_toy_stage_is_planned_run_rendered_and_validated(toy: None, tmp_path: 
     a, b = (mf.load(str(i.manifest)) for i in the_plan.instances.values())
     assert (a.manifest.stage, a.manifest.run_id, b.manifest.run_id) == ("toy", "t1", "t1")
     assert [r.uri for r in b.manifest.inputs] == [a.uri]
+    the_plan.record(0)
+    # from a manifest to its run, and from the run id to every step, in a local store
+    shown = CliRunner().invoke(main, ["show", b.uri, "--verify", "none"], catch_exceptions=False)
+    assert shown.stdout.startswith(f"toy run t1  ({b.uri})"), shown.output
+    listed = CliRunner().invoke(main, ["runs", "show", "t1", "--root", str(tmp_path)], catch_exceptions=False)
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    assert lines[0] == f"run t1  ({tmp_path}/runs/t1)  exit 0"
+    assert [line.split()[:2] for line in lines[1:]] == [["toy-a", "toy"], ["toy-b", "toy"]]
+    runs = CliRunner().invoke(main, ["runs", "list", "--root", str(tmp_path)], catch_exceptions=False)
+    assert runs.stdout.split()[:4] == ["t1", "run", "2", "steps"]
 
     docs = k8s.kustomize(k8s.overlay_dir("base", None))
     template = copy.deepcopy(k8s.find_job(docs, "prepare"))  # the toy's Job template, given to the renderer
