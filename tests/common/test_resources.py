@@ -70,7 +70,7 @@ def test_cgroup_v1_quota(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
 
 
 def test_the_defaults_that_count_cores_read_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from jobs import sweep
+    from jobs.executors.local import LocalExecutor
     from jobs.prepare import encode
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(64)))
@@ -79,9 +79,7 @@ def test_the_defaults_that_count_cores_read_it(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(resources, "SELF_CGROUP", me)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert encode.default_workers() == 4  # prepare's tokenizing processes
-    config = sweep.Config(base_model="org/tiny", data=["d.jsonl"], matrix={"train.lora.r": [8, 16]}, max_parallel=2)
-    runner = sweep.Runner(config, str(tmp_path / "runs"), str(tmp_path / "conf"), tmp_path, {})
-    assert runner.env()["OMP_NUM_THREADS"] == "2"  # the sweep's steps split the pod's 4 CPUs, not 64 cores
+    assert LocalExecutor(max_parallel=2).threads == 2  # steps run at once split the pod's 4 CPUs, not 64 cores
 
 
 def test_torch_on_cpu_gets_the_pods_cpus_unless_omp_says_otherwise(monkeypatch: pytest.MonkeyPatch,
