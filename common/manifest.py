@@ -34,7 +34,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 STAGES: tuple[str, ...] = ("synth", "prepare", "train", "merge", "infer", "evaluate")
 PRODUCER = {"synth": "ftjobs synth", "prepare": "ftjobs prepare", "train": "ftjobs train", "merge": "ftjobs merge",
-            "infer": "ftjobs infer", "evaluate": "ftjobs evaluate"}
+            "infer": "ftjobs infer", "evaluate": "ftjobs evaluate", "select": "ftjobs select"}
 
 
 class _Frozen(BaseModel):
@@ -208,7 +208,8 @@ class SynthModel(ModelBlock):
 
 
 MODEL_BLOCKS: dict[str, type[ModelBlock]] = {"synth": SynthModel, "prepare": PrepareModel, "train": TrainModel,
-                                             "merge": MergeModel, "infer": InferModel}
+                                             "merge": MergeModel, "infer": InferModel,
+                                             "select": TrainModel}  # select: the chosen checkpoint's adapter
 
 
 def model_block(loaded: Loaded) -> Any:
