@@ -32,7 +32,7 @@ from common.errors import AlreadyExistsError, ChecksumError, FtjobsError, InputE
 LOG = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-STAGES: tuple[str, ...] = ("synth", "prepare", "train", "merge", "infer", "evaluate")
+STAGES: tuple[str, ...] = ("synth", "prepare", "train", "merge", "infer", "evaluate", "select")
 PRODUCER = {"synth": "ftjobs synth", "prepare": "ftjobs prepare", "train": "ftjobs train", "merge": "ftjobs merge",
             "infer": "ftjobs infer", "evaluate": "ftjobs evaluate", "select": "ftjobs select"}
 

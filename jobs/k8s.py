@@ -59,7 +59,7 @@ OVERLAYS = ("base", "local", "gpu")
 # a judge to run (the `evaluate-judge` template: the infer image, a GPU in the gpu overlay); synth runs a
 # teacher model in the infer image.
 IMAGE_OF = {"synth": "infer", "prepare": "prepare", "train": "train", "merge": "merge", "infer": "infer",
-            "evaluate": "prepare", "evaluate-judge": "infer"}
+            "evaluate": "prepare", "evaluate-judge": "infer", "select": "infer"}
 TEMPLATES = tuple(IMAGE_OF)  # the ftjobs.dev/stage label of each Job template in k8s/base
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 STAGE_LABEL = "ftjobs.dev/stage"

@@ -28,7 +28,7 @@ ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "
                    "secret"}
 CACHE_ENV = ("HF_HOME", "TRITON_CACHE_DIR", "FTJOBS_CACHE", "XDG_CACHE_HOME")
 MIN_GRACE = {"train": 300}  # seconds to write a checkpoint on SIGTERM
-GPU_STAGES = ("synth", "train", "merge", "infer", "evaluate-judge")  # Job templates that run a model
+GPU_STAGES = ("synth", "train", "merge", "infer", "evaluate-judge", "select")  # Job templates that run a model
 
 
 def image_violations(image: str) -> list[str]:
