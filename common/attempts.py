@@ -58,7 +58,7 @@ STALE_S = float(os.environ.get("FTJOBS_ATTEMPT_STALE_S", "300"))
 REMOVE_AFTER_S = float(os.environ.get("FTJOBS_ATTEMPT_REMOVE_AFTER_S", str(4 * STALE_S)))
 # The folders ftjobs writes beside what manifests name: gc never looks elsewhere, so an --output that also
 # holds a user's own files (raw data next to prepare's output, say) keeps them.
-OWNED = (ROOT, "checkpoints", "shards")
+OWNED = (ROOT, "checkpoints", "shards", "candidates")  # candidates: train.select's kept adapters
 
 
 def new_id() -> str:

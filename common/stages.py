@@ -66,6 +66,8 @@ BUILTIN: tuple[Stage, ...] = (
     Stage("merge", "jobs.merge", "merge", gpu=True, model_block="common.manifest:MergeModel"),
     Stage("infer", "jobs.infer", "infer", gpu=True, model_block="common.manifest:InferModel"),
     Stage("evaluate", "jobs.evaluate", "prepare", variants=(Variant("evaluate-judge", "infer", gpu=True),)),
+    # select: the chosen checkpoint's adapter, read where a train manifest is (docs/selection.md)
+    Stage("select", "jobs.select", "infer", gpu=True, model_block="common.manifest:TrainModel"),
 )
 _registered: dict[str, Stage] = {}
 

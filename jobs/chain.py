@@ -4,7 +4,9 @@
     prepare          raw data (+ synth's examples) -> canonical Parquet (tokenized with the base model's tokenizer)
     infer-base       the base model answers the eval prompts
     train            LoRA / QLoRA adapter
-    merge            adapter folded into the 16-bit base
+    select           optional (a `train.select` section): the checkpoints train kept as candidates, scored on
+                     the eval prompts, the best one's adapter carried forward (docs/selection.md)
+    merge            adapter (the selected one, with select) folded into the 16-bit base
     infer-finetuned  the merged model answers the same prompts
     evaluate         base vs finetuned: report.md / report.html
 
@@ -48,6 +50,7 @@ class Take:
     source: str  # an earlier step's name (its manifest URI), or one of RUN_VALUES
     when: str | None = None  # a boolean field of the run config that turns it on ("tokenize")
     label: int | None = None  # evaluate: also pass `--label labels[label]` (which side of the comparison)
+    unless: str | None = None  # a step that replaces this input when the run takes it (merge: select, else train)
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,12 @@ class Step:
     takes: tuple[Take, ...]
     sections: tuple[str, ...]  # run config sections merged (later wins) into the step's config
     baseline: bool = False  # the base model's side of the comparison: may be left out (`--no-baseline`)
-    optional: str | None = None  # a run config section: the step runs only when that section is set
+    optional: str | None = None  # run config sections (`a|b.c`): the step runs only when one of them is set
 
     def wanted(self, config: Config) -> bool:
         """Whether a run of `config` takes this step (the baseline and optional steps may be left out)."""
-        return not (self.baseline and not config.baseline) and not (self.optional and not getattr(config,
-                                                                                               self.optional))
+        return not (self.baseline and not config.baseline) and not (self.optional and not any(
+            section_set(config, name) for name in self.optional.split("|")))
 
     @property
     def wired(self) -> tuple[str, ...]:
@@ -87,7 +90,12 @@ CHAIN: tuple[Step, ...] = (
          ("infer", "infer_base"), baseline=True),
     Step("train", "train", (Take("input", "--input", "prepare"), Take("base_model", "--base-model", "base_model")),
          ("train",)),
-    Step("merge", "merge", (Take("input", "--input", "train"),), ("merge",)),
+    # select scores the checkpoints train kept (train.select) and names the best; merge then takes its adapter.
+    Step("select", "select", (Take("train", "--train", "train"), Take("prompts", "--prompts", "prepare"),
+                              Take("baseline", "--baseline", "infer-base")), ("select",),
+         optional="train.select"),
+    Step("merge", "merge", (Take("input", "--input", "select"), Take("input", "--input", "train", unless="select")),
+         ("merge",)),
     Step("infer-finetuned", "infer", (Take("model", "--model", "merge"), Take("prompts", "--prompts", "prepare")),
          ("infer", "infer_finetuned")),
     Step("evaluate", "evaluate", (Take("predictions", "--predictions", "infer-base", label=0),
@@ -127,6 +135,9 @@ class Config(JobConfig):
     infer_finetuned: dict[str, Any] = Field(default_factory=dict,
                                             description="Overrides of `infer` for the finetuned run.")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="evaluate's config section.")
+    select: dict[str, Any] = Field(default_factory=dict, description="select's config section (infer, evaluate, "
+                                   "metric), used when train.select is set "
+                                   "(docs/selection.md).")
     stop_after: str | None = Field(None, description=f"Stop after this step (one of {', '.join(STEP_NAMES)}).")
     max_parallel: int = Field(2, ge=1, description="Steps run at once by the local executor (infer-base beside "
                                                    "train; a sweep's cells side by side); each gets cores / "
@@ -179,6 +190,14 @@ class Config(JobConfig):
         return merged
 
 
+def section_set(config: Config, dotted: str) -> bool:
+    """Whether the run config sets the (nested) section `dotted`, e.g. `synth` or `train.select`."""
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part, None) if not isinstance(value, dict) else value.get(part)
+    return bool(value)
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`over` on top of `base`; nested mappings merge (infer_base: {sampling: {max_tokens: 8}} keeps the
     temperature `infer` set), anything else is replaced."""
@@ -228,7 +247,7 @@ def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str
     for take in step.takes:
         if take.when and not getattr(config, take.when):
             continue
-        if take.source in left_out:
+        if take.source in left_out or (take.unless and take.unless not in left_out):
             continue
         value = run_values[take.source] if take.source in RUN_VALUES else done[take.source]
         for item in value if isinstance(value, list) else [value]:

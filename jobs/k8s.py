@@ -238,7 +238,9 @@ def render_job(docs: list[dict[str, Any]], stage: str, run_id: str, stage_args: 
 
 def template_of(stage: str, resolved: Any) -> str:
     """The Job template a stage's run needs: evaluate with a judge runs a model (infer image, GPU)."""
-    return "evaluate-judge" if stage == "evaluate" and getattr(resolved, "judge", None) is not None else stage
+    # guards (jobs/evaluate/guards.py) run a model as the judge does
+    model = getattr(resolved, "judge", None) is not None or bool(getattr(resolved, "guards", None))
+    return "evaluate-judge" if stage == "evaluate" and model else stage
 
 
 # --------------------------------------------------------------------------- render: several processes

@@ -71,7 +71,8 @@ class Cell:
 
 @dataclass(frozen=True)
 class Served:
-    """One adapter a served inference answers with: the cell, its train instance's key, the cell's own output."""
+    """One adapter a served inference answers with: the cell, its train (or select) instance's key, the cell's own
+    output."""
 
     cell: str
     train: str
@@ -410,8 +411,9 @@ def _serve(plan: Plan) -> None:
                 if not old.cells:
                     del plan.instances[cell.keys[name]]
             del cell.keys["merge"]
-            own = short_hash({"served": group_key, "train": cell.keys["train"]})
-            inst.served.append(Served(cell.id, cell.keys["train"], storage.join(plan.prefix, PREDICTIONS, own)))
+            adapter = cell.keys.get("select", cell.keys["train"])  # train.select: the chosen checkpoint's adapter
+            own = short_hash({"served": group_key, "train": adapter})
+            inst.served.append(Served(cell.id, adapter, storage.join(plan.prefix, PREDICTIONS, own)))
             inst.cells.append(cell.id)
             cell.keys[PREDICTIONS] = group_key
         inst.output = inst.served[0].output

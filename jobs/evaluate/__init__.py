@@ -59,8 +59,9 @@ from common import manifest as mf
 from common.config import JobConfig, dump
 from common.errors import InputError
 from common.runner import config_options, execute
-from jobs.evaluate import comparison, leaderboard, metrics, report
+from jobs.evaluate import comparison, guards, leaderboard, metrics, report
 from jobs.evaluate import judge as judging
+from jobs.evaluate.guards import Guard, GuardEngine
 from jobs.evaluate.metrics import Checks
 
 STAGE = "evaluate"
@@ -114,6 +115,10 @@ class Config(JobConfig):
         "finetuned cell against the base model it came from). Default: every set against the first.")
     leaderboard: Leaderboard | None = Field(None, description="Rank the cells of a sweep (see jobs/sweep.py); "
                                             "with fail_if_worse, the best cell must beat its own base.")
+    guards: list[Guard] = Field(default_factory=list, description="Extra suites scored for every set's "
+                                       "model: prompt files or lm-evaluation-harness tasks (docs/guards.md).")
+    guard_engine: GuardEngine = Field(default_factory=GuardEngine,
+                                             description="How the guards' models run.")
 
     @field_validator("predictions")
     @classmethod
@@ -149,6 +154,7 @@ class Config(JobConfig):
                 if cell.label not in named or cell.label in bases:
                     raise ValueError(f"leaderboard cell {cell.label!r} must be a candidate's label, not a baseline "
                                      "or an unknown set")
+        guards.check_unique(self.guards)
         if self.judge is not None and self.judge.mode == "pairwise" and len(self.predictions) < 2:
             raise ValueError("judge mode pairwise compares a baseline with candidates: give two or more "
                              "--predictions, or use mode: score")
@@ -179,6 +185,7 @@ def run(config: Config, *, judge_engine: Any = None) -> mf.Loaded:
 
         judge_in = model_input(config.judge.model)
         inputs += [judge_in.ref("judge")] if judge_in is not None else []
+    inputs += guards.inputs(config.guards)
     # The gate is not part of the run's identity: a finished evaluation can be judged again with another metric.
     recorded = {k: v for k, v in dump(config).items() if k not in ("fail_if_worse", "cache_dir")}
     result = stage.run(stage.Identity(STAGE, config.output, recorded, inputs),
@@ -232,6 +239,7 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
         judging.amend(judged, summary, comparisons, config.bootstrap, config.seed)
     judge_model = (judge_in.uri if judge_in is not None else config.judge.model) if config.judge else None
     judge_report = judging.report(judged, config.judge, judge_model, comparisons)
+    guarded = guarding(config, sets)
     t_compare = time.monotonic()
 
     run_id = config.run_id or mf.current_run_id()
@@ -253,8 +261,13 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
     content = {"run_id": run_id, "sets": details, "summary": summary, "comparisons": comparisons, "names": names,
                "examples": examples, "differing": len(differing), "checks": config.checks, "notes": notes,
                "judge": judge_report}
-    writer.add_bytes(report.render_markdown(content).encode(), "report.md")
-    writer.add_bytes(report.render_html(content, chart).encode(), "report.html")
+    md, page = report.render_markdown(content), report.render_html(content, chart)
+    if guarded is not None:
+        md, page = md + guards.markdown(guarded), guards.add_to_html(page, guarded)
+        results |= {"guards": guarded.values, "guard_comparisons": guarded.comparisons,
+                    "guard_suites": guarded.suites}
+    writer.add_bytes(md.encode(), "report.md")
+    writer.add_bytes(page.encode(), "report.html")
     if config.leaderboard is not None:
         results["leaderboard"] = write_leaderboard(config, sets, comparisons, trains, writer)
     t_write = time.monotonic()
@@ -269,6 +282,17 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
         model={"labels": [s["label"] for s in sets], "sets": details,
                "base_model": last_model.base_model, "template_hash": last_model.template_hash,
                **({"judge": judge_model} if judge_model else {})})
+
+
+def guarding(config: Config, sets: list[dict[str, Any]]) -> guards.Results | None:
+    """The guard suites for every set's model (None: no guards configured)."""
+    if not config.guards:
+        return None
+    from common import models
+
+    cache = Path(config.cache_dir) if config.cache_dir else models.cache_root()
+    return guards.run(config.guards, config.guard_engine, sets, cache, config.baseline_of, config.bootstrap,
+                      config.seed)
 
 
 def write_leaderboard(config: Config, sets: list[dict[str, Any]], comparisons: dict[str, Any],

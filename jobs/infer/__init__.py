@@ -66,6 +66,8 @@ class Serve(JobConfig):
     """One more LoRA adapter on the same base, with its own output."""
 
     adapter: str = Field(description="Train manifest of the adapter.")
+    adapter_step: int | None = Field(None, ge=0, description="Serve that train run's candidate adapter of this "
+                                                              "step (train.select) instead of its adapter/.")
     output: str = Field(description="Its output prefix: its own plan, chunks and manifest, exactly as its own "
                                     "infer run would write them.")
 
@@ -76,7 +78,11 @@ class Config(JobConfig):
     model: str | None = Field(None, description="Merge manifest (URI or its prefix), or a model source: HF id, "
                                                 "s3:// prefix, local folder. Required, except with `finalize`.")
     adapter: str | None = Field(None, description="Train manifest whose LoRA adapter is served on top of "
-                                                  "`model` (a base model source).")
+                                                  "`model` (a base model source), or a select manifest (the "
+                                                  "chosen checkpoint's adapter).")
+    adapter_step: int | None = Field(None, ge=0, description="Serve the train run's candidate adapter of this "
+                                     "step (`candidates/step-NNNNNNNN/`, kept by train.select) instead of its "
+                                     "adapter/ (docs/selection.md).")
     prompts: str | None = Field(None, description="Prepare manifest (URI or prefix), or a .parquet / .jsonl file. "
                                                   "Required, except with `finalize`.")
     output: str = Field(..., description="Output prefix (s3:// or local).")
@@ -128,9 +134,10 @@ class Config(JobConfig):
                 raise ValueError("also: every adapter needs an output of its own")
         return self
 
-    def single(self, adapter: str, output: str) -> Config:
+    def single(self, adapter: str, output: str, adapter_step: int | None = None) -> Config:
         """The config one of the served adapters would have in an infer run of its own (same identity)."""
-        return Config.model_validate(self.model_dump() | {"adapter": adapter, "output": output, "also": []})
+        return Config.model_validate(self.model_dump() | {"adapter": adapter, "output": output, "also": [],
+                                                          "adapter_step": adapter_step})
 
 
 # --------------------------------------------------------------------------- the job
@@ -156,7 +163,7 @@ def read_inputs(config: Config) -> tuple[stage.Identity, Any, mf.Loaded | None, 
     identity_config = dump(config) | {"shard": None, "finalize": False, "cache_dir": None}
     assert config.model is not None and config.prompts is not None  # Config requires both unless finalize alone
     model_in = load_model_input(config.model)
-    adapter_in = mf.load(config.adapter, expect_stage="train") if config.adapter else None
+    adapter_in = mf.load(config.adapter, expect_stage=("train", "select")) if config.adapter else None
     prompts_in = load_prompts_input(config.prompts)
     inputs: list[mf.InputRef] = [ref for ref in (model_in.ref("model") if model_in else None,
                                                  adapter_in.ref("adapter") if adapter_in else None,
@@ -171,8 +178,8 @@ def run_served(config: Config) -> stage.Result:
     Outputs already done are skipped; the engine starts once, with every adapter still to generate, at the
     first chunk that needs it. stdout is the first output's manifest (or marker).
     """
-    singles = [config.single(config.adapter or "", config.output)] + [config.single(a.adapter, a.output)
-                                                                      for a in config.also]
+    singles = [config.single(config.adapter or "", config.output, config.adapter_step)] + [
+        config.single(a.adapter, a.output, a.adapter_step) for a in config.also]
     reads = [read_inputs(single) for single in singles]
     todo = [(single, read) for single, read in zip(singles, reads, strict=True)
             if stage.already_done(read[0]) is None]

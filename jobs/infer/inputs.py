@@ -75,8 +75,17 @@ def prepare_model(config: Config, model_in: mf.Loaded | None, adapter_in: mf.Loa
         if adapter_in is not None:
             recorded = mf.model_block(adapter_in)
             check_adapter(config, adapter_in, ref)
-            adapter_dir = download_named(adapter_in, "adapter/", cache / "adapters" / f"{adapter_in.sha256[:16]}")
+            step = config.adapter_step
+            named, folder = ("adapter/", adapter_in.sha256[:16]) if step is None else (
+                f"candidates/step-{step:08d}/", f"{adapter_in.sha256[:16]}-step-{step:08d}")
+            if step is not None and not adapter_in.manifest.artifacts_named(named):
+                kept = sorted({a.name.split("/")[1] for a in adapter_in.manifest.artifacts_named("candidates/")})
+                raise InputError(f"{adapter_in.uri} keeps no candidate adapter of step {step} (adapter_step); it "
+                                 f"keeps {', '.join(kept) or 'none (train without select)'}")
+            adapter_dir = download_named(adapter_in, named, cache / "adapters" / folder)
             identity["adapter"] = adapter_in.uri
+            if step is not None:
+                identity["adapter_step"] = step
     models.check_trust_remote_code(path, config.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
     want_tok = recorded.tokenizer or {}

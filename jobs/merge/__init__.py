@@ -193,7 +193,7 @@ class Config(JobConfig):
 def run(config: Config) -> mf.Loaded:
     """Merge the adapter of the train run at `config.input`; returns the published (or already done) manifest."""
     started = time.monotonic()
-    train = mf.load(config.input, verify="size", expect_stage="train")
+    train = mf.load(config.input, verify="size", expect_stage=("train", "select"))  # select: the chosen step
     identity = stage.Identity(STAGE, config.output, dump(config), [train.ref("adapter")])
     result = stage.run(identity, lambda attempt: merge(config, train, attempt, started))
     assert isinstance(result, mf.Loaded)  # merge never leaves publishing to another attempt

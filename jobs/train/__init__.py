@@ -57,7 +57,7 @@ from common.config import JobConfig, dump
 from common.errors import EXIT_RETRYABLE, ConfigError, InputError, Preempted
 from common.logs import Progress
 from common.runner import config_options, execute
-from jobs.train import checkpoints
+from jobs.train import checkpoints, selection
 
 if TYPE_CHECKING:
     from jobs.train.data import Source
@@ -164,6 +164,11 @@ class Config(JobConfig):
     report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
         "none", description="Tracking tool, configured by its own environment variables.")
     run_name: str | None = Field(None, description="Name shown in the tracking tool (default: the run id).")
+    select: selection.Select | None = Field(None, description="Keep checkpoints' adapters as candidates that "
+                                            "`ftjobs select` scores on the held-out prompts (docs/selection.md).")
+    early_stopping: selection.EarlyStopping | None = Field(
+        None, description="Stop when the held-out loss stops falling (needs eval_every); the best-loss step's "
+                          "adapter is published (docs/selection.md).")
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -172,6 +177,12 @@ class Config(JobConfig):
         if self.packing == "mask" and self.attention == "flash_attention_2":
             raise ValueError("packing: mask needs attention sdpa or eager; flash_attention_2 packs through "
                              "position_ids (set packing: position_ids)")
+        if self.early_stopping is not None and self.eval_every is None:
+            raise ValueError("early_stopping needs eval_every: it counts evaluations of the held-out loss; set "
+                             "eval_every: N (and give the data an eval split)")
+        if self.select is not None and selection.every(self.select, self.checkpoint.every_steps,
+                                                       self.eval_every) is None:
+            raise ValueError("select: no candidate interval; set select.every, checkpoint.every_steps or eval_every")
         return self
 
 
@@ -266,6 +277,7 @@ class Fitted:
 
     eval_loss: float | None
     peak_memory: dict[str, Any]
+    stopped_early: bool = False
 
 
 @dataclass
@@ -293,6 +305,7 @@ class Trainer:
     resumed_from: int | None
     tracker: Any
     timings: dict[str, float]
+    candidates: list[int] | None = None  # the candidate steps save_outputs published (select / early_stopping)
     _epoch_batches: tuple[int, list[Any]] = (-1, [])
 
     @property
@@ -445,6 +458,41 @@ class Trainer:
         if loss is not None and not (self.state.eval_losses and self.state.eval_losses[-1]["step"] == self.state.step):
             self.state.eval_losses.append({"step": self.state.step, "loss": round(loss, 6)})
         return loss
+
+    def keep_candidate(self, eval_loss: float | None) -> bool:
+        """After a step: save its adapter as a candidate when select's interval or a new best held-out loss
+        (early_stopping) asks for it; True when early stopping says to stop."""
+        config, step = self.config, self.state.step
+        interval = selection.every(config.select, config.checkpoint.every_steps, config.eval_every)
+        best = eval_loss is not None and selection.is_new_best(config.early_stopping, self.state.eval_losses, step)
+        if self.main and ((interval and step % interval == 0) or best):
+            selection.save(config.output, step, self.peft_model, eval_loss)
+            self.prune_candidates()
+        return eval_loss is not None and selection.should_stop(config.early_stopping, self.state.eval_losses)
+
+    def prune_candidates(self) -> None:
+        stopping = self.config.early_stopping
+        top = selection.best(self.state.eval_losses, stopping.min_delta) if stopping else None
+        keep = self.config.select.keep if self.config.select else 1  # early stopping alone: the best only
+        selection.prune(self.config.output, keep, {top[0]} if top else set())
+
+    def last_candidate(self) -> int | None:
+        """Before adapter/ is saved (rank 0): the last step saved as a candidate, then, with early stopping, the
+        best-loss step's weights loaded in its place. Returns the step adapter/ holds (None: no selection)."""
+        config = self.config
+        if config.select is None and config.early_stopping is None:
+            return None
+        last = self.state.eval_losses[-1]["loss"] if self.state.eval_losses and \
+            self.state.eval_losses[-1]["step"] == self.state.step else None
+        selection.save(config.output, self.state.step, self.peft_model, last)
+        top = selection.best(self.state.eval_losses, config.early_stopping.min_delta) if config.early_stopping \
+            else None
+        if top is None or top[0] == self.state.step:
+            return self.state.step
+        selection.load_into(config.output, top[0], self.peft_model)
+        LOG.info("early stopping: adapter/ holds step %d (held-out loss %.4f), not the last step %d", top[0],
+                 top[1], self.state.step)
+        return top[0]
 
     def superseded(self) -> bool:
         """Whether another attempt of this run published while this one trained (every rank gets rank 0's answer)."""
@@ -649,16 +697,23 @@ def fit(t: Trainer, stop: _StopFlag) -> Fitted:
     t.peft_model.train()
     progress = Progress("train", total=total - t.state.step, unit="steps")
     last_ckpt = started = time.monotonic()
+    stopped_early = False
     while t.state.step < total:
         scalars = t.train_step()
         step = t.state.step
         progress.update(1, step=step, loss=scalars["train/loss"], tok_s=round(scalars["train/tokens_per_s"]))
+        eval_loss = None
         if t.config.eval_every and step % t.config.eval_every == 0 and step < total:
             eval_loss = t.timed_eval()
             if eval_loss is not None:
                 scalars["eval/loss"] = eval_loss
                 LOG.info("step %d eval loss %.4f", step, eval_loss)
         t.tracker.log(scalars, step)
+        stopped_early = t.keep_candidate(eval_loss)
+        if stopped_early:
+            LOG.info("early stopping at step %d: %d evaluations without a new best held-out loss", step,
+                     selection.since_best(t.state.eval_losses, t.config.early_stopping.min_delta))  # type: ignore
+            break
 
         stopping = t.all_sum(float(stop.requested))[0] > 0  # any process asked to stop: all stop
         due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (
@@ -680,7 +735,8 @@ def fit(t: Trainer, stop: _StopFlag) -> Fitted:
     if eval_loss is not None:
         t.tracker.log({"eval/loss": eval_loss}, t.state.step)
     t.tracker.close()
-    return Fitted(eval_loss=eval_loss, peak_memory=_peak_memory(t.cuda, t.accelerator.device))
+    return Fitted(eval_loss=eval_loss, peak_memory=_peak_memory(t.cuda, t.accelerator.device),
+                  stopped_early=stopped_early)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -692,12 +748,16 @@ def save_outputs(t: Trainer, writer: mf.ArtifactWriter) -> None:
     with tempfile.TemporaryDirectory(prefix="ftjobs-train-") as tmp:
         local = Path(tmp)
         t.peft_model.peft_config["default"].base_model_name_or_path = t.config.base_model
+        adapter_step = t.last_candidate()  # with early stopping: the best-loss step's weights go into adapter/
         t.peft_model.save_pretrained(str(local / "adapter"), safe_serialization=True)
         (local / "adapter" / "README.md").unlink(missing_ok=True)  # peft's boilerplate model card
         t.tokenizer.chat_template = t.fmt.template
         t.tokenizer.save_pretrained(str(local / "tokenizer"))
         writer.add_dir(local / "adapter", "adapter")
         writer.add_dir(local / "tokenizer", "tokenizer")
+        if adapter_step is not None:
+            t.candidates = selection.publish(writer, t.config.output, (local / "adapter" / "adapter_config.json")
+                                             .read_bytes())
         curve = {"train": t.state.losses, "eval": t.state.eval_losses}
         writer.add_bytes(storage.json_bytes(curve), "loss_curve.json")
         _plot(curve, local / "loss_curve.png", t.config.base_model)
@@ -727,6 +787,9 @@ def _outcome(t: Trainer, fitted: Fitted) -> stage.Outcome:
         "peak_memory_kind": fitted.peak_memory["kind"],
         "wall_s": t.timings["wall_s"],
     }
+    if t.candidates is not None:
+        metrics["selection"] = selection.summary(t.candidates, state.eval_losses, state.step,
+                                                 config.early_stopping, fitted.stopped_early)
     stats = {
         "train": train_data.train_stats,
         "eval": train_data.eval_stats,

@@ -30,7 +30,7 @@ def test_steps_are_named_once_and_only_take_from_earlier_steps() -> None:
 
 @pytest.mark.parametrize("step", chain.CHAIN, ids=lambda s: s.name)
 def test_every_wired_flag_sets_its_key_in_the_stage_config(step: chain.Step, tmp_path: Path) -> None:
-    config = run_config(synth={"teacher": "tiny-teacher"})  # every optional step in the run
+    config = run_config(synth={"teacher": "tiny-teacher"}, train={"select": {"metric": "exact_match"}})  # all steps
     done = {s.name: f"s3://ml/runs/r1/{s.name}/manifest.json" for s in chain.CHAIN}
     args = chain.arguments(step, config, done)
     section = tmp_path / "section.yaml"
@@ -38,7 +38,7 @@ def test_every_wired_flag_sets_its_key_in_the_stage_config(step: chain.Step, tmp
     resolved = chain.validate_arguments(step.stage, [*args, "--output", f"s3://ml/runs/r1/{step.name}/", "--config",
                                                      str(section)])
     for take in step.takes:
-        if take.when and not getattr(config, take.when):
+        if (take.when and not getattr(config, take.when)) or take.unless:  # unless: replaced by a step in the run
             continue
         value = done.get(take.source) or getattr(config, take.source)
         got = getattr(resolved, take.key)
@@ -50,6 +50,19 @@ def test_every_wired_flag_sets_its_key_in_the_stage_config(step: chain.Step, tmp
             assert got == value, (take, got)
     for key in step.wired:
         assert key in type(resolved).model_fields, (step.name, key)
+
+
+def test_train_select_adds_the_select_step_and_merge_takes_its_adapter() -> None:
+    done = {s.name: f"s3://x/{s.name}/manifest.json" for s in chain.CHAIN}
+    plain = run_config()
+    assert "select" not in [s.name for s in chain.steps(plain)]
+    assert chain.arguments(chain.BY_NAME["merge"], plain, done) == ["--input", done["train"]]
+    chosen = run_config(train={"select": {"metric": "token_f1"}}, select={"infer": {"engine": "transformers"}})
+    assert [s.name for s in chain.steps(chosen)][2:5] == ["train", "select", "merge"]
+    assert chain.arguments(chain.BY_NAME["merge"], chosen, done) == ["--input", done["select"]]
+    assert chain.arguments(chain.BY_NAME["select"], chosen, done) == [
+        "--train", done["train"], "--prompts", done["prepare"], "--baseline", done["infer-base"]]
+    assert chain.check(chosen)["select"].infer == {"engine": "transformers"}
 
 
 def test_leaving_out_the_baseline_leaves_out_its_step_and_its_predictions() -> None:

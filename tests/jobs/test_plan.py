@@ -125,6 +125,26 @@ def test_a_2x2_sweep_starts_the_same_steps_in_dependency_order_on_both_executors
     assert steps == ["infer", "infer", "leaderboard", "prepare", "train", "train", "train", "train"]
 
 
+def test_train_select_puts_select_between_train_and_merge_on_both_executors(cluster: dict[str, Any],
+                                                                            tmp_path: Path) -> None:
+    config = cfg.validate(chain.Config, {**RUN, "train": {"max_steps": 5, "select": {"metric": "token_f1"}}})
+    local, kube = run_both(lambda prefix: pipeline.plan_run(config, prefix, "r1", local=False), cluster, tmp_path)
+    assert local == kube == {"prepare", "infer-base", "train", "select", "merge", "infer-finetuned", "evaluate"}
+    the_plan = pipeline.plan_run(config, str(tmp_path / "p"), "r1", local=False)
+    merge = next(i for i in the_plan.instances.values() if i.step.name == "merge")
+    assert "--input" in (args := the_plan.arguments(merge, stand_in=True))
+    assert args[args.index("--input") + 1].endswith("/select/manifest.json")
+
+
+def test_a_sweep_with_train_select_serves_each_cells_selected_adapter(tmp_path: Path) -> None:
+    conf = cfg.validate(sweep.Config, {**RUN, "train": {"select": {"metric": "token_f1"}},
+                                       "matrix": {"train.learning_rate": [0.001, 0.002]}})
+    the_plan = sweep.plan_sweep(conf, str(tmp_path), "s1", local=False)
+    served = [i for i in the_plan.instances.values() if i.served]
+    assert len(served) == 1 and len(served[0].served) == 2
+    assert {the_plan.instances[s.train].step.name for s in served[0].served} == {"select"}
+
+
 # --------------------------------------------------------------------------- a toy stage, declared once
 
 TOY_CHAIN = (chain.Step("toy-a", "toy", (), ()),

@@ -35,6 +35,8 @@ SAMPLE_ARGS = {
     "infer": ["--model", "s3://ftjobs/runs/r1/merge/manifest.json", "--prompts", "s3://ftjobs/runs/r1/prepare/"],
     "evaluate": ["--predictions", "s3://ftjobs/runs/r1/infer-base/", "--predictions", "s3://ftjobs/runs/r1/infer/",
                  "--fail-if-worse", "exact_match"],
+    "select": ["--train", "s3://ftjobs/runs/r1/train/", "--prompts", "s3://ftjobs/runs/r1/prepare/",
+               "--baseline", "s3://ftjobs/runs/r1/infer-base/"],
 }
 
 BUILTIN = [s.name for s in stages.BUILTIN]
