@@ -87,7 +87,7 @@ def plain_peft(base: Path, adapter: Path, dest: Path, dtype: str) -> float:
 
 def ftjobs_merge(train_uri: str, out: Path, extra: dict[str, Any]) -> tuple[float, Any]:
     from common.config import validate
-    from jobs import merge
+    from jobs.merge import job as merge
 
     start = time.perf_counter()
     loaded = merge.run(validate(merge.Config, {"input": train_uri, "output": str(out), "max_shard_size": "200MB",

@@ -113,9 +113,9 @@ def examples_of(manifest: str, split: str) -> list[Any]:
 def worker_ftjobs(manifest: str, model: str, out: str, steps: int) -> dict:
     from peft import PeftModel
 
-    import jobs.train as train
     from bench.gpu_bench import heldout_loss, load_quantized
     from common import manifest as mf
+    from jobs.train import job as train
 
     config = train.Config(input=manifest, base_model=model, output=out, max_seq_length=MAX_LEN, batch_size=2,
                           max_steps=steps, learning_rate=2e-4, lora={"r": 16, "alpha": 32},

@@ -11,8 +11,8 @@ import pytest
 
 from common import storage
 from common.config import load_config
-from jobs import infer
 from jobs.infer import inputs
+from jobs.infer import job as infer
 from jobs.synth import rows as synth_rows
 
 pytestmark = pytest.mark.integration

@@ -23,8 +23,8 @@ from common import config as cfg
 from common import data, storage
 from common import manifest as mf
 from common.errors import EXIT_GATE, ConfigError, GateFailed
-from jobs import evaluate
 from jobs.cli import main
+from jobs.evaluate import job as evaluate
 from jobs.evaluate import metrics
 
 pytestmark = pytest.mark.integration
@@ -329,7 +329,7 @@ def test_evaluate_runs_without_torch(tmp_path: Path) -> None:
 
     base = publish_predictions(f"{tmp_path}/a", BASE)
     tuned = publish_predictions(f"{tmp_path}/b", TUNED)
-    code = ("import sys; from jobs import evaluate; "
+    code = ("import sys; from jobs.evaluate import job as evaluate; "
             f"evaluate.run(evaluate.Config(predictions=[{base!r}, {tuned!r}], output={str(tmp_path / 'e')!r}, "
             "checks={'json_valid': True})); "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")

@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-import jobs.evaluate as evaluate
-import jobs.infer as infer
 from common import manifest as mf
 from common import storage
 from common.errors import ConfigError
 from jobs.evaluate import guards
+from jobs.evaluate import job as evaluate
 from jobs.evaluate.lm_harness import EngineLM
+from jobs.infer import job as infer
 from tests.jobs.builders import publish_adapter
 
 pytestmark = pytest.mark.integration

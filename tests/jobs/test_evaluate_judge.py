@@ -21,7 +21,7 @@ from common import judge as J
 from common import manifest as mf
 from common import storage
 from common.errors import GateFailed, InputError
-from jobs import evaluate
+from jobs.evaluate import job as evaluate
 from tests.jobs.test_evaluate import BASE, REFERENCES, TUNED, artifact_at, publish_predictions
 
 pytestmark = pytest.mark.integration

@@ -24,7 +24,7 @@ from common.config import load_config
 from common.errors import ConfigError, FtjobsError, OutputTakenError
 from common.stage import Pending
 from common.tinymodel import WORDS
-from jobs import infer
+from jobs.infer import job as infer
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

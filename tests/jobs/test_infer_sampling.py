@@ -11,7 +11,7 @@ import pytest
 
 from common import manifest as mf
 from common.stage import Pending
-from jobs import infer
+from jobs.infer import job as infer
 from tests.jobs.test_infer import config, publish_prompts, read_predictions
 
 pytestmark = pytest.mark.integration

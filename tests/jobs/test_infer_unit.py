@@ -9,8 +9,8 @@ import pytest
 from common import models
 from common.config import load_config
 from common.errors import ConfigError, InputError
-from jobs import infer
 from jobs.infer import inputs
+from jobs.infer import job as infer
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
@@ -170,7 +170,7 @@ def test_modules_to_save_on_vllm_suggests_a_merge_command_that_parses(tmp_path: 
     import shlex
 
     from common import manifest as mf
-    from jobs import merge
+    from jobs.merge import job as merge
 
     train = mf.publish(str(tmp_path / "train"), mf.build(
         stage="train", run_id="r", config={}, inputs=[], artifacts=[],

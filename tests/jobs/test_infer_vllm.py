@@ -15,7 +15,8 @@ import pytest
 from common import manifest as mf
 from common.config import load_config
 from common.errors import ConfigError
-from jobs import infer, merge
+from jobs.infer import job as infer
+from jobs.merge import job as merge
 from tests.conftest import TEST_BUCKET
 from tests.jobs.builders import publish_adapter
 from tests.jobs.test_infer import publish_prompts, read_predictions

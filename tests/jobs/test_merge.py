@@ -24,7 +24,7 @@ from common import chat, storage
 from common import manifest as mf
 from common.config import validate
 from common.errors import ChecksumError, ConfigError, InputError, OutputTakenError
-from jobs import merge
+from jobs.merge import job as merge
 from tests.conftest import REPO, TEST_BUCKET
 from tests.jobs.builders import publish_adapter
 

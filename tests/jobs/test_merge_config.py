@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from common.config import load_config, validate
 from common.errors import ConfigError, InputError
-from jobs import merge
 from jobs.cli import main
+from jobs.merge import job as merge
 
 pytestmark = pytest.mark.unit
 

@@ -10,12 +10,12 @@ import uuid
 
 import pytest
 
-import jobs.evaluate as evaluate
-import jobs.select as select
-import jobs.train as train
 from common import manifest as mf
 from common import storage
 from common.errors import ConfigError, InputError
+from jobs.evaluate import job as evaluate
+from jobs.select import job as select
+from jobs.train import job as train
 from jobs.train import selection
 from tests.jobs.builders import publish_adapter
 from tests.jobs.helpers import publish_prepare
@@ -115,7 +115,7 @@ def test_the_selection_carries_the_chosen_adapter_forward(selected, trained, tmp
     assert m.stage == "select" and m.inputs[0] == trained.ref("train")
     assert {"adapter/adapter_config.json", "tokenizer/tokenizer_config.json"} <= {a.name for a in m.artifacts}
     # merge takes it where it takes a train manifest, and merges the chosen step's weights.
-    import jobs.merge as merge
+    from jobs.merge import job as merge
 
     merged = merge.run(merge.Config(input=selected.uri, output=storage.join(selected.prefix, "..", "merge")
                                     .replace("/select/../", "/")))

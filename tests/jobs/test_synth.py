@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from common import config as cfg
 from common import lineage, storage
 from common import manifest as mf
-from jobs import prepare, synth
+from jobs import prepare
 from jobs.cli import main
+from jobs.synth import job as synth
 from jobs.synth import rows as R
 
 pytestmark = pytest.mark.integration

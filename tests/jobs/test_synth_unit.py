@@ -12,7 +12,8 @@ import pytest
 from common import config as cfg
 from common import neardup as dedup
 from common.errors import ConfigError, InputError
-from jobs import pipeline, synth
+from jobs import pipeline
+from jobs.synth import job as synth
 from jobs.synth import rows as R
 
 pytestmark = pytest.mark.unit

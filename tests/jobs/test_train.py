@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import jobs.train as train
 from common import config as cfg
 from common import manifest as mf
 from common import storage
 from common.errors import ConfigError, InputError
 from jobs.train import checkpoints, data, packing
+from jobs.train import job as train
 from tests.jobs.helpers import publish_prepare
 
 pytestmark = pytest.mark.integration

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-import jobs.train as train
 from common import attempts, storage
 from common import manifest as mf
 from jobs.train import checkpoints
+from jobs.train import job as train
 from tests.jobs.helpers import publish_prepare
 
 pytestmark = pytest.mark.e2e

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-import jobs.train as train
 from common import manifest as mf
 from common import storage
 from jobs.train import checkpoints
+from jobs.train import job as train
 from tests.jobs.helpers import publish_prepare
 
 pytestmark = pytest.mark.e2e

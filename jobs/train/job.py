@@ -1,0 +1,975 @@
+"""ftjobs train: QLoRA finetuning (bitsandbytes 4-bit + peft LoRA) that survives preemption.
+
+Reads: a prepare manifest (its Parquet shards are checksum-verified) and a
+base model (Hugging Face id, s3:// prefix or local folder; safetensors only).
+
+Writes under --output:
+- `adapter/adapter_model.safetensors`, `adapter/adapter_config.json` (artifacts `adapter/<file>`)
+- `tokenizer/<file>`: the base tokenizer carrying the chat template that was trained on
+- `loss_curve.json` (train loss per step, eval loss per evaluation) and `loss_curve.png`
+- `checkpoints/step-NNNNNNNN/` while it runs (removed after success unless configured)
+- `manifest.json`, last: base model and revision, quantization and LoRA settings,
+  template hash, packing mode, tokens trained, tokens/s, peak memory, wall time.
+
+    ftjobs train --input s3://ml/ftjobs/runs/r1/prepare/manifest.json \\
+        --base-model meta-llama/Llama-3.2-1B-Instruct --output s3://ml/ftjobs/runs/r1/train \\
+        --config configs/train.yaml --set lora.r=32
+
+Several processes (data parallel: GPUs of one pod, or pods of a multi-node Job; only rank 0 writes to the
+store): `ftjobs launch` is torchrun with ftjobs' exit codes kept (`jobs/launch.py`)
+
+    ftjobs launch --nproc-per-node 8 -- train --input ... --base-model ... --output ...
+
+Each optimizer step takes grad_accum x processes micro-batches of `batch_size` packed rows, split across
+the processes (`packing.step_share`), and the adapter's gradients are summed over them once per step. A
+resume keeps the step size of the run's first attempt on any number of processes (state.json `per_step`).
+
+The loop is written out here (torchtune-style) rather than handed to HF
+Trainer, so checkpoints hold the exact data position and a resumed run
+replays the same batches in the same order. Packed rows of `max_seq_length`
+tokens keep every example's own position ids, so no compute goes to padding
+and no attention crosses examples (see `jobs/train/packing.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import click
+from pydantic import Field, model_validator
+
+from common import chat, models, stage, storage
+from common import manifest as mf
+from common.chat import TrainOn
+from common.config import JobConfig, dump
+from common.errors import EXIT_RETRYABLE, ConfigError, InputError, Preempted
+from common.logs import Progress
+from common.runner import config_options, execute
+from jobs.train import checkpoints, selection
+
+if TYPE_CHECKING:
+    from jobs.train.data import Source
+    from jobs.train.packing import Example
+
+LOG = logging.getLogger(__name__)
+STAGE = "train"
+GRAD_BUCKET = 1 << 24  # gradient elements per all-reduce (64 MiB of float32)
+
+
+# --------------------------------------------------------------------------- config
+
+
+class Quantization(JobConfig):
+    mode: Literal["nf4", "fp4", "none"] = Field(
+        "nf4", description="4-bit base weights (nf4: QLoRA's NormalFloat4; fp4) or none (16/32-bit LoRA).")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param saved).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Matmul dtype. auto: bfloat16 on CUDA that supports it, float16 on older CUDA, "
+                            "float32 on CPU.")
+
+
+class Lora(JobConfig):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank: higher = more capacity, more memory.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get adapters: 'all-linear' (every linear layer but the "
+                                  "output head) or a list of module names, e.g. [q_proj, v_proj].")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved with the adapter, e.g. [lm_head].")
+
+    @model_validator(mode="after")
+    def _targets(self) -> Lora:
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            raise ValueError(f"target_modules: expected 'all-linear' or a list of module names, "
+                             f"got {self.target_modules!r}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules: an empty list trains nothing; use 'all-linear' or name modules")
+        return self
+
+
+class Checkpointing(JobConfig):
+    every_steps: int | None = Field(200, ge=1, description="Checkpoint every N optimizer steps (null: never).")
+    every_minutes: float | None = Field(
+        30, gt=0, description="Also checkpoint when this many minutes passed since the last one (null: never).")
+    keep: int = Field(2, ge=1, description="Keep the newest K complete checkpoints; older ones are deleted.")
+    grace_seconds: float = Field(
+        120, gt=0, description="After SIGTERM: finish the step, checkpoint, and exit 1 within this many "
+                               "seconds (hard exit when it runs out). Keep it below the pod's "
+                               "terminationGracePeriodSeconds.")
+    delete_on_success: bool = Field(True, description="Delete the checkpoints once the manifest is published.")
+
+
+class Config(JobConfig):
+    input: str = Field(description="The prepare manifest (URI of manifest.json or its prefix).")
+    base_model: str = Field(description="Hugging Face id, s3:// prefix or local folder of the base model.")
+    output: str = Field(description="Output prefix (s3://bucket/... or a local folder).")
+    base_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    trust_remote_code: bool = Field(False, description="Allow a model's custom Python code (off: safer).")
+    cache_dir: str | None = Field(None, description="Where models are downloaded (default ~/.cache/ftjobs).")
+    chat_template: str | None = Field(
+        None, description="Override the tokenizer's chat template: 'chatml' or the Jinja text. Must match "
+                          "what prepare used when the data is pre-tokenized.")
+    retokenize: bool = Field(
+        False, description="When the prepare run was tokenized for another tokenizer or template, tokenize "
+                           "its messages here instead of refusing.")
+    train_on: TrainOn = Field("assistant", description="Tokens with a loss when tokenizing here: assistant, "
+                                                        "last_assistant or all.")
+    quantization: Quantization = Field(default_factory=Quantization, description="Base weight quantization.")
+    lora: Lora = Field(default_factory=Lora, description="LoRA adapter settings.")
+    max_seq_length: int = Field(2048, ge=16, description="Tokens per packed row; longer examples are dropped "
+                                                          "(pre-tokenized) or truncated at a turn boundary.")
+    max_drop_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Fail (exit 3) when more than this "
+                                     "fraction of the train split is dropped (too long for max_seq_length, no "
+                                     "trainable tokens): a mistyped max_seq_length should not quietly train on "
+                                     "half the data. 1.0 turns the check off.")
+    batch_size: int = Field(4, ge=1, description="Packed rows per micro-batch per device.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of steps "
+                                                                     "(default 0.03 when warmup_steps is unset).")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup in steps (instead of warmup_ratio).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps in total (overrides epochs).")
+    seed: int = Field(42, description="Seed for LoRA init, dropout and data order.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: far less "
+                                                           "memory for ~30% more compute.")
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "auto", description="auto: paged_adamw_8bit (bitsandbytes) on CUDA, adamw_torch on CPU.")
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention implementation the model is loaded with.")
+    packing: Literal["position_ids", "mask", "none"] = Field(
+        "position_ids", description="How packed examples are kept apart: position_ids (transformers builds "
+                                    "the block mask; flash-attention runs varlen), mask (an explicit 4D mask), or "
+                                    "none (one example per row: for models with recurrent or linear-attention "
+                                    "layers, where packing is refused).")
+    eval_every: int | None = Field(None, ge=1, description="Eval loss every N steps (and always at the end "
+                                                           "when the data has an eval split).")
+    checkpoint: Checkpointing = Field(default_factory=Checkpointing, description="Checkpoints and preemption.")
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
+        "none", description="Tracking tool, configured by its own environment variables.")
+    run_name: str | None = Field(None, description="Name shown in the tracking tool (default: the run id).")
+    select: selection.Select | None = Field(None, description="Keep checkpoints' adapters as candidates that "
+                                            "`ftjobs select` scores on the held-out prompts (docs/selection.md).")
+    early_stopping: selection.EarlyStopping | None = Field(
+        None, description="Stop when the held-out loss stops falling (needs eval_every); the best-loss step's "
+                          "adapter is published (docs/selection.md).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise ValueError("set warmup_ratio or warmup_steps, not both")
+        if self.packing == "mask" and self.attention == "flash_attention_2":
+            raise ValueError("packing: mask needs attention sdpa or eager; flash_attention_2 packs through "
+                             "position_ids (set packing: position_ids)")
+        if self.early_stopping is not None and self.eval_every is None:
+            raise ValueError("early_stopping needs eval_every: it counts evaluations of the held-out loss; set "
+                             "eval_every: N (and give the data an eval split)")
+        if self.select is not None and selection.every(self.select, self.checkpoint.every_steps,
+                                                       self.eval_every) is None:
+            raise ValueError("select: no candidate interval; set select.every, checkpoint.every_steps or eval_every")
+        return self
+
+
+# --------------------------------------------------------------------------- the job
+#
+# run: the stage skeleton (common.stage: already done?, manifest published last) around `train`, whose
+# three phases pass a `Trainer`:
+#   setup        -> tokenizer, data, step schedule, model + LoRA, optimizer, resume from a checkpoint
+#   fit          -> optimizer steps from the state's step to the total; evals, checkpoints, SIGTERM
+#   save_outputs -> adapter, tokenizer and loss curve through the attempt's writer (rank 0)
+
+
+def run(config: Config) -> stage.Result:
+    """Train an adapter on the prepare run at `config.input`; returns the published (or already done) manifest."""
+    started = time.monotonic()
+    prep = mf.load(config.input, verify="size", expect_stage="prepare")
+    identity = stage.Identity(STAGE, config.output, dump(config), [prep.ref("data")])
+    stop = _install_sigterm(config.checkpoint.grace_seconds)
+    try:
+        result = stage.run(identity, lambda attempt: train(config, prep, attempt, stop, started))
+    finally:
+        stop.restore()
+    if isinstance(result, mf.Loaded) and config.checkpoint.delete_on_success:
+        storage.delete_prefix(checkpoints.root(config.output))  # the run is published: nothing left to resume
+    return result
+
+
+def train(config: Config, prep: mf.Loaded, attempt: stage.Attempt, stop: _StopFlag,
+          started: float) -> stage.Outcome | stage.Result:
+    """setup -> fit -> save_outputs; rank 0's outcome becomes the manifest, other ranks leave it to rank 0."""
+    trainer = setup(config, prep, attempt.identity.key, attempt.identity.config, attempt.id)
+    try:
+        fitted = fit(trainer, stop)
+        if trainer.superseded():
+            raise Superseded
+    except Superseded:
+        # A zombie or a losing racer: it stops here and writes nothing more (the winner's checkpoints stay).
+        trainer.tracker.close()
+        return stage.winner(attempt.identity)
+    if trainer.main:
+        save_outputs(trainer, attempt.writer)
+    trainer.accelerator.wait_for_everyone()  # the last collective: rank 0 publishes alone after it
+    if not trainer.main:
+        return stage.Pending(mf.manifest_uri(config.output),
+                             f"rank {trainer.rank}: training done; rank 0 publishes the manifest")
+    trainer.timings["wall_s"] = time.monotonic() - started
+    outcome = _outcome(trainer, fitted)
+    LOG.info("trained %d steps: loss %.4f -> %.4f, %s tokens/s", trainer.state.step,
+             outcome.metrics["first_train_loss"], outcome.metrics["final_train_loss"],
+             f"{outcome.metrics['effective_tokens_per_s'] or 0:,.0f}")
+    return outcome
+
+
+@dataclass
+class TrainData:
+    """The training data as the loop sees it: tokenized examples and the packed rows that index them."""
+
+    source: Source                    # pretokenized, or tokenized here
+    train: list[Example]
+    eval: list[Example]
+    train_stats: dict[str, Any]       # rows read and dropped (by reason), as data.load counts them
+    eval_stats: dict[str, Any]
+    rows: list[list[int]]             # packed rows of train example indices, row_tokens tokens at most
+    row_tokens: int
+    eval_batches: list[list[list[int]]]
+    pad_id: int
+
+    @property
+    def density(self) -> float:
+        """Fraction of the packed rows' token slots that hold real tokens."""
+        return sum(len(e) for e in self.train) / (len(self.rows) * self.row_tokens)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many optimizer steps, and which micro-batches each one takes."""
+
+    per_step: int          # micro-batches per optimizer step, all processes together (fixed by the first attempt)
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, step within it) of `step`: the data position a checkpoint's step stands for."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        return epoch, in_epoch
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What fit leaves for publish besides the training state."""
+
+    eval_loss: float | None
+    peak_memory: dict[str, Any]
+    stopped_early: bool = False
+
+
+@dataclass
+class Trainer:
+    """What the phases share: model and optimizer, data, schedule, the accelerator, and the training state."""
+
+    config: Config
+    accelerator: Any
+    base: models.ModelRef
+    tokenizer: Any
+    fmt: chat.ChatFormat
+    data: TrainData
+    schedule: Schedule
+    peft_model: Any        # what forward and backward run on, and what checkpoints and the adapter hold
+    params: list[Any]      # the trainable parameters
+    param_counts: tuple[int, int]  # (trainable, all)
+    optimizer: Any
+    optimizer_name: str
+    scheduler: Any
+    compute_dtype: Any
+    quant: dict[str, Any]  # the manifest's quantization block
+    identity: str          # config + inputs: whose checkpoints this run may resume from
+    attempt: str           # names this attempt's checkpoint folders
+    state: checkpoints.TrainState
+    resumed_from: int | None
+    tracker: Any
+    timings: dict[str, float]
+    candidates: list[int] | None = None  # the candidate steps save_outputs published (select / early_stopping)
+    _epoch_batches: tuple[int, list[Any]] = (-1, [])
+
+    @property
+    def rank(self) -> int:
+        return int(self.accelerator.process_index)
+
+    @property
+    def world(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    @property
+    def cuda(self) -> bool:
+        return self.accelerator.device.type == "cuda"
+
+    def autocast(self) -> Any:
+        import torch
+
+        if self.cuda and self.compute_dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.compute_dtype)
+        return contextlib.nullcontext()
+
+    def batch(self, rows: list[list[int]], examples: list[Example]) -> dict[str, Any]:
+        """One micro-batch of packed rows as tensors on this process's device."""
+        from jobs.train import packing
+
+        tensors = packing.collate(rows, examples, self.data.pad_id, self.config.packing == "mask")
+        return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in tensors.items()}
+
+    def all_sum(self, *values: float) -> list[float]:
+        """Sum over processes (the values themselves on one)."""
+        if self.world == 1:
+            return list(values)
+        import torch
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(tensor, reduction="sum").tolist()
+
+    def step_batches(self, step: int, rank: int = 0, world: int = 1) -> list[Any]:
+        """Process `rank`'s micro-batches of optimizer step `step` (with the defaults: every process's)."""
+        from jobs.train import packing
+
+        epoch, in_epoch = self.schedule.position(step)
+        if self._epoch_batches[0] != epoch:
+            self._epoch_batches = (epoch, packing.micro_batches(self.data.rows, self.config.batch_size,
+                                                                 self.config.seed, epoch))
+        return packing.step_share(self._epoch_batches[1], self.schedule.per_step, in_epoch, rank, world)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on this process's share of the step's micro-batches; returns what to log."""
+        import torch
+
+        from jobs.train import packing
+
+        examples = self.data.train
+        counts = [packing.count_tokens(b, examples) for b in self.step_batches(self.state.step)]
+        step_tokens, step_trained = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        started = time.monotonic()
+        loss_total = 0.0
+        for mb in self.step_batches(self.state.step, self.rank, self.world):
+            with self.autocast():
+                s, _ = packing.loss_sum(self.peft_model, self.batch(mb, examples))
+                # Sum over tokens / all tokens of the step, on every process: every trained token weighs the
+                # same however the tokens fall into micro-batches and processes, and the gradients' sum over
+                # processes is the whole step's gradient.
+                (s / step_trained).backward()
+            loss_total += float(s.detach())
+        self.sum_gradients()
+        grad_norm = None
+        if self.config.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss_total,) = self.all_sum(loss_total)
+        loss, seconds, lr = loss_total / step_trained, time.monotonic() - started, self.scheduler.get_last_lr()[0]
+        self.state.advance(loss=loss, lr=lr, tokens=step_tokens, trained_tokens=step_trained, seconds=seconds)
+        scalars = {"train/loss": loss, "train/lr": lr,
+                   "train/tokens_per_s": step_tokens / seconds if seconds > 0 else 0.0}
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = grad_norm
+        return scalars
+
+    def sum_gradients(self) -> None:
+        """Sum the trainable parameters' gradients over processes, once per optimizer step.
+
+        Not DDP: the loss runs the decoder and the output head directly (`packing.loss_sum`, to keep [B, L, V]
+        logits out of memory), which never passes through DDP's forward, so DDP would sync nothing. One
+        all-reduce per bucket of adapter gradients instead; a process without a micro-batch in this step (an
+        epoch's last step can hold fewer than there are processes) adds zeros. Every process then clips and
+        steps the same summed gradient, so the replicas stay equal.
+        """
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket: list[Any] = []
+        size = 0
+        for i, p in enumerate(self.params):
+            bucket.append(p.grad)
+            size += p.grad.numel()
+            if size >= GRAD_BUCKET or i == len(self.params) - 1:
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                at = 0
+                for g in bucket:
+                    g.copy_(flat[at:at + g.numel()].view_as(g))
+                    at += g.numel()
+                bucket, size = [], 0
+
+    def broadcast_parameters(self) -> None:
+        """Rank 0's trainable weights on every process, before the first step (as DDP does at start)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in self.params:
+            dist.broadcast(p.data, src=0)
+
+    def evaluate(self) -> float | None:
+        """Mean eval loss per target token over every process's share of the eval batches (None: no eval split)."""
+        import torch
+
+        from jobs.train import packing
+
+        if not self.data.eval_batches:
+            return None
+        self.peft_model.eval()
+        loss_sum, count = 0.0, 0
+        with torch.no_grad(), self.autocast():
+            for i in range(self.rank, len(self.data.eval_batches), self.world):
+                s, n = packing.loss_sum(self.peft_model, self.batch(self.data.eval_batches[i], self.data.eval))
+                loss_sum, count = loss_sum + float(s), count + n
+        self.peft_model.train()
+        total, tokens = self.all_sum(loss_sum, count)
+        return total / max(tokens, 1)
+
+    def timed_eval(self) -> float | None:
+        """evaluate, its time added to timings["eval_s"], its loss to the state's eval losses."""
+        started = time.monotonic()
+        loss = self.evaluate()
+        self.timings["eval_s"] = self.timings.get("eval_s", 0.0) + time.monotonic() - started
+        if loss is not None and not (self.state.eval_losses and self.state.eval_losses[-1]["step"] == self.state.step):
+            self.state.eval_losses.append({"step": self.state.step, "loss": round(loss, 6)})
+        return loss
+
+    def keep_candidate(self, eval_loss: float | None) -> bool:
+        """After a step: save its adapter as a candidate when select's interval or a new best held-out loss
+        (early_stopping) asks for it; True when early stopping says to stop."""
+        config, step = self.config, self.state.step
+        interval = selection.every(config.select, config.checkpoint.every_steps, config.eval_every)
+        best = eval_loss is not None and selection.is_new_best(config.early_stopping, self.state.eval_losses, step)
+        if self.main and ((interval and step % interval == 0) or best):
+            selection.save(config.output, step, self.peft_model, eval_loss)
+            self.prune_candidates()
+        return eval_loss is not None and selection.should_stop(config.early_stopping, self.state.eval_losses)
+
+    def prune_candidates(self) -> None:
+        stopping = self.config.early_stopping
+        top = selection.best(self.state.eval_losses, stopping.min_delta) if stopping else None
+        keep = self.config.select.keep if self.config.select else 1  # early stopping alone: the best only
+        selection.prune(self.config.output, keep, {top[0]} if top else set())
+
+    def last_candidate(self) -> int | None:
+        """Before adapter/ is saved (rank 0): the last step saved as a candidate, then, with early stopping, the
+        best-loss step's weights loaded in its place. Returns the step adapter/ holds (None: no selection)."""
+        config = self.config
+        if config.select is None and config.early_stopping is None:
+            return None
+        last = self.state.eval_losses[-1]["loss"] if self.state.eval_losses and \
+            self.state.eval_losses[-1]["step"] == self.state.step else None
+        selection.save(config.output, self.state.step, self.peft_model, last)
+        top = selection.best(self.state.eval_losses, config.early_stopping.min_delta) if config.early_stopping \
+            else None
+        if top is None or top[0] == self.state.step:
+            return self.state.step
+        selection.load_into(config.output, top[0], self.peft_model)
+        LOG.info("early stopping: adapter/ holds step %d (held-out loss %.4f), not the last step %d", top[0],
+                 top[1], self.state.step)
+        return top[0]
+
+    def superseded(self) -> bool:
+        """Whether another attempt of this run published while this one trained (every rank gets rank 0's answer)."""
+        published = float(self.main and storage.exists(mf.manifest_uri(self.config.output)))
+        return self.all_sum(published)[0] > 0
+
+    def save_checkpoint(self) -> str | None:
+        """Rank 0 saves the state as checkpoint `step` and prunes old ones; every process waits for it.
+
+        Raises Superseded, before writing, when another attempt already published this run: pruning could
+        otherwise delete checkpoints its manifest names, and the rest of the training would be for nothing.
+        """
+        if self.superseded():
+            raise Superseded
+        started = time.monotonic()
+        uri = None
+        if self.main:
+            uri = checkpoints.write(self.config.output, self.identity, self.peft_model, self.optimizer,
+                                    self.scheduler, self.state, self.attempt)
+            removed = checkpoints.prune(self.config.output, self.config.checkpoint.keep)
+            LOG.info("checkpoint saved: %s (%.1fs)%s", uri, time.monotonic() - started,
+                     f"; removed steps {removed}" if removed else "",
+                     extra={"checkpoint": uri, "step": self.state.step})
+        self.accelerator.wait_for_everyone()
+        return uri
+
+
+# --------------------------------------------------------------------------- setup
+
+
+class Superseded(Exception):  # noqa: N818 - a signal inside train, never seen outside it
+    """Another attempt of this run published while this one trained."""
+
+
+def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, Any], attempt: str) -> Trainer:
+    """Everything the loop needs, resumed from the newest checkpoint of this run when there is one."""
+    import torch
+    from accelerate import Accelerator
+
+    from jobs.train.tracking import Tracker
+
+    timings: dict[str, float] = {}
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        from common.resources import limit_torch_threads
+
+        limit_torch_threads()  # torch's default is the node's cores, not the pod's CPU limit
+    accelerator = Accelerator(cpu=not cuda)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    t = time.monotonic()
+    base, tokenizer, fmt = _base_and_tokenizer(config, accelerator)
+    train_data = _load_data(config, prep, tokenizer, fmt)
+    timings["load_data_s"] = time.monotonic() - t
+
+    with tempfile.TemporaryDirectory(prefix="ftjobs-ckpt-") as tmp:
+        t = time.monotonic()
+        ckpt = _checkpoint_to_resume(config.output, identity, accelerator, Path(tmp))
+        saved = checkpoints.saved_state(ckpt) if ckpt is not None else None  # its step count fixes the schedule
+        schedule = _schedule(config, train_data, accelerator.num_processes, saved)
+        timings["resume_s"] = time.monotonic() - t
+        LOG.info("data: %d train examples (%s) in %d packed rows of %d tokens (%.1f%% full), %d eval examples; "
+                 "%d steps (%d per epoch) of %d micro-batches of %d rows on %d process(es)", len(train_data.train),
+                 train_data.source, len(train_data.rows), config.max_seq_length, 100 * train_data.density,
+                 len(train_data.eval), schedule.total, schedule.steps_per_epoch, schedule.per_step,
+                 config.batch_size, accelerator.num_processes)
+
+        t = time.monotonic()
+        peft_model, compute_dtype, quant = _load_model(config, base.path, accelerator.device, cuda)
+        param_counts = _count_params(peft_model)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer, optimizer_name = _optimizer(config, params, cuda)
+        from transformers import get_scheduler  # here, so load_model_s counts its import as it always did
+
+        scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=schedule.warmup,
+                                  num_training_steps=schedule.total)
+        timings["load_model_s"] = time.monotonic() - t
+
+        state = checkpoints.TrainState()
+        if ckpt is not None:
+            state = checkpoints.restore(ckpt.local, peft_model, optimizer, scheduler, accelerator.process_index,
+                                        config.seed, where=ckpt.uri)
+            LOG.info("resuming from %s (step %d of %d)", ckpt.uri, ckpt.step, schedule.total)
+    resumed_from = ckpt.step if ckpt is not None else None
+    state.attempts += 1
+    state.per_step, state.world = schedule.per_step, accelerator.num_processes
+    state.run_id = os.environ.get(mf.RUN_ID_ENV) or state.run_id or mf.new_run_id()
+    tracker = Tracker(config.report_to, config.run_name or state.run_id, resolved,
+                      enabled=accelerator.is_main_process)
+    trainer = Trainer(config=config, accelerator=accelerator, base=base, tokenizer=tokenizer, fmt=fmt,
+                      data=train_data, schedule=schedule, peft_model=peft_model, params=params,
+                      param_counts=param_counts, optimizer=optimizer,
+                      optimizer_name=optimizer_name, scheduler=scheduler, compute_dtype=compute_dtype, quant=quant,
+                      identity=identity, attempt=attempt, state=state, resumed_from=resumed_from, tracker=tracker,
+                      timings=timings)
+    trainer.broadcast_parameters()
+    return trainer
+
+
+def _checkpoint_to_resume(output: str, identity: str, accelerator: Any,
+                          dest: Path) -> checkpoints.Checkpoint | None:
+    """The newest usable checkpoint of this run, downloaded and verified; None to start from step 0.
+
+    Rank 0 chooses and the others fetch the folder it chose: one process finding a checkpoint unusable
+    where rank 0 did not must not let the processes resume from different steps.
+    """
+    if accelerator.num_processes == 1:
+        return checkpoints.latest(output, dest, identity)
+    from accelerate.utils import broadcast_object_list
+
+    chosen = checkpoints.latest(output, dest, identity) if accelerator.is_main_process else None
+    name = broadcast_object_list([chosen.local.name if chosen is not None else None], from_process=0)[0]
+    if accelerator.is_main_process or name is None:
+        return chosen
+    return checkpoints.fetch(output, name, dest, identity)
+
+
+def _base_and_tokenizer(config: Config, accelerator: Any) -> tuple[models.ModelRef, Any, chat.ChatFormat]:
+    """The base model's local folder (fetched by one process first) and its tokenizer and chat format."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from jobs.train import packing
+
+    with accelerator.main_process_first():
+        base = models.resolve(config.base_model, revision=config.base_revision, cache_dir=config.cache_dir)
+    models.check_trust_remote_code(base.path, config.trust_remote_code)
+    if models.is_quantized(base.path):
+        raise ConfigError(f"{config.base_model} is already quantized ({models.is_quantized(base.path)}); train "
+                          "from the 16-bit base model")
+    refused = packing.refusal(AutoConfig.from_pretrained(str(base.path), trust_remote_code=config.trust_remote_code),
+                              config.packing)
+    if refused:
+        raise ConfigError(f"{config.base_model}: {refused}")
+    tokenizer = AutoTokenizer.from_pretrained(str(base.path), trust_remote_code=config.trust_remote_code)
+    return base, tokenizer, chat.chat_format(tokenizer, config.chat_template)
+
+
+def _load_data(config: Config, prep: mf.Loaded, tokenizer: Any, fmt: chat.ChatFormat) -> TrainData:
+    """Verified shards -> examples -> packed rows; refuses a split that would drop too much or train nothing."""
+    from jobs.train import data, packing
+
+    source = data.choose_source(prep, tokenizer, fmt, base_model=config.base_model, retokenize=config.retokenize)
+    load_args: dict[str, Any] = {"source": source, "tokenizer": tokenizer, "fmt": fmt,
+                                 "max_seq_length": config.max_seq_length, "train_on": config.train_on}
+    train_ex, train_stats = data.load(prep, "train", **load_args)
+    eval_ex, eval_stats = data.load(prep, "eval", **load_args)
+    dropped = sum(train_stats["dropped"].values())
+    if train_ex and dropped > config.max_drop_fraction * train_stats["rows"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(train_stats["dropped"].items()))
+        raise InputError(f"train would drop {dropped} of {train_stats['rows']} rows of {prep.uri} "
+                         f"({100 * dropped / train_stats['rows']:.1f}% > max_drop_fraction "
+                         f"{config.max_drop_fraction:g}): {reasons}. Raise max_seq_length (now "
+                         f"{config.max_seq_length}), fix the data, or raise max_drop_fraction.")
+    if not train_ex:
+        raise InputError(f"The train split of {prep.uri} has no trainable examples "
+                         f"({train_stats['rows']} rows; dropped: {train_stats['dropped'] or 'none'}). "
+                         "Check max_seq_length and the prepare run.")
+    separate = config.packing == "none"
+    eval_rows = packing.pack([len(e) for e in eval_ex], config.max_seq_length, separate)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TrainData(source=source, train=train_ex, eval=eval_ex, train_stats=train_stats, eval_stats=eval_stats,
+                     rows=packing.pack([len(e) for e in train_ex], config.max_seq_length, separate),
+                     row_tokens=config.max_seq_length,
+                     eval_batches=[eval_rows[i:i + config.batch_size]
+                                   for i in range(0, len(eval_rows), config.batch_size)], pad_id=pad_id)
+
+
+def _schedule(config: Config, train_data: TrainData, world: int,
+              saved: checkpoints.TrainState | None = None) -> Schedule:
+    """Steps and micro-batches per step: grad_accum x processes on a fresh start, the checkpoint's on a resume."""
+    per_step = config.grad_accum * world
+    if saved is not None and saved.per_step is not None:
+        if saved.per_step != per_step or saved.world != world:
+            uneven = (f"; {world} processes share {saved.per_step} micro-batches unevenly"
+                      if saved.per_step % world else "")
+            LOG.warning("checkpoint step %d was saved by %d process(es) taking %d micro-batches per step; resuming "
+                        "on %d process(es) with the same %d micro-batches per step (%s per process, whatever "
+                        "grad_accum says), so every step takes the same global batch and the schedule keeps its "
+                        "length%s", saved.step, saved.world, saved.per_step, world, saved.per_step,
+                        f"{saved.per_step / world:g}", uneven)
+        per_step = saved.per_step
+    batches_per_epoch = math.ceil(len(train_data.rows) / config.batch_size)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / per_step))
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    warmup = config.warmup_steps if config.warmup_steps is not None else round(
+        (config.warmup_ratio if config.warmup_ratio is not None else 0.03) * total)
+    return Schedule(per_step=per_step, steps_per_epoch=steps_per_epoch, total=total, warmup=warmup)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def fit(t: Trainer, stop: _StopFlag) -> Fitted:
+    """Optimizer steps from the state's step to the total, evaluating and checkpointing on the way.
+
+    SIGTERM: the step in flight finishes, a checkpoint is saved, and Preempted (exit 1) ends the attempt.
+    """
+    if stop.requested:
+        raise Preempted("SIGTERM arrived before training started; nothing to save. Re-run the same command.")
+    total, ckpt = t.schedule.total, t.config.checkpoint
+    t.peft_model.train()
+    progress = Progress("train", total=total - t.state.step, unit="steps")
+    last_ckpt = started = time.monotonic()
+    stopped_early = False
+    while t.state.step < total:
+        scalars = t.train_step()
+        step = t.state.step
+        progress.update(1, step=step, loss=scalars["train/loss"], tok_s=round(scalars["train/tokens_per_s"]))
+        eval_loss = None
+        if t.config.eval_every and step % t.config.eval_every == 0 and step < total:
+            eval_loss = t.timed_eval()
+            if eval_loss is not None:
+                scalars["eval/loss"] = eval_loss
+                LOG.info("step %d eval loss %.4f", step, eval_loss)
+        t.tracker.log(scalars, step)
+        stopped_early = t.keep_candidate(eval_loss)
+        if stopped_early:
+            LOG.info("early stopping at step %d: %d evaluations without a new best held-out loss", step,
+                     selection.since_best(t.state.eval_losses, t.config.early_stopping.min_delta))  # type: ignore
+            break
+
+        stopping = t.all_sum(float(stop.requested))[0] > 0  # any process asked to stop: all stop
+        due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (
+            ckpt.every_minutes and time.monotonic() - last_ckpt >= 60 * ckpt.every_minutes)
+        if step < total and (stopping or due):
+            uri = t.save_checkpoint()
+            last_ckpt = time.monotonic()
+            if stopping:
+                progress.close()
+                t.tracker.close()
+                if not t.main:  # its own line: rank 0's says where the state went
+                    raise Preempted(f"rank {t.rank}: stopped with the other processes after step {step}")
+                raise Preempted(f"Stopped by SIGTERM after step {step} of {total}; state saved to {uri}. "
+                                "Re-run the same command to resume from it.")
+    progress.close()
+    t.timings["train_s"] = time.monotonic() - started
+
+    eval_loss = t.timed_eval()  # always at the end, when there is an eval split
+    if eval_loss is not None:
+        t.tracker.log({"eval/loss": eval_loss}, t.state.step)
+    t.tracker.close()
+    return Fitted(eval_loss=eval_loss, peak_memory=_peak_memory(t.cuda, t.accelerator.device),
+                  stopped_early=stopped_early)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def save_outputs(t: Trainer, writer: mf.ArtifactWriter) -> None:
+    """adapter/, tokenizer/ (with the chat template trained on), loss_curve.json and .png, through the writer."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ftjobs-train-") as tmp:
+        local = Path(tmp)
+        t.peft_model.peft_config["default"].base_model_name_or_path = t.config.base_model
+        adapter_step = t.last_candidate()  # with early stopping: the best-loss step's weights go into adapter/
+        t.peft_model.save_pretrained(str(local / "adapter"), safe_serialization=True)
+        (local / "adapter" / "README.md").unlink(missing_ok=True)  # peft's boilerplate model card
+        t.tokenizer.chat_template = t.fmt.template
+        t.tokenizer.save_pretrained(str(local / "tokenizer"))
+        writer.add_dir(local / "adapter", "adapter")
+        writer.add_dir(local / "tokenizer", "tokenizer")
+        if adapter_step is not None:
+            t.candidates = selection.publish(writer, t.config.output, (local / "adapter" / "adapter_config.json")
+                                             .read_bytes())
+        curve = {"train": t.state.losses, "eval": t.state.eval_losses}
+        writer.add_bytes(storage.json_bytes(curve), "loss_curve.json")
+        _plot(curve, local / "loss_curve.png", t.config.base_model)
+        writer.add_file(local / "loss_curve.png", "loss_curve.png")
+    if not t.config.checkpoint.delete_on_success:  # kept: then the manifest names them, and gc keeps them
+        for rel, want in checkpoints.complete_files(t.config.output):
+            writer.add_shared(rel, rel, want["sha256"], want["bytes"])
+    t.timings["save_s"] = time.monotonic() - started
+
+
+def _outcome(t: Trainer, fitted: Fitted) -> stage.Outcome:
+    """What the manifest records beside the artifacts: metrics, stats, the model block, timings."""
+    import torch
+
+    config, state, train_data = t.config, t.state, t.data
+    metrics = {
+        "final_train_loss": state.losses[-1]["loss"],
+        "first_train_loss": state.losses[0]["loss"],
+        "eval_loss": fitted.eval_loss,
+        "eval_loss_series": state.eval_losses,
+        "steps": state.step,
+        "tokens_trained": state.tokens,
+        "target_tokens_trained": state.trained_tokens,
+        "effective_tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
+        "train_seconds": state.train_seconds,
+        "peak_memory_bytes": fitted.peak_memory["bytes"],
+        "peak_memory_kind": fitted.peak_memory["kind"],
+        "wall_s": t.timings["wall_s"],
+    }
+    if t.candidates is not None:
+        metrics["selection"] = selection.summary(t.candidates, state.eval_losses, state.step,
+                                                 config.early_stopping, fitted.stopped_early)
+    stats = {
+        "train": train_data.train_stats,
+        "eval": train_data.eval_stats,
+        "data_source": train_data.source,
+        "packing": {"mode": config.packing, "attention": config.attention, "rows": len(train_data.rows),
+                    "row_tokens": config.max_seq_length, "density": round(train_data.density, 4),
+                    "padding_free": True},
+        "steps": {"total": t.schedule.total, "per_epoch": t.schedule.steps_per_epoch, "warmup": t.schedule.warmup,
+                  "micro_batches": t.schedule.per_step, "rows_per_micro_batch": config.batch_size},
+        "world_size": t.world,
+        "resumed_from_step": t.resumed_from,
+        "attempts": state.attempts,
+        "optimizer": t.optimizer_name,
+        "params": {"trainable": t.param_counts[0], "total": t.param_counts[1],
+                   "base": models.parameter_count(t.base.path)},
+        "device": torch.cuda.get_device_name(t.accelerator.device) if t.cuda else "cpu",
+    }
+    model_info = mf.TrainModel(
+        base_model=config.base_model, base_revision=t.base.revision, template_hash=t.fmt.hash,
+        chat_template=t.fmt.template, tokenizer=chat.tokenizer_identity(t.tokenizer), quantization=t.quant,
+        lora=mf.LoraBlock(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                          target_modules=config.lora.target_modules, modules_to_save=config.lora.modules_to_save),
+    ).model_dump(mode="json")
+    return stage.Outcome(run_id=state.run_id, stats=stats, metrics=metrics, timings=t.timings, model=model_info)
+
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _load_model(config: Config, path: Path, device: Any, cuda: bool) -> tuple[Any, Any, dict[str, Any]]:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = config.quantization
+    if q.compute_dtype != "auto":
+        dtype = getattr(torch, q.compute_dtype)
+    elif cuda:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": config.attention,
+                              "trust_remote_code": config.trust_remote_code,
+                              "device_map": {"": device.index if cuda else "cpu"}}
+    quant: dict[str, Any] = {"mode": q.mode, "compute_dtype": str(dtype).removeprefix("torch.")}
+    if q.mode != "none":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.mode, bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=dtype)
+        quant.update({"method": "bitsandbytes", "bits": 4, "double_quant": q.double_quant})
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"Could not load base model {config.base_model}: {exc}") from None
+    if q.mode != "none" and not cuda:
+        # bitsandbytes 0.50 on CPUs with AVX512-BF16: the first forward in eval mode (our eval loss) repacks
+        # the 4-bit weights for an inference kernel that has no autograd, and they stay repacked, so later
+        # training steps silently lose the gradient through every base layer. Keep the trainable layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    gc_kwargs = {"use_reentrant": False}
+    if q.mode != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,  # type: ignore[arg-type] # peft takes floats
+                      lora_dropout=config.lora.dropout,
+                      target_modules=config.lora.target_modules, modules_to_save=config.lora.modules_to_save or None,
+                      bias="none", task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ConfigError(f"LoRA settings do not fit {config.base_model}: {exc}") from None
+    return model, dtype, quant
+
+
+def _count_params(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _optimizer(config: Config, params: list[Any], cuda: bool) -> tuple[Any, str]:
+    import torch
+
+    name = config.optimizer
+    if name == "auto":
+        name = "paged_adamw_8bit" if cuda else "adamw_torch"
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay), name
+    if not cuda:
+        raise ConfigError(f"optimizer {name} needs CUDA (bitsandbytes' 8-bit optimizers); use adamw_torch on CPU")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=config.learning_rate, weight_decay=config.weight_decay), name
+
+
+
+def _peak_memory(cuda: bool, device: Any) -> dict[str, Any]:
+    if cuda:
+        import torch
+
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda_max_allocated"}
+    import resource
+
+    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "kind": "cpu_max_rss"}
+
+
+def _plot(curve: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([p["step"] for p in curve["train"]], [p["loss"] for p in curve["train"]], label="train", lw=1)
+    if curve["eval"]:
+        ax.plot([p["step"] for p in curve["eval"]], [p["loss"] for p in curve["eval"]], "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (per target token)")
+    ax.set_title(f"ftjobs train: {title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class _StopFlag:
+    """SIGTERM: ask the loop to stop after the current step; hard-exit if the grace period runs out."""
+
+    def __init__(self, grace_seconds: float):
+        self.grace_seconds = grace_seconds
+        self.requested = False
+        self._previous: Any = None
+        self._timer: threading.Timer | None = None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            return
+        self.requested = True
+        LOG.warning("SIGTERM: finishing the current step, then checkpointing (grace %.0fs)", self.grace_seconds)
+        self._timer = threading.Timer(self.grace_seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        LOG.error("grace period of %.0fs ran out before the checkpoint finished; exiting (the last complete "
+                  "checkpoint will be used)", self.grace_seconds)
+        logging.shutdown()
+        os._exit(EXIT_RETRYABLE)
+
+    def restore(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _install_sigterm(grace_seconds: float) -> _StopFlag:
+    flag = _StopFlag(grace_seconds)
+    if threading.current_thread() is threading.main_thread():
+        flag._previous = signal.signal(signal.SIGTERM, flag.handle)
+    return flag
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@click.command("train")
+@click.option("--input", "input_", metavar="URI", help="The prepare manifest (manifest.json or its prefix).")
+@click.option("--base-model", metavar="SRC", help="Hugging Face id, s3:// prefix or local folder.")
+@click.option("--output", metavar="URI", help="Output prefix for the adapter, checkpoints and manifest.")
+@config_options(example="lora.r=32")
+def command(input_: str | None, base_model: str | None, output: str | None, config_file: str | None,
+            sets: tuple[str, ...]) -> None:
+    """QLoRA-finetune a base model on a prepare manifest's data; resumes from checkpoints after preemption."""
+    execute(sys.modules[__name__], config_file, sets, {"input": input_, "base_model": base_model, "output": output})
