@@ -34,7 +34,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 STAGES: tuple[str, ...] = ("synth", "prepare", "train", "merge", "infer", "evaluate")
 PRODUCER = {"synth": "ftjobs synth", "prepare": "ftjobs prepare", "train": "ftjobs train", "merge": "ftjobs merge",
-            "infer": "ftjobs infer", "evaluate": "ftjobs evaluate"}
+            "infer": "ftjobs infer", "evaluate": "ftjobs evaluate", "promote": "ftjobs promote"}
 
 
 class _Frozen(BaseModel):
