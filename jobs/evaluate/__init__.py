@@ -59,7 +59,7 @@ from common import manifest as mf
 from common.config import JobConfig, dump
 from common.errors import InputError
 from common.runner import config_options, execute
-from jobs.evaluate import comparison, leaderboard, metrics, report
+from jobs.evaluate import champion, comparison, leaderboard, metrics, report
 from jobs.evaluate import judge as judging
 from jobs.evaluate.metrics import Checks
 
@@ -112,6 +112,10 @@ class Config(JobConfig):
         "finetuned cell against the base model it came from). Default: every set against the first.")
     leaderboard: Leaderboard | None = Field(None, description="Rank the cells of a sweep (see jobs/sweep.py); "
                                             "with fail_if_worse, the best cell must beat its own base.")
+    promote: champion.Promotion | None = Field(None, description="The champion gate (jobs/evaluate/champion.py): "
+                                               "compare the challenger with the registry's champion (the set "
+                                               "labelled promote.champion) and publish a verdict; exit 4 on "
+                                               "refuse.")
 
     @field_validator("predictions")
     @classmethod
@@ -150,6 +154,8 @@ class Config(JobConfig):
         if self.judge is not None and self.judge.mode == "pairwise" and len(self.predictions) < 2:
             raise ValueError("judge mode pairwise compares a baseline with candidates: give two or more "
                              "--predictions, or use mode: score")
+        if self.promote is not None:
+            champion.check_config(self.promote, self.metric_names(), list(self.labels or []))
         if self.fail_if_worse is not None:
             known = self.metric_names()
             if self.fail_if_worse not in known:
@@ -184,6 +190,7 @@ def run(config: Config, *, judge_engine: Any = None) -> mf.Loaded:
     assert isinstance(result, mf.Loaded)
     LOG.info("report: %s", result.artifact_uri("report.html"))
     comparison.gate(result.manifest.metrics, config.fail_if_worse, result.uri)
+    champion.gate(result.manifest.metrics.get("promotion"), result.uri)
     return result
 
 
@@ -248,9 +255,12 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
     if judged is not None:
         writer.add_bytes("".join(json.dumps(v, ensure_ascii=False) + "\n" for v in judged.verdicts).encode(),
                          "judge.jsonl", rows=len(judged.verdicts))
+    if config.promote is not None:  # after every set and guard suite is scored: the verdict reads them all
+        results["promotion"] = champion.decide(config.promote, labels, summary, comparisons, sets,
+                                               results.get("guards"), config.bootstrap, config.seed)
     content = {"run_id": run_id, "sets": details, "summary": summary, "comparisons": comparisons, "names": names,
                "examples": examples, "differing": len(differing), "checks": config.checks, "notes": notes,
-               "judge": judge_report}
+               "judge": judge_report, "promotion": results.get("promotion")}
     writer.add_bytes(report.render_markdown(content).encode(), "report.md")
     writer.add_bytes(report.render_html(content, chart).encode(), "report.html")
     if config.leaderboard is not None:
