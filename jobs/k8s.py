@@ -527,9 +527,12 @@ def submit_chain(sub: Submission, done: dict[str, str]) -> None:
     """
     from common import manifest as mf
 
-    chain.check(sub.config)
-    chosen = chain.steps(sub.config)
     prefix = run_prefix(store_settings(sub.docs), sub.run_id)
+    sub.config = chain.pin_champion(sub.config, prefix)
+    chain.check(sub.config)
+    # promote writes only the registry: it runs where submit runs (the retrain workflow's promote step), not
+    # as a Job of its own.
+    chosen = [s for s in chain.steps(sub.config) if s.stage in IMAGE_OF]
     conf_uri = chain.write_sections(sub.config, prefix, chosen)
     stand_ins = {s.name: f"{run_prefix(store_settings(sub.docs), sub.run_id)}/{s.name}/manifest.json" for s in chosen}
     for step in chosen:  # every Job's arguments and image checked before the first one exists

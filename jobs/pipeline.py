@@ -76,9 +76,10 @@ def absolute(src: str, *, must_exist: bool = True) -> str:
 
 
 def run(config: Config) -> mf.Loaded:
-    resolved = check_sections(config)
     run_id = config.run_id or mf.new_run_id()
     prefix = storage.join(absolute(config.root, must_exist=False), "runs", run_id)
+    config = chain.pin_champion(config, prefix)
+    resolved = check_sections(config)
     LOG.info("run %s under %s (resume with --set run_id=%s)", run_id, prefix, run_id)
     chosen = chain.steps(config)
     conf_uri = chain.write_sections(config, prefix, chosen)
@@ -120,8 +121,8 @@ def run(config: Config) -> mf.Loaded:
         LOG.info("steps: %s; total %.1fs", summary, time.monotonic() - started)
 
     loaded = mf.load(list(manifests.values())[-1], verify="none")
-    if loaded.manifest.stage == "evaluate":
-        headline(loaded, time.monotonic() - started)
+    if "evaluate" in manifests:  # the report's numbers, also when promote ran after it
+        headline(mf.load(manifests["evaluate"], verify="none"), time.monotonic() - started)
     return loaded
 
 
@@ -151,6 +152,15 @@ def run_step(step: chain.Step, args: list[str], output: str, grace: float, run_i
 def gate_message(config: Config, loaded: mf.Loaded, run_id: str) -> str:
     metric = config.evaluate.get("fail_if_worse")
     metrics = loaded.manifest.metrics
+    promotion = metrics.get("promotion")
+    if promotion and (promotion["decision"] != "promote" or not metric):
+        # The champion gate (evaluate's verdict), or the promote step refused by a champion that moved.
+        said = ("; ".join(promotion["failed"]) if promotion["decision"] != "promote" else
+                "the champion moved before this run's promotion (see the promote step's message above)")
+        return (f"the {config.labels[1]} model was not promoted to models:/{promotion['name']}: {said}; the report "
+                f"is at {report_uri(loaded)} (and report.md); the champion is unchanged. Every stage finished, so "
+                f"re-running run {run_id} will not change the verdict: change the training in a new run, or the "
+                "gate (promote.metric, promote.margin, promote.guards).")
     scores = "; ".join(f"{label} {100 * c['metrics'][metric]['candidate']:.1f}% vs {metrics['baseline']} "
                        f"{100 * c['metrics'][metric]['baseline']:.1f}%"
                        for label, c in metrics.get("comparisons", {}).items()
@@ -266,6 +276,14 @@ def headline(loaded: mf.Loaded, total: float) -> None:
             if d["delta"] is not None:
                 lines.append(f"  {name:<24} {comp.get('baseline', baseline)} {100 * d['baseline']:5.1f}%  ->  {label} "
                              f"{100 * d['candidate']:5.1f}%   ({100 * d['delta']:+.1f} pts)")
+    promotion = metrics.get("promotion")
+    if promotion:
+        lines.append(f"  promotion to models:/{promotion['name']}: "
+                     + ("PROMOTE" if promotion["decision"] == "promote" else "REFUSED") + " ("
+                     + "; ".join(f"{c['check']} {'ok' if c['passed'] else 'failed'}: "
+                                 + ("n/a" if c["value"] is None else f"{100 * c['value']:+.1f} pts")
+                                 + f" vs {c['rule'].split()[0]} {100 * c['threshold'] + 0.0:+.1f}"
+                                 for c in promotion["checks"]) + ")")
     if not metrics["comparisons"]:  # no baseline: the one set's own numbers (evaluate's `metric/label` keys)
         for key, value in metrics.items():
             name, _, label = key.partition("/")
