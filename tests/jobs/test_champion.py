@@ -156,3 +156,31 @@ def test_promote_config_mistakes_exit_2() -> None:
     result = CliRunner().invoke(main, ["evaluate", "--predictions", "a", "--predictions", "b", "--output", "o",
                                        "--set", "promote.name=t", "--set", "promote.guards={typo: 0.1}"])
     assert result.exit_code == 2 and "'typo' is neither a metric" in result.output
+
+
+@pytest.mark.unit
+def test_a_guard_suite_metric_is_read_from_the_guards_results_and_a_missing_one_fails() -> None:
+    """`SUITE/METRIC` guards read evaluate's guard suites (metrics["guards"]); what was not computed fails."""
+    from types import SimpleNamespace
+
+    from jobs.evaluate import champion, comparison
+
+    def scored(right: int) -> dict[str, object]:
+        scores = {f"t{i}": {"id": f"t{i}", "exact_match": 1.0 if i < right else 0.0} for i in range(N)}
+        rows = {rid: {"completion": str(s["exact_match"])} for rid, s in scores.items()}
+        loaded = SimpleNamespace(manifest=SimpleNamespace(model={"model": f"m{right}"}), uri=f"m{right}")
+        return {"scores": scores, "rows": rows, "loaded": loaded}
+
+    sets = [{"label": "base", **scored(2)}, {"label": "finetuned", **scored(15)}, {"label": "champion", **scored(10)}]
+    summary = {s["label"]: {"exact_match": sum(x["exact_match"] for x in s["scores"].values()) / N} for s in sets}
+    comparisons, _ = comparison.compare(sets, ["exact_match"], 200, 0)
+    guards = {"safety": {"sets": {"finetuned": {"refusal_rate": 0.80}, "champion": {"refusal_rate": 0.95},
+                                  "base": {"refusal_rate": 0.9}}}}
+    gate = champion.Promotion(name="tickets", guards={"safety/refusal_rate": 0.05, "other/acc": 0.1})
+    verdict = champion.decide(gate, ["base", "finetuned", "champion"], summary, comparisons, sets, guards, 200, 0)
+    by_check = {c["check"]: c for c in verdict["checks"]}
+    assert by_check["vs champion"]["passed"]
+    safety = by_check["guard safety/refusal_rate"]
+    assert not safety["passed"] and safety["delta"] == pytest.approx(-0.15) and safety["short_by"] == pytest.approx(0.1)
+    assert not by_check["guard other/acc"]["passed"] and "no value" in verdict["failed"][1]
+    assert verdict["decision"] == "refuse" and verdict["champion_model"] == "m10"
