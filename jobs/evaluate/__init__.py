@@ -255,14 +255,16 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
     if judged is not None:
         writer.add_bytes("".join(json.dumps(v, ensure_ascii=False) + "\n" for v in judged.verdicts).encode(),
                          "judge.jsonl", rows=len(judged.verdicts))
-    if config.promote is not None:  # after every set and guard suite is scored: the verdict reads them all
-        results["promotion"] = champion.decide(config.promote, labels, summary, comparisons, sets,
-                                               results.get("guards"), config.bootstrap, config.seed)
     content = {"run_id": run_id, "sets": details, "summary": summary, "comparisons": comparisons, "names": names,
                "examples": examples, "differing": len(differing), "checks": config.checks, "notes": notes,
-               "judge": judge_report, "promotion": results.get("promotion")}
-    writer.add_bytes(report.render_markdown(content).encode(), "report.md")
-    writer.add_bytes(report.render_html(content, chart).encode(), "report.html")
+               "judge": judge_report}
+    md, page = report.render_markdown(content), report.render_html(content, chart)
+    if config.promote is not None:  # last: the verdict reads every result above (the guard suites' too)
+        results["promotion"] = champion.decide(config.promote, labels, summary, comparisons, sets, results,
+                                               config.bootstrap, config.seed)
+        md, page = champion.add_to_report(md, page, results["promotion"])
+    writer.add_bytes(md.encode(), "report.md")
+    writer.add_bytes(page.encode(), "report.html")
     if config.leaderboard is not None:
         results["leaderboard"] = write_leaderboard(config, sets, comparisons, trains, writer)
     t_write = time.monotonic()

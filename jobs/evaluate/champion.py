@@ -8,10 +8,12 @@ held-out prompts (labelled `champion` by default), and decides whether the chall
   difference is used);
 - without one (the name's first run): the challenger must beat the base on `metric` (a strictly higher mean,
   the `--fail-if-worse` rule);
-- every guard `{metric: margin}` must not regress by more than its margin against the champion (or the base
-  on a first run): challenger mean - reference mean >= -margin. A guard names a metric evaluate computed on
-  the main rows (`json_valid`) or a guard suite's metric as `SUITE/METRIC`, read from the manifest's
-  `metrics["guards"][SUITE]["sets"][LABEL][METRIC]` (the shape `evaluate.guards` writes).
+- no guard may regress by more than its margin against the champion (or the base on a first run):
+  challenger mean - reference mean >= -margin. The guards are every metric of every `evaluate.guards` suite,
+  with the suite's own `margin` (read from `metrics["guards"][SUITE][LABEL][METRIC]` and
+  `metrics["guard_suites"][SUITE]["margin"]`, the shape docs/guards.md gives), plus `promote.guards`
+  `{metric: margin}`: a metric evaluate computed on the main rows (`json_valid`), or `SUITE/METRIC` (which
+  overrides that metric's suite margin). A guard with no value for either model fails: never a pass on nothing.
 
 The verdict is published in the manifest's `metrics["promotion"]` (each check: what was compared, the value,
 the threshold and by how much it failed) and as a section of the report; a refusal then exits 4 (a verdict,
@@ -49,8 +51,9 @@ class Promotion(JobConfig):
 
 
 def decide(promotion: Promotion, labels: list[str], summary: dict[str, Any], comparisons: dict[str, Any],
-           sets: list[dict[str, Any]], guards: dict[str, Any] | None, resamples: int, seed: int) -> dict[str, Any]:
-    """The verdict as the manifest keeps it (metrics["promotion"])."""
+           sets: list[dict[str, Any]], results: dict[str, Any], resamples: int, seed: int) -> dict[str, Any]:
+    """The verdict as the manifest keeps it (metrics["promotion"]); `results`: evaluate's metrics so far (the
+    guard suites' `guards` and `guard_suites`)."""
     from jobs.evaluate import comparison
 
     challenger = promotion.challenger or next(lab for lab in labels[1:] if lab != promotion.champion)
@@ -79,7 +82,8 @@ def decide(promotion: Promotion, labels: list[str], summary: dict[str, Any], com
                        "value": delta, "value_is": "mean difference challenger - base", "delta": delta,
                        "ci95": d.get("ci95"), "threshold": 0.0, "rule": "> threshold", "passed": passed,
                        "short_by": None if passed or delta is None else -delta, "examples": d.get("examples")})
-    for metric, margin in promotion.guards.items():
+    guards = results.get("guards") or {}
+    for metric, margin in guard_margins(promotion, results).items():
         ours, theirs = guard_values(metric, challenger, reference, summary, guards)
         delta = None if ours is None or theirs is None else ours - theirs
         passed = delta is not None and delta >= -margin
@@ -97,14 +101,24 @@ def decide(promotion: Promotion, labels: list[str], summary: dict[str, Any], com
             "failed": [explain(c) for c in failed]}
 
 
+def guard_margins(promotion: Promotion, results: dict[str, Any]) -> dict[str, float]:
+    """Every guard and its margin: each suite's metrics at the suite's margin, then promote.guards."""
+    out: dict[str, float] = {}
+    for suite, info in (results.get("guard_suites") or {}).items():
+        for metric in info.get("metrics") or []:
+            out[f"{suite}/{metric}"] = float(info.get("margin") or 0.0)
+    return out | dict(promotion.guards)
+
+
 def guard_values(metric: str, challenger: str, reference: str, summary: dict[str, Any],
-                 guards: dict[str, Any] | None) -> tuple[float | None, float | None]:
-    """A guard's value for the challenger and its reference: a main-suite metric, or SUITE/METRIC."""
+                 guards: dict[str, Any]) -> tuple[float | None, float | None]:
+    """A guard's value for the challenger and its reference: a main-suite metric, or SUITE/METRIC (an lm-eval
+    suite's metric names hold a '/' of their own: `harness/tiny_mc/acc`)."""
     if metric in summary.get(challenger, {}):
         return summary[challenger].get(metric), summary.get(reference, {}).get(metric)
     suite, _, name = metric.partition("/")
-    sets = ((guards or {}).get(suite) or {}).get("sets") or {}
-    return (sets.get(challenger) or {}).get(name), (sets.get(reference) or {}).get(name)
+    values = guards.get(suite) or {}
+    return (values.get(challenger) or {}).get(name), (values.get(reference) or {}).get(name)
 
 
 def model_of(s: dict[str, Any]) -> str | None:
@@ -153,6 +167,15 @@ def markdown(promotion: dict[str, Any]) -> str:
                      f"{100 * c['threshold'] + 0.0:+.1f} pts | {'yes' if c['passed'] else 'NO'} | {short} |")
     lines += [""] + [f"- {f}" for f in promotion["failed"]]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def add_to_report(md: str, page: str, promotion: dict[str, Any]) -> tuple[str, str]:
+    """report.md and report.html with the section right after the metrics table (before the chart)."""
+    md_at, html_at = "![metrics](chart.png)", "<img alt='metrics chart'"
+    section, block = markdown(promotion) + "\n", html(promotion)
+    md = md.replace(md_at, section + md_at, 1) if md_at in md else md + "\n" + section
+    page = page.replace(html_at, block + html_at, 1) if html_at in page else page.replace("</body>", block + "</body>")
+    return md, page
 
 
 def html(promotion: dict[str, Any]) -> str:

@@ -11,7 +11,6 @@ import base64
 import io
 from typing import Any
 
-from jobs.evaluate import champion
 from jobs.evaluate.metrics import TITLES
 
 
@@ -81,9 +80,7 @@ def render_html(report: dict[str, Any], chart: bytes) -> str:
 def _common(report: dict[str, Any]) -> dict[str, Any]:
     return {"run_id": report["run_id"], "labels": [s["label"] for s in report["sets"]], "sets": report["sets"],
             "notes": report.get("notes", []), "differing": report["differing"], "examples": report["examples"],
-            "judge": report.get("judge"), "summary": report["summary"],
-            "promotion_md": champion.markdown(report["promotion"]) if report.get("promotion") else "",
-            "promotion_html": champion.html(report["promotion"]) if report.get("promotion") else ""}
+            "judge": report.get("judge"), "summary": report["summary"]}
 
 
 def template(name: str) -> Any:

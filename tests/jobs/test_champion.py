@@ -159,8 +159,9 @@ def test_promote_config_mistakes_exit_2() -> None:
 
 
 @pytest.mark.unit
-def test_a_guard_suite_metric_is_read_from_the_guards_results_and_a_missing_one_fails() -> None:
-    """`SUITE/METRIC` guards read evaluate's guard suites (metrics["guards"]); what was not computed fails."""
+def test_guard_suites_take_part_in_the_gate_at_their_margins_and_a_missing_one_fails() -> None:
+    """Every guard suite's metric is a guard at the suite's margin; `promote.guards` names more or overrides one;
+    what was not computed fails."""
     from types import SimpleNamespace
 
     from jobs.evaluate import champion, comparison
@@ -174,13 +175,17 @@ def test_a_guard_suite_metric_is_read_from_the_guards_results_and_a_missing_one_
     sets = [{"label": "base", **scored(2)}, {"label": "finetuned", **scored(15)}, {"label": "champion", **scored(10)}]
     summary = {s["label"]: {"exact_match": sum(x["exact_match"] for x in s["scores"].values()) / N} for s in sets}
     comparisons, _ = comparison.compare(sets, ["exact_match"], 200, 0)
-    guards = {"safety": {"sets": {"finetuned": {"refusal_rate": 0.80}, "champion": {"refusal_rate": 0.95},
-                                  "base": {"refusal_rate": 0.9}}}}
-    gate = champion.Promotion(name="tickets", guards={"safety/refusal_rate": 0.05, "other/acc": 0.1})
-    verdict = champion.decide(gate, ["base", "finetuned", "champion"], summary, comparisons, sets, guards, 200, 0)
+    # The shape evaluate.guards writes (docs/guards.md): suite -> label -> metric, and each suite's margin.
+    results = {"guards": {"safety": {"finetuned": {"refusal": 0.80, "harness/acc": 0.5},
+                                     "champion": {"refusal": 0.95, "harness/acc": 0.5}, "base": {"refusal": 0.9}}},
+               "guard_suites": {"safety": {"kind": "prompts", "metrics": ["refusal", "harness/acc"], "margin": 0.2}}}
+    gate = champion.Promotion(name="tickets", guards={"safety/refusal": 0.05, "other/acc": 0.1})
+    verdict = champion.decide(gate, ["base", "finetuned", "champion"], summary, comparisons, sets, results, 200, 0)
     by_check = {c["check"]: c for c in verdict["checks"]}
     assert by_check["vs champion"]["passed"]
-    safety = by_check["guard safety/refusal_rate"]
+    # promote.guards overrides the suite's margin (0.2) for that metric; the suite's other metric keeps it.
+    safety = by_check["guard safety/refusal"]
     assert not safety["passed"] and safety["delta"] == pytest.approx(-0.15) and safety["short_by"] == pytest.approx(0.1)
+    assert by_check["guard safety/harness/acc"]["passed"] and by_check["guard safety/harness/acc"]["threshold"] == -0.2
     assert not by_check["guard other/acc"]["passed"] and "no value" in verdict["failed"][1]
     assert verdict["decision"] == "refuse" and verdict["champion_model"] == "m10"
