@@ -189,8 +189,8 @@ def run(config: Config, *, judge_engine: Any = None) -> mf.Loaded:
                        lambda attempt: evaluate(config, loaded, trains, attempt, judge_in, judge_engine=judge_engine))
     assert isinstance(result, mf.Loaded)
     LOG.info("report: %s", result.artifact_uri("report.html"))
+    champion.gate(result.manifest.metrics.get("promotion"), result.uri)  # first: its message names the champion
     comparison.gate(result.manifest.metrics, config.fail_if_worse, result.uri)
-    champion.gate(result.manifest.metrics.get("promotion"), result.uri)
     return result
 
 
