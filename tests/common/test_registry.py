@@ -134,3 +134,12 @@ def test_a_promotion_race_has_exactly_one_winner(store_root: str, merges: list[s
     current = registry.champion("tickets", store_root)
     assert current is not None and current.version.manifest == merges[winners[0]]
     assert [p.seq for p in registry.history("tickets", store_root)] == [1]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("args", [["promote"], ["models"], ["models", "list"], ["models", "show"],
+                                  ["models", "rollback"], ["try"], ["infer"]])
+def test_every_registry_command_has_help_naming_the_root(args: list[str]) -> None:
+    result = CliRunner().invoke(main, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--root" in result.output or args == ["models"]
