@@ -374,7 +374,16 @@ class Model:
 
 def model_input(src: str) -> mf.Loaded | None:
     """The merge manifest `src` names, or None for a plain model source (a Hugging Face id, s3:// prefix or
-    folder). Cheap: it reads the manifest, not the weights, so a stage can put it in its identity first."""
+    folder). Cheap: it reads the manifest, not the weights, so a stage can put it in its identity first.
+    `models:/NAME[/VERSION]` names a registered merged model (root: $FTJOBS_ROOT, else '.')."""
+    from common import registry
+
+    if registry.is_ref(src):
+        version = registry.resolve(src)
+        if version.stage != "merge":
+            raise ConfigError(f"{src} is an adapter (a train manifest); here a merged model is needed: promote the "
+                              "merge of that adapter")
+        return mf.load(version.manifest, expect_stage="merge")
     if models.looks_like_hf_id(src) or not storage.exists(mf.as_manifest_uri(src)):
         return None
     return mf.load(src, expect_stage="merge")

@@ -68,6 +68,8 @@ BUILTIN: tuple[Stage, ...] = (
     Stage("evaluate", "jobs.evaluate", "prepare", variants=(Variant("evaluate-judge", "infer", gpu=True),)),
     # select: the chosen checkpoint's adapter, read where a train manifest is (docs/selection.md)
     Stage("select", "jobs.select", "infer", gpu=True, model_block="common.manifest:TrainModel"),
+    # promote writes the registry only (common/registry.py): the slim image, no GPU.
+    Stage("promote", "jobs.models", "prepare"),
 )
 _registered: dict[str, Stage] = {}
 

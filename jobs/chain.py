@@ -8,7 +8,10 @@
                      the eval prompts, the best one's adapter carried forward (docs/selection.md)
     merge            adapter (the selected one, with select) folded into the 16-bit base
     infer-finetuned  the merged model answers the same prompts
-    evaluate         base vs finetuned: report.md / report.html
+    infer-champion   optional (a `promote:` section and a champion): the registry's champion answers the same prompts
+    evaluate         base vs finetuned (vs champion): report.md / report.html; with `promote:` the champion gate
+    promote          optional (a `promote:` section): the finetuned model becomes models:/NAME's champion when
+                     evaluate's verdict says so (docs/registry.md)
 
 Each step names its stage, the inputs the chain wires into it (an earlier step's manifest, or a value of
 the run such as the base model) with the stage's command-line flag and config key for each, and the
@@ -38,7 +41,10 @@ from common import storage
 from common.config import JobConfig
 from common.errors import ConfigError
 
-RUN_VALUES = ("base_model", "data")  # the run config's fields a step may take, beside earlier steps' manifests
+# The run config's fields a step may take, beside earlier steps' manifests ("champion" and "root": the
+# pinned champion and the registry's root, see pin_champion).
+RUN_VALUES = ("base_model", "data", "champion", "root")
+CHAMPION_LABEL = "champion"  # the champion's predictions set in evaluate (the default of promote.champion)
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,8 @@ class Take:
     flag: str  # the stage's command-line flag that sets it ("--source", "--input")
     source: str  # an earlier step's name (its manifest URI), or one of RUN_VALUES
     when: str | None = None  # a boolean field of the run config that turns it on ("tokenize")
-    label: int | None = None  # evaluate: also pass `--label labels[label]` (which side of the comparison)
     unless: str | None = None  # a step that replaces this input when the run takes it (merge: select, else train)
+    label: int | None = None  # evaluate: also pass `--label labels[label]` (which side; 2: the champion)
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class Step:
     sections: tuple[str, ...]  # run config sections merged (later wins) into the step's config
     baseline: bool = False  # the base model's side of the comparison: may be left out (`--no-baseline`)
     optional: str | None = None  # run config sections (`a|b.c`): the step runs only when one of them is set
+    nested: tuple[str, ...] = ()  # run config sections given to the step under their own name (evaluate's promote)
 
     def wanted(self, config: Config) -> bool:
         """Whether a run of `config` takes this step (the baseline and optional steps may be left out)."""
@@ -98,8 +105,17 @@ CHAIN: tuple[Step, ...] = (
          ("merge",)),
     Step("infer-finetuned", "infer", (Take("model", "--model", "merge"), Take("prompts", "--prompts", "prepare")),
          ("infer", "infer_finetuned")),
+    # The champion answers with the finetuned model's settings, so the two differ only in the model.
+    Step("infer-champion", "infer", (Take("model", "--model", "champion"), Take("prompts", "--prompts", "prepare"),
+                                     Take("root", "--root", "root")), ("infer", "infer_finetuned"),
+         optional="champion"),
     Step("evaluate", "evaluate", (Take("predictions", "--predictions", "infer-base", label=0),
-                                  Take("predictions", "--predictions", "infer-finetuned", label=1)), ("evaluate",)),
+                                  Take("predictions", "--predictions", "infer-finetuned", label=1),
+                                  Take("predictions", "--predictions", "infer-champion", label=2)), ("evaluate",),
+         nested=("promote",)),
+    # A positional take (flag ""): `ftjobs promote MERGE_MANIFEST --evaluation ... --root ...`.
+    Step("promote", "promote", (Take("manifest", "", "merge"), Take("evaluation", "--evaluation", "evaluate"),
+                                Take("root", "--root", "root")), (), optional="promote"),
 )
 STEP_NAMES = tuple(s.name for s in CHAIN)
 BY_NAME = {s.name: s for s in CHAIN}
@@ -138,6 +154,14 @@ class Config(JobConfig):
     select: dict[str, Any] = Field(default_factory=dict, description="select's config section (infer, evaluate, "
                                    "metric), used when train.select is set "
                                    "(docs/selection.md).")
+    promote: dict[str, Any] = Field(default_factory=dict, description="The champion gate (name, metric, margin, "
+                                    "guards; docs/registry.md): evaluate also compares with the registry's "
+                                    "champion of `name`, and the finetuned model becomes the champion only "
+                                    "through that gate.")
+    champion: str | None = Field(None, description="The champion this run is compared with (models:/NAME/VERSION). "
+                                                   "Default: pinned when the run starts (the registry's champion "
+                                                   "of promote.name, recorded in <run>/champion.json so a re-run "
+                                                   "compares with the same one); none: the name's first version.")
     stop_after: str | None = Field(None, description=f"Stop after this step (one of {', '.join(STEP_NAMES)}).")
     max_parallel: int = Field(2, ge=1, description="Steps run at once by the local executor (infer-base beside "
                                                    "train; a sweep's cells side by side); each gets cores / "
@@ -173,6 +197,12 @@ class Config(JobConfig):
             raise ValueError(f"stop_after={self.stop_after!r}: expected one of {', '.join(STEP_NAMES)}")
         if self.labels[0] == self.labels[1]:
             raise ValueError(f"labels must differ, got {list(self.labels)}")
+        if self.promote and CHAMPION_LABEL in self.labels:
+            raise ValueError(f"labels {list(self.labels)}: {CHAMPION_LABEL!r} is the champion's set when `promote` "
+                             "is set; choose other labels")
+        if self.champion is not None and not self.promote:
+            raise ValueError("champion is set but promote is not: the champion is compared with only through the "
+                             "gate; add a promote section (name, metric) or drop champion")
         for step in CHAIN:
             for section in step.sections:
                 taken = [k for k in step.wired if k in getattr(self, section)]
@@ -187,6 +217,9 @@ class Config(JobConfig):
         merged: dict[str, Any] = {}
         for name in step.sections:
             merged = deep_merge(merged, getattr(self, name))
+        for name in step.nested:
+            if getattr(self, name):
+                merged = deep_merge(merged, {name: getattr(self, name)})
         return merged
 
 
@@ -241,7 +274,8 @@ def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str
     without its section) is left out of the arguments too. `values` overrides the run values (e.g. local
     paths made absolute).
     """
-    run_values = {"base_model": config.base_model, "data": list(config.data), **(values or {})}
+    run_values = {"base_model": config.base_model, "data": list(config.data), "champion": config.champion,
+                  "root": config.root, **(values or {})}
     left_out = {s.name for s in CHAIN if not s.wanted(config)}
     args: list[str] = []
     for take in step.takes:
@@ -251,9 +285,9 @@ def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str
             continue
         value = run_values[take.source] if take.source in RUN_VALUES else done[take.source]
         for item in value if isinstance(value, list) else [value]:
-            args += [take.flag, str(item)]
+            args += [take.flag, str(item)] if take.flag else [str(item)]
         if take.label is not None:
-            args += ["--label", config.labels[take.label]]
+            args += ["--label", (*config.labels, CHAMPION_LABEL)[take.label]]
     return args
 
 
@@ -323,3 +357,34 @@ def write_sections(config: Config, prefix: str, chosen: list[Step]) -> dict[str,
         storage.write_bytes(uri, yaml.safe_dump(config.section(step), sort_keys=True).encode())
         out[step.name] = uri
     return out
+
+
+# --------------------------------------------------------------------------- the champion a run is compared with
+
+
+def pin_champion(config: Config, prefix: str) -> Config:
+    """The run with its champion pinned: the registry's champion of promote.name when the run first started.
+
+    Recorded create-only in `<run prefix>/champion.json`: a re-run (after a failure, or after this run's own
+    promotion moved the champion) compares with the same champion, so its finished steps stay "already
+    done". The registry's root is the store root the run writes under (`<root>/runs/<run_id>`).
+    """
+    from common import registry
+    from common.errors import AlreadyExistsError
+
+    if not config.promote:
+        return config
+    root = storage.parent(storage.parent(prefix))
+    name = str(config.promote.get("name") or "")
+    registry.check_name(name)
+    uri = storage.join(prefix, "champion.json")
+    if config.champion is None and not storage.exists(uri):
+        current = registry.champion(name, root)
+        record = {"name": name, "champion": f"{registry.SCHEME}{name}/{current.version.version}" if current else None,
+                  "pinned_at": mf.now()}
+        try:
+            storage.put_if_absent(uri, storage.json_bytes(record))
+        except AlreadyExistsError:
+            pass  # another start of the same run pinned it first: that one stands
+    pinned = config.champion if config.champion is not None else storage.read_json(uri)["champion"]
+    return config.model_copy(update={"champion": pinned, "root": root})

@@ -55,7 +55,8 @@ def check_sections(config: Config) -> dict[str, object]:
 
 
 def plan_run(config: Config, prefix: str, run_id: str, *, local: bool) -> plan.Plan:
-    """The run as a plan of one cell (every step's config checked)."""
+    """The run as a plan of one cell (every step's config checked; the champion it is compared with pinned)."""
+    config = chain.pin_champion(config, prefix)
     cell = plan.Cell(id=run_id, values={}, label=run_id, config=config)
     return plan.build("run", run_id, prefix, [cell], local=local)
 
@@ -103,14 +104,22 @@ def outcome(the_plan: plan.Plan, config: Config, started: float) -> mf.Loaded:
         raise error_for(failed.exit_code or EXIT_RETRYABLE, f"{failed.reason}. Fix it, then re-run the same command "
                         f"with {the_plan.resume_hint}: finished steps are skipped.")
     loaded = mf.load(str(insts[-1].manifest), verify="none")
-    if loaded.manifest.stage == "evaluate":
-        headline(loaded, time.monotonic() - started)
+    evaluated = next((i for i in insts if i.step.stage == "evaluate" and i.manifest), None)
+    if evaluated is not None:  # the report's numbers, also when promote ran after evaluate
+        headline(mf.load(str(evaluated.manifest), verify="none"), time.monotonic() - started)
     return loaded
 
 
 def gate_message(config: Config, loaded: mf.Loaded, run_id: str) -> str:
     metric = config.evaluate.get("fail_if_worse")
     metrics = loaded.manifest.metrics
+    promotion = metrics.get("promotion")
+    if promotion and promotion["decision"] != "promote":  # the champion gate (evaluate's verdict)
+        return (f"the {config.labels[1]} model was not promoted to models:/{promotion['name']}: "
+                + "; ".join(promotion["failed"]) + f"; the report is at {report_uri(loaded)} (and report.md); the "
+                f"champion is unchanged. Every stage finished, so re-running run {run_id} will not change the "
+                "verdict: change the training in a new run, or the gate (promote.metric, promote.margin, "
+                "promote.guards).")
     scores = "; ".join(f"{label} {100 * c['metrics'][metric]['candidate']:.1f}% vs {metrics['baseline']} "
                        f"{100 * c['metrics'][metric]['baseline']:.1f}%"
                        for label, c in metrics.get("comparisons", {}).items()
@@ -142,6 +151,14 @@ def headline(loaded: mf.Loaded, total: float) -> None:
             if d["delta"] is not None:
                 lines.append(f"  {name:<24} {comp.get('baseline', baseline)} {100 * d['baseline']:5.1f}%  ->  {label} "
                              f"{100 * d['candidate']:5.1f}%   ({100 * d['delta']:+.1f} pts)")
+    promotion = metrics.get("promotion")
+    if promotion:
+        lines.append(f"  promotion to models:/{promotion['name']}: "
+                     + ("PROMOTE" if promotion["decision"] == "promote" else "REFUSED") + " ("
+                     + "; ".join(f"{c['check']} {'ok' if c['passed'] else 'failed'}: "
+                                 + ("n/a" if c["value"] is None else f"{100 * c['value']:+.1f} pts")
+                                 + f" vs {c['rule'].split()[0]} {100 * c['threshold'] + 0.0:+.1f}"
+                                 for c in promotion["checks"]) + ")")
     if not metrics["comparisons"]:  # no baseline: the one set's own numbers (evaluate's `metric/label` keys)
         for key, value in metrics.items():
             name, _, label = key.partition("/")

@@ -137,9 +137,12 @@ class Plan:
 
     def values(self, config: chain.Config) -> dict[str, Any]:
         """The run values steps take; local paths made absolute when the steps run here."""
+        # The champion a run is compared with and the registry's root (pinned: chain.pin_champion).
+        registry = {"champion": config.champion, "root": config.root}
         if not self.local:
-            return {"base_model": config.base_model, "data": list(config.data)}
-        return {"base_model": absolute(config.base_model), "data": [absolute(d) for d in config.data]}
+            return {"base_model": config.base_model, "data": list(config.data), **registry}
+        return {"base_model": absolute(config.base_model), "data": [absolute(d) for d in config.data],
+                **registry, "root": absolute(config.root, must_exist=False)}
 
     def conf_uri(self, inst: Instance) -> str:
         return storage.join(self.prefix, "config", f"{inst.name}.yaml")

@@ -59,7 +59,7 @@ from common import manifest as mf
 from common.config import JobConfig, dump
 from common.errors import InputError
 from common.runner import config_options, execute
-from jobs.evaluate import comparison, guards, leaderboard, metrics, report
+from jobs.evaluate import champion, comparison, guards, leaderboard, metrics, report
 from jobs.evaluate import judge as judging
 from jobs.evaluate.guards import Guard, GuardEngine
 from jobs.evaluate.metrics import Checks
@@ -119,6 +119,10 @@ class Config(JobConfig):
                                        "model: prompt files or lm-evaluation-harness tasks (docs/guards.md).")
     guard_engine: GuardEngine = Field(default_factory=GuardEngine,
                                              description="How the guards' models run.")
+    promote: champion.Promotion | None = Field(None, description="The champion gate (jobs/evaluate/champion.py): "
+                                               "compare the challenger with the registry's champion (the set "
+                                               "labelled promote.champion) and publish a verdict; exit 4 on "
+                                               "refuse.")
 
     @field_validator("predictions")
     @classmethod
@@ -158,6 +162,8 @@ class Config(JobConfig):
         if self.judge is not None and self.judge.mode == "pairwise" and len(self.predictions) < 2:
             raise ValueError("judge mode pairwise compares a baseline with candidates: give two or more "
                              "--predictions, or use mode: score")
+        if self.promote is not None:
+            champion.check_config(self.promote, self.metric_names(), list(self.labels or []))
         if self.fail_if_worse is not None:
             known = self.metric_names()
             if self.fail_if_worse not in known:
@@ -192,6 +198,7 @@ def run(config: Config, *, judge_engine: Any = None) -> mf.Loaded:
                        lambda attempt: evaluate(config, loaded, trains, attempt, judge_in, judge_engine=judge_engine))
     assert isinstance(result, mf.Loaded)
     LOG.info("report: %s", result.artifact_uri("report.html"))
+    champion.gate(result.manifest.metrics.get("promotion"), result.uri)  # first: its message names the champion
     comparison.gate(result.manifest.metrics, config.fail_if_worse, result.uri)
     return result
 
@@ -266,6 +273,10 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
         md, page = md + guards.markdown(guarded), guards.add_to_html(page, guarded)
         results |= {"guards": guarded.values, "guard_comparisons": guarded.comparisons,
                     "guard_suites": guarded.suites}
+    if config.promote is not None:  # last: the verdict reads every result above (the guard suites' too)
+        results["promotion"] = champion.decide(config.promote, labels, summary, comparisons, sets, results,
+                                               config.bootstrap, config.seed)
+        md, page = champion.add_to_report(md, page, results["promotion"])
     writer.add_bytes(md.encode(), "report.md")
     writer.add_bytes(page.encode(), "report.html")
     if config.leaderboard is not None:

@@ -35,6 +35,23 @@ class Columns(JobConfig):
 
 
 
+def resolve_registered(config: Config) -> Config:
+    """`models:/NAME[/VERSION]` as the model it names: a merge manifest as --model, or a train manifest's adapter
+    on its base. The run then records the resolved manifest (its identity is the model, not the pointer)."""
+    from common import registry
+
+    if not registry.is_ref(config.model):
+        return config
+    assert config.model is not None
+    version = registry.resolve(config.model, config.root)
+    if version.stage == "merge":
+        return config.model_copy(update={"model": version.manifest})
+    if config.adapter is not None:
+        raise ConfigError(f"--model {config.model} is an adapter (version {version.version} is a train manifest) "
+                          "and --adapter names another: drop --adapter")
+    return config.model_copy(update={"model": version.base_model, "adapter": version.manifest})
+
+
 def load_model_input(src: str) -> mf.Loaded | None:
     """A merge manifest when `src` names one; None for a plain model source."""
     if models.looks_like_hf_id(src) or not storage.exists(mf.as_manifest_uri(src)):

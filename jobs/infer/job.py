@@ -54,7 +54,15 @@ from common.config import JobConfig, dump
 from common.errors import AlreadyExistsError, ChecksumError, ConfigError, FtjobsError
 from common.generate import EngineArgs, Sampling
 from common.runner import config_options, execute
-from jobs.infer.inputs import Columns, load_model_input, load_prompts_input, load_rows, prepare_model, template_check
+from jobs.infer.inputs import (
+    Columns,
+    load_model_input,
+    load_prompts_input,
+    load_rows,
+    prepare_model,
+    resolve_registered,
+    template_check,
+)
 
 STAGE = "infer"
 LOG = logging.getLogger(__name__)
@@ -75,8 +83,12 @@ class Serve(JobConfig):
 class Config(JobConfig):
     """ftjobs infer: batch generation over a prompt set, sharded and resumable."""
 
-    model: str | None = Field(None, description="Merge manifest (URI or its prefix), or a model source: HF id, "
-                                                "s3:// prefix, local folder. Required, except with `finalize`.")
+    model: str | None = Field(None, description="Merge manifest (URI or its prefix), a registered model "
+                                                "(models:/NAME for the champion, models:/NAME/VERSION), or a model "
+                                                "source: HF id, s3:// prefix, local folder. Required, except with "
+                                                "`finalize`.")
+    root: str | None = Field(None, description="Store root whose models/ registry resolves a models:/ model; "
+                                               "None: $FTJOBS_ROOT, else '.'.")
     adapter: str | None = Field(None, description="Train manifest whose LoRA adapter is served on top of "
                                                   "`model` (a base model source), or a select manifest (the "
                                                   "chosen checkpoint's adapter).")
@@ -123,7 +135,8 @@ class Config(JobConfig):
             raise ValueError(f"shard {self.shard} is out of range for num_shards {self.num_shards} "
                              f"(shards are numbered 0..{self.num_shards - 1})")
         if storage.normalize(self.output).rstrip("/") in {storage.normalize(x).rstrip("/")
-                                                          for x in (self.model, self.prompts) if x is not None}:
+                                                          for x in (self.model, self.prompts)
+                                                          if x is not None and not x.startswith("models:/")}:
             raise ValueError("output must be a prefix of its own, not the model's or the prompts' location")
         if self.also:
             if self.adapter is None or self.finalize:
@@ -148,6 +161,7 @@ def run(config: Config) -> stage.Result:
     out = config.output
     if config.finalize and config.model is None:
         return finalize_from_plan(out)
+    config = resolve_registered(config)
     if config.also:
         return run_served(config)
     identity, model_in, adapter_in, prompts_in = read_inputs(config)
@@ -554,13 +568,15 @@ def _shard_option(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--shard", callback=_shard_option, metavar="I/N",
               help="This process's shard of N (default: JOB_COMPLETION_INDEX with num_shards).")
 @click.option("--engine", type=click.Choice(["vllm", "transformers"]), help="Generation engine (default vllm).")
+@click.option("--root", help="Store root whose models/ registry resolves --model models:/NAME[/VERSION] "
+                             "(default $FTJOBS_ROOT, else '.').")
 @click.option("--finalize", is_flag=True, default=None,
               help="Only assemble finished shards and publish. `--finalize --output URI` alone finalizes the run "
                    "recorded in URI/plan.json.")
 @config_options(example="sampling.temperature=0")
 def command(model: str | None, adapters: tuple[str, ...], prompts: str | None, outputs: tuple[str, ...],
-            shard: tuple[int, int] | None, engine: str | None, finalize: bool | None, config_file: str | None,
-            sets: tuple[str, ...]) -> None:
+            shard: tuple[int, int] | None, engine: str | None, root: str | None, finalize: bool | None,
+            config_file: str | None, sets: tuple[str, ...]) -> None:
     """Generate completions for a prompt set, sharded and resumable.
 
     stdout: the manifest URI. A shard that is not the last to finish prints its shard marker
@@ -575,7 +591,7 @@ def command(model: str | None, adapters: tuple[str, ...], prompts: str | None, o
         raise ConfigError("several --output need as many --adapter (one output per served adapter)")
     also = [{"adapter": a, "output": o} for a, o in zip(adapters[1:], outputs[1:], strict=True)] or None
     flags = {"model": model, "adapter": adapters[0] if adapters else None, "prompts": prompts,
-             "output": outputs[0] if outputs else None, "also": also, "engine": engine,
+             "output": outputs[0] if outputs else None, "also": also, "engine": engine, "root": root,
              "finalize": finalize or None, "shard": shard[0] if shard else None,
              "num_shards": shard[1] if shard else None}
     execute(sys.modules[__name__], config_file, sets, flags)

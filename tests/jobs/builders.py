@@ -59,3 +59,35 @@ def publish_adapter(prefix: str, base_model: Path, *, r: int = 8, alpha: int = 1
                  inputs=[], artifacts=writer.artifacts, model=model_info, metrics={"steps": 0})
     mf.publish(prefix, m)
     return mf.load(prefix)
+
+
+def publish_merged(prefix: str, model_dir: Path, *, seed: int = 0, noise: float = 0.0) -> mf.Loaded:
+    """What `ftjobs merge` publishes (a `model/` folder and a merge manifest) from a model folder as it is, or with
+    `noise` added to every weight (a different model of the same shape, as a merge of another adapter is)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    fmt = chat.chat_format(tok)
+    writer = mf.ArtifactWriter(prefix)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        shutil.copytree(model_dir, out)
+        if noise:
+            torch.manual_seed(seed)
+            for f in out.glob("*.safetensors"):
+                tensors = load_file(str(f))
+                save_file({k: v + noise * torch.randn_like(v) for k, v in tensors.items()}, str(f),
+                          metadata={"format": "pt"})
+        writer.add_dir(out, "model")
+    model_info: dict[str, Any] = {"base_model": str(model_dir), "template_hash": fmt.hash,
+                                  "chat_template": fmt.template, "tokenizer": chat.tokenizer_identity(tok),
+                                  "dtype": "float32", "mode": "test-builder"}
+    m = mf.build(stage="merge", run_id=mf.new_run_id(), config={"builder": "tests.jobs.builders", "seed": seed,
+                                                                "noise": noise},
+                 inputs=[], artifacts=writer.artifacts, model=model_info)
+    mf.publish(prefix, m)
+    return mf.load(prefix)

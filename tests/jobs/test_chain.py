@@ -30,7 +30,8 @@ def test_steps_are_named_once_and_only_take_from_earlier_steps() -> None:
 
 @pytest.mark.parametrize("step", chain.CHAIN, ids=lambda s: s.name)
 def test_every_wired_flag_sets_its_key_in_the_stage_config(step: chain.Step, tmp_path: Path) -> None:
-    config = run_config(synth={"teacher": "tiny-teacher"}, train={"select": {"metric": "exact_match"}})  # all steps
+    config = run_config(synth={"teacher": "tiny-teacher"}, train={"select": {"metric": "exact_match"}},
+                        promote={"name": "tickets"}, champion="models:/tickets/1")  # every optional step in the run
     done = {s.name: f"s3://ml/runs/r1/{s.name}/manifest.json" for s in chain.CHAIN}
     args = chain.arguments(step, config, done)
     section = tmp_path / "section.yaml"

@@ -206,3 +206,28 @@ def test_the_gpu_overlay_selects_the_templates_the_registry_says_need_a_gpu() ->
     assert wanted in selectors, (wanted, selectors)
     base = yaml.safe_load((REPO / "k8s/base/kustomization.yaml").read_text())["resources"]
     assert {f"job-{t}.yaml" for t in stages.templates()} <= set(base)
+
+
+def test_a_run_with_promote_plans_the_champion_steps_with_the_pinned_champion(tmp_path: Path) -> None:
+    """The registry's champion is pinned at plan time; infer-champion and promote are planned from CHAIN, with
+    the champion and the registry's root as their run values, on both executors' arguments."""
+    from common import registry
+
+    root = tmp_path / "store"
+    config = cfg.validate(chain.Config, {**RUN, "root": str(root), "promote": {"name": "tickets"}})
+    prefix = f"{root}/runs/r1"
+    first = pipeline.plan_run(config, prefix, "r1", local=False)
+    assert "infer-champion" not in [i.name for i in first.instances.values()]  # no champion yet: a first version
+    assert registry.champion("tickets", str(root)) is None
+    promote = next(i for i in first.instances.values() if i.name == "promote")
+    args = first.arguments(promote, stand_in=True)
+    assert args[:5] == [f"{prefix}/merge/manifest.json", "--evaluation", f"{prefix}/evaluate/manifest.json",
+                        "--root", str(root)]
+    # A champion pinned for another run: its infer step answers with models:/tickets/3 under the same root.
+    pinned = config.model_copy(update={"champion": "models:/tickets/3"})
+    other = pipeline.plan_run(pinned, f"{root}/runs/r2", "r2", local=False)
+    inst = next(i for i in other.instances.values() if i.name == "infer-champion")
+    args = other.arguments(inst, stand_in=True)
+    assert args[args.index("--model") + 1] == "models:/tickets/3" and args[args.index("--root") + 1] == str(root)
+    evaluate = next(i for i in other.instances.values() if i.name == "evaluate")
+    assert other.arguments(evaluate, stand_in=True).count("--label") == 3

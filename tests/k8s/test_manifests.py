@@ -37,6 +37,8 @@ SAMPLE_ARGS = {
                  "--fail-if-worse", "exact_match"],
     "select": ["--train", "s3://ftjobs/runs/r1/train/", "--prompts", "s3://ftjobs/runs/r1/prepare/",
                "--baseline", "s3://ftjobs/runs/r1/infer-base/"],
+    "promote": ["s3://ftjobs/runs/r1/merge/manifest.json", "--evaluation", "s3://ftjobs/runs/r1/evaluate/",
+                "--root", "s3://ftjobs"],
 }
 
 BUILTIN = [s.name for s in stages.BUILTIN]
