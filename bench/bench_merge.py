@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import emit, row
+from jobs.merge.checks import summary
 
 SIZES = {"small": (512, 1408, 8), "medium": (1024, 2816, 8), "large": (2048, 5632, 8)}  # hidden, mlp, layers
 PHASES = ("load", "merge", "check", "save", "hash", "upload")
@@ -155,9 +156,9 @@ def main() -> None:
     rows.append(row("merge", "sharded, check off vs user-space copy+sha256", unchecked["sharded"][0],
                     low["user_copy_s"] + low["sha256_s"], goal="info", met=None, unit="s",
                     notes="read + write through user memory, as a merge must write, plus sha256"))
-    print(f"as shipped, phases (s): {phases(shipped)}; generation check: "
-          f"{shipped.metrics['generation'].get('tokens_equal')} tokens equal, max |logit diff| "
-          f"{shipped.metrics['generation'].get('max_logit_diff')}")
+    gen = shipped.metrics["generation"]
+    print(f"as shipped, phases (s): {phases(shipped)}; generation check: {summary(gen)}")
+    print("the check's parts (s): " + ", ".join(f"{k} {v:.2f}" for k, v in gen.get("seconds", {}).items()))
     emit("merge", rows, extra={"size": args.size, "base_bytes": size, "plain_s": plain_s, "floor": low,
                                "shipped": {"seconds": shipped_s, "timings": shipped.timings, "stats": shipped.stats},
                                "unchecked": {k: {"seconds": s, "timings": m.timings} for k, (s, m) in
