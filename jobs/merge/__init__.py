@@ -273,7 +273,7 @@ def plan_merge(config: Config, train: mf.Loaded, work: Path) -> Plan:
     budget = memory_budget(config, device)
     fits = model_bytes * IN_MEMORY_FACTOR <= budget
     mode = config.mode if config.mode != "auto" else _auto_mode(adapter_dir, fits, model_bytes, budget)
-    # a 16-bit check runs the unmerged model once more upcast to float32: its peak is the float32 model
+    # a 16-bit check generates with the unmerged model upcast to float32: its peak is the float32 model
     gen_check = config.checks.generation and reference_bytes(model_bytes, dtype) * IN_MEMORY_FACTOR <= budget
     skipped = None if gen_check or not config.checks.generation else (
         f"model is {model_bytes / 1e9:.2f} GB at {dtype} (the check needs "

@@ -1,8 +1,8 @@
 """The checks a merged model must pass before it is published: what merge compares and how closely.
 
-`reference_run` generates greedily with the unmerged base + adapter in the merge dtype and keeps the logits of
-every position. For a 16-bit dtype it then feeds the same sequences once more through the same model upcast
-to float32: the adapter's function without the dtype's rounding (a bfloat16 base upcasts exactly).
+`reference_run` generates greedily with the unmerged base + adapter and keeps the logits of every position. For
+a 16-bit dtype it generates with the model upcast to float32, the adapter's function without the dtype's
+rounding (a bfloat16 base upcasts exactly), then feeds the same sequences once through the model in the dtype.
 `compare_run` feeds the sequences, teacher-forced, through the merged model loaded back from disk, and judges:
 
 - float32: strict. The merged model makes the unmerged model's greedy choice at every position, or its
@@ -120,17 +120,23 @@ def upcast(model: Any) -> Iterator[Any]:
 
 def reference_run(model: Any, prompt_ids: list[list[int]], max_new_tokens: int, eos: list[int],
                   device: str, dtype: str) -> Reference:
-    """Greedy generation with the unmerged model, keeping the logits of every position on the way; for a
-    16-bit dtype, one more batched forward over the same sequences in float32."""
+    """Greedy generation with the unmerged model, keeping the logits of every position on the way.
+
+    For a 16-bit dtype the generation runs with the model upcast to float32 (the sequences and the
+    reference logits are the adapter's exact function; on a CPU float32 is also the faster arithmetic),
+    then one batched teacher-forced forward in the dtype gives the yardstick's logits.
+    """
     start = time.monotonic()
-    seqs, logits, pad = _generate(model, prompt_ids, max_new_tokens, eos, device)
+    if dtype == "float32":
+        seqs, logits, pad = _generate(model, prompt_ids, max_new_tokens, eos, device)
+        return Reference(seqs=seqs, n_prompt=[len(p) for p in prompt_ids], logits=logits, exact=None, pad=pad,
+                         dtype=dtype, seconds={"reference_generate": time.monotonic() - start})
+    with upcast(model):
+        seqs, exact, pad = _generate(model, prompt_ids, max_new_tokens, eos, device)
     seconds = {"reference_generate": time.monotonic() - start}
-    exact = None
-    if dtype != "float32":
-        start = time.monotonic()
-        with upcast(model):
-            exact = _forced_logits(model, seqs, pad, device)
-        seconds["reference_float32"] = time.monotonic() - start
+    start = time.monotonic()
+    logits = _forced_logits(model, seqs, pad, device)
+    seconds["reference_forward"] = time.monotonic() - start
     return Reference(seqs=seqs, n_prompt=[len(p) for p in prompt_ids], logits=logits, exact=exact, pad=pad,
                      dtype=dtype, seconds=seconds)
 
@@ -276,7 +282,7 @@ def _strict(merged: list[Any], reference: Reference, tokenizer: Any, atol: float
     results, first_failure = [], None
     for i, (seq, n, ref_logits, logits) in enumerate(zip(reference.seqs, reference.n_prompt, reference.logits,
                                                          merged, strict=True)):
-        want = ref_logits[: n - 1].argmax(-1).tolist() + seq[n:]
+        want = ref_logits.argmax(-1).tolist()  # over the generation: the token it chose (generating, or not)
         got = logits.argmax(-1).tolist()
         diff = float((logits - ref_logits).abs().max()) if len(want) else 0.0
         first = next((j for j, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), None)
