@@ -127,7 +127,9 @@ class Checks(JobConfig):
                              "memory budget the check is skipped and the reason recorded.")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="User messages, "
                                "rendered with the training chat template, used for the generation check.")
-    max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens generated per prompt.")
+    max_new_tokens: int = Field(16, ge=0, le=512, description="Greedy tokens the unmerged model generates per "
+                                "prompt, whose positions are compared too. 0: the prompts' positions only, one "
+                                "batched forward per model (the cheapest check; see docs/merge.md).")
     logit_atol: float | None = Field(None, gt=0, description="float32 merges (the strict comparison): largest "
                                      "|logit| difference accepted where a greedy choice differs; default 1e-3. "
                                      "16-bit merges are judged against their own rounding instead "
@@ -273,7 +275,7 @@ def plan_merge(config: Config, train: mf.Loaded, work: Path) -> Plan:
     budget = memory_budget(config, device)
     fits = model_bytes * IN_MEMORY_FACTOR <= budget
     mode = config.mode if config.mode != "auto" else _auto_mode(adapter_dir, fits, model_bytes, budget)
-    # a 16-bit check generates with the unmerged model upcast to float32: its peak is the float32 model
+    # a 16-bit check runs the unmerged model once more upcast to float32: its peak is the float32 model
     gen_check = config.checks.generation and reference_bytes(model_bytes, dtype) * IN_MEMORY_FACTOR <= budget
     skipped = None if gen_check or not config.checks.generation else (
         f"model is {model_bytes / 1e9:.2f} GB at {dtype} (the check needs "

@@ -118,3 +118,13 @@ def test_rounding_rule_margins(merged: checks.Distance, ok: bool) -> None:
     yardstick = distance(2, 1e-4)
     assert checks.allowed(yardstick) == (pytest.approx(5e-4), 2 * 2 + 5)
     assert checks.within_rounding(merged, yardstick) is ok
+
+
+@pytest.mark.integration
+def test_prompts_only_check_is_one_forward_per_model(adapters: list[mf.Loaded], tmp_path: Path) -> None:
+    m = do_merge(input=adapters[1].uri, output=str(tmp_path / "out"), checks={"max_new_tokens": 0}).manifest
+    gen = m.metrics["generation"]
+    assert gen["ok"] and gen["rule"] == "rounding" and {p["tokens"] for p in gen["prompts"]} == {0}
+    assert gen["merged_vs_float32"]["positions"] == gen["positions"] == sum(p["positions"] for p in gen["prompts"])
+    assert set(gen["seconds"]) == {"reference_load", "reference_generate", "reference_float32", "merged_load",
+                                   "merged_forward"}
