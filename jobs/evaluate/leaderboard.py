@@ -174,7 +174,7 @@ FAILED_MARK = "–"  # the rank column of a failed cell
 
 def table(board: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The rows every rendering shows (leaderboard.md/.html and the sweep's terminal summary): the ranked
-    cells, then each failed cell (rank –, the step and exit code in the metric column, the reason after).
+    cells, then each failed cell (rank –, the step and exit code in the metric column, the reason in the last).
 
     The matrix values are the columns that name a cell; the label column is shown only when they do not
     (no values, or two cells with the same values), and the base each cell is compared with only when
@@ -201,9 +201,9 @@ def table(board: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                      duration(r["train_seconds"]), human(r["tokens_trained"]), human(r["peak_memory_bytes"], "B"),
                      human(r["trainable_params"]), human(r["total_params"]), front or "–"])
     for f, combo in zip(failed, combos[len(cells):], strict=True):
-        row = [FAILED_MARK, *([f["label"]] if show_label else []), *combo, f"failed: {where(f)}",
-               one_line(f["reason"])]
-        rows.append(row + [""] * (len(header) - len(row)))
+        # the reason goes last: in a terminal it widens no column that another follows
+        row = [FAILED_MARK, *([f["label"]] if show_label else []), *combo, f"failed: {where(f)}"]
+        rows.append(row + [""] * (len(header) - len(row) - 1) + [one_line(f["reason"])])
     return header, rows
 
 
@@ -281,7 +281,7 @@ def render(board: dict[str, Any], plots: dict[str, bytes], template: Any) -> str
     ranked = len(board["cells"])
     reason_at = header.index("Δ vs its base (95% CI)")
     spans = [[(c, 1) for c in row] if i < ranked else  # a failed cell's reason spans the columns after it
-             [(c, 1) for c in row[:reason_at]] + [(row[reason_at], len(row) - reason_at)]
+             [(c, 1) for c in row[:reason_at]] + [(row[-1], len(row) - reason_at)]
              for i, row in enumerate(rows)]
     return str(template.render(board=board, header=header, heads=header_rows(header), rows=rows, spans=spans,
                                ranked=ranked, numbers=header.index(f"{board['title']} (95% CI)"), plots=uris))
