@@ -27,19 +27,31 @@ def do_merge(**values: Any) -> mf.Loaded:
     return merge.run(validate(merge.Config, values))
 
 
+class Adapters:
+    """Adapters on the demo base by index, each published once when a test first asks for it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: dict[int, mf.Loaded] = {}
+
+    def __getitem__(self, seed: int) -> mf.Loaded:
+        if seed not in self.made:
+            self.made[seed] = publish_adapter(str(self.root / f"train{seed}"), BASE, seed=seed,
+                                              modules_to_save=["lm_head"], saved_noise=0.05)
+        return self.made[seed]
+
+
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory: pytest.TempPathFactory) -> list[mf.Loaded]:
-    root = tmp_path_factory.mktemp("bf16")
-    return [publish_adapter(str(root / f"train{seed}"), BASE, seed=seed, modules_to_save=["lm_head"],
-                            saved_noise=0.05) for seed in (0, 1, 3)]
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> Adapters:
+    return Adapters(tmp_path_factory.mktemp("bf16"))
 
 
 @pytest.mark.integration
 def test_bfloat16_merge_that_flips_near_ties_passes_and_records_the_rounding_yardstick(
-        adapters: list[mf.Loaded], tmp_path: Path) -> None:
+        adapters: Adapters, tmp_path: Path) -> None:
     flipped = 0
-    for i, adapter in enumerate(adapters):
-        m = do_merge(input=adapter.uri, output=str(tmp_path / f"out{i}")).manifest
+    for seed in (0, 1, 3):  # on this CPU seed 0 flips two of 158 choices; the others are there if it does not
+        m = do_merge(input=adapters[seed].uri, output=str(tmp_path / f"out{seed}")).manifest
         gen = m.metrics["generation"]
         assert m.model["dtype"] == "bfloat16" and gen["rule"] == "rounding" and gen["ok"]
         got, yardstick = gen["merged_vs_float32"], gen["unmerged_vs_float32"]
@@ -47,12 +59,14 @@ def test_bfloat16_merge_that_flips_near_ties_passes_and_records_the_rounding_yar
         assert got["mean_kl"] <= checks.KL_FACTOR * yardstick["mean_kl"] + checks.KL_FLOOR
         assert 0.9 <= got["agreement"] <= 1 and yardstick["mean_kl"] > 0  # bf16 rounding is never free
         flipped += not gen["tokens_equal"]  # what the old single-token rule failed on
+        if flipped:
+            break
     assert flipped, "no merge flipped a token: the test no longer shows a near tie (pick other seeds)"
 
 
 @pytest.mark.integration
 def test_bfloat16_merge_with_a_truncated_tensor_fails_naming_what_differed(
-        adapters: list[mf.Loaded], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        adapters: Adapters, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     right = merge.InMemoryTensors.tensor
     damaged = "model.layers.2.mlp.down_proj.weight"
 
@@ -75,7 +89,7 @@ def test_bfloat16_merge_with_a_truncated_tensor_fails_naming_what_differed(
 
 @pytest.mark.integration
 def test_bfloat16_merge_of_a_wrongly_scaled_adapter_fails_the_generation_check_too(
-        adapters: list[mf.Loaded], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        adapters: Adapters, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     right = merge.lora_merge
 
@@ -89,7 +103,7 @@ def test_bfloat16_merge_of_a_wrongly_scaled_adapter_fails_the_generation_check_t
 
 
 @pytest.mark.integration
-def test_float32_merge_of_a_bfloat16_base_is_exact_and_checked_strictly(adapters: list[mf.Loaded],
+def test_float32_merge_of_a_bfloat16_base_is_exact_and_checked_strictly(adapters: Adapters,
                                                                         tmp_path: Path) -> None:
     import torch
     from safetensors.torch import load_file
@@ -121,7 +135,7 @@ def test_rounding_rule_margins(merged: checks.Distance, ok: bool) -> None:
 
 
 @pytest.mark.integration
-def test_prompts_only_check_is_one_forward_per_model(adapters: list[mf.Loaded], tmp_path: Path) -> None:
+def test_prompts_only_check_is_one_forward_per_model(adapters: Adapters, tmp_path: Path) -> None:
     m = do_merge(input=adapters[1].uri, output=str(tmp_path / "out"), checks={"max_new_tokens": 0}).manifest
     gen = m.metrics["generation"]
     assert gen["ok"] and gen["rule"] == "rounding" and {p["tokens"] for p in gen["prompts"]} == {0}
