@@ -13,7 +13,9 @@ same base files with the page cache warm (one untimed copy first) and writes to 
   is `shutil.copyfile` (copied inside the kernel); the same bytes read and written through user memory,
   as a merge must write them, are printed beside it.
 - ftjobs as shipped (mode auto, every check on), its phases from the manifest's timings (load, merge,
-  check, save, hash); and the merge with the generation check off in each mode.
+  check, save, hash) and the check's own parts; the same with `checks.max_new_tokens: 0` (the prompts'
+  positions only: one batched forward per model, the check's floor); and the merge with the generation
+  check off in each mode.
 
 Goals: as shipped <= 1.0x the plain way (the checks cost less than what the plain way wastes); the merge
 with checks off <= 2x the floor.
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import emit, row
+from jobs.merge.checks import summary
 
 SIZES = {"small": (512, 1408, 8), "medium": (1024, 2816, 8), "large": (2048, 5632, 8)}  # hidden, mlp, layers
 PHASES = ("load", "merge", "check", "save", "hash", "upload")
@@ -136,6 +139,7 @@ def main() -> None:
 
     plain_s = plain_peft(base, root / "train" / "adapter", root / "plain", args.dtype)
     shipped_s, shipped = ftjobs_merge(train_uri, root / "shipped", {})
+    prompts_s, prompts_only = ftjobs_merge(train_uri, root / "prompts-only", {"checks": {"max_new_tokens": 0}})
     unchecked = {mode: ftjobs_merge(train_uri, root / f"nocheck-{mode}",
                                     {"mode": mode, "checks": {"generation": False}})
                  for mode in ("sharded", "in_memory")}
@@ -145,6 +149,8 @@ def main() -> None:
             met=shipped_s <= plain_s, unit="s",
             notes=f"{what}; mode {shipped.stats['mode']}; phases: {phases(shipped)}"),
     ]
+    rows.append(row("merge", "checks on, prompts only (max_new_tokens 0) vs plain peft", prompts_s, plain_s,
+                    goal="info", met=None, unit="s", notes=f"{what}; phases: {phases(prompts_only)}"))
     for mode, (seconds, m) in unchecked.items():
         rows.append(row("merge", f"{mode}, generation check off vs floor", seconds, low["total_s"],
                         goal="<= 2x" if mode == "sharded" else "info",
@@ -155,9 +161,11 @@ def main() -> None:
     rows.append(row("merge", "sharded, check off vs user-space copy+sha256", unchecked["sharded"][0],
                     low["user_copy_s"] + low["sha256_s"], goal="info", met=None, unit="s",
                     notes="read + write through user memory, as a merge must write, plus sha256"))
-    print(f"as shipped, phases (s): {phases(shipped)}; generation check: "
-          f"{shipped.metrics['generation'].get('tokens_equal')} tokens equal, max |logit diff| "
-          f"{shipped.metrics['generation'].get('max_logit_diff')}")
+    gen = shipped.metrics["generation"]
+    print(f"as shipped, phases (s): {phases(shipped)}; generation check: {summary(gen)}")
+    for name, m in (("as shipped", shipped), ("prompts only", prompts_only)):
+        print(f"{name}, the check's parts (s): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in m.metrics["generation"].get("seconds", {}).items()))
     emit("merge", rows, extra={"size": args.size, "base_bytes": size, "plain_s": plain_s, "floor": low,
                                "shipped": {"seconds": shipped_s, "timings": shipped.timings, "stats": shipped.stats},
                                "unchecked": {k: {"seconds": s, "timings": m.timings} for k, (s, m) in

@@ -77,13 +77,32 @@ class Cell(JobConfig):
                                                 "parameters) on the leaderboard.")
 
 
+class FailedCell(JobConfig):
+    """A cell of a sweep that did not finish: listed on the leaderboard with why, not ranked."""
+
+    label: str = Field(description="The cell's label, as the sweep names it.")
+    values: dict[str, Any] = Field(default_factory=dict, description="The matrix values that made the cell.")
+    step: str = Field(description="The step that failed (e.g. train, merge, infer-finetuned).")
+    exit_code: int | None = Field(None, description="The failed step's exit code (2 config, 3 input, 1 other); "
+                                                    "None when it never ran to an exit (e.g. lost).")
+    reason: str = Field(description="One line: what failed, from the step's error.")
+
+
 class Leaderboard(JobConfig):
-    """A sweep's ranking of its cells (leaderboard.md/.html/.json and two plots)."""
+    """A sweep's ranking of its cells (leaderboard.md/.html/.json and its plots)."""
 
     metric: str = Field(description="The metric the cells are ranked by.")
     cells: list[Cell] = Field(description="Every finished cell, in matrix order.")
-    failed: list[dict[str, Any]] = Field(default_factory=list, description="The sweep's cells that did not finish: "
-                                         "{label, values, step, exit_code, reason} each (the sweep fills it in).")
+    failed: list[FailedCell] = Field(default_factory=list, description="The cells that did not finish, in "
+                                     "matrix order: each gets a row (step, exit code, reason), unranked.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Leaderboard:
+        both = {c.label for c in self.cells} & {f.label for f in self.failed}
+        if both:
+            raise ValueError(f"leaderboard cells {sorted(both)} are listed as finished and as failed; a cell is "
+                             "one or the other")
+        return self
 
 
 class Config(JobConfig):
@@ -311,7 +330,8 @@ def write_leaderboard(config: Config, sets: list[dict[str, Any]], comparisons: d
     """leaderboard.json, .md, .html and its two plots; returns what the manifest's metrics keep of it."""
     assert config.leaderboard is not None
     board = leaderboard.build({s["label"]: s for s in sets}, comparisons, config.leaderboard.cells,
-                              config.leaderboard.metric, trains, config.bootstrap, config.seed)
+                              config.leaderboard.metric, trains, config.bootstrap, config.seed,
+                              failed=[f.model_dump() for f in config.leaderboard.failed])
     plots = {"size": leaderboard.plot(board, "total_params", "model size (parameters)"),
              "cost": leaderboard.plot(board, "train_seconds", "train cost (seconds)")}
     writer.add_bytes(plots["size"], "leaderboard_size.png")
@@ -328,7 +348,8 @@ def write_leaderboard(config: Config, sets: list[dict[str, Any]], comparisons: d
     LOG.info("%s", board["verdict"])
     return {k: board[k] for k in ("metric", "best", "runner_up", "verdict")} | {
         "cells": [{k: r[k] for k in ("label", "metric", "ci95", "base", "delta_vs_base", "delta_ci95")}
-                  for r in board["cells"]]}
+                  for r in board["cells"]],
+        "failed": [{k: f[k] for k in ("label", "step", "exit_code")} for f in board["failed"]]}
 
 
 # --------------------------------------------------------------------------- reading

@@ -6,7 +6,12 @@ train wall time, tokens trained, peak memory, trainable and total parameters (fr
 manifest). Cells are sorted by the metric; the best is compared with the runner-up on the examples both
 answered (paired bootstrap), and the line says whether their intervals overlap: overlapping intervals
 mean the data cannot tell the two apart. Two plots, metric vs model size and metric vs train cost, mark
-the Pareto front: the cells no other cell beats on both axes at once.
+the Pareto front: the cells no other cell beats on both axes at once. Cells that did not finish (the
+sweep passes them as `failed`) get a row each after the ranking: the step, its exit code, the reason.
+
+The page is meant to be read on a laptop (1280 px, no sideways scrolling; tests/jobs/test_leaderboard_page.py
+checks it in headless Chromium): the matrix values name each cell (the label column only when they do not),
+the cost columns sit under one heading, and numbers are written for people (402k, 824 MB, 3m 17s).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from jobs.evaluate.metrics import TITLES
 
 
 def build(sets: dict[str, dict[str, Any]], comparisons: dict[str, Any], cells: list[Any], metric: str,
-          trains: dict[str, Any], resamples: int, seed: int) -> dict[str, Any]:
-    """The leaderboard as data (what leaderboard.json holds and both renderings show)."""
+          trains: dict[str, Any], resamples: int, seed: int, failed: list[dict[str, Any]] | None = None
+          ) -> dict[str, Any]:
+    """The leaderboard as data (what leaderboard.json holds and both renderings show). `failed`: the cells
+    that did not finish ({label, values, step, exit_code, reason}), listed after the ranking, unranked."""
     rows = []
     for i, cell in enumerate(cells):
         s = sets[cell.label]
@@ -46,7 +53,12 @@ def build(sets: dict[str, dict[str, Any]], comparisons: dict[str, Any], cells: l
         for r, on in zip(rows, pareto(rows, axis), strict=True):
             r[f"pareto_{axis}"] = on
     board: dict[str, Any] = {"metric": metric, "title": TITLES.get(metric, metric), "cells": rows, "best": None,
-                             "runner_up": None, "verdict": "no cell has a value for this metric", "notes": []}
+                             "runner_up": None, "verdict": "no cell has a value for this metric", "notes": [],
+                             "failed": list(failed or [])}
+    if board["failed"]:
+        board["notes"].append(f"{len(board['failed'])} of {len(rows) + len(board['failed'])} cells did not finish "
+                              "and are not ranked: " + "; ".join(
+                                  f"{f['label']} ({where(f)})" for f in board["failed"]))
     scored = [r for r in rows if r["metric"] is not None]
     if scored:
         best = scored[0]
@@ -113,27 +125,108 @@ def interval(ci: list[float] | None, points: bool = False) -> str:
 
 
 def human(n: float | None, unit: str = "") -> str:
+    """A count or size for people: three significant digits and a suffix (402k, 1.2M, 824 MB with unit B)."""
     if n is None:
         return "n/a"
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+    sep = " " if unit else ""
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
-            return f"{n / div:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
+            return f"{n / div:.3g}{sep}{suffix}{unit}"
+    return f"{n:.0f}{sep}{unit}"
+
+
+def duration(seconds: float | None) -> str:
+    """42 s, 3m 17s, 1h 05m."""
+    if seconds is None:
+        return "n/a"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
+def whole(ci: list[float] | None, points: bool = False) -> str:
+    """A 95% interval in whole percent (or signed points): [79, 92], [+77, +92]."""
+    if not ci:
+        return ""
+    return f"[{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}]" if points else f"[{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+
+
+def shown(value: Any) -> str:
+    """A matrix value as a table shows it: a list joined with +, an empty one as none."""
+    if isinstance(value, list):
+        return "+".join(map(shown, value)) or "none"
+    return str(value)
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# The cost columns, grouped under one heading in the HTML page (leaf header -> its name inside the group).
+GROUPS = {"train cost": {"train time": "time", "tokens trained": "tokens", "peak memory": "peak memory"},
+          "parameters": {"trainable params": "trainable", "total params": "total"}}
+FAILED_MARK = "–"  # the rank column of a failed cell
 
 
 def table(board: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    keys = list(dict.fromkeys(k for r in board["cells"] for k in r["values"]))
-    header = ["#", "cell", *keys, board["title"], "95% CI", "Δ vs its base (95% CI)", "train s", "tokens trained",
-              "peak memory", "trainable params", "total params", "Pareto (size / cost)"]
+    """The rows every rendering shows (leaderboard.md/.html and the sweep's terminal summary): the ranked
+    cells, then each failed cell (rank –, the step and exit code in the metric column, the reason in the last).
+
+    The matrix values are the columns that name a cell; the label column is shown only when they do not
+    (no values, or two cells with the same values), and the base each cell is compared with only when
+    the cells have several and no base_model column says which.
+    """
+    cells, failed = board["cells"], board.get("failed", [])
+    everyone = [*cells, *failed]
+    keys = list(dict.fromkeys(k for r in everyone for k in r["values"]))
+    combos = [tuple(shown(r["values"].get(k, "")) for k in keys) for r in everyone]
+    show_label = not keys or len(set(combos)) < len(combos)
+    show_base = len({r["base"] for r in cells}) > 1 and not any(k.split(".")[-1] == "base_model" for k in keys)
+    names = [k.split(".")[-1] for k in keys]
+    header = ["#", *(["cell"] if show_label else []),
+              *[n if names.count(n) == 1 else k for n, k in zip(names, keys, strict=True)],
+              f"{board['title']} (95% CI)", "Δ vs its base (95% CI)", *(["base"] if show_base else []),
+              *[leaf for group in GROUPS.values() for leaf in group], "Pareto front"]
     rows = []
-    for i, r in enumerate(board["cells"], start=1):
-        front = "/".join("yes" if r[f"pareto_{a}"] else "-" for a in ("total_params", "train_seconds"))
-        rows.append([str(i), r["label"], *[str(r["values"].get(k, "")) for k in keys], pct(r["metric"]),
-                     interval(r["ci95"]), f"{pts(r['delta_vs_base'])} {interval(r['delta_ci95'], points=True)} "
-                     f"vs {r['base'] or 'n/a'}", "n/a" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}",
-                     human(r["tokens_trained"]), human(r["peak_memory_bytes"], "B"), human(r["trainable_params"]),
-                     human(r["total_params"]), front])
+    for i, (r, combo) in enumerate(zip(cells, combos, strict=False), start=1):
+        front = ", ".join(n for a, n in (("total_params", "size"), ("train_seconds", "cost")) if r[f"pareto_{a}"])
+        rows.append([str(i), *([r["label"]] if show_label else []), *combo,
+                     f"{pct(r['metric'])} {whole(r['ci95'])}".strip(),
+                     f"{pts(r['delta_vs_base'])} {whole(r['delta_ci95'], points=True)}".strip(),
+                     *([r["base"] or "n/a"] if show_base else []),
+                     duration(r["train_seconds"]), human(r["tokens_trained"]), human(r["peak_memory_bytes"], "B"),
+                     human(r["trainable_params"]), human(r["total_params"]), front or "–"])
+    for f, combo in zip(failed, combos[len(cells):], strict=True):
+        # the reason goes last: in a terminal it widens no column that another follows
+        row = [FAILED_MARK, *([f["label"]] if show_label else []), *combo, f"failed: {where(f)}"]
+        rows.append(row + [""] * (len(header) - len(row) - 1) + [one_line(f["reason"])])
     return header, rows
+
+
+def where(failed: dict[str, Any]) -> str:
+    """The step a failed cell stopped at and its exit code: `merge, exit 3`."""
+    code = failed.get("exit_code")
+    return f"{failed['step']}, " + ("no exit code" if code is None else f"exit {code}")
+
+
+def header_rows(header: list[str]) -> list[list[tuple[str, int, int]]]:
+    """The HTML page's two header rows as (text, colspan, rowspan): the cost columns under their group."""
+    top: list[tuple[str, int, int]] = []
+    leaves: list[tuple[str, int, int]] = []
+    for h in header:
+        group = next((g for g, members in GROUPS.items() if h in members), None)
+        if group is None:
+            top.append((h, 1, 2))
+            continue
+        if not top or top[-1][0] != group:
+            top.append((group, 0, 1))
+        top[-1] = (group, top[-1][1] + 1, 1)
+        leaves.append((GROUPS[group][h], 1, 1))
+    return [top, leaves]
 
 
 def plot(board: dict[str, Any], axis: str, xlabel: str) -> bytes:
@@ -169,7 +262,7 @@ def plot(board: dict[str, Any], axis: str, xlabel: str) -> bytes:
         ax.set_xticks(sizes, [human(x) for x in sizes])  # the bases' own sizes, not crowded decades
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.12)
-    key = "\n".join(f"#{rank[id(r)]}  {r['label']}" for r in pts_)
+    key = "\n".join(f"#{rank[id(r)]}  {', '.join(map(shown, r['values'].values())) or r['label']}" for r in pts_)
     fig.text(0.62, 0.9, key, fontsize=7.5, va="top", family="monospace")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{board['title']}, %")
@@ -185,7 +278,13 @@ def render(board: dict[str, Any], plots: dict[str, bytes], template: Any) -> str
     """leaderboard.md or the self-contained leaderboard.html (its plots embedded as data URIs)."""
     header, rows = table(board)
     uris = {k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in plots.items()}
-    return str(template.render(board=board, header=header, rows=rows, plots=uris))
+    ranked = len(board["cells"])
+    reason_at = header.index("Δ vs its base (95% CI)")
+    spans = [[(c, 1) for c in row] if i < ranked else  # a failed cell's reason spans the columns after it
+             [(c, 1) for c in row[:reason_at]] + [(row[-1], len(row) - reason_at)]
+             for i, row in enumerate(rows)]
+    return str(template.render(board=board, header=header, heads=header_rows(header), rows=rows, spans=spans,
+                               ranked=ranked, numbers=header.index(f"{board['title']} (95% CI)"), plots=uris))
 
 
 # --------------------------------------------------------------------------- learning curves: metric vs training rows

@@ -59,14 +59,17 @@ from common.errors import ConfigError, InputError
 from common.logs import Progress
 from common.runner import config_options, execute
 from jobs.merge.checks import (
-    DEFAULT_LOGIT_ATOL,
     DEFAULT_PROMPTS,
+    DTYPES,
     PROBE_RTOL,
+    STRICT_LOGIT_ATOL,
     MergeCheckError,
     Reference,
     compare_run,
     encode_prompts,
+    reference_bytes,
     reference_run,
+    summary,
 )
 from jobs.merge.lora import (
     Adapter,
@@ -124,9 +127,13 @@ class Checks(JobConfig):
                              "memory budget the check is skipped and the reason recorded.")
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="User messages, "
                                "rendered with the training chat template, used for the generation check.")
-    max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens generated per prompt.")
-    logit_atol: float | None = Field(None, gt=0, description="Largest |logit| difference accepted when tokens "
-                                     "differ; default by dtype: float32 1e-3, bfloat16 0.5, float16 0.1.")
+    max_new_tokens: int = Field(16, ge=0, le=512, description="Greedy tokens the unmerged model generates per "
+                                "prompt, whose positions are compared too. 0: the prompts' positions only, one "
+                                "batched forward per model (the cheapest check; see docs/merge.md).")
+    logit_atol: float | None = Field(None, gt=0, description="float32 merges (the strict comparison): largest "
+                                     "|logit| difference accepted where a greedy choice differs; default 1e-3. "
+                                     "16-bit merges are judged against their own rounding instead "
+                                     "(docs/merge.md).")
 
     @model_validator(mode="after")
     def _prompts(self) -> Checks:
@@ -145,7 +152,9 @@ class Config(JobConfig):
                                    "train manifest names (e.g. an s3:// mirror). Its revision must match.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype of the merged weights. auto: the base checkpoint's dtype (float16 becomes "
-        "float32 on CPU). The merge itself is computed in float32 per tensor in sharded mode.")
+        "float32 on CPU). float32 keeps W + s*B@A exactly (twice the bytes of a 16-bit base; worth it for a "
+        "small base) and is checked strictly; a 16-bit dtype rounds it and is checked against what that "
+        "rounding explains. The merge itself is computed in float32 per tensor in sharded mode.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to merge and check; auto: cuda "
                                                    "when available.")
     base_weights: Literal["original", "nf4_roundtrip"] = Field(
@@ -266,9 +275,11 @@ def plan_merge(config: Config, train: mf.Loaded, work: Path) -> Plan:
     budget = memory_budget(config, device)
     fits = model_bytes * IN_MEMORY_FACTOR <= budget
     mode = config.mode if config.mode != "auto" else _auto_mode(adapter_dir, fits, model_bytes, budget)
-    gen_check = config.checks.generation and fits
+    # a 16-bit check runs the unmerged model once more upcast to float32: its peak is the float32 model
+    gen_check = config.checks.generation and reference_bytes(model_bytes, dtype) * IN_MEMORY_FACTOR <= budget
     skipped = None if gen_check or not config.checks.generation else (
-        f"model is {model_bytes / 1e9:.2f} GB at {dtype}; budget {budget / 1e9:.2f} GB")
+        f"model is {model_bytes / 1e9:.2f} GB at {dtype} (the check needs "
+        f"{reference_bytes(model_bytes, dtype) / 1e9:.2f} GB); budget {budget / 1e9:.2f} GB")
     LOG.info("merging %s (%d tensors, %.2f GB at %s) with adapter %s: mode %s, base weights %s, device %s",
              base_src, len(tensors), model_bytes / 1e9, dtype, adapter_sha[:12], mode, config.base_weights, device)
     gen_path = base.path / "generation_config.json"
@@ -361,7 +372,7 @@ def resolve_dtype(config: Config, base_cfg: dict[str, Any], device: str) -> str:
             raise ConfigError("dtype float16 on a CPU-only machine: use bfloat16 or float32")
         return config.dtype
     stored = str(base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "float32")
-    if stored not in DEFAULT_LOGIT_ATOL:
+    if stored not in DTYPES:
         stored = "float32"
     return "float32" if stored == "float16" and device == "cpu" else stored
 
@@ -467,7 +478,9 @@ def merge_streaming(plan: Plan, timings: dict[str, float]) -> Merged:
         peft_model = PeftModel.from_pretrained(load_base(plan.base.path, plan.dtype, plan.device,
                                                          plan.config.trust_remote_code, plan.roundtrip),
                                                str(plan.adapter_dir), is_trainable=False)
+        loaded_s = time.monotonic() - t
         reference = _reference(plan, peft_model)
+        reference.seconds["reference_load"] = loaded_s
         del peft_model
         gc.collect()  # the reference model is not needed while streaming
     timings["check"] = time.monotonic() - t
@@ -548,7 +561,8 @@ class StreamedTensors:
 
 
 def _reference(plan: Plan, peft_model: Any) -> Reference:
-    return reference_run(peft_model, plan.prompt_ids, plan.config.checks.max_new_tokens, plan.eos, plan.device)
+    return reference_run(peft_model, plan.prompt_ids, plan.config.checks.max_new_tokens, plan.eos, plan.device,
+                         plan.dtype)
 
 
 def load_base(path: Path, dtype: str, device: str, trust: bool, roundtrip: Quant | None) -> Any:
@@ -654,7 +668,7 @@ def check(plan: Plan, merged: Merged, written: Written, out_dir: Path, timings: 
     if bad_probe:
         failures.append(f"{bad_probe[0]}: merged weight differs from W + scale*B@A by relative error "
                         f"{bad_probe[1]:.3g} > {rtol:g}")
-    atol = plan.config.checks.logit_atol or DEFAULT_LOGIT_ATOL[plan.dtype]
+    atol = plan.config.checks.logit_atol or STRICT_LOGIT_ATOL
     generation: dict[str, Any] = {"skipped": plan.skipped or ("disabled" if not plan.config.checks.generation
                                                               else None)}
     if merged.reference is not None and not written.problems:
@@ -669,10 +683,12 @@ def check(plan: Plan, merged: Merged, written: Written, out_dir: Path, timings: 
                 failures.append(f"transformers loading the merged folder reports {what.replace('_', ' ')}: "
                                 f"{sorted(map(str, loading[what]))[:3]}")
         merged_model.to(plan.device).eval()
+        merged.reference.seconds["merged_load"] = time.monotonic() - t
         generation = compare_run(merged_model, merged.reference, plan.tokenizer, atol, plan.device)
         del merged_model
+        LOG.info("generation check: %s", summary(generation))
         if not generation["ok"]:
-            failures.append(f"greedy generation differs: {generation['first_failure']}")
+            failures.append(generation["first_failure"])
     timings["check"] = timings.get("check", 0.0) + time.monotonic() - t
     if failures:
         for f in failures:
@@ -685,6 +701,7 @@ def check(plan: Plan, merged: Merged, written: Written, out_dir: Path, timings: 
         "param_count": written.params, "base_param_count": base_count, "tensors": len(merged.tensors),
         "shapes_equal": True,  # write_safetensors refuses a tensor whose shape differs from the base's
         "generation": generation,
+        "generation_check": summary(generation),  # one line: what `ftjobs inspect` and the logs show
         "probe_max_rel_error": max(probes.values(), default=None), "probe_tensors": len(probes),
         "probe_rtol": rtol,
     }

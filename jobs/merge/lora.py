@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, InputError
-from jobs.merge.checks import DEFAULT_LOGIT_ATOL
+from jobs.merge.checks import DTYPES
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Quant:
             raise InputError(f"train manifest model.quantization.mode is {mode!r}; merge knows nf4, fp4 and none")
         return Quant(mode=mode, blocksize=int(q.get("blocksize") or 64), double_quant=bool(q.get("double_quant")),
                      skip_modules=tuple(q.get("skip_modules") or ()),
-                     dtype=q.get("compute_dtype") if q.get("compute_dtype") in DEFAULT_LOGIT_ATOL else None)
+                     dtype=q.get("compute_dtype") if q.get("compute_dtype") in DTYPES else None)
 
 
 def roundtrip_4bit(w: Any, quant: Quant) -> Any:

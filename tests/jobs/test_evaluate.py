@@ -387,8 +387,33 @@ def test_a_sweep_leaderboard_ranks_cells_against_their_own_base(tmp_path: Path) 
     page = storage.read_text(loaded.artifact_uri("leaderboard.html"))
     assert page.count("data:image/png;base64,") == 2 and "http" not in page
     md = storage.read_text(loaded.artifact_uri("leaderboard.md"))
-    assert "| 1 | l-lr1 | base-l | 1 | 75.0% |" in md
+    assert "| 1 | base-l | 1 | 75.0% [" in md  # the matrix values name the cell: no label column repeating them
     assert m.metrics["leaderboard"]["best"] == "l-lr1"
+
+
+def test_a_sweep_leaderboard_lists_the_cells_that_failed_unranked(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    base = publish_predictions(f"{root}/base", BASE, label="base")
+    cell = publish_predictions(f"{root}/cell", TUNED, label="lr=1")
+    failed = {"label": "lr=2", "values": {"lr": 2}, "step": "merge", "exit_code": 3,
+              "reason": "merged model failed 1 check(s); first: the merged model departs from base + adapter\n..."}
+    conf = evaluate.Config(predictions=[base, cell], labels=["base", "lr=1"], output=f"{root}/eval",
+                           leaderboard={"metric": "exact_match", "cells": [{"label": "lr=1", "values": {"lr": 1}}],
+                                        "failed": [failed]})
+    loaded = evaluate.run(conf)
+    board = json.loads(storage.read_text(loaded.artifact_uri("leaderboard.json")))
+    assert [c["label"] for c in board["cells"]] == ["lr=1"] and board["failed"] == [failed]
+    assert loaded.manifest.metrics["leaderboard"]["failed"] == [{"label": "lr=2", "step": "merge", "exit_code": 3}]
+    md = storage.read_text(loaded.artifact_uri("leaderboard.md"))
+    assert "| – | 2 | failed: merge, exit 3 |" in md
+    assert "| merged model failed 1 check(s); first: the merged model departs from base + adapter ... |" in md
+    assert "1 of 2 cells did not finish and are not ranked: lr=2 (merge, exit 3)" in md
+    page = storage.read_text(loaded.artifact_uri("leaderboard.html"))
+    assert "class='failed'" in page and "failed: merge, exit 3" in page
+    with pytest.raises(ValueError, match=r"leaderboard cells \['lr=1'\] are listed as finished and as failed"):
+        evaluate.Config(predictions=[base, cell], labels=["base", "lr=1"], output=f"{root}/eval2",
+                        leaderboard={"metric": "exact_match", "cells": [{"label": "lr=1"}],
+                                     "failed": [{**failed, "label": "lr=1"}]})
 
 
 def test_the_sweep_gate_fails_when_the_best_cell_does_not_beat_its_base(tmp_path: Path) -> None:

@@ -18,8 +18,9 @@ from common import manifest as mf
 from common import registry
 from common.config import load_config
 from common.errors import EXIT_CONFIG
-from jobs import infer, tryout
+from jobs import tryout
 from jobs.cli import main
+from jobs.infer import job as infer
 from tests.jobs.builders import publish_adapter, publish_merged
 from tests.jobs.test_infer import read_predictions
 
