@@ -492,10 +492,23 @@ class Submission:
     nodes: int = 1                     # train's pods (render_multinode), and processes in each
     gpus_per_node: int | None = None
     companions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # Job name -> created before it
+    gpu: str | None = None             # the GPU train steps are for (jobs/estimate.py GPUS): checked to fit
+    go_anyway: bool = False            # submit a train step the estimate says cannot fit
+    estimated: set[str] = field(default_factory=set)  # train steps already estimated (printed once each)
+
+    def check_fits(self, name: str, args: list[str]) -> None:
+        """A train step's memory estimate, printed once; exit 2 when it cannot fit `gpu` (jobs/estimate.py)."""
+        if self.gpu and name not in self.estimated:
+            from jobs import estimate
+
+            estimate.check_step(name, args, self.gpu, self.nodes * (self.gpus_per_node or 1), self.go_anyway)
+            self.estimated.add(name)
 
     def render(self, step: chain.Step, done: dict[str, str], conf_uri: str) -> tuple[dict[str, Any], str]:
         extra = [a for key in dict.fromkeys((step.stage, step.name)) for a in self.extra.get(key, [])]
         args = [*chain.arguments(step, self.config, done), "--config", conf_uri, *extra]
+        if step.stage == "train":
+            self.check_fits(step.name, args)
         if step.stage == "train" and multinode(step.stage, self.nodes, self.gpus_per_node, "job"):
             objs, output = render_multinode(self.docs, self.run_id, args, nodes=self.nodes,
                                             gpus_per_node=self.gpus_per_node, tag=step_tag(step),
@@ -704,13 +717,19 @@ def _containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
               help="train on N pods (a headless Service + an Indexed Job; rank 0 publishes).")
 @click.option("--gpus-per-node", type=int, metavar="G", help="train's processes (GPUs) per pod (default: the "
                                                               "overlay's GPUs per pod, or 1).")
+@click.option("--gpu", "gpu_name", metavar="NAME", help="The GPU train runs on (e.g. H100-80GB; `ftjobs estimate "
+                                                        "--help` lists them): each train step's memory estimate is "
+                                                        "printed, and one that cannot fit is refused (exit 2).")
+@click.option("--go-anyway", "--force", "go_anyway", is_flag=True,
+              help="Submit a train step even when the estimate says it cannot fit --gpu.")
 @_common_options
 def submit(run_id: str | None, sweep_file: str | None, sweep_id: str | None, templates: str | None,
            config_file: str | None, sets: tuple[str, ...], sources: tuple[str, ...],
            base_model: str | None, shards: int, baseline: bool | None, fail_if_worse: str | None,
            stage_args: tuple[str, ...], timeout_s: float, poll_s: float, summary: str | None, nodes: int,
-           gpus_per_node: int | None, overlay: str, kustomize_dir: str | None, image_pairs: tuple[str, ...],
-           images_file: str | None, queue: str | None, namespace: str | None, kubectl: str | None) -> None:
+           gpus_per_node: int | None, gpu_name: str | None, go_anyway: bool, overlay: str, kustomize_dir: str | None,
+           image_pairs: tuple[str, ...], images_file: str | None, queue: str | None, namespace: str | None,
+           kubectl: str | None) -> None:
     """Run the chain (prepare, infer-base, train, merge, infer-finetuned, evaluate) as Jobs.
 
     Each Job starts once the steps it takes from have published, fed their manifests; each step's config
@@ -736,7 +755,7 @@ def submit(run_id: str | None, sweep_file: str | None, sweep_id: str | None, tem
         the_id = conf.sweep_id or new_run_id()
         sub = Submission(docs=docs, kube=Kubectl(kubectl, namespace), run_id=the_id, config=conf, shards=shards,
                          extra=stage_args_map(stage_args), images=images, queue=queue, namespace=namespace,
-                         timeout_s=timeout_s, poll_s=poll_s)
+                         timeout_s=timeout_s, poll_s=poll_s, gpu=gpu_name, go_anyway=go_anyway)
         loaded = k8s_sweep.submit_sweep(sub, conf)
         if summary:
             Path(summary).write_text(json.dumps({"sweep_id": the_id, "evaluate": loaded.uri}, indent=2) + "\n")
@@ -749,7 +768,8 @@ def submit(run_id: str | None, sweep_file: str | None, sweep_id: str | None, tem
                                     "baseline": baseline})
     sub = Submission(docs=docs, kube=Kubectl(kubectl, namespace), run_id=run_id, config=config, shards=shards,
                      extra=stage_args_map(stage_args), images=images, queue=queue, namespace=namespace,
-                     timeout_s=timeout_s, poll_s=poll_s, nodes=nodes, gpus_per_node=gpus_per_node)
+                     timeout_s=timeout_s, poll_s=poll_s, nodes=nodes, gpus_per_node=gpus_per_node, gpu=gpu_name,
+                     go_anyway=go_anyway)
     done: dict[str, str] = {}
     try:
         submit_chain(sub, done)

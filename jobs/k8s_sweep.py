@@ -49,6 +49,8 @@ def instance_tag(inst: sweep.Instance) -> str:
 
 def render_instance(sub: k8s.Submission, inst: sweep.Instance, args: list[str]) -> dict[str, Any]:
     extra = [a for key in dict.fromkeys((inst.step.stage, inst.step.name)) for a in sub.extra.get(key, [])]
+    if inst.step.stage == "train":
+        sub.check_fits(instance_tag(inst), [*args, *extra])
     job, _ = k8s.render_job(sub.docs, inst.step.stage, sub.run_id, [*args, *extra], tag=instance_tag(inst),
                             shards=sub.shards if inst.step.stage == "infer" else 1, images=sub.images,
                             queue=sub.queue, namespace=sub.namespace)
