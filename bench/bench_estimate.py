@@ -26,6 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 SHAPE = {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 4, "intermediate": 688}
+# The floor: the same run on a 1-layer, hidden-64 model, whose own estimate is ~1 MiB. What it measures is the
+# process's cost of running train at all (data, tokenizer, allocator arenas, thread pools): host memory that
+# a GPU run keeps off the GPU. It is subtracted from each case before comparing with the estimate.
+FLOOR_SHAPE = {"hidden": 64, "layers": 1, "heads": 1, "kv_heads": 1, "intermediate": 128}
 BASE_SETS = ["max_seq_length=512", "batch_size=4", "max_steps=2", "lora.r=16", "checkpoint.every_steps=null",
              "checkpoint.every_minutes=null", "max_drop_fraction=1.0"]
 CASES = {  # name -> extra train sets
@@ -69,16 +73,24 @@ def child(spec: dict[str, Any]) -> None:
     print(json.dumps({"delta_bytes": (status_kib("VmHWM") - before) * 1024}))
 
 
-def prepare(root: Path) -> tuple[Path, str]:
+def prepare(root: Path) -> tuple[Path, Path, str]:
+    from transformers import AutoTokenizer
+
     from common import tinymodel
     from tests.jobs.helpers import publish_prepare
 
     model = tinymodel.build(root / "model", **SHAPE)
-    from transformers import AutoTokenizer
-
+    floor = tinymodel.build(root / "floor", **FLOOR_SHAPE)  # the same tokenizer (same seed and corpus)
     tok = AutoTokenizer.from_pretrained(str(model))
     loaded = publish_prepare(str(root / "prepare"), tokenizer=tok, n_train=240, n_eval=4, max_words=30)
-    return model, loaded.uri
+    return model, floor, loaded.uri
+
+
+def measure(model: Path, prep: str, sets: list[str], out: Path) -> int:
+    spec = {"sets": sets, "input": prep, "model": str(model), "output": str(out)}
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          cwd=REPO, check=True)
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["delta_bytes"])
 
 
 def estimated(model: Path, sets: list[str]) -> dict[str, int]:
@@ -99,19 +111,20 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-estimate-") as tmp:
-        model, prep = prepare(Path(tmp))
+        model, floor_model, prep = prepare(Path(tmp))
         for name in args.cases:
             sets = [*BASE_SETS, *CASES[name]]
-            spec = {"sets": sets, "input": prep, "model": str(model), "output": str(Path(tmp) / f"out-{name}")}
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                 text=True, cwd=REPO, check=True)
-            measured = json.loads(out.stdout.strip().splitlines()[-1])["delta_bytes"]
+            floor = measure(floor_model, prep, sets, Path(tmp) / f"floor-{name}") \
+                - estimated(floor_model, sets)["total"]
+            measured = measure(model, prep, sets, Path(tmp) / f"out-{name}")
             est = estimated(model, sets)
-            results.append({"case": name, "measured_mib": measured / 2**20, "estimated_mib": est["total"] / 2**20,
-                            "ratio": est["total"] / measured,
+            results.append({"case": name, "measured_mib": measured / 2**20, "floor_mib": floor / 2**20,
+                            "model_mib": (measured - floor) / 2**20, "estimated_mib": est["total"] / 2**20,
+                            "ratio": est["total"] / (measured - floor),
                             "parts_mib": {k: round(v / 2**20, 1) for k, v in est.items()}})
             r = results[-1]
-            print(f"{name:<11} measured {r['measured_mib']:7.1f} MiB  estimated {r['estimated_mib']:7.1f} MiB  "
+            print(f"{name:<11} measured {r['measured_mib']:7.1f} MiB - floor {r['floor_mib']:6.1f} = "
+                  f"{r['model_mib']:7.1f} MiB  estimated {r['estimated_mib']:7.1f} MiB  "
                   f"estimate/measured {r['ratio']:.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -505,7 +505,8 @@ def check_step(name: str, args: list[str], gpu_name: str, gpus: int, go_anyway: 
     it cannot fit, unless `go_anyway`."""
     from jobs import chain
 
-    resolved = chain.validate_arguments("train", args)
+    outputs = [] if any(a == "--output" or a.startswith("--output=") for a in args) else ["--output", "<estimate>"]
+    resolved = chain.validate_arguments("train", [*args, *outputs])
     try:
         est = check_fits(resolved, resolved.base_model, gpu_name, gpus)
     except ConfigError as exc:

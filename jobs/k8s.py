@@ -50,7 +50,7 @@ import yaml
 
 from common.errors import EXIT_GATE, EXIT_RETRYABLE, ConfigError, FtjobsError
 from common.manifest import RUN_ID_RE, STAGES, new_run_id
-from jobs import chain
+from jobs import chain, k8s_train
 
 LOG = logging.getLogger(__name__)
 
@@ -327,6 +327,7 @@ def render_multinode(docs: list[dict[str, Any]], run_id: str, stage_args: list[s
                                  "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}})
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
     container["args"] = [*launch, "--", *container["args"]]
+    k8s_train.prepare_pod(pod, container, procs, nodes, gpus)  # /dev/shm and NCCL variables (every strategy)
     meta = job["metadata"]
     meta["annotations"].update({"ftjobs.dev/nodes": str(nodes), "ftjobs.dev/processes-per-node": str(procs)})
 
