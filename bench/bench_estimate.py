@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -88,8 +89,11 @@ def prepare(root: Path) -> tuple[Path, Path, str]:
 
 def measure(model: Path, prep: str, sets: list[str], out: Path) -> int:
     spec = {"sets": sets, "input": prep, "model": str(model), "output": str(out)}
+    # A fixed mmap threshold: glibc otherwise raises it as large blocks are freed, and later tensors of up to
+    # 32 MiB then come from heap arenas that keep their pages, so the peak RSS would count freed tensors.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          cwd=REPO, check=True)
+                          cwd=REPO, check=True, env=env)
     return int(json.loads(done.stdout.strip().splitlines()[-1])["delta_bytes"])
 
 

@@ -130,7 +130,8 @@ def _add_job_commands() -> None:
     import importlib
 
     for modname in ("jobs.synth", "jobs.prepare", "jobs.train", "jobs.merge", "jobs.infer", "jobs.evaluate",
-                    "jobs.pipeline", "jobs.sweep", "jobs.k8s", "jobs.launch", "jobs.estimate"):
+                    "jobs.pipeline", "jobs.sweep", "jobs.k8s", "jobs.launch", "jobs.estimate",
+                    "jobs.gpucheck"):
         try:
             module = importlib.import_module(modname)
         except ModuleNotFoundError as exc:

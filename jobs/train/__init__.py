@@ -563,6 +563,7 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
         elif ckpt is not None:
             state = checkpoints.restore(ckpt.local, peft_model, optimizer, scheduler, accelerator.process_index,
                                         config.seed, where=ckpt.uri)
+        if ckpt is not None:
             LOG.info("resuming from %s (step %d of %d)", ckpt.uri, ckpt.step, schedule.total)
     resumed_from = ckpt.step if ckpt is not None else None
     state.attempts += 1

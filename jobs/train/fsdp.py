@@ -2,9 +2,10 @@
 weights gathered for publishing.
 
 Sharding: every decoder layer is its own FSDP unit, then the decoder (embeddings, final norm) and the output
-head, the two modules train's loss calls (packing.loss_sum), so one layer's weights are gathered at a time. Mixed precision gathers the layers in the compute dtype and reduces
-gradients in float32 (MixedPrecisionPolicy). Gradients are summed over the processes, not averaged
-(`set_gradient_divide_factor(1)`): train's loss is already divided by the whole step's target tokens on
+head, the two modules train's loss calls (packing.loss_sum), so one layer's weights are gathered at a time.
+Mixed precision gathers the layers in the compute dtype and reduces gradients in float32
+(MixedPrecisionPolicy). Gradients are summed over the processes, not averaged (`set_gradient_divide_factor(1)`):
+train's loss is already divided by the whole step's target tokens on
 every process, as the ddp path's summed all-reduce expects.
 
 Every process must run the same collectives: a process without a micro-batch in a step (or an eval batch)
@@ -27,13 +28,13 @@ import logging
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common import storage
-from common.errors import ConfigError
-from common.manifest import now
-from jobs.train import checkpoints
+if TYPE_CHECKING:
+    from jobs.train import checkpoints
 
+# The project's modules are imported inside the functions that need them: `shard_units` is pure torch, and
+# bench/gpu_bench.py loads this file by path on GPU machines without the project's other dependencies.
 LOG = logging.getLogger(__name__)
 MODEL_DIR, OPTIM = "model", "optim"
 
@@ -44,37 +45,48 @@ def active(config: Any, world: int) -> bool:
 
 
 def shard(model: Any, config: Any, compute_dtype: Any, cuda: bool) -> Any:
-    """fully_shard every decoder layer, then the root; returns the model (sharded in place)."""
+    """fully_shard the model as train runs it (see shard_units); returns the model (sharded in place)."""
     import torch
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    from common.errors import ConfigError
+    from jobs.train import packing
 
     mp = config.fsdp.mixed_precision
     param_dtype = None if mp == "none" or (mp == "auto" and compute_dtype == torch.float32) else (
         compute_dtype if mp == "auto" else getattr(torch, mp))
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    offload = CPUOffloadPolicy() if config.fsdp.cpu_offload and cuda else OffloadPolicy()
-    kwargs = {"mp_policy": policy, "offload_policy": offload,
-              "reshard_after_forward": config.fsdp.reshard_after_forward}
-    from jobs.train import packing
-
     decoder, head = packing.head_and_decoder(model)
     layers = _decoder_layers(model)
     if decoder is None or not layers:
         raise ConfigError(f"{config.base_model}: strategy fsdp needs a decoder stack (model.layers) and an output "
                           "head it can shard apart; use strategy ddp for this architecture")
-    # The loop calls the decoder and the head itself (packing.loss_sum keeps [B, L, V] logits out of memory),
-    # never the whole model's forward: so they are the outer units, each gathering its own weights.
-    units = [*layers, decoder, head]
+    shard_units([*layers, decoder, head], param_dtype, cpu_offload=config.fsdp.cpu_offload and cuda,
+                reshard_after_forward=config.fsdp.reshard_after_forward, cuda=cuda)
+    return model
+
+
+def shard_units(units: list[Any], param_dtype: Any, *, cpu_offload: bool, reshard_after_forward: bool,
+                cuda: bool) -> None:
+    """fully_shard each unit in order (decoder layers first, then the decoder and the head).
+
+    The loop calls the decoder and the head itself (packing.loss_sum keeps [B, L, V] logits out of memory),
+    never the whole model's forward: so they are the outer units, each gathering its own weights.
+    """
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    kwargs = {"mp_policy": policy, "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+              "reshard_after_forward": reshard_after_forward}
     for unit in units:
         fully_shard(unit, **kwargs)
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # summed, as the loss is normalized by the whole step's tokens
         if not cuda:  # factor 1 is NCCL's PREMUL_SUM, which gloo lacks: a plain SUM (times 1) there
             unit.set_force_sum_reduction_for_comms(True)
-    return model
 
 
 def _decoder_layers(model: Any) -> list[Any]:
+    """The decoder's ModuleList of layers (the first `layers` list below the top module)."""
     import torch
 
     for module in model.modules():
@@ -104,10 +116,15 @@ def save_checkpoint(t: Any) -> str | None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from jobs.train import strategy
+    from common import storage
+    from common.manifest import now
+    from jobs.train import checkpoints, strategy
 
     trainable_only = strategy.method_of(t.config) != "full"
-    name = checkpoints.folder_name(t.state.step, t.attempt)
+    attempt = [t.attempt]
+    if t.world > 1:  # each process has an attempt id of its own; the folder is rank 0's
+        dist.broadcast_object_list(attempt, src=0)
+    name = checkpoints.folder_name(t.state.step, attempt[0])
     uri = storage.join(checkpoints.root(t.config.output), name)
     with tempfile.TemporaryDirectory(prefix="ftjobs-dcp-") as tmp:
         local = Path(tmp)
@@ -147,7 +164,8 @@ def restore(local: Path, model: Any, optimizer: Any, scheduler: Any, config: Any
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from jobs.train import strategy
+    from common.errors import ConfigError
+    from jobs.train import checkpoints, strategy
 
     if not (local / "dcp").is_dir():
         raise ConfigError(f"{where} is not a sharded (strategy fsdp) checkpoint; a run keeps the strategy it "

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 import jobs.train as train
-from common import storage
 from common import manifest as mf
+from common import storage
 from common.config import load_config
 from jobs import infer, merge
 from jobs.train import checkpoints
@@ -102,6 +102,14 @@ def test_fsdp_on_two_processes_trains_the_one_process_curve(method, prepared, ti
     print(f"{method}: fsdp 2 processes vs 1 process, largest train-loss difference {worst:.2e}")
 
 
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += [int(child), *_descendants(int(child))]
+    return out
+
+
 def _sigkill_at_first_checkpoint(cmd: list[str], env: dict[str, str], output: str) -> None:
     """Start the command in a process group of its own; SIGKILL the group once a checkpoint is complete."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -111,13 +119,16 @@ def _sigkill_at_first_checkpoint(cmd: list[str], env: dict[str, str], output: st
     for line in proc.stderr:
         lines.append(line)
         if "checkpoint saved" in line:
-            os.killpg(proc.pid, signal.SIGKILL)
+            # torchrun starts each worker in a session of its own: kill them with the launcher, as a lost node
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
             break
     else:
         proc.wait(timeout=60)
         pytest.fail("train exited before its first checkpoint:\n" + "".join(lines[-30:]))
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    time.sleep(1)  # the workers' pids are gone once the kernel reaped them
 
 
 @pytest.mark.timeout(500)
@@ -138,7 +149,7 @@ def test_full_finetune_sigkilled_on_two_processes_resumes_on_one_then_merges_and
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = "\n".join(r["msg"] for r in records_of(resumed.stderr))
-    assert f"resuming from {output}/checkpoints/{name}" in log
+    assert f"resuming from {output}/checkpoints/{name}" in log, log
     got = mf.load(mf.manifest_uri(output))
     m = got.manifest
     assert (m.stats["resumed_from_step"], m.stats["world_size"], m.model["method"], m.model["lora"]) == (
