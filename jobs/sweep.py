@@ -256,8 +256,9 @@ def plan(config: Config, cells: list[Cell], prefix: str) -> dict[str, Instance]:
 
 
 def servable(run: chain.Config) -> bool:
-    """Plain LoRA: the adapter alone is the finetune (modules_to_save needs a merge; vLLM serves only LoRA)."""
-    return not (run.train.get("lora") or {}).get("modules_to_save")
+    """Plain LoRA: the adapter alone is the finetune (modules_to_save needs a merge; vLLM serves only LoRA;
+    method full has no adapter at all)."""
+    return not (run.train.get("lora") or {}).get("modules_to_save") and run.train.get("method") != "full"
 
 
 def serve(cells: list[Cell], instances: dict[str, Instance], prefix: str) -> None:

@@ -75,10 +75,9 @@ def shard_units(units: list[Any], param_dtype: Any, *, cpu_offload: bool, reshar
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    kwargs = {"mp_policy": policy, "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
-              "reshard_after_forward": reshard_after_forward}
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for unit in units:
-        fully_shard(unit, **kwargs)
+        fully_shard(unit, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard_after_forward)
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # summed, as the loss is normalized by the whole step's tokens
         if not cuda:  # factor 1 is NCCL's PREMUL_SUM, which gloo lacks: a plain SUM (times 1) there
@@ -174,9 +173,8 @@ def restore(local: Path, model: Any, optimizer: Any, scheduler: Any, config: Any
     state = checkpoints.TrainState.from_json(raw, where)
     trainable_only = strategy.method_of(config) != "full"
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
-    loaded = {MODEL_DIR: model_sd, OPTIM: optim_sd}
-    dcp.load(loaded, checkpoint_id=str(local / "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=loaded[MODEL_DIR], optim_state_dict=loaded[OPTIM],
+    dcp.load({MODEL_DIR: model_sd, OPTIM: optim_sd}, checkpoint_id=str(local / "dcp"))  # in place
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=_options(trainable_only))
     scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=True))
     rng = torch.load(local / "rng.pt", weights_only=True)
