@@ -126,3 +126,19 @@ def test_submit_check_of_a_train_step_prints_a_fitting_estimate_and_refuses_one_
     with pytest.raises(ConfigError, match=r"step train: train cannot fit 2 x L4-24GB: \d+\.\d GiB per GPU"):
         estimate.check_step("train", [*args, "--set", "method=full"], "L4-24GB", 2, go_anyway=False)
     assert estimate.check_step("train", [*args, "--set", "method=full"], "L4-24GB", 2, go_anyway=True) is None
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_the_memory_formula_is_within_the_documented_error_of_a_measured_cpu_run(tmp_path):
+    """bench/bench_estimate.py's measurement for the default method without checkpointing (activations
+    dominate): peak RSS growth of a real 2-step train run, less the floor model's, vs the estimate.
+    docs/estimate.md records the error seen for every method; this keeps the formula from drifting."""
+    from bench import bench_estimate as be
+
+    model, floor_model, prep = be.prepare(tmp_path)
+    sets = [*be.BASE_SETS, *be.CASES["qlora-nogc"]]
+    floor = be.measure(floor_model, prep, sets, tmp_path / "floor") - be.estimated(floor_model, sets)["total"]
+    measured = be.measure(model, prep, sets, tmp_path / "run") - floor
+    ratio = be.estimated(model, sets)["total"] / measured
+    assert 0.6 <= ratio <= 1.3, f"estimate/measured {ratio:.2f} ({measured / 2**20:.0f} MiB measured)"

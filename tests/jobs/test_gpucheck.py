@@ -49,7 +49,7 @@ def test_a_train_part_passes_only_on_cuda_4_bit_with_a_falling_loss(tmp_path):
     assert publish("fsdp", "NVIDIA H100 80GB HBM3", "nf4", (7.0, 6.0), world=2) == ""
 
 
-@pytest.mark.integration
+@pytest.mark.e2e  # the real commands as subprocesses: prepare and a 2-step train, ~1 min on a quiet machine
 @pytest.mark.timeout(600)
 def test_parts_run_the_real_commands_and_a_cpu_train_is_judged_a_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(gpucheck, "TRAIN_SETS", [*gpucheck.TRAIN_SETS, "max_steps=2", "optimizer=adamw_torch"])
