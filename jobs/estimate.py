@@ -270,16 +270,19 @@ def activations(shape: Shape, train: Any, cbytes: int, method: str) -> tuple[int
 
     Saved for backward per token and layer, in elements: the two norms' inputs and outputs (4h), q, k, v
     and the attention output with their rotary copies (2q + 2kv + q), the MLP's gate, up, activation and
-    product (4i per active expert); LoRA adds each adapted layer's dropout output (its input width). With
+    product (4i per active expert); LoRA adds each adapted layer's dropout output (its input width) and its
+    1-byte mask. With
     checkpointing only each layer's input stays (h), plus one layer recomputed in full. The output head
     runs in chunks of 4096 positions (packing.loss_sum): [4096, V] float32 logits and their gradient.
     """
     tokens = train.batch_size * train.max_seq_length
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     per_layer = 4 * h + 3 * q + 2 * kv + 4 * shape.intermediate * shape.experts_active
+    masks = 0  # dropout keeps a 1-byte mask beside its output
     if method != "full" and train.lora.dropout > 0:
         per_layer += sum(a for a, _ in shape.linears.values())
-    layer_bytes = per_layer * cbytes * tokens
+        masks = sum(a for a, _ in shape.linears.values())
+    layer_bytes = (per_layer * cbytes + masks) * tokens
     logits = 2 * min(tokens, 4096) * shape.vocab * 4 + tokens * h * cbytes  # chunk logits + the picked hidden
     full = shape.layers * layer_bytes + logits
     with_gc = shape.layers * h * cbytes * tokens + layer_bytes + logits
