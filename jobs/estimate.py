@@ -482,8 +482,8 @@ def train_config(base_model: str, config_file: str | None, sets: tuple[str, ...]
 
 
 @click.command("estimate")
-@click.option("--base-model", required=True, metavar="SRC",
-              help="Model folder, its config.json, s3:// prefix or Hugging Face id (only config.json is read).")
+@click.option("--base-model", metavar="SRC", help="Model folder, its config.json, s3:// prefix or Hugging Face id "
+                                                 "(only config.json is read). Default: a run config's base_model.")
 @click.option("--gpu", "gpu_name", required=True, type=click.Choice(list(GPUS)), help="The GPU the run is for.")
 @click.option("--gpus", type=int, default=1, show_default=True, help="GPUs training together (all nodes).")
 @click.option("--config", "config_file", metavar="FILE_OR_URI", help="A train config, or a run config (its train "
@@ -492,9 +492,15 @@ def train_config(base_model: str, config_file: str | None, sets: tuple[str, ...]
 @click.option("--tokens", type=int, help="Tokens per epoch (default: from the prepare manifest the config names).")
 @click.option("--history", metavar="URI", help="Store prefix whose train manifests give a measured throughput.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
-def command(base_model: str, gpu_name: str, gpus: int, config_file: str | None, sets: tuple[str, ...],
+def command(base_model: str | None, gpu_name: str, gpus: int, config_file: str | None, sets: tuple[str, ...],
             tokens: int | None, history: str | None, as_json: bool) -> None:
     """Per-GPU memory and time of a train run before it is submitted; exit 2 when it cannot fit the GPU."""
+    from common import config as cfg
+
+    if base_model is None and config_file:
+        base_model = cfg.read_config_file(config_file).get("base_model")
+    if not base_model:
+        raise ConfigError("Pass --base-model (or a run config with base_model) to estimate a train run.")
     train = train_config(base_model, config_file, sets)
     est = estimate(train, base_model, gpu_name, gpus, tokens=tokens, history=history)
     click.echo(json.dumps(est.to_json(), indent=2) if as_json else est.render())

@@ -85,7 +85,7 @@ def test_reads_a_run_config_train_section_and_refuses_unknown_keys(tmp_path):
     run_cfg = tmp_path / "run.yaml"
     run_cfg.write_text(yaml.safe_dump({"base_model": str(model), "data": ["x.jsonl"],
                                        "train": {"method": "lora", "batch_size": 1, "max_seq_length": 1024}}))
-    got = as_json("--base-model", str(model), "--gpu", "L4-24GB", "--config", str(run_cfg))
+    got = as_json("--gpu", "L4-24GB", "--config", str(run_cfg))  # the run config names the base model
     assert got["method"] == "lora" and got["parts_bytes"]["weights"] == got["params"] * 2  # bf16 base
     bad = run("--base-model", str(model), "--gpu", "L4-24GB", "--set", "lora.rank=8")
     assert bad.exit_code == 2 and "rank" in bad.output
