@@ -63,11 +63,17 @@ test-unit: $(STAMP) ## only the fast unit tier
 bench: $(STAMP) ## run every benchmark on this machine and print one table (bench/README.md)
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 
+# The five-minute GPU check (jobs/gpucheck.py): the chain on a tiny model on CUDA, a verdict per part. It uses the
+# Python that is there (.venv when it exists, else python3, e.g. in a GPU image) and never installs the CPU lock.
+GPU_PY ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+gpu-check: ## on a GPU machine: 4-bit train, 2-GPU FSDP, merge, vLLM, evaluate on a tiny model (GPU_CHECK_ARGS=)
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m jobs.gpucheck $(GPU_CHECK_ARGS)
+
 lint: $(STAMP) ## ruff + mypy on common/ and jobs/
 	$(BIN)/ruff check common jobs tests bench
 	$(BIN)/mypy
 
-.PHONY: help install lock test test-unit lint bench
+.PHONY: help install lock test test-unit lint bench gpu-check
 
 # ---- containers and Kubernetes (docker/, k8s/; see docs/containers.md and docs/kubernetes.md)
 images: ## build the images (VARIANT=cpu|gpu, OFFLINE=1 for stand-in bases, PUSH=REGISTRY)

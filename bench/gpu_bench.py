@@ -11,6 +11,9 @@ base with bf16 compute, gradient checkpointing and paged 8-bit AdamW:
 - plain: HF Trainer, batches of 4 examples padded to the longest in the batch.
 - ftjobs: rows of 2048 tokens packed with restarted position ids, 4 rows per
   step, loss on target positions only.
+- fsdp: with 2 or more GPUs visible, the same loop sharded by the train job's FSDP2 code (QLoRA with
+  bnb_4bit_quant_storage bf16) on every GPU through torchrun: tokens/s and peak memory per GPU beside the
+  one-GPU loop's.
 - trl: TRL's SFTTrainer as its docs recommend for variable-length SFT data:
   `packing=True, packing_strategy="bfd"` (best-fit decreasing into rows of
   2048, which turns on `padding_free`: each step's 4 rows are flattened into one
@@ -111,16 +114,17 @@ def build_base(shape: str, folder: Path, device: str) -> float:
     return time.monotonic() - t
 
 
-def load_quantized(folder: Path, device: str) -> Any:
+def load_quantized(folder: Path, device: str, storage: Any = None, gpu: int = 0) -> Any:
+    """The NF4 base; `storage`: bnb_4bit_quant_storage (FSDP shards 4-bit weights kept in a float dtype)."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=dtype)
+                           bnb_4bit_compute_dtype=dtype, **({"bnb_4bit_quant_storage": storage} if storage else {}))
     model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=q, dtype=dtype,
                                                  attn_implementation="sdpa",
-                                                 device_map={"": 0 if device == "cuda" else "cpu"})
+                                                 device_map={"": gpu if device == "cuda" else "cpu"})
     if device == "cpu":  # see jobs/train/__init__.py: bitsandbytes' CPU eval repack breaks training
         for m in model.modules():
             if hasattr(m, "support_avx512bf16_for_cpu"):
@@ -390,13 +394,85 @@ def merge_vs_copy(folder: Path, device: str, work: Path) -> dict:
     return {"merge_s": merge_s, "copy_s": copy_s}
 
 
+def fsdp_worker(folder: Path, out: Path, max_len: int, steps: int, warmup: int, vocab: int) -> None:
+    """One rank of the FSDP-QLoRA row (torchrun starts one per GPU): the train job's sharding
+    (jobs/train/fsdp.py `shard_units`, loaded by path) around the same packed loop as run_ftjobs, each rank
+    taking every world-th micro-batch; rank 0 writes tokens/s per GPU and the largest peak to `out`."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(rank)
+    spec = importlib.util.spec_from_file_location("ftjobs_fsdp", REPO / "jobs" / "train" / "fsdp.py")
+    fsdp = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(fsdp)  # type: ignore[union-attr]
+    examples, _ = split_heldout(make_examples(616, 32, max_len, vocab), 16)
+    model = with_lora(load_quantized(folder, "cuda", storage=torch.bfloat16, gpu=rank))
+    decoder, head = packing.head_and_decoder(model)
+    fsdp.shard_units([*fsdp._decoder_layers(model), decoder, head], torch.bfloat16, cpu_offload=False,
+                     reshard_after_forward=True, cuda=True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)  # bitsandbytes' paged 8-bit AdamW does not take DTensor shards
+    batches = packing.micro_batches(packing.pack([len(e) for e in examples], max_len), 4, seed=0, epoch=0)
+    reset_peak("cuda")
+    tokens, t0 = 0, time.monotonic()
+    for step in range(warmup + steps):
+        if step == warmup:
+            torch.cuda.synchronize()
+            t0, tokens = time.monotonic(), 0
+        mb = batches[(step * world + rank) % len(batches)]
+        batch = {k: v.to("cuda") for k, v in packing.collate(mb, examples, pad_id=0).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            s, n = packing.loss_sum(model, batch)
+            (s / max(n, 1)).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += packing.count_tokens(mb, examples)[0]
+    torch.cuda.synchronize()
+    seconds = time.monotonic() - t0
+    got = torch.tensor([tokens / seconds, peak("cuda")], device="cuda")
+    total = got.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    dist.all_reduce(got[1:], op=dist.ReduceOp.MAX)
+    if rank == 0:
+        out.write_text(json.dumps({"gpus": world, "tokens_per_s_per_gpu": float(total[0]) / world,
+                                   "peak_gib": float(got[1]), "optimizer": "adamw_torch"}))
+    dist.destroy_process_group()
+
+
+def run_fsdp(folder: Path, shape: str, max_len: int, steps: int, work: Path) -> dict:
+    """The FSDP-QLoRA row on every visible GPU, through torchrun (it needs 2 or more)."""
+    import subprocess
+
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        return {"skipped": f"{gpus} GPU visible; FSDP needs 2"}
+    out = work / "fsdp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", __file__,
+           "--fsdp-worker", str(folder), "--fsdp-out", str(out), "--steps", str(steps), "--max-len", str(max_len),
+           "--vocab", str(SHAPES[shape]["vocab_size"])]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        return {"skipped": f"torchrun exit {done.returncode}: {done.stderr[-1500:]}"}
+    return dict(json.loads(out.read_text()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with tiny shapes")
     ap.add_argument("--shapes", default="llama-3.2-1b,llama-3.1-8b")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per recipe (after 2 warmup steps)")
     ap.add_argument("--budget-s", type=float, default=400, help="skip what would not fit in this many seconds")
+    ap.add_argument("--fsdp-worker", type=Path, help=argparse.SUPPRESS)  # a torchrun rank of the FSDP row
+    ap.add_argument("--fsdp-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--max-len", type=int, default=2048, help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, default=128256, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.fsdp_worker:
+        fsdp_worker(args.fsdp_worker, args.fsdp_out, args.max_len, args.steps, 2, args.vocab)
+        return
     started = time.monotonic()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
@@ -433,11 +509,12 @@ def main() -> None:
             del base
             if device == "cuda":
                 torch.cuda.empty_cache()
+            fsdp = {"skipped": "CPU"} if device != "cuda" else run_fsdp(work / "base", shape, max_len, steps, work)
             merge = None
             if args.budget_s - (time.monotonic() - started) > (120 if shape.endswith("8b") else 40):
                 merge = merge_vs_copy(work / "base", device, work)
             details[shape] = {"build_s": build_s, "load_4bit_s": load_s, "plain": plain, "ftjobs": ours, "trl": trl,
-                              "merge": merge, "lengths": {"min": lo, "max": max_len,
+                              "merge": merge, "fsdp": fsdp, "lengths": {"min": lo, "max": max_len,
                                                           "mean": sum(len(e) for e in examples) / len(examples)}}
             print(json.dumps({shape: details[shape]}, default=str), flush=True)
             rows.append(report.row("train", f"{shape} tokens/s (effective)", ours["tokens_per_s"],
@@ -458,6 +535,16 @@ def main() -> None:
                                        notes=f"tokens trained {ours['tokens_total']} vs {trl['tokens_total']}"))
             else:
                 print(f"TRL recipe skipped: {trl['skipped']}", flush=True)
+            if "skipped" not in fsdp:  # FSDP-QLoRA over every GPU vs the one-GPU loop, per GPU
+                rows.append(report.row("train", f"{shape} FSDP-QLoRA tokens/s per GPU ({fsdp['gpus']} GPUs)",
+                                       fsdp["tokens_per_s_per_gpu"], ours["tokens_per_s"], goal=">= 0.8x",
+                                       met=fsdp["tokens_per_s_per_gpu"] >= 0.8 * ours["tokens_per_s"],
+                                       unit="tok/s", notes="adamw_torch under FSDP; one GPU: paged 8-bit"))
+                rows.append(report.row("train", f"{shape} FSDP-QLoRA peak memory per GPU", fsdp["peak_gib"],
+                                       ours["peak_gib"], goal="<= 1x", met=fsdp["peak_gib"] <= ours["peak_gib"],
+                                       unit="GiB"))
+            else:
+                print(f"FSDP-QLoRA row skipped: {fsdp['skipped']}", flush=True)
             if merge:
                 rows.append(report.row("merge", f"{shape} merge+save vs copy", merge["merge_s"], merge["copy_s"],
                                        goal="<= 1.3x", met=merge["merge_s"] <= 1.3 * merge["copy_s"], unit="s"))

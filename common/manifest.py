@@ -205,7 +205,9 @@ class TrainModel(ModelBlock):
     base_revision: str | None = None
     template_hash: str
     quantization: dict[str, Any] = Field(default_factory=dict)
-    lora: LoraBlock
+    method: str | None = None      # qlora, lora or full (None: written before methods existed, a LoRA adapter)
+    strategy: str | None = None    # ddp or fsdp
+    lora: LoraBlock | None = None  # None for method full: the artifacts hold model/, not adapter/
 
 
 class MergeModel(ModelBlock):

@@ -138,7 +138,8 @@ def _short(v: Any) -> str:
 
 # The stages' commands come from the registry (common/stages.py, FTJOBS_EXTRA_STAGES included); the
 # orchestration commands beside them are listed here.
-COMMANDS = ("jobs.pipeline", "jobs.sweep", "jobs.k8s_cli", "jobs.runs", "jobs.launch", "jobs.tryout")
+COMMANDS = ("jobs.pipeline", "jobs.sweep", "jobs.k8s_cli", "jobs.runs", "jobs.launch", "jobs.tryout", "jobs.estimate",
+            "jobs.gpucheck")
 
 
 def _add_job_commands() -> None:

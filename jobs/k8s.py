@@ -32,7 +32,7 @@ import yaml
 from common import manifest as mf
 from common import stages
 from common.errors import ConfigError
-from jobs import chain
+from jobs import chain, k8s_train
 
 LOG = logging.getLogger(__name__)
 
@@ -311,6 +311,7 @@ def render_multinode(docs: list[dict[str, Any]], run_id: str, stage_args: list[s
                                  "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}})
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
     container["args"] = [*launch, "--", *container["args"]]
+    k8s_train.prepare_pod(pod, container, procs, nodes, gpus)  # /dev/shm and NCCL variables (every strategy)
     meta = job["metadata"]
     meta["annotations"].update({"ftjobs.dev/nodes": str(nodes), "ftjobs.dev/processes-per-node": str(procs)})
 

@@ -177,13 +177,18 @@ def render(stage: str | None, stage_args: tuple[str, ...], run_id: str | None, t
               help="train on N pods (a headless Service + an Indexed Job; rank 0 publishes).")
 @click.option("--gpus-per-node", type=int, metavar="G", help="train's processes (GPUs) per pod (default: the "
                                                               "overlay's GPUs per pod, or 1).")
+@click.option("--gpu", "gpu_name", metavar="NAME", help="The GPU train runs on (e.g. H100-80GB; `ftjobs estimate "
+                                                        "--help` lists them): each train step's memory estimate is "
+                                                        "printed, and a step that cannot fit is refused (exit 2).")
+@click.option("--go-anyway", "--force", "go_anyway", is_flag=True,
+              help="Submit a train step even when the estimate says it cannot fit --gpu.")
 @_common_options
 def submit(run_id: str | None, sweep_file: str | None, sweep_id: str | None, templates: str | None,
            config_file: str | None, sets: tuple[str, ...], sources: tuple[str, ...],
            base_model: str | None, shards: int, baseline: bool | None, fail_if_worse: str | None,
            stage_args: tuple[str, ...], allow_failed_cells: bool | None, timeout_s: float, poll_s: float,
-           summary: str | None, nodes: int,
-           gpus_per_node: int | None, overlay: str, kustomize_dir: str | None, image_pairs: tuple[str, ...],
+           summary: str | None, nodes: int, gpus_per_node: int | None, gpu_name: str | None, go_anyway: bool,
+           overlay: str, kustomize_dir: str | None, image_pairs: tuple[str, ...],
            images_file: str | None, queue: str | None, namespace: str | None, kubectl: str | None) -> None:
     """Run the chain (prepare, infer-base, train, merge, infer-finetuned, evaluate) as Jobs.
 
@@ -199,7 +204,8 @@ def submit(run_id: str | None, sweep_file: str | None, sweep_id: str | None, tem
     namespace = namespace or next((d["metadata"].get("namespace") for d in docs if d.get("kind") == "Job"), None)
     executor = KubeExecutor(docs=docs, kube=Kubectl(kubectl, namespace), images=parse_images(image_pairs, images_file),
                             shards=shards, extra=stage_args_map(stage_args), queue=queue, namespace=namespace,
-                            timeout_s=timeout_s, poll_s=poll_s, nodes=nodes, gpus_per_node=gpus_per_node)
+                            timeout_s=timeout_s, poll_s=poll_s, nodes=nodes, gpus_per_node=gpus_per_node,
+                            gpu=gpu_name, go_anyway=go_anyway)
     gate = (f"evaluate.fail_if_worse={fail_if_worse}",) if fail_if_worse else ()
     if sweep_file:
         if run_id or config_file or sources or base_model:

@@ -67,6 +67,7 @@ def torchrun_args(argv: list[str], commands: list[str]) -> Any:
     if not argv:
         raise ConfigError("Pass torchrun's options and the ftjobs command, e.g. `ftjobs launch --nproc-per-node 2 "
                           "-- train --input ... --base-model ... --output ...`.")
+    argv = nproc_alias(argv)
     try:
         args = torchrun.parse_args(argv)
     except SystemExit:  # argparse printed what it did not understand
@@ -84,6 +85,15 @@ def torchrun_args(argv: list[str], commands: list[str]) -> Any:
     args.training_script_args = [args.training_script, *args.training_script_args]
     args.training_script = "jobs.cli"
     return args
+
+
+def nproc_alias(argv: list[str]) -> list[str]:
+    """`--nproc N` as `--nproc-per-node N` (argparse finds the prefix ambiguous between torchrun's two spellings);
+    only among the launcher's options, before `--`."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    head = ["--nproc-per-node" if a == "--nproc" else
+            "--nproc-per-node=" + a.split("=", 1)[1] if a.startswith("--nproc=") else a for a in argv[:end]]
+    return head + argv[end:]
 
 
 def launch(args: Any) -> None:

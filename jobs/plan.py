@@ -390,8 +390,9 @@ def _add(plan: Plan, cell: Cell, step: chain.Step, resolved: Any) -> None:
 
 
 def servable(config: chain.Config) -> bool:
-    """Plain LoRA: the adapter alone is the finetune (modules_to_save needs a merge; vLLM serves only LoRA)."""
-    return not (config.train.get("lora") or {}).get("modules_to_save")
+    """Plain LoRA: the adapter alone is the finetune (modules_to_save needs a merge; vLLM serves only LoRA;
+    method full has no adapter at all)."""
+    return not (config.train.get("lora") or {}).get("modules_to_save") and config.train.get("method") != "full"
 
 
 def _serve(plan: Plan) -> None:

@@ -111,6 +111,8 @@ class KubeExecutor(Executor):
     nodes: int = 1  # train's pods (render_multinode), and processes in each
     gpus_per_node: int | None = None
     max_parallel: int | None = None
+    gpu: str | None = None  # the GPU train steps run on (jobs/estimate.py GPUS): each is checked to fit it
+    go_anyway: bool = False  # submit a train step the estimate says cannot fit
 
     def render(self, plan: Plan, inst: Instance, args: list[str]) -> list[dict[str, Any]]:
         """The objects of one step, in the order to create them (the Job last); refused with a placeholder image."""
@@ -136,7 +138,15 @@ class KubeExecutor(Executor):
         checked when the sweep was planned)."""
         for inst in plan.instances.values():
             if not inst.final:
-                self.render(plan, inst, plan.arguments(inst, stand_in=True))
+                args = plan.arguments(inst, stand_in=True)
+                self.render(plan, inst, args)
+                if inst.step.stage == "train" and self.gpu:  # printed once per train step; exit 2 when it won't fit
+                    from jobs import estimate
+
+                    extra = [a for key in dict.fromkeys((inst.step.stage, inst.step.name))
+                             for a in self.extra.get(key, [])]
+                    estimate.check_step(inst.name, [*args, *extra], self.gpu, self.nodes * (self.gpus_per_node or 1),
+                                        self.go_anyway)
 
     def start(self, plan: Plan, inst: Instance) -> tuple[str, float]:
         *companions, job = self.render(plan, inst, plan.arguments(inst))

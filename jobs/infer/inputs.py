@@ -119,6 +119,10 @@ def prepare_model(config: Config, model_in: mf.Loaded | None, adapter_in: mf.Loa
 
 def check_adapter(config: Config, adapter_in: mf.Loaded, base: models.ModelRef) -> None:
     info: mf.TrainModel = mf.model_block(adapter_in)
+    if info.lora is None:  # method full: a whole model, no adapter
+        raise ConfigError(f"{adapter_in.uri} is a full finetune (method {info.method}), not an adapter: run `ftjobs "
+                          f"merge --input {adapter_in.uri} --output <prefix>` (it passes the model through) and "
+                          "pass that merge manifest as --model, without --adapter.")
     if info.lora.modules_to_save and config.engine == "vllm":
         raise ConfigError(f"The adapter in {adapter_in.uri} trains whole modules too (modules_to_save: "
                           f"{info.lora.modules_to_save}); vLLM serves only LoRA matrices. Run `ftjobs merge "

@@ -58,6 +58,7 @@ from common.config import JobConfig, dump
 from common.errors import ConfigError, InputError
 from common.logs import Progress
 from common.runner import config_options, execute
+from jobs.merge import passthrough
 from jobs.merge.checks import (
     DEFAULT_PROMPTS,
     DTYPES,
@@ -211,6 +212,8 @@ def run(config: Config) -> mf.Loaded:
 
 def merge(config: Config, train: mf.Loaded, attempt: stage.Attempt, started: float) -> stage.Outcome:
     """plan -> merge -> write -> check -> record; the outcome becomes the manifest."""
+    if passthrough.is_full(train):  # a full finetune: its model passes through unchanged
+        return passthrough.publish(config, train, attempt, started)
     work = Path(tempfile.mkdtemp(prefix="ftjobs-merge-"))
     try:
         timings: dict[str, float] = {}

@@ -259,7 +259,8 @@ def snapshot(local: Path, model: Any, optimizer: Any, scheduler: Any, state: Tra
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    trained = get_peft_model_state_dict(model) if hasattr(model, "peft_config") else model.state_dict()
+    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in trained.items()}  # clone: tied weights
     save_file(weights, str(local / "adapter_model.safetensors"))
     torch.save(optimizer.state_dict(), local / "optimizer.pt")
     torch.save(scheduler.state_dict(), local / "scheduler.pt")
@@ -283,7 +284,11 @@ def restore(local: Path, model: Any, optimizer: Any, scheduler: Any, rank: int, 
 
     raw = json.loads((local / "state.json").read_text())
     state = TrainState.from_json(raw, where or str(local))  # refuse an unreadable state before touching the model
-    set_peft_model_state_dict(model, load_file(str(local / "adapter_model.safetensors")))
+    weights = load_file(str(local / "adapter_model.safetensors"))
+    if hasattr(model, "peft_config"):
+        set_peft_model_state_dict(model, weights)
+    else:  # method full: every weight
+        model.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=True))
     rng = torch.load(local / "rng.pt", weights_only=True)

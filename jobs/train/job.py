@@ -57,7 +57,8 @@ from common.config import JobConfig, dump
 from common.errors import EXIT_RETRYABLE, ConfigError, InputError, Preempted
 from common.logs import Progress
 from common.runner import config_options, execute
-from jobs.train import checkpoints, selection
+from jobs.train import checkpoints, fsdp, selection, strategy
+from jobs.train.strategy import Fsdp
 
 if TYPE_CHECKING:
     from jobs.train.data import Source
@@ -127,6 +128,14 @@ class Config(JobConfig):
                            "its messages here instead of refusing.")
     train_on: TrainOn = Field("assistant", description="Tokens with a loss when tokenizing here: assistant, "
                                                         "last_assistant or all.")
+    method: Literal["qlora", "lora", "full"] | None = Field(
+        None, description="qlora: 4-bit base + LoRA; lora: 16-bit base + LoRA; full: every weight trained, "
+                          "published as a safetensors model. Default: qlora, or lora when quantization.mode is "
+                          "none (see docs/distributed.md).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes: ddp (each holds the whole model) or fsdp (FSDP2 shards "
+                           "weights, gradients and optimizer state over them).")
+    fsdp: Fsdp = Field(default_factory=Fsdp, description="FSDP settings (strategy fsdp).")
     quantization: Quantization = Field(default_factory=Quantization, description="Base weight quantization.")
     lora: Lora = Field(default_factory=Lora, description="LoRA adapter settings.")
     max_seq_length: int = Field(2048, ge=16, description="Tokens per packed row; longer examples are dropped "
@@ -183,6 +192,10 @@ class Config(JobConfig):
         if self.select is not None and selection.every(self.select, self.checkpoint.every_steps,
                                                        self.eval_every) is None:
             raise ValueError("select: no candidate interval; set select.every, checkpoint.every_steps or eval_every")
+        if self.strategy == "fsdp" and (self.select is not None or self.early_stopping is not None):
+            raise ValueError("select and early_stopping save candidates from one process's weights, which strategy "
+                             "fsdp shards: use strategy: ddp with them (or leave them out)")
+        strategy.check(self)
         return self
 
 
@@ -222,8 +235,9 @@ def train(config: Config, prep: mf.Loaded, attempt: stage.Attempt, stop: _StopFl
         # A zombie or a losing racer: it stops here and writes nothing more (the winner's checkpoints stay).
         trainer.tracker.close()
         return stage.winner(attempt.identity)
+    weights = fsdp.full_weights(trainer) if trainer.sharded else None  # a collective: before rank 0 saves
     if trainer.main:
-        save_outputs(trainer, attempt.writer)
+        save_outputs(trainer, attempt.writer, weights)
     trainer.accelerator.wait_for_everyone()  # the last collective: rank 0 publishes alone after it
     if not trainer.main:
         return stage.Pending(mf.manifest_uri(config.output),
@@ -321,6 +335,10 @@ class Trainer:
         return bool(self.accelerator.is_main_process)
 
     @property
+    def sharded(self) -> bool:
+        return fsdp.active(self.config, self.world)
+
+    @property
     def cuda(self) -> bool:
         return self.accelerator.device.type == "cuda"
 
@@ -368,18 +386,20 @@ class Trainer:
         step_tokens, step_trained = sum(c[0] for c in counts), sum(c[1] for c in counts)
         started = time.monotonic()
         loss_total = 0.0
-        for mb in self.step_batches(self.state.step, self.rank, self.world):
+        for mb, real in self.my_batches(self.state.step):
             with self.autocast():
                 s, _ = packing.loss_sum(self.peft_model, self.batch(mb, examples))
                 # Sum over tokens / all tokens of the step, on every process: every trained token weighs the
                 # same however the tokens fall into micro-batches and processes, and the gradients' sum over
-                # processes is the whole step's gradient.
-                (s / step_trained).backward()
-            loss_total += float(s.detach())
-        self.sum_gradients()
+                # processes is the whole step's gradient. A stand-in batch (fsdp) counts zero.
+                (s / step_trained * float(real)).backward()
+            loss_total += float(s.detach()) * real
+        if not self.sharded:  # FSDP reduce-scatters the gradients itself, summed (jobs/train/fsdp.py)
+            self.sum_gradients()
         grad_norm = None
         if self.config.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -391,6 +411,15 @@ class Trainer:
         if grad_norm is not None:
             scalars["train/grad_norm"] = grad_norm
         return scalars
+
+    def my_batches(self, step: int) -> list[tuple[Any, bool]]:
+        """This process's micro-batches of `step`, each flagged real. Sharded, every process runs as many as
+        the busiest one (FSDP's gathers are collectives): the short ones repeat the step's first batch."""
+        mine = self.step_batches(step, self.rank, self.world)
+        if not self.sharded:
+            return [(mb, True) for mb in mine]
+        rounds = max(len(self.step_batches(step, r, self.world)) for r in range(self.world))
+        return fsdp.stand_in(mine, rounds, self.step_batches(step)[0])
 
     def sum_gradients(self) -> None:
         """Sum the trainable parameters' gradients over processes, once per optimizer step.
@@ -425,7 +454,7 @@ class Trainer:
 
     def broadcast_parameters(self) -> None:
         """Rank 0's trainable weights on every process, before the first step (as DDP does at start)."""
-        if self.world == 1:
+        if self.world == 1 or self.sharded:  # sharded: every process loaded the same weights and seed
             return
         import torch.distributed as dist
 
@@ -442,10 +471,14 @@ class Trainer:
             return None
         self.peft_model.eval()
         loss_sum, count = 0.0, 0
+        mine = self.data.eval_batches[self.rank::self.world]
+        batches = fsdp.stand_in(mine, -(-len(self.data.eval_batches) // self.world), self.data.eval_batches[0]) \
+            if self.sharded else [(b, True) for b in mine]
         with torch.no_grad(), self.autocast():
-            for i in range(self.rank, len(self.data.eval_batches), self.world):
-                s, n = packing.loss_sum(self.peft_model, self.batch(self.data.eval_batches[i], self.data.eval))
-                loss_sum, count = loss_sum + float(s), count + n
+            for batch, real in batches:
+                s, n = packing.loss_sum(self.peft_model, self.batch(batch, self.data.eval))
+                if real:
+                    loss_sum, count = loss_sum + float(s), count + n
         self.peft_model.train()
         total, tokens = self.all_sum(loss_sum, count)
         return total / max(tokens, 1)
@@ -509,9 +542,12 @@ class Trainer:
             raise Superseded
         started = time.monotonic()
         uri = None
-        if self.main:
+        if self.config.strategy == "fsdp":  # every process writes its shards (jobs/train/fsdp.py)
+            uri = fsdp.save_checkpoint(self)
+        elif self.main:
             uri = checkpoints.write(self.config.output, self.identity, self.peft_model, self.optimizer,
                                     self.scheduler, self.state, self.attempt)
+        if self.main:
             removed = checkpoints.prune(self.config.output, self.config.checkpoint.keep)
             LOG.info("checkpoint saved: %s (%.1fs)%s", uri, time.monotonic() - started,
                      f"; removed steps {removed}" if removed else "",
@@ -562,8 +598,11 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
                  config.batch_size, accelerator.num_processes)
 
         t = time.monotonic()
+        strategy.refuse_on_device(config, cuda)
         peft_model, compute_dtype, quant = _load_model(config, base.path, accelerator.device, cuda)
         param_counts = _count_params(peft_model)
+        if fsdp.active(config, accelerator.num_processes):
+            peft_model = fsdp.shard(peft_model, config, compute_dtype, cuda)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer, optimizer_name = _optimizer(config, params, cuda)
         from transformers import get_scheduler  # here, so load_model_s counts its import as it always did
@@ -573,9 +612,13 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
         timings["load_model_s"] = time.monotonic() - t
 
         state = checkpoints.TrainState()
-        if ckpt is not None:
+        if ckpt is not None and config.strategy == "fsdp":
+            state = fsdp.restore(ckpt.local, peft_model, optimizer, scheduler, config, accelerator.process_index,
+                                 where=ckpt.uri)
+        elif ckpt is not None:
             state = checkpoints.restore(ckpt.local, peft_model, optimizer, scheduler, accelerator.process_index,
                                         config.seed, where=ckpt.uri)
+        if ckpt is not None:
             LOG.info("resuming from %s (step %d of %d)", ckpt.uri, ckpt.step, schedule.total)
     resumed_from = ckpt.step if ckpt is not None else None
     state.attempts += 1
@@ -742,18 +785,24 @@ def fit(t: Trainer, stop: _StopFlag) -> Fitted:
 # --------------------------------------------------------------------------- outputs
 
 
-def save_outputs(t: Trainer, writer: mf.ArtifactWriter) -> None:
-    """adapter/, tokenizer/ (with the chat template trained on), loss_curve.json and .png, through the writer."""
+def save_outputs(t: Trainer, writer: mf.ArtifactWriter, weights: dict[str, Any] | None = None) -> None:
+    """adapter/ (method full: model/), tokenizer/ (with the chat template trained on), loss_curve.json and .png,
+    through the writer. `weights`: the trained weights gathered whole (fsdp), else the model's own."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ftjobs-train-") as tmp:
         local = Path(tmp)
-        t.peft_model.peft_config["default"].base_model_name_or_path = t.config.base_model
-        adapter_step = t.last_candidate()  # with early stopping: the best-loss step's weights go into adapter/
-        t.peft_model.save_pretrained(str(local / "adapter"), safe_serialization=True)
-        (local / "adapter" / "README.md").unlink(missing_ok=True)  # peft's boilerplate model card
+        adapter_step = None
+        if strategy.method_of(t.config) == "full":
+            strategy.save_full_model(t.peft_model, local / "model", t.compute_dtype, weights)
+            writer.add_dir(local / "model", "model")
+        else:
+            t.peft_model.peft_config["default"].base_model_name_or_path = t.config.base_model
+            adapter_step = t.last_candidate()  # with early stopping: the best-loss step's weights go into adapter/
+            t.peft_model.save_pretrained(str(local / "adapter"), safe_serialization=True, state_dict=weights)
+            (local / "adapter" / "README.md").unlink(missing_ok=True)  # peft's boilerplate model card
+            writer.add_dir(local / "adapter", "adapter")
         t.tokenizer.chat_template = t.fmt.template
         t.tokenizer.save_pretrained(str(local / "tokenizer"))
-        writer.add_dir(local / "adapter", "adapter")
         writer.add_dir(local / "tokenizer", "tokenizer")
         if adapter_step is not None:
             t.candidates = selection.publish(writer, t.config.output, (local / "adapter" / "adapter_config.json")
@@ -807,11 +856,14 @@ def _outcome(t: Trainer, fitted: Fitted) -> stage.Outcome:
                    "base": models.parameter_count(t.base.path)},
         "device": torch.cuda.get_device_name(t.accelerator.device) if t.cuda else "cpu",
     }
+    method = strategy.method_of(config)
     model_info = mf.TrainModel(
         base_model=config.base_model, base_revision=t.base.revision, template_hash=t.fmt.hash,
         chat_template=t.fmt.template, tokenizer=chat.tokenizer_identity(t.tokenizer), quantization=t.quant,
-        lora=mf.LoraBlock(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                          target_modules=config.lora.target_modules, modules_to_save=config.lora.modules_to_save),
+        method=method, strategy=config.strategy,
+        lora=None if method == "full" else mf.LoraBlock(
+            r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules, modules_to_save=config.lora.modules_to_save),
     ).model_dump(mode="json")
     return stage.Outcome(run_id=state.run_id, stats=stats, metrics=metrics, timings=t.timings, model=model_info)
 
@@ -825,27 +877,28 @@ def _load_model(config: Config, path: Path, device: Any, cuda: bool) -> tuple[An
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    q = config.quantization
+    q, mode, method = config.quantization, strategy.quant_mode(config), strategy.method_of(config)
     if q.compute_dtype != "auto":
         dtype = getattr(torch, q.compute_dtype)
     elif cuda:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         dtype = torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": config.attention,
+    kwargs: dict[str, Any] = {"dtype": torch.float32 if method == "full" else dtype,  # full: float32 masters
+                              "attn_implementation": config.attention,
                               "trust_remote_code": config.trust_remote_code,
                               "device_map": {"": device.index if cuda else "cpu"}}
-    quant: dict[str, Any] = {"mode": q.mode, "compute_dtype": str(dtype).removeprefix("torch.")}
-    if q.mode != "none":
+    quant: dict[str, Any] = {"mode": mode, "compute_dtype": str(dtype).removeprefix("torch.")}
+    if mode != "none":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=q.mode, bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=dtype)
+            load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=dtype, **strategy.quant_storage(config, dtype))
         quant.update({"method": "bitsandbytes", "bits": 4, "double_quant": q.double_quant})
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise InputError(f"Could not load base model {config.base_model}: {exc}") from None
-    if q.mode != "none" and not cuda:
+    if mode != "none" and not cuda:
         # bitsandbytes 0.50 on CPUs with AVX512-BF16: the first forward in eval mode (our eval loss) repacks
         # the 4-bit weights for an inference kernel that has no autograd, and they stay repacked, so later
         # training steps silently lose the gradient through every base layer. Keep the trainable layout.
@@ -853,13 +906,16 @@ def _load_model(config: Config, path: Path, device: Any, cuda: bool) -> tuple[An
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     gc_kwargs = {"use_reentrant": False}
-    if q.mode != "none":
+    if mode != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     model.config.use_cache = False
+    if method == "full":
+        model.requires_grad_(True)
+        return model, dtype, quant
     lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,  # type: ignore[arg-type] # peft takes floats
                       lora_dropout=config.lora.dropout,
                       target_modules=config.lora.target_modules, modules_to_save=config.lora.modules_to_save or None,
