@@ -57,7 +57,7 @@ from common.config import JobConfig, dump
 from common.errors import EXIT_RETRYABLE, ConfigError, InputError, Preempted
 from common.logs import Progress
 from common.runner import config_options, execute
-from jobs.train import checkpoints
+from jobs.train import checkpoints, objectives
 
 if TYPE_CHECKING:
     from jobs.train.data import Source
@@ -164,6 +164,13 @@ class Config(JobConfig):
     report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
         "none", description="Tracking tool, configured by its own environment variables.")
     run_name: str | None = Field(None, description="Name shown in the tracking tool (default: the run id).")
+    objective: objectives.Objective = Field("sft", description="sft (supervised rows), or dpo / orpo (preference "
+                                            "pairs from a preference prepare run): docs/preference.md.")
+    preference: objectives.Preference = Field(default_factory=objectives.Preference,
+                                              description="beta, DPO loss and label smoothing (objective dpo/orpo).")
+    init_adapter: str | None = Field(None, description="A train manifest whose adapter the policy starts from "
+                                     "(and, for dpo, the frozen reference): SFT, then DPO. Its LoRA r, alpha and "
+                                     "target_modules must be this run's.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -172,6 +179,7 @@ class Config(JobConfig):
         if self.packing == "mask" and self.attention == "flash_attention_2":
             raise ValueError("packing: mask needs attention sdpa or eager; flash_attention_2 packs through "
                              "position_ids (set packing: position_ids)")
+        objectives.check_config(self)
         return self
 
 
@@ -187,8 +195,9 @@ class Config(JobConfig):
 def run(config: Config) -> stage.Result:
     """Train an adapter on the prepare run at `config.input`; returns the published (or already done) manifest."""
     started = time.monotonic()
-    prep = mf.load(config.input, verify="size", expect_stage="prepare")
-    identity = stage.Identity(STAGE, config.output, dump(config), [prep.ref("data")])
+    prep = mf.load(config.input, verify="size", expect_stage=("prepare", "pairs"))
+    objectives.check_data(config, prep)
+    identity = stage.Identity(STAGE, config.output, dump(config), [prep.ref("data"), *objectives.extra_inputs(config)])
     stop = _install_sigterm(config.checkpoint.grace_seconds)
     try:
         result = stage.run(identity, lambda attempt: train(config, prep, attempt, stop, started))
@@ -294,6 +303,7 @@ class Trainer:
     tracker: Any
     timings: dict[str, float]
     _epoch_batches: tuple[int, list[Any]] = (-1, [])
+    objective: objectives.PreferenceObjective | None = None  # dpo/orpo: its step and eval replace SFT's
 
     @property
     def rank(self) -> int:
@@ -348,6 +358,8 @@ class Trainer:
         """One optimizer step on this process's share of the step's micro-batches; returns what to log."""
         import torch
 
+        if self.objective is not None:
+            return self.objective.train_step(self)
         from jobs.train import packing
 
         examples = self.data.train
@@ -423,6 +435,8 @@ class Trainer:
         """Mean eval loss per target token over every process's share of the eval batches (None: no eval split)."""
         import torch
 
+        if self.objective is not None:
+            return self.objective.evaluate(self)
         from jobs.train import packing
 
         if not self.data.eval_batches:
@@ -511,6 +525,7 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
 
         t = time.monotonic()
         peft_model, compute_dtype, quant = _load_model(config, base.path, accelerator.device, cuda)
+        objective = objectives.setup(config, peft_model)
         param_counts = _count_params(peft_model)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer, optimizer_name = _optimizer(config, params, cuda)
@@ -536,7 +551,7 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
                       param_counts=param_counts, optimizer=optimizer,
                       optimizer_name=optimizer_name, scheduler=scheduler, compute_dtype=compute_dtype, quant=quant,
                       identity=identity, attempt=attempt, state=state, resumed_from=resumed_from, tracker=tracker,
-                      timings=timings)
+                      timings=timings, objective=objective)
     trainer.broadcast_parameters()
     return trainer
 
@@ -583,6 +598,8 @@ def _load_data(config: Config, prep: mf.Loaded, tokenizer: Any, fmt: chat.ChatFo
     """Verified shards -> examples -> packed rows; refuses a split that would drop too much or train nothing."""
     from jobs.train import data, packing
 
+    if config.objective != "sft":
+        return objectives.load_data(config, prep, tokenizer, fmt)
     source = data.choose_source(prep, tokenizer, fmt, base_model=config.base_model, retokenize=config.retokenize)
     load_args: dict[str, Any] = {"source": source, "tokenizer": tokenizer, "fmt": fmt,
                                  "max_seq_length": config.max_seq_length, "train_on": config.train_on}
@@ -740,6 +757,8 @@ def _outcome(t: Trainer, fitted: Fitted) -> stage.Outcome:
                    "base": models.parameter_count(t.base.path)},
         "device": torch.cuda.get_device_name(t.accelerator.device) if t.cuda else "cpu",
     }
+    if t.objective is not None:
+        t.objective.report(t, metrics, stats)
     model_info = mf.TrainModel(
         base_model=config.base_model, base_revision=t.base.revision, template_hash=t.fmt.hash,
         chat_template=t.fmt.template, tokenizer=chat.tokenizer_identity(t.tokenizer), quantization=t.quant,
