@@ -130,7 +130,7 @@ def _add_job_commands() -> None:
     import importlib
 
     for modname in ("jobs.synth", "jobs.prepare", "jobs.train", "jobs.merge", "jobs.infer", "jobs.evaluate",
-                    "jobs.pipeline", "jobs.sweep", "jobs.k8s", "jobs.launch"):
+                    "jobs.pairs", "jobs.pipeline", "jobs.sweep", "jobs.k8s", "jobs.launch"):
         try:
             module = importlib.import_module(modname)
         except ModuleNotFoundError as exc:

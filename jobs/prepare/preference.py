@@ -118,7 +118,7 @@ def to_pair(rec: Mapping[str, Any], roles: Mapping[str, str], max_chars: int) ->
     else:
         raise R.Drop("missing_field", "not a preference pair: expected chosen/rejected or preferred_output/"
                      "non_preferred_output")
-    return _validated(pair, max_chars)
+    return validated(pair, max_chars)
 
 
 def _messages(value: Any, where: str, roles: Mapping[str, str], role_key: str = "role",
@@ -187,7 +187,7 @@ def _prompt(value: Any, roles: Mapping[str, str]) -> list[dict[str, Any]]:
     return _messages(value, "prompt", roles)
 
 
-def _validated(pair: Pair, max_chars: int) -> Pair:
+def validated(pair: Pair, max_chars: int) -> Pair:
     for name in ("chosen", "rejected"):
         msgs = getattr(pair, name)
         if not msgs or all(not m["content"].strip() and not m.get("tool_calls") for m in msgs):
@@ -407,21 +407,27 @@ def _tokenize(config: Any, kept: list[Kept], tally: Tally) -> dict[str, Any]:
 
 
 def _write(config: Any, out: list[Kept], writer: mf.ArtifactWriter) -> dict[str, int]:
+    return write_pairs(out, writer, tokenized=bool(config.tokenizer), rows_per_shard=config.rows_per_shard,
+                       row_group_rows=config.row_group_rows)
+
+
+def write_pairs(out: list[Kept], writer: mf.ArtifactWriter, *, tokenized: bool, rows_per_shard: int = 100_000,
+                row_group_rows: int = 8192) -> dict[str, int]:
+    """Pairs as `<split>/part-NNNNN` Parquet shards (common.preference.schema); returns pairs per split."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tokenized = bool(config.tokenizer)
     schema = P.schema(tokenized)
     counts = {s: 0 for s in data.SPLITS}
     with tempfile.TemporaryDirectory(prefix="ftjobs-prepare-pairs-") as tmp:
         for split in data.SPLITS:
             rows = [k for k in out if k.split == split]
             counts[split] = len(rows)
-            for shard, start in enumerate(range(0, len(rows), config.rows_per_shard)):
-                part = rows[start:start + config.rows_per_shard]
+            for shard, start in enumerate(range(0, len(rows), rows_per_shard)):
+                part = rows[start:start + rows_per_shard]
                 table = pa.Table.from_pylist([_row(k, split, tokenized) for k in part], schema=schema)
                 local = Path(tmp) / f"{split}-{shard:05d}.parquet"
-                pq.write_table(table, local, compression="zstd", row_group_size=config.row_group_rows)
+                pq.write_table(table, local, compression="zstd", row_group_size=row_group_rows)
                 name = f"{split}/part-{shard:05d}"
                 writer.add_file(local, f"data/{name}.parquet", name=name, rows=len(part))
     return counts
