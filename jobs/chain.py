@@ -6,7 +6,13 @@
     train            LoRA / QLoRA adapter
     merge            adapter folded into the 16-bit base
     infer-finetuned  the merged model answers the same prompts
-    evaluate         base vs finetuned: report.md / report.html
+    infer-train      optional (a `pairs:` section): the merged model answers the TRAINING prompts
+    pairs            optional (`pairs:`): its wrong answers become preference pairs (reference preferred)
+    prepare-preference optional (`preference_data:`): preference files -> preference pairs
+    train-dpo        optional (a `dpo:` section over `train`): DPO/ORPO from the SFT adapter (init_adapter) on
+                     the pairs (from `pairs` or `prepare-preference`)
+    merge-dpo, infer-dpo  optional (`dpo:`): the DPO adapter merged, answering the held-out prompts
+    evaluate         base vs finetuned (vs dpo): report.md / report.html
 
 Each step names its stage, the inputs the chain wires into it (an earlier step's manifest, or a value of
 the run such as the base model) with the stage's command-line flag and config key for each, and the
@@ -35,7 +41,9 @@ from common import storage
 from common.config import JobConfig
 from common.errors import ConfigError
 
-RUN_VALUES = ("base_model", "data")  # the run config's fields a step may take, beside earlier steps' manifests
+# The run config's fields a step may take, beside earlier steps' manifests; `train_split` is the constant
+# "train": infer-train answers the training prompts, and a section cannot point it at the held-out ones.
+RUN_VALUES = ("base_model", "data", "preference_data", "train_split")
 
 
 @dataclass(frozen=True)
@@ -89,8 +97,24 @@ CHAIN: tuple[Step, ...] = (
     Step("merge", "merge", (Take("input", "--input", "train"),), ("merge",)),
     Step("infer-finetuned", "infer", (Take("model", "--model", "merge"), Take("prompts", "--prompts", "prepare")),
          ("infer", "infer_finetuned")),
+    # Preference steps (docs/preference.md): pairs from the SFT model's mistakes on training prompts and/or
+    # preference files, then DPO (or ORPO) starting from the SFT adapter, evaluated beside base and SFT.
+    Step("infer-train", "infer", (Take("model", "--model", "merge"), Take("prompts", "--prompts", "prepare"),
+                                  Take("split", "--split", "train_split")), ("infer", "infer_train"),
+         optional="pairs"),
+    Step("pairs", "pairs", (Take("predictions", "--predictions", "infer-train"),), ("pairs",), optional="pairs"),
+    Step("prepare-preference", "prepare", (Take("sources", "--source", "preference_data"),
+                                           Take("tokenizer", "--tokenizer", "base_model", when="tokenize")),
+         ("prepare", "prepare_preference"), optional="preference_data"),
+    Step("train-dpo", "train", (Take("input", "--input", "pairs"), Take("input", "--input", "prepare-preference"),
+                                Take("base_model", "--base-model", "base_model"),
+                                Take("init_adapter", "--init-adapter", "train")), ("train", "dpo"), optional="dpo"),
+    Step("merge-dpo", "merge", (Take("input", "--input", "train-dpo"),), ("merge",), optional="dpo"),
+    Step("infer-dpo", "infer", (Take("model", "--model", "merge-dpo"), Take("prompts", "--prompts", "prepare")),
+         ("infer", "infer_finetuned"), optional="dpo"),
     Step("evaluate", "evaluate", (Take("predictions", "--predictions", "infer-base", label=0),
-                                  Take("predictions", "--predictions", "infer-finetuned", label=1)), ("evaluate",)),
+                                  Take("predictions", "--predictions", "infer-finetuned", label=1),
+                                  Take("predictions", "--predictions", "infer-dpo", label=2)), ("evaluate",)),
 )
 STEP_NAMES = tuple(s.name for s in CHAIN)
 BY_NAME = {s.name: s for s in CHAIN}
@@ -114,6 +138,7 @@ class Config(JobConfig):
     baseline: bool = Field(True, description="Run the base model's predictions (infer-base) and compare against "
                                              "them; false: evaluate scores the finetuned model alone.")
     labels: tuple[str, str] = Field(("base", "finetuned"), description="Report labels for the two infer runs.")
+    dpo_label: str = Field("dpo", description="Report label of the DPO model's predictions (with a `dpo` section).")
     synth: dict[str, Any] = Field(default_factory=dict, description="synth's config section (teacher, format, "
                                                                     "num_prompts, ...); set: synth runs before "
                                                                     "prepare, with the data as seeds, and prepare "
@@ -126,6 +151,18 @@ class Config(JobConfig):
     infer_finetuned: dict[str, Any] = Field(default_factory=dict,
                                             description="Overrides of `infer` for the finetuned run.")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="evaluate's config section.")
+    pairs: dict[str, Any] = Field(default_factory=dict, description="pairs' config section; set: the SFT model "
+                                  "answers the training prompts (infer-train, `infer` + `infer_train`) and its wrong "
+                                  "answers become preference pairs for train-dpo.")
+    preference_data: list[str] = Field(default_factory=list, description="Preference files (docs/preference.md) "
+                                       "for train-dpo, prepared by prepare-preference (`prepare` + "
+                                       "`prepare_preference` sections).")
+    infer_train: dict[str, Any] = Field(default_factory=dict, description="Overrides of `infer` for infer-train.")
+    prepare_preference: dict[str, Any] = Field(default_factory=dict,
+                                               description="Overrides of `prepare` for the preference data.")
+    dpo: dict[str, Any] = Field(default_factory=dict, description="Overrides of `train` for train-dpo (e.g. "
+                                "objective: dpo, preference: {beta: 0.1}); set: DPO from the SFT adapter, merged, "
+                                "answering the held-out prompts, and evaluated beside base and finetuned.")
     stop_after: str | None = Field(None, description=f"Stop after this step (one of {', '.join(STEP_NAMES)}).")
 
     @field_validator("run_id", mode="before")
@@ -159,6 +196,12 @@ class Config(JobConfig):
             raise ValueError(f"stop_after={self.stop_after!r}: expected one of {', '.join(STEP_NAMES)}")
         if self.labels[0] == self.labels[1]:
             raise ValueError(f"labels must differ, got {list(self.labels)}")
+        if self.dpo and bool(self.pairs) == bool(self.preference_data):
+            raise ValueError("a `dpo` section trains on preference pairs: set `pairs` (pairs from the finetuned "
+                             "model's mistakes on training prompts) or `preference_data` (preference files), one "
+                             "of them" + (", not both" if self.pairs else ""))
+        if self.dpo_label in self.labels:
+            raise ValueError(f"dpo_label {self.dpo_label!r} is one of labels {list(self.labels)}; give it another")
         for step in CHAIN:
             for section in step.sections:
                 taken = [k for k in step.wired if k in getattr(self, section)]
@@ -167,6 +210,11 @@ class Config(JobConfig):
                                      f"{'that' if len(taken) == 1 else 'those'} into step {step.name} itself "
                                      f"({wiring(step, taken)}); remove {'it' if len(taken) == 1 else 'them'}")
         return self
+
+    @property
+    def train_split(self) -> str:
+        """The split infer-train answers (RUN_VALUES): always the training prompts."""
+        return "train"
 
     def section(self, step: Step) -> dict[str, Any]:
         """The step's own config: its sections merged key by key, later wins (infer, then infer_base)."""
@@ -219,7 +267,9 @@ def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str
     without its section) is left out of the arguments too. `values` overrides the run values (e.g. local
     paths made absolute).
     """
-    run_values = {"base_model": config.base_model, "data": list(config.data), **(values or {})}
+    run_values = {"base_model": config.base_model, "data": list(config.data),
+                  "preference_data": list(config.preference_data), "train_split": config.train_split,
+                  **(values or {})}
     left_out = {s.name for s in CHAIN if not s.wanted(config)}
     args: list[str] = []
     for take in step.takes:
@@ -231,7 +281,7 @@ def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str
         for item in value if isinstance(value, list) else [value]:
             args += [take.flag, str(item)]
         if take.label is not None:
-            args += ["--label", config.labels[take.label]]
+            args += ["--label", (*config.labels, config.dpo_label)[take.label]]
     return args
 
 

@@ -920,8 +920,10 @@ def _install_sigterm(grace_seconds: float) -> _StopFlag:
 @click.option("--input", "input_", metavar="URI", help="The prepare manifest (manifest.json or its prefix).")
 @click.option("--base-model", metavar="SRC", help="Hugging Face id, s3:// prefix or local folder.")
 @click.option("--output", metavar="URI", help="Output prefix for the adapter, checkpoints and manifest.")
+@click.option("--init-adapter", metavar="TRAIN_MANIFEST", help="Start from this train run's adapter (SFT, then DPO).")
 @config_options(example="lora.r=32")
-def command(input_: str | None, base_model: str | None, output: str | None, config_file: str | None,
-            sets: tuple[str, ...]) -> None:
+def command(input_: str | None, base_model: str | None, output: str | None, init_adapter: str | None,
+            config_file: str | None, sets: tuple[str, ...]) -> None:
     """QLoRA-finetune a base model on a prepare manifest's data; resumes from checkpoints after preemption."""
-    execute(sys.modules[__name__], config_file, sets, {"input": input_, "base_model": base_model, "output": output})
+    execute(sys.modules[__name__], config_file, sets, {"input": input_, "base_model": base_model, "output": output,
+                                                       "init_adapter": init_adapter})
