@@ -79,7 +79,9 @@ def main() -> None:
                 put(conf, key, value)
             path = root / f"pipeline-{i}.yaml"
             path.write_text(yaml.safe_dump(conf))
-            seconds, uri = cli(["pipeline", "--config", str(path), "--run-id", f"cell{i}"], env)
+            # the same steps at once as the sweep gets (the pipeline runs infer-base beside train when it may)
+            seconds, uri = cli(["pipeline", "--config", str(path), "--run-id", f"cell{i}", "--max-parallel",
+                                str(args.max_parallel)], env)
             separate_s += seconds
             metrics = mf.load(uri, verify="none").manifest.metrics
             separate[i] = metrics["sets"]["finetuned"]["exact_match"]

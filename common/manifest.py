@@ -19,22 +19,48 @@ import logging
 import os
 import re
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common import storage
+from common import stages, storage
 from common.errors import AlreadyExistsError, ChecksumError, FtjobsError, InputError, OutputTakenError
 
 LOG = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+# 2: `run_id` is the run (or sweep) that made the step, the same in every step of it (1: a random id per
+# manifest); `cells` names the sweep cells a step served. Version 1 manifests read as they are.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
-STAGES: tuple[str, ...] = ("synth", "prepare", "train", "merge", "infer", "evaluate")
-PRODUCER = {"synth": "ftjobs synth", "prepare": "ftjobs prepare", "train": "ftjobs train", "merge": "ftjobs merge",
-            "infer": "ftjobs infer", "evaluate": "ftjobs evaluate"}
+
+
+def __getattr__(name: str) -> Any:
+    # STAGES: the registry's names (common/stages.py), read when asked for: an extra stage's module imports
+    # this one, so the registry cannot be read while it is being imported.
+    if name == "STAGES":
+        return stages.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Producers(Mapping[str, str]):
+    """`ftjobs <stage>` for each stage of the registry: what an error message tells a user to run."""
+
+    def __getitem__(self, name: str) -> str:
+        if name not in stages.all_stages():
+            raise KeyError(name)
+        return stages.producer(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(stages.names())
+
+    def __len__(self) -> int:
+        return len(stages.names())
+
+
+PRODUCER: Mapping[str, str] = _Producers()
 
 
 class _Frozen(BaseModel):
@@ -70,7 +96,10 @@ class CodeVersion(_Frozen):
 class Manifest(_Frozen):
     schema_version: int = SCHEMA_VERSION
     stage: str
-    run_id: str
+    run_id: str = Field(description="The run (or sweep) that made this step: the same id in every step of it "
+                                    "(`ftjobs runs show RUN_ID` lists them); a stage run alone gets a new one.")
+    cells: list[str] = Field(default_factory=list, description="The sweep cells this step served (a step shared "
+                                                               "by equal recipes serves several); [] outside a sweep.")
     created_at: str
     code: CodeVersion
     config: dict[str, Any]
@@ -207,13 +236,21 @@ class SynthModel(ModelBlock):
     judge: str | None = None
 
 
-MODEL_BLOCKS: dict[str, type[ModelBlock]] = {"synth": SynthModel, "prepare": PrepareModel, "train": TrainModel,
-                                             "merge": MergeModel, "infer": InferModel}
+def model_block_class(stage: str) -> type[ModelBlock]:
+    """The class that parses a stage's model section, as the registry names it (ModelBlock when none)."""
+    import importlib
+
+    found = stages.all_stages().get(stage)
+    if found is None or found.model_block is None:
+        return ModelBlock
+    module, _, name = found.model_block.partition(":")
+    cls: type[ModelBlock] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def model_block(loaded: Loaded) -> Any:
     """The manifest's model section, parsed by its stage's class; a section that does not fit is exit 3."""
-    cls = MODEL_BLOCKS.get(loaded.manifest.stage, ModelBlock)
+    cls = model_block_class(loaded.manifest.stage)
     try:
         return cls.model_validate(loaded.manifest.model)
     except Exception as exc:  # pydantic's ValidationError, named for the file it came from
@@ -258,7 +295,7 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(config)).hexdigest()
 
 
-def run_identity(config_hash_: str, inputs: Iterable[InputRef]) -> str:
+def identity(config_hash_: str, inputs: Iterable[InputRef]) -> str:
     """What makes two attempts 'the same run': config plus input bytes."""
     h = hashlib.sha256(config_hash_.encode())
     for ref in sorted(inputs, key=lambda r: (r.role, r.uri)):
@@ -346,6 +383,7 @@ def build(
     config: dict[str, Any],
     inputs: list[InputRef],
     artifacts: list[Artifact],
+    cells: list[str] | None = None,
     stats: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     timings: dict[str, float] | None = None,
@@ -355,6 +393,7 @@ def build(
     return Manifest(
         stage=stage,
         run_id=run_id,
+        cells=cells or [],
         created_at=now(),
         code=code_version(),
         config=config,
@@ -395,9 +434,10 @@ def parse(uri: str, data: bytes) -> Manifest:
     if not isinstance(raw, dict) or "stage" not in raw:
         raise InputError(f"{uri} is not a ftjobs manifest (no 'stage' field)")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise InputError(
-            f"{uri} has manifest schema version {version!r}; this ftjobs reads version {SCHEMA_VERSION}. "
+            f"{uri} has manifest schema version {version!r}; this ftjobs reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. "
             "Re-run the stage that produced it with this version of ftjobs."
         )
     try:
@@ -506,8 +546,8 @@ def check_output(prefix: str, *, stage: str, config: dict[str, Any], inputs: lis
         return None
     existing = load(uri, verify="size")
     m = existing.manifest
-    want = run_identity(config_hash(config), inputs)
-    have = run_identity(m.config_hash, m.inputs)
+    want = identity(config_hash(config), inputs)
+    have = identity(m.config_hash, m.inputs)
     if m.stage == stage and want == have:
         return existing
     diff = _config_diff(m.config, config) if m.stage == stage else []
@@ -577,3 +617,27 @@ RUN_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 def new_run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()
+
+
+def run_id_problem(value: str, what: str = "run id") -> str | None:
+    """Why `value` is not a run id (None when it is one): the rule's one message, for every command that takes one."""
+    if RUN_ID_RE.match(value):
+        return None
+    return (f"{value!r} is not a {what}: use 1-63 letters, digits, '.', '_' or '-', starting and ending with a "
+            "letter or digit (it names the run's folder under the store root and, on Kubernetes, its Jobs and "
+            "labels)")
+
+
+# What an executor tells every step it starts (the run's id; in a sweep also the cells the step serves), so the
+# step's manifest records them. A stage run alone has neither and records a new run id of its own.
+RUN_ID_ENV = "FTJOBS_RUN_ID"
+CELLS_ENV = "FTJOBS_CELLS"
+
+
+def current_run_id() -> str:
+    """The run this process works for: FTJOBS_RUN_ID when an executor started it, else a new id."""
+    return os.environ.get(RUN_ID_ENV) or new_run_id()
+
+
+def current_cells() -> list[str]:
+    return [c for c in os.environ.get(CELLS_ENV, "").split(",") if c]

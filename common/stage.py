@@ -45,7 +45,7 @@ class Identity:
 
     @property
     def key(self) -> str:
-        return mf.run_identity(mf.config_hash(self.config), self.inputs)
+        return mf.identity(mf.config_hash(self.config), self.inputs)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Outcome:
     metrics: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
-    run_id: str | None = None
+    run_id: str | None = None  # the run this step belongs to; default: the executor's (FTJOBS_RUN_ID) or a new one
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,8 @@ def publish(attempt: Attempt, outcome: Outcome) -> mf.Loaded:
     ident = attempt.identity
     timings = dict(outcome.timings)
     timings.setdefault("wall_s", time.monotonic() - attempt.started)
-    manifest = mf.build(stage=ident.stage, run_id=outcome.run_id or mf.new_run_id(), config=ident.config,
+    manifest = mf.build(stage=ident.stage, run_id=outcome.run_id or mf.current_run_id(), cells=mf.current_cells(),
+                        config=ident.config,
                         inputs=ident.inputs, artifacts=attempt.writer.artifacts, stats=outcome.stats,
                         metrics=outcome.metrics, timings=timings, model=outcome.model, attempt=attempt.id)
     try:

@@ -16,9 +16,10 @@
 
 Each step names its stage, the inputs the chain wires into it (an earlier step's manifest, or a value of
 the run such as the base model) with the stage's command-line flag and config key for each, and the
-sections of the run config that make up its own config. `ftjobs pipeline` (subprocesses), `ftjobs k8s
-submit` (Jobs), `ftjobs sweep` and config validation all read `CHAIN`; nothing else lists the steps. A step's
-name is its one spelling everywhere: its output folder `<run>/<step>/`, `pipeline.json`, Job names, logs.
+sections of the run config that make up its own config. `jobs/plan.py` plans `CHAIN` for every executor
+(`ftjobs pipeline` and `ftjobs sweep`: subprocesses; `ftjobs k8s submit`: Jobs), and config validation reads
+it; nothing else lists the steps. A step's name is its one spelling everywhere: its output folder
+`<run>/<step>/`, `pipeline.json`, Job names, logs.
 
 A run config section may not set what the chain wires (a step's inputs and its output): such a key is
 refused naming it, since it would be overridden silently otherwise.
@@ -164,6 +165,9 @@ class Config(JobConfig):
                                 "objective: dpo, preference: {beta: 0.1}); set: DPO from the SFT adapter, merged, "
                                 "answering the held-out prompts, and evaluated beside base and finetuned.")
     stop_after: str | None = Field(None, description=f"Stop after this step (one of {', '.join(STEP_NAMES)}).")
+    max_parallel: int = Field(2, ge=1, description="Steps run at once by the local executor (infer-base beside "
+                                                   "train; a sweep's cells side by side); each gets cores / "
+                                                   "max_parallel threads. Kubernetes runs what is ready at once.")
 
     @field_validator("run_id", mode="before")
     @classmethod
@@ -177,10 +181,9 @@ class Config(JobConfig):
     @classmethod
     def _run_id(cls, value: str | None) -> str | None:
         # It becomes a folder under <root>/runs/: a '/' or '..' would write outside the root.
-        if value is not None and not mf.RUN_ID_RE.match(value):
-            raise ValueError(f"{value!r} is not a run id: use 1-63 letters, digits, '.', '_' or '-', starting "
-                             "and ending with a letter or digit (it names the folder <root>/runs/<run_id>/ and, "
-                             "on Kubernetes, the Jobs)")
+        problem = mf.run_id_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("data")
@@ -289,11 +292,14 @@ def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str
 
 
 def stage_command(stage: str) -> click.Command:
-    from jobs.cli import main
+    """The stage's click command, found through the stage registry's module (no import of the CLI)."""
+    import importlib
 
-    command = main.get_command(click.Context(main), stage)
-    if command is None:
-        raise ConfigError(f"this ftjobs has no `{stage}` command")
+    from common import stages
+
+    command = getattr(importlib.import_module(stages.get(stage).module), "command", None)
+    if not isinstance(command, click.Command):
+        raise ConfigError(f"stage {stage}: module {stages.get(stage).module} has no click `command`")
     return command
 
 

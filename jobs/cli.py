@@ -69,6 +69,8 @@ def show(uri: str, as_json: bool, verify: str) -> None:
                                "verified": ok, "lineage": lin.tree_dict(tree)}, indent=2))
     else:
         click.echo(f"{m.stage} run {m.run_id}  ({loaded.uri})")
+        if m.cells:
+            click.echo(f"  cells      {', '.join(m.cells)}   (ftjobs runs show {m.run_id} --root ROOT lists the run)")
         click.echo(f"  created    {m.created_at}   ftjobs {m.code.package}"
                    + (f" @ {m.code.git_sha[:10]}" if m.code.git_sha else "")
                    + (f"  image {m.code.image}" if m.code.image else ""))
@@ -125,18 +127,18 @@ def _short(v: Any) -> str:
     return str(v)
 
 
-# Jobs register their commands below as they land; only working commands are listed.
+# The stages' commands come from the registry (common/stages.py, FTJOBS_EXTRA_STAGES included); the
+# orchestration commands beside them are listed here.
+COMMANDS = ("jobs.pipeline", "jobs.sweep", "jobs.k8s_cli", "jobs.runs", "jobs.launch")
+
+
 def _add_job_commands() -> None:
     import importlib
 
-    for modname in ("jobs.synth", "jobs.prepare", "jobs.train", "jobs.merge", "jobs.infer", "jobs.evaluate",
-                    "jobs.pairs", "jobs.pipeline", "jobs.sweep", "jobs.k8s", "jobs.launch"):
-        try:
-            module = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name == modname:
-                continue
-            raise
+    from common import stages
+
+    for modname in (*(s.module for s in stages.all_stages().values()), *COMMANDS):
+        module = importlib.import_module(modname)
         command = getattr(module, "command", None)
         if command is not None:
             main.add_command(command)

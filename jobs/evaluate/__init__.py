@@ -81,6 +81,8 @@ class Leaderboard(JobConfig):
 
     metric: str = Field(description="The metric the cells are ranked by.")
     cells: list[Cell] = Field(description="Every finished cell, in matrix order.")
+    failed: list[dict[str, Any]] = Field(default_factory=list, description="The sweep's cells that did not finish: "
+                                         "{label, values, step, exit_code, reason} each (the sweep fills it in).")
 
 
 class Config(JobConfig):
@@ -232,7 +234,7 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
     judge_report = judging.report(judged, config.judge, judge_model, comparisons)
     t_compare = time.monotonic()
 
-    run_id = config.run_id or mf.new_run_id()
+    run_id = config.run_id or mf.current_run_id()
     results = {"baseline": sets[0]["label"], "sets": summary, "comparisons": comparisons,
               **{f"{m}/{label}": by_metric[m] for label, by_metric in summary.items() for m in names}}
     details = [{"label": s["label"], "manifest": s["loaded"].uri, "model": s["loaded"].manifest.model} for s in sets]

@@ -543,7 +543,7 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
     resumed_from = ckpt.step if ckpt is not None else None
     state.attempts += 1
     state.per_step, state.world = schedule.per_step, accelerator.num_processes
-    state.run_id = os.environ.get("FTJOBS_RUN_ID") or state.run_id or mf.new_run_id()
+    state.run_id = os.environ.get(mf.RUN_ID_ENV) or state.run_id or mf.new_run_id()
     tracker = Tracker(config.report_to, config.run_name or state.run_id, resolved,
                       enabled=accelerator.is_main_process)
     trainer = Trainer(config=config, accelerator=accelerator, base=base, tokenizer=tokenizer, fmt=fmt,

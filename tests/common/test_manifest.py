@@ -109,6 +109,24 @@ def test_schema_version_mismatch_is_clear(store_root: str) -> None:
         mf.load(uri)
 
 
+def test_a_schema_1_manifest_still_reads_and_a_stage_records_the_executors_run(
+        store_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = _publish(storage.join(store_root, "prep"))
+    old = json.loads(storage.read_bytes(loaded.uri))
+    old["schema_version"] = 1  # before run ids meant the run: no `cells`
+    del old["cells"]
+    storage.write_bytes(storage.join(store_root, "old/manifest.json"), json.dumps(old).encode())
+    read = mf.load(storage.join(store_root, "old"), verify="none").manifest
+    assert (read.schema_version, read.run_id, read.cells) == (1, "r1", [])
+    # an executor's environment names the run; a stage run alone gets a new id
+    monkeypatch.setenv(mf.RUN_ID_ENV, "run-7")
+    monkeypatch.setenv(mf.CELLS_ENV, "c00,c01")
+    assert (mf.current_run_id(), mf.current_cells()) == ("run-7", ["c00", "c01"])
+    monkeypatch.delenv(mf.RUN_ID_ENV)
+    monkeypatch.delenv(mf.CELLS_ENV)
+    assert mf.current_run_id() != mf.current_run_id() and mf.current_cells() == []
+
+
 def test_show_cli_prints_lineage(store_root: str, subprocess_env: dict) -> None:
     raw = storage.join(store_root, "raw.jsonl")
     storage.write_bytes(raw, b'{"x": 1}\n')

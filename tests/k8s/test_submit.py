@@ -73,6 +73,10 @@ def job_args(cluster: dict[str, Any], name: str) -> list[str]:
     return json.loads((cluster["state"] / f"{name}.json").read_text())["args"]
 
 
+def job_env(cluster: dict[str, Any], name: str) -> dict[str, str]:
+    return json.loads((cluster["state"] / f"{name}.json").read_text())["env"]
+
+
 def test_submit_runs_the_chain_feeding_each_stage_the_previous_manifest(cluster: dict[str, Any]) -> None:
     result = submit(cluster)
     assert result.exit_code == 0, result.output
@@ -83,8 +87,11 @@ def test_submit_runs_the_chain_feeding_each_stage_the_previous_manifest(cluster:
                                 "ftjobs-infer-finetuned-r1", "ftjobs-evaluate-r1"]
     assert result.stdout.strip().splitlines()[-1] == f"{root}/r1/evaluate/manifest.json"
     assert job_args(cluster, "ftjobs-train-r1") == [
-        "--input", f"{root}/r1/prepare/manifest.json", "--base-model", "tiny-base",
-        "--config", f"{root}/r1/config/train.yaml", "--set", "max_steps=5", "--output", f"{root}/r1/train/"]
+        "--input", f"{root}/r1/prepare/manifest.json", "--base-model", "tiny-base", "--output", f"{root}/r1/train",
+        "--config", f"{root}/r1/config/train.yaml", "--set", "max_steps=5"]
+    # every Job is told the run it belongs to, so its step's manifest records it
+    assert job_env(cluster, "ftjobs-train-r1")["FTJOBS_RUN_ID"] == "r1"
+    assert storage.read_text(f"{root}/r1/pipeline.json")
     assert job_args(cluster, "ftjobs-infer-finetuned-r1")[:4] == [
         "--model", f"{root}/r1/merge/manifest.json", "--prompts", f"{root}/r1/prepare/manifest.json"]
     assert job_args(cluster, "ftjobs-infer-base-r1")[:2] == ["--model", "tiny-base"]
@@ -150,7 +157,7 @@ def test_multinode_train_creates_its_service_then_its_indexed_job(cluster: dict[
         "launch", "--nproc-per-node", "2", "--shutdown-timeout", "570", "--nnodes", "2", "--node-rank",
         "$(FTJOBS_NODE_RANK)", "--master-addr", "ftjobs-train-r1-0.ftjobs-train-r1", "--master-port", "29500"]
     # the stage's own arguments are the single-pod Job's, and the chain went on from train's manifest
-    assert job_args(cluster, "ftjobs-train-r1")[-2:] == ["--output", f"{cluster['root']}/r1/train/"]
+    assert job_args(cluster, "ftjobs-train-r1")[4:6] == ["--output", f"{cluster['root']}/r1/train"]
     assert "merge" in json.loads(cluster["summary"].read_text())
     service = json.loads((cluster["state"] / "service-ftjobs-train-r1.json").read_text())
     assert service["metadata"]["namespace"] == "ml-ci" and service["spec"]["clusterIP"] == "None"

@@ -46,10 +46,11 @@ def test_submit_sweep_creates_each_shared_step_once_in_chain_order(cluster: dict
     path = sweep_file(tmp_path)
     # The cell with lm_head in full cannot be served as a LoRA: it merges; make its train Job fail.
     conf = cfg.load_config(sweep.Config, file=str(path), flags={"sweep_id": "s1"})
-    cells = sweep.make_cells(conf)
-    monkeypatch.setenv("FAKE_KUBE_FAIL", f"{cells[4].keys.get('train', '') or plan_key(conf, cells, 4)}:3")
+    monkeypatch.setenv("FAKE_KUBE_FAIL", f"{plan_key(conf, 4)}:3")
     result = submit_sweep(cluster, path)
-    assert result.exit_code == 0, result.output
+    # some but not all cells failed: exit 5, and the leaderboard is still published, its URI the last line
+    assert result.exit_code == 5, result.output
+    assert "1 of 5 cells failed" in result.stderr and "--allow-failed-cells" in result.stderr
     names = created(cluster)
     kinds = [n.split("-")[1] + ("-" + n.split("-")[2] if n.split("-")[2] in ("base", "finetuned") else "")
              for n in names]
@@ -64,13 +65,27 @@ def test_submit_sweep_creates_each_shared_step_once_in_chain_order(cluster: dict
     assert evaluate.count("--predictions") == 5  # the base and the 4 cells that finished
     record = json.loads(_read(f"{cluster['root']}/sweeps/s1/sweep.json"))
     assert [c["status"] for c in record["cells"]] == ["done"] * 4 + ["failed"]
-    again = submit_sweep(cluster, path)  # a re-run follows the existing Jobs and creates none
-    assert again.exit_code == 0 and len(created(cluster)) == len(names)
+    assert record["exit_code"] == 5
+    # the leaderboard's evaluate is told every cell, the failed one with its step, exit code and reason
+    (failed,) = record["failed"]
+    assert (failed["label"], failed["step"], failed["exit_code"]) == (record["cells"][4]["label"], "train", 3)
+    assert "PodFailurePolicy" in failed["reason"]
+    board = yaml.safe_load(_read(evaluate[evaluate.index("--config") + 1]))["leaderboard"]
+    assert board["failed"] == record["failed"] and len(board["cells"]) == 4
+    assert result.stdout.strip().splitlines()[-1] == record["evaluate"]["manifest"]
+    # every Job's manifest records the sweep as its run, and the cells it served
+    from common import manifest as mf
+
+    shared = mf.load(record["steps"][plan_key(conf, 0, "prepare", full=True)]["manifest"], verify="none").manifest
+    assert shared.run_id == "s1" and shared.cells == [c["id"] for c in record["cells"]]
+    again = submit_sweep(cluster, path, "--allow-failed-cells")  # a re-run follows the existing Jobs, creates none
+    assert again.exit_code == 0, again.output
+    assert len(created(cluster)) == len(names)
 
 
-def plan_key(conf: sweep.Config, cells: list[sweep.Cell], i: int) -> str:
-    sweep.plan(conf, cells, "s3://x")
-    return cells[i].keys["train"][:8]
+def plan_key(conf: sweep.Config, i: int, step: str = "train", full: bool = False) -> str:
+    key = sweep.plan_sweep(conf, "s3://x", "s1", local=False).cells[i].keys[step]
+    return key if full else key[:8]
 
 
 def _read(uri: str) -> str:

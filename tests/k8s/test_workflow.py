@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import k8s
+from jobs import k8s, k8s_cli
 
 pytestmark = pytest.mark.unit
 
@@ -55,8 +55,8 @@ def command_options(run: str, prefix: str) -> list[str]:
 
 
 def test_workflow_calls_only_options_the_cli_has(workflow: dict) -> None:
-    submit_opts = {o for p in k8s.submit.params for o in p.opts}
-    render_opts = {o for p in k8s.render.params for o in p.opts}
+    submit_opts = {o for p in k8s_cli.submit.params for o in p.opts}
+    render_opts = {o for p in k8s_cli.render.params for o in p.opts}
     (submit,) = steps_running(workflow, "ftjobs k8s submit")
     used = command_options(submit, "ftjobs k8s submit")
     assert set(used) <= submit_opts, set(used) - submit_opts
