@@ -25,6 +25,7 @@ from bench.report import OUT, machine, table
 BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "prepare": ("bench.bench_prepare", ["--rows", "5000,20000"], ["--rows", "10000,50000"]),
     "train": ("bench.bench_train", ["--steps", "4", "--rows", "120"], ["--steps", "12", "--rows", "300"]),
+    "dpo": ("bench.bench_dpo", ["--pairs", "48", "--heldout", "16"], ["--pairs", "96", "--heldout", "24"]),
     "merge": ("bench.bench_merge", ["--size", "small"], ["--size", "large"]),
     "infer": ("bench.bench_infer", ["--quick"], ["--quick"]),
     "storage": ("bench.bench_storage", ["--files", "2", "--mb", "32"], ["--files", "4", "--mb", "48"]),

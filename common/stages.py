@@ -70,6 +70,9 @@ BUILTIN: tuple[Stage, ...] = (
     Stage("select", "jobs.select", "infer", gpu=True, model_block="common.manifest:TrainModel"),
     # promote writes the registry only (common/registry.py): the slim image, no GPU.
     Stage("promote", "jobs.models", "prepare"),
+    # Preference pairs from a model's wrong answers on training prompts (docs/preference.md): CPU only, reads
+    # Parquet and scores text, as evaluate does.
+    Stage("pairs", "jobs.pairs", "prepare"),
 )
 _registered: dict[str, Stage] = {}
 

@@ -8,8 +8,14 @@
                      the eval prompts, the best one's adapter carried forward (docs/selection.md)
     merge            adapter (the selected one, with select) folded into the 16-bit base
     infer-finetuned  the merged model answers the same prompts
+    infer-train      optional (a `pairs:` section): the merged model answers the TRAINING prompts
+    pairs            optional (`pairs:`): its wrong answers become preference pairs (reference preferred)
+    prepare-preference optional (`preference_data:`): preference files -> preference pairs
+    train-dpo        optional (a `dpo:` section over `train`): DPO/ORPO from the SFT adapter (init_adapter) on
+                     the pairs (from `pairs` or `prepare-preference`)
+    merge-dpo, infer-dpo  optional (`dpo:`): the DPO adapter merged, answering the held-out prompts
     infer-champion   optional (a `promote:` section and a champion): the registry's champion answers the same prompts
-    evaluate         base vs finetuned (vs champion): report.md / report.html; with `promote:` the champion gate
+    evaluate         base vs finetuned (vs champion, vs dpo): report.md / report.html; with `promote:` the champion gate
     promote          optional (a `promote:` section): the finetuned model becomes models:/NAME's champion when
                      evaluate's verdict says so (docs/registry.md)
 
@@ -42,8 +48,9 @@ from common.config import JobConfig
 from common.errors import ConfigError
 
 # The run config's fields a step may take, beside earlier steps' manifests ("champion" and "root": the
-# pinned champion and the registry's root, see pin_champion).
-RUN_VALUES = ("base_model", "data", "champion", "root")
+# pinned champion and the registry's root, see pin_champion; `train_split` is the constant "train":
+# infer-train answers the training prompts, and a section cannot point it at the held-out ones).
+RUN_VALUES = ("base_model", "data", "champion", "root", "preference_data", "train_split")
 CHAMPION_LABEL = "champion"  # the champion's predictions set in evaluate (the default of promote.champion)
 
 
@@ -105,13 +112,29 @@ CHAIN: tuple[Step, ...] = (
          ("merge",)),
     Step("infer-finetuned", "infer", (Take("model", "--model", "merge"), Take("prompts", "--prompts", "prepare")),
          ("infer", "infer_finetuned")),
+    # Preference steps (docs/preference.md): pairs from the SFT model's mistakes on training prompts and/or
+    # preference files, then DPO (or ORPO) starting from the SFT adapter, evaluated beside base and SFT.
+    Step("infer-train", "infer", (Take("model", "--model", "merge"), Take("prompts", "--prompts", "prepare"),
+                                  Take("split", "--split", "train_split")), ("infer", "infer_train"),
+         optional="pairs"),
+    Step("pairs", "pairs", (Take("predictions", "--predictions", "infer-train"),), ("pairs",), optional="pairs"),
+    Step("prepare-preference", "prepare", (Take("sources", "--source", "preference_data"),
+                                           Take("tokenizer", "--tokenizer", "base_model", when="tokenize")),
+         ("prepare", "prepare_preference"), optional="preference_data"),
+    Step("train-dpo", "train", (Take("input", "--input", "pairs"), Take("input", "--input", "prepare-preference"),
+                                Take("base_model", "--base-model", "base_model"),
+                                Take("init_adapter", "--init-adapter", "train")), ("train", "dpo"), optional="dpo"),
+    Step("merge-dpo", "merge", (Take("input", "--input", "train-dpo"),), ("merge",), optional="dpo"),
+    Step("infer-dpo", "infer", (Take("model", "--model", "merge-dpo"), Take("prompts", "--prompts", "prepare")),
+         ("infer", "infer_finetuned"), optional="dpo"),
     # The champion answers with the finetuned model's settings, so the two differ only in the model.
     Step("infer-champion", "infer", (Take("model", "--model", "champion"), Take("prompts", "--prompts", "prepare"),
                                      Take("root", "--root", "root")), ("infer", "infer_finetuned"),
          optional="champion"),
     Step("evaluate", "evaluate", (Take("predictions", "--predictions", "infer-base", label=0),
                                   Take("predictions", "--predictions", "infer-finetuned", label=1),
-                                  Take("predictions", "--predictions", "infer-champion", label=2)), ("evaluate",),
+                                  Take("predictions", "--predictions", "infer-champion", label=2),
+                                  Take("predictions", "--predictions", "infer-dpo", label=3)), ("evaluate",),
          nested=("promote",)),
     # A positional take (flag ""): `ftjobs promote MERGE_MANIFEST --evaluation ... --root ...`.
     Step("promote", "promote", (Take("manifest", "", "merge"), Take("evaluation", "--evaluation", "evaluate"),
@@ -139,6 +162,7 @@ class Config(JobConfig):
     baseline: bool = Field(True, description="Run the base model's predictions (infer-base) and compare against "
                                              "them; false: evaluate scores the finetuned model alone.")
     labels: tuple[str, str] = Field(("base", "finetuned"), description="Report labels for the two infer runs.")
+    dpo_label: str = Field("dpo", description="Report label of the DPO model's predictions (with a `dpo` section).")
     synth: dict[str, Any] = Field(default_factory=dict, description="synth's config section (teacher, format, "
                                                                     "num_prompts, ...); set: synth runs before "
                                                                     "prepare, with the data as seeds, and prepare "
@@ -162,6 +186,18 @@ class Config(JobConfig):
                                                    "Default: pinned when the run starts (the registry's champion "
                                                    "of promote.name, recorded in <run>/champion.json so a re-run "
                                                    "compares with the same one); none: the name's first version.")
+    pairs: dict[str, Any] = Field(default_factory=dict, description="pairs' config section; set: the SFT model "
+                                  "answers the training prompts (infer-train, `infer` + `infer_train`) and its wrong "
+                                  "answers become preference pairs for train-dpo.")
+    preference_data: list[str] = Field(default_factory=list, description="Preference files (docs/preference.md) "
+                                       "for train-dpo, prepared by prepare-preference (`prepare` + "
+                                       "`prepare_preference` sections).")
+    infer_train: dict[str, Any] = Field(default_factory=dict, description="Overrides of `infer` for infer-train.")
+    prepare_preference: dict[str, Any] = Field(default_factory=dict,
+                                               description="Overrides of `prepare` for the preference data.")
+    dpo: dict[str, Any] = Field(default_factory=dict, description="Overrides of `train` for train-dpo (e.g. "
+                                "objective: dpo, preference: {beta: 0.1}); set: DPO from the SFT adapter, merged, "
+                                "answering the held-out prompts, and evaluated beside base and finetuned.")
     stop_after: str | None = Field(None, description=f"Stop after this step (one of {', '.join(STEP_NAMES)}).")
     max_parallel: int = Field(2, ge=1, description="Steps run at once by the local executor (infer-base beside "
                                                    "train; a sweep's cells side by side); each gets cores / "
@@ -203,6 +239,12 @@ class Config(JobConfig):
         if self.champion is not None and not self.promote:
             raise ValueError("champion is set but promote is not: the champion is compared with only through the "
                              "gate; add a promote section (name, metric) or drop champion")
+        if self.dpo and bool(self.pairs) == bool(self.preference_data):
+            raise ValueError("a `dpo` section trains on preference pairs: set `pairs` (pairs from the finetuned "
+                             "model's mistakes on training prompts) or `preference_data` (preference files), one "
+                             "of them" + (", not both" if self.pairs else ""))
+        if self.dpo_label in self.labels:
+            raise ValueError(f"dpo_label {self.dpo_label!r} is one of labels {list(self.labels)}; give it another")
         for step in CHAIN:
             for section in step.sections:
                 taken = [k for k in step.wired if k in getattr(self, section)]
@@ -211,6 +253,11 @@ class Config(JobConfig):
                                      f"{'that' if len(taken) == 1 else 'those'} into step {step.name} itself "
                                      f"({wiring(step, taken)}); remove {'it' if len(taken) == 1 else 'them'}")
         return self
+
+    @property
+    def train_split(self) -> str:
+        """The split infer-train answers (RUN_VALUES): always the training prompts."""
+        return "train"
 
     def section(self, step: Step) -> dict[str, Any]:
         """The step's own config: its sections merged key by key, later wins (infer, then infer_base)."""
@@ -275,7 +322,8 @@ def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str
     paths made absolute).
     """
     run_values = {"base_model": config.base_model, "data": list(config.data), "champion": config.champion,
-                  "root": config.root, **(values or {})}
+                  "root": config.root, "preference_data": list(config.preference_data),
+                  "train_split": config.train_split, **(values or {})}
     left_out = {s.name for s in CHAIN if not s.wanted(config)}
     args: list[str] = []
     for take in step.takes:
@@ -287,7 +335,7 @@ def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str
         for item in value if isinstance(value, list) else [value]:
             args += [take.flag, str(item)] if take.flag else [str(item)]
         if take.label is not None:
-            args += ["--label", (*config.labels, CHAMPION_LABEL)[take.label]]
+            args += ["--label", (*config.labels, CHAMPION_LABEL, config.dpo_label)[take.label]]
     return args
 
 

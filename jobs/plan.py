@@ -142,6 +142,7 @@ class Plan:
         if not self.local:
             return {"base_model": config.base_model, "data": list(config.data), **registry}
         return {"base_model": absolute(config.base_model), "data": [absolute(d) for d in config.data],
+                "preference_data": [absolute(d) for d in config.preference_data],
                 **registry, "root": absolute(config.root, must_exist=False)}
 
     def conf_uri(self, inst: Instance) -> str:

@@ -568,6 +568,7 @@ def _shard_option(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--shard", callback=_shard_option, metavar="I/N",
               help="This process's shard of N (default: JOB_COMPLETION_INDEX with num_shards).")
 @click.option("--engine", type=click.Choice(["vllm", "transformers"]), help="Generation engine (default vllm).")
+@click.option("--split", type=click.Choice(["train", "eval"]), help="Split of a prepare manifest (default eval).")
 @click.option("--root", help="Store root whose models/ registry resolves --model models:/NAME[/VERSION] "
                              "(default $FTJOBS_ROOT, else '.').")
 @click.option("--finalize", is_flag=True, default=None,
@@ -575,7 +576,8 @@ def _shard_option(ctx: click.Context, param: click.Parameter, value: str | None)
                    "recorded in URI/plan.json.")
 @config_options(example="sampling.temperature=0")
 def command(model: str | None, adapters: tuple[str, ...], prompts: str | None, outputs: tuple[str, ...],
-            shard: tuple[int, int] | None, engine: str | None, root: str | None, finalize: bool | None,
+            shard: tuple[int, int] | None, engine: str | None, split: str | None, root: str | None,
+            finalize: bool | None,
             config_file: str | None, sets: tuple[str, ...]) -> None:
     """Generate completions for a prompt set, sharded and resumable.
 
@@ -591,7 +593,7 @@ def command(model: str | None, adapters: tuple[str, ...], prompts: str | None, o
         raise ConfigError("several --output need as many --adapter (one output per served adapter)")
     also = [{"adapter": a, "output": o} for a, o in zip(adapters[1:], outputs[1:], strict=True)] or None
     flags = {"model": model, "adapter": adapters[0] if adapters else None, "prompts": prompts,
-             "output": outputs[0] if outputs else None, "also": also, "engine": engine, "root": root,
+             "output": outputs[0] if outputs else None, "also": also, "engine": engine, "split": split, "root": root,
              "finalize": finalize or None, "shard": shard[0] if shard else None,
              "num_shards": shard[1] if shard else None}
     execute(sys.modules[__name__], config_file, sets, flags)

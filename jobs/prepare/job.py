@@ -324,7 +324,11 @@ def run(config: Config) -> mf.Loaded:
 def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.Attempt,
              timings: dict[str, float], shape: mixing.Inputs | None = None) -> stage.Outcome:
     """Read -> normalize -> validate -> dedup -> tokenize -> split -> write; refuse when too much was dropped."""
+    from jobs.prepare import preference
     from jobs.prepare.encode import Encoder
+
+    if preference.first_is_pair(files, config.max_line_bytes):  # preference pairs: their own path
+        return preference.prepare(config, files, attempt, timings)
 
     rules = B.Rules(columns=config.columns.model_dump(), roles={**R.DEFAULT_ROLES, **config.roles},
                     max_chars=config.max_chars, dedup=config.dedup, seed=config.seed, train_on=config.train_on,
@@ -678,10 +682,9 @@ def _renamed(table: Any, ids: dict[int, str]) -> Any:
 
 
 def _preference(uri: str, where: str) -> str:
-    return (f"{uri} {where}: a preference pair (preferred_output / non_preferred_output: OpenAI's preference "
-            "fine-tuning format). Preference (DPO) training is not supported yet; ftjobs trains on supervised "
-            "chat rows. Remove this file from the sources, or write its rows as supervised ones "
-            '({"messages": input.messages + preferred_output}).')
+    return (f"{uri} {where}: a preference pair (chosen / rejected, or preferred_output / non_preferred_output) "
+            "among supervised rows (the sources start with a supervised row). A run holds one kind of data: "
+            "prepare the pairs separately (docs/preference.md), or write them as supervised rows.")
 
 
 def _estimate(rows_in: int, done_bytes: int, f: S.RawFile, total_bytes: int) -> int | None:

@@ -14,8 +14,8 @@ Reasoning (`reasoning_content`, or the key `columns.reasoning` names) is kept on
 OpenAI's chat fine-tuning format besides: `weight` (0 or 1) on an assistant message is kept (see
 `common.chat` for what it trains), `name` is kept on every message, and `ignored_keys` names what a
 messages record holds that nothing reads, for prepare to count and log. A preference row (OpenAI's
-`input`/`preferred_output`/`non_preferred_output`) is recognised by `is_preference`, so that prepare can
-refuse it rather than misread it.
+`input`/`preferred_output`/`non_preferred_output`, or `chosen`/`rejected`) is recognised by `is_preference`:
+prepare reads such files as pairs (jobs/prepare/preference.py) and never misreads one as a supervised row.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ FATAL = ("invalid_record", "invalid_tools")
 # Keys that make a record a preference pair (OpenAI's preference fine-tuning format), which supervised rows
 # cannot hold: read as anything else it would lose one of its answers or the pairing.
 PREFERENCE_KEYS = ("preferred_output", "non_preferred_output")
+# The same for TRL's and LLaMA-Factory's preference layouts (jobs/prepare/preference.py reads them all).
+PAIR_KEYS = ("chosen", "rejected")
 # Message keys a messages record may hold besides its role, content and reasoning keys.
 MESSAGE_KEYS = ("tool_calls", "function_call", "tool_call_id", "name", "weight")
 
@@ -71,8 +73,10 @@ class Drop(Exception):
 
 
 def is_preference(keys: Iterable[str]) -> bool:
-    """Whether a record is a preference pair: a preferred and a non-preferred answer (to its `input`)."""
-    return set(PREFERENCE_KEYS) <= set(keys)
+    """Whether a record is a preference pair: a preferred and a non-preferred answer (OpenAI's `input` /
+    `preferred_output` / `non_preferred_output`, or `chosen` / `rejected` with or without a prompt)."""
+    k = set(keys)
+    return set(PREFERENCE_KEYS) <= k or set(PAIR_KEYS) <= k
 
 
 def ignored_keys(rec: Mapping[str, Any], columns: Mapping[str, str]) -> list[str]:

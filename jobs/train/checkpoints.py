@@ -61,6 +61,9 @@ class TrainState:
     run_id: str | None = None
     per_step: int | None = None   # micro-batches per optimizer step, all processes together (None: version 1)
     world: int | None = None      # processes of the attempt that saved it
+    # What an objective keeps across attempts (jobs/train/objectives.py: the DPO reference's log-probabilities,
+    # held-out reward history); absent from state.json when empty.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def advance(self, *, loss: float, lr: float, tokens: int, trained_tokens: int, seconds: float) -> None:
         """Count one optimizer step and record its loss."""
@@ -73,6 +76,8 @@ class TrainState:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         losses, evals = data.pop("losses"), data.pop("eval_losses")
+        if not data["extra"]:
+            data.pop("extra")
         return {"version": STATE_VERSION, **data, "loss": losses, "eval": evals}  # the keys state.json always had
 
     @classmethod
@@ -85,7 +90,8 @@ class TrainState:
         try:
             state = cls(step=int(data["step"]), tokens=int(data["tokens"]), trained_tokens=int(data["trained_tokens"]),
                         train_seconds=float(data["train_seconds"]), losses=list(data["loss"]),
-                        eval_losses=list(data["eval"]), attempts=int(data["attempts"]), run_id=data.get("run_id"))
+                        eval_losses=list(data["eval"]), attempts=int(data["attempts"]), run_id=data.get("run_id"),
+                        extra=dict(data.get("extra") or {}))
             if version >= 2:
                 state.per_step, state.world = int(data["per_step"]), int(data["world"])
                 if state.per_step < 1 or state.world < 1:

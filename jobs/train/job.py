@@ -57,7 +57,7 @@ from common.config import JobConfig, dump
 from common.errors import EXIT_RETRYABLE, ConfigError, InputError, Preempted
 from common.logs import Progress
 from common.runner import config_options, execute
-from jobs.train import checkpoints, fsdp, selection, strategy
+from jobs.train import checkpoints, fsdp, objectives, selection, strategy
 from jobs.train.strategy import Fsdp
 
 if TYPE_CHECKING:
@@ -173,6 +173,13 @@ class Config(JobConfig):
     report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
         "none", description="Tracking tool, configured by its own environment variables.")
     run_name: str | None = Field(None, description="Name shown in the tracking tool (default: the run id).")
+    objective: objectives.Objective = Field("sft", description="sft (supervised rows), or dpo / orpo (preference "
+                                            "pairs from a preference prepare run): docs/preference.md.")
+    preference: objectives.Preference = Field(default_factory=objectives.Preference,
+                                              description="beta, DPO loss and label smoothing (objective dpo/orpo).")
+    init_adapter: str | None = Field(None, description="A train manifest whose adapter the policy starts from "
+                                     "(and, for dpo, the frozen reference): SFT, then DPO. Its LoRA r, alpha and "
+                                     "target_modules must be this run's.")
     select: selection.Select | None = Field(None, description="Keep checkpoints' adapters as candidates that "
                                             "`ftjobs select` scores on the held-out prompts (docs/selection.md).")
     early_stopping: selection.EarlyStopping | None = Field(
@@ -196,6 +203,7 @@ class Config(JobConfig):
             raise ValueError("select and early_stopping save candidates from one process's weights, which strategy "
                              "fsdp shards: use strategy: ddp with them (or leave them out)")
         strategy.check(self)
+        objectives.check_config(self)
         return self
 
 
@@ -211,8 +219,9 @@ class Config(JobConfig):
 def run(config: Config) -> stage.Result:
     """Train an adapter on the prepare run at `config.input`; returns the published (or already done) manifest."""
     started = time.monotonic()
-    prep = mf.load(config.input, verify="size", expect_stage="prepare")
-    identity = stage.Identity(STAGE, config.output, dump(config), [prep.ref("data")])
+    prep = mf.load(config.input, verify="size", expect_stage=("prepare", "pairs"))
+    objectives.check_data(config, prep)
+    identity = stage.Identity(STAGE, config.output, dump(config), [prep.ref("data"), *objectives.extra_inputs(config)])
     stop = _install_sigterm(config.checkpoint.grace_seconds)
     try:
         result = stage.run(identity, lambda attempt: train(config, prep, attempt, stop, started))
@@ -321,6 +330,7 @@ class Trainer:
     timings: dict[str, float]
     candidates: list[int] | None = None  # the candidate steps save_outputs published (select / early_stopping)
     _epoch_batches: tuple[int, list[Any]] = (-1, [])
+    objective: objectives.PreferenceObjective | None = None  # dpo/orpo: its step and eval replace SFT's
 
     @property
     def rank(self) -> int:
@@ -379,6 +389,8 @@ class Trainer:
         """One optimizer step on this process's share of the step's micro-batches; returns what to log."""
         import torch
 
+        if self.objective is not None:
+            return self.objective.train_step(self)
         from jobs.train import packing
 
         examples = self.data.train
@@ -465,6 +477,8 @@ class Trainer:
         """Mean eval loss per target token over every process's share of the eval batches (None: no eval split)."""
         import torch
 
+        if self.objective is not None:
+            return self.objective.evaluate(self)
         from jobs.train import packing
 
         if not self.data.eval_batches:
@@ -600,6 +614,7 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
         t = time.monotonic()
         strategy.refuse_on_device(config, cuda)
         peft_model, compute_dtype, quant = _load_model(config, base.path, accelerator.device, cuda)
+        objective = objectives.setup(config, peft_model)
         param_counts = _count_params(peft_model)
         if fsdp.active(config, accelerator.num_processes):
             peft_model = fsdp.shard(peft_model, config, compute_dtype, cuda)
@@ -631,7 +646,7 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
                       param_counts=param_counts, optimizer=optimizer,
                       optimizer_name=optimizer_name, scheduler=scheduler, compute_dtype=compute_dtype, quant=quant,
                       identity=identity, attempt=attempt, state=state, resumed_from=resumed_from, tracker=tracker,
-                      timings=timings)
+                      timings=timings, objective=objective)
     trainer.broadcast_parameters()
     return trainer
 
@@ -678,6 +693,8 @@ def _load_data(config: Config, prep: mf.Loaded, tokenizer: Any, fmt: chat.ChatFo
     """Verified shards -> examples -> packed rows; refuses a split that would drop too much or train nothing."""
     from jobs.train import data, packing
 
+    if config.objective != "sft":
+        return objectives.load_data(config, prep, tokenizer, fmt)
     source = data.choose_source(prep, tokenizer, fmt, base_model=config.base_model, retokenize=config.retokenize)
     load_args: dict[str, Any] = {"source": source, "tokenizer": tokenizer, "fmt": fmt,
                                  "max_seq_length": config.max_seq_length, "train_on": config.train_on}
@@ -857,6 +874,8 @@ def _outcome(t: Trainer, fitted: Fitted) -> stage.Outcome:
         "device": torch.cuda.get_device_name(t.accelerator.device) if t.cuda else "cpu",
     }
     method = strategy.method_of(config)
+    if t.objective is not None:
+        t.objective.report(t, metrics, stats)
     model_info = mf.TrainModel(
         base_model=config.base_model, base_revision=t.base.revision, template_hash=t.fmt.hash,
         chat_template=t.fmt.template, tokenizer=chat.tokenizer_identity(t.tokenizer), quantization=t.quant,
@@ -1024,8 +1043,10 @@ def _install_sigterm(grace_seconds: float) -> _StopFlag:
 @click.option("--input", "input_", metavar="URI", help="The prepare manifest (manifest.json or its prefix).")
 @click.option("--base-model", metavar="SRC", help="Hugging Face id, s3:// prefix or local folder.")
 @click.option("--output", metavar="URI", help="Output prefix for the adapter, checkpoints and manifest.")
+@click.option("--init-adapter", metavar="TRAIN_MANIFEST", help="Start from this train run's adapter (SFT, then DPO).")
 @config_options(example="lora.r=32")
-def command(input_: str | None, base_model: str | None, output: str | None, config_file: str | None,
-            sets: tuple[str, ...]) -> None:
+def command(input_: str | None, base_model: str | None, output: str | None, init_adapter: str | None,
+            config_file: str | None, sets: tuple[str, ...]) -> None:
     """QLoRA-finetune a base model on a prepare manifest's data; resumes from checkpoints after preemption."""
-    execute(sys.modules[__name__], config_file, sets, {"input": input_, "base_model": base_model, "output": output})
+    execute(sys.modules[__name__], config_file, sets, {"input": input_, "base_model": base_model, "output": output,
+                                                       "init_adapter": init_adapter})

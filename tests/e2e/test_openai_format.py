@@ -6,7 +6,8 @@ assistant messages, content as a list of text parts; a top-level `tools` list wi
 (two in one turn, content null or absent) answered by `tool` messages with `tool_call_id`; the older form,
 a top-level `functions` list, an assistant `function_call` {name, arguments as JSON text} and a `function`
 result; and top-level keys prepare does not read (`parallel_tool_calls`, `metadata`).
-`tests/data/openai/preference.jsonl` holds two rows of OpenAI's preference (DPO) format.
+`tests/data/openai/preference.jsonl` holds two rows of OpenAI's preference (DPO) format (read as pairs:
+tests/jobs/test_prepare_preference.py).
 """
 
 from __future__ import annotations

@@ -30,8 +30,12 @@ def test_steps_are_named_once_and_only_take_from_earlier_steps() -> None:
 
 @pytest.mark.parametrize("step", chain.CHAIN, ids=lambda s: s.name)
 def test_every_wired_flag_sets_its_key_in_the_stage_config(step: chain.Step, tmp_path: Path) -> None:
+    # Every optional step in the run (train-dpo takes its pairs from the pairs step or from prepare-preference).
+    pairs = ({"preference_data": ["p.jsonl"]} if step.name == "prepare-preference"
+             else {"pairs": {"metric": "exact_match"}})
     config = run_config(synth={"teacher": "tiny-teacher"}, train={"select": {"metric": "exact_match"}},
-                        promote={"name": "tickets"}, champion="models:/tickets/1")  # every optional step in the run
+                        promote={"name": "tickets"}, champion="models:/tickets/1", dpo={"objective": "dpo"},
+                        **pairs)
     done = {s.name: f"s3://ml/runs/r1/{s.name}/manifest.json" for s in chain.CHAIN}
     args = chain.arguments(step, config, done)
     section = tmp_path / "section.yaml"
@@ -41,6 +45,8 @@ def test_every_wired_flag_sets_its_key_in_the_stage_config(step: chain.Step, tmp
     for take in step.takes:
         if (take.when and not getattr(config, take.when)) or take.unless:  # unless: replaced by a step in the run
             continue
+        if take.source in chain.BY_NAME and not chain.BY_NAME[take.source].wanted(config):
+            continue  # a step this run leaves out: its take is left out too
         value = done.get(take.source) or getattr(config, take.source)
         got = getattr(resolved, take.key)
         if isinstance(value, list):  # one of the takes that fill this key (prepare: the data and synth's)

@@ -475,23 +475,21 @@ def test_cli_exit_codes(tmp_path: Path, subprocess_env: dict[str, str]):
 OPENAI = REPO / "tests" / "data" / "openai"
 
 
-def test_a_preference_file_is_refused_with_exit_3_naming_it(tmp_path: Path, subprocess_env: dict[str, str]):
-    """OpenAI's preference format (input / preferred_output / non_preferred_output) is not misread as chat
-    rows (or called undetectable): refused, whatever the format setting and wherever the pair comes."""
+def test_a_preference_pair_among_supervised_rows_is_refused_naming_it(tmp_path: Path):
+    """A preference pair (OpenAI's input / preferred_output / non_preferred_output) after supervised rows is
+    not misread as chat rows: refused, whatever the format setting (preference files themselves are read
+    as pairs: tests/jobs/test_prepare_preference.py)."""
     src = OPENAI / "preference.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "prepare", "--source", str(src), "--output",
-                           str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, env=subprocess_env,
-                          timeout=120)
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    assert f"{src} line 1: a preference pair" in proc.stderr and "(DPO) training is not supported yet" in proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "o" / "manifest.json").exists()
     pair = json.loads(src.read_text().splitlines()[0])
     mixed = jsonl(tmp_path / "mixed.jsonl", [*chat_rows(3), pair])
     with pytest.raises(InputError, match=r"mixed.jsonl line 4: a preference pair"):
         run(sources=[str(mixed)], output=str(tmp_path / "o2"), format="messages", skip_bad_lines=True)
     pq.write_table(pa.Table.from_pylist([{k: json.dumps(v) for k, v in pair.items()}]), tmp_path / "p.parquet")
     with pytest.raises(InputError, match=r"p.parquet its columns: a preference pair"):
-        run(sources=[str(tmp_path / "p.parquet")], output=str(tmp_path / "o3"))
+        run(sources=[str(jsonl(tmp_path / "sft.jsonl", chat_rows(2))), str(tmp_path / "p.parquet")],
+            output=str(tmp_path / "o3"))
+    loaded = run(sources=[str(tmp_path / "p.parquet")], output=str(tmp_path / "o4"))  # JSON text cells
+    assert loaded.manifest.stats["kind"] == "preference" and loaded.manifest.stats["pairs"] == 1
 
 
 def test_turn_counts_weights_and_ignored_keys_reach_the_manifest(tmp_path: Path, tok_dir: Path, tok, caplog):

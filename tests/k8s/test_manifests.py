@@ -39,6 +39,7 @@ SAMPLE_ARGS = {
                "--baseline", "s3://ftjobs/runs/r1/infer-base/"],
     "promote": ["s3://ftjobs/runs/r1/merge/manifest.json", "--evaluation", "s3://ftjobs/runs/r1/evaluate/",
                 "--root", "s3://ftjobs"],
+    "pairs": ["--predictions", "s3://ftjobs/runs/r1/infer-train/manifest.json"],
 }
 
 BUILTIN = [s.name for s in stages.BUILTIN]

@@ -1,0 +1,484 @@
+"""Preference data in prepare: the layouts users have, read into canonical pairs, validated, split by prompt,
+tokenized (common.preference.encode_pairs) and written as Parquet, with stats and a reason per dropped pair.
+
+Prepare takes this path when the first record of its first source is a preference pair (`is_pair`); a file
+that then holds a supervised row (or, on the supervised path, a preference pair) is refused with exit 3,
+naming the file and line of the first row of the other kind.
+
+Layouts (the key names are fixed, but roles map through the config's `roles`):
+
+- OpenAI's preference fine-tuning JSONL: `input` {`messages`, optional `tools`, other keys such as
+  `parallel_tool_calls` ignored}, `preferred_output` and `non_preferred_output` (lists of assistant messages;
+  one message object is read as a list of one).
+- TRL's `prompt` / `chosen` / `rejected`: plain text (the prompt becomes a user message and each answer an
+  assistant message) or conversational (lists of messages; a `tools` column as TRL reads it). Without a
+  prompt (TRL's implicit prompt) the prompt is what chosen and rejected share: for conversations the
+  longest common run of leading messages, for text the longest common prefix cut back to whitespace (TRL's
+  `extract_prompt` rule). Conversational chosen/rejected that repeat the prompt's messages (UltraFeedback
+  binarized: `prompt` text, full conversations as answers) are read the same way, the `prompt` text checked
+  against the shared user turn. Extra keys (`score_chosen`, `prompt_id`, `messages`, ...) are ignored.
+- LLaMA-Factory's ranking (`ranking: true`) layouts: sharegpt `conversations` + `chosen` / `rejected` as one
+  `{from, value}` turn each (optional `system`, `tools`), and alpaca `instruction` (+ `input`, `system`) +
+  `chosen` / `rejected` text.
+
+Pairs are held in memory (preference sets are small next to SFT corpora); the split hashes the prompt (its
+messages and tools), so every pair of one prompt lands on the same side, and duplicates are whole pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import chat, data, stage, storage
+from common import manifest as mf
+from common import preference as P
+from common.errors import ConfigError, InputError
+from jobs.prepare import rows as R
+from jobs.prepare import sources as S
+
+LOG = logging.getLogger(__name__)
+
+# Reasons a pair is dropped for, besides the row reasons of rows.REASONS, in the order the stats print them.
+REASONS = ("identical_answers", "empty_completion", "no_prompt", "prompt_too_long", "template_error")
+ENCODE_BATCH = 256
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def layout(keys: Iterable[str]) -> str | None:
+    """The preference layout a record's keys say, or None for a record that is not a pair."""
+    k = set(keys)
+    if set(R.PREFERENCE_KEYS) <= k:
+        return "openai"
+    if set(R.PAIR_KEYS) <= k:
+        if "conversations" in k:
+            return "sharegpt"
+        if "instruction" in k:
+            return "alpaca"
+        return "trl"
+    return None
+
+
+def is_pair(keys: Iterable[str]) -> bool:
+    return layout(keys) is not None
+
+
+@dataclass
+class Pair:
+    prompt: list[dict[str, Any]]
+    chosen: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+
+
+def to_pair(rec: Mapping[str, Any], roles: Mapping[str, str], max_chars: int) -> Pair:
+    """One record as a validated pair; raises rows.Drop with the reason."""
+    kind = layout(rec)
+    if kind == "openai":
+        inp = rec.get("input")
+        if isinstance(inp, str):  # a CSV or Parquet cell holding the JSON text
+            try:
+                inp = json.loads(inp)
+            except json.JSONDecodeError:
+                pass
+        if not isinstance(inp, dict):
+            raise R.Drop("missing_field" if inp is None else "wrong_type",
+                         f"input is {type(inp).__name__}, expected an object with messages (and tools)")
+        prompt = _messages(inp.get("messages"), "input.messages", roles)
+        tools = R.to_tools(inp, {"tools": "tools"})
+        pair = Pair(prompt, _completion(rec.get("preferred_output"), "preferred_output", roles),
+                    _completion(rec.get("non_preferred_output"), "non_preferred_output", roles), tools)
+    elif kind == "sharegpt":
+        prompt = _messages(rec.get("conversations"), "conversations", roles, "from", "value")
+        system = R._text(rec.get("system"), "system", required=False)
+        if system and not (prompt and prompt[0]["role"] == "system"):
+            prompt.insert(0, {"role": "system", "content": system})
+        pair = Pair(prompt, _completion(rec.get("chosen"), "chosen", roles, "from", "value"),
+                    _completion(rec.get("rejected"), "rejected", roles, "from", "value"),
+                    R.to_tools(rec, {"tools": "tools"}))
+    elif kind == "alpaca":
+        instruction = R._text(rec.get("instruction"), "instruction") or ""
+        extra = R._text(rec.get("input"), "input", required=False)
+        system = R._text(rec.get("system"), "system", required=False)
+        user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        pair = Pair(prompt, _completion(rec.get("chosen"), "chosen", roles),
+                    _completion(rec.get("rejected"), "rejected", roles), R.to_tools(rec, {"tools": "tools"}))
+    elif kind == "trl":
+        pair = _trl(rec, roles)
+    else:
+        raise R.Drop("missing_field", "not a preference pair: expected chosen/rejected or preferred_output/"
+                     "non_preferred_output")
+    return validated(pair, max_chars)
+
+
+def _messages(value: Any, where: str, roles: Mapping[str, str], role_key: str = "role",
+              content_key: str = "content") -> list[dict[str, Any]]:
+    return R._chat_list(R._json_list(value, where), role_key, content_key, roles, where)
+
+
+def _completion(value: Any, where: str, roles: Mapping[str, str], role_key: str = "role",
+                content_key: str = "content") -> list[dict[str, Any]]:
+    """An answer: text (one assistant message), one message object, or a list of messages."""
+    if value is None:
+        raise R.Drop("missing_field", f"{where} is missing")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.lstrip().startswith(("[", "{")) else value
+        except json.JSONDecodeError:
+            pass
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    return _messages(value, where, roles, role_key, content_key)
+
+
+def _trl(rec: Mapping[str, Any], roles: Mapping[str, str]) -> Pair:
+    tools = R.to_tools(rec, {"tools": "tools"})
+    chosen, rejected, prompt = rec.get("chosen"), rec.get("rejected"), rec.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is None:  # implicit prompt, TRL's rule: the common prefix, cut back to whitespace
+            n = 0
+            while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+                n += 1
+            while n > 0 and not chosen[n - 1].isspace() and n < min(len(chosen), len(rejected)):
+                n -= 1
+            if not chosen[:n].strip():
+                raise R.Drop("no_prompt", "no prompt column and chosen and rejected share no leading text to "
+                             "take as the prompt; give a prompt column")
+            return Pair([{"role": "user", "content": chosen[:n].rstrip()}],
+                        [{"role": "assistant", "content": chosen[n:]}],
+                        [{"role": "assistant", "content": rejected[n:]}], tools)
+        return Pair(_prompt(prompt, roles), [{"role": "assistant", "content": chosen}],
+                    [{"role": "assistant", "content": rejected}], tools)
+    c, r = _completion(chosen, "chosen", roles), _completion(rejected, "rejected", roles)
+    shared = 0  # leading messages both answers repeat: the (implicit) prompt
+    while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
+        shared += 1
+    while shared > 0 and c[shared - 1]["role"] == "assistant" and c[shared]["role"] == "assistant":
+        shared -= 1  # an answer starts at an assistant turn that follows a non-assistant one
+    if shared == 0:
+        if prompt is None:
+            raise R.Drop("no_prompt", "no prompt column, and chosen and rejected are not conversations that share "
+                         "their leading (prompt) messages; give a prompt column")
+        return Pair(_prompt(prompt, roles), c, r, tools)
+    implicit = c[:shared]
+    if prompt is not None:
+        given = _prompt(prompt, roles)
+        if given != implicit and not (isinstance(prompt, str) and implicit[-1]["content"].strip() == prompt.strip()):
+            raise R.Drop("wrong_type", "prompt and the leading messages of chosen/rejected are both given and "
+                         "differ; give the prompt once (prompt + answers, or full conversations without prompt)")
+    return Pair(implicit, c[shared:], r[shared:], tools)
+
+
+def _prompt(value: Any, roles: Mapping[str, str]) -> list[dict[str, Any]]:
+    if isinstance(value, str) or value is None:
+        return [{"role": "user", "content": R._text(value, "prompt") or ""}]
+    return _messages(value, "prompt", roles)
+
+
+def validated(pair: Pair, max_chars: int) -> Pair:
+    for name in ("chosen", "rejected"):
+        msgs = getattr(pair, name)
+        if not msgs or all(not m["content"].strip() and not m.get("tool_calls") for m in msgs):
+            raise R.Drop("empty_completion", f"the {name} answer is empty")
+        if msgs[0]["role"] != "assistant":
+            raise R.Drop("broken_alternation", f"the {name} answer starts with a {msgs[0]['role']} message; an "
+                         "answer is assistant messages (with tool results between them)")
+        R.validate([*pair.prompt, *msgs], max_chars)  # the conversation each answer makes, as for SFT rows
+    pair.prompt = [m for m in pair.prompt if not (m["role"] == "system" and not m["content"].strip())]
+    if _norm(pair.chosen) == _norm(pair.rejected):
+        raise R.Drop("identical_answers", "chosen and rejected are the same answer: nothing to prefer")
+    return pair
+
+
+def _norm(msgs: list[dict[str, Any]]) -> str:
+    return json.dumps([{**m, "content": " ".join(m["content"].split())} for m in msgs], sort_keys=True)
+
+
+def keys(pair: Pair) -> tuple[str, str, int, int]:
+    """(pair id, prompt id, exact key, normalized key): ids hash the canonical JSON (rows.row_id)."""
+    canon = json.dumps({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
+                        "tools": pair.tools}, ensure_ascii=False, separators=(",", ":"))
+    sep = [{"role": "\x1d", "content": ""}]
+    return (R.row_id(canon), R.row_id(R.canonical(pair.prompt, pair.tools)), R.exact_key(canon),
+            R.normalized_key([*pair.prompt, *sep, *pair.chosen, *sep, *pair.rejected], pair.tools))
+
+
+# --------------------------------------------------------------------------- the job's path for pairs
+
+
+@dataclass
+class Kept:
+    pair: Pair
+    id: str
+    prompt_id: str
+    source: str
+    split: str
+    line: int
+    enc: P.EncodedPair | None = None
+
+
+@dataclass
+class Tally:
+    rows_in: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    layouts: dict[str, str] = field(default_factory=dict)
+
+    def drop(self, reason: str, source: str, line: int, detail: str, rec: Any, keep: int) -> None:
+        self.dropped[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < keep:
+            ex.append({"reason": reason, "source": source, "line": line, "detail": detail,
+                       "row": json.dumps(rec, ensure_ascii=False, default=str)[:2000]})
+
+
+def first_is_pair(files: list[S.RawFile], max_line_bytes: int) -> bool:
+    """Whether the first readable record of the sources is a preference pair (prepare's switch to this path)."""
+    for f in files:
+        cols = S.table_columns(f)
+        if cols is not None:
+            return is_pair(cols)
+        for _, rec in S.records(f, max_line_bytes=max_line_bytes):
+            if isinstance(rec, dict):
+                return is_pair(rec)
+    return False
+
+
+def prepare(config: Any, files: list[S.RawFile], attempt: stage.Attempt, timings: dict[str, float]
+            ) -> stage.Outcome:
+    """Read -> pairs -> dedup -> split by prompt -> tokenize -> write; refuse when too much was dropped."""
+    try:
+        return _prepare(config, files, attempt, timings)
+    except BaseException:
+        for art in attempt.writer.artifacts:  # a refused run leaves no data behind
+            storage.delete(art.uri)
+        raise
+
+
+def _prepare(config: Any, files: list[S.RawFile], attempt: stage.Attempt, timings: dict[str, float]
+             ) -> stage.Outcome:
+    t0 = time.monotonic()
+    roles = {**R.DEFAULT_ROLES, **config.roles}
+    tally = Tally()
+    kept = _read(config, files, roles, tally)
+    timings["read"] = time.monotonic() - t0
+    _split(config, kept)
+    model_info: dict[str, Any] = {}
+    if config.tokenizer:
+        t = time.monotonic()
+        model_info = _tokenize(config, kept, tally)
+        timings["tokenize"] = time.monotonic() - t
+    n_dropped = sum(tally.dropped.values())
+    fraction = n_dropped / tally.rows_in if tally.rows_in else 0.0
+    out = [k for k in kept if k.enc is None or k.enc.drop_reason is None]
+    if fraction > config.max_drop_fraction or not out:
+        raise InputError(_too_many(tally, len(out), fraction, config.max_drop_fraction))
+    if not any(k.split == "train" for k in out) and not all(s.split == "eval" for s in config.source_specs()):
+        raise ConfigError(f"every one of the {len(out)} pairs went to eval (the split hashes prompts; with this "
+                          "few prompts that can happen). Set eval_size, or lower eval_fraction.")
+    t = time.monotonic()
+    counts = _write(config, out, attempt.writer)
+    stats = _stats(config, tally, out, counts, fraction)
+    drops = "".join(json.dumps(e, ensure_ascii=False) + "\n" for r in (*R.REASONS, *REASONS)
+                    for e in tally.examples.get(r, []))
+    attempt.writer.add_bytes(drops.encode(), "drops.jsonl", name="drops", rows=drops.count("\n"))
+    attempt.writer.add_bytes(storage.json_bytes(stats), "stats.json", name="stats")
+    timings["write"] = time.monotonic() - t
+    LOG.info("preference pairs in %d, out %d (train %d, eval %d), dropped %d%s", tally.rows_in, len(out),
+             counts["train"], counts["eval"], n_dropped,
+             "".join(f"\n  {r:<24} {n:>8,}" for r, n in tally.dropped.most_common()))
+    return stage.Outcome(stats=stats, timings=timings, model=model_info, run_id=config.run_id)
+
+
+def _read(config: Any, files: list[S.RawFile], roles: dict[str, str], tally: Tally) -> list[Kept]:
+    seen_exact: set[int] = set()
+    seen_norm: set[int] = set()
+    kept: list[Kept] = []
+    for f in files:
+        split = f.split
+        n_file = 0
+        for line, rec in S.records(f, max_line_bytes=config.max_line_bytes):
+            n_file += 1
+            tally.rows_in += 1
+            if isinstance(rec, S.Bad):
+                if not config.skip_bad_lines:
+                    raise InputError(f"{f.uri} line {line}: {rec.detail}. Fix the file, or set skip_bad_lines: "
+                                     "true to drop such lines (they are counted in the manifest).")
+                tally.drop(rec.reason, f.uri, line, rec.detail, rec.preview, config.drop_examples)
+                continue
+            assert isinstance(rec, dict)  # records come decoded here
+            kind = layout(rec)
+            if kind is None:
+                raise InputError(f"{f.uri} line {line}: a supervised row ({', '.join(list(map(str, rec))[:6])}) "
+                                 "among preference pairs (the sources start with a pair). A run holds one kind of "
+                                 "data: prepare the supervised rows and the pairs separately.")
+            tally.layouts.setdefault(f.uri, kind)
+            try:
+                pair = to_pair(rec, roles, config.max_chars)
+            except R.Drop as d:
+                if d.reason in R.FATAL and not config.skip_bad_lines:
+                    raise InputError(f"{f.uri} line {line}: {d.detail}. Fix the file, or set skip_bad_lines: true "
+                                     "to drop such rows (they are counted in the manifest).") from None
+                tally.drop(d.reason, f.uri, line, d.detail, rec, config.drop_examples)
+                continue
+            pid, prompt_id, exact, norm = keys(pair)
+            if config.dedup != "none":
+                if exact in seen_exact or (config.dedup == "normalized" and norm in seen_norm):
+                    reason = "duplicate_exact" if exact in seen_exact else "duplicate_normalized"
+                    tally.drop(reason, f.uri, line, "the same pair came earlier", rec, config.drop_examples)
+                    continue
+                seen_exact.add(exact)
+                seen_norm.add(norm)
+            kept.append(Kept(pair, pid, prompt_id, f.uri, split, line))
+        if n_file == 0 and not config.skip_bad_lines:
+            raise InputError(f"{f.uri} holds no records (empty file). Remove it from the sources, or set "
+                             "skip_bad_lines: true to skip empty files.")
+    return kept
+
+
+def _split(config: Any, kept: list[Kept]) -> None:
+    """train/eval by the prompt's hash: every pair of one prompt on the same side."""
+    auto = [k for k in kept if k.split == "auto"]
+    if config.eval_size is not None:
+        points = sorted({k.prompt_id: R.split_point(k.prompt_id, config.seed) for k in auto}.items(),
+                        key=lambda kv: kv[1])
+        per_prompt = Counter(k.prompt_id for k in auto)
+        chosen: set[str] = set()
+        n = 0
+        for pid, _ in points:  # the lowest-hash prompts until eval holds eval_size pairs
+            if n >= config.eval_size:
+                break
+            chosen.add(pid)
+            n += per_prompt[pid]
+        for k in auto:
+            k.split = "eval" if k.prompt_id in chosen else "train"
+        return
+    fraction = config.effective_eval_fraction()
+    for k in auto:
+        k.split = "eval" if R.split_point(k.prompt_id, config.seed) < fraction else "train"
+
+
+def load_tokenizer(source: str, override: str | None) -> tuple[Any, chat.ChatFormat, dict[str, Any]]:
+    """The tokenizer, chat format and manifest model block for `source` (a model folder, s3:// prefix, HF id)."""
+    from common import models
+    from jobs.prepare.encode import load_tokenizer as load
+
+    ref = models.resolve(source, tokenizer_only=True)
+    try:
+        tok = load(str(ref.path))
+    except Exception as exc:
+        raise InputError(f"Could not load a tokenizer from {source} ({type(exc).__name__}: {exc})") from None
+    fmt = chat.chat_format(tok, override)
+    info = {"tokenizer": chat.tokenizer_identity(tok), "tokenizer_source": source, "tokenizer_revision": ref.revision,
+            "template_hash": fmt.hash, "chat_template": fmt.template}
+    return tok, fmt, info
+
+
+def _tokenize(config: Any, kept: list[Kept], tally: Tally) -> dict[str, Any]:
+    tok, fmt, info = load_tokenizer(config.tokenizer, config.chat_template)
+    info = mf.PrepareModel(**info, train_on="completion", max_length=config.max_length).model_dump(mode="json")
+    for start in range(0, len(kept), ENCODE_BATCH):
+        batch = kept[start:start + ENCODE_BATCH]
+        encoded = P.encode_pairs(tok, fmt, [(k.pair.prompt, k.pair.chosen, k.pair.rejected, k.pair.tools)
+                                            for k in batch], max_length=config.max_length)
+        for k, e in zip(batch, encoded, strict=True):
+            if e.drop_reason is None and e.truncated and config.on_too_long == "drop":
+                e.drop_reason, e.detail = "too_long_tokens", f"{e.num_tokens} tokens > max_length {config.max_length}"
+            k.enc = e
+            if e.drop_reason is not None:
+                tally.drop(e.drop_reason, k.source, k.line, e.detail,
+                           {"prompt": k.pair.prompt, "chosen": k.pair.chosen, "rejected": k.pair.rejected},
+                           config.drop_examples)
+    LOG.info("tokenized pairs with %s (template sha256 %s, max_length %s)", config.tokenizer, fmt.hash[:12],
+             config.max_length)
+    return info
+
+
+def _write(config: Any, out: list[Kept], writer: mf.ArtifactWriter) -> dict[str, int]:
+    return write_pairs(out, writer, tokenized=bool(config.tokenizer), rows_per_shard=config.rows_per_shard,
+                       row_group_rows=config.row_group_rows)
+
+
+def write_pairs(out: list[Kept], writer: mf.ArtifactWriter, *, tokenized: bool, rows_per_shard: int = 100_000,
+                row_group_rows: int = 8192) -> dict[str, int]:
+    """Pairs as `<split>/part-NNNNN` Parquet shards (common.preference.schema); returns pairs per split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = P.schema(tokenized)
+    counts = {s: 0 for s in data.SPLITS}
+    with tempfile.TemporaryDirectory(prefix="ftjobs-prepare-pairs-") as tmp:
+        for split in data.SPLITS:
+            rows = [k for k in out if k.split == split]
+            counts[split] = len(rows)
+            for shard, start in enumerate(range(0, len(rows), rows_per_shard)):
+                part = rows[start:start + rows_per_shard]
+                table = pa.Table.from_pylist([_row(k, split, tokenized) for k in part], schema=schema)
+                local = Path(tmp) / f"{split}-{shard:05d}.parquet"
+                pq.write_table(table, local, compression="zstd", row_group_size=row_group_rows)
+                name = f"{split}/part-{shard:05d}"
+                writer.add_file(local, f"data/{name}.parquet", name=name, rows=len(part))
+    return counts
+
+
+def _row(k: Kept, split: str, tokenized: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": k.id, "prompt_id": k.prompt_id, "prompt": k.pair.prompt, "chosen": k.pair.chosen,
+                           "rejected": k.pair.rejected, "tools": data.tools_json(k.pair.tools), "split": split,
+                           "source": k.source}
+    if tokenized and k.enc is not None:
+        e = k.enc
+        row.update(prompt_ids=e.prompt_ids, chosen_ids=e.chosen_ids, chosen_labels=e.chosen_labels,
+                   rejected_ids=e.rejected_ids, rejected_labels=e.rejected_labels, num_tokens=e.num_tokens,
+                   truncated=e.truncated)
+    return row
+
+
+def _lengths(values: list[int]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0}
+    s = sorted(values)
+    return {"count": len(s), "mean": round(sum(s) / len(s), 1), "min": s[0], "max": s[-1],
+            "p50": s[len(s) // 2], "p95": s[min(len(s) - 1, int(0.95 * len(s)))]}
+
+
+def _stats(config: Any, tally: Tally, out: list[Kept], counts: dict[str, int], fraction: float) -> dict[str, Any]:
+    stats: dict[str, Any] = {
+        "kind": P.KIND, "rows_in": tally.rows_in, "rows_out": len(out), "pairs": len(out), **counts,
+        "splits": dict(counts), "prompts": {s: len({k.prompt_id for k in out if k.split == s}) for s in data.SPLITS},
+        "dropped": {r: tally.dropped[r] for r in (*R.REASONS, *REASONS) if tally.dropped[r]},
+        "drop_fraction": round(fraction, 6), "layouts": dict(tally.layouts),
+        "truncated": sum(1 for k in out if k.enc is not None and k.enc.truncated),
+        "eval_fraction": config.effective_eval_fraction() if config.eval_size is None else None,
+    }
+    encs = [k.enc for k in out if k.enc is not None]
+    if encs:
+        stats["tokens"] = {"prompt": _lengths([len(e.prompt_ids) for e in encs]),
+                           "chosen": _lengths([len(e.chosen_ids) for e in encs]),
+                           "rejected": _lengths([len(e.rejected_ids) for e in encs]),
+                           "truncated_pairs": stats["truncated"]}
+    return stats
+
+
+def _too_many(tally: Tally, kept: int, fraction: float, limit: float) -> str:
+    lines = [f"Dropped {sum(tally.dropped.values()):,} of {tally.rows_in:,} preference pairs ({fraction:.1%}); "
+             f"max_drop_fraction is {limit:.1%}." if kept else
+             f"No pairs left: dropped {sum(tally.dropped.values()):,} of {tally.rows_in:,}.",
+             "  reason                     pairs  first example"]
+    for reason, n in tally.dropped.most_common():
+        ex = (tally.examples.get(reason) or [{}])[0]
+        where = f"{ex.get('source', '')}:{ex.get('line', '')}  {ex.get('detail', '')}"
+        lines.append(f"  {reason:<24} {n:>7,}  {where}"[:200])
+    lines.append("Fix the data, or raise max_drop_fraction if these drops are expected.")
+    return "\n".join(lines)

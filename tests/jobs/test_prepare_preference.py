@@ -1,0 +1,190 @@
+"""Preference data through prepare: every layout in tests/data/preference (OpenAI, TRL plain/conversational,
+explicit/implicit prompts, LLaMA-Factory ranking), masks per template family, drops, the split by prompt,
+and the refusals (mixed kinds, bad rows) with exit 3 naming file and line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common import chat, data
+from common import config as cfg
+from common import manifest as mf
+from common import preference as P
+from common.errors import InputError
+from jobs import prepare
+from tests.common.chat_families import FAMILIES, tokenizer
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+PREF = REPO / "tests" / "data" / "preference"
+LAYOUT_FILES = {"openai.jsonl": "openai", "trl_standard.jsonl": "trl", "trl_implicit_text.jsonl": "trl",
+                "trl_conversational.jsonl": "trl", "trl_implicit_conversational.jsonl": "trl",
+                "sharegpt_ranking.json": "sharegpt", "alpaca_ranking.json": "alpaca"}
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from common import tinymodel
+
+    path = tmp_path_factory.mktemp("tok") / "tok"
+    tinymodel.build_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def run(**kw: Any) -> mf.Loaded:
+    kw.setdefault("eval_fraction", 0.0)
+    return prepare.run(cfg.validate(prepare.Config, kw))
+
+
+def jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def pairs_of(loaded: mf.Loaded, split: str = "train") -> list[dict]:
+    return data.read_split(loaded, split, columns=[f.name for f in P.schema(True)]).to_pylist()
+
+
+def texts(tok: Any, row: dict) -> tuple[str, str, str]:
+    """The trained text of each answer, and the prompt's last line."""
+    def trained(labels: list[int]) -> str:
+        return tok.decode([x for x in labels if x != chat.IGNORE_INDEX])
+    return trained(row["chosen_labels"]), trained(row["rejected_labels"]), tok.decode(row["prompt_ids"])
+
+
+@pytest.fixture
+def all_layouts(tmp_path_factory: pytest.TempPathFactory, tok_dir: Path, subprocess_env: dict[str, str]
+                ) -> tuple[mf.Loaded, Any]:
+    """Every layout file through the CLI in one run, tokenized with the tiny model's ChatML template."""
+    out = tmp_path_factory.mktemp("pref") / "all"
+    cmd = [sys.executable, "-m", "jobs.cli", "prepare", "--tokenizer", str(tok_dir), "--output", str(out),
+           "--set", "eval_fraction=0.0"]
+    for name in LAYOUT_FILES:
+        cmd += ["--source", str(PREF / name)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=subprocess_env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return mf.load(str(out)), proc
+
+
+def test_every_layout_is_read_through_the_cli_with_each_answer_trained_after_one_prompt(all_layouts, tok):
+    loaded, _ = all_layouts
+    stats = loaded.manifest.stats
+    assert stats["kind"] == "preference" and P.is_preference_run(loaded)
+    n_in = sum(len(json.loads((PREF / n).read_text())) if n.endswith(".json") else
+               len((PREF / n).read_text().splitlines()) for n in LAYOUT_FILES)
+    # The same pair in two layouts (the sky is blue, in the plain and the conversational files) is a duplicate.
+    assert stats["rows_in"] == n_in and stats["dropped"] == {"duplicate_exact": 3}
+    assert stats["pairs"] == n_in - 3 == stats["train"]
+    assert {Path(k).name: v for k, v in stats["layouts"].items()} == LAYOUT_FILES
+    assert stats["tokens"]["prompt"]["count"] == n_in - 3 and stats["truncated"] == 0
+    rows = {(Path(r["source"]).name, r["prompt"][-1]["content"]): r for r in pairs_of(loaded)}
+    expect = {  # (file, last prompt message) -> trained chosen text, trained rejected text
+        ("openai.jsonl", "Is the shop open on Sundays?"): ("Yes, from ten to four.", "Maybe."),
+        ("openai.jsonl", "Name a primary colour."): ("Red.", "Purple."),  # one message object, not a list
+        ("openai.jsonl", "Translate 'cat' to French."): ("chat", "chien"),  # text parts
+        ("trl_standard.jsonl", "The sky is"): ("blue.", "green."),
+        ("trl_implicit_text.jsonl", "Snow is"): ("cold.", "hot."),  # the shared text, cut at whitespace
+        ("trl_conversational.jsonl", "Count to three."): ("1, 2, 3.", "1, 3, 2."),
+        ("trl_implicit_conversational.jsonl", "Bye"): ("Goodbye!", "What?"),  # shared turns are the prompt
+        ("trl_implicit_conversational.jsonl", "Largest planet?"): ("Jupiter.", "Mars."),  # UltraFeedback shape
+        ("sharegpt_ranking.json", "Say bye."): ("Bye!", "Hello again!"),
+        ("alpaca_ranking.json", "Translate to German.\n\ngood morning"): ("Guten Morgen", "Gute Nacht"),
+    }
+    for key, (chosen, rejected) in expect.items():
+        row = rows[key]
+        c, r, prompt = texts(tok, row)
+        assert (c, r) == (f"{chosen}<|im_end|>", f"{rejected}<|im_end|>"), key
+        assert prompt.endswith("<|im_start|>assistant\n") and chosen not in prompt, key
+        assert row["chosen_ids"][:len(row["chosen_labels"])] == row["chosen_ids"]
+    # System prompts, earlier turns and tools stay in the prompt; a preferred tool call is trained as one.
+    hi = rows[("trl_implicit_conversational.jsonl", "Bye")]
+    assert [m["role"] for m in hi["prompt"]] == ["user", "assistant", "user"]
+    assert rows[("sharegpt_ranking.json", "Colour of grass?")]["prompt"][0]["content"] == "Answer with one word."
+    call = rows[("openai.jsonl", "What's the weather in Oslo?")]
+    assert json.loads(call["tools"])[0]["function"]["name"] == "get_weather"
+    assert '"get_weather"' in texts(tok, call)[0] and "get_weather" in texts(tok, call)[2]
+    sg = rows[("sharegpt_ranking.json", "Weather in Paris?")]
+    assert sg["chosen"][0]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_pair_masks_are_exactly_the_sft_masks_of_each_answer(tok: Any, name: str) -> None:
+    """prompt_ids + an answer's ids and labels are what SFT builds for prompt + that answer (last turn)."""
+    family_tok = tokenizer(FAMILIES[name], tok)
+    fmt = chat.chat_format(family_tok)
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "One plus one?"},
+              {"role": "assistant", "content": "Two."}, {"role": "user", "content": "Two plus two?"}]
+    chosen, rejected = [{"role": "assistant", "content": "Four."}], [{"role": "assistant", "content": "Five, I think."}]
+    (pair,) = P.encode_pairs(family_tok, fmt, [(prompt, chosen, rejected, None)], max_length=None)
+    assert pair.drop_reason is None, pair.detail
+    for answer, ids, labels in ((chosen, pair.chosen_ids, pair.chosen_labels),
+                                (rejected, pair.rejected_ids, pair.rejected_labels)):
+        (sft,) = chat.encode_many(family_tok, fmt, [prompt + answer], train_on="last_assistant")
+        assert pair.prompt_ids + ids == sft.input_ids
+        assert [chat.IGNORE_INDEX] * len(pair.prompt_ids) + labels == sft.labels
+
+
+def test_drop_reasons_split_by_prompt_and_truncation(tmp_path: Path, tok_dir: Path, tok) -> None:
+    u, a = (lambda t: {"role": "user", "content": t}), (lambda t: {"role": "assistant", "content": t})
+    rows = [{"prompt": f"question {i}", "chosen": f"good {j}", "rejected": f"bad {j}"}
+            for i in range(12) for j in range(3)]  # three pairs per prompt
+    rows += [{"prompt": "same", "chosen": "x", "rejected": "x"},                         # identical_answers
+             {"prompt": "empty", "chosen": "  ", "rejected": "no"},                      # empty_completion
+             {"chosen": "abc", "rejected": "xyz"},                                        # no_prompt
+             {"prompt": "long " * 200, "chosen": "yes", "rejected": "no"},               # prompt_too_long
+             {"prompt": "question 0", "chosen": "good 0", "rejected": "bad 0"},          # duplicate_exact
+             {"prompt": [u("hi")], "chosen": [u("not an answer")], "rejected": [a("ok")]}]  # broken_alternation
+    rows.append({"prompt": "cut", "chosen": "word " * 100, "rejected": "short"})        # kept, truncated
+    src = jsonl(tmp_path / "pairs.jsonl", rows)
+    loaded = run(sources=[str(src)], output=str(tmp_path / "o"), tokenizer=str(tok_dir), max_length=64,
+                 eval_fraction=0.3, max_drop_fraction=0.5)
+    st = loaded.manifest.stats
+    assert st["dropped"] == {"identical_answers": 1, "empty_completion": 1, "no_prompt": 1, "prompt_too_long": 1,
+                             "duplicate_exact": 1, "broken_alternation": 1}
+    assert st["pairs"] == 37 and st["truncated"] == 1 and st["tokens"]["truncated_pairs"] == 1
+    train, evals = pairs_of(loaded, "train"), pairs_of(loaded, "eval")
+    assert train and evals and st["prompts"]["eval"] >= 1
+    assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in evals}  # a prompt is on one side
+    assert all(len(r["prompt_ids"]) + len(r["chosen_ids"]) <= 64 for r in train + evals)
+    from common import storage
+
+    drops = storage.read_bytes(loaded.resolve(loaded.manifest.artifact("drops"))).decode().splitlines()
+    lines = {json.loads(x)["reason"]: json.loads(x)["line"] for x in drops}
+    assert lines == {"identical_answers": 37, "empty_completion": 38, "no_prompt": 39, "prompt_too_long": 40,
+                     "duplicate_exact": 41, "broken_alternation": 42}
+
+
+def test_mixed_kinds_and_bad_rows_exit_3_naming_file_and_line(tmp_path: Path, subprocess_env: dict[str, str]):
+    pair = {"prompt": "q", "chosen": "yes", "rejected": "no"}
+    sft = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    cases = {
+        "sft_after_pairs.jsonl": ([pair, {**pair, "prompt": "r"}, sft], "line 3: a supervised row"),
+        "pairs_after_sft.jsonl": ([sft, pair], "line 2: a preference pair (chosen / rejected"),
+        "bad_tools.jsonl": ([pair, {**pair, "tools": "not json"}], "line 2: column 'tools'"),
+    }
+    for name, (records, message) in cases.items():
+        src = jsonl(tmp_path / name, records)
+        proc = subprocess.run([sys.executable, "-m", "jobs.cli", "prepare", "--source", str(src), "--output",
+                               str(tmp_path / f"o-{name}")], capture_output=True, text=True, cwd=REPO,
+                              env=subprocess_env, timeout=120)
+        assert proc.returncode == 3, (name, proc.stderr[-2000:])
+        assert f"{src} {message}" in proc.stderr, (name, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and not (tmp_path / f"o-{name}" / "manifest.json").exists()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(pair) + "\n{not json\n")
+    with pytest.raises(InputError, match=r"broken.jsonl line 2: not valid JSON"):
+        run(sources=[str(broken)], output=str(tmp_path / "o-broken"))
