@@ -114,7 +114,8 @@ class Config(JobConfig):
     dedup: Literal["none", "exact", "normalized"] = Field(
         default="normalized", description="Drop exact duplicates, or also ones differing only in case/whitespace.")
     max_drop_fraction: float = Field(default=0.1, ge=0, le=1,
-                                     description="Fail (exit 3) when more than this share of rows is dropped.")
+                                     description="Fail (exit 3) when more than this share of rows is dropped "
+                                                 "(eval_overlap removals are reported but not counted here).")
     skip_bad_lines: bool = Field(default=False, description="Drop unreadable lines and rows (bad JSON/UTF-8/CSV, "
                                  "too long or too deep, unusable tools) and count them instead of failing on the "
                                  "first one.")
@@ -140,6 +141,12 @@ class Config(JobConfig):
                                       "5-grams at or above which a training row is a near-duplicate.")
     guard_suites: list[str] = Field(default_factory=list, description="JSON Lines files of prompts (prompt, "
                                     "messages or text per line) that training rows must not near-duplicate.")
+
+    @field_validator("decontaminate", mode="before")
+    @classmethod
+    def _decontaminate_off(cls, value: Any) -> Any:
+        # YAML reads a bare `off` (and `no`, `false`) as False: that is the setting's "off", not a mistake.
+        return "off" if value is False else value
 
     @field_validator("sources")
     @classmethod
@@ -353,8 +360,17 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
 
     # Loud statistics; nothing is published when too much was dropped.
     rows_out = sum(split_counts.values())
-    n_dropped = sum(tally.dropped.values())
+    # Rows removed because they near-duplicate a held-out row are protection, not bad data: they are counted
+    # and reported (eval_overlap), but do not count against max_drop_fraction, which guards against broken
+    # files and mappings. Templated data can overlap its own eval split heavily; say so loudly instead.
+    overlap = tally.dropped.get(decontam.REASON, 0)
+    n_dropped = sum(tally.dropped.values()) - overlap
     drop_fraction = n_dropped / tally.rows_in if tally.rows_in else 0.0
+    if overlap and tally.rows_in and overlap / tally.rows_in > config.max_drop_fraction:
+        LOG.warning("%d of %d rows (%.1f%%) were removed from training as near-duplicates of held-out rows "
+                    "(eval_overlap): the eval split says little about unseen data here; raise "
+                    "decontam_threshold or set decontaminate: exact if the rows are templated on purpose",
+                    overlap, tally.rows_in, 100 * overlap / tally.rows_in)
     if drop_fraction > config.max_drop_fraction or rows_out == 0:
         _remove(writer)
         raise InputError(_too_many_drops(tally, rows_out, drop_fraction, config.max_drop_fraction))

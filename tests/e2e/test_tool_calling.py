@@ -56,8 +56,10 @@ def test_glaive_style_tools_reach_the_training_text_and_the_inference_prompt(
     rows += [{**rows[0], "tools": json.dumps(t)} for t in ([WEATHER], [CONVERT, WEATHER])]  # same chat, other tools
     src.write_text(json.dumps(rows, indent=2))
     prep, raw = tmp_path / "prep", tmp_path / "raw"
+    # decontaminate off: the same chat with other tools is a near-duplicate of an eval row to the default
+    # (near) check, which would remove it from training; this test is about keeping such rows apart.
     ftjobs(["prepare", "--source", str(src), "--tokenizer", str(tiny_model), "--output", str(prep),
-            "--set", "eval_size=3"], subprocess_env)
+            "--set", "eval_size=3", "--set", "decontaminate=off"], subprocess_env)
     ftjobs(["prepare", "--source", str(src), "--output", str(raw), "--set", "eval_size=3"], subprocess_env)
     loaded = mf.load(str(prep))
     assert loaded.manifest.stats["rows_out"] == 14 and loaded.manifest.stats["dropped"] == {}

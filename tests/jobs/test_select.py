@@ -6,6 +6,7 @@ on a small learnable task), so the candidates' scores differ."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -102,8 +103,13 @@ def test_select_picks_the_best_candidate_and_its_scores_match_a_separate_evaluat
         assert alone.manifest.metrics["sets"][evaluate.default_label(mf.load(pred), 1)]["token_f1"] == \
             pytest.approx(want)
     # The leaderboard shows every candidate with its interval.
-    board = storage.read_bytes(mf.load(sel["evaluate"]).artifact_uri("leaderboard.md")).decode()
-    assert all(f"step-{s:08d}" in board for s in scores)
+    # (the matrix value `step` names each row; the label column is left out when the values tell cells apart)
+    shown = mf.load(sel["evaluate"])
+    board = json.loads(storage.read_bytes(shown.artifact_uri("leaderboard.json")))
+    assert sorted(c["values"]["step"] for c in board["cells"]) == sorted(scores)
+    assert all(c["ci95"] is not None for c in board["cells"])
+    table = storage.read_bytes(shown.artifact_uri("leaderboard.md")).decode()
+    assert all(f"| {s} |" in table for s in scores), table
 
 
 def test_the_selection_carries_the_chosen_adapter_forward(selected, trained, tmp_path):
