@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 PERMUTATIONS = 128
@@ -74,6 +76,31 @@ def hashed_jaccard(a: Any, b: Any) -> float:
     return inter / union if union else 1.0
 
 
+@lru_cache(maxsize=1)
+def _permutations() -> tuple[Any, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)  # fixed: the same texts give the same signatures in every run and process
+    # Multiply-shift hashing: (a*x + b) mod 2**64, top 32 bits; a odd. No division: numpy wraps uint64.
+    a = rng.integers(0, 2**63, size=PERMUTATIONS, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 2**63, size=PERMUTATIONS, dtype=np.uint64)
+    return a, b
+
+
+def signature(hashes: Any) -> Any:
+    """The MinHash signature of a text's shingle hashes: PERMUTATIONS minima, each below 2**32 (uint32)."""
+    import numpy as np
+
+    a, b = _permutations()
+    return ((np.multiply.outer(hashes, a) + b) >> np.uint64(32)).min(axis=0).astype(np.uint32)
+
+
+def text_signature(text: str, n: int = 5) -> bytes:
+    """`signature` of a text's shingles, as bytes: what prepare's tokenizer workers compute for each row, so
+    the overlap check in the job's process only looks the bands up (Index.nearest_signed)."""
+    return bytes(signature(shingle_hashes(text, n)).data)
+
+
 @dataclass
 class Index:
     """Texts added so far; `nearest` finds the most similar one at or above the threshold."""
@@ -85,30 +112,38 @@ class Index:
     _buckets: dict[tuple[int, bytes], list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        import numpy as np
-
-        rng = np.random.default_rng(0)  # fixed: the same texts give the same signatures in every run
-        # Multiply-shift hashing: (a*x + b) mod 2**64, top 32 bits; a odd. No division: numpy wraps uint64.
-        self._a = rng.integers(0, 2**63, size=PERMUTATIONS, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-        self._b = rng.integers(0, 2**63, size=PERMUTATIONS, dtype=np.uint64)
         self._rows = rows_per_band(self.threshold)
 
-    def _bands(self, x: Any) -> list[tuple[int, bytes]]:
+    def _bands(self, sig: Any) -> list[tuple[int, bytes]]:
         import numpy as np
 
-        sig: Any = ((np.multiply.outer(x, self._a) + self._b) >> np.uint64(32)).min(axis=0)
+        sig = sig.astype(np.uint64)  # bucket keys as they were first defined: r uint64 minima per band
         r = self._rows
         return [(i, sig[i * r:(i + 1) * r].tobytes()) for i in range(PERMUTATIONS // r)]
 
     def nearest(self, text: str) -> tuple[str, float] | None:
         s = shingle_hashes(text, self.ngram)
+        return self._best(self._bands(signature(s)), lambda: s)
+
+    def nearest_signed(self, sig: bytes, text: Callable[[], str]) -> tuple[str, float] | None:
+        """`nearest` for a text whose signature (text_signature) is known: the text is read, and its shingles
+        computed, only when a band matches (rare: most rows have no near-duplicate)."""
+        import numpy as np
+
+        return self._best(self._bands(np.frombuffer(sig, dtype=np.uint32)),
+                          lambda: shingle_hashes(text(), self.ngram))
+
+    def _best(self, bands: list[tuple[int, bytes]], shingled: Callable[[], Any]) -> tuple[str, float] | None:
         seen: set[int] = set()
         best: tuple[str, float] | None = None
-        for band in self._bands(s):
+        s = None
+        for band in bands:
             for j in self._buckets.get(band, ()):
                 if j in seen:
                     continue
                 seen.add(j)
+                if s is None:
+                    s = shingled()
                 sim = hashed_jaccard(s, self._sets[j])
                 if sim >= self.threshold and (best is None or sim > best[1]):
                     best = (self._keys[j], sim)
@@ -119,7 +154,7 @@ class Index:
         j = len(self._sets)
         self._sets.append(s)
         self._keys.append(key)
-        for band in self._bands(s):
+        for band in self._bands(signature(s)):
             self._buckets.setdefault(band, []).append(j)
 
     def __len__(self) -> int:
