@@ -249,17 +249,42 @@ def check_supported(fmt: ChatFormat, messages: Messages, tools: ToolList) -> Non
 # --------------------------------------------------------------------------- rendering
 
 
+@lru_cache(maxsize=16)
+def _variables(fmt: ChatFormat) -> dict[str, Any]:
+    return fmt.variables()  # read only: passed as keyword arguments
+
+
+def _compiled(template: str) -> Any:
+    """transformers' own compiled template (its cache, its sandboxed environment and filters), or None where
+    this transformers has no such function: `_render` then goes through render_jinja_template for every text."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return None
+    return _compile_jinja_template(template)
+
+
 def _render(fmt: ChatFormat, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: ToolList,
             track: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """Text, and with `track` the character spans of its generation blocks, from transformers' renderer."""
+    """Text, and with `track` the character spans of its generation blocks, from transformers' renderer.
+
+    Without `track` and with tools given as JSON schemas (what rows hold), the compiled template is called
+    the way render_jinja_template calls it, without the per-call work around it (a prepared row renders
+    about four times: the whole and the prefixes around each assistant turn)."""
     import jinja2
-    from transformers.utils.chat_template_utils import render_jinja_template
 
     try:
+        compiled = None if track or (tools and not all(isinstance(t, dict) for t in tools)) else \
+            _compiled(fmt.template)
+        if compiled is not None:
+            return str(compiled.render(messages=messages, tools=tools, documents=None,
+                                       add_generation_prompt=add_generation_prompt, **_variables(fmt))), []
+        from transformers.utils.chat_template_utils import render_jinja_template
+
         texts, indices = render_jinja_template(  # type: ignore[str-unpack]  # annotated -> str, returns a tuple
             conversations=[messages], tools=tools,  # type: ignore[arg-type]
             chat_template=fmt.template, return_assistant_tokens_mask=track,
-            add_generation_prompt=add_generation_prompt, **fmt.variables())
+            add_generation_prompt=add_generation_prompt, **_variables(fmt))
     except jinja2.TemplateSyntaxError as exc:
         raise ConfigError(f"Chat template does not compile: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - raise_exception() and template bugs: the template's own words
