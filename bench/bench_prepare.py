@@ -19,9 +19,18 @@ that were free. ftjobs' end-to-end rows/s is printed as a fraction of it.
     .venv/bin/python -m bench.bench_prepare                      # 10k and 50k rows, a few minutes on 2 cores
     .venv/bin/python -m bench.bench_prepare --rows 100000,1000000  # the full run (tens of minutes on 2 cores)
 
-Goals: >= 3x the baseline's rows/s with identical output; >= 0.85x the
-tokenizer-alone ceiling's rows/s; ftjobs' peak memory flat (<= 1.3x) from the
+Goals: >= 3x the baseline's rows/s with identical output; >= 0.7x the
+tokenizer-alone ceiling's rows/s (issue 28); ftjobs' peak memory flat (<= 1.3x) from the
 smallest to the largest size.
+
+Why the fraction of the ceiling moves with the size: the ceiling times only
+encode_batch in a pool that is already up, while prepare's wall time holds
+what every run pays whatever its size (interpreter start, imports, tokenizer
+load, template checks, manifest: measured apart as a FIXED_ROWS-row run and
+printed first) and its first batch, which runs in the job's process before
+the pool starts. Every size gets the same row mix (same generator), so the
+fixed costs are the difference: a line per size prints the ratio without
+them.
 """
 
 from __future__ import annotations
@@ -243,7 +252,7 @@ def main() -> None:
                             met=same and base_s / ours_s >= 3, unit="rows/s",
                             notes="identical output" if same else "OUTPUT DIFFERS"))
             rows.append(row("prepare", f"rows/s vs tokenizer only @ {n:,}", n / ours_s, n / ceil["seconds"],
-                            goal=">= 0.85x", met=same_tokens and ceil["seconds"] / ours_s >= 0.85, unit="rows/s",
+                            goal=">= 0.7x", met=same_tokens and ceil["seconds"] / ours_s >= 0.7, unit="rows/s",
                             notes=f"ceiling: encode_batch only, {ceil['workers']} processes" if same_tokens
                             else "TOKEN COUNTS DIFFER"))
             if net > 0:

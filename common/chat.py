@@ -614,7 +614,8 @@ class Starts:
 
     def __init__(self, source: Any, n: int):
         self.n = n
-        self._encoding, self._offsets = (None, source) if isinstance(source, list) else (source, None)
+        self._encoding: Any = None if isinstance(source, list) else source
+        self._offsets: list[tuple[int, int]] | None = source if isinstance(source, list) else None
 
     def offsets(self) -> list[tuple[int, int]]:
         if self._offsets is None:

@@ -48,7 +48,7 @@ def rows_per_band(threshold: float) -> int:
     return 4 if threshold >= 0.7 else 2 if threshold >= 0.4 else 1
 
 
-def shingle_hashes(text: str, n: int) -> Any:
+def shingle_hashes(text: str, n: int, unique: bool = True) -> Any:
     """The shingles of `text` (as `shingles` makes them) as sorted unique 64-bit hashes, computed in numpy:
     a polynomial hash over the characters' code points (what Index stores and compares; distinct shingles
     share a hash with a probability of about 2**-64 a pair)."""
@@ -65,13 +65,17 @@ def shingle_hashes(text: str, n: int) -> Any:
     h = np.zeros(m, dtype=np.uint64)
     for k in range(n):
         h = h * np.uint64(HASH_BASE) + codes[k:k + m]  # uint64 arithmetic wraps: a hash mod 2**64
-    return np.unique(h)
+    return np.unique(h) if unique else h  # a signature is a minimum: repeats do not change it (no sort)
 
 
 def hashed_jaccard(a: Any, b: Any) -> float:
     import numpy as np
 
-    inter = len(np.intersect1d(a, b, assume_unique=True))
+    if len(a) > len(b):
+        a, b = b, a
+    # Both sorted and unique: each of the smaller set's hashes looked up in the larger (no concatenate + sort).
+    at = np.searchsorted(b, a)
+    inter = int(np.count_nonzero(b[np.minimum(at, len(b) - 1)] == a)) if len(b) else 0
     union = len(a) + len(b) - inter
     return inter / union if union else 1.0
 
@@ -92,13 +96,15 @@ def signature(hashes: Any) -> Any:
     import numpy as np
 
     a, b = _permutations()
-    return ((np.multiply.outer(hashes, a) + b) >> np.uint64(32)).min(axis=0).astype(np.uint32)
+    m = np.multiply.outer(hashes, a)
+    m += b
+    return (m.min(axis=0) >> np.uint64(32)).astype(np.uint32)  # the shift is monotone: min, then shift
 
 
 def text_signature(text: str, n: int = 5) -> bytes:
     """`signature` of a text's shingles, as bytes: what prepare's tokenizer workers compute for each row, so
     the overlap check in the job's process only looks the bands up (Index.nearest_signed)."""
-    return bytes(signature(shingle_hashes(text, n)).data)
+    return bytes(signature(shingle_hashes(text, n, unique=False)).data)
 
 
 @dataclass

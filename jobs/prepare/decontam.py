@@ -138,7 +138,8 @@ class Overlap:
         guards = self.guard_index is not None and len(self.guard_index)
         if sigs is not None and not len(self.eval_index) and not guards:
             return out
-        ids = sources = None
+        ids: list[str] = []
+        sources: list[str] = []
         for k in range(batch.num_rows):
             msgs: Any = None
             if sigs is None:
@@ -154,7 +155,7 @@ class Overlap:
                 continue
             if msgs is None:
                 msgs = column[k].as_py()
-            if ids is None:
+            if not ids:
                 ids, sources = batch.column(0).to_pylist(), batch.column(1).to_pylist()
             key, sim = hit
             what = "eval" if key.startswith("eval:") else key.rsplit(":", 1)[0]
