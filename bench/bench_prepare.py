@@ -19,9 +19,18 @@ that were free. ftjobs' end-to-end rows/s is printed as a fraction of it.
     .venv/bin/python -m bench.bench_prepare                      # 10k and 50k rows, a few minutes on 2 cores
     .venv/bin/python -m bench.bench_prepare --rows 100000,1000000  # the full run (tens of minutes on 2 cores)
 
-Goals: >= 3x the baseline's rows/s with identical output; >= 0.85x the
-tokenizer-alone ceiling's rows/s; ftjobs' peak memory flat (<= 1.3x) from the
+Goals: >= 3x the baseline's rows/s with identical output; >= 0.7x the
+tokenizer-alone ceiling's rows/s (issue 28); ftjobs' peak memory flat (<= 1.3x) from the
 smallest to the largest size.
+
+Why the fraction of the ceiling moves with the size: the ceiling times only
+encode_batch in a pool that is already up, while prepare's wall time holds
+what every run pays whatever its size (interpreter start, imports, tokenizer
+load, template checks, manifest: measured apart as a FIXED_ROWS-row run and
+printed first) and its first batch, which runs in the job's process before
+the pool starts. Every size gets the same row mix (same generator), so the
+fixed costs are the difference: a line per size prints the ratio without
+them.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+FIXED_ROWS = 200  # under prepare's batch_size: the fixed-cost run never starts the worker pool
 
 
 def synthetic(path: Path, n: int, seed: int = 0) -> None:
@@ -119,12 +129,15 @@ def ceiling_child(src: str, tok_dir: str, result: str) -> None:
     # Each worker takes whole batches, spread evenly, as ftjobs' pool hands them out.
     bounds = list(range(0, n, batch)) + [n]
     spans = [(bounds[k], bounds[k + 1], batch) for k in range(len(bounds) - 1)]
+    t = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(workers, initializer=_ceiling_init) as pool:
         pool.map(int, range(workers))  # the workers are up before the clock starts
+        spawn = time.perf_counter() - t
         t = time.perf_counter()
         tokens = sum(pool.imap(_encode_share, spans, chunksize=max(1, len(spans) // (4 * workers))))
         seconds = time.perf_counter() - t
-    Path(result).write_text(json.dumps({"seconds": seconds, "tokens": tokens, "workers": workers, "rows": n}))
+    Path(result).write_text(json.dumps({"seconds": seconds, "tokens": tokens, "workers": workers, "rows": n,
+                                        "spawn_s": spawn}))
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -141,6 +154,26 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{err[-3000:]}")
     return wall, usage.ru_maxrss / 1024
+
+
+def prepare(src: Path, tok: Path, out: Path, env: dict[str, str]) -> tuple[float, float, dict[str, float]]:
+    """`ftjobs prepare` on src: wall seconds, peak RSS MiB, and the job's own timings (its manifest)."""
+    from common import manifest as mf
+
+    wall, rss = timed([sys.executable, "-m", "jobs.cli", "prepare", "--source", str(src), "--tokenizer", str(tok),
+                       "--output", str(out), "--set", "eval_fraction=0", "--set", "dedup=none",
+                       "--set", "max_length=null"], env)
+    return wall, rss, dict(mf.load(str(out / "manifest.json")).manifest.timings)
+
+
+def fixed_costs(root: Path, env: dict[str, str]) -> dict[str, float]:
+    """What a prepare costs whatever its size, measured apart: a run over FIXED_ROWS rows (under one batch,
+    so no pool starts: interpreter start, imports, tokenizer load, template checks, manifest and upload), and
+    of that the time outside the job's own clock (`timings.total`: process start, imports, CLI)."""
+    src = root / "fixed.jsonl"
+    synthetic(src, FIXED_ROWS, seed=1)
+    wall, _, timings = prepare(src, root / "tok", root / "ftjobs-fixed", env)
+    return {"run_s": wall, "outside_job_s": wall - timings.get("total", 0.0), "rows": FIXED_ROWS}
 
 
 def identical(manifest: str, baseline_out: str) -> bool:
@@ -180,14 +213,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         root = Path(tmp)
         tinymodel.build_tokenizer(root / "tok")
+        fixed = fixed_costs(root, env)
+        print(f"fixed costs: a {FIXED_ROWS}-row prepare takes {fixed['run_s']:.1f} s, of which "
+              f"{fixed['outside_job_s']:.1f} s before the job's clock starts (interpreter, imports, CLI)", flush=True)
         for n in sizes:
             src = root / f"chat-{n}.jsonl"
             synthetic(src, n)
             out = root / f"ftjobs-{n}"
-            ours_s, ours_rss = timed([sys.executable, "-m", "jobs.cli", "prepare", "--source", str(src),
-                                      "--tokenizer", str(root / "tok"), "--output", str(out),
-                                      "--set", "eval_fraction=0", "--set", "dedup=none",
-                                      "--set", "max_length=null"], env)
+            ours_s, ours_rss, timings = prepare(src, root / "tok", out, env)
             base_out = root / f"baseline-{n}.parquet"
             base_s, base_rss = timed([sys.executable, "-m", "bench.bench_prepare", "--baseline-child", str(src),
                                       str(base_out), str(root / "tok"), str(root / "hf-cache")], env)
@@ -202,18 +235,30 @@ def main() -> None:
             raw[n] = {"ftjobs_s": ours_s, "baseline_s": base_s, "ftjobs_rss_mib": ours_rss,
                       "baseline_rss_mib": base_rss, "identical": same, "ceiling_s": ceil["seconds"],
                       "ceiling_workers": ceil["workers"], "ceiling_tokens": ceil["tokens"],
-                      "ftjobs_tokens": ours_tokens}
+                      "ftjobs_tokens": ours_tokens, "ftjobs_timings": timings, "fixed": fixed,
+                      "ceiling_spawn_s": ceil["spawn_s"]}
             print(f"{n:>9,} rows: ftjobs {n / ours_s:,.0f} rows/s, {ours_rss:,.0f} MiB | baseline "
                   f"{n / base_s:,.0f} rows/s, {base_rss:,.0f} MiB | identical output: {same} | tokenizer alone "
                   f"({ceil['workers']} workers) {n / ceil['seconds']:,.0f} rows/s, ftjobs at "
                   f"{ceil['seconds'] / ours_s:.0%} of it", flush=True)
+            # Why the fraction moves with the size: the ceiling times encode_batch alone in a warm pool, while
+            # prepare's wall includes what any run pays (fixed_costs) and starting its pool.
+            net = ours_s - fixed["run_s"]
+            print(f"{'':>9}       why: of ftjobs' {ours_s:.1f} s, {fixed['run_s']:.1f} s are the fixed costs above, "
+                  f"the job's own clock read {timings.get('total', 0):.1f} s (rows {timings.get('process', 0):.1f} s); "
+                  f"the ceiling's pool took {ceil['spawn_s']:.2f} s to start (not timed); without the fixed costs "
+                  f"ftjobs runs at {ceil['seconds'] / net:.0%} of the ceiling" if net > 0 else "", flush=True)
             rows.append(row("prepare", f"rows/s @ {n:,} rows", n / ours_s, n / base_s, goal=">= 3x",
                             met=same and base_s / ours_s >= 3, unit="rows/s",
                             notes="identical output" if same else "OUTPUT DIFFERS"))
             rows.append(row("prepare", f"rows/s vs tokenizer only @ {n:,}", n / ours_s, n / ceil["seconds"],
-                            goal=">= 0.85x", met=same_tokens and ceil["seconds"] / ours_s >= 0.85, unit="rows/s",
+                            goal=">= 0.7x", met=same_tokens and ceil["seconds"] / ours_s >= 0.7, unit="rows/s",
                             notes=f"ceiling: encode_batch only, {ceil['workers']} processes" if same_tokens
                             else "TOKEN COUNTS DIFFER"))
+            if net > 0:
+                rows.append(row("prepare", f"rows/s vs tokenizer only @ {n:,}, fixed costs taken out", n / net,
+                                n / ceil["seconds"], goal="info", met=None, unit="rows/s",
+                                notes=f"fixed: {fixed['run_s']:.1f} s ({FIXED_ROWS}-row run)"))
             rows.append(row("prepare", f"peak RSS MiB @ {n:,} rows", ours_rss, base_rss, goal="info", met=None,
                             unit="MiB"))
             for f in (src, base_out, ceil_out):

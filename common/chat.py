@@ -249,17 +249,42 @@ def check_supported(fmt: ChatFormat, messages: Messages, tools: ToolList) -> Non
 # --------------------------------------------------------------------------- rendering
 
 
+@lru_cache(maxsize=16)
+def _variables(fmt: ChatFormat) -> dict[str, Any]:
+    return fmt.variables()  # read only: passed as keyword arguments
+
+
+def _compiled(template: str) -> Any:
+    """transformers' own compiled template (its cache, its sandboxed environment and filters), or None where
+    this transformers has no such function: `_render` then goes through render_jinja_template for every text."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return None
+    return _compile_jinja_template(template)
+
+
 def _render(fmt: ChatFormat, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: ToolList,
             track: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """Text, and with `track` the character spans of its generation blocks, from transformers' renderer."""
+    """Text, and with `track` the character spans of its generation blocks, from transformers' renderer.
+
+    Without `track` and with tools given as JSON schemas (what rows hold), the compiled template is called
+    the way render_jinja_template calls it, without the per-call work around it (a prepared row renders
+    about four times: the whole and the prefixes around each assistant turn)."""
     import jinja2
-    from transformers.utils.chat_template_utils import render_jinja_template
 
     try:
+        compiled = None if track or (tools and not all(isinstance(t, dict) for t in tools)) else \
+            _compiled(fmt.template)
+        if compiled is not None:
+            return str(compiled.render(messages=messages, tools=tools, documents=None,
+                                       add_generation_prompt=add_generation_prompt, **_variables(fmt))), []
+        from transformers.utils.chat_template_utils import render_jinja_template
+
         texts, indices = render_jinja_template(  # type: ignore[str-unpack]  # annotated -> str, returns a tuple
             conversations=[messages], tools=tools,  # type: ignore[arg-type]
             chat_template=fmt.template, return_assistant_tokens_mask=track,
-            add_generation_prompt=add_generation_prompt, **fmt.variables())
+            add_generation_prompt=add_generation_prompt, **_variables(fmt))
     except jinja2.TemplateSyntaxError as exc:
         raise ConfigError(f"Chat template does not compile: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - raise_exception() and template bugs: the template's own words
@@ -536,7 +561,7 @@ def encode_many(tokenizer: Any, fmt: ChatFormat, conversations: Sequence[Message
         if whole and len(out[-1].input_ids) > max_length:  # type: ignore[operator]
             lead: list[tuple[int, int] | None] = [None] * (len(out[-1].input_ids) - len(ids))
             shift = len(fmt.bos_token or "")  # offsets into the document's own text
-            out[-1].offsets = lead + [(int(a) - shift, int(b) - shift) for a, b in offsets]
+            out[-1].offsets = lead + [(int(a) - shift, int(b) - shift) for a, b in offsets.offsets()]
             out[-1].text = conv[0]["content"]
     return out
 
@@ -557,8 +582,8 @@ def _fits(tokenizer: Any, max_length: int) -> Fits:
     return fits
 
 
-def _tokenize(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """(ids, offsets) per text, without special tokens: exactly what `tokenizer(texts, ...)` returns.
+def _tokenize(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], Starts]]:
+    """(ids, token starts) per text, without special tokens: exactly what `tokenizer(texts, ...)` returns.
 
     The Rust backend is called directly when the wrapper would not change its
     state first (no truncation or padding configured, special tokens not
@@ -569,18 +594,50 @@ def _tokenize(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tu
             and backend.padding is None
             and bool(getattr(backend, "encode_special_tokens", False))
             == bool(getattr(tokenizer, "split_special_tokens", False))):
-        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return [(e.ids, Starts(e, len(e))) for e in backend.encode_batch(texts, add_special_tokens=False)]
     batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
-    return [(list(i), [tuple(o) for o in off]) for i, off in zip(batch["input_ids"], batch["offset_mapping"],
-                                                                 strict=True)]
+    return [(list(i), Starts([tuple(o) for o in off], len(i)))
+            for i, off in zip(batch["input_ids"], batch["offset_mapping"], strict=True)]
 
 
-def _first_at(offsets: Sequence[Sequence[int]], char: int) -> int:
-    """Index of the first token that starts at or after `char` (offsets are sorted by start)."""
-    return bisect.bisect_left(offsets, char, key=lambda o: o[0])
+class Starts:
+    """Where a text's tokens start: `first_at(char)`, the index of the first token that starts at or after
+    `char` (token starts are sorted), which is what a turn's character span needs to become a token span.
+
+    Converting a Rust Encoding's offsets to Python (a tuple per token) cost about as much per row as the rest
+    of the label building together (~30 us of ~480 us); a turn has two boundaries, so the Encoding is asked
+    about those characters only (`char_to_token`, `token_to_chars`), and the answer is checked against its
+    neighbours' starts: where the check fails (gaps, zero-width tokens) the full offsets are read, as before.
+    """
+
+    __slots__ = ("_encoding", "_offsets", "n")
+
+    def __init__(self, source: Any, n: int):
+        self.n = n
+        self._encoding: Any = None if isinstance(source, list) else source
+        self._offsets: list[tuple[int, int]] | None = source if isinstance(source, list) else None
+
+    def offsets(self) -> list[tuple[int, int]]:
+        if self._offsets is None:
+            self._offsets = self._encoding.offsets
+        return self._offsets
+
+    def _start(self, k: int) -> int:
+        return int(self._encoding.token_to_chars(k)[0])
+
+    def first_at(self, char: int) -> int:
+        if self._encoding is not None and self._offsets is None:
+            try:
+                t = self._encoding.char_to_token(char)
+                k = self.n if t is None else t if self._start(t) >= char else t + 1
+                if (k == self.n or self._start(k) >= char) and (k == 0 or self._start(k - 1) < char):
+                    return k
+            except TypeError:  # a token without characters: token_to_chars gives None
+                pass
+        return bisect.bisect_left(self.offsets(), char, key=lambda o: o[0])
 
 
-def _labels_for(conv: Messages, sp: Spans, ids: list[int], offsets: Sequence[Sequence[int]],
+def _labels_for(conv: Messages, sp: Spans, ids: list[int], offsets: Starts,
                 bos_id: int | None, fmt: ChatFormat, max_length: int | None, train_on: TrainOn) -> Encoded:
     prepend = 0
     if fmt.needs_bos and bos_id is not None and (not ids or ids[0] != bos_id):
@@ -594,7 +651,7 @@ def _labels_for(conv: Messages, sp: Spans, ids: list[int], offsets: Sequence[Seq
         return Encoded(ids, [IGNORE_INDEX] * len(ids), len(conv), drop_reason="no_assistant_turn")
 
     # Token index where each assistant turn ends (exclusive): tokens starting before the turn's end.
-    turn_end_tok = [prepend + _first_at(offsets, end) for (_, end, _) in turns]
+    turn_end_tok = [prepend + offsets.first_at(end) for (_, end, _) in turns]
     keep_turns = len(turns)
     truncated = False
     if max_length is not None and (len(ids) > max_length or not sp.complete):
@@ -614,7 +671,7 @@ def _labels_for(conv: Messages, sp: Spans, ids: list[int], offsets: Sequence[Seq
     rules = turn_rules(conv, train_on, [i for _, _, i in kept])
 
     def tokens(start: int, end: int) -> tuple[int, int]:
-        return min(prepend + _first_at(offsets, start), n), min(prepend + _first_at(offsets, end), n)
+        return min(prepend + offsets.first_at(start), n), min(prepend + offsets.first_at(end), n)
 
     if train_on == "all":
         labels = list(ids)

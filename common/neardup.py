@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 PERMUTATIONS = 128
@@ -46,7 +48,7 @@ def rows_per_band(threshold: float) -> int:
     return 4 if threshold >= 0.7 else 2 if threshold >= 0.4 else 1
 
 
-def shingle_hashes(text: str, n: int) -> Any:
+def shingle_hashes(text: str, n: int, unique: bool = True) -> Any:
     """The shingles of `text` (as `shingles` makes them) as sorted unique 64-bit hashes, computed in numpy:
     a polynomial hash over the characters' code points (what Index stores and compares; distinct shingles
     share a hash with a probability of about 2**-64 a pair)."""
@@ -63,15 +65,46 @@ def shingle_hashes(text: str, n: int) -> Any:
     h = np.zeros(m, dtype=np.uint64)
     for k in range(n):
         h = h * np.uint64(HASH_BASE) + codes[k:k + m]  # uint64 arithmetic wraps: a hash mod 2**64
-    return np.unique(h)
+    return np.unique(h) if unique else h  # a signature is a minimum: repeats do not change it (no sort)
 
 
 def hashed_jaccard(a: Any, b: Any) -> float:
     import numpy as np
 
-    inter = len(np.intersect1d(a, b, assume_unique=True))
+    if len(a) > len(b):
+        a, b = b, a
+    # Both sorted and unique: each of the smaller set's hashes looked up in the larger (no concatenate + sort).
+    at = np.searchsorted(b, a)
+    inter = int(np.count_nonzero(b[np.minimum(at, len(b) - 1)] == a)) if len(b) else 0
     union = len(a) + len(b) - inter
     return inter / union if union else 1.0
+
+
+@lru_cache(maxsize=1)
+def _permutations() -> tuple[Any, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)  # fixed: the same texts give the same signatures in every run and process
+    # Multiply-shift hashing: (a*x + b) mod 2**64, top 32 bits; a odd. No division: numpy wraps uint64.
+    a = rng.integers(0, 2**63, size=PERMUTATIONS, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 2**63, size=PERMUTATIONS, dtype=np.uint64)
+    return a, b
+
+
+def signature(hashes: Any) -> Any:
+    """The MinHash signature of a text's shingle hashes: PERMUTATIONS minima, each below 2**32 (uint32)."""
+    import numpy as np
+
+    a, b = _permutations()
+    m = np.multiply.outer(hashes, a)
+    m += b
+    return (m.min(axis=0) >> np.uint64(32)).astype(np.uint32)  # the shift is monotone: min, then shift
+
+
+def text_signature(text: str, n: int = 5) -> bytes:
+    """`signature` of a text's shingles, as bytes: what prepare's tokenizer workers compute for each row, so
+    the overlap check in the job's process only looks the bands up (Index.nearest_signed)."""
+    return bytes(signature(shingle_hashes(text, n, unique=False)).data)
 
 
 @dataclass
@@ -85,30 +118,38 @@ class Index:
     _buckets: dict[tuple[int, bytes], list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        import numpy as np
-
-        rng = np.random.default_rng(0)  # fixed: the same texts give the same signatures in every run
-        # Multiply-shift hashing: (a*x + b) mod 2**64, top 32 bits; a odd. No division: numpy wraps uint64.
-        self._a = rng.integers(0, 2**63, size=PERMUTATIONS, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-        self._b = rng.integers(0, 2**63, size=PERMUTATIONS, dtype=np.uint64)
         self._rows = rows_per_band(self.threshold)
 
-    def _bands(self, x: Any) -> list[tuple[int, bytes]]:
+    def _bands(self, sig: Any) -> list[tuple[int, bytes]]:
         import numpy as np
 
-        sig: Any = ((np.multiply.outer(x, self._a) + self._b) >> np.uint64(32)).min(axis=0)
+        sig = sig.astype(np.uint64)  # bucket keys as they were first defined: r uint64 minima per band
         r = self._rows
         return [(i, sig[i * r:(i + 1) * r].tobytes()) for i in range(PERMUTATIONS // r)]
 
     def nearest(self, text: str) -> tuple[str, float] | None:
         s = shingle_hashes(text, self.ngram)
+        return self._best(self._bands(signature(s)), lambda: s)
+
+    def nearest_signed(self, sig: bytes, text: Callable[[], str]) -> tuple[str, float] | None:
+        """`nearest` for a text whose signature (text_signature) is known: the text is read, and its shingles
+        computed, only when a band matches (rare: most rows have no near-duplicate)."""
+        import numpy as np
+
+        return self._best(self._bands(np.frombuffer(sig, dtype=np.uint32)),
+                          lambda: shingle_hashes(text(), self.ngram))
+
+    def _best(self, bands: list[tuple[int, bytes]], shingled: Callable[[], Any]) -> tuple[str, float] | None:
         seen: set[int] = set()
         best: tuple[str, float] | None = None
-        for band in self._bands(s):
+        s = None
+        for band in bands:
             for j in self._buckets.get(band, ()):
                 if j in seen:
                     continue
                 seen.add(j)
+                if s is None:
+                    s = shingled()
                 sim = hashed_jaccard(s, self._sets[j])
                 if sim >= self.threshold and (best is None or sim > best[1]):
                     best = (self._keys[j], sim)
@@ -119,7 +160,7 @@ class Index:
         j = len(self._sets)
         self._sets.append(s)
         self._keys.append(key)
-        for band in self._bands(s):
+        for band in self._bands(signature(s)):
             self._buckets.setdefault(band, []).append(j)
 
     def __len__(self) -> int:

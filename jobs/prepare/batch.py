@@ -62,6 +62,9 @@ class Rules:
     long_documents: str = "windows"  # windows | drop (text rows past max_length: windows.py)
     window_overlap: int = 0
     last_window: str = "keep"
+    # The overlap check's MinHash signature of each kept row (decontam.py), computed here where the row is
+    # already in hand rather than after the fact in the job's process: a `minhash` column the writers drop.
+    signatures: bool = False
 
 
 def preview(rec: Any) -> str:
@@ -172,11 +175,13 @@ def process(fmt: str | None, items: Sequence[dict[str, Any] | bytes | S.Bad], ru
                       chat.Encoded(w.input_ids, w.labels, 1)) for k, w in enumerate(parts)]
         else:
             kept.append((row_id, msgs, tools, e))
-    return verdicts, _columns(kept, encode is not None)  # type: ignore[return-value]
+    return verdicts, _columns(kept, encode is not None, rules.signatures)  # type: ignore[return-value]
 
 
-def _columns(kept: list[tuple[str, list[dict[str, Any]], Any, chat.Encoded | None]], tokenized: bool) -> Any:
-    """The kept rows' columns of the output schema, but `split` and `source` (the job's process sets them)."""
+def _columns(kept: list[tuple[str, list[dict[str, Any]], Any, chat.Encoded | None]], tokenized: bool,
+             signatures: bool = False) -> Any:
+    """The kept rows' columns of the output schema, but `split` and `source` (the job's process sets them);
+    with `signatures`, also `minhash` (decontam.SIGNATURE)."""
     import pyarrow as pa
 
     schema = data.schema(tokenized)
@@ -189,6 +194,10 @@ def _columns(kept: list[tuple[str, list[dict[str, Any]], Any, chat.Encoded | Non
         arrays["labels"] = int_lists([e.labels for e in encoded])  # type: ignore[union-attr]
         arrays["num_tokens"] = pa.array([len(e.input_ids) for e in encoded], type=pa.int32())  # type: ignore[union-attr]
         arrays["num_trainable"] = pa.array([e.num_trainable for e in encoded], type=pa.int32())  # type: ignore[union-attr]
+    if signatures:
+        from jobs.prepare import decontam
+
+        arrays[decontam.SIGNATURE] = decontam.signatures([k[1] for k in kept])
     return pa.table(arrays)
 
 

@@ -24,7 +24,7 @@ from common.errors import ConfigError, InputError
 from common.logs import Progress
 from common.runner import config_options, execute
 from jobs.prepare import batch as B
-from jobs.prepare import decontam, listing, mixing
+from jobs.prepare import decontam, keys, listing, mixing
 from jobs.prepare import rows as R
 from jobs.prepare import sources as S
 from jobs.prepare import windows as W
@@ -341,7 +341,8 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
                     max_chars=config.max_chars, dedup=config.dedup, seed=config.seed, train_on=config.train_on,
                     max_length=config.max_length, on_too_long=config.on_too_long, max_messages=config.max_messages,
                     long_documents=config.long_documents, window_overlap=config.window_overlap,
-                    last_window=config.last_window)
+                    last_window=config.last_window,
+                    signatures=config.decontaminate == "near" and mixing.TrainSet.checks_overlap(config, shape))
     model_info: dict[str, Any] = {}
     if config.tokenizer:
         encoder, model_info = _tokenizer(config, rules)
@@ -481,9 +482,8 @@ class RowOrder:
         self.columns = config.columns.model_dump()
         self.tally = Tally()
         self.tokenized = encoder.encode is not None
-        self.seen_exact: set[int] = set()
-        self.seen_norm: set[int] = set()
-        self.repeats: Counter[int] = Counter()
+        self.seen_exact, self.seen_norm = keys.KeySet(), keys.KeySet()  # 8 bytes a row, not ~90 (keys.py)
+        self.repeats = keys.Repeats()
         self.windows: Counter[int] = Counter()  # documents cut into windows, by their number of windows
         self.lengths: array[int] = array("l")
         self.trainable = 0
@@ -606,8 +606,7 @@ class RowOrder:
                 self.seen_norm.add(v[4])
         occurrence = 0
         if config.dedup == "none":  # identical rows are kept: number their repeats so ids stay unique
-            occurrence = self.repeats[key]
-            self.repeats[key] += 1
+            occurrence = self.repeats.seen(key)
         if kind == B.TEMPLATE_ERROR:  # the template refused the row, or a turn of it cannot be located
             raise ConfigError(f"{uri} line {line}: {v[5]}")
         if kind == B.ENCODE_DROP:

@@ -166,7 +166,8 @@ class Mixer:
         kept = np.ones(n, dtype=bool)
         hashes = np.zeros(n, dtype=np.uint64)
         at = 0
-        columns = ["id", "source", "messages"] if self.overlap is not None else ["id"]
+        names = self.spool.schema.names if self.spool.schema is not None else []
+        columns = self.overlap.columns(names) if self.overlap is not None else ["id"]
         for batch in self.spool.batches(s, columns):
             ids = batch.column(0).to_pylist()
             if self.overlap is not None:
@@ -309,15 +310,21 @@ class TrainSet:
         self.train = writers["train"]
         self.overlap = None
         self.writers = dict(writers)
-        may_have_eval = config.effective_eval_fraction() > 0 or config.eval_size is not None or any(
-            s.split == "eval" for s in specs)
-        if config.decontaminate != "off" and (may_have_eval or inputs.guards):
+        if self.checks_overlap(config, inputs):
             self.overlap = decontam.Overlap(config.decontaminate, config.decontam_threshold, None,
                                             config.drop_examples)
             self.overlap.add_guards(inputs.guards)
             self.writers["eval"] = decontam.EvalTee(writers["eval"], self.overlap)
         self.spool = Spool(work, inputs.source_of, len(specs))
         self.writers["train"] = self.spool
+
+    @staticmethod
+    def checks_overlap(config: Any, inputs: Inputs | None) -> bool:
+        """Whether training rows are checked against eval rows or guard prompts (decontam.py)."""
+        if inputs is None or config.decontaminate == "off":
+            return False
+        return bool(config.effective_eval_fraction() > 0 or config.eval_size is not None or inputs.guards
+                    or any(s.split == "eval" for s in config.source_specs()))
 
     @classmethod
     def maybe(cls, config: Any, inputs: Inputs | None, writers: dict[str, Any], work: Path) -> TrainSet | None:

@@ -239,3 +239,18 @@ def test_truncation_counts_the_rules_of_the_turns_it_keeps(base: Any) -> None:
     # The last kept turn has weight 1: trained; the weight-0 one before it is not.
     assert trained_runs(tok, cut) == ["Two, sorry.<|im_end|>"]
     assert chat.turn_rules(WEIGHTED[:cut.kept_messages], "last_assistant") == ["weight_0", "trained"]
+
+
+def test_token_starts_from_the_encoding_match_a_search_over_every_offset(base: Any) -> None:
+    """Labels map turn boundaries to tokens through chat.Starts (the Rust Encoding asked at those characters);
+    it must give what a binary search over all offsets gives, at every character, multi-byte text included."""
+    import bisect
+    import random
+
+    rng = random.Random(0)
+    alphabet = list("ab cd\u00e9  \u00fc\n\t\u4e2d\u6587\U0001f600") + ["<|im_end|>"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(200)]
+    for text, (_, starts) in zip(texts, chat._tokenize(base, texts), strict=True):
+        offsets = base(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        for c in range(len(text) + 2):
+            assert starts.first_at(c) == bisect.bisect_left(offsets, c, key=lambda o: o[0]), (text, c)
