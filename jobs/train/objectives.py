@@ -104,8 +104,8 @@ def check_data(config: Any, prep: mf.Loaded) -> None:
 
 def load_data(config: Any, prep: mf.Loaded, tokenizer: Any, fmt: Any) -> TrainData:
     """The pairs as examples 2k (prompt + chosen) and 2k+1 (prompt + rejected), packed whole pairs per row."""
-    from jobs.train.job import TrainData
     from jobs.train import data as train_data
+    from jobs.train.job import TrainData
 
     source = train_data.choose_source(prep, tokenizer, fmt, base_model=config.base_model,
                                       retokenize=config.retokenize)
