@@ -30,6 +30,7 @@ checkpoint, exit), then exits 1; re-running with the same run_id resumes.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -139,13 +140,22 @@ def report_uri(loaded: mf.Loaded) -> str:
         return storage.join(loaded.prefix, "report.html")
 
 
+def shown_path(uri: str) -> str:
+    """A local path under the working directory as a relative one (what a user typed, and what they can paste);
+    anything else as it is. Manifests keep absolute paths: this is only what the terminal shows."""
+    if storage.is_s3(uri) or not os.path.isabs(uri):
+        return uri
+    rel = os.path.relpath(uri)
+    return uri if rel.startswith("..") else rel
+
+
 def headline(loaded: mf.Loaded, total: float) -> None:
     """The report's location and every metric evaluate compared, on stderr so stdout stays one manifest URI."""
     metrics = loaded.manifest.metrics
     if "comparisons" not in metrics:
         return
     baseline = metrics["baseline"]
-    lines = [f"report: {report_uri(loaded)}  (and report.md)  pipeline {total:.0f}s"]
+    lines = [f"report: {shown_path(report_uri(loaded))}  (and report.md)  pipeline {total:.0f}s"]
     for label, comp in metrics["comparisons"].items():
         for name, d in comp["metrics"].items():
             if d["delta"] is not None:
