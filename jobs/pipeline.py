@@ -39,7 +39,7 @@ import click
 from common import manifest as mf
 from common import storage
 from common.errors import EXIT_GATE, EXIT_RETRYABLE, GateFailed, InputError
-from common.runner import config_options, execute, exit_code
+from common.runner import config_options, execute
 from jobs import chain, plan
 from jobs.executors import Executor, error_for
 from jobs.executors.local import LocalExecutor
@@ -74,17 +74,9 @@ def run(config: Config) -> mf.Loaded:
 def execute_plan(the_plan: plan.Plan, executor: Executor, config: Config) -> mf.Loaded:
     """Run the plan; `<run>/pipeline.json` records every step attempted and the exit code, whatever happens."""
     started = time.monotonic()
-    code = EXIT_RETRYABLE
     try:
-        executor.run(the_plan)
-        loaded = outcome(the_plan, config, started)
-        code = 0
-        return loaded
-    except BaseException as exc:
-        code = exit_code(exc)
-        raise
+        return executor.run_recorded(the_plan, lambda: outcome(the_plan, config, started))
     finally:
-        the_plan.record(code)
         summary = "  ".join(f"{i.step.name} {i.seconds}s" + (f" ({i.status})" if i.status != "done" else "")
                             for i in the_plan.instances.values() if i.seconds is not None)
         LOG.info("steps: %s; total %.1fs", summary, time.monotonic() - started)

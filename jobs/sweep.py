@@ -65,7 +65,7 @@ from common.errors import (
     GateFailed,
     InputError,
 )
-from common.runner import config_options, execute, exit_code
+from common.runner import config_options, execute
 from jobs import chain, plan
 from jobs.executors import Executor
 from jobs.executors.local import LocalExecutor
@@ -238,17 +238,7 @@ def run(config: Config) -> mf.Loaded:
 def execute_plan(the_plan: plan.Plan, executor: Executor, config: Config) -> mf.Loaded:
     """Run the plan, leaderboard included; `<sweep>/sweep.json` records every cell and step, whatever happens."""
     started = time.monotonic()
-    code = EXIT_RETRYABLE
-    try:
-        executor.run(the_plan)
-        loaded = outcome(the_plan, config, started)
-        code = 0
-        return loaded
-    except BaseException as exc:
-        code = exit_code(exc)
-        raise
-    finally:
-        the_plan.record(code)
+    return executor.run_recorded(the_plan, lambda: outcome(the_plan, config, started))
 
 
 def outcome(the_plan: plan.Plan, config: Config, started: float) -> mf.Loaded:

@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from common import manifest as mf
 from common import storage
-from common.errors import EXIT_CONFIG, EXIT_GATE, EXIT_INPUT, ConfigError, FtjobsError, GateFailed, InputError
+from common.errors import (
+    EXIT_CONFIG,
+    EXIT_GATE,
+    EXIT_INPUT,
+    EXIT_RETRYABLE,
+    ConfigError,
+    FtjobsError,
+    GateFailed,
+    InputError,
+)
 from jobs.plan import Instance, Plan
 
 LOG = logging.getLogger(__name__)
@@ -71,6 +81,23 @@ class Executor:
         import contextlib
 
         return contextlib.nullcontext()
+
+    def run_recorded(self, plan: Plan, outcome: Callable[[], mf.Loaded]) -> mf.Loaded:
+        """Run the plan, then `outcome()` (the final manifest, or the error its steps add up to); the plan's
+        record (pipeline.json / sweep.json) gets the exit code whatever happens."""
+        from common.runner import exit_code
+
+        code = EXIT_RETRYABLE
+        try:
+            self.run(plan)
+            loaded = outcome()
+            code = 0
+            return loaded
+        except BaseException as exc:
+            code = exit_code(exc)
+            raise
+        finally:
+            plan.record(code)
 
     def run(self, plan: Plan) -> None:
         """Run every pending instance once its inputs are published; a failure blocks only what needs it."""

@@ -771,17 +771,9 @@ def _empty(f: S.RawFile, config: Config) -> None:
 
 
 def _too_many_drops(tally: Tally, rows_out: int, fraction: float, limit: float) -> str:
-    lines = [f"Dropped {sum(tally.dropped.values()):,} of {tally.rows_in:,} rows ({fraction:.1%}); "
-             f"max_drop_fraction is {limit:.1%}." if rows_out else
-             f"No rows left: dropped {sum(tally.dropped.values()):,} of {tally.rows_in:,}.",
-             "  reason                     rows  first example"]
-    for reason, n in tally.dropped.most_common():
-        ex = (tally.examples.get(reason) or [{}])[0]
-        where = f"{ex.get('source', '')}:{ex.get('line', '')}  {ex.get('detail', '')}"
-        lines.append(f"  {reason:<24} {n:>7,}  {where[:160]}")
-    lines.append("Fix the data or the mapping (format, columns, roles), or raise max_drop_fraction if these drops "
-                 "are expected.")
-    return "\n".join(lines)
+    return R.drop_table(tally.dropped, tally.examples, tally.rows_in, rows_out, fraction, limit, "rows",
+                        "Fix the data or the mapping (format, columns, roles), or raise max_drop_fraction if these "
+                        "drops are expected.")
 
 
 def _no_train(config: Config, tally: Tally, rows_out: int) -> ConfigError | InputError:

@@ -472,13 +472,5 @@ def _stats(config: Any, tally: Tally, out: list[Kept], counts: dict[str, int], f
 
 
 def _too_many(tally: Tally, kept: int, fraction: float, limit: float) -> str:
-    lines = [f"Dropped {sum(tally.dropped.values()):,} of {tally.rows_in:,} preference pairs ({fraction:.1%}); "
-             f"max_drop_fraction is {limit:.1%}." if kept else
-             f"No pairs left: dropped {sum(tally.dropped.values()):,} of {tally.rows_in:,}.",
-             "  reason                     pairs  first example"]
-    for reason, n in tally.dropped.most_common():
-        ex = (tally.examples.get(reason) or [{}])[0]
-        where = f"{ex.get('source', '')}:{ex.get('line', '')}  {ex.get('detail', '')}"
-        lines.append(f"  {reason:<24} {n:>7,}  {where}"[:200])
-    lines.append("Fix the data, or raise max_drop_fraction if these drops are expected.")
-    return "\n".join(lines)
+    return R.drop_table(tally.dropped, tally.examples, tally.rows_in, kept, fraction, limit, "preference pairs",
+                        "Fix the data, or raise max_drop_fraction if these drops are expected.")

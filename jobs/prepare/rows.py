@@ -381,3 +381,19 @@ def split_point(row_id_: str, seed: int) -> float:
     """A uniform number in [0, 1) from the row id and seed: the split decision."""
     digest = hashlib.sha256(f"{seed}:{row_id_}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def drop_table(dropped: Any, examples: Mapping[str, list[dict[str, Any]]], rows_in: int, kept: int,
+               fraction: float, limit: float, unit: str, fix: str) -> str:
+    """The error when too much was dropped: counts, the limit, and a table of reasons with each one's first
+    example (file:line and detail). `unit` names what was counted (rows, preference pairs)."""
+    total = sum(dropped.values())
+    lines = [f"Dropped {total:,} of {rows_in:,} {unit} ({fraction:.1%}); max_drop_fraction is {limit:.1%}."
+             if kept else f"No {unit} left: dropped {total:,} of {rows_in:,}.",
+             f"  reason                   {unit.split()[-1]:>7}  first example"]
+    for reason, n in dropped.most_common():
+        ex = (examples.get(reason) or [{}])[0]
+        where = f"{ex.get('source', '')}:{ex.get('line', '')}  {ex.get('detail', '')}"
+        lines.append(f"  {reason:<24} {n:>7,}  {where[:160]}")
+    lines.append(fix)
+    return "\n".join(lines)
