@@ -13,18 +13,28 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from lm_eval.api.model import LM
 
 from common.errors import ConfigError
 
-if TYPE_CHECKING:
-    from jobs.evaluate.guards import Served
+
+class ServedModel(Protocol):
+    """What the harness needs of a served model (jobs/evaluate/guards.py `Served` is one): its tokenizer and
+    length limit, its generation settings, greedy answers, and a transformers model to score continuations."""
+
+    tokenizer: Any
+    max_len: int
+    settings: Any
+    generate: Callable[..., Any]  # common.generate's engine: token ids in, (text, tokens, finish) per sample out
+
+    def scorer(self) -> Any: ...
 
 
 class EngineLM(LM):
-    def __init__(self, served: Served):
+    def __init__(self, served: ServedModel):
         super().__init__()
         self.served = served
 

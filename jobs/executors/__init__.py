@@ -14,6 +14,7 @@ Both start the same instances in an order that respects the same dependencies: i
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
 from collections.abc import Callable
@@ -57,24 +58,26 @@ def error_for(code: int, message: str) -> FtjobsError:
     return FtjobsError(message)
 
 
-class Executor:
+class Executor(abc.ABC):
     """The loop every executor shares; a subclass says how to start a step and how to see that it ended."""
 
     max_parallel: int | None = None  # None: as many as are ready (a cluster queues them itself)
     poll_s: float = 0.2
 
+    @abc.abstractmethod
     def start(self, plan: Plan, inst: Instance) -> Any:
-        raise NotImplementedError
+        """Start the step; returns the handle `poll` is given."""
 
+    @abc.abstractmethod
     def poll(self, plan: Plan, inst: Instance, handle: Any) -> Finished | None:
         """None while the step runs."""
-        raise NotImplementedError
 
     def stop_requested(self) -> bool:
         return False
 
     def stop(self, plan: Plan, running: list[tuple[Instance, Any, float]]) -> None:
-        """Stop every running step (only executors that take signals do)."""
+        """Stop every running step (only executors that take signals do); by default nothing to stop."""
+        return None
 
     def session(self) -> Any:
         """A context around the whole run (signal handlers)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -137,3 +138,23 @@ def _flat(table: pa.Table, column: str) -> Any:
         return values[offsets[i]:offsets[i + 1]] if valid[i] else None
 
     return row
+
+
+@dataclass
+class TrainData:
+    """The training data as the loop sees it: tokenized examples and the packed rows that index them."""
+
+    source: Source                    # pretokenized, or tokenized here
+    train: list[Example]
+    eval: list[Example]
+    train_stats: dict[str, Any]       # rows read and dropped (by reason), as data.load counts them
+    eval_stats: dict[str, Any]
+    rows: list[list[int]]             # packed rows of train example indices, row_tokens tokens at most
+    row_tokens: int
+    eval_batches: list[list[list[int]]]
+    pad_id: int
+
+    @property
+    def density(self) -> float:
+        """Fraction of the packed rows' token slots that hold real tokens."""
+        return sum(len(e) for e in self.train) / (len(self.rows) * self.row_tokens)

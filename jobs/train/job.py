@@ -57,9 +57,9 @@ from common.logs import Progress
 from common.runner import config_options, execute
 from jobs.train import checkpoints, fsdp, objectives, selection, strategy
 from jobs.train.config import Checkpointing, Config, Lora, Quantization  # noqa: F401 (tests and tools read them here too)
+from jobs.train.data import TrainData
 
 if TYPE_CHECKING:
-    from jobs.train.data import Source
     from jobs.train.packing import Example
 
 LOG = logging.getLogger(__name__)
@@ -118,26 +118,6 @@ def train(config: Config, prep: mf.Loaded, attempt: stage.Attempt, stop: _StopFl
              outcome.metrics["first_train_loss"], outcome.metrics["final_train_loss"],
              f"{outcome.metrics['effective_tokens_per_s'] or 0:,.0f}")
     return outcome
-
-
-@dataclass
-class TrainData:
-    """The training data as the loop sees it: tokenized examples and the packed rows that index them."""
-
-    source: Source                    # pretokenized, or tokenized here
-    train: list[Example]
-    eval: list[Example]
-    train_stats: dict[str, Any]       # rows read and dropped (by reason), as data.load counts them
-    eval_stats: dict[str, Any]
-    rows: list[list[int]]             # packed rows of train example indices, row_tokens tokens at most
-    row_tokens: int
-    eval_batches: list[list[list[int]]]
-    pad_id: int
-
-    @property
-    def density(self) -> float:
-        """Fraction of the packed rows' token slots that hold real tokens."""
-        return sum(len(e) for e in self.train) / (len(self.rows) * self.row_tokens)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ from common.errors import ConfigError, InputError
 if TYPE_CHECKING:
     import torch
 
-    from jobs.train.job import TrainData, Trainer
+    from jobs.train.data import TrainData
+    from jobs.train.job import Trainer
 
 LOG = logging.getLogger(__name__)
 Objective = Literal["sft", "dpo", "orpo"]
@@ -105,7 +106,7 @@ def check_data(config: Any, prep: mf.Loaded) -> None:
 def load_data(config: Any, prep: mf.Loaded, tokenizer: Any, fmt: Any) -> TrainData:
     """The pairs as examples 2k (prompt + chosen) and 2k+1 (prompt + rejected), packed whole pairs per row."""
     from jobs.train import data as train_data
-    from jobs.train.job import TrainData
+    from jobs.train.data import TrainData
 
     source = train_data.choose_source(prep, tokenizer, fmt, base_model=config.base_model,
                                       retokenize=config.retokenize)
