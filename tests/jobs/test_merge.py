@@ -25,6 +25,7 @@ from common import manifest as mf
 from common.config import validate
 from common.errors import ChecksumError, ConfigError, InputError, OutputTakenError
 from jobs.merge import job as merge
+from jobs.merge.checks import DEFAULT_PROMPTS
 from tests.conftest import REPO, TEST_BUCKET
 from tests.jobs.builders import publish_adapter
 
@@ -305,7 +306,7 @@ def test_merged_folder_generates_in_vllm_cpu_as_in_transformers(merged: tuple[mf
 
     folder = merged[1]
     tok = AutoTokenizer.from_pretrained(str(folder))
-    prompts = merge.encode_prompts(tok, list(merge.DEFAULT_PROMPTS[:2]))
+    prompts = merge.encode_prompts(tok, list(DEFAULT_PROMPTS[:2]))
     script = tmp_path / "vllm_generate.py"
     script.write_text(VLLM_SCRIPT)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
