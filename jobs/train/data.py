@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +24,9 @@ from common import chat
 from common import data as canonical
 from common import manifest as mf
 from common.errors import ConfigError, InputError
-from jobs.train.packing import Example, example
+
+if TYPE_CHECKING:  # packing imports torch; the CLI (and the prepare image, which has none) imports this module
+    from jobs.train.packing import Example
 
 LOG = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ def choose_source(prep: mf.Loaded, tokenizer: Any, fmt: chat.ChatFormat, *, base
 def load(prep: mf.Loaded, split: str, *, source: Source, tokenizer: Any, fmt: chat.ChatFormat,
          max_seq_length: int, train_on: chat.TrainOn) -> tuple[list[Example], dict[str, Any]]:
     """One split's examples, and what happened to its rows (counts of everything dropped)."""
+    from jobs.train.packing import example
+
     dropped: Counter[str] = Counter()
     truncated = 0
     examples: list[Example] = []

@@ -94,3 +94,13 @@ def test_a_tokenizer_only_folder_loads_as_autotokenizer_would_without_torch(tmp_
     out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "tok")], cwd=REPO, env=subprocess_env,
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_cli_starts_without_torch_or_transformers(subprocess_env: dict[str, str]):
+    """Every `ftjobs` command imports every stage's module to list its command, and the prepare image (which
+    also runs evaluate) has no torch: a stage module that imports torch at the top breaks that image."""
+    probe = ("import sys, jobs.cli; "
+             "print([m for m in ('torch', 'transformers', 'vllm', 'peft', 'bitsandbytes') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=subprocess_env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
