@@ -137,7 +137,10 @@ CHAIN: tuple[Step, ...] = (
                                   Take("predictions", "--predictions", "infer-dpo", label=3)), ("evaluate",),
          nested=("promote",)),
     # A positional take (flag ""): `ftjobs promote MERGE_MANIFEST --evaluation ... --root ...`.
-    Step("promote", "promote", (Take("manifest", "", "merge"), Take("evaluation", "--evaluation", "evaluate"),
+    # The run's last model is the candidate: the DPO model when the run trains one, else the finetuned one (and
+    # evaluate's gate judges that same model: Config.section sets promote.challenger to dpo_label).
+    Step("promote", "promote", (Take("manifest", "", "merge-dpo"), Take("manifest", "", "merge", unless="merge-dpo"),
+                                Take("evaluation", "--evaluation", "evaluate"),
                                 Take("root", "--root", "root")), (), optional="promote"),
 )
 STEP_NAMES = tuple(s.name for s in CHAIN)
@@ -259,6 +262,10 @@ class Config(JobConfig):
         """The split infer-train answers (RUN_VALUES): always the training prompts."""
         return "train"
 
+    def run_values(self) -> dict[str, Any]:
+        """Every RUN_VALUES field, as the run config gives it (plan.values makes local paths absolute)."""
+        return {name: (list(v) if isinstance(v := getattr(self, name), list) else v) for name in RUN_VALUES}
+
     def section(self, step: Step) -> dict[str, Any]:
         """The step's own config: its sections merged key by key, later wins (infer, then infer_base)."""
         merged: dict[str, Any] = {}
@@ -267,6 +274,8 @@ class Config(JobConfig):
         for name in step.nested:
             if getattr(self, name):
                 merged = deep_merge(merged, {name: getattr(self, name)})
+        if "promote" in merged and self.dpo:  # the gate judges the model promote takes: the DPO model
+            merged["promote"] = {"challenger": self.dpo_label, **merged["promote"]}
         return merged
 
 
@@ -321,9 +330,7 @@ def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str
     without its section) is left out of the arguments too. `values` overrides the run values (e.g. local
     paths made absolute).
     """
-    run_values = {"base_model": config.base_model, "data": list(config.data), "champion": config.champion,
-                  "root": config.root, "preference_data": list(config.preference_data),
-                  "train_split": config.train_split, **(values or {})}
+    run_values = {**config.run_values(), **(values or {})}
     left_out = {s.name for s in CHAIN if not s.wanted(config)}
     args: list[str] = []
     for take in step.takes:

@@ -37,7 +37,10 @@ from jobs import chain
 # checkpoint.grace_seconds, train's): the exit itself (closing files, an engine's processes) takes a few seconds.
 STOP_MARGIN_S = 30.0
 LEADERBOARD = "evaluate"  # the chain step a sweep replaces by its one leaderboard over every cell
-PREDICTIONS = "infer-finetuned"  # the step whose predictions of a cell the leaderboard ranks
+PREDICTIONS = "infer-finetuned"  # the finetuned model's predictions (what `serve` replaces for plain-LoRA cells)
+# The step whose predictions of a cell the leaderboard ranks: the cell's last model, the DPO model when the cell
+# trains one (a `dpo` section), else the finetuned model.
+RANKED = ("infer-dpo", PREDICTIONS)
 SETTLED = ("done", "failed", "blocked", "interrupted")
 
 
@@ -137,13 +140,12 @@ class Plan:
 
     def values(self, config: chain.Config) -> dict[str, Any]:
         """The run values steps take; local paths made absolute when the steps run here."""
-        # The champion a run is compared with and the registry's root (pinned: chain.pin_champion).
-        registry = {"champion": config.champion, "root": config.root}
+        values = config.run_values()  # the champion is pinned by then (chain.pin_champion)
         if not self.local:
-            return {"base_model": config.base_model, "data": list(config.data), **registry}
-        return {"base_model": absolute(config.base_model), "data": [absolute(d) for d in config.data],
+            return values
+        return {**values, "base_model": absolute(config.base_model), "data": [absolute(d) for d in config.data],
                 "preference_data": [absolute(d) for d in config.preference_data],
-                **registry, "root": absolute(config.root, must_exist=False)}
+                "root": absolute(config.root, must_exist=False)}
 
     def conf_uri(self, inst: Instance) -> str:
         return storage.join(self.prefix, "config", f"{inst.name}.yaml")
@@ -209,10 +211,12 @@ class Plan:
     # ----------------------------------------------------------------------- the cells' outcome
 
     def finetuned(self, cell: Cell) -> str | None:
-        """The cell's finetuned predictions manifest, once every step of the cell finished."""
-        if PREDICTIONS not in cell.keys or any(self.instances[k].status != "done" for k in cell.keys.values()):
+        """The predictions manifest the leaderboard ranks for the cell (its last model's: RANKED), once every step
+        of the cell finished."""
+        ranked = next((name for name in RANKED if name in cell.keys), None)
+        if ranked is None or any(self.instances[k].status != "done" for k in cell.keys.values()):
             return None
-        inst = self.instances[cell.keys[PREDICTIONS]]
+        inst = self.instances[cell.keys[ranked]]
         if not inst.served:
             return inst.manifest
         output = next(s.output for s in inst.served if s.cell == cell.id)

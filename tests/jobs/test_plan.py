@@ -231,3 +231,38 @@ def test_a_run_with_promote_plans_the_champion_steps_with_the_pinned_champion(tm
     assert args[args.index("--model") + 1] == "models:/tickets/3" and args[args.index("--root") + 1] == str(root)
     evaluate = next(i for i in other.instances.values() if i.name == "evaluate")
     assert other.arguments(evaluate, stand_in=True).count("--label") == 3
+
+
+def test_the_dpo_demo_plans_on_the_local_executor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """infer-train takes the run value train_split: the plan (not only each stage's command line) knows it."""
+    monkeypatch.chdir(REPO)
+    demo = cfg.load_config(chain.Config, file="demo/pipeline-dpo.yaml")
+    local = pipeline.plan_run(demo, str(tmp_path / "runs/d"), "d", local=True)
+    infer_train = next(i for i in local.instances.values() if i.name == "infer-train")
+    args = local.arguments(infer_train, stand_in=True)
+    assert args[args.index("--split") + 1] == "train"
+    assert args[args.index("--model") + 1].endswith("merge/manifest.json")
+
+
+def test_with_dpo_the_gate_judges_and_promote_takes_the_dpo_model_and_the_sweep_ranks_it(tmp_path: Path) -> None:
+    """The run's last model is its candidate: with a `dpo` section, evaluate's gate judges the DPO model's
+    predictions (promote.challenger = dpo_label), promote takes merge-dpo, and a sweep's leaderboard ranks each
+    cell's infer-dpo predictions; without it, the finetuned model as before."""
+    root = tmp_path / "store"
+    dpo = {"pairs": {"metric": "exact_match"}, "dpo": {"objective": "dpo"}}
+    config = cfg.validate(chain.Config, {**RUN, **dpo, "root": str(root), "promote": {"name": "tickets"}})
+    assert config.section(chain.BY_NAME["evaluate"])["promote"] == {"challenger": "dpo", "name": "tickets"}
+    run = pipeline.plan_run(config, f"{root}/runs/r1", "r1", local=False)
+    promote = next(i for i in run.instances.values() if i.name == "promote")
+    assert run.arguments(promote, stand_in=True)[0] == f"{root}/runs/r1/merge-dpo/manifest.json"
+    chosen = cfg.validate(chain.Config, {**RUN, **dpo, "promote": {"name": "t", "challenger": "finetuned"}})
+    assert chosen.section(chain.BY_NAME["evaluate"])["promote"]["challenger"] == "finetuned"  # a choice stays
+    plain = cfg.validate(chain.Config, {**RUN, "promote": {"name": "t"}})
+    assert "challenger" not in plain.section(chain.BY_NAME["evaluate"])["promote"]
+
+    conf = cfg.validate(sweep.Config, {**RUN, **dpo, "matrix": {"dpo.preference.beta": [0.1, 0.5]}})
+    board = sweep.plan_sweep(conf, str(tmp_path / "s"), "s1", local=False)
+    for inst in board.instances.values():
+        inst.status, inst.manifest = "done", f"<{inst.name}>"
+    ranked = [board.finetuned(c) for c in board.cells]
+    assert all(r.startswith("<infer-dpo-") for r in ranked) and len(set(ranked)) == 2
