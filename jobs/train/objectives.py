@@ -22,6 +22,7 @@ Losses, per pair, with s = the summed log-probability of an answer's trained tok
 - dpo/hinge:   relu(1 - h)
 - dpo/ipo:     ((a_c - ref_a_c) - (a_r - ref_a_r) - 1 / (2 beta))^2   (IPO uses per-token means)
 - orpo:        -a_c - beta * log sigmoid(log odds(a_c) - log odds(a_r)), odds(a) = e^a / (1 - e^a)
+- dpo with preference.sft_weight w (RPO): the DPO loss above - w * a_c
 Rewards (what the reward accuracy and margins report): DPO beta * (s - ref), ORPO beta * a. The step's loss is
 the mean over its pairs.
 """
@@ -62,6 +63,11 @@ class Preference(JobConfig):
                                                      "ipo (squared, on per-token means) or hinge (SLiC).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO sigmoid: the assumed share of pairs whose "
                                    "labels are flipped (conservative DPO); 0 for none.")
+    sft_weight: float = Field(0.0, ge=0, description="DPO: weight of an SFT term, the chosen answer's mean "
+                              "negative log-likelihood per token, added to each pair's loss (RPO; TRL's rpo_alpha; "
+                              "1.0 in the RPO paper). DPO alone can lower the chosen answer's likelihood too when "
+                              "the two answers share most tokens; this keeps it up. 0: plain DPO. ORPO has its "
+                              "own SFT term.")
 
     @model_validator(mode="after")
     def _smoothing(self) -> Preference:
@@ -73,6 +79,9 @@ class Preference(JobConfig):
 
 def check_config(config: Any) -> None:
     """Cross-field rules of the train config that concern the objective."""
+    if config.objective == "orpo" and config.preference.sft_weight:
+        raise ValueError("preference.sft_weight adds an SFT term to DPO; ORPO has its own (weighted against the "
+                         "odds-ratio term by beta). Remove preference.sft_weight or set objective: dpo")
     if config.objective == "orpo" and config.preference.loss != "sigmoid":
         raise ValueError(f"preference.loss {config.preference.loss} is a DPO loss; ORPO has its own (odds ratio "
                          "+ SFT). Remove preference.loss or set objective: dpo")
@@ -341,6 +350,7 @@ class PreferenceObjective:
         stats["objective"] = {"name": self.name, "beta": self.settings.beta,
                               "loss": self.settings.loss if self.name == "dpo" else "orpo",
                               "label_smoothing": self.settings.label_smoothing if self.name == "dpo" else None,
+                              "sft_weight": self.settings.sft_weight if self.name == "dpo" else None,
                               "reference": self.reference, "init_adapter": t.config.init_adapter,
                               "pairs": {"train": len(t.data.train) // 2, "eval": len(t.data.eval) // 2}}
         for k, v in self.last_eval.items():
@@ -417,6 +427,8 @@ def pair_losses(name: str, settings: Preference, s_c: Any, s_r: Any, n_c: Any, n
         else:
             ls = settings.label_smoothing
             losses = -(1 - ls) * F.logsigmoid(h) - ls * F.logsigmoid(-h)
+    if settings.sft_weight:
+        losses = losses - settings.sft_weight * a_c
     return losses, beta * (s_c - ref_c).detach(), beta * (s_r - ref_r).detach()
 
 

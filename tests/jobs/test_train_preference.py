@@ -107,6 +107,10 @@ def test_the_losses_are_the_papers_formulas() -> None:
     assert run("dpo", label_smoothing=0.2) == pytest.approx(
         [-0.8 * math.log(sig(x)) - 0.2 * math.log(sig(-x)) for x in h], rel=1e-5)
     assert run("dpo", loss="hinge") == pytest.approx([max(0.0, 1 - x) for x in h], rel=1e-5)
+    # RPO: DPO plus sft_weight times the chosen answer's mean NLL per token (-s_c / n_c).
+    assert run("dpo", sft_weight=0.5) == pytest.approx([-math.log(sig(x)) + 0.5 * c for x, c in zip(h, [2.0, 3.0],
+                                                                                                      strict=True)],
+                                                       rel=1e-5)
     ipo_h = [(-4 / 2 + 5 / 2) - (-6 / 2 + 5 / 2), (-9 / 3 + 8 / 3) - (-5 / 1 + 6 / 1)]
     assert run("dpo", loss="ipo", beta=0.5) == pytest.approx([(x - 1.0) ** 2 for x in ipo_h], rel=1e-5)
     a_c, a_r = [-2.0, -3.0], [-3.0, -5.0]
@@ -142,7 +146,8 @@ def test_what_cannot_work_is_refused(pairs: mf.Loaded, tiny_model: Path, tiny_to
     for sets, msg in ((["objective=dpo", "packing=none"], "packing: none is not supported"),
                       (["objective=dpo", "preference.loss=ipo", "preference.label_smoothing=0.1"],
                        "label_smoothing applies to loss sigmoid only"),
-                      (["objective=orpo", "preference.loss=hinge"], "ORPO has its own")):
+                      (["objective=orpo", "preference.loss=hinge"], "ORPO has its own"),
+                      (["objective=orpo", "preference.sft_weight=1"], "ORPO has its own")):
         with pytest.raises(ConfigError, match=msg):
             cfg.load_config(train.Config, sets=sets, flags={"input": "x", "base_model": "y", "output": "z"})
     assert objectives.Preference().beta == 0.1
