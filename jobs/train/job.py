@@ -33,39 +33,33 @@ and no attention crosses examples (see `jobs/train/packing.py`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import random
-import signal
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from common import chat, models, stage, storage
 from common import manifest as mf
 from common.config import dump
-from common.errors import EXIT_RETRYABLE, ConfigError, InputError, Preempted
+from common.errors import ConfigError, InputError, Preempted
 from common.logs import Progress
 from common.runner import config_options, execute
 from jobs.train import checkpoints, fsdp, objectives, selection, strategy
 from jobs.train.config import Checkpointing, Config, Lora, Quantization  # noqa: F401 (tests and tools read them here too)
 from jobs.train.data import TrainData
-
-if TYPE_CHECKING:
-    from jobs.train.packing import Example
+from jobs.train.model import count_params, load_model, make_optimizer, peak_memory
+from jobs.train.signals import StopFlag, install_sigterm
+from jobs.train.trainer import Fitted, Schedule, Superseded, Trainer
 
 LOG = logging.getLogger(__name__)
 STAGE = "train"
-GRAD_BUCKET = 1 << 24  # gradient elements per all-reduce (64 MiB of float32)
-
 
 
 # --------------------------------------------------------------------------- the job
@@ -83,7 +77,7 @@ def run(config: Config) -> stage.Result:
     prep = mf.load(config.input, verify="size", expect_stage=("prepare", "pairs"))
     objectives.check_data(config, prep)
     identity = stage.Identity(STAGE, config.output, dump(config), [prep.ref("data"), *objectives.extra_inputs(config)])
-    stop = _install_sigterm(config.checkpoint.grace_seconds)
+    stop = install_sigterm(config.checkpoint.grace_seconds)
     try:
         result = stage.run(identity, lambda attempt: train(config, prep, attempt, stop, started))
     finally:
@@ -93,7 +87,7 @@ def run(config: Config) -> stage.Result:
     return result
 
 
-def train(config: Config, prep: mf.Loaded, attempt: stage.Attempt, stop: _StopFlag,
+def train(config: Config, prep: mf.Loaded, attempt: stage.Attempt, stop: StopFlag,
           started: float) -> stage.Outcome | stage.Result:
     """setup -> fit -> save_outputs; rank 0's outcome becomes the manifest, other ranks leave it to rank 0."""
     trainer = setup(config, prep, attempt.identity.key, attempt.identity.config, attempt.id)
@@ -118,304 +112,6 @@ def train(config: Config, prep: mf.Loaded, attempt: stage.Attempt, stop: _StopFl
              outcome.metrics["first_train_loss"], outcome.metrics["final_train_loss"],
              f"{outcome.metrics['effective_tokens_per_s'] or 0:,.0f}")
     return outcome
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How many optimizer steps, and which micro-batches each one takes."""
-
-    per_step: int          # micro-batches per optimizer step, all processes together (fixed by the first attempt)
-    steps_per_epoch: int
-    total: int
-    warmup: int
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, step within it) of `step`: the data position a checkpoint's step stands for."""
-        epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        return epoch, in_epoch
-
-
-@dataclass(frozen=True)
-class Fitted:
-    """What fit leaves for publish besides the training state."""
-
-    eval_loss: float | None
-    peak_memory: dict[str, Any]
-    stopped_early: bool = False
-
-
-@dataclass
-class Trainer:
-    """What the phases share: model and optimizer, data, schedule, the accelerator, and the training state."""
-
-    config: Config
-    accelerator: Any
-    base: models.ModelRef
-    tokenizer: Any
-    fmt: chat.ChatFormat
-    data: TrainData
-    schedule: Schedule
-    peft_model: Any        # what forward and backward run on, and what checkpoints and the adapter hold
-    params: list[Any]      # the trainable parameters
-    param_counts: tuple[int, int]  # (trainable, all)
-    optimizer: Any
-    optimizer_name: str
-    scheduler: Any
-    compute_dtype: Any
-    quant: dict[str, Any]  # the manifest's quantization block
-    identity: str          # config + inputs: whose checkpoints this run may resume from
-    attempt: str           # names this attempt's checkpoint folders
-    state: checkpoints.TrainState
-    resumed_from: int | None
-    tracker: Any
-    timings: dict[str, float]
-    candidates: list[int] | None = None  # the candidate steps save_outputs published (select / early_stopping)
-    _epoch_batches: tuple[int, list[Any]] = (-1, [])
-    objective: objectives.PreferenceObjective | None = None  # dpo/orpo: its step and eval replace SFT's
-
-    @property
-    def rank(self) -> int:
-        return int(self.accelerator.process_index)
-
-    @property
-    def world(self) -> int:
-        return int(self.accelerator.num_processes)
-
-    @property
-    def main(self) -> bool:
-        return bool(self.accelerator.is_main_process)
-
-    @property
-    def sharded(self) -> bool:
-        return fsdp.active(self.config, self.world)
-
-    @property
-    def cuda(self) -> bool:
-        return self.accelerator.device.type == "cuda"
-
-    def autocast(self) -> Any:
-        import torch
-
-        if self.cuda and self.compute_dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.compute_dtype)
-        return contextlib.nullcontext()
-
-    def batch(self, rows: list[list[int]], examples: list[Example]) -> dict[str, Any]:
-        """One micro-batch of packed rows as tensors on this process's device."""
-        from jobs.train import packing
-
-        tensors = packing.collate(rows, examples, self.data.pad_id, self.config.packing == "mask")
-        return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in tensors.items()}
-
-    def all_sum(self, *values: float) -> list[float]:
-        """Sum over processes (the values themselves on one)."""
-        if self.world == 1:
-            return list(values)
-        import torch
-
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-        return self.accelerator.reduce(tensor, reduction="sum").tolist()
-
-    def step_batches(self, step: int, rank: int = 0, world: int = 1) -> list[Any]:
-        """Process `rank`'s micro-batches of optimizer step `step` (with the defaults: every process's)."""
-        from jobs.train import packing
-
-        epoch, in_epoch = self.schedule.position(step)
-        if self._epoch_batches[0] != epoch:
-            self._epoch_batches = (epoch, packing.micro_batches(self.data.rows, self.config.batch_size,
-                                                                 self.config.seed, epoch))
-        return packing.step_share(self._epoch_batches[1], self.schedule.per_step, in_epoch, rank, world)
-
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step on this process's share of the step's micro-batches; returns what to log."""
-        import torch
-
-        if self.objective is not None:
-            return self.objective.train_step(self)
-        from jobs.train import packing
-
-        examples = self.data.train
-        counts = [packing.count_tokens(b, examples) for b in self.step_batches(self.state.step)]
-        step_tokens, step_trained = sum(c[0] for c in counts), sum(c[1] for c in counts)
-        started = time.monotonic()
-        loss_total = 0.0
-        for mb, real in self.my_batches(self.state.step):
-            with self.autocast():
-                s, _ = packing.loss_sum(self.peft_model, self.batch(mb, examples))
-                # Sum over tokens / all tokens of the step, on every process: every trained token weighs the
-                # same however the tokens fall into micro-batches and processes, and the gradients' sum over
-                # processes is the whole step's gradient. A stand-in batch (fsdp) counts zero.
-                (s / step_trained * float(real)).backward()
-            loss_total += float(s.detach()) * real
-        if not self.sharded:  # FSDP reduce-scatters the gradients itself, summed (jobs/train/fsdp.py)
-            self.sum_gradients()
-        grad_norm = None
-        if self.config.max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss_total,) = self.all_sum(loss_total)
-        loss, seconds, lr = loss_total / step_trained, time.monotonic() - started, self.scheduler.get_last_lr()[0]
-        self.state.advance(loss=loss, lr=lr, tokens=step_tokens, trained_tokens=step_trained, seconds=seconds)
-        scalars = {"train/loss": loss, "train/lr": lr,
-                   "train/tokens_per_s": step_tokens / seconds if seconds > 0 else 0.0}
-        if grad_norm is not None:
-            scalars["train/grad_norm"] = grad_norm
-        return scalars
-
-    def my_batches(self, step: int) -> list[tuple[Any, bool]]:
-        """This process's micro-batches of `step`, each flagged real. Sharded, every process runs as many as
-        the busiest one (FSDP's gathers are collectives): the short ones repeat the step's first batch."""
-        mine = self.step_batches(step, self.rank, self.world)
-        if not self.sharded:
-            return [(mb, True) for mb in mine]
-        rounds = max(len(self.step_batches(step, r, self.world)) for r in range(self.world))
-        return fsdp.stand_in(mine, rounds, self.step_batches(step)[0])
-
-    def sum_gradients(self) -> None:
-        """Sum the trainable parameters' gradients over processes, once per optimizer step.
-
-        Not DDP: the loss runs the decoder and the output head directly (`packing.loss_sum`, to keep [B, L, V]
-        logits out of memory), which never passes through DDP's forward, so DDP would sync nothing. One
-        all-reduce per bucket of adapter gradients instead; a process without a micro-batch in this step (an
-        epoch's last step can hold fewer than there are processes) adds zeros. Every process then clips and
-        steps the same summed gradient, so the replicas stay equal.
-        """
-        if self.world == 1:
-            return
-        import torch
-        import torch.distributed as dist
-
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        bucket: list[Any] = []
-        size = 0
-        for i, p in enumerate(self.params):
-            bucket.append(p.grad)
-            size += p.grad.numel()
-            if size >= GRAD_BUCKET or i == len(self.params) - 1:
-                flat = torch.cat([g.reshape(-1) for g in bucket])
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                at = 0
-                for g in bucket:
-                    g.copy_(flat[at:at + g.numel()].view_as(g))
-                    at += g.numel()
-                bucket, size = [], 0
-
-    def broadcast_parameters(self) -> None:
-        """Rank 0's trainable weights on every process, before the first step (as DDP does at start)."""
-        if self.world == 1 or self.sharded:  # sharded: every process loaded the same weights and seed
-            return
-        import torch.distributed as dist
-
-        for p in self.params:
-            dist.broadcast(p.data, src=0)
-
-    def evaluate(self) -> float | None:
-        """Mean eval loss per target token over every process's share of the eval batches (None: no eval split)."""
-        import torch
-
-        if self.objective is not None:
-            return self.objective.evaluate(self)
-        from jobs.train import packing
-
-        if not self.data.eval_batches:
-            return None
-        self.peft_model.eval()
-        loss_sum, count = 0.0, 0
-        mine = self.data.eval_batches[self.rank::self.world]
-        batches = fsdp.stand_in(mine, -(-len(self.data.eval_batches) // self.world), self.data.eval_batches[0]) \
-            if self.sharded else [(b, True) for b in mine]
-        with torch.no_grad(), self.autocast():
-            for batch, real in batches:
-                s, n = packing.loss_sum(self.peft_model, self.batch(batch, self.data.eval))
-                if real:
-                    loss_sum, count = loss_sum + float(s), count + n
-        self.peft_model.train()
-        total, tokens = self.all_sum(loss_sum, count)
-        return total / max(tokens, 1)
-
-    def timed_eval(self) -> float | None:
-        """evaluate, its time added to timings["eval_s"], its loss to the state's eval losses."""
-        started = time.monotonic()
-        loss = self.evaluate()
-        self.timings["eval_s"] = self.timings.get("eval_s", 0.0) + time.monotonic() - started
-        if loss is not None and not (self.state.eval_losses and self.state.eval_losses[-1]["step"] == self.state.step):
-            self.state.eval_losses.append({"step": self.state.step, "loss": round(loss, 6)})
-        return loss
-
-    def keep_candidate(self, eval_loss: float | None) -> bool:
-        """After a step: save its adapter as a candidate when select's interval or a new best held-out loss
-        (early_stopping) asks for it; True when early stopping says to stop."""
-        config, step = self.config, self.state.step
-        interval = selection.every(config.select, config.checkpoint.every_steps, config.eval_every)
-        best = eval_loss is not None and selection.is_new_best(config.early_stopping, self.state.eval_losses, step)
-        if self.main and ((interval and step % interval == 0) or best):
-            selection.save(config.output, step, self.peft_model, eval_loss)
-            self.prune_candidates()
-        return eval_loss is not None and selection.should_stop(config.early_stopping, self.state.eval_losses)
-
-    def prune_candidates(self) -> None:
-        stopping = self.config.early_stopping
-        top = selection.best(self.state.eval_losses, stopping.min_delta) if stopping else None
-        keep = self.config.select.keep if self.config.select else 1  # early stopping alone: the best only
-        selection.prune(self.config.output, keep, {top[0]} if top else set())
-
-    def last_candidate(self) -> int | None:
-        """Before adapter/ is saved (rank 0): the last step saved as a candidate, then, with early stopping, the
-        best-loss step's weights loaded in its place. Returns the step adapter/ holds (None: no selection)."""
-        config = self.config
-        if config.select is None and config.early_stopping is None:
-            return None
-        last = self.state.eval_losses[-1]["loss"] if self.state.eval_losses and \
-            self.state.eval_losses[-1]["step"] == self.state.step else None
-        selection.save(config.output, self.state.step, self.peft_model, last)
-        top = selection.best(self.state.eval_losses, config.early_stopping.min_delta) if config.early_stopping \
-            else None
-        if top is None or top[0] == self.state.step:
-            return self.state.step
-        selection.load_into(config.output, top[0], self.peft_model)
-        LOG.info("early stopping: adapter/ holds step %d (held-out loss %.4f), not the last step %d", top[0],
-                 top[1], self.state.step)
-        return top[0]
-
-    def superseded(self) -> bool:
-        """Whether another attempt of this run published while this one trained (every rank gets rank 0's answer)."""
-        published = float(self.main and storage.exists(mf.manifest_uri(self.config.output)))
-        return self.all_sum(published)[0] > 0
-
-    def save_checkpoint(self) -> str | None:
-        """Rank 0 saves the state as checkpoint `step` and prunes old ones; every process waits for it.
-
-        Raises Superseded, before writing, when another attempt already published this run: pruning could
-        otherwise delete checkpoints its manifest names, and the rest of the training would be for nothing.
-        """
-        if self.superseded():
-            raise Superseded
-        started = time.monotonic()
-        uri = None
-        if self.config.strategy == "fsdp":  # every process writes its shards (jobs/train/fsdp.py)
-            uri = fsdp.save_checkpoint(self)
-        elif self.main:
-            uri = checkpoints.write(self.config.output, self.identity, self.peft_model, self.optimizer,
-                                    self.scheduler, self.state, self.attempt)
-        if self.main:
-            removed = checkpoints.prune(self.config.output, self.config.checkpoint.keep)
-            LOG.info("checkpoint saved: %s (%.1fs)%s", uri, time.monotonic() - started,
-                     f"; removed steps {removed}" if removed else "",
-                     extra={"checkpoint": uri, "step": self.state.step})
-        self.accelerator.wait_for_everyone()
-        return uri
-
-
-# --------------------------------------------------------------------------- setup
-
-
-class Superseded(Exception):  # noqa: N818 - a signal inside train, never seen outside it
-    """Another attempt of this run published while this one trained."""
 
 
 def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, Any], attempt: str) -> Trainer:
@@ -454,13 +150,13 @@ def setup(config: Config, prep: mf.Loaded, identity: str, resolved: dict[str, An
 
         t = time.monotonic()
         strategy.refuse_on_device(config, cuda)
-        peft_model, compute_dtype, quant = _load_model(config, base.path, accelerator.device, cuda)
+        peft_model, compute_dtype, quant = load_model(config, base.path, accelerator.device, cuda)
         objective = objectives.setup(config, peft_model)
-        param_counts = _count_params(peft_model)
+        param_counts = count_params(peft_model)
         if fsdp.active(config, accelerator.num_processes):
             peft_model = fsdp.shard(peft_model, config, compute_dtype, cuda)
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer, optimizer_name = _optimizer(config, params, cuda)
+        optimizer, optimizer_name = make_optimizer(config, params, cuda)
         from transformers import get_scheduler  # here, so load_model_s counts its import as it always did
 
         scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=schedule.warmup,
@@ -587,7 +283,7 @@ def _schedule(config: Config, train_data: TrainData, world: int,
 # --------------------------------------------------------------------------- fit
 
 
-def fit(t: Trainer, stop: _StopFlag) -> Fitted:
+def fit(t: Trainer, stop: StopFlag) -> Fitted:
     """Optimizer steps from the state's step to the total, evaluating and checkpointing on the way.
 
     SIGTERM: the step in flight finishes, a checkpoint is saved, and Preempted (exit 1) ends the attempt.
@@ -636,7 +332,7 @@ def fit(t: Trainer, stop: _StopFlag) -> Fitted:
     if eval_loss is not None:
         t.tracker.log({"eval/loss": eval_loss}, t.state.step)
     t.tracker.close()
-    return Fitted(eval_loss=eval_loss, peak_memory=_peak_memory(t.cuda, t.accelerator.device),
+    return Fitted(eval_loss=eval_loss, peak_memory=peak_memory(t.cuda, t.accelerator.device),
                   stopped_early=stopped_early)
 
 
@@ -728,95 +424,7 @@ def _outcome(t: Trainer, fitted: Fitted) -> stage.Outcome:
     return stage.Outcome(run_id=state.run_id, stats=stats, metrics=metrics, timings=t.timings, model=model_info)
 
 
-
 # --------------------------------------------------------------------------- pieces
-
-
-def _load_model(config: Config, path: Path, device: Any, cuda: bool) -> tuple[Any, Any, dict[str, Any]]:
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q, mode, method = config.quantization, strategy.quant_mode(config), strategy.method_of(config)
-    if q.compute_dtype != "auto":
-        dtype = getattr(torch, q.compute_dtype)
-    elif cuda:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float32
-    kwargs: dict[str, Any] = {"dtype": torch.float32 if method == "full" else dtype,  # full: float32 masters
-                              "attn_implementation": config.attention,
-                              "trust_remote_code": config.trust_remote_code,
-                              "device_map": {"": device.index if cuda else "cpu"}}
-    quant: dict[str, Any] = {"mode": mode, "compute_dtype": str(dtype).removeprefix("torch.")}
-    if mode != "none":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=dtype, **strategy.quant_storage(config, dtype))
-        quant.update({"method": "bitsandbytes", "bits": 4, "double_quant": q.double_quant})
-    try:
-        model: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"Could not load base model {config.base_model}: {exc}") from None
-    if mode != "none" and not cuda:
-        # bitsandbytes 0.50 on CPUs with AVX512-BF16: the first forward in eval mode (our eval loss) repacks
-        # the 4-bit weights for an inference kernel that has no autograd, and they stay repacked, so later
-        # training steps silently lose the gradient through every base layer. Keep the trainable layout.
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
-    gc_kwargs = {"use_reentrant": False}
-    if mode != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
-    elif config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        model.enable_input_require_grads()
-    model.config.use_cache = False
-    if method == "full":
-        model.requires_grad_(True)
-        return model, dtype, quant
-    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,  # type: ignore[arg-type] # peft takes floats
-                      lora_dropout=config.lora.dropout,
-                      target_modules=config.lora.target_modules, modules_to_save=config.lora.modules_to_save or None,
-                      bias="none", task_type="CAUSAL_LM")
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as exc:
-        raise ConfigError(f"LoRA settings do not fit {config.base_model}: {exc}") from None
-    return model, dtype, quant
-
-
-def _count_params(model: Any) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
-def _optimizer(config: Config, params: list[Any], cuda: bool) -> tuple[Any, str]:
-    import torch
-
-    name = config.optimizer
-    if name == "auto":
-        name = "paged_adamw_8bit" if cuda else "adamw_torch"
-    if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay), name
-    if not cuda:
-        raise ConfigError(f"optimizer {name} needs CUDA (bitsandbytes' 8-bit optimizers); use adamw_torch on CPU")
-    import bitsandbytes as bnb
-
-    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-    return cls(params, lr=config.learning_rate, weight_decay=config.weight_decay), name
-
-
-
-def _peak_memory(cuda: bool, device: Any) -> dict[str, Any]:
-    if cuda:
-        import torch
-
-        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda_max_allocated"}
-    import resource
-
-    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "kind": "cpu_max_rss"}
 
 
 def _plot(curve: dict[str, Any], path: Path, title: str) -> None:
@@ -837,47 +445,6 @@ def _plot(curve: dict[str, Any], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-class _StopFlag:
-    """SIGTERM: ask the loop to stop after the current step; hard-exit if the grace period runs out."""
-
-    def __init__(self, grace_seconds: float):
-        self.grace_seconds = grace_seconds
-        self.requested = False
-        self._previous: Any = None
-        self._timer: threading.Timer | None = None
-
-    def handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            return
-        self.requested = True
-        LOG.warning("SIGTERM: finishing the current step, then checkpointing (grace %.0fs)", self.grace_seconds)
-        self._timer = threading.Timer(self.grace_seconds, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _expire(self) -> None:
-        LOG.error("grace period of %.0fs ran out before the checkpoint finished; exiting (the last complete "
-                  "checkpoint will be used)", self.grace_seconds)
-        logging.shutdown()
-        os._exit(EXIT_RETRYABLE)
-
-    def restore(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def _install_sigterm(grace_seconds: float) -> _StopFlag:
-    flag = _StopFlag(grace_seconds)
-    if threading.current_thread() is threading.main_thread():
-        flag._previous = signal.signal(signal.SIGTERM, flag.handle)
-    return flag
-
-
-# --------------------------------------------------------------------------- CLI
 
 
 @click.command("train")

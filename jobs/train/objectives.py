@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     import torch
 
     from jobs.train.data import TrainData
-    from jobs.train.job import Trainer
+    from jobs.train.trainer import Trainer
 
 LOG = logging.getLogger(__name__)
 Objective = Literal["sft", "dpo", "orpo"]

@@ -15,6 +15,7 @@ from common import storage
 from common.errors import ConfigError, InputError
 from jobs.train import checkpoints, data, packing
 from jobs.train import job as train
+from jobs.train import model as train_model
 from tests.jobs.helpers import publish_prepare
 
 pytestmark = pytest.mark.integration
@@ -229,7 +230,7 @@ def test_the_lora_settings_reach_the_adapter(tiny_model):
     # lora.dropout once fell into a comment and the adapter quietly trained with peft's default (0.0).
     config = train.Config(input="unused", base_model=str(tiny_model), output="unused", quantization={"mode": "none"},
                           lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]})
-    model, _, _ = train._load_model(config, tiny_model, torch.device("cpu"), cuda=False)
+    model, _, _ = train_model.load_model(config, tiny_model, torch.device("cpu"), cuda=False)
     lora = model.peft_config["default"]
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (4, 8, 0.1)
     assert lora.target_modules == {"q_proj", "v_proj"}
