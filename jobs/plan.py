@@ -32,6 +32,7 @@ import yaml
 from common import manifest as mf
 from common import storage
 from jobs import chain
+from jobs.prepare import config as prepare_config
 
 # How long a step may take to stop after SIGTERM, on top of its own grace period (a stage config's
 # checkpoint.grace_seconds, train's): the exit itself (closing files, an engine's processes) takes a few seconds.
@@ -42,6 +43,9 @@ PREDICTIONS = "infer-finetuned"  # the finetuned model's predictions (what `serv
 # trains one (a `dpo` section), else the finetuned model.
 RANKED = ("infer-dpo", PREDICTIONS)
 SETTLED = ("done", "failed", "blocked", "interrupted")
+# Steps that read only the prepare run's held-out split: cells whose prepare runs differ only in settings that
+# cut the training split (prepare's TRAIN_ONLY: a learning curve) share one of each, so the base is scored once.
+HELD_OUT_STEPS = ("infer-base", "infer-champion")
 
 
 def grace_s(resolved: Any) -> float:
@@ -118,6 +122,8 @@ class Plan:
     metric: str | None = None  # the leaderboard's
     axes: list[str] = field(default_factory=list)  # what the cells vary (a sweep's matrix keys)
     evaluate: dict[str, Any] = field(default_factory=dict)  # the leaderboard's evaluate section
+    # prepare instance -> the first prepare instance with the same held-out split (HELD_OUT_STEPS take that one)
+    held_out: dict[str, str] = field(default_factory=dict)
 
     @property
     def record_name(self) -> str:
@@ -379,9 +385,16 @@ def build(kind: Literal["run", "sweep"], plan_id: str, prefix: str, cells: list[
 def _add(plan: Plan, cell: Cell, step: chain.Step, resolved: Any) -> None:
     values = plan.values(cell.config)
     needs = {n: cell.keys[n] for n in step.needs() if n in cell.keys}
+    if step.name in HELD_OUT_STEPS and "prepare" in needs:
+        needs["prepare"] = plan.held_out[needs["prepare"]]
     takes = {t.key: values[t.source] for t in step.takes if t.source in chain.RUN_VALUES
              and (t.when is None or getattr(cell.config, t.when))}
-    key = short_hash({"step": step.name, "section": cell.config.section(step), "takes": takes, "needs": needs})
+    section = cell.config.section(step)
+    key = short_hash({"step": step.name, "section": section, "takes": takes, "needs": needs})
+    if step.stage == "prepare":
+        held_out = {k: v for k, v in section.items() if k not in prepare_config.TRAIN_ONLY}
+        plan.held_out.setdefault(key, plan.held_out.setdefault(
+            short_hash({"held_out": step.name, "section": held_out, "takes": takes, "needs": needs}), key))
     cell.keys[step.name] = key
     step_tag = step.name.removeprefix(step.stage).strip("-") or None  # infer-base: stage infer, tag base
     if plan.kind == "run":

@@ -56,6 +56,11 @@ class Columns(JobConfig):
                            "and rendered the way the template wants; <think> blocks in the text are kept as they are).")
 
 
+# Settings that cut only the training split: the held-out split is the same whatever they are (the plan shares
+# the steps that read only the held-out split across them, e.g. a learning curve's base predictions).
+TRAIN_ONLY = ("max_train_rows", "train_fraction")
+
+
 class Config(JobConfig):
     """ftjobs prepare: raw data -> validated, split, optionally tokenized Parquet + manifest."""
 

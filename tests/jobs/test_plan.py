@@ -266,3 +266,19 @@ def test_with_dpo_the_gate_judges_and_promote_takes_the_dpo_model_and_the_sweep_
         inst.status, inst.manifest = "done", f"<{inst.name}>"
     ranked = [board.finetuned(c) for c in board.cells]
     assert all(r.startswith("<infer-dpo-") for r in ranked) and len(set(ranked)) == 2
+
+
+def test_a_learning_curve_scores_its_base_once(tmp_path: Path) -> None:
+    """Cells that differ only in how much of the training split they keep (prepare.max_train_rows /
+    train_fraction) have the same held-out split: one infer-base for all, and one base on the leaderboard."""
+    curve = cfg.validate(sweep.Config, {**RUN, "matrix": {"prepare.max_train_rows": [60, 125],
+                                                          "prepare.train_fraction": [0.5, 1.0]}})
+    the_plan = sweep.plan_sweep(curve, str(tmp_path / "a"), "s1", local=False)
+    names = [i.step.name for i in the_plan.instances.values()]
+    assert names.count("prepare") == 4 and names.count("infer-base") == 1 and names.count("train") == 4
+    base = next(i for i in the_plan.instances.values() if i.step.name == "infer-base")
+    assert len(base.cells) == 4 and base.needs["prepare"] == the_plan.cells[0].keys["prepare"]
+    # Another held-out split (eval_size) is another base run.
+    other = cfg.validate(sweep.Config, {**RUN, "matrix": {"prepare.eval_size": [4, 8]}})
+    names = [i.step.name for i in sweep.plan_sweep(other, str(tmp_path / "b"), "s2", local=False).instances.values()]
+    assert names.count("infer-base") == 2
