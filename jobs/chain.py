@@ -33,6 +33,7 @@ refused naming it, since it would be overridden silently otherwise.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,10 @@ class Config(JobConfig):
     run_id: str | None = Field(None, description="Run id; the same id resumes a run (finished steps are "
                                                  "skipped). Default: a new one.")
     base_model: str = Field(description="Base model source: Hugging Face id, s3:// prefix or local folder.")
-    data: list[str] = Field(description="Raw data files or URIs for prepare (JSONL, CSV, Parquet, ...).")
+    data: list[str | dict[str, Any]] = Field(description="Raw data files or URIs for prepare (JSONL, CSV, Parquet, "
+                                             "...); an item may be a mapping with prepare's per-source settings, "
+                                             "e.g. {path: synth.jsonl, weight: 0.25, repeat: true} (docs/prepare.md, "
+                                             "Mixing).")
     tokenize: bool = Field(True, description="Let prepare tokenize with the base model's tokenizer (train then "
                                              "reads the token ids as they are).")
     baseline: bool = Field(True, description="Run the base model's predictions (infer-base) and compare against "
@@ -225,9 +229,12 @@ class Config(JobConfig):
 
     @field_validator("data")
     @classmethod
-    def _data(cls, value: list[str]) -> list[str]:
+    def _data(cls, value: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
         if not value:
             raise ValueError("give at least one data file")
+        for i, item in enumerate(value):
+            if isinstance(item, dict) and not isinstance(item.get("path"), str):
+                raise ValueError(f"data[{i}] is a mapping without a path: give {{path: FILE, weight: ..., ...}}")
         return value
 
     @model_validator(mode="after")
@@ -340,10 +347,18 @@ def arguments(step: Step, config: Config, done: dict[str, str], values: dict[str
             continue
         value = run_values[take.source] if take.source in RUN_VALUES else done[take.source]
         for item in value if isinstance(value, list) else [value]:
-            args += [take.flag, str(item)] if take.flag else [str(item)]
+            args += [take.flag, argument(take, item)] if take.flag else [argument(take, item)]
         if take.label is not None:
             args += ["--label", (*config.labels, CHAMPION_LABEL, config.dpo_label)[take.label]]
     return args
+
+
+def argument(take: Take, item: Any) -> str:
+    """One value on a stage's command line. A data source given as a mapping (prepare's per-source settings:
+    weight, max_rows, ...) goes to prepare's --source as JSON; a step that takes files only gets its path."""
+    if isinstance(item, dict):
+        return json.dumps(item, sort_keys=True) if take.key == "sources" else str(item["path"])
+    return str(item)
 
 
 # --------------------------------------------------------------------------- checking a step before it exists

@@ -149,7 +149,8 @@ class Plan:
         values = config.run_values()  # the champion is pinned by then (chain.pin_champion)
         if not self.local:
             return values
-        return {**values, "base_model": absolute(config.base_model), "data": [absolute(d) for d in config.data],
+        data = [{**d, "path": absolute(d["path"])} if isinstance(d, dict) else absolute(d) for d in config.data]
+        return {**values, "base_model": absolute(config.base_model), "data": data,
                 "preference_data": [absolute(d) for d in config.preference_data],
                 "root": absolute(config.root, must_exist=False)}
 

@@ -714,9 +714,26 @@ def _remove(writer: mf.ArtifactWriter) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+def source_flag(value: str) -> str | dict[str, Any]:
+    """A --source value: a path or URI, or a JSON object with per-source settings (what a pipeline's `data`
+    mapping becomes): --source '{"path": "synth.jsonl", "weight": 0.25, "repeat": true}'."""
+    if not value.lstrip().startswith("{"):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"{value!r} starts like a JSON object but is not one ({e.msg} at column {e.colno}); "
+                                 "give a path, or a JSON object such as '{\"path\": \"a.jsonl\", \"weight\": 0.5}'",
+                                 param_hint="--source") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"{value!r}: expected a JSON object with a path", param_hint="--source")
+    return parsed
+
+
 @click.command("prepare")
-@click.option("--source", "sources", multiple=True, metavar="PATH_OR_URI",
-              help="Raw data: file, folder, glob, s3:// object or prefix, hf://id. Repeatable.")
+@click.option("--source", "sources", multiple=True, metavar="PATH_OR_URI_OR_JSON",
+              help="Raw data: file, folder, glob, s3:// object or prefix, hf://id; or a JSON object with per-source "
+                   "settings ({\"path\": ..., \"weight\": ...}). Repeatable.")
 @click.option("--format", "format_", type=click.Choice(["auto", *R.FORMATS]), default=None,
               help="Input format (default auto: detected per file).")
 @click.option("--tokenizer", metavar="MODEL_SRC", help="Tokenize with this model's tokenizer (folder, s3://, HF id).")
@@ -731,5 +748,6 @@ def command(sources: tuple[str, ...], format_: str | None, tokenizer: str | None
     """
     import sys
 
-    flags = {"sources": list(sources) or None, "format": format_, "tokenizer": tokenizer, "output": output}
+    flags = {"sources": [source_flag(s) for s in sources] or None, "format": format_, "tokenizer": tokenizer,
+             "output": output}
     execute(sys.modules["jobs.prepare"], config_file, sets, flags)

@@ -147,3 +147,31 @@ def test_weights_must_be_given_for_every_training_source(tmp_path: Path, sources
         cfg.validate(prepare.Config, {"sources": [{"path": str(real), "repeat": True}], "output": "x"})
     with pytest.raises(Exception, match="no source has a weight"):
         cfg.validate(prepare.Config, {"sources": [str(real)], "mix_rows": 10, "output": "x"})
+
+
+def test_a_pipelines_data_mappings_reach_prepare_as_per_source_settings(tmp_path: Path, sources: tuple[Path, Path],
+                                                                        subprocess_env: dict[str, str]):
+    """`data:` items of a run config may carry prepare's per-source settings; the chain hands them to
+    `ftjobs prepare --source` as JSON, which the real prepare reads as a weighted mixture."""
+    from jobs import chain
+
+    real, synth = sources
+    config = cfg.validate(chain.Config, {"base_model": "m", "tokenize": False, "prepare": {"mix_rows": 400},
+                                         "data": [{"path": str(real), "weight": 0.75},
+                                                  {"path": str(synth), "weight": 0.25, "repeat": True}]})
+    chain.check(config)  # every step's arguments parse with its own command line, the sources included
+    args = chain.arguments(chain.BY_NAME["prepare"], config, {})
+    assert args[0] == "--source" and json.loads(args[1]) == {"path": str(real), "weight": 0.75}
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "prepare", *args, "--set", "mix_rows=400", "--set",
+                           "eval_fraction=0", "--output", str(tmp_path / "o")], cwd=REPO, env=subprocess_env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    by = {Path(s["source"]).name: s for s in mf.load(str(tmp_path / "o")).manifest.stats["mixing"]["sources"]}
+    assert abs(by["real.jsonl"]["rows_after"] - 300) <= 1 and abs(by["synthetic.jsonl"]["rows_after"] - 100) <= 1
+    bad = subprocess.run([sys.executable, "-m", "jobs.cli", "prepare", "--source", '{"path": "a.jsonl",',
+                          "--output", str(tmp_path / "b")], cwd=REPO, env=subprocess_env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "starts like a JSON object but is not one" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    with pytest.raises(Exception, match=r"data\[0\] is a mapping without a path"):
+        cfg.validate(chain.Config, {"base_model": "m", "data": [{"weight": 0.5}]})
