@@ -203,3 +203,38 @@ def json_lines(local: Path, where: str, what: str, max_line_bytes: int = MAX_LIN
                                  f"the {what} file") from None
             out.append((n, obj))
     return out
+
+
+def read_predictions(loaded: mf.Loaded, tmp: Path) -> list[dict[str, Any]]:
+    """All rows of an infer manifest's prediction shards, checksum-verified (what evaluate and pairs read);
+    each row's id made unique per sample (`id#sample` when infer drew several)."""
+    shards = sorted(loaded.manifest.artifacts_named("predictions/part-"), key=lambda a: a.name)
+    if not shards:
+        raise InputError(f"{loaded.uri} lists no predictions/part-NNNNN artifacts: is it an infer manifest "
+                         "that finished with rows?")
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for i, art in enumerate(shards):
+        local = mf.fetch_artifact(loaded, art, tmp / f"{i:05d}.parquet")
+        try:
+            table = pq.read_table(local)
+        except Exception as exc:
+            raise InputError(f"{loaded.resolve(art)} is not readable Parquet: {exc}") from None
+        missing = [c for c in SCORED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise InputError(f"{loaded.resolve(art)} has no column(s) {', '.join(missing)} (has: "
+                             f"{', '.join(table.column_names)}); evaluate needs {', '.join(SCORED_COLUMNS)}. "
+                             "Re-run infer with this version of ftjobs.")
+        for n, row in enumerate(table.to_pylist()):
+            if row["id"] is None or not isinstance(row["id"], str):
+                raise InputError(f"{loaded.resolve(art)} row {n}: id is {row['id']!r}; every prediction needs a "
+                                 "string id")
+            # With sampling.n > 1 infer writes one row per sample: each (id, sample) is its own example.
+            rid = row["id"] if not row.get("sample") else f"{row['id']}#{row['sample']}"
+            row["id"] = rid
+            if rid in seen:
+                raise InputError(f"{loaded.resolve(art)} row {n}: id {rid!r} already appeared in {seen[rid]}; "
+                                 "each example must be predicted once (were shards from two runs mixed?)")
+            seen[rid] = loaded.resolve(art)
+            rows.append(row)
+    return rows

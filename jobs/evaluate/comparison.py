@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 from common.errors import ConfigError, GateFailed, InputError
-from jobs.evaluate.metrics import REFERENCE_METRICS
+from common.metrics import REFERENCE_METRICS
 
 LOG = logging.getLogger(__name__)
 

@@ -36,12 +36,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from common import chat, storage
+from common import chat, metrics, storage
 from common import manifest as mf
 from common.config import JobConfig
 from common.errors import ConfigError, InputError
 from common.generate import EngineArgs, Sampling
-from jobs.evaluate import metrics
 from jobs.evaluate.comparison import bootstrap_interval, mean
 
 LOG = logging.getLogger(__name__)

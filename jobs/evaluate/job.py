@@ -54,15 +54,15 @@ from typing import Any
 import click
 from pydantic import Field, field_validator, model_validator
 
-from common import data, stage, storage
+from common import data, metrics, stage, storage
 from common import manifest as mf
 from common.config import JobConfig, dump
 from common.errors import InputError
+from common.metrics import Checks
 from common.runner import config_options, execute
-from jobs.evaluate import champion, comparison, guards, leaderboard, metrics, report
+from jobs.evaluate import champion, comparison, guards, leaderboard, report
 from jobs.evaluate import judge as judging
 from jobs.evaluate.guards import Guard, GuardEngine
-from jobs.evaluate.metrics import Checks
 
 STAGE = "evaluate"
 LOG = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def evaluate(config: Config, loaded: list[mf.Loaded], trains: dict[str, mf.Loade
         for i, lo in enumerate(loaded):
             folder = Path(tmp) / str(i)
             folder.mkdir()
-            rows = read_predictions(lo, folder)
+            rows = data.read_predictions(lo, folder)
             scores = metrics.score_rows(rows, config.checks, validator)
             sets.append({"label": labels[i], "loaded": lo, "rows": {r["id"]: r for r in rows},
                          "scores": {s["id"]: s for s in scores}})
@@ -353,42 +353,6 @@ def write_leaderboard(config: Config, sets: list[dict[str, Any]], comparisons: d
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def read_predictions(loaded: mf.Loaded, tmp: Path) -> list[dict[str, Any]]:
-    """All rows of an infer manifest's prediction shards, checksum-verified."""
-    import pyarrow.parquet as pq
-
-    shards = sorted(loaded.manifest.artifacts_named("predictions/part-"), key=lambda a: a.name)
-    if not shards:
-        raise InputError(f"{loaded.uri} lists no predictions/part-NNNNN artifacts: is it an infer manifest "
-                         "that finished with rows?")
-    rows: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
-    for i, art in enumerate(shards):
-        local = mf.fetch_artifact(loaded, art, tmp / f"{i:05d}.parquet")
-        try:
-            table = pq.read_table(local)
-        except Exception as exc:
-            raise InputError(f"{loaded.resolve(art)} is not readable Parquet: {exc}") from None
-        missing = [c for c in data.SCORED_COLUMNS if c not in table.column_names]
-        if missing:
-            raise InputError(f"{loaded.resolve(art)} has no column(s) {', '.join(missing)} (has: "
-                             f"{', '.join(table.column_names)}); evaluate needs {', '.join(data.SCORED_COLUMNS)}. "
-                             "Re-run infer with this version of ftjobs.")
-        for n, row in enumerate(table.to_pylist()):
-            if row["id"] is None or not isinstance(row["id"], str):
-                raise InputError(f"{loaded.resolve(art)} row {n}: id is {row['id']!r}; every prediction needs a "
-                                 "string id")
-            # With sampling.n > 1 infer writes one row per sample: each (id, sample) is its own example.
-            rid = row["id"] if not row.get("sample") else f"{row['id']}#{row['sample']}"
-            row["id"] = rid
-            if rid in seen:
-                raise InputError(f"{loaded.resolve(art)} row {n}: id {rid!r} already appeared in {seen[rid]}; "
-                                 "each example must be predicted once (were shards from two runs mixed?)")
-            seen[rid] = loaded.resolve(art)
-            rows.append(row)
-    return rows
 
 
 def default_label(loaded: mf.Loaded, index: int) -> str:

@@ -20,8 +20,8 @@ import base64
 import io
 from typing import Any
 
+from common.metrics import TITLES
 from jobs.evaluate.comparison import bootstrap_interval, mean
-from jobs.evaluate.metrics import TITLES
 
 
 def build(sets: dict[str, dict[str, Any]], comparisons: dict[str, Any], cells: list[Any], metric: str,

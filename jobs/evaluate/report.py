@@ -12,7 +12,7 @@ import html
 import io
 from typing import Any
 
-from jobs.evaluate.metrics import TITLES
+from common.metrics import TITLES
 
 
 def scores_parquet(sets: list[dict[str, Any]], names: list[str]) -> bytes:

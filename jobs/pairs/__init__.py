@@ -3,7 +3,7 @@ was wrong").
 
 Reads: an infer manifest whose prompts were a prepare manifest's `train` split (`ftjobs infer --set
 split=train`), and that prepare manifest (found through the infer manifest's inputs, checksum-checked).
-Each prediction is scored with evaluate's metrics (`jobs/evaluate/metrics.py`: exact match, normalized exact
+Each prediction is scored with the task metrics (`common/metrics.py`: exact match, normalized exact
 match, token F1, ROUGE-L, JSON schema, regex, tool-call check); where the score is below `threshold` the row's
 reference answer (its last assistant turn) becomes `chosen` and the model's answer `rejected`, after the
 row's conversation up to that turn as the prompt.
@@ -40,11 +40,11 @@ from common import chat, stage, storage
 from common import config as cfg
 from common import data as canonical
 from common import manifest as mf
+from common import metrics as M
 from common import preference as P
 from common.config import JobConfig
 from common.errors import InputError
 from common.runner import config_options, execute
-from jobs.evaluate import metrics as M
 
 STAGE = "pairs"
 LOG = logging.getLogger(__name__)
@@ -107,7 +107,6 @@ def _prepare_of(predictions: mf.Loaded) -> mf.Loaded:
 
 
 def make_pairs(config: Config, predictions: mf.Loaded, prep: mf.Loaded, attempt: stage.Attempt) -> stage.Outcome:
-    from jobs.evaluate.job import read_predictions
     from jobs.prepare import preference as PP
     from jobs.prepare import rows as R
 
@@ -116,7 +115,7 @@ def make_pairs(config: Config, predictions: mf.Loaded, prep: mf.Loaded, attempt:
                   .to_pylist()}
     held_out = set(canonical.read_split(prep, "eval", columns=["id"]).column("id").to_pylist())
     with tempfile.TemporaryDirectory(prefix="ftjobs-pairs-") as tmp:
-        preds = read_predictions(predictions, Path(tmp))
+        preds = canonical.read_predictions(predictions, Path(tmp))
     validator = M.load_schema(config.checks.json_schema) if config.checks.json_schema is not None else None
     skipped: Counter[str] = Counter()
     candidates = []

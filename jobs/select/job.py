@@ -95,7 +95,7 @@ def candidate_steps(train: mf.Loaded) -> list[int]:
 
 
 def choose_metric(config: Config, train: mf.Loaded) -> str:
-    from jobs.evaluate import metrics
+    from common import metrics
 
     metric = config.metric or (train.manifest.config.get("select") or {}).get("metric") or "exact_match"
     known = metrics.computed(metrics.Checks.model_validate((config.evaluate or {}).get("checks") or {}),

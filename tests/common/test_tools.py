@@ -40,7 +40,7 @@ def test_a_call_is_valid_when_it_names_the_right_function_with_arguments_its_sch
 
 
 def test_evaluate_scores_tool_calls_as_a_check_metric() -> None:
-    from jobs.evaluate import metrics
+    from common import metrics
 
     rows = [{"id": "a", "completion": '{"name": "get_weather", "arguments": {"city": "Oslo"}}',
              "reference": '{"name": "get_weather", "arguments": {"city": "Oslo"}}', "tools": T.dumps([WEATHER])},

@@ -20,12 +20,11 @@ import pytest
 from click.testing import CliRunner
 
 from common import config as cfg
-from common import data, storage
+from common import data, metrics, storage
 from common import manifest as mf
 from common.errors import EXIT_GATE, ConfigError, GateFailed
 from jobs.cli import main
 from jobs.evaluate import job as evaluate
-from jobs.evaluate import metrics
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,5 @@
-"""evaluate's metrics: their names, how one row is scored, and the optional checks.
+"""The task metrics (evaluate scores with them; pairs and select judge answers with them): their names,
+how one row is scored, and the optional checks.
 
 Every metric is declared once, in `METRICS`: the config, the report, the
 chart, the gate and the pipeline's headline read its name and title there.
