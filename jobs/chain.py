@@ -281,9 +281,19 @@ class Config(JobConfig):
         for name in step.nested:
             if getattr(self, name):
                 merged = deep_merge(merged, {name: getattr(self, name)})
-        if "promote" in merged and self.dpo:  # the gate judges the model promote takes: the DPO model
-            merged["promote"] = {"challenger": self.dpo_label, **merged["promote"]}
+        if step.name == "evaluate" and self.dpo:
+            merged = self._with_dpo(merged)
         return merged
+
+    def _with_dpo(self, evaluate: dict[str, Any]) -> dict[str, Any]:
+        """evaluate of a run that trains DPO: the DPO model is compared with the SFT model it started from (the
+        SFT model with the base, when there is one), and the gate judges the model promote takes, the DPO one."""
+        out = dict(evaluate)
+        if self.baseline and "baseline_of" not in out:
+            out["baseline_of"] = {self.dpo_label: self.labels[1], self.labels[1]: self.labels[0]}
+        if "promote" in out:
+            out["promote"] = {"challenger": self.dpo_label, **out["promote"]}
+        return out
 
 
 def section_set(config: Config, dotted: str) -> bool:

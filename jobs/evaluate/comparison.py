@@ -90,11 +90,14 @@ def compare(sets: list[dict[str, Any]], names: list[str], resamples: int, seed: 
 
 
 def candidates_and_baselines(sets: list[dict[str, Any]], baseline_of: dict[str, str] | None) -> dict[str, str]:
-    """candidate label -> its baseline's label."""
+    """candidate label -> its baseline's label. Every set but the first is a candidate, against the first
+    unless baseline_of names its own; a set that baseline_of names only as a baseline (a sweep's base models)
+    is not a candidate itself, one it also gives a baseline is (SFT against the base, DPO against SFT)."""
     first = sets[0]["label"]
     explicit = dict(baseline_of or {})
-    bases = {first, *explicit.values()}
-    return {s["label"]: explicit.get(s["label"], first) for s in sets if s["label"] not in bases}
+    bases = set(explicit.values())
+    return {s["label"]: explicit.get(s["label"], first) for s in sets
+            if s["label"] != first and (s["label"] in explicit or s["label"] not in bases)}
 
 
 def mean(values: list[float]) -> float | None:

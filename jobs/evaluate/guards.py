@@ -41,7 +41,7 @@ from common import manifest as mf
 from common.config import JobConfig
 from common.errors import ConfigError, InputError
 from common.generate import EngineArgs, Sampling
-from jobs.evaluate.comparison import bootstrap_interval, mean
+from jobs.evaluate.comparison import bootstrap_interval, candidates_and_baselines, mean
 
 LOG = logging.getLogger(__name__)
 
@@ -176,11 +176,8 @@ def run(guards: list[Guard], engine: GuardEngine, sets: list[dict[str, Any]], ca
 def compare(rows: dict[str, dict[str, dict[str, float]]], names: list[str], sets: list[dict[str, Any]],
             baseline_of: dict[str, str], resamples: int, seed: int) -> dict[str, Any]:
     """Each candidate against its baseline, paired on the rows (docs) both have."""
-    first = sets[0]["label"]
     out = {}
-    for s in sets[1:]:
-        cand = s["label"]
-        base = baseline_of.get(cand, first)
+    for cand, base in candidates_and_baselines(sets, baseline_of).items():
         per: dict[str, Any] = {}
         for i, m in enumerate(names):
             shared = [rid for rid in rows[cand] if rid in rows[base] and m in rows[cand][rid] and m in rows[base][rid]]

@@ -166,8 +166,15 @@ class Config(JobConfig):
         for cand, base in self.baseline_of.items():
             if cand not in named or base not in named:
                 raise ValueError(f"baseline_of {cand!r}: {base!r}: both must be labels ({', '.join(sorted(named))})")
-            if base in self.baseline_of:
-                raise ValueError(f"baseline_of: {base!r} is a baseline and a candidate; a baseline has no baseline")
+            if cand == (self.labels or [""])[0] or cand == base:
+                raise ValueError(f"baseline_of {cand!r}: {base!r}: the first set is every other set's baseline and "
+                                 "has none itself, and a set is not its own baseline")
+            seen, at = {cand}, base
+            while at in self.baseline_of:  # a chain (DPO against SFT against the base) ends at a set without one
+                if at in seen:
+                    raise ValueError(f"baseline_of goes round in a circle through {cand!r} and {at!r}")
+                seen.add(at)
+                at = self.baseline_of[at]
         if self.leaderboard is not None:
             if self.leaderboard.metric not in self.metric_names():
                 raise ValueError(f"leaderboard.metric={self.leaderboard.metric!r} is not a metric this config "

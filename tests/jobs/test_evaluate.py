@@ -305,6 +305,28 @@ def test_config_mistakes_exit_2_with_the_fix() -> None:
     assert result.exit_code == 2 and "did you mean 'json_valid'" in result.output
 
 
+def test_a_chain_of_baselines_compares_dpo_with_sft_and_sft_with_the_base(tmp_path: Path) -> None:
+    """baseline_of may name a set that has a baseline of its own (a run that trains SFT then DPO): SFT
+    against the base, DPO against SFT, each with its paired interval; circles and a baseline for the first set
+    are refused."""
+    dpo = dict(TUNED, r1="Bo is 21")  # one answer worse than SFT's
+    sets = [publish_predictions(f"{tmp_path}/{name}", rows) for name, rows in
+            (("base", BASE), ("sft", TUNED), ("dpo", dpo))]
+    out = evaluate.run(cfg.validate(evaluate.Config, {
+        "predictions": sets, "labels": ["base", "finetuned", "dpo"], "output": str(tmp_path / "e"),
+        "baseline_of": {"dpo": "finetuned", "finetuned": "base"}, "bootstrap": 100}))
+    comps = out.manifest.metrics["comparisons"]
+    assert {c: comps[c]["baseline"] for c in comps} == {"finetuned": "base", "dpo": "finetuned"}
+    assert comps["dpo"]["metrics"]["exact_match"]["delta"] == pytest.approx(-0.25)
+    report = storage.read_text(f"{tmp_path}/e/{next(a.path for a in out.manifest.artifacts if a.name == 'report.md')}")
+    assert "Δ dpo vs finetuned (95% CI)" in report and "Δ finetuned vs base (95% CI)" in report
+    base = {"predictions": ["a", "b", "c"], "output": "o", "labels": ["x", "y", "z"]}
+    with pytest.raises(ConfigError, match="round in a circle"):
+        cfg.validate(evaluate.Config, {**base, "baseline_of": {"y": "z", "z": "y"}})
+    with pytest.raises(ConfigError, match="the first set is every other set's baseline"):
+        cfg.validate(evaluate.Config, {**base, "baseline_of": {"x": "y"}})
+
+
 def test_metric_functions() -> None:
     assert metrics.normalize("The  Cat, sat!") == "cat sat"
     assert metrics.token_f1("the cat sat", "a cat sat down") == pytest.approx(2 * (1 * 2 / 3) / (1 + 2 / 3))

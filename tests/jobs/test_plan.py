@@ -251,7 +251,9 @@ def test_with_dpo_the_gate_judges_and_promote_takes_the_dpo_model_and_the_sweep_
     root = tmp_path / "store"
     dpo = {"pairs": {"metric": "exact_match"}, "dpo": {"objective": "dpo"}}
     config = cfg.validate(chain.Config, {**RUN, **dpo, "root": str(root), "promote": {"name": "tickets"}})
-    assert config.section(chain.BY_NAME["evaluate"])["promote"] == {"challenger": "dpo", "name": "tickets"}
+    section = config.section(chain.BY_NAME["evaluate"])
+    assert section["promote"] == {"challenger": "dpo", "name": "tickets"}
+    assert section["baseline_of"] == {"dpo": "finetuned", "finetuned": "base"}  # DPO against SFT, SFT against base
     run = pipeline.plan_run(config, f"{root}/runs/r1", "r1", local=False)
     promote = next(i for i in run.instances.values() if i.name == "promote")
     assert run.arguments(promote, stand_in=True)[0] == f"{root}/runs/r1/merge-dpo/manifest.json"
