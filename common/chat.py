@@ -254,14 +254,18 @@ def _variables(fmt: ChatFormat) -> dict[str, Any]:
     return fmt.variables()  # read only: passed as keyword arguments
 
 
+@lru_cache(maxsize=16)
 def _compiled(template: str) -> Any:
-    """transformers' own compiled template (its cache, its sandboxed environment and filters), or None where
-    this transformers has no such function: `_render` then goes through render_jinja_template for every text."""
+    """transformers' own compiled template (its cache, its sandboxed environment and filters) behind a
+    common.jinja_render.Renderer, or None where this transformers has no such function: `_render` then goes
+    through render_jinja_template for every text."""
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
     except ImportError:
         return None
-    return _compile_jinja_template(template)
+    from common.jinja_render import Renderer
+
+    return Renderer(_compile_jinja_template(template))
 
 
 def _render(fmt: ChatFormat, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: ToolList,
@@ -277,8 +281,8 @@ def _render(fmt: ChatFormat, messages: list[dict[str, Any]], add_generation_prom
         compiled = None if track or (tools and not all(isinstance(t, dict) for t in tools)) else \
             _compiled(fmt.template)
         if compiled is not None:
-            return str(compiled.render(messages=messages, tools=tools, documents=None,
-                                       add_generation_prompt=add_generation_prompt, **_variables(fmt))), []
+            return compiled.render(messages=messages, tools=tools, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **_variables(fmt)), []
         from transformers.utils.chat_template_utils import render_jinja_template
 
         texts, indices = render_jinja_template(  # type: ignore[str-unpack]  # annotated -> str, returns a tuple
