@@ -368,8 +368,11 @@ def normalized_key(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | Non
     def norm(text: str) -> str:
         return " ".join(text.casefold().split())
 
-    parts = [f"{m['role']}\x1f{norm(m['content'])}\x1f{norm(m.get('reasoning_content') or '')}\x1f"
-             + norm(json.dumps(m.get("tool_calls") or [], ensure_ascii=False))
+    # norm("") is "" and a message without calls gives norm(json.dumps([])), "[]": spelled out, not recomputed
+    # for every message (most have neither).
+    parts = [f"{m['role']}\x1f{norm(m['content'])}\x1f"
+             + (norm(m['reasoning_content']) if m.get('reasoning_content') else "") + "\x1f"
+             + (norm(json.dumps(m["tool_calls"], ensure_ascii=False)) if m.get("tool_calls") else "[]")
              + (f"\x1fweight {m['weight']}" if m.get("weight") is not None else "") for m in msgs]
     if tools:
         parts.append(norm(json.dumps(tools, ensure_ascii=False, sort_keys=True)))
