@@ -30,7 +30,8 @@ load, template checks, manifest: measured apart as a FIXED_ROWS-row run and
 printed first) and its first batch, which runs in the job's process before
 the pool starts. Every size gets the same row mix (same generator), so the
 fixed costs are the difference: a line per size prints the ratio without
-them.
+them. It also prints the same comparison in CPU seconds (every ftjobs process against encode_batch's
+own CPU in the ceiling's workers), which a shared machine's load moves much less than wall time.
 """
 
 from __future__ import annotations
@@ -100,12 +101,15 @@ _texts: list[str] = []
 _worker_tok: list[Any] = []
 
 
-def _encode_share(span: tuple[int, int, int]) -> int:
-    """Tokens in texts[start:end], encoded in batches (runs in a forked worker that inherited the texts)."""
+def _encode_share(span: tuple[int, int, int]) -> tuple[int, float]:
+    """Tokens in texts[start:end], encoded in batches (runs in a forked worker that inherited the texts), and
+    the CPU seconds that took."""
     start, end, batch = span
     backend = _worker_tok[0].backend_tokenizer
-    return sum(len(e.ids) for i in range(start, end, batch)
-               for e in backend.encode_batch(_texts[i:min(i + batch, end)], add_special_tokens=False))
+    cpu = time.process_time()
+    tokens = sum(len(e.ids) for i in range(start, end, batch)
+                 for e in backend.encode_batch(_texts[i:min(i + batch, end)], add_special_tokens=False))
+    return tokens, time.process_time() - cpu
 
 
 
@@ -134,14 +138,15 @@ def ceiling_child(src: str, tok_dir: str, result: str) -> None:
         pool.map(int, range(workers))  # the workers are up before the clock starts
         spawn = time.perf_counter() - t
         t = time.perf_counter()
-        tokens = sum(pool.imap(_encode_share, spans, chunksize=max(1, len(spans) // (4 * workers))))
+        shares = list(pool.imap(_encode_share, spans, chunksize=max(1, len(spans) // (4 * workers))))
         seconds = time.perf_counter() - t
-    Path(result).write_text(json.dumps({"seconds": seconds, "tokens": tokens, "workers": workers, "rows": n,
-                                        "spawn_s": spawn}))
+    Path(result).write_text(json.dumps({"seconds": seconds, "tokens": sum(k for k, _ in shares), "workers": workers,
+                                        "rows": n, "spawn_s": spawn, "cpu_s": sum(c for _, c in shares)}))
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of a child process."""
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MiB) and CPU seconds (its own and its waited-for children's: prepare's tokenizer
+    workers) of a child process."""
     # stderr goes to a file, not a pipe: nobody reads a pipe during wait4, and datasets' progress bars over
     # 1M rows fill its 64 KiB buffer and block the child forever.
     with tempfile.TemporaryFile() as log:
@@ -153,17 +158,18 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
         err = log.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def prepare(src: Path, tok: Path, out: Path, env: dict[str, str]) -> tuple[float, float, dict[str, float]]:
-    """`ftjobs prepare` on src: wall seconds, peak RSS MiB, and the job's own timings (its manifest)."""
+    """`ftjobs prepare` on src: wall seconds, peak RSS MiB, and the job's own timings (its manifest) with its
+    CPU seconds, all processes (`cpu_s`)."""
     from common import manifest as mf
 
-    wall, rss = timed([sys.executable, "-m", "jobs.cli", "prepare", "--source", str(src), "--tokenizer", str(tok),
+    wall, rss, cpu = timed([sys.executable, "-m", "jobs.cli", "prepare", "--source", str(src), "--tokenizer", str(tok),
                        "--output", str(out), "--set", "eval_fraction=0", "--set", "dedup=none",
                        "--set", "max_length=null"], env)
-    return wall, rss, dict(mf.load(str(out / "manifest.json")).manifest.timings)
+    return wall, rss, {**mf.load(str(out / "manifest.json")).manifest.timings, "cpu_s": cpu}
 
 
 def fixed_costs(root: Path, env: dict[str, str]) -> dict[str, float]:
@@ -173,7 +179,8 @@ def fixed_costs(root: Path, env: dict[str, str]) -> dict[str, float]:
     src = root / "fixed.jsonl"
     synthetic(src, FIXED_ROWS, seed=1)
     wall, _, timings = prepare(src, root / "tok", root / "ftjobs-fixed", env)
-    return {"run_s": wall, "outside_job_s": wall - timings.get("total", 0.0), "rows": FIXED_ROWS}
+    return {"run_s": wall, "outside_job_s": wall - timings.get("total", 0.0), "rows": FIXED_ROWS,
+            "cpu_s": timings["cpu_s"]}
 
 
 def identical(manifest: str, baseline_out: str) -> bool:
@@ -222,7 +229,7 @@ def main() -> None:
             out = root / f"ftjobs-{n}"
             ours_s, ours_rss, timings = prepare(src, root / "tok", out, env)
             base_out = root / f"baseline-{n}.parquet"
-            base_s, base_rss = timed([sys.executable, "-m", "bench.bench_prepare", "--baseline-child", str(src),
+            base_s, base_rss, _ = timed([sys.executable, "-m", "bench.bench_prepare", "--baseline-child", str(src),
                                       str(base_out), str(root / "tok"), str(root / "hf-cache")], env)
             same = identical(str(out / "manifest.json"), str(base_out))
             ceil_out = root / f"ceiling-{n}.json"
@@ -248,6 +255,14 @@ def main() -> None:
                   f"the job's own clock read {timings.get('total', 0):.1f} s (rows {timings.get('process', 0):.1f} s); "
                   f"the ceiling's pool took {ceil['spawn_s']:.2f} s to start (not timed); without the fixed costs "
                   f"ftjobs runs at {ceil['seconds'] / net:.0%} of the ceiling" if net > 0 else "", flush=True)
+            # CPU seconds move much less than wall seconds with the load of a shared machine: the same ratio
+            # by CPU (every ftjobs process, fixed costs out, against encode_batch's own CPU in its workers).
+            cpu_net = timings["cpu_s"] - fixed["cpu_s"]
+            print(f"{'':>9}       CPU: ftjobs {timings['cpu_s']:.1f} s in all its processes "
+                  f"({cpu_net / n * 1e6:,.0f} us a row without the fixed run's {fixed['cpu_s']:.1f} s), "
+                  f"tokenizer alone {ceil['cpu_s']:.1f} s "
+                  f"({ceil['cpu_s'] / n * 1e6:,.0f} us a row): ftjobs at {ceil['cpu_s'] / cpu_net:.0%} of it by CPU"
+                  if cpu_net > 0 else "", flush=True)
             rows.append(row("prepare", f"rows/s @ {n:,} rows", n / ours_s, n / base_s, goal=">= 3x",
                             met=same and base_s / ours_s >= 3, unit="rows/s",
                             notes="identical output" if same else "OUTPUT DIFFERS"))
@@ -259,6 +274,10 @@ def main() -> None:
                 rows.append(row("prepare", f"rows/s vs tokenizer only @ {n:,}, fixed costs taken out", n / net,
                                 n / ceil["seconds"], goal="info", met=None, unit="rows/s",
                                 notes=f"fixed: {fixed['run_s']:.1f} s ({FIXED_ROWS}-row run)"))
+            if cpu_net > 0:
+                rows.append(row("prepare", f"CPU us/row vs tokenizer only @ {n:,}, fixed costs out",
+                                cpu_net / n * 1e6, ceil["cpu_s"] / n * 1e6, goal="info", met=None, unit="us/row",
+                                notes="CPU seconds, all processes: steadier than wall on a loaded machine"))
             rows.append(row("prepare", f"peak RSS MiB @ {n:,} rows", ours_rss, base_rss, goal="info", met=None,
                             unit="MiB"))
             for f in (src, base_out, ceil_out):

@@ -254,14 +254,18 @@ def _variables(fmt: ChatFormat) -> dict[str, Any]:
     return fmt.variables()  # read only: passed as keyword arguments
 
 
+@lru_cache(maxsize=16)
 def _compiled(template: str) -> Any:
-    """transformers' own compiled template (its cache, its sandboxed environment and filters), or None where
-    this transformers has no such function: `_render` then goes through render_jinja_template for every text."""
+    """transformers' own compiled template (its cache, its sandboxed environment and filters) behind a
+    common.jinja_render.Renderer, or None where this transformers has no such function: `_render` then goes
+    through render_jinja_template for every text."""
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
     except ImportError:
         return None
-    return _compile_jinja_template(template)
+    from common.jinja_render import Renderer
+
+    return Renderer(_compile_jinja_template(template))
 
 
 def _render(fmt: ChatFormat, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: ToolList,
@@ -277,8 +281,8 @@ def _render(fmt: ChatFormat, messages: list[dict[str, Any]], add_generation_prom
         compiled = None if track or (tools and not all(isinstance(t, dict) for t in tools)) else \
             _compiled(fmt.template)
         if compiled is not None:
-            return str(compiled.render(messages=messages, tools=tools, documents=None,
-                                       add_generation_prompt=add_generation_prompt, **_variables(fmt))), []
+            return compiled.render(messages=messages, tools=tools, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **_variables(fmt)), []
         from transformers.utils.chat_template_utils import render_jinja_template
 
         texts, indices = render_jinja_template(  # type: ignore[str-unpack]  # annotated -> str, returns a tuple
@@ -670,24 +674,26 @@ def _labels_for(conv: Messages, sp: Spans, ids: list[int], offsets: Starts,
     n = len(ids)
     rules = turn_rules(conv, train_on, [i for _, _, i in kept])
 
-    def tokens(start: int, end: int) -> tuple[int, int]:
-        return min(prepend + offsets.first_at(start), n), min(prepend + offsets.first_at(end), n)
+    def tokens(k: int, start: int) -> tuple[int, int]:  # turn k's token span (its end is turn_end_tok[k])
+        return min(prepend + offsets.first_at(start), n), min(turn_end_tok[k], n)
 
     if train_on == "all":
         labels = list(ids)
         if prepend or (bos_id is not None and ids and ids[0] == bos_id):
             labels[0] = IGNORE_INDEX
-        for (start, end, _), rule in zip(kept, rules, strict=True):
+        for k, ((start, _, _), rule) in enumerate(zip(kept, rules, strict=True)):
             if rule == "weight_0":  # a weight in the data wins: context only, also when every token is trained
-                lo, hi = tokens(start, end)
+                lo, hi = tokens(k, start)
                 labels[lo:hi] = [IGNORE_INDEX] * max(hi - lo, 0)
         trainable = n - labels.count(IGNORE_INDEX)
     else:
         labels = [IGNORE_INDEX] * n
         trainable = 0
-        for (start, end, _), rule in zip(kept, rules, strict=True):
-            lo, hi = tokens(start, end)
-            if rule == "trained" and hi > lo:
+        for k, ((start, _, _), rule) in enumerate(zip(kept, rules, strict=True)):
+            if rule != "trained":  # context only: its tokens stay IGNORE_INDEX
+                continue
+            lo, hi = tokens(k, start)
+            if hi > lo:
                 labels[lo:hi] = ids[lo:hi]
                 trainable += hi - lo
     enc = Encoded(ids, labels, kept_messages, truncated=truncated, _trainable=trainable)

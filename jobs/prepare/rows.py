@@ -40,6 +40,7 @@ DEFAULT_ROLES = {
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")
 # What a source role may map to: a canonical role, or tool_call (an assistant turn whose text is a tool call).
 ROLE_TARGETS = Literal["system", "user", "assistant", "tool", "tool_call"]
+ROLE_TARGET_NAMES: tuple[str, ...] = get_args(ROLE_TARGETS)  # read for every message: spelled out once
 
 # What may follow each role in a conversation (after any leading system message).
 NEXT = {"user": ("assistant",), "assistant": ("user", "tool"), "tool": ("tool", "assistant")}
@@ -159,8 +160,8 @@ def _json_list(value: Any, where: str) -> list[Any]:
 def _role(raw: Any, roles: Mapping[str, str], where: str) -> str:
     if not isinstance(raw, str):
         raise Drop("wrong_type" if raw is not None else "missing_field", f"{where} role is {_type(raw)}")
-    role = roles.get(raw, roles.get(raw.lower()))
-    if role is None or role not in get_args(ROLE_TARGETS):
+    role = roles[raw] if raw in roles else roles.get(raw.lower())  # lower-cased only when the name is unknown
+    if role is None or role not in ROLE_TARGET_NAMES:
         raise Drop("unknown_role", f"{where} has role {raw!r}; map it with roles: {{{raw}: user|assistant|...}}")
     return role
 
@@ -368,8 +369,11 @@ def normalized_key(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | Non
     def norm(text: str) -> str:
         return " ".join(text.casefold().split())
 
-    parts = [f"{m['role']}\x1f{norm(m['content'])}\x1f{norm(m.get('reasoning_content') or '')}\x1f"
-             + norm(json.dumps(m.get("tool_calls") or [], ensure_ascii=False))
+    # norm("") is "" and a message without calls gives norm(json.dumps([])), "[]": spelled out, not recomputed
+    # for every message (most have neither).
+    parts = [f"{m['role']}\x1f{norm(m['content'])}\x1f"
+             + (norm(m['reasoning_content']) if m.get('reasoning_content') else "") + "\x1f"
+             + (norm(json.dumps(m["tool_calls"], ensure_ascii=False)) if m.get("tool_calls") else "[]")
              + (f"\x1fweight {m['weight']}" if m.get("weight") is not None else "") for m in msgs]
     if tools:
         parts.append(norm(json.dumps(tools, ensure_ascii=False, sort_keys=True)))
