@@ -86,6 +86,16 @@ def _answer_format(mode: str, scale: int) -> str:
             '"A", "B" or "tie"}')
 
 
+def conversation(prompt: Any) -> str:
+    """The question as the judge reads it: the one user turn, or every turn with its role."""
+    if isinstance(prompt, list):
+        turns = [m for m in prompt if isinstance(m, dict)]
+        if len(turns) == 1 and turns[0].get("role") == "user":
+            return str(turns[0].get("content") or "")
+        return "\n".join(f"{m.get('role')}: {m.get('content') or ''}" for m in turns)
+    return "" if prompt is None else str(prompt)
+
+
 def cut(text: str | None, limit: int) -> str:
     text = text or ""
     return text if len(text) <= limit else text[:limit] + f"\n[... cut: {len(text) - limit} more characters]"
@@ -191,3 +201,43 @@ def read(text: str, finish_reason: str, mode: str, scale: int) -> Verdict:
 def normalized(score: int, scale: int) -> float:
     """A score on 1..scale as 0..1, so it reads like every other metric (a share) and gates the same way."""
     return (score - 1) / (scale - 1)
+
+
+def ask(jc: JudgeModel, asks: list[tuple[str, list[dict[str, str]]]], prefix: str, judge_in: Any, cache_dir: str | None,
+        *, mode: str, what: str, engine: Any = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Put `asks` (key, judge prompt) to the judge, resumably under `prefix` (chunks: a rerun skips what a
+    killed run answered), and return each key's reply and the generation's totals.
+
+    `engine`: a started engine instead of loading `jc.model`; prompts reach it as the Unicode code points of
+    their one user turn (tests: a scripted stand-in that reads them)."""
+    from pathlib import Path
+
+    from common import chat, chunks, generate, models
+
+    if engine is None:
+        model = generate.load_model(jc.model, judge_in, cache=Path(cache_dir) if cache_dir else models.cache_root(),
+                                    trust_remote_code=jc.trust_remote_code, chat_template=jc.chat_template)
+        requests = [chunks.Request(k, chat.encode_prompt(model.tokenizer, model.fmt, msgs)) for k, msgs in asks]
+        guided = verdict_schema(mode, jc.scale) if jc.guided else None
+
+        def start() -> Any:
+            return generate.start(jc.engine, jc, model.engine_model(), guided=guided)
+        identity: Any = model.identity()
+    else:
+        requests = [chunks.Request(k, [ord(ch) for ch in msgs[-1]["content"]]) for k, msgs in asks]
+
+        def start() -> Any:
+            return engine
+        identity = "given engine"
+    settings = {"judge": identity, "mode": mode, "judge_manifest": judge_in.sha256 if judge_in else None,
+                **jc.model_dump(mode="json", include={"engine", "engine_args", "sampling", "guided"})}
+    gen = chunks.run(prefix, requests, settings=settings, chunk_rows=jc.chunk_rows, samples=1,
+                     max_tokens=jc.sampling.max_tokens, start_engine=start, what=what)
+    return {r["key"]: r for r in gen.records}, gen.totals()
+
+
+def read_reply(reply: dict[str, Any], mode: str, scale: int) -> Verdict:
+    """The verdict in one of `ask`'s replies (a failed generation is an unreadable verdict, named)."""
+    if reply["error"] is not None:
+        return Verdict(None, None, f"not asked: {reply['error']}")
+    return read(reply["completion"] or "", reply["finish_reason"], mode, scale)

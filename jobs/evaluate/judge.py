@@ -26,14 +26,13 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from common import chat, chunks, models, storage
 from common import judge as J
 from common import manifest as mf
+from common import storage
 from jobs.evaluate.comparison import bootstrap_interval, candidates_and_baselines, mean
 
 LOG = logging.getLogger(__name__)
@@ -65,16 +64,6 @@ class Judged:
     cost: dict[str, Any] = field(default_factory=dict)
 
 
-def conversation(prompt: Any) -> str:
-    """The question as the judge reads it: the one user turn, or every turn with its role."""
-    if isinstance(prompt, list):
-        turns = [m for m in prompt if isinstance(m, dict)]
-        if len(turns) == 1 and turns[0].get("role") == "user":
-            return str(turns[0].get("content") or "")
-        return "\n".join(f"{m.get('role')}: {m.get('content') or ''}" for m in turns)
-    return "" if prompt is None else str(prompt)
-
-
 def requests_for(jc: Judge, sets: list[dict[str, Any]], baseline_of: dict[str, str] | None = None
                  ) -> tuple[list[tuple[str, list[dict[str, str]]]], dict[str, Any]]:
     """Every judge prompt (key, messages), and the rows decided without asking (key -> value)."""
@@ -89,7 +78,7 @@ def requests_for(jc: Judge, sets: list[dict[str, Any]], baseline_of: dict[str, s
                 elif row.get("error"):
                     decided[f"{i}|{rid}"] = "error"
                 else:
-                    asks.append((f"{i}|{rid}", J.score_prompt(jc.rubric, conversation(row.get("prompt")),
+                    asks.append((f"{i}|{rid}", J.score_prompt(jc.rubric, J.conversation(row.get("prompt")),
                                                               row["reference"], row["completion"] or "", jc.scale,
                                                               limit)))
         return asks, decided
@@ -105,7 +94,7 @@ def requests_for(jc: Judge, sets: list[dict[str, Any]], baseline_of: dict[str, s
             if b.get("error") or c.get("error"):
                 decided[f"{i}|{rid}"] = 0.5 if (b.get("error") and c.get("error")) else 0.0 if c.get("error") else 1.0
                 continue
-            question, ref = conversation(b.get("prompt")), b["reference"]
+            question, ref = J.conversation(b.get("prompt")), b["reference"]
             ans_b, ans_c = b["completion"] or "", c["completion"] or ""
             asks.append((f"{i}|{rid}|ab", J.pairwise_prompt(jc.rubric, question, ref, ans_b, ans_c, limit)))
             asks.append((f"{i}|{rid}|ba", J.pairwise_prompt(jc.rubric, question, ref, ans_c, ans_b, limit)))
@@ -118,40 +107,18 @@ def run(jc: Judge, sets: list[dict[str, Any]], output: str, judge_in: mf.Loaded 
 
     `engine`: a started engine to use instead of loading `jc.model`; prompts reach it as the Unicode code
     points of their one user turn (tests: a scripted stand-in that reads them)."""
-    from common import generate
-
     asks, decided = requests_for(jc, sets, baseline_of)
-    if engine is None:
-        model = generate.load_model(jc.model, judge_in, cache=Path(cache_dir) if cache_dir else models.cache_root(),
-                                    trust_remote_code=jc.trust_remote_code, chat_template=jc.chat_template)
-        requests = [chunks.Request(k, chat.encode_prompt(model.tokenizer, model.fmt, msgs)) for k, msgs in asks]
-        guided = J.verdict_schema(jc.mode, jc.scale) if jc.guided else None
-
-        def start() -> generate.Engine:
-            return generate.start(jc.engine, jc, model.engine_model(), guided=guided)
-    else:
-        requests = [chunks.Request(k, [ord(ch) for ch in msgs[-1]["content"]]) for k, msgs in asks]
-
-        def start() -> generate.Engine:
-            return engine
-    settings = {"judge": model.identity() if engine is None else "given engine", "mode": jc.mode,
-                "judge_manifest": judge_in.sha256 if judge_in else None,
-                **jc.model_dump(mode="json", include={"engine", "engine_args", "sampling", "guided"})}
-    gen = chunks.run(storage.join(output, "shards", "judge"), requests, settings=settings,
-                     chunk_rows=jc.chunk_rows, samples=1, max_tokens=jc.sampling.max_tokens, start_engine=start,
-                     what=f"judge ({jc.mode})")
-    replies = {r["key"]: r for r in gen.records}
+    replies, cost = J.ask(jc, asks, storage.join(output, "shards", "judge"), judge_in, cache_dir, mode=jc.mode,
+                          what=f"judge ({jc.mode})", engine=engine)
     judged = (_scores(jc, sets, replies, decided) if jc.mode == "score"
               else _pairwise(jc, sets, replies, decided, baseline_of))
-    judged.cost = gen.totals()
+    judged.cost = cost
     judged.samples = _sample(judged.verdicts, jc.reasons, seed)
     return judged
 
 
 def _read(jc: Judge, reply: dict[str, Any]) -> J.Verdict:
-    if reply["error"] is not None:
-        return J.Verdict(None, None, f"not asked: {reply['error']}")
-    return J.read(reply["completion"] or "", reply["finish_reason"], jc.mode, jc.scale)
+    return J.read_reply(reply, jc.mode, jc.scale)
 
 
 def _verdict(label: str, rid: str, order: str | None, reply: dict[str, Any], v: J.Verdict) -> dict[str, Any]:

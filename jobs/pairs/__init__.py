@@ -8,6 +8,12 @@ match, token F1, ROUGE-L, JSON schema, regex, tool-call check); where the score 
 reference answer (its last assistant turn) becomes `chosen` and the model's answer `rejected`, after the
 row's conversation up to that turn as the prompt.
 
+With `judge:` an LLM judge decides instead of the metric (tasks no metric can check): it compares the
+row's reference answer with the model's answer, without being shown which is which, in both orders (A/B and
+B/A); a pair is made only where both orders pick the same answer, that answer chosen and the other rejected
+(so a model answer the judge prefers over the reference is kept as chosen). Ties, split verdicts and
+unreadable ones are skipped and counted; every pair's verdicts and reasons are in `provenance.jsonl`.
+
 Never from held-out rows: an infer run on any split but `train` is refused, and so is a prediction whose id
 is not a train row of that prepare run. The pairs are split train/eval by prompt (their own eval split
 reports DPO's held-out reward accuracy; both are training prompts of the original data).
@@ -30,6 +36,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +46,7 @@ from pydantic import Field, model_validator
 from common import chat, stage, storage
 from common import config as cfg
 from common import data as canonical
+from common import judge as J
 from common import manifest as mf
 from common import metrics as M
 from common import preference as P
@@ -70,6 +78,11 @@ class Config(JobConfig):
     max_pairs: int | None = Field(None, ge=1, description="Keep at most this many pairs (the lowest prompt hashes).")
     seed: int = Field(0, description="Seed of the split hash.")
     run_id: str | None = Field(None, description="Run id recorded in the manifest (default: generated).")
+    judge: J.JudgeModel | None = Field(None, description="Decide with an LLM judge instead of `metric`: the "
+                                       "reference and the model's answer compared in both orders, a pair only where "
+                                       "both orders agree (module docstring).")
+    cache_dir: str | None = Field(None, description="Where the judge model is downloaded; None: $FTJOBS_CACHE or "
+                                                    "~/.cache/ftjobs.")
 
     @model_validator(mode="after")
     def _check_configured(self) -> Config:
@@ -79,12 +92,17 @@ class Config(JobConfig):
         return self
 
 
-def run(config: Config) -> mf.Loaded:
+def run(config: Config, *, judge_engine: Any = None) -> mf.Loaded:
+    """`judge_engine`: a started engine for the judge instead of its model (tests: a scripted stand-in)."""
+    from common import generate
+
     predictions = mf.load(config.predictions, verify="size", expect_stage="infer")
     prep = _prepare_of(predictions)
-    identity = stage.Identity(STAGE, config.output, cfg.dump(config), [predictions.ref("predictions"),
-                                                                       prep.ref("data")])
-    result = stage.run(identity, lambda attempt: make_pairs(config, predictions, prep, attempt))
+    judge_in = generate.model_input(config.judge.model) if config.judge else None
+    inputs = [predictions.ref("predictions"), prep.ref("data")] + ([judge_in.ref("judge")] if judge_in else [])
+    identity = stage.Identity(STAGE, config.output, cfg.dump(config), inputs)
+    result = stage.run(identity, lambda attempt: make_pairs(config, predictions, prep, attempt,
+                                                            Judging(judge_in, judge_engine)))
     assert isinstance(result, mf.Loaded)
     return result
 
@@ -106,7 +124,44 @@ def _prepare_of(predictions: mf.Loaded) -> mf.Loaded:
     return prep
 
 
-def make_pairs(config: Config, predictions: mf.Loaded, prep: mf.Loaded, attempt: stage.Attempt) -> stage.Outcome:
+@dataclass(frozen=True)
+class Judging:
+    judge_in: mf.Loaded | None = None  # the judge's merge manifest, when it names one
+    engine: Any = None                 # a started engine (tests)
+
+
+def judge_verdicts(config: Config, candidates: list[dict[str, Any]], judging: Judging
+                   ) -> dict[str, dict[str, Any]]:
+    """Per prediction id: which answer the judge prefers in both orders ("reference", "answer"), or why not
+    (None, with `skip`), and the two verdicts as read."""
+    jc = config.judge
+    assert jc is not None
+    asks = []
+    for row in candidates:
+        question = J.conversation(row.get("prompt"))
+        ref, ans = str(row["reference"]), str(row["completion"])
+        asks.append((f"{row['id']}|ab", J.pairwise_prompt(jc.rubric, question, None, ref, ans, jc.max_text_chars)))
+        asks.append((f"{row['id']}|ba", J.pairwise_prompt(jc.rubric, question, None, ans, ref, jc.max_text_chars)))
+    replies, _ = J.ask(jc, asks, storage.join(config.output, "shards", "judge"), judging.judge_in, config.cache_dir,
+                       mode="pairwise", what="judge (pairs)", engine=judging.engine)
+    out = {}
+    for row in candidates:
+        read = {}
+        for order in ("ab", "ba"):
+            read[order] = J.read_reply(replies[f"{row['id']}|{order}"], "pairwise", jc.scale)
+        picks = {o: None if not v.ok or v.value == "tie" else
+                 ("reference" if (v.value == "A") == (o == "ab") else "answer") for o, v in read.items()}
+        skip = ("judge_unreadable" if not all(v.ok for v in read.values()) else
+                "judge_tie" if None in picks.values() else
+                "judge_split" if picks["ab"] != picks["ba"] else None)
+        out[row["id"]] = {"winner": None if skip else picks["ab"], "skip": skip,
+                          "verdicts": {o: {"winner": v.value, "reason": v.reason, "problem": v.problem}
+                                       for o, v in read.items()}}
+    return out
+
+
+def make_pairs(config: Config, predictions: mf.Loaded, prep: mf.Loaded, attempt: stage.Attempt,
+               judging: Judging | None = None) -> stage.Outcome:
     from jobs.prepare import preference as PP
     from jobs.prepare import rows as R
 
@@ -133,23 +188,33 @@ def make_pairs(config: Config, predictions: mf.Loaded, prep: mf.Loaded, attempt:
         else:
             candidates.append(row)
     scores = {s["id"]: s for s in M.score_rows(candidates, config.checks, validator)}
+    verdicts = judge_verdicts(config, candidates, judging or Judging()) if config.judge else {}
     kept: list[Any] = []
     origins: list[dict[str, Any]] = []
     seen: set[int] = set()
     for row in candidates:
         score = scores[row["id"]].get(config.metric)
-        if score is None:
+        judged = verdicts.get(row["id"])
+        if judged is not None:  # the judge decides: which answer it picked in both orders, or why none
+            if judged["skip"]:
+                skipped[judged["skip"]] += 1
+                continue
+            evidence: dict[str, Any] = {"judge": judged["verdicts"], "winner": judged["winner"], "score": score}
+        elif score is None:
             skipped["not_scored"] += 1
             continue
-        if score >= config.threshold:
+        elif score >= config.threshold:
             skipped["right"] += 1
             continue
+        else:
+            evidence = {"metric": config.metric, "score": score}
         base_id = row["id"].split("#", 1)[0]
         source = train_rows[base_id]
         prompt, _ = chat.split_prompt(source["messages"])
         reference = chat.clean([source["messages"][-1]])[0]
-        pair = PP.Pair(prompt, [reference], [{"role": "assistant", "content": row["completion"]}],
-                       canonical.tools_of(source["tools"]))
+        answer = {"role": "assistant", "content": row["completion"]}
+        chosen, rejected = (answer, reference) if evidence.get("winner") == "answer" else (reference, answer)
+        pair = PP.Pair(prompt, [chosen], [rejected], canonical.tools_of(source["tools"]))
         try:
             pair = PP.validated(pair, 10**9)
         except R.Drop as d:
@@ -163,23 +228,26 @@ def make_pairs(config: Config, predictions: mf.Loaded, prep: mf.Loaded, attempt:
         split = "eval" if R.split_point(prompt_id, config.seed) < config.eval_fraction else "train"
         kept.append(PP.Kept(pair, pid, prompt_id, f"{prep.uri}#{base_id}", split, 0))
         origins.append({"pair_id": pid, "row_id": base_id, "prediction_id": row["id"], "sample": row.get("sample"),
-                        "metric": config.metric, "score": score, "prepare": prep.uri,
-                        "predictions": predictions.uri, "split": split})
+                        **evidence, "prepare": prep.uri, "predictions": predictions.uri, "split": split})
     if config.max_pairs is not None and len(kept) > config.max_pairs:
         order = sorted(range(len(kept)), key=lambda i: R.split_point(kept[i].prompt_id, config.seed + 1))
         keep = set(order[:config.max_pairs])
         kept = [k for i, k in enumerate(kept) if i in keep]
         origins = [o for i, o in enumerate(origins) if i in keep]
     if not kept:
-        raise InputError(f"No pairs: of {len(preds)} predictions in {predictions.uri} none was wrong by "
-                         f"{config.metric} < {config.threshold} ({dict(skipped)}). Nothing to train on.")
+        by = ("the judge agreed on in both orders" if config.judge
+              else f"was wrong by {config.metric} < {config.threshold}")
+        raise InputError(f"No pairs: of {len(preds)} predictions in {predictions.uri} none {by} "
+                         f"({dict(skipped)}). Nothing to train on.")
     counts = PP.write_pairs(kept, attempt.writer, tokenized=False)
     provenance = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in origins)
     attempt.writer.add_bytes(provenance.encode(), "provenance.jsonl", name="provenance", rows=len(origins))
     stats = {"kind": P.KIND, "pairs": len(kept), **counts, "splits": dict(counts),
              "prompts": {s: len({k.prompt_id for k in kept if k.split == s}) for s in canonical.SPLITS},
              "predictions": len(preds), "wrong": len(kept), "skipped": dict(skipped),
-             "metric": config.metric, "threshold": config.threshold,
+             "decided_by": "judge" if config.judge else "metric", "metric": config.metric,
+             "threshold": config.threshold,
+             "answer_chosen": sum(1 for o in origins if o.get("winner") == "answer"),
              "from": {"prepare": prep.uri, "predictions": predictions.uri, "split": "train"}}
     attempt.writer.add_bytes(storage.json_bytes(stats), "stats.json", name="stats")
     LOG.info("%d pairs (train %d, eval %d) from %d predictions on training prompts; skipped %s", len(kept),

@@ -111,3 +111,45 @@ def test_held_out_rows_are_never_used(prep, subprocess_env) -> None:
         pairs.run(cfg.validate(pairs.Config, {"predictions": mixed, "output": f"{prep.prefix}-no2"}))
     with pytest.raises(Exception, match="checks.regex"):
         cfg.validate(pairs.Config, {"predictions": "x", "output": "y", "metric": "regex_match"})
+
+
+def test_a_judge_makes_pairs_only_where_both_orders_agree(prep) -> None:
+    """judge: the reference and the model's answer, unlabelled, in both orders; a pair (the preferred answer
+    chosen, even when it is the model's) only where both orders agree; ties, split and unreadable verdicts are
+    skipped and counted; the judge never sees which answer is the reference."""
+    import re
+
+    from tests.jobs.test_evaluate_judge import scripted
+
+    def decide(text: str) -> str:
+        a, b = (re.search(rf"\[Answer {x}\]\n(.*?)\n\n", text, re.S).group(1) for x in "AB")  # type: ignore[union-attr]
+        if "???" in a + b:
+            return "I cannot say."
+        if "SPLIT" in a + b:
+            return '{"reason": "first is best", "winner": "A"}'  # position bias: the orders disagree
+        winner = "A" if "GOOD" in a or "BAD" in b else "B" if "GOOD" in b or "BAD" in a else "tie"
+        return json.dumps({"reason": "compared", "winner": winner})
+
+    refs = {r["id"]: r["messages"][-1]["content"] for r in data.read_split(prep, "train").to_pylist()}
+    ids = sorted(refs)
+    answers: dict[str, str | None] = {ids[0]: "a GOOD answer", ids[1]: "a BAD answer", ids[2]: "SPLIT answer",
+                                      ids[3]: "??? answer", ids[4]: refs[ids[4]]}
+    uri = publish_infer(f"{prep.prefix}-infer-judge", prep, "train", answers)
+    engine, asked = scripted(decide)
+    conf = cfg.validate(pairs.Config, {"predictions": uri, "output": f"{prep.prefix}-pairs-judge",
+                                       "judge": {"model": "scripted", "engine": "transformers"},
+                                       "eval_fraction": 0.0})
+    loaded = pairs.run(conf, judge_engine=engine)
+    st = loaded.manifest.stats
+    assert st["decided_by"] == "judge" and st["pairs"] == 2 and st["answer_chosen"] == 1
+    assert st["skipped"] == {"judge_split": 1, "judge_unreadable": 1, "judge_tie": 1}
+    assert len(asked) == 10 and not any("[Reference answer]" in q for q in asked)  # both orders, no labels
+    got = {r["source"].split("#")[1]: r for r in data.read_split(loaded, "train").to_pylist()}
+    assert got[ids[0]]["chosen"][0]["content"] == "a GOOD answer"  # the model's answer beat the reference
+    assert got[ids[0]]["rejected"][0]["content"] == refs[ids[0]]
+    assert got[ids[1]]["chosen"][0]["content"] == refs[ids[1]]
+    assert got[ids[1]]["rejected"][0]["content"] == "a BAD answer"
+    provenance = [json.loads(x) for x in storage.read_bytes(loaded.resolve(
+        loaded.manifest.artifact("provenance"))).decode().splitlines()]
+    assert {p["winner"] for p in provenance} == {"answer", "reference"}
+    assert all(set(p["judge"]) == {"ab", "ba"} and p["judge"]["ab"]["reason"] == "compared" for p in provenance)
