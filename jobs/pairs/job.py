@@ -260,7 +260,8 @@ def make_pairs(config: Config, predictions: mf.Loaded, prep: mf.Loaded, attempt:
 @click.option("--output", metavar="URI", help="Output prefix (local path or s3://bucket/prefix).")
 @config_options(example="metric=token_f1")
 def command(predictions: str | None, output: str | None, config_file: str | None, sets: tuple[str, ...]) -> None:
-    """Preference pairs from a model's wrong answers on training prompts (reference chosen, answer rejected).
+    """Preference pairs from a model's wrong answers on training prompts (reference chosen, answer rejected),
+    or, with judge:, where an LLM judge prefers one of the two answers in both orders.
 
     Exit 3 when the predictions are not on a prepare run's train split, or no answer was wrong.
     """
