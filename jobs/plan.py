@@ -122,8 +122,10 @@ class Plan:
     metric: str | None = None  # the leaderboard's
     axes: list[str] = field(default_factory=list)  # what the cells vary (a sweep's matrix keys)
     evaluate: dict[str, Any] = field(default_factory=dict)  # the leaderboard's evaluate section
-    # prepare instance -> the first prepare instance with the same held-out split (HELD_OUT_STEPS take that one)
+    # prepare instance -> the first prepare instance with the same held-out split (HELD_OUT_STEPS take that one),
+    # and that first instance by the recipe of its held-out split
     held_out: dict[str, str] = field(default_factory=dict)
+    held_out_first: dict[str, str] = field(default_factory=dict)
 
     @property
     def record_name(self) -> str:
@@ -394,8 +396,8 @@ def _add(plan: Plan, cell: Cell, step: chain.Step, resolved: Any) -> None:
     key = short_hash({"step": step.name, "section": section, "takes": takes, "needs": needs})
     if step.stage == "prepare":
         held_out = {k: v for k, v in section.items() if k not in prepare_config.TRAIN_ONLY}
-        plan.held_out.setdefault(key, plan.held_out.setdefault(
-            short_hash({"held_out": step.name, "section": held_out, "takes": takes, "needs": needs}), key))
+        recipe = short_hash({"step": step.name, "section": held_out, "takes": takes, "needs": needs})
+        plan.held_out[key] = plan.held_out_first.setdefault(recipe, key)
     cell.keys[step.name] = key
     step_tag = step.name.removeprefix(step.stage).strip("-") or None  # infer-base: stage infer, tag base
     if plan.kind == "run":
