@@ -58,7 +58,7 @@ demo-sweep: $(STAMP) ## the offline sweep demo: 6 cells on CPU, leaderboard unde
 # suite takes about two thirds of the time it takes on one. TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 test: $(STAMP) ## run unit, integration and end-to-end tests (what CI runs)
-	$(PYTEST) -m "not gpu and not docker" -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
+	$(PYTEST) -m "not gpu and not docker" -n $(TEST_WORKERS) --durations=25 $(PYTEST_ARGS)
 
 test-unit: $(STAMP) ## only the fast unit tier
 	$(PYTEST) -m unit $(PYTEST_ARGS)

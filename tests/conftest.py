@@ -90,12 +90,3 @@ def subprocess_env(s3_endpoint: str) -> dict[str, str]:
     env.update({"FTJOBS_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "PYTHONUNBUFFERED": "1"})
     return env
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep a module's tests that share a module-scoped fixture on one xdist worker (`make test` runs
-    `--dist loadgroup`): split over two workers, each builds the fixture (a trained adapter, a vLLM run) again."""
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
