@@ -1,7 +1,12 @@
-"""`ftjobs sweep` through the CLI against the S3 test server: a 2x2 matrix on the tiny model plus one cell
-that only fails at train time. Shared steps run once (every cell's lineage reaches the one prepare and the
-one base inference), every other cell trains, the leaderboard ranks them with intervals, the failed cell is
-reported as failed, and a re-run is "already done" throughout."""
+"""`ftjobs sweep` through the CLI against the S3 test server: a two-cell matrix on the tiny model plus one
+cell that only fails at train time. Shared steps run once (every cell's lineage reaches the one prepare and
+the one base inference), every other cell trains, the leaderboard ranks them with intervals, the failed cell
+is reported as failed, and a re-run is "already done" throughout.
+
+The smallest sweep that shows all of that: two finished cells to rank (of two LoRA ranks, so the one engine
+serves adapters of different shapes) and the failed one. How a matrix of several axes expands into cells and
+shares their steps is the plan's (tests/jobs/test_plan.py runs a 2x2 sweep on both executors); each train run
+here is a process of its own, the sweep's largest cost."""
 
 from __future__ import annotations
 
@@ -37,9 +42,10 @@ def sweep_config(tmp_path: Path, root: str, model: Path) -> Path:
                   "checkpoint": {"every_steps": None}},
         "infer": {"engine": "transformers", "sampling": {"temperature": 0, "max_tokens": 6}},
         "evaluate": {"bootstrap": 200},
-        "matrix": {"train.learning_rate": [0.001, 0.01], "train.lora.r": [4, 8]},
-        # valid as a config, refused by peft when train builds the adapter: exit 2 at train time only
-        "include": [{"train.learning_rate": 0.02, "train.lora.target_modules": ["no_such_module"]}],
+        "matrix": {"train.lora.r": [4, 8]},
+        # valid as a config, refused by peft when train builds the adapter: exit 2 at train time only (a value
+        # of the axis no cell has makes it a cell of its own; without one it would extend every cell)
+        "include": [{"train.lora.r": 2, "train.lora.target_modules": ["no_such_module"]}],
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(conf))
@@ -51,26 +57,26 @@ def run_sweep(conf: Path, env: dict[str, str], *extra: str) -> subprocess.Comple
                            "--sweep-id", "s1", *extra], env=env, capture_output=True, text=True, timeout=1500)
 
 
-def test_a_2x2_sweep_shares_steps_ranks_cells_and_resumes(tmp_path: Path, s3_root: str, tiny_model: Path,
+def test_a_sweep_shares_steps_ranks_cells_and_resumes(tmp_path: Path, s3_root: str, tiny_model: Path,
                                                           subprocess_env: dict[str, str]) -> None:
     conf = sweep_config(tmp_path, s3_root, tiny_model)
     first = run_sweep(conf, subprocess_env)
     # one cell failed, four finished: exit 5 (EXIT_PARTIAL), the leaderboard still published and listed last
     assert first.returncode == 5, first.stderr[-6000:]
-    assert "1 of 5 cells failed" in first.stderr
+    assert "1 of 3 cells failed" in first.stderr
     prefix = f"{s3_root}/sweeps/s1"
     # The plan came first: the cells, what they share, how many train runs.
-    assert "5 cells over train.learning_rate, train.lora.r" in first.stderr
-    assert "prepare#" in first.stderr and "(shared by 5)" in first.stderr
+    assert "3 cells over train.lora.r" in first.stderr
+    assert "prepare#" in first.stderr and "(shared by 3)" in first.stderr
     # Plain LoRA cells on one base: one inference engine serves every adapter, no merges.
-    assert "steps to run: prepare 1, infer-base 1, train 5, infer-finetuned 1, evaluate 1" in first.stderr
+    assert "steps to run: prepare 1, infer-base 1, train 3, infer-finetuned 1, evaluate 1" in first.stderr
 
     record = json.loads(storage.read_text(f"{prefix}/sweep.json"))
     assert record["exit_code"] == 5
     by_step: dict[str, list[dict]] = {}
     for step in record["steps"].values():
         by_step.setdefault(step["step"], []).append(step)
-    assert len(by_step["prepare"]) == 1 and len(by_step["infer-base"]) == 1 and len(by_step["train"]) == 5
+    assert len(by_step["prepare"]) == 1 and len(by_step["infer-base"]) == 1 and len(by_step["train"]) == 3
     status = {c["values"].get("train.lora.target_modules") is not None: c["status"] for c in record["cells"]}
     assert status == {False: "done", True: "failed"}
     failed = next(s for s in by_step["train"] if s["status"] == "failed")
@@ -82,10 +88,10 @@ def test_a_2x2_sweep_shares_steps_ranks_cells_and_resumes(tmp_path: Path, s3_roo
     (prep,) = by_step["prepare"]
     (base,) = by_step["infer-base"]
     (served,) = by_step["infer-finetuned"]
-    assert served["status"] == "done" and len(served["cells"]) == 5
+    assert served["status"] == "done" and len(served["cells"]) == 3
     evaluated = mf.load(record["evaluate"]["manifest"])
     finished = [r.uri for r in evaluated.manifest.inputs if r.role.startswith("candidate")]
-    assert len(finished) == 4  # the failed cell's adapter was never served
+    assert len(finished) == 2  # the failed cell's adapter was never served
     for uri in finished:
         loaded = mf.load(uri)
         assert {r.stage for r in loaded.manifest.inputs} == {"train", "prepare"}  # base + adapter, no merge
@@ -101,7 +107,7 @@ def test_a_2x2_sweep_shares_steps_ranks_cells_and_resumes(tmp_path: Path, s3_roo
     assert {mf.load(s["manifest"], verify="none").manifest.run_id for s in record["steps"].values()
             if s["manifest"]} == {"s1"}
     board = json.loads(storage.read_text(evaluated.artifact_uri("leaderboard.json")))
-    assert len(board["cells"]) == 4 and all(c["ci95"] is not None and c["base"] == "base:model" for c in board["cells"])
+    assert len(board["cells"]) == 2 and all(c["ci95"] is not None and c["base"] == "base:model" for c in board["cells"])
     assert all(c["train_seconds"] is not None and c["total_params"] for c in board["cells"])
     assert board["verdict"].startswith("Best: ")
     assert first.stdout.strip().splitlines()[-1] == evaluated.uri

@@ -1,5 +1,6 @@
 """infer on vLLM's CPU build, through the CLI as subprocesses (the engine spawns a process): a merged model
-from the real merge job, and the same adapter served on the base as a LoRARequest. Two engine starts."""
+from the real merge job, and the same adapter served on the base as a LoRARequest. Each run starts an engine
+(seconds on 2 cores): the merged run and the adapter's run are made once for the module and shared."""
 
 from __future__ import annotations
 
@@ -48,9 +49,19 @@ def run_cli(args: list[str], env: dict[str, str]) -> mf.Loaded:
 
 @pytest.fixture(scope="module")
 def merged_run(stack: dict[str, Any], s3_endpoint: str) -> mf.Loaded:
-    env = dict(os.environ) | {"FTJOBS_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "FTJOBS_CACHE": str(stack["cache"])}
     return run_cli(["--model", stack["merged"].uri, "--prompts", stack["prompts"].uri,
-                    "--output", f"{stack['root']}/infer-merged"], env)
+                    "--output", f"{stack['root']}/infer-merged"], env_of(stack))
+
+
+@pytest.fixture(scope="module")
+def lora_run(stack: dict[str, Any], tiny_model: Path, s3_endpoint: str) -> mf.Loaded:
+    """The adapter on the base as a LoRARequest, alone in its engine."""
+    return run_cli(["--model", str(tiny_model), "--adapter", stack["adapter"].uri, "--prompts", stack["prompts"].uri,
+                    "--output", f"{stack['root']}/infer-lora"], env_of(stack))
+
+
+def env_of(stack: dict[str, Any]) -> dict[str, str]:
+    return dict(os.environ) | {"FTJOBS_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "FTJOBS_CACHE": str(stack["cache"])}
 
 
 def by_id(loaded: mf.Loaded) -> dict[str, dict[str, Any]]:
@@ -75,10 +86,7 @@ def test_merged_model_on_vllm_reports_too_long_prompt_per_row(merged_run: mf.Loa
 
 
 def test_base_plus_adapter_as_lora_request_matches_merged_greedy(
-        merged_run: mf.Loaded, stack: dict[str, Any], tiny_model: Path, tmp_path: Path) -> None:
-    env = dict(os.environ) | {"FTJOBS_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "FTJOBS_CACHE": str(stack["cache"])}
-    lora_run = run_cli(["--model", str(tiny_model), "--adapter", stack["adapter"].uri,
-                        "--prompts", stack["prompts"].uri, "--output", f"{stack['root']}/infer-lora"], env)
+        merged_run: mf.Loaded, lora_run: mf.Loaded, stack: dict[str, Any], tiny_model: Path, tmp_path: Path) -> None:
     merged, lora = by_id(merged_run), by_id(lora_run)
     assert {(r.role, r.stage) for r in lora_run.manifest.inputs} == {("adapter", "train"), ("data", "prepare")}
     assert all(r["adapter"] == stack["adapter"].uri for r in lora.values())
@@ -111,12 +119,12 @@ def test_adapter_with_modules_to_save_is_sent_to_merge(s3_root: str, tiny_model:
         infer.run(conf)
 
 
-def test_several_adapters_from_one_engine_match_one_engine_each(stack: dict[str, Any], tiny_model: Path,
-                                                              tmp_path: Path) -> None:
+def test_several_adapters_from_one_engine_match_one_engine_each(stack: dict[str, Any], lora_run: mf.Loaded,
+                                                              tiny_model: Path, tmp_path: Path) -> None:
     """A sweep's cells on one base: one vLLM engine serves both adapters (a LoRARequest each, max_loras 2),
     each output is the run its own infer would publish (the same identity: a single run there is already
-    done), and the completions equal one engine per adapter (greedy)."""
-    env = dict(os.environ) | {"FTJOBS_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "FTJOBS_CACHE": str(stack["cache"])}
+    done), and the completions equal one engine per adapter (greedy): the first adapter's is `lora_run`."""
+    env = env_of(stack)
     root = stack["root"]
     other = publish_adapter(f"{root}/train-other", tiny_model, r=4, seed=3, scale=1.0)
     common = ["--model", str(tiny_model), "--prompts", stack["prompts"].uri]
@@ -128,8 +136,7 @@ def test_several_adapters_from_one_engine_match_one_engine_each(stack: dict[str,
     assert proc.stderr.count("starting vLLM") == 1 and "'max_loras': 2" in proc.stderr
     served = {name: mf.load(f"{root}/served-{name}", verify="full") for name in "ab"}
     assert proc.stdout.strip().splitlines()[-1] == served["a"].uri
-    alone = {"a": run_cli([*common, "--adapter", stack["adapter"].uri, "--output", f"{root}/alone-a"], env),
-             "b": run_cli([*common, "--adapter", other.uri, "--output", f"{root}/alone-b"], env)}
+    alone = {"a": lora_run, "b": run_cli([*common, "--adapter", other.uri, "--output", f"{root}/alone-b"], env)}
     for name, adapter in (("a", stack["adapter"]), ("b", other)):
         rows, ref = by_id(served[name]), by_id(alone[name])
         assert all(r["adapter"] == adapter.uri for r in rows.values())
