@@ -56,9 +56,11 @@ demo-sweep: $(STAMP) ## the offline sweep demo: 6 cells on CPU, leaderboard unde
 
 # Tests run on up to 4 worker processes (pytest-xdist; each may start a vLLM engine of ~2 GB): on 2 cores the
 # suite takes about two thirds of the time it takes on one. TEST_WORKERS=0 runs them in this process.
+# --dist loadfile keeps a file's tests on one worker, so its module fixtures (a trained adapter, a merge, a vLLM
+# run) are built once: 11:13 against 12:01 on a quiet 2-core machine (bench/RESULTS.md 2026-12-07).
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 test: $(STAMP) ## run unit, integration and end-to-end tests (what CI runs)
-	$(PYTEST) -m "not gpu and not docker" -n $(TEST_WORKERS) --durations=25 $(PYTEST_ARGS)
+	$(PYTEST) -m "not gpu and not docker" -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 test-unit: $(STAMP) ## only the fast unit tier
 	$(PYTEST) -m unit $(PYTEST_ARGS)
