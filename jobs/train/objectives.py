@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
@@ -47,10 +47,33 @@ if TYPE_CHECKING:
     import torch
 
     from jobs.train.data import TrainData
-    from jobs.train.trainer import Trainer
 
 LOG = logging.getLogger(__name__)
 Objective = Literal["sft", "dpo", "orpo"]
+
+
+class Trainer(Protocol):
+    """What a preference objective uses of train's Trainer (jobs/train/trainer.py), which calls it: declared here
+    so that this module does not import the trainer that imports it."""
+
+    config: Any
+    data: TrainData
+    state: Any
+    peft_model: Any
+    optimizer: Any
+    scheduler: Any
+    params: list[Any]
+    timings: dict[str, float]
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world(self) -> int: ...
+    def autocast(self) -> Any: ...
+    def batch(self, rows: list[list[int]], examples: list[Any]) -> dict[str, Any]: ...
+    def step_batches(self, step: int, rank: int = 0, world: int = 1) -> list[Any]: ...
+    def all_sum(self, *values: float) -> list[float]: ...
+    def sum_gradients(self) -> None: ...
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 
 
