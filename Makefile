@@ -57,10 +57,16 @@ demo-sweep: $(STAMP) ## the offline sweep demo: 6 cells on CPU, leaderboard unde
 # Tests run on up to 4 worker processes (pytest-xdist; each may start a vLLM engine of ~2 GB): on 2 cores the
 # suite takes about two thirds of the time it takes on one. TEST_WORKERS=0 runs them in this process.
 # --dist loadfile keeps a file's tests on one worker, so its module fixtures (a trained adapter, a merge, a vLLM
-# run) are built once: 11:13 against 12:01 on a quiet 2-core machine (bench/RESULTS.md 2026-12-07).
+# run) are built once: 11:13 against 12:01 on a quiet 2-core machine (bench/RESULTS.md 2026-12-07). Files go out
+# longest first (tests/scheduling.py, from tests/file_seconds.json; --no-loadscope-reorder keeps that order), so
+# the minute-long end-to-end files do not run last on one worker while the other idles.
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+TEST_SELECT := -m "not gpu and not docker" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP) ## run unit, integration and end-to-end tests (what CI runs)
-	$(PYTEST) -m "not gpu and not docker" -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
+	$(PYTEST) $(TEST_SELECT) --durations=25 $(PYTEST_ARGS)
+
+test-durations: $(STAMP) ## run the suite as make test does and rewrite tests/file_seconds.json (the files' order)
+	$(PYTEST) $(TEST_SELECT) --record-file-seconds tests/file_seconds.json $(PYTEST_ARGS)
 
 test-unit: $(STAMP) ## only the fast unit tier
 	$(PYTEST) -m unit $(PYTEST_ARGS)
@@ -78,7 +84,7 @@ lint: $(STAMP) ## ruff + mypy on common/ and jobs/
 	$(BIN)/ruff check common jobs tests bench
 	$(BIN)/mypy
 
-.PHONY: help install lock test test-unit lint bench gpu-check
+.PHONY: help install lock test test-durations test-unit lint bench gpu-check
 
 # ---- containers and Kubernetes (docker/, k8s/; see docs/containers.md and docs/kubernetes.md)
 images: ## build the images (VARIANT=cpu|gpu, OFFLINE=1 for stand-in bases, PUSH=REGISTRY)

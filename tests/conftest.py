@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.scheduling"]  # longest test files first on the xdist workers
+
 TEST_BUCKET = os.environ.get("FTJOBS_TEST_BUCKET", "ftjobs-test")
 REPO = Path(__file__).resolve().parent.parent
 
