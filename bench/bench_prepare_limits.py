@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 def conversation_times(sizes: list[int], work: Path) -> None:
     from transformers import AutoTokenizer
 
-    from common import chat, tinymodel
+    from common import chat, chat_encode, tinymodel
 
     tinymodel.build_tokenizer(work / "tok")
     tok = AutoTokenizer.from_pretrained(str(work / "tok"))
@@ -35,10 +35,10 @@ def conversation_times(sizes: list[int], work: Path) -> None:
     for n in sizes:
         msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x"} for i in range(n)]
         t = time.perf_counter()
-        chat.encode_many(tok, fmt, [msgs], max_length=None)
+        chat_encode.encode_many(tok, fmt, [msgs], max_length=None)
         before = time.perf_counter() - t
         t = time.perf_counter()
-        enc = chat.encode_many(tok, fmt, [msgs], max_length=2048)[0]
+        enc = chat_encode.encode_many(tok, fmt, [msgs], max_length=2048)[0]
         after = time.perf_counter() - t
         print(f"{n:>9,} {before:>9.2f} {after:>8.2f} {before / after:>6.1f}x  {enc.kept_messages}")
 

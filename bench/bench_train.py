@@ -69,7 +69,7 @@ def publish(prefix: str, model: Path, n: int) -> tuple[str, list[int]]:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from common import chat, data
+    from common import chat, chat_encode, data
     from common import manifest as mf
 
     tok = AutoTokenizer.from_pretrained(str(model))
@@ -77,7 +77,7 @@ def publish(prefix: str, model: Path, n: int) -> tuple[str, list[int]]:
     writer = mf.ArtifactWriter(prefix)
     train_lengths: list[int] = []
     for split, convs in (("train", conversations(n)), ("eval", conversations(HELDOUT, seed=1))):
-        enc = chat.encode_many(tok, fmt, convs, max_length=MAX_LEN)
+        enc = chat_encode.encode_many(tok, fmt, convs, max_length=MAX_LEN)
         rows = len(convs)
         table = pa.Table.from_pydict({
             "id": [f"{split}-{i}" for i in range(rows)], "messages": convs, "tools": [None] * rows,

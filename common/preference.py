@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from common import chat
+from common import chat, chat_encode
 
 KIND = "preference"  # a prepare manifest's stats.kind for preference data (absent: supervised rows)
 IGNORE_INDEX = chat.IGNORE_INDEX
@@ -90,7 +90,7 @@ def encode_pairs(tokenizer: Any, fmt: chat.ChatFormat, pairs: Sequence[tuple[Any
     """Tokenize (prompt, chosen, rejected, tools) tuples in one batched call (see the module docstring)."""
     convs = [conversation(p, c) for p, c, _, _ in pairs] + [conversation(p, r) for p, _, r, _ in pairs]
     tools = [t for *_, t in pairs] * 2
-    enc = chat.encode_many(tokenizer, fmt, convs, tools=tools, max_length=None, train_on="assistant")
+    enc = chat_encode.encode_many(tokenizer, fmt, convs, tools=tools, max_length=None, train_on="assistant")
     n = len(pairs)
     return [_pair(enc[i], enc[n + i], max_length) for i in range(n)]
 
@@ -99,7 +99,7 @@ def _first_label(labels: list[int]) -> int:
     return next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(labels))
 
 
-def _pair(c: chat.Encoded, r: chat.Encoded, max_length: int | None) -> EncodedPair:
+def _pair(c: chat_encode.Encoded, r: chat_encode.Encoded, max_length: int | None) -> EncodedPair:
     empty = EncodedPair([], [], [], [], [])
     for side, e in (("chosen", c), ("rejected", r)):
         if e.error is not None:

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from common import chat, data
+from common import chat, chat_encode, data
 from jobs.prepare import rows as R
 from jobs.prepare import sources as S
 from jobs.prepare import windows as W
@@ -131,7 +131,7 @@ def process(fmt: str | None, items: Sequence[dict[str, Any] | bytes | S.Bad], ru
         verdicts.append(None)
 
     encoded = encode([p[2] for p in pending], [p[3] for p in pending]) if encode is not None and pending else None
-    kept: list[tuple[str, list[dict[str, Any]], Any, chat.Encoded | None]] = []
+    kept: list[tuple[str, list[dict[str, Any]], Any, chat_encode.Encoded | None]] = []
     for k, (at, keys, msgs, tools, canon) in enumerate(pending):
         e = encoded[k] if encoded is not None else None
         if e is None:
@@ -172,13 +172,13 @@ def process(fmt: str | None, items: Sequence[dict[str, Any] | bytes | S.Bad], ru
                         e.num_trainable if e is not None else 0, tuple(len(w.input_ids) for w in parts))
         if parts:
             kept += [(W.window_id(row_id, k), [{"role": "text", "content": w.text}], tools,
-                      chat.Encoded(w.input_ids, w.labels, 1)) for k, w in enumerate(parts)]
+                      chat_encode.Encoded(w.input_ids, w.labels, 1)) for k, w in enumerate(parts)]
         else:
             kept.append((row_id, msgs, tools, e))
     return verdicts, _columns(kept, encode is not None, rules.signatures)  # type: ignore[return-value]
 
 
-def _columns(kept: list[tuple[str, list[dict[str, Any]], Any, chat.Encoded | None]], tokenized: bool,
+def _columns(kept: list[tuple[str, list[dict[str, Any]], Any, chat_encode.Encoded | None]], tokenized: bool,
              signatures: bool = False) -> Any:
     """The kept rows' columns of the output schema, but `split` and `source` (the job's process sets them);
     with `signatures`, also `minhash` (decontam.SIGNATURE)."""

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import chat
+from common import chat, chat_encode
 from jobs.prepare import batch as B
 
 # What a batch gives back: its verdicts and the Arrow columns of its kept rows (batch.process).
@@ -70,10 +70,10 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
-def encoder(tokenizer: Any, fmt: chat.ChatFormat, rules: B.Rules) -> Callable[..., list[chat.Encoded]]:
+def encoder(tokenizer: Any, fmt: chat.ChatFormat, rules: B.Rules) -> Callable[..., list[chat_encode.Encoded]]:
     """The tokenizing step of batch.process for this tokenizer and template."""
-    def encode(conversations: Sequence[chat.Messages], tools: Sequence[chat.ToolList]) -> list[chat.Encoded]:
-        return chat.encode_many(tokenizer, fmt, conversations, tools=tools, max_length=rules.max_length,
+    def encode(conversations: Sequence[chat.Messages], tools: Sequence[chat.ToolList]) -> list[chat_encode.Encoded]:
+        return chat_encode.encode_many(tokenizer, fmt, conversations, tools=tools, max_length=rules.max_length,
                                 train_on=rules.train_on, long_text=rules.long_documents == "windows")
     return encode
 

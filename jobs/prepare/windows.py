@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from common import chat
+from common import chat, chat_encode
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ def window_id(doc_id: str, k: int) -> str:
     return doc_id if k == 0 else hashlib.sha256(f"{doc_id}\n#window{k}".encode()).hexdigest()
 
 
-def split(e: chat.Encoded, max_length: int, overlap: int, last: str) -> list[Window]:
-    """The windows of a document encoded whole (e.offsets set by chat.encode_many's long_text)."""
+def split(e: chat_encode.Encoded, max_length: int, overlap: int, last: str) -> list[Window]:
+    """The windows of a document encoded whole (e.offsets set by chat_encode.encode_many's long_text)."""
     assert e.offsets is not None and e.text is not None
     ids, labels, n = e.input_ids, e.labels, len(e.input_ids)
     stride = max_length - overlap
@@ -56,7 +56,7 @@ def split(e: chat.Encoded, max_length: int, overlap: int, last: str) -> list[Win
     return out
 
 
-def _chars(e: chat.Encoded, start: int, end: int) -> str:
+def _chars(e: chat_encode.Encoded, start: int, end: int) -> str:
     """The document characters of tokens [start, end): the window's text (BOS/EOS markup left out)."""
     assert e.offsets is not None and e.text is not None
     size = len(e.text)

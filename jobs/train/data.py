@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from common import chat
+from common import chat, chat_encode
 from common import data as canonical
 from common import manifest as mf
 from common.errors import ConfigError, InputError
@@ -102,7 +102,7 @@ def load(prep: mf.Loaded, split: str, *, source: Source, tokenizer: Any, fmt: ch
         rows = len(conversations)
         for start in range(0, rows, ENCODE_BATCH):
             batch = slice(start, start + ENCODE_BATCH)
-            encoded = chat.encode_many(tokenizer, fmt, conversations[batch], tools=tools[batch],
+            encoded = chat_encode.encode_many(tokenizer, fmt, conversations[batch], tools=tools[batch],
                                        max_length=max_seq_length, train_on=train_on)
             for rid, enc in zip(row_ids[batch], encoded, strict=True):
                 if enc.error:  # the template refused the row, or a turn of it cannot be located

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from common import chat
+from common import chat, chat_encode
 from common.errors import ConfigError
 from tests.common.chat_families import FAMILIES, GEMMA, tokenizer
 
@@ -47,7 +47,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return AutoTokenizer.from_pretrained(str(Path(path)))
 
 
-def trained_runs(tok: Any, enc: chat.Encoded) -> list[str]:
+def trained_runs(tok: Any, enc: chat_encode.Encoded) -> list[str]:
     """The decoded runs of consecutive trained tokens."""
     runs: list[list[int]] = []
     prev = False
@@ -69,7 +69,7 @@ def test_multi_turn_labels_cover_exactly_each_answer_and_its_end_of_turn(base: A
     conv = CONV if name == "qwen3" else PLAIN  # Qwen3's prefixes differ once turns carry reasoning
     sp = chat.spans(fmt, conv)
     assert sp.method == fam.method, f"{name} ({fam.doc}) took {sp.method}"
-    enc = chat.encode_many(tok, fmt, [conv])[0]
+    enc = chat_encode.encode_many(tok, fmt, [conv])[0]
     assert enc.error is None and enc.drop_reason is None
     # Mistral's answer follows "[/INST] ": the space is part of the answer's first token, and trained with it.
     lead = " " if name == "mistral" else ""
@@ -97,7 +97,7 @@ def test_every_turn_and_every_prompt_end_where_labels_start(base: Any, name: str
 def test_generation_tags_give_the_same_mask_as_transformers(base: Any) -> None:
     tok = tokenizer(FAMILIES["tagged"], base)
     fmt = chat.chat_format(tok)
-    enc = chat.encode_many(tok, fmt, [PLAIN])[0]
+    enc = chat_encode.encode_many(tok, fmt, [PLAIN])[0]
     theirs = tok.apply_chat_template(PLAIN, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert theirs["input_ids"] == enc.input_ids
     assert theirs["assistant_masks"] == [int(lab != chat.IGNORE_INDEX) for lab in enc.labels]
@@ -107,20 +107,20 @@ def test_qwen3_keeps_the_last_turns_reasoning_and_train_on_picks_the_turns(base:
     tok = tokenizer(FAMILIES["qwen3"], base)
     fmt = chat.chat_format(tok)
     last_turn = "<think>\ntwo and two make four\n</think>\n\nFour.<|im_end|>"
-    every, last = (chat.encode_many(tok, fmt, [CONV], train_on=t)[0] for t in ("assistant", "last_assistant"))
+    every, last = (chat_encode.encode_many(tok, fmt, [CONV], train_on=t)[0] for t in ("assistant", "last_assistant"))
     assert trained_runs(tok, every) == ["Two.<|im_end|>", last_turn]
     assert trained_runs(tok, last) == [last_turn]
     # Reasoning written inline as a <think> block is the same row to this template.
     inline = [m if m["role"] != "assistant" else {"role": "assistant", "content": f"<think>\n"
               f"{m['reasoning_content']}\n</think>\n\n{m['content']}"} for m in CONV]
-    assert chat.encode_many(tok, fmt, [inline])[0].input_ids == every.input_ids
+    assert chat_encode.encode_many(tok, fmt, [inline])[0].input_ids == every.input_ids
     # A single-turn row still passes the prefix check.
     assert chat.spans(fmt, CONV[:3]).method == "prefix"
 
 
 def test_a_template_that_does_not_read_reasoning_gets_it_as_a_think_block(base: Any) -> None:
     tok = tokenizer(FAMILIES["chatml"], base)
-    enc = chat.encode_many(tok, chat.chat_format(tok), [CONV])[0]
+    enc = chat_encode.encode_many(tok, chat.chat_format(tok), [CONV])[0]
     assert trained_runs(tok, enc) == ["<think>\none and one make two\n</think>\n\nTwo.<|im_end|>",
                                       "<think>\ntwo and two make four\n</think>\n\nFour.<|im_end|>"]
 
@@ -129,7 +129,7 @@ def test_a_template_that_does_not_read_reasoning_gets_it_as_a_think_block(base: 
 def test_tool_schemas_are_rendered_and_tool_calls_are_trained(base: Any, name: str) -> None:
     tok = tokenizer(FAMILIES[name], base)
     fmt = chat.chat_format(tok)
-    enc = chat.encode_many(tok, fmt, [TOOL_CONV], tools=[TOOLS])[0]
+    enc = chat_encode.encode_many(tok, fmt, [TOOL_CONV], tools=[TOOLS])[0]
     text = tok.decode(enc.input_ids, skip_special_tokens=False)
     assert "Weather for a city" in text and '"required"' in text  # the schema is in the training text
     runs = trained_runs(tok, enc)
@@ -145,7 +145,7 @@ def test_templates_that_would_drop_tools_or_calls_are_refused(base: Any) -> None
     fmt = chat.chat_format(tok, GEMMA)
     with pytest.raises(ConfigError, match="never reads `tools`"):
         chat.render_prompt(fmt, TOOL_CONV[:1], TOOLS)
-    enc = chat.encode_many(tok, fmt, [TOOL_CONV])[0]
+    enc = chat_encode.encode_many(tok, fmt, [TOOL_CONV])[0]
     assert enc.drop_reason == "template_error" and "never reads `tool_calls`" in (enc.error or "")
 
 
@@ -153,12 +153,12 @@ def test_a_row_the_template_refuses_or_a_turn_that_cannot_be_found_comes_back_as
     tok = tokenizer(FAMILIES["gemma"], base)
     fmt = chat.chat_format(tok)
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
-    good, refused = chat.encode_many(tok, fmt, [PLAIN, bad])
+    good, refused = chat_encode.encode_many(tok, fmt, [PLAIN, bad])
     assert good.error is None and "roles must alternate" in (refused.error or "")
     # Prefixes differ (the message count leads the text) and the answer is rewritten (upper case).
     rewrites = ("{{ messages | length }} messages\n"
                 "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper + '\n' }}{% endfor %}")
-    enc = chat.encode_many(tok, chat.chat_format(tok, rewrites), [PLAIN])[0]
+    enc = chat_encode.encode_many(tok, chat.chat_format(tok, rewrites), [PLAIN])[0]
     assert enc.drop_reason == "template_error"
     assert "assistant turn 1 (message 2): its content ('Two.') is not in the rendering" in (enc.error or "")
 
@@ -181,7 +181,7 @@ def test_a_tool_round_before_the_last_user_message_is_located_with_its_call(base
             {"role": "assistant", "content": "Colder.", "reasoning_content": "a guess"}]
     sp = chat.spans(fmt, conv, TOOLS)
     assert sp.method == "located"
-    runs = trained_runs(tok, chat.encode_many(tok, fmt, [conv], tools=[TOOLS])[0])
+    runs = trained_runs(tok, chat_encode.encode_many(tok, fmt, [conv], tools=[TOOLS])[0])
     assert runs == ['\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>',
                     "It is 3 degrees.<|im_end|>", "<think>\na guess\n</think>\n\nColder.<|im_end|>"]
     assert chat.render_prompt(fmt, conv[:-1], TOOLS) == sp.text[:sp.assistant[-1][0]]
@@ -207,11 +207,11 @@ def test_a_weight_in_the_data_wins_over_train_on(base: Any, train_on: chat.Train
     tok = tokenizer(FAMILIES["chatml"], base)
     fmt = chat.chat_format(tok)
     assert chat.turn_rules(WEIGHTED, train_on) == rules
-    enc = chat.encode_many(tok, fmt, [WEIGHTED], train_on=train_on)[0]
+    enc = chat_encode.encode_many(tok, fmt, [WEIGHTED], train_on=train_on)[0]
     assert trained_runs(tok, enc) == runs
     # Weights are never part of the text: the same tokens as the row without them.
     plain = [{k: v for k, v in m.items() if k != "weight"} for m in WEIGHTED]
-    assert chat.encode_many(tok, fmt, [plain])[0].input_ids == enc.input_ids
+    assert chat_encode.encode_many(tok, fmt, [plain])[0].input_ids == enc.input_ids
 
 
 def test_last_assistant_excludes_earlier_unweighted_turns_and_all_still_skips_weight_0(base: Any) -> None:
@@ -219,21 +219,21 @@ def test_last_assistant_excludes_earlier_unweighted_turns_and_all_still_skips_we
     fmt = chat.chat_format(tok)
     unweighted_first = [{**m, "weight": None} if i == 1 else m for i, m in enumerate(WEIGHTED)]
     assert chat.turn_rules(unweighted_first, "last_assistant") == ["train_on_excluded", "trained", "trained"]
-    enc = chat.encode_many(tok, fmt, [unweighted_first], train_on="last_assistant")[0]
+    enc = chat_encode.encode_many(tok, fmt, [unweighted_first], train_on="last_assistant")[0]
     assert trained_runs(tok, enc) == ["Two, sorry.<|eot_id|>", "Four.<|eot_id|>"]
-    every = chat.encode_many(tok, fmt, [WEIGHTED], train_on="all")[0]
+    every = chat_encode.encode_many(tok, fmt, [WEIGHTED], train_on="all")[0]
     text = "".join(trained_runs(tok, every))
     assert "Three." not in text and "Two, sorry." in text and "What is one plus one?" in text
     # Every answer context only: nothing to train on.
     none = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in WEIGHTED]
-    assert chat.encode_many(tok, fmt, [none])[0].drop_reason == "zero_trainable_tokens"
+    assert chat_encode.encode_many(tok, fmt, [none])[0].drop_reason == "zero_trainable_tokens"
 
 
 def test_truncation_counts_the_rules_of_the_turns_it_keeps(base: Any) -> None:
     tok = tokenizer(FAMILIES["chatml"], base)
     fmt = chat.chat_format(tok)
-    full = chat.encode_many(tok, fmt, [WEIGHTED])[0]
-    cut = chat.encode_many(tok, fmt, [WEIGHTED], max_length=len(full.input_ids) - 2,
+    full = chat_encode.encode_many(tok, fmt, [WEIGHTED])[0]
+    cut = chat_encode.encode_many(tok, fmt, [WEIGHTED], max_length=len(full.input_ids) - 2,
                            train_on="last_assistant")[0]
     assert cut.truncated and cut.kept_messages == 4
     # The last kept turn has weight 1: trained; the weight-0 one before it is not.
@@ -242,7 +242,7 @@ def test_truncation_counts_the_rules_of_the_turns_it_keeps(base: Any) -> None:
 
 
 def test_token_starts_from_the_encoding_match_a_search_over_every_offset(base: Any) -> None:
-    """Labels map turn boundaries to tokens through chat.Starts (the Rust Encoding asked at those characters);
+    """Labels map turn boundaries to tokens through chat_encode.Starts (the Rust Encoding asked at those characters);
     it must give what a binary search over all offsets gives, at every character, multi-byte text included."""
     import bisect
     import random
@@ -250,7 +250,7 @@ def test_token_starts_from_the_encoding_match_a_search_over_every_offset(base: A
     rng = random.Random(0)
     alphabet = list("ab cd\u00e9  \u00fc\n\t\u4e2d\u6587\U0001f600") + ["<|im_end|>"]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(200)]
-    for text, (_, starts) in zip(texts, chat._tokenize(base, texts), strict=True):
+    for text, (_, starts) in zip(texts, chat_encode._tokenize(base, texts), strict=True):
         offsets = base(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         for c in range(len(text) + 2):
             assert starts.first_at(c) == bisect.bisect_left(offsets, c, key=lambda o: o[0]), (text, c)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from common import chat, data
+from common import chat, chat_encode, data
 from common import manifest as mf
 
 pytestmark = pytest.mark.e2e
@@ -120,7 +120,7 @@ def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tok
     raw_rows = data.read_split(mf.load(str(raw)), "train").to_pylist()
     unweighted = [[{**m, "weight": None} for m in r["messages"]] for r in raw_rows]
     fmt = chat.chat_format(tiny_tokenizer)
-    more = chat.encode_many(tiny_tokenizer, fmt, unweighted, tools=[data.tools_of(r["tools"]) for r in raw_rows])
+    more = chat_encode.encode_many(tiny_tokenizer, fmt, unweighted, tools=[data.tools_of(r["tools"]) for r in raw_rows])
     assert sum(e.num_trainable for e in more) > train_stats["trainable_tokens"]
 
     # Infer ignores the weights: each prompt is its row's conversation up to the last answer, weight-0 turns

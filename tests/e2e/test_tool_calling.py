@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from common import chat, data
+from common import chat, chat_encode, data
 from common import manifest as mf
 
 pytestmark = pytest.mark.e2e
@@ -88,9 +88,9 @@ def test_glaive_style_tools_reach_the_training_text_and_the_inference_prompt(
             "--set", "max_steps=2", "--set", "max_seq_length=1024", "--set", "batch_size=2"], subprocess_env)
     raw_rows = data.read_split(mf.load(str(raw)), "train").to_pylist()
     fmt = chat.chat_format(tiny_tokenizer)
-    with_tools = chat.encode_many(tiny_tokenizer, fmt, [r["messages"] for r in raw_rows],
+    with_tools = chat_encode.encode_many(tiny_tokenizer, fmt, [r["messages"] for r in raw_rows],
                                   tools=[data.tools_of(r["tools"]) for r in raw_rows], max_length=1024)
-    without = chat.encode_many(tiny_tokenizer, fmt, [r["messages"] for r in raw_rows], max_length=1024)
+    without = chat_encode.encode_many(tiny_tokenizer, fmt, [r["messages"] for r in raw_rows], max_length=1024)
     stats = mf.load(str(train)).manifest.stats["train"]
     assert stats["tokens"] == sum(len(e.input_ids) for e in with_tools) > sum(len(e.input_ids) for e in without)
 

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import chat, data
+from common import chat, chat_encode, data
 from common import manifest as mf
 
 WORDS = ["red", "green", "blue", "cat", "dog", "bird", "fish", "tree", "sun", "moon", "star", "car"]
@@ -48,7 +48,7 @@ def publish_prepare(prefix: str, *, tokenizer: Any = None, n_train: int = 64, n_
                 "id": [f"{split}-{i}" for i in range(len(rows))], "messages": rows, "tools": [None] * len(rows),
                 "split": [split] * len(rows), "source": ["generated"] * len(rows)}
             if fmt is not None:
-                enc = chat.encode_many(tokenizer, fmt, rows)
+                enc = chat_encode.encode_many(tokenizer, fmt, rows)
                 table["input_ids"] = [e.input_ids for e in enc]
                 table["labels"] = [e.labels for e in enc]
                 table["num_tokens"] = [len(e.input_ids) for e in enc]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from common import chat, data
+from common import chat, chat_encode, data
 from common import config as cfg
 from common import manifest as mf
 from common import preference as P
@@ -133,7 +133,7 @@ def test_pair_masks_are_exactly_the_sft_masks_of_each_answer(tok: Any, name: str
     assert pair.drop_reason is None, pair.detail
     for answer, ids, labels in ((chosen, pair.chosen_ids, pair.chosen_labels),
                                 (rejected, pair.rejected_ids, pair.rejected_labels)):
-        (sft,) = chat.encode_many(family_tok, fmt, [prompt + answer], train_on="last_assistant")
+        (sft,) = chat_encode.encode_many(family_tok, fmt, [prompt + answer], train_on="last_assistant")
         assert pair.prompt_ids + ids == sft.input_ids
         assert [chat.IGNORE_INDEX] * len(pair.prompt_ids) + labels == sft.labels
 

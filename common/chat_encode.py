@@ -1,0 +1,211 @@
+"""A batch of conversations to token ids and labels: `encode_many`, what prepare (and the benchmarks) call.
+
+`common/chat.py` renders each conversation and finds its assistant turns' character spans (and says which
+rules decide them); this module tokenizes the batch in one call to the fast tokenizer and turns each span
+into labels (a trained turn's tokens from its content through its end-of-turn token, the rest
+IGNORE_INDEX), truncating whole trailing turns. Split from chat.py, which is about templates and text.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from common import chat
+from common.errors import ConfigError
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    kept_messages: int
+    truncated: bool = False
+    drop_reason: str | None = None
+    # Set when the template refused the row or a turn could not be located: the caller names the row.
+    error: str | None = None
+    # A plain-text row kept whole past max_length (encode_many's long_text): each token's character span in
+    # `text`, the document (None for a BOS added here; BOS/EOS markup falls outside it), for the caller to cut
+    # it into windows (jobs/prepare/windows.py).
+    offsets: list[tuple[int, int] | None] | None = None
+    text: str | None = None
+    _trainable: int | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_trainable(self) -> int:
+        if self._trainable is None:
+            self._trainable = len(self.labels) - self.labels.count(chat.IGNORE_INDEX)
+        return self._trainable
+
+
+def encode_many(tokenizer: Any, fmt: chat.ChatFormat, conversations: Sequence[chat.Messages], *,
+                tools: Sequence[chat.ToolList] | None = None, max_length: int | None = None,
+                train_on: chat.TrainOn = "assistant", long_text: bool = False) -> list[Encoded]:
+    """Tokenize a batch of conversations (each with its tools, when given) in one call to the fast tokenizer.
+
+    Rendering is per row (Jinja), tokenizing is one batched call (Rust, all
+    cores), masks are built from the token offsets by binary search, so the
+    Python work per row does not grow with its length. A row the template
+    refuses comes back with `error` set and no tokens. With `long_text`, a plain-text row longer than
+    max_length comes back whole, with its offsets, rather than dropped (a document to cut into windows).
+    """
+    if not conversations:  # fast tokenizers fail on an empty batch
+        return []
+    all_spans: list[chat.Spans | str] = []
+    for n, conv in enumerate(conversations):
+        fits = _fits(tokenizer, max_length) if max_length is not None else None  # its state is per conversation
+        try:
+            all_spans.append(chat.spans(fmt, conv, tools[n] if tools is not None else None, fits))
+        except ConfigError as exc:
+            all_spans.append(str(exc))
+    texts = [s.text for s in all_spans if isinstance(s, chat.Spans)]
+    encoded = iter(_tokenize(tokenizer, texts) if texts else [])
+    bos_id = tokenizer.bos_token_id
+    out = []
+    for conv, sp in zip(conversations, all_spans, strict=True):
+        if isinstance(sp, str):
+            out.append(Encoded([], [], 0, drop_reason="template_error", error=sp))
+            continue
+        ids, offsets = next(encoded)
+        whole = long_text and sp.method == "text" and max_length is not None
+        out.append(_labels_for(conv, sp, ids, offsets, bos_id, fmt, None if whole else max_length, train_on))
+        if whole and len(out[-1].input_ids) > max_length:  # type: ignore[operator]
+            lead: list[tuple[int, int] | None] = [None] * (len(out[-1].input_ids) - len(ids))
+            shift = len(fmt.bos_token or "")  # offsets into the document's own text
+            out[-1].offsets = lead + [(int(a) - shift, int(b) - shift) for a, b in offsets.offsets()]
+            out[-1].text = conv[0]["content"]
+    return out
+
+
+def _fits(tokenizer: Any, max_length: int) -> chat.Fits:
+    """A prefix check that costs linear time over a conversation: a prefix is tokenized only when its length
+    in characters has doubled since the last check (and no sooner than max_length characters: a token is at
+    least one character), so the checks add up to about twice the longest prefix. A prefix over max_length
+    tokens plus a margin (tokens may merge differently where the prefix ends) certainly does not fit."""
+    state = {"next": max_length}
+
+    def fits(prefix: str) -> bool:
+        if len(prefix) < state["next"]:
+            return True
+        state["next"] = 2 * len(prefix)
+        return len(_tokenize(tokenizer, [prefix])[0][0]) <= max_length + 8
+
+    return fits
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], Starts]]:
+    """(ids, token starts) per text, without special tokens: exactly what `tokenizer(texts, ...)` returns.
+
+    The Rust backend is called directly when the wrapper would not change its
+    state first (no truncation or padding configured, special tokens not
+    split): that skips building a BatchEncoding, a large share of the time.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (backend is not None and hasattr(backend, "encode_batch") and backend.truncation is None
+            and backend.padding is None
+            and bool(getattr(backend, "encode_special_tokens", False))
+            == bool(getattr(tokenizer, "split_special_tokens", False))):
+        return [(e.ids, Starts(e, len(e))) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
+    return [(list(i), Starts([tuple(o) for o in off], len(i)))
+            for i, off in zip(batch["input_ids"], batch["offset_mapping"], strict=True)]
+
+
+class Starts:
+    """Where a text's tokens start: `first_at(char)`, the index of the first token that starts at or after
+    `char` (token starts are sorted), which is what a turn's character span needs to become a token span.
+
+    Converting a Rust Encoding's offsets to Python (a tuple per token) cost about as much per row as the rest
+    of the label building together (~30 us of ~480 us); a turn has two boundaries, so the Encoding is asked
+    about those characters only (`char_to_token`, `token_to_chars`), and the answer is checked against its
+    neighbours' starts: where the check fails (gaps, zero-width tokens) the full offsets are read, as before.
+    """
+
+    __slots__ = ("_encoding", "_offsets", "n")
+
+    def __init__(self, source: Any, n: int):
+        self.n = n
+        self._encoding: Any = None if isinstance(source, list) else source
+        self._offsets: list[tuple[int, int]] | None = source if isinstance(source, list) else None
+
+    def offsets(self) -> list[tuple[int, int]]:
+        if self._offsets is None:
+            self._offsets = self._encoding.offsets
+        return self._offsets
+
+    def _start(self, k: int) -> int:
+        return int(self._encoding.token_to_chars(k)[0])
+
+    def first_at(self, char: int) -> int:
+        if self._encoding is not None and self._offsets is None:
+            try:
+                t = self._encoding.char_to_token(char)
+                k = self.n if t is None else t if self._start(t) >= char else t + 1
+                if (k == self.n or self._start(k) >= char) and (k == 0 or self._start(k - 1) < char):
+                    return k
+            except TypeError:  # a token without characters: token_to_chars gives None
+                pass
+        return bisect.bisect_left(self.offsets(), char, key=lambda o: o[0])
+
+
+def _labels_for(conv: chat.Messages, sp: chat.Spans, ids: list[int], offsets: Starts,
+                bos_id: int | None, fmt: chat.ChatFormat, max_length: int | None, train_on: chat.TrainOn) -> Encoded:
+    prepend = 0
+    if fmt.needs_bos and bos_id is not None and (not ids or ids[0] != bos_id):
+        ids = [bos_id] + ids
+        prepend = 1
+    if bos_id is not None and fmt.bos_token and ids.count(bos_id) > 1:
+        return Encoded(ids, [chat.IGNORE_INDEX] * len(ids), len(conv), drop_reason="multiple_bos")
+
+    turns = sp.assistant
+    if not turns:
+        return Encoded(ids, [chat.IGNORE_INDEX] * len(ids), len(conv), drop_reason="no_assistant_turn")
+
+    # Token index where each assistant turn ends (exclusive): tokens starting before the turn's end.
+    turn_end_tok = [prepend + offsets.first_at(end) for (_, end, _) in turns]
+    keep_turns = len(turns)
+    truncated = False
+    if max_length is not None and (len(ids) > max_length or not sp.complete):
+        keep_turns = 0
+        for k, n in enumerate(turn_end_tok):
+            if n <= max_length:
+                keep_turns = k + 1
+        if keep_turns == 0:
+            return Encoded(ids[:max_length], [chat.IGNORE_INDEX] * max_length, 0, truncated=True,
+                           drop_reason="too_long_tokens")
+        ids = ids[: turn_end_tok[keep_turns - 1]]
+        truncated = True
+    kept = turns[:keep_turns]
+    kept_messages = kept[-1][2] + 1 if truncated else len(conv)
+
+    n = len(ids)
+    rules = chat.turn_rules(conv, train_on, [i for _, _, i in kept])
+
+    def tokens(k: int, start: int) -> tuple[int, int]:  # turn k's token span (its end is turn_end_tok[k])
+        return min(prepend + offsets.first_at(start), n), min(turn_end_tok[k], n)
+
+    if train_on == "all":
+        labels = list(ids)
+        if prepend or (bos_id is not None and ids and ids[0] == bos_id):
+            labels[0] = chat.IGNORE_INDEX
+        for k, ((start, _, _), rule) in enumerate(zip(kept, rules, strict=True)):
+            if rule == "weight_0":  # a weight in the data wins: context only, also when every token is trained
+                lo, hi = tokens(k, start)
+                labels[lo:hi] = [chat.IGNORE_INDEX] * max(hi - lo, 0)
+        trainable = n - labels.count(chat.IGNORE_INDEX)
+    else:
+        labels = [chat.IGNORE_INDEX] * n
+        trainable = 0
+        for k, ((start, _, _), rule) in enumerate(zip(kept, rules, strict=True)):
+            if rule != "trained":  # context only: its tokens stay chat.IGNORE_INDEX
+                continue
+            lo, hi = tokens(k, start)
+            if hi > lo:
+                labels[lo:hi] = ids[lo:hi]
+                trainable += hi - lo
+    enc = Encoded(ids, labels, kept_messages, truncated=truncated, _trainable=trainable)
+    if trainable == 0:
+        enc.drop_reason = "zero_trainable_tokens"
+    return enc
