@@ -25,130 +25,12 @@ from jobs.prepare import batch as B
 from jobs.prepare import decontam, keys, listing, mixing
 from jobs.prepare import rows as R
 from jobs.prepare import sources as S
+from jobs.prepare import tally as T
 from jobs.prepare import windows as W
 from jobs.prepare.config import Columns, Config, Format, Source  # noqa: F401 (handed on by the package)
 
 STAGE = "prepare"
 LOG = logging.getLogger(__name__)
-
-
-
-# --------------------------------------------------------------------------- state while running
-
-
-@dataclass
-class FileState:
-    """One file while its batches are read and processed: what is checked once all its rows are in."""
-
-    file: S.RawFile
-    format: str | None
-    rows: int = 0
-    submitted: int = 0  # batches
-    finished: int = 0
-    read: bool = False  # every line of it is in a submitted batch
-    saw_tools: bool = False
-    ignored: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass
-class Chunk:
-    """A submitted batch: where its items came from, and the items (for previews and repeated rows)."""
-
-    state: FileState
-    lines: list[int]
-    items: list[Any]
-
-
-@dataclass
-class Tally:
-    rows_in: int = 0
-    dropped: Counter[str] = field(default_factory=Counter)
-    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    per_source: dict[str, Counter[str]] = field(default_factory=dict)
-    formats: dict[str, str] = field(default_factory=dict)
-    truncated: int = 0
-    empty_files: list[str] = field(default_factory=list)
-    # Assistant turns of the rows kept, by the rule that decided their labels (chat.TURN_RULES).
-    turns: Counter[str] = field(default_factory=Counter)
-    # Keys of messages records that nothing reads (R.ignored_keys), by the number of rows holding them.
-    ignored: Counter[str] = field(default_factory=Counter)
-    named: int = 0  # messages other than tool results that carry a participant's `name`
-    sections: dict[str, Any] = field(default_factory=dict)  # stats sections of mixing.TrainSet
-
-    def drop(self, reason: str, source: str, line: int, detail: str, preview: Any, keep: int) -> None:
-        self.dropped[reason] += 1
-        self.per_source[source]["dropped"] += 1
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < keep:
-            if callable(preview):  # built only when kept: most drops are counted, not shown
-                preview = preview()
-            text = preview if isinstance(preview, str) else B.preview(preview)
-            ex.append({"reason": reason, "source": source, "line": line, "detail": detail,
-                       "row": text[:2000] + ("..." if len(text) > 2000 else "")})
-
-
-class SplitWriter:
-    """Parquet shards of one split: buffered into row groups, uploaded as each shard closes."""
-
-    def __init__(self, split: str, tokenized: bool, writer: mf.ArtifactWriter, workdir: Path, conf: Config):
-        self.split, self.tokenized, self.writer, self.workdir, self.conf = split, tokenized, writer, workdir, conf
-        self.schema = data.schema(tokenized)
-        self.parts: list[Any] = []  # tables of rows (every column but split), to be one row group
-        self.buffered = 0
-        self.shard = 0
-        self.shard_rows = 0
-        self.rows = 0
-        self.pq_writer: Any = None
-        self.local: Path | None = None
-
-    def add(self, table: Any) -> None:
-        """Rows (a pyarrow Table with the schema's columns but `split`), in order."""
-        table = _unpinned(table)
-        start, n = 0, table.num_rows
-        while start < n:
-            take = min(n - start, self.conf.row_group_rows - self.buffered,
-                       self.conf.rows_per_shard - self.shard_rows)
-            self.parts.append(table.slice(start, take))
-            start += take
-            self.buffered += take
-            self.rows += take
-            self.shard_rows += take
-            if self.buffered >= self.conf.row_group_rows:
-                self._flush()
-            if self.shard_rows >= self.conf.rows_per_shard:
-                self._close_shard()
-
-    def _flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if not self.parts:
-            return
-        rows = pa.concat_tables(self.parts).combine_chunks()
-        split = pa.array([self.split] * rows.num_rows, type=pa.string())
-        table = pa.Table.from_arrays([split if f.name == "split" else rows.column(f.name) for f in self.schema],
-                                     schema=self.schema)
-        if self.pq_writer is None:
-            self.local = self.workdir / f"{self.split}-{self.shard:05d}.parquet"
-            self.pq_writer = pq.ParquetWriter(self.local, self.schema, compression="zstd")
-        self.pq_writer.write_table(table, row_group_size=self.conf.row_group_rows)
-        self.parts, self.buffered = [], 0
-
-    def _close_shard(self) -> None:
-        self._flush()
-        if self.pq_writer is None:
-            return
-        self.pq_writer.close()
-        assert self.local is not None
-        name = f"{self.split}/part-{self.shard:05d}"
-        self.writer.add_file(self.local, f"data/{name}.parquet", name=name, rows=self.shard_rows)
-        self.local.unlink()
-        self.pq_writer, self.local = None, None
-        self.shard += 1
-        self.shard_rows = 0
-
-    def close(self) -> None:
-        self._close_shard()
 
 
 # --------------------------------------------------------------------------- the job
@@ -225,22 +107,22 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
                     overlap, tally.rows_in, 100 * overlap / tally.rows_in)
     if drop_fraction > config.max_drop_fraction or rows_out == 0:
         _remove(writer)
-        raise InputError(_too_many_drops(tally, rows_out, drop_fraction, config.max_drop_fraction))
+        raise InputError(T.too_many_drops(tally, rows_out, drop_fraction, config.max_drop_fraction))
     if split_counts["train"] == 0:
         if all(s.split == "eval" for s in config.source_specs()):
             LOG.info("every source is marked split: eval: publishing an eval set only (%d rows, no train rows)",
                      split_counts["eval"])
         else:
             _remove(writer)
-            raise _no_train(config, tally, rows_out)
-    stats = _stats(config, tally, split_counts, lengths, trainable, rows_out, drop_fraction)
+            raise T.no_train(config, tally, rows_out)
+    stats = T.stats_section(config, tally, split_counts, lengths, trainable, rows_out, drop_fraction)
     if tally.named and model_info and not chat.features(model_info["chat_template"]).names:
         LOG.warning("%d messages carry a participant's name, which this chat template never reads: the names are "
                     "kept in the rows but are not in the training text", tally.named)
     drops = "".join(json.dumps(e, ensure_ascii=False) + "\n" for r in R.REASONS for e in tally.examples.get(r, []))
     writer.add_bytes(drops.encode(), "drops.jsonl", name="drops", rows=drops.count("\n"))
     writer.add_bytes(storage.json_bytes(stats), "stats.json", name="stats")
-    _log_summary(tally, stats)
+    T.log_summary(tally, stats)
     timings["total"] = time.monotonic() - attempt.started + timings["fetch_and_hash_inputs"]
     if shape is not None and shape.listing is not None:
         stats = listing.compact(stats, shape.source_of, config.source_specs())
@@ -273,12 +155,12 @@ def _tokenizer(config: Config, rules: B.Rules) -> tuple[Any, dict[str, Any]]:
 
 def _process(config: Config, files: list[S.RawFile], encoder: Any, writer: mf.ArtifactWriter, work: Path,
              timings: dict[str, float], shape: mixing.Inputs | None = None
-             ) -> tuple[Tally, dict[str, int], array[int], int]:
+             ) -> tuple[T.Tally, dict[str, int], array[int], int]:
     """Read every file into batches for the encoder (batch.process), then, batch by batch in row order, decide
     what the order of the rows decides: errors, duplicates, repeats' ids, the split; and write (the training
     rows through mixing.TrainSet when something shapes or filters them)."""
     t0 = time.monotonic()
-    writers = {s: SplitWriter(s, encoder.encode is not None, writer, work, config) for s in data.SPLITS}
+    writers = {s: T.SplitWriter(s, encoder.encode is not None, writer, work, config) for s in data.SPLITS}
     train_set = mixing.TrainSet.maybe(config, shape, writers, work)
     order = RowOrder(config, encoder, train_set.writers if train_set else writers)
     progress = Progress("prepare", unit="rows")
@@ -317,7 +199,7 @@ class _Batch:
             self.table = _renamed(self.table, self.renamed)
             self.renamed.clear()
 
-    def flush(self, writers: dict[str, SplitWriter]) -> None:
+    def flush(self, writers: dict[str, T.SplitWriter]) -> None:
         for name, rows in self.out.items():
             if rows:
                 writers[name].add(_take(self.table, rows))
@@ -328,10 +210,10 @@ class RowOrder:
     """What prepare decides in row order, in the job's process, as the workers' batches come back:
     errors and drops (named and counted), duplicates, the ids of repeated rows, and the split."""
 
-    def __init__(self, config: Config, encoder: Any, writers: dict[str, SplitWriter]) -> None:
+    def __init__(self, config: Config, encoder: Any, writers: dict[str, T.SplitWriter]) -> None:
         self.config, self.encoder, self.writers = config, encoder, writers
         self.columns = config.columns.model_dump()
-        self.tally = Tally()
+        self.tally = T.Tally()
         self.tokenized = encoder.encode is not None
         self.seen_exact, self.seen_norm = keys.KeySet(), keys.KeySet()  # 8 bytes a row, not ~90 (keys.py)
         self.repeats = keys.Repeats()
@@ -357,7 +239,7 @@ class RowOrder:
         if fmt is not None:
             tally.formats[f.uri] = fmt
             _check_table_columns(f, fmt, self.columns)
-        st = FileState(f, fmt)
+        st = T.FileState(f, fmt)
         lines: list[int] = []
         items: list[Any] = []
         for line, rec in S.records(f, max_line_bytes=config.max_line_bytes, undecoded=True):
@@ -367,19 +249,19 @@ class RowOrder:
             items.append(rec)
             if len(items) >= config.batch_size:
                 st.submitted += 1
-                self.encoder.submit(fmt, items, Chunk(st, lines, items), self.finish)
+                self.encoder.submit(fmt, items, T.Chunk(st, lines, items), self.finish)
                 lines, items = [], []
                 progress.total = _estimate(tally.rows_in, done_bytes, f, total_bytes)
                 progress.update(config.batch_size, dropped=sum(tally.dropped.values()))
         tally.per_source[f.uri]["rows_in"] += st.rows
         if items:
             st.submitted += 1
-            self.encoder.submit(fmt, items, Chunk(st, lines, items), self.finish)
+            self.encoder.submit(fmt, items, T.Chunk(st, lines, items), self.finish)
         st.read = True
         if st.finished == st.submitted:
             self.end_of_file(st)
 
-    def end_of_file(self, st: FileState) -> None:
+    def end_of_file(self, st: T.FileState) -> None:
         f, tally = st.file, self.tally
         if self.tools_mapped and st.rows and st.format is not None and not st.saw_tools:
             raise InputError(f"{f.uri}: no record has the tools column {self.columns['tools']!r} that columns.tools "
@@ -398,7 +280,7 @@ class RowOrder:
 
     # ---- a batch back from the workers: every verdict in row order
 
-    def finish(self, chunk: Chunk, result: tuple[list[tuple[Any, ...]], Any]) -> None:
+    def finish(self, chunk: T.Chunk, result: tuple[list[tuple[Any, ...]], Any]) -> None:
         import pyarrow as pa
 
         verdicts, table = result
@@ -417,7 +299,7 @@ class RowOrder:
         if st.read and st.finished == st.submitted:
             self.end_of_file(st)
 
-    def _admit(self, chunk: Chunk, i: int, v: tuple[Any, ...]) -> int | None:
+    def _admit(self, chunk: T.Chunk, i: int, v: tuple[Any, ...]) -> int | None:
         """Errors, drops and duplicates: None when the row goes no further, else its repeat number."""
         config, tally, st = self.config, self.tally, chunk.state
         kind, line, uri, skip, keep = v[0], chunk.lines[i], st.file.uri, config.skip_bad_lines, config.drop_examples
@@ -465,7 +347,7 @@ class RowOrder:
             return None
         return occurrence
 
-    def _place(self, chunk: Chunk, i: int, v: tuple[Any, ...], occurrence: int, b: _Batch) -> None:
+    def _place(self, chunk: T.Chunk, i: int, v: tuple[Any, ...], occurrence: int, b: _Batch) -> None:
         """A kept row: counted, its id renumbered if it repeats, and sent to its split."""
         config, tally, st = self.config, self.tally, chunk.state
         point, truncated, turns, named, n_tokens, n_trainable, parts = v[5:12]
@@ -515,17 +397,6 @@ class RowOrder:
     def close_eval(self) -> None:
         for _, _, row in sorted(self.eval_heap, key=lambda it: -it[0]):  # lowest split point first
             self.writers["eval"].add(row)
-
-
-def _unpinned(table: Any) -> Any:
-    """A copy of a small slice of a large batch: a slice shares its batch's buffers, and the eval split's few
-    rows per batch, buffered until a row group fills (8,192 rows: about 160,000 rows read at 5% eval), kept
-    every batch they came from in memory (issue 28: peak RSS grew with the rows read)."""
-    if table.num_rows and table.get_total_buffer_size() > 4 * table.nbytes + (1 << 16):
-        import pyarrow as pa
-
-        return table.take(pa.array(range(table.num_rows), type=pa.int64()))
-    return table
 
 
 def _take(table: Any, rows: list[int]) -> Any:
@@ -619,86 +490,6 @@ def _empty(f: S.RawFile, config: Config) -> None:
         raise InputError(f"{f.uri} holds no records (empty file). Remove it from the sources, or set "
                          "skip_bad_lines: true to skip empty files (they are listed in the manifest).")
     LOG.warning("%s holds no records; skipped", f.uri)
-
-
-def _too_many_drops(tally: Tally, rows_out: int, fraction: float, limit: float) -> str:
-    return R.drop_table(tally.dropped, tally.examples, tally.rows_in, rows_out, fraction, limit, "rows",
-                        "Fix the data or the mapping (format, columns, roles), or raise max_drop_fraction if these "
-                        "drops are expected.")
-
-
-def _no_train(config: Config, tally: Tally, rows_out: int) -> ConfigError | InputError:
-    """Why every kept row went to eval, when the sources did not ask for an eval set only."""
-    counts = f"({tally.rows_in:,} rows in, {rows_out:,} kept)"
-    only_eval = "To publish an eval set only, mark every source split: eval."
-    if config.eval_size is not None:
-        return ConfigError(f"eval_size {config.eval_size:,} leaves no train rows {counts}; lower eval_size. "
-                           + only_eval)
-    fraction = config.effective_eval_fraction()
-    if fraction > 0:
-        return ConfigError(f"eval_fraction {fraction} put every row in eval and none in train {counts}: the split "
-                           "hashes each row, and with this few rows that can happen. Set eval_size to the number "
-                           "of eval rows you want, or lower eval_fraction. " + only_eval)
-    return InputError(f"No train rows {counts}: every kept row comes from a source marked split: eval, and the "
-                      "other sources kept none (see the drop counts above). Fix those sources. " + only_eval)
-
-
-def _token_stats(lengths: array[int], trainable: int) -> dict[str, Any]:
-    import numpy as np
-
-    if not lengths:
-        return {"rows": 0}
-    a = np.frombuffer(lengths, dtype=np.int64) if lengths.itemsize == 8 else np.asarray(lengths, dtype=np.int64)
-    total = int(a.sum())
-    counts, edges = np.histogram(a, bins=20, range=(0, max(int(a.max()), 20)))
-    return {
-        "rows": int(a.size), "total": total, "trainable": trainable,
-        "trainable_ratio": round(trainable / total, 4) if total else 0.0,
-        "mean": round(float(a.mean()), 1), "min": int(a.min()), "max": int(a.max()),
-        "percentiles": {f"p{q}": int(np.percentile(a, q)) for q in (50, 90, 95, 99)},
-        "histogram": {"edges": [int(round(e)) for e in edges], "counts": [int(c) for c in counts]},
-    }
-
-
-def _stats(config: Config, tally: Tally, split_counts: dict[str, int], lengths: array[int], trainable: int,
-           rows_out: int, drop_fraction: float) -> dict[str, Any]:
-    stats: dict[str, Any] = {
-        "rows_in": tally.rows_in, "rows_out": rows_out, **split_counts,
-        "splits": dict(split_counts), "dropped": {r: tally.dropped[r] for r in R.REASONS if tally.dropped[r]},
-        "drop_fraction": round(drop_fraction, 6), "truncated": tally.truncated,
-        "formats": dict(tally.formats), "empty_files": tally.empty_files,
-        "sources": {uri: {"rows_in": c["rows_in"], "rows_out": c["rows_out"], "dropped": c["dropped"]}
-                    for uri, c in tally.per_source.items()},
-        "eval_fraction": config.effective_eval_fraction() if config.eval_size is None else None,
-        # Assistant turns of the rows kept: trained, or which rule excluded them (a weight-0 turn in the data;
-        # train_on, e.g. last_assistant). Untokenized runs count them as train_on here would.
-        "turns": {rule: tally.turns[rule] for rule in chat.TURN_RULES},
-        "ignored_keys": dict(sorted(tally.ignored.items())),
-        "named_messages": tally.named,
-        **tally.sections,
-    }
-    if config.tokenizer:
-        tokens = _token_stats(lengths, trainable)
-        tokens["dropped_for_length"] = tally.dropped["too_long_tokens"] + tally.dropped["too_long_chars"]
-        tokens["truncated"] = tally.truncated
-        stats["tokens"] = tokens
-        stats["trainable_ratio"] = tokens.get("trainable_ratio", 0.0)
-    return stats
-
-
-def _log_summary(tally: Tally, stats: dict[str, Any]) -> None:
-    LOG.info("rows in %d, out %d (train %d, eval %d), dropped %d%s", stats["rows_in"], stats["rows_out"],
-             stats.get("train", 0), stats.get("eval", 0), sum(tally.dropped.values()),
-             "".join(f"\n  {r:<24} {n:>8,}" for r, n in tally.dropped.most_common()),
-             extra={"stats": {k: v for k, v in stats.items() if k != "sources"}})
-    turns = stats["turns"]
-    LOG.info("assistant turns: %d trained, %d weight 0 (context only), %d excluded by train_on", turns["trained"],
-             turns["weight_0"], turns["train_on_excluded"])
-    tok = stats.get("tokens")
-    if tok and tok.get("rows"):
-        LOG.info("tokens: p50 %d, p95 %d, max %d, trainable ratio %.3f, truncated %d",
-                 tok["percentiles"]["p50"], tok["percentiles"]["p95"], tok["max"], tok["trainable_ratio"],
-                 tok["truncated"])
 
 
 def _remove(writer: mf.ArtifactWriter) -> None:
