@@ -15,7 +15,7 @@ import pytest
 
 from common import manifest as mf
 from common.config import validate
-from jobs.merge import checks
+from jobs.merge import checks, sources
 from jobs.merge import job as merge
 from tests.conftest import REPO
 from tests.jobs.builders import publish_adapter
@@ -91,12 +91,12 @@ def test_bfloat16_merge_with_a_truncated_tensor_fails_naming_what_differed(
 def test_bfloat16_merge_of_a_wrongly_scaled_adapter_fails_the_generation_check_too(
         adapters: Adapters, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    right = merge.lora_merge
+    right = sources.lora_merge
 
     def off_by_ten_percent(src: Any, up: merge.LoraUpdate, device: str) -> Any:
         return right(src, merge.LoraUpdate(a=up.a, b=up.b, scale=up.scale * 1.1, replace=up.replace), device)
 
-    monkeypatch.setattr(merge, "lora_merge", off_by_ten_percent)
+    monkeypatch.setattr(sources, "lora_merge", off_by_ten_percent)
     with pytest.raises(merge.MergeCheckError, match="relative error"):  # the per-tensor probe names it first
         do_merge(input=adapters[0].uri, output=str(tmp_path / "out"), mode="sharded")
     assert "more than bfloat16 rounding explains" in caplog.text  # and generation, on its own, fails it too
