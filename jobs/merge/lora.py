@@ -199,14 +199,21 @@ class Probe:
 
         gen = torch.Generator(device="cpu").manual_seed(0)
         a, b = up.a.to(device, torch.float32), up.b.to(device, torch.float32)
-        x = torch.randn(w_src.shape[1], 4, generator=gen).to(device)
+        x = torch.randn(w_src.shape[1], 4, generator=gen)
+        x[x == 0] = 1.0  # no zero input: a NaN/Inf weight then always shows in W'x (see `error`)
+        x = x.to(device)
         if up.transpose:  # embedding rows: compare rows picked by random inputs through the same algebra
             return cls(x, w_src.float() @ x + ((b @ a).T @ x) * up.scale)
         return cls(x, w_src.float() @ x + (b @ (a @ x)) * up.scale)
 
-    def error(self, merged: Any) -> float:
-        """Relative error of the merged weight (in the output dtype) on the same inputs."""
+    def error(self, merged: Any) -> tuple[float, bool]:
+        """Relative error of the merged weight (in the output dtype) on the same inputs, and whether W'x is
+        finite. Every weight meets a nonzero input, so a NaN or Inf anywhere in W' makes its row of W'x
+        non-finite: a finite W'x proves W' finite, and the writer skips its own pass over the tensor."""
+        import torch
+
         got = merged.float() @ self.x
-        return float((got - self.want).norm() / self.want.norm().clamp_min(1e-30))
+        finite = bool(torch.isfinite(got).all())
+        return float((got - self.want).norm() / self.want.norm().clamp_min(1e-30)), finite
 
 

@@ -16,7 +16,8 @@ from typing import Any
 from common import chat, models, storage
 from common import manifest as mf
 from common.errors import ConfigError, InputError
-from jobs.merge.checks import DTYPES, encode_prompts, reference_bytes
+from jobs.merge.check_data import check_inputs
+from jobs.merge.checks import DTYPES, CheckInputs, reference_bytes
 from jobs.merge.config import Config, parse_size
 from jobs.merge.lora import Quant, sharded_refusal
 from jobs.merge.tensors import TensorInfo, read_checkpoint
@@ -53,7 +54,7 @@ class Plan:
     gen_check: bool                # the generation check runs (the model fits the budget)
     skipped: str | None            # why the generation check does not run, when it is on but does not fit
     eos: list[int]                 # end-of-turn and EOS ids: generation_config.json and the checks stop on them
-    prompt_ids: list[list[int]]
+    check_inputs: CheckInputs | None  # what the generation check compares on (None: it does not run)
 
 
 def plan_merge(config: Config, train: mf.Loaded, work: Path) -> Plan:
@@ -84,7 +85,8 @@ def plan_merge(config: Config, train: mf.Loaded, work: Path) -> Plan:
                 adapter_dir=adapter_dir, tok_dir=tok_dir, adapter_sha=adapter_sha, base_src=base_src, base=base,
                 base_cfg=base_cfg, tokenizer=tokenizer, fmt=fmt, dtype=dtype, tensors=tensors,
                 model_bytes=model_bytes, budget=budget, mode=mode, gen_check=gen_check, skipped=skipped,
-                eos=[e for e in eos if e is not None], prompt_ids=encode_prompts(tokenizer, config.checks.prompts))
+                eos=[e for e in eos if e is not None],
+                check_inputs=check_inputs(config.checks, train, tokenizer, fmt, work) if gen_check else None)
 
 
 def _auto_mode(adapter_dir: Path, fits: bool, model_bytes: int, budget: int) -> str:

@@ -34,6 +34,7 @@ class TensorSource(Protocol):
     """Hands the writer each merged tensor by name, in any order."""
 
     probes: dict[str, float]  # tensor -> relative error of W'x against Wx + s*B(Ax), where probed
+    finite: set[str]          # tensors already proven free of NaN/Inf (by their probe): the writer skips them
 
     def tensor(self, info: TensorInfo) -> Any: ...
 
@@ -95,6 +96,7 @@ class InMemoryTensors:
 
     state: dict[str, Any]
     probes: dict[str, float] = field(default_factory=dict)  # peft merged: nothing to probe
+    finite: set[str] = field(default_factory=set)
 
     def tensor(self, info: TensorInfo) -> Any:
         return self.state[info.name]
@@ -163,6 +165,7 @@ class StreamedTensors:
     roundtrip_names: set[str]    # weights replaced by their 4-bit roundtrip first
     stored: dict[str, TensorInfo]  # the base checkpoint's tensors by name: where each one's bytes are
     probes: dict[str, float] = field(default_factory=dict)
+    finite: set[str] = field(default_factory=set)
     handles: dict[str, Any] = field(default_factory=dict)  # open base checkpoint files
 
     def tensor(self, info: TensorInfo) -> Any:
@@ -187,9 +190,11 @@ class StreamedTensors:
         if up is None:
             return src
         check = Probe.before_merge(src, up, self.device) if up.replace is None else None
-        merged = lora_merge(src, up, self.device)
+        merged = lora_merge(src, up, self.device).to(torch_dtype)  # cast once: the writer gets it as is
         if check is not None:
-            self.probes[info.name] = check.error(merged.to(torch_dtype))
+            self.probes[info.name], finite = check.error(merged)
+            if finite:
+                self.finite.add(info.name)
         return merged
 
     def close(self) -> None:
@@ -199,8 +204,8 @@ class StreamedTensors:
 
 
 def _reference(plan: Plan, peft_model: Any) -> Reference:
-    return reference_run(peft_model, plan.prompt_ids, plan.config.checks.max_new_tokens, plan.eos, plan.device,
-                         plan.dtype)
+    assert plan.check_inputs is not None  # read by plan_merge whenever the generation check runs
+    return reference_run(peft_model, plan.check_inputs, plan.eos, plan.device, plan.dtype)
 
 
 def load_base(path: Path, dtype: str, device: str, trust: bool, roundtrip: Quant | None) -> Any:

@@ -140,5 +140,5 @@ def test_prompts_only_check_is_one_forward_per_model(adapters: Adapters, tmp_pat
     gen = m.metrics["generation"]
     assert gen["ok"] and gen["rule"] == "rounding" and {p["tokens"] for p in gen["prompts"]} == {0}
     assert gen["merged_vs_float32"]["positions"] == gen["positions"] == sum(p["positions"] for p in gen["prompts"])
-    assert set(gen["seconds"]) == {"reference_load", "reference_generate", "reference_float32", "merged_load",
+    assert set(gen["seconds"]) == {"reference_load", "reference_forward", "reference_float32", "merged_load",
                                    "merged_forward"}
