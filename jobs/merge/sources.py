@@ -27,7 +27,7 @@ from jobs.merge.lora import (
     tied_head,
 )
 from jobs.merge.plan import Plan
-from jobs.merge.tensors import TensorInfo, read_tensor
+from jobs.merge.tensors import TensorInfo, fresh_tensor, map_tensor, open_map
 
 
 class TensorSource(Protocol):
@@ -166,15 +166,16 @@ class StreamedTensors:
     stored: dict[str, TensorInfo]  # the base checkpoint's tensors by name: where each one's bytes are
     probes: dict[str, float] = field(default_factory=dict)
     finite: set[str] = field(default_factory=set)
-    handles: dict[str, Any] = field(default_factory=dict)  # open base checkpoint files
+    maps: dict[str, Any] = field(default_factory=dict)  # base checkpoint file -> its memory map
 
     def tensor(self, info: TensorInfo) -> Any:
         import torch
 
         stored = self.stored[self.aliases.get(info.name, info.name)]
-        if stored.file not in self.handles:
-            self.handles[stored.file] = open(self.base / stored.file, "rb")  # noqa: SIM115 - closed in close()
-        w = read_tensor(self.handles[stored.file], stored, self.base / stored.file)
+        if stored.file not in self.maps:
+            self.maps[stored.file] = open_map(self.base / stored.file,
+                                              [t for t in self.stored.values() if t.file == stored.file])
+        w = map_tensor(self.maps[stored.file], stored)  # a view: nothing below writes into it
         up = self.adapter.updates.get(info.name)
         if up is None and info.name not in self.roundtrip_names:
             return w
@@ -182,7 +183,7 @@ class StreamedTensors:
             if tuple(up.source.shape) != info.shape:
                 raise ConfigError(f"the adapter saves {info.name} as {tuple(up.source.shape)}; the base "
                                   f"has {info.shape} (vocabulary resized?). Set mode: in_memory")
-            w = up.source.clone()  # the merge updates its input in place
+            w = up.source  # lora_merge never writes into its input
         torch_dtype = getattr(torch, self.dtype)
         src = w.to(self.device, torch_dtype)
         if info.name in self.roundtrip_names:
@@ -190,7 +191,10 @@ class StreamedTensors:
         if up is None:
             return src
         check = Probe.before_merge(src, up, self.device) if up.replace is None else None
-        merged = lora_merge(src, up, self.device).to(torch_dtype)  # cast once: the writer gets it as is
+        merged = lora_merge(src, up, self.device)
+        if merged.dtype != torch_dtype:  # cast once, into huge pages too: the writer gets it as is
+            merged = (fresh_tensor(tuple(merged.shape), torch_dtype).copy_(merged) if self.device == "cpu"
+                      else merged.to(torch_dtype))
         if check is not None:
             self.probes[info.name], finite = check.error(merged)
             if finite:
@@ -198,9 +202,9 @@ class StreamedTensors:
         return merged
 
     def close(self) -> None:
-        for f in self.handles.values():
-            f.close()
-        self.handles.clear()
+        # The maps close when the last view of them (a tensor the writer held) is gone: closing one that
+        # a view still uses raises BufferError.
+        self.maps.clear()
 
 
 def _reference(plan: Plan, peft_model: Any) -> Reference:
