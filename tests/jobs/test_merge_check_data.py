@@ -16,8 +16,8 @@ import pytest
 from common import manifest as mf
 from common.config import validate
 from common.errors import InputError
+from jobs.merge import check_data, sources
 from jobs.merge import job as merge
-from jobs.merge import sources
 from tests.jobs.builders import publish_adapter
 from tests.jobs.helpers import publish_prepare
 
@@ -83,3 +83,12 @@ def test_auto_source_honours_a_config_that_sets_the_prompts() -> None:
     assert merge.Checks().data_first
     assert not merge.Checks(prompts=["Hi"]).data_first and not merge.Checks(max_new_tokens=4).data_first
     assert merge.Checks(source="data", prompts=["Hi"]).data_first and not merge.Checks(source="prompts").data_first
+
+
+def test_a_select_manifest_leads_through_its_train_run_to_the_prepared_rows(with_rows: mf.Loaded,
+                                                                              tmp_path: Path) -> None:
+    select = mf.build(stage="select", run_id=mf.new_run_id(), config={}, inputs=[with_rows.ref("train")],
+                      artifacts=[])
+    mf.publish(str(tmp_path / "select"), select)
+    prep = check_data.prepare_run(mf.load(str(tmp_path / "select")))
+    assert prep.uri == with_rows.manifest.inputs[0].uri and prep.manifest.stage == "prepare"
