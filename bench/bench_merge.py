@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.bench_merge [--size small|medium|large] [--dtype float32|bfloat16]
 
 The base is a random Llama built from a config (small ~100 MB, medium ~400 MB, large ~1.6 GB at float32)
-with a real peft LoRA (r=16, all linear layers) published in the train contract. Every side reads the
+with a real peft LoRA (r=16, all linear layers) published in the train contract, beside the prepare run
+it names (80 short chats, tokenized). Every side reads the
 same base files with the page cache warm (one untimed copy first) and writes to the same disk:
 
 - plain peft way: what a user would otherwise run, with no checks: `from_pretrained` the 16-bit base,
@@ -12,10 +13,11 @@ same base files with the page cache warm (one untimed copy first) and writes to 
   every weight and write every merged weight, and the manifest needs each output file's sha256. The copy
   is `shutil.copyfile` (copied inside the kernel); the same bytes read and written through user memory,
   as a merge must write them, are printed beside it.
-- ftjobs as shipped (mode auto, every check on), its phases from the manifest's timings (load, merge,
-  check, save, hash) and the check's own parts; the same with `checks.max_new_tokens: 0` (the prompts'
-  positions only: one batched forward per model, the check's floor); and the merge with the generation
-  check off in each mode.
+- ftjobs as shipped (mode auto, every check on; the generation check compares on 4 held-out rows of the
+  train run's prepared data, teacher-forced), its phases from the manifest's timings (load, merge, check,
+  save, hash) and the check's own parts; the same with `checks.source: prompts` (the default before
+  2026-12-07: 16 greedy tokens generated per prompt) and with `checks.max_new_tokens: 0` (the prompts'
+  positions only); and the merge with the generation check off in each mode.
 
 Goals: as shipped <= 1.0x the plain way (the checks cost less than what the plain way wastes); the merge
 with checks off <= 2x the floor.
@@ -123,14 +125,21 @@ def main() -> None:
     from common import tinymodel
     from jobs import merge  # noqa: F401
     from tests.jobs.builders import publish_adapter
+    from tests.jobs.helpers import publish_prepare
 
     hidden, mlp, layers = SIZES[args.size]
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-merge-"))
-    if not (root / "train" / "manifest.json").exists():
-        shutil.rmtree(root / "base", ignore_errors=True)
+    if not (root / "train" / "manifest.json").exists() or not (root / "prepare" / "manifest.json").exists():
+        from transformers import AutoTokenizer
+
+        for part in ("base", "prepare", "train"):
+            shutil.rmtree(root / part, ignore_errors=True)
         base = tinymodel.build(root / "base", hidden=hidden, intermediate=mlp, layers=layers, heads=hidden // 64,
                                kv_heads=hidden // 64, dtype=args.dtype)
-        publish_adapter(str(root / "train"), base, r=16, alpha=32)
+        # the train run's prepared data (held-out rows the default check compares on), as train records it
+        prep = publish_prepare(str(root / "prepare"), tokenizer=AutoTokenizer.from_pretrained(str(base)),
+                               n_train=64, n_eval=16, shards=1)
+        publish_adapter(str(root / "train"), base, r=16, alpha=32, data=prep)
     base = root / "base"
     train_uri = str(root / "train")
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
@@ -139,6 +148,7 @@ def main() -> None:
 
     plain_s = plain_peft(base, root / "train" / "adapter", root / "plain", args.dtype)
     shipped_s, shipped = ftjobs_merge(train_uri, root / "shipped", {})
+    generated_s, generated = ftjobs_merge(train_uri, root / "generated", {"checks": {"source": "prompts"}})
     prompts_s, prompts_only = ftjobs_merge(train_uri, root / "prompts-only", {"checks": {"max_new_tokens": 0}})
     unchecked = {mode: ftjobs_merge(train_uri, root / f"nocheck-{mode}",
                                     {"mode": mode, "checks": {"generation": False}})
@@ -149,6 +159,8 @@ def main() -> None:
             met=shipped_s <= plain_s, unit="s",
             notes=f"{what}; mode {shipped.stats['mode']}; phases: {phases(shipped)}"),
     ]
+    rows.append(row("merge", "checks on, prompts + 16 generated tokens (source prompts) vs plain peft", generated_s,
+                    plain_s, goal="info", met=None, unit="s", notes=f"{what}; phases: {phases(generated)}"))
     rows.append(row("merge", "checks on, prompts only (max_new_tokens 0) vs plain peft", prompts_s, plain_s,
                     goal="info", met=None, unit="s", notes=f"{what}; phases: {phases(prompts_only)}"))
     for mode, (seconds, m) in unchecked.items():
@@ -163,7 +175,7 @@ def main() -> None:
                     notes="read + write through user memory, as a merge must write, plus sha256"))
     gen = shipped.metrics["generation"]
     print(f"as shipped, phases (s): {phases(shipped)}; generation check: {summary(gen)}")
-    for name, m in (("as shipped", shipped), ("prompts only", prompts_only)):
+    for name, m in (("as shipped", shipped), ("prompts + 16 generated", generated), ("prompts only", prompts_only)):
         print(f"{name}, the check's parts (s): " + ", ".join(
             f"{k} {v:.2f}" for k, v in m.metrics["generation"].get("seconds", {}).items()))
     emit("merge", rows, extra={"size": args.size, "base_bytes": size, "plain_s": plain_s, "floor": low,

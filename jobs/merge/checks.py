@@ -1,9 +1,15 @@
 """The checks a merged model must pass before it is published: what merge compares and how closely.
 
-`reference_run` generates greedily with the unmerged base + adapter in the merge dtype and keeps the logits of
-every position. For a 16-bit dtype it then feeds the same sequences once more through the same model upcast
-to float32: the adapter's function without the dtype's rounding (a bfloat16 base upcasts exactly).
-`compare_run` feeds the sequences, teacher-forced, through the merged model loaded back from disk, and judges:
+What is compared (`CheckInputs`, read by `check_data.py`): by default a few held-out rows of the run's own
+prepared data, prompt + reference answer, so the check covers the answer positions where a finetune moves
+the model most at the cost of one teacher-forced forward per model; where no such rows can be read, the
+configured prompts and the unmerged model's own greedy answers to them.
+
+`reference_run` runs the unmerged base + adapter in the merge dtype over those sequences (one batched
+forward for rows; greedy generation for prompts) and keeps the logits of every position. For a 16-bit
+dtype it then feeds the same sequences once more through the same model upcast to float32: the adapter's
+function without the dtype's rounding (a bfloat16 base upcasts exactly). `compare_run` feeds the
+sequences, teacher-forced, through the merged model loaded back from disk, and judges:
 
 - float32: strict. The merged model makes the unmerged model's greedy choice at every position, or its
   logits stay within `logit_atol` (1e-3) where a choice differs. float32 rounding cannot flip a choice
@@ -59,6 +65,32 @@ def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     return [chat.encode_prompt(tokenizer, fmt, [{"role": "user", "content": p}]) for p in prompts if p.strip()]
 
 
+@dataclass(frozen=True)
+class CheckInputs:
+    """The token sequences both models are compared on, and what the manifest says about them."""
+
+    seqs: list[list[int]]    # rows: prompt + reference answer; prompts: the rendered prompts (answers generated)
+    n_prompt: list[int]      # per sequence, where its answer starts (a row's first trained token)
+    names: list[str]         # per sequence, as failures name it: "row 'eval-3'" or "prompt 0"
+    max_new_tokens: int      # greedy tokens the unmerged model adds to each sequence (0 for rows)
+    answer_positions: int | None  # rows: positions whose next token is a trained one; prompts: None (generated)
+    record: dict[str, Any]   # the manifest's `generation.compared`: source, which rows or prompts, why
+
+    @property
+    def rows(self) -> bool:
+        return self.record.get("source") == "data"
+
+
+def prompt_inputs(tokenizer: Any, prompts: list[str], max_new_tokens: int, why: str | None = None) -> CheckInputs:
+    """The configured prompts, whose answers the unmerged model generates (`why`: why not the data's rows)."""
+    ids = encode_prompts(tokenizer, prompts)
+    record: dict[str, Any] = {"source": "prompts", "prompts": len(ids), "max_new_tokens": max_new_tokens}
+    if why:
+        record["why_not_data"] = why
+    return CheckInputs(seqs=ids, n_prompt=[len(p) for p in ids], names=[f"prompt {i}" for i in range(len(ids))],
+                       max_new_tokens=max_new_tokens, answer_positions=None, record=record)
+
+
 def reference_bytes(model_bytes: int, dtype: str) -> int:
     """Memory the reference model needs at its peak: upcast to float32 for a 16-bit dtype."""
     return model_bytes if dtype == "float32" else model_bytes * 2
@@ -66,10 +98,13 @@ def reference_bytes(model_bytes: int, dtype: str) -> int:
 
 @dataclass(frozen=True)
 class Reference:
-    """The unmerged model's greedy sequences and their teacher-forced logits, batched as they were run."""
+    """The unmerged model's sequences (rows as read, or prompts + greedy answers) and their logits."""
 
-    seqs: list[list[int]]   # prompt + generated tokens, cut after the first end-of-turn token
-    n_prompt: list[int]
+    seqs: list[list[int]]   # a row as read; or prompt + generated tokens, cut after the first end-of-turn token
+    n_prompt: list[int]     # where each sequence's answer starts
+    names: list[str]
+    rows: bool              # the sequences are prepared rows (answers given), not generated
+    answer_positions: int   # positions whose next token is an answer token (trained, or generated)
     logits: list[Any]       # per sequence: the logits at every position but the last (each predicts the next)
     exact: list[Any] | None  # the same positions with the model in float32; None when the dtype is float32
     pad: int
@@ -118,30 +153,33 @@ def upcast(model: Any) -> Iterator[Any]:
             m._buffers[name] = m._buffers[name].to(dtype)
 
 
-def reference_run(model: Any, prompt_ids: list[list[int]], max_new_tokens: int, eos: list[int],
-                  device: str, dtype: str) -> Reference:
-    """Greedy generation with the unmerged model in the merge dtype, keeping the logits of every position on
-    the way (max_new_tokens 0: one teacher-forced forward over the prompts, no generation); for a 16-bit
-    dtype, one more batched forward over the same sequences with the model upcast to float32.
+def reference_run(model: Any, inputs: CheckInputs, eos: list[int], device: str, dtype: str) -> Reference:
+    """The unmerged model in the merge dtype over the check's sequences, keeping the logits of every
+    position: one teacher-forced forward (rows, or prompts with max_new_tokens 0), or greedy generation
+    after each prompt; for a 16-bit dtype, one more batched forward over the same sequences with the model
+    upcast to float32.
 
     Generating in the dtype and upcasting for one forward is the cheaper order: measured on a CPU, a
     float32 decode step costs 1.6x a bfloat16 one, and decoding is most of the reference's time.
     """
     start = time.monotonic()
-    if max_new_tokens:
-        seqs, logits, pad = _generate(model, prompt_ids, max_new_tokens, eos, device)
+    if inputs.max_new_tokens:
+        seqs, logits, pad = _generate(model, inputs.seqs, inputs.max_new_tokens, eos, device)
     else:
-        seqs, pad = [list(p) for p in prompt_ids], eos[0]
+        seqs, pad = [list(p) for p in inputs.seqs], eos[0]
         logits = _forced_logits(model, seqs, pad, device)
-    seconds = {"reference_generate": time.monotonic() - start}
+    seconds = {"reference_forward" if not inputs.max_new_tokens else "reference_generate": time.monotonic() - start}
     exact = None
     if dtype != "float32":
         start = time.monotonic()
         with upcast(model):
             exact = _forced_logits(model, seqs, pad, device)
         seconds["reference_float32"] = time.monotonic() - start
-    return Reference(seqs=seqs, n_prompt=[len(p) for p in prompt_ids], logits=logits, exact=exact, pad=pad,
-                     dtype=dtype, seconds=seconds)
+    answers = inputs.answer_positions
+    if answers is None:  # generated: every position from the prompt's last on predicts an answer token
+        answers = sum(len(s) - n for s, n in zip(seqs, inputs.n_prompt, strict=True))
+    return Reference(seqs=seqs, n_prompt=inputs.n_prompt, names=inputs.names, rows=inputs.rows,
+                     answer_positions=answers, logits=logits, exact=exact, pad=pad, dtype=dtype, seconds=seconds)
 
 
 def _generate(model: Any, prompt_ids: list[list[int]], max_new_tokens: int, eos: list[int],
@@ -232,9 +270,11 @@ def within_rounding(merged: Distance, yardstick: Distance) -> bool:
     return merged.mean_kl <= max_kl and merged.flips <= max_flips
 
 
-def _where(reference: Reference, prompt: int, position: int) -> str:
-    n = reference.n_prompt[prompt]
-    return f"generated token {position - (n - 1)}" if position >= n - 1 else f"prompt position {position + 1}"
+def _where(reference: Reference, seq: int, position: int) -> str:
+    n = reference.n_prompt[seq]
+    answer = "answer token" if reference.rows else "generated token"
+    where = f"{answer} {position - (n - 1)}" if position >= n - 1 else f"prompt position {position + 1}"
+    return f"{reference.names[seq]}, {where}"
 
 
 def compare_run(model: Any, reference: Reference, tokenizer: Any, atol: float, device: str) -> dict[str, Any]:
@@ -244,6 +284,7 @@ def compare_run(model: Any, reference: Reference, tokenizer: Any, atol: float, d
     merged = _forced_logits(model, reference.seqs, reference.pad, device)
     seconds = {**reference.seconds, "merged_forward": time.monotonic() - start}
     result = _strict(merged, reference, tokenizer, atol)
+    result["answer_positions"] = reference.answer_positions
     result["merged_vs_unmerged"] = distance(reference.logits, merged).as_dict()
     result["rule"] = "strict"
     if reference.exact is not None:  # per-prompt details stay as facts; the verdict is the rounding rule's
@@ -267,7 +308,7 @@ def _rounding(merged: list[Any], reference: Reference, tokenizer: Any) -> dict[s
         if got.first is not None:
             i, j = got.first
             want, chose = int(reference.exact[i][j].argmax()), int(merged[i][j].argmax())
-            first = (f"; first difference: prompt {i}, {_where(reference, i, j)}: float32 base+adapter chose "
+            first = (f"; first difference: {_where(reference, i, j)}: float32 base+adapter chose "
                      f"{want} ({tokenizer.decode([want])!r}), merged chose {chose} ({tokenizer.decode([chose])!r})")
         failure = (f"the merged model departs from base + adapter more than {reference.dtype} rounding explains: "
                    f"against the float32 reference it agrees on {got.agree}/{got.positions} greedy choices with "
@@ -282,7 +323,8 @@ def _rounding(merged: list[Any], reference: Reference, tokenizer: Any) -> dict[s
 def _strict(merged: list[Any], reference: Reference, tokenizer: Any, atol: float) -> dict[str, Any]:
     """Per prompt: the unmerged model's greedy choice (its generated token, or its argmax over the prompt) at
     every position, or logits within atol where the choice differs."""
-    results, first_failure = [], None
+    results: list[dict[str, Any]] = []
+    first_failure = None
     for i, (seq, n, ref_logits, logits) in enumerate(zip(reference.seqs, reference.n_prompt, reference.logits,
                                                          merged, strict=True)):
         want = ref_logits.argmax(-1).tolist()  # over the generation: the token it chose (generating, or not)
@@ -290,12 +332,13 @@ def _strict(merged: list[Any], reference: Reference, tokenizer: Any, atol: float
         diff = float((logits - ref_logits).abs().max()) if len(want) else 0.0
         first = next((j for j, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), None)
         ok = first is None or diff <= atol
-        results.append({"prompt": i, "tokens": len(seq) - n, "positions": len(want), "tokens_equal": first is None,
+        results.append({"prompt": i, "name": reference.names[i], "tokens": len(seq) - n, "positions": len(want),
+                        "tokens_equal": first is None,
                         "first_diff_position": first,
                         "first_diff_step": first - (n - 1) if first is not None and first >= n - 1 else None,
                         "max_logit_diff": diff, "ok": ok})
         if not ok and first_failure is None and first is not None:
-            first_failure = (f"prompt {i}, {_where(reference, i, first)}: base+adapter chose "
+            first_failure = (f"{_where(reference, i, first)}: base+adapter chose "
                              f"{want[first]} ({tokenizer.decode([want[first]])!r}), merged chose {got[first]} "
                              f"({tokenizer.decode([got[first]])!r}); max |logit diff| {diff:.4g} > {atol:g}")
     return {"prompts": results, "tokens_equal": all(r["tokens_equal"] for r in results),
@@ -303,20 +346,25 @@ def _strict(merged: list[Any], reference: Reference, tokenizer: Any, atol: float
             "max_logit_diff": max((float(r["max_logit_diff"] or 0.0) for r in results), default=0.0),
             "logit_atol": atol,
             "ok": all(r["ok"] for r in results),
-            "first_failure": f"greedy generation differs: {first_failure}" if first_failure else None}
+            "first_failure": (f"{'teacher-forced answers differ' if reference.rows else 'greedy generation differs'}"
+                              f": {first_failure}") if first_failure else None}
 
 
 def summary(generation: dict[str, Any]) -> str:
-    """One line for logs and tables: how close the merged model came, and to what."""
+    """One line for logs and tables: how close the merged model came, and to what, on what."""
     if generation.get("skipped"):
         return f"skipped ({generation['skipped']})"
     if "merged_vs_unmerged" not in generation:
         return "not run"
+    compared = generation.get("compared") or {}
+    on = (f" on {len(compared['rows'])} prepared rows" if compared.get("source") == "data"
+          else f" on {compared['prompts']} prompts" if compared else "")
+    on += f" ({generation.get('answer_positions', 0)} answer positions)"
     if generation.get("rule") == "rounding":
         got, yard = generation["merged_vs_float32"], generation["unmerged_vs_float32"]
-        return (f"{'passed' if generation['ok'] else 'FAILED'} within rounding: against float32, merged agrees "
+        return (f"{'passed' if generation['ok'] else 'FAILED'} within rounding{on}: against float32, merged agrees "
                 f"{got['agree']}/{got['positions']} (mean KL {got['mean_kl']:.2g}), unmerged "
                 f"{yard['agree']}/{yard['positions']} (mean KL {yard['mean_kl']:.2g})")
     same = generation["merged_vs_unmerged"]
-    return (f"{'passed' if generation['ok'] else 'FAILED'} strict: merged agrees with unmerged "
+    return (f"{'passed' if generation['ok'] else 'FAILED'} strict{on}: merged agrees with unmerged "
             f"{same['agree']}/{same['positions']}, max |logit diff| {generation['max_logit_diff']:.2g}")

@@ -7,7 +7,6 @@ tensor whatever the model's size, and the sha256 the manifest needs is computed 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -104,54 +103,94 @@ def write_safetensors(path: Path, infos: list[TensorInfo], dtype: str, produce: 
     h = hashlib.sha256()
     hash_s = 0.0
 
-    def put(f: Any, data: Any) -> None:
+    def digest(data: Any) -> None:
         nonlocal hash_s
         start = time.perf_counter()
         h.update(data)
         hash_s += time.perf_counter() - start
-        f.write(data)
 
     tmp = path.with_name(f".{path.name}.tmp")
-    # One writer thread hashes and writes tensor i while this thread produces tensor i+1 (hashlib and file
-    # writes release the GIL, as do torch's kernels): the merge runs beside the I/O, not after it. At most
-    # one tensor waits for the writer, so peak memory stays about two tensors.
-    with open(tmp, "wb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write") as pool:
+    # Two threads beside this one: one hashes tensor i while the other writes it, and this thread produces
+    # tensor i+1 (hashlib, file writes and torch's kernels all release the GIL). sha256 is the longest of the
+    # three (about 1.4 GB/s here), so it runs on its own rather than after each write. At most one tensor
+    # waits for them, so peak memory stays about two tensors.
+    with (open(tmp, "wb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-hash") as hasher,
+          ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write") as writer):
         for chunk in (struct.pack("<Q", len(blob)), blob):
-            put(f, chunk)
-        pending: Future[None] | None = None
+            digest(chunk)
+            f.write(chunk)
+        pending: list[Future[Any]] = []
         for t in infos:
             tensor = produce(t)
             want = getattr(torch, TORCH_NAME[t.out_dtype(dtype)])
             if tuple(tensor.shape) != t.shape:
                 raise MergeCheckError(f"merged tensor {t.name} has shape {tuple(tensor.shape)}; the base has {t.shape}")
             data = tensor.detach().to("cpu", want).contiguous().reshape(-1).view(torch.uint8).numpy()
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(put, f, data)
-        if pending is not None:
-            pending.result()
+            for done in pending:
+                done.result()
+            pending = [hasher.submit(digest, data), writer.submit(f.write, data)]
+        for done in pending:
+            done.result()
     os.replace(tmp, path)
     if timings is not None:
         timings["hash"] = timings.get("hash", 0.0) + hash_s
     return h.hexdigest()
 
 
-def read_tensor(f: io.BufferedReader, info: TensorInfo, where: Path) -> Any:
-    """One stored tensor, read into memory of its own (a plain read, not a memory map).
+def map_tensor(mapped: Any, info: TensorInfo) -> Any:
+    """One stored tensor as a view of the checkpoint file's memory map: no copy, no fresh memory.
 
-    A merge updates every weight in place: on a copy-on-write map of the file each page it touches faults
-    and is copied by the kernel (measured: 11.5 s of a 1.6 GB merge, against 0.9 s for reading the same
-    bytes into fresh memory).
+    The map is private (`mmap.ACCESS_COPY`) and merge never writes into it: `lora.lora_merge` writes W + s*B@A
+    to a tensor of its own, and a tensor the adapter does not change goes to the writer as this view, so its
+    bytes are read once, by sha256 and the file write, straight from the page cache. (Updating a view in
+    place would make the kernel copy each page it touches: measured 11.5 s of a 1.6 GB merge, against
+    0.9 s for reading the same bytes into fresh memory.)
     """
     import torch
 
-    tensor = torch.empty(info.shape, dtype=getattr(torch, TORCH_NAME[info.dtype]))
-    buf: Any = tensor.reshape(-1).view(torch.uint8).numpy()
-    f.seek(info.offset)
-    if f.readinto(buf) != buf.nbytes:
-        raise InputError(f"{where}: tensor {info.name} ends past the end of the file (truncated?); re-download "
-                         "the base model")
-    return tensor
+    count = math.prod(info.shape)
+    dtype = getattr(torch, TORCH_NAME[info.dtype])
+    if count == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(mapped, dtype=dtype, count=count, offset=info.offset).view(info.shape)
+
+
+HUGE_PAGE = 2 << 20
+
+
+def fresh_tensor(shape: tuple[int, ...], dtype: Any) -> Any:
+    """An uninitialized CPU tensor in memory of its own, backed by transparent huge pages where the kernel
+    offers them (`madvise` mode, the usual default): a W-sized result then costs 512x fewer page faults.
+
+    Measured here (2 cores): filling a fresh 415 MB tensor took 0.23-0.29 s in 4 KB pages and 0.07 s in huge
+    pages, and the out-of-place merge of nine such weights 0.41 s against 0.23 s. torch's own allocator
+    only asks for huge pages when THP_MEM_ALLOC_ENABLE is set before its first allocation.
+    """
+    import mmap
+
+    import torch
+
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if nbytes < HUGE_PAGE or advise is None or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.empty(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(advise)
+    return torch.frombuffer(region, dtype=dtype, count=math.prod(shape)).view(shape)  # keeps `region` alive
+
+
+def open_map(path: Path, tensors: list[TensorInfo]) -> Any:
+    """A private, read-only-in-practice memory map of a checkpoint file, after checking every tensor of it
+    ends inside the file (a truncated download fails here, naming the tensor)."""
+    import mmap
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        for t in tensors:
+            if t.offset + t.nbytes(TORCH_NAME[t.dtype]) > size:
+                raise InputError(f"{path}: tensor {t.name} ends past the end of the file (truncated?); "
+                                 "re-download the base model")
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
 
 
 def finite_check(name: str, tensor: Any) -> str | None:

@@ -19,7 +19,8 @@ from common import manifest as mf
 def publish_adapter(prefix: str, base_model: Path, *, r: int = 8, alpha: int = 16, seed: int = 0,
                     modules_to_save: list[str] | None = None, scale: float = 1.0, saved_noise: float = 0.0,
                     quantization: dict[str, Any] | None = None,
-                    target_modules: str | list[str] = "all-linear", use_dora: bool = False) -> mf.Loaded:
+                    target_modules: str | list[str] = "all-linear", use_dora: bool = False,
+                    data: mf.Loaded | None = None) -> mf.Loaded:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,7 +57,8 @@ def publish_adapter(prefix: str, base_model: Path, *, r: int = 8, alpha: int = 1
                  "modules_to_save": modules_to_save},
     }
     m = mf.build(stage="train", run_id=mf.new_run_id(), config={"builder": "tests.jobs.builders", "seed": seed},
-                 inputs=[], artifacts=writer.artifacts, model=model_info, metrics={"steps": 0})
+                 inputs=[data.ref("data")] if data else [], artifacts=writer.artifacts, model=model_info,
+                 metrics={"steps": 0})
     mf.publish(prefix, m)
     return mf.load(prefix)
 

@@ -25,6 +25,7 @@ from common import manifest as mf
 from common.config import validate
 from common.errors import ChecksumError, ConfigError, InputError, OutputTakenError
 from jobs.merge import job as merge
+from jobs.merge import sources
 from jobs.merge.checks import DEFAULT_PROMPTS
 from tests.conftest import REPO, TEST_BUCKET
 from tests.jobs.builders import publish_adapter
@@ -254,12 +255,12 @@ def test_nan_in_the_adapter_fails_the_checks_and_publishes_nothing(tiny_model: P
 
 def test_wrong_merge_fails_the_equivalence_check_and_names_the_first_difference(
         adapter: mf.Loaded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    right = merge.lora_merge
+    right = sources.lora_merge
 
     def doubled_scale(src: Any, up: merge.LoraUpdate, device: str) -> Any:  # a plausible bug: scale applied twice
         return right(src, merge.LoraUpdate(a=up.a, b=up.b, scale=up.scale * 2, replace=up.replace), device)
 
-    monkeypatch.setattr(merge, "lora_merge", doubled_scale)
+    monkeypatch.setattr(sources, "lora_merge", doubled_scale)
     with pytest.raises(merge.MergeCheckError, match="relative error"):
         do_merge(input=adapter.uri, output=str(tmp_path / "out"), mode="sharded")
     assert re.search(r"greedy generation differs: prompt 0, (prompt position|generated token) \d+: "

@@ -15,7 +15,7 @@ import pytest
 
 from common import manifest as mf
 from common.config import validate
-from jobs.merge import checks
+from jobs.merge import checks, sources
 from jobs.merge import job as merge
 from tests.conftest import REPO
 from tests.jobs.builders import publish_adapter
@@ -91,12 +91,12 @@ def test_bfloat16_merge_with_a_truncated_tensor_fails_naming_what_differed(
 def test_bfloat16_merge_of_a_wrongly_scaled_adapter_fails_the_generation_check_too(
         adapters: Adapters, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    right = merge.lora_merge
+    right = sources.lora_merge
 
     def off_by_ten_percent(src: Any, up: merge.LoraUpdate, device: str) -> Any:
         return right(src, merge.LoraUpdate(a=up.a, b=up.b, scale=up.scale * 1.1, replace=up.replace), device)
 
-    monkeypatch.setattr(merge, "lora_merge", off_by_ten_percent)
+    monkeypatch.setattr(sources, "lora_merge", off_by_ten_percent)
     with pytest.raises(merge.MergeCheckError, match="relative error"):  # the per-tensor probe names it first
         do_merge(input=adapters[0].uri, output=str(tmp_path / "out"), mode="sharded")
     assert "more than bfloat16 rounding explains" in caplog.text  # and generation, on its own, fails it too
@@ -140,5 +140,35 @@ def test_prompts_only_check_is_one_forward_per_model(adapters: Adapters, tmp_pat
     gen = m.metrics["generation"]
     assert gen["ok"] and gen["rule"] == "rounding" and {p["tokens"] for p in gen["prompts"]} == {0}
     assert gen["merged_vs_float32"]["positions"] == gen["positions"] == sum(p["positions"] for p in gen["prompts"])
-    assert set(gen["seconds"]) == {"reference_load", "reference_generate", "reference_float32", "merged_load",
+    assert set(gen["seconds"]) == {"reference_load", "reference_forward", "reference_float32", "merged_load",
                                    "merged_forward"}
+
+
+@pytest.mark.integration
+def test_bfloat16_check_on_prepared_rows_passes_a_faithful_merge_and_fails_a_truncated_tensor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoTokenizer
+
+    from tests.jobs.helpers import publish_prepare
+
+    prep = publish_prepare(str(tmp_path / "prepare"), tokenizer=AutoTokenizer.from_pretrained(str(BASE)),
+                           n_train=4, n_eval=4, shards=1)
+    adapter = publish_adapter(str(tmp_path / "train"), BASE, seed=0, modules_to_save=["lm_head"],
+                              saved_noise=0.05, data=prep)
+    gen = do_merge(input=adapter.uri, output=str(tmp_path / "ok"), mode="in_memory").manifest.metrics["generation"]
+    assert gen["ok"] and gen["rule"] == "rounding" and gen["compared"]["source"] == "data"
+    assert gen["merged_vs_float32"]["positions"] == gen["positions"] and gen["answer_positions"] > 0
+
+    right = merge.InMemoryTensors.tensor
+
+    def truncated(self: Any, info: Any) -> Any:  # as in the test above, now judged on the rows
+        t = right(self, info)
+        if info.name == "model.layers.2.mlp.down_proj.weight":
+            t = t.clone()
+            t[-t.shape[0] // 4:] = 0
+        return t
+
+    monkeypatch.setattr(merge.InMemoryTensors, "tensor", truncated)
+    with pytest.raises(merge.MergeCheckError, match=r"more than bfloat16 rounding explains.*first difference: "
+                                                    r"row 'eval-\d', (answer token|prompt position) \d+"):
+        do_merge(input=adapter.uri, output=str(tmp_path / "bad"), mode="in_memory")
