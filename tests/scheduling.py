@@ -1,27 +1,35 @@
-"""The order test files reach the xdist workers: the longest first.
+"""How `make test` shares the tests between its xdist workers: in units that keep what is built once
+together, the longest units first.
 
-`make test` runs files whole on each worker (`--dist loadfile`: a file's module fixtures, a merge or a vLLM
-engine, are built once). xdist hands files out in the collection's order, or by default sorted by how many
-tests a file has, which puts the single-test end-to-end files (a minute or more each) last: one worker
-finished its share while the other still ran the sweep. Handed out longest first (`--no-loadscope-reorder`
-keeps this order), the short files fill in at the end and both workers finish together.
+- A unit is a whole file when the file declares a module- or class-scoped fixture (a merge, a trained
+  adapter, a vLLM engine: built once for the file, so its tests stay on one worker), else a single test
+  (the conftest's fixtures are session-scoped: every worker has its own anyway). `--dist loadfile` with
+  this plugin's scheduler (`pytest_xdist_make_scheduler`).
+- Units go out longest first (the collection is sorted so; `--no-loadscope-reorder` keeps that order).
+  xdist's default order, by number of tests, put the single-test end-to-end files (a minute or more each)
+  last: one worker finished its share while the other still ran the sweep.
 
 How long a file takes comes from `tests/file_seconds.json`, written by a run with
-`--record-file-seconds tests/file_seconds.json` (`make test-durations`); a file it does not list counts
-`UNKNOWN_TEST_S` a test. The table only orders the files: a stale one makes the suite slower, never wrong.
+`--record-file-seconds tests/file_seconds.json` (`make test-durations`); a unit of a split file counts its
+share of the file's time, and a file the table does not list counts by its tests' tier (`UNKNOWN_S`). The
+table only orders the units: a stale one makes the suite slower, never wrong.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
 TABLE = Path(__file__).with_name("file_seconds.json")
-UNKNOWN_TEST_S = 1.0
+UNKNOWN_S = {"e2e": 60.0, "integration": 5.0}  # a test of a file the table lacks, by tier; others 0.5 s
+SHARED_FIXTURE = re.compile(r"""scope\s*=\s*["'](module|class|package)["']""")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,17 +41,51 @@ def file_of(nodeid: str) -> str:
     return nodeid.split("::", 1)[0]
 
 
+@functools.cache
+def builds_once(path: str) -> bool:
+    """Whether the file declares a fixture built once for several of its tests."""
+    try:
+        return bool(SHARED_FIXTURE.search((ROOT / path).read_text()))
+    except OSError:
+        return True
+
+
+def unit_of(nodeid: str) -> str:
+    path = file_of(nodeid)
+    return path if builds_once(path) else nodeid
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
         known: dict[str, float] = json.loads(TABLE.read_text())
     except (OSError, ValueError):
         known = {}
-    counts: dict[str, int] = defaultdict(int)
+    in_file: dict[str, int] = defaultdict(int)
     for item in items:
-        counts[file_of(item.nodeid)] += 1
-    cost = {f: known.get(f, n * UNKNOWN_TEST_S) for f, n in counts.items()}
-    # sorted() is stable: a file's tests keep their order and stay together
-    items.sort(key=lambda item: (-cost[file_of(item.nodeid)], file_of(item.nodeid)))
+        in_file[file_of(item.nodeid)] += 1
+    cost: dict[str, float] = defaultdict(float)
+    for item in items:
+        path = file_of(item.nodeid)
+        if path in known:
+            seconds = known[path] / in_file[path]
+        else:
+            seconds = next((s for tier, s in UNKNOWN_S.items() if item.get_closest_marker(tier)), 0.5)
+        cost[unit_of(item.nodeid)] += seconds
+    # sorted() is stable: a unit's tests keep their order and stay together
+    items.sort(key=lambda item: (-cost[unit_of(item.nodeid)], unit_of(item.nodeid)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduler(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return Scheduler(config, log)
 
 
 class Recorder:
