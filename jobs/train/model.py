@@ -70,6 +70,10 @@ def load_model(config: Config, path: Path, device: Any, cuda: bool) -> tuple[Any
         model = get_peft_model(model, lora)
     except ValueError as exc:
         raise ConfigError(f"LoRA settings do not fit {config.base_model}: {exc}") from None
+    if not cuda:
+        from jobs.train import dropout
+
+        dropout.use_sparse(model)  # the same dropout from ~p as many random numbers: jobs/train/dropout.py
     return model, dtype, quant
 
 

@@ -100,10 +100,11 @@ def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=True, **kwargs)
     gqa = query.shape[1] != key.shape[1]
-    out = [_row(query[b], key[b], value[b], lengths, dropout, scaling, gqa) for b, lengths in enumerate(rows)]
+    out = [_row(query[b:b + 1], key[b:b + 1], value[b:b + 1], lengths, dropout, scaling, gqa)
+           for b, lengths in enumerate(rows)]
     import torch
 
-    return torch.stack(out).transpose(1, 2).contiguous(), None
+    return torch.cat(out).transpose(1, 2).contiguous(), None
 
 
 def segment_lengths(position_ids: Any) -> list[list[int]]:
@@ -122,10 +123,11 @@ def segment_lengths(position_ids: Any) -> list[list[int]]:
 
 
 def _row(q: Any, k: Any, v: Any, lengths: list[int], dropout: float, scaling: float | None, gqa: bool) -> Any:
-    """One row ([heads, L, head_dim] each): causal SDPA per example, the outputs side by side."""
+    """One row ([1, heads, L, head_dim] each): causal SDPA per example, the outputs side by side. 4D views, so
+    that CPU SDPA takes its flash kernel (3D inputs fall back to the unfused math path)."""
     import torch
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     parts = [sdpa(a, b, c, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-             for a, b, c in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)]
-    return torch.cat(parts, 1)
+             for a, b, c in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True)]
+    return torch.cat(parts, 2)
