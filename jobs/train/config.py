@@ -106,6 +106,10 @@ class Config(JobConfig):
         "auto", description="auto: paged_adamw_8bit (bitsandbytes) on CUDA, adamw_torch on CPU.")
     attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention implementation the model is loaded with.")
+    per_example_attention: bool = Field(True, description="On CPU with attention sdpa and packing position_ids, "
+                                        "run attention per packed example instead of over the whole row with a "
+                                        "block mask: same result, a fraction of the work (docs/train.md). false: "
+                                        "the dense masked SDPA.")
     packing: Literal["position_ids", "mask", "none"] = Field(
         "position_ids", description="How packed examples are kept apart: position_ids (transformers builds "
                                     "the block mask; flash-attention runs varlen), mask (an explicit 4D mask), or "

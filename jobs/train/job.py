@@ -51,7 +51,7 @@ from common.config import dump
 from common.errors import ConfigError, InputError, Preempted
 from common.logs import Progress
 from common.runner import config_options, execute
-from jobs.train import checkpoints, fsdp, objectives, selection, strategy
+from jobs.train import checkpoints, fsdp, objectives, segments, selection, strategy
 from jobs.train.config import Checkpointing, Config, Lora, Quantization  # noqa: F401 (tests and tools read them here too)
 from jobs.train.data import TrainData
 from jobs.train.model import count_params, load_model, make_optimizer, peak_memory
@@ -398,6 +398,7 @@ def _outcome(t: Trainer, fitted: Fitted) -> stage.Outcome:
         "eval": train_data.eval_stats,
         "data_source": train_data.source,
         "packing": {"mode": config.packing, "attention": config.attention, "rows": len(train_data.rows),
+                    "per_example_attention": segments.in_use(t.peft_model),
                     "row_tokens": config.max_seq_length, "density": round(train_data.density, 4),
                     "padding_free": True},
         "steps": {"total": t.schedule.total, "per_epoch": t.schedule.steps_per_epoch, "warmup": t.schedule.warmup,

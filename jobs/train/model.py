@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, InputError
-from jobs.train import strategy
+from jobs.train import segments, strategy
 from jobs.train.config import Config
 
 LOG = logging.getLogger(__name__)
@@ -40,6 +40,10 @@ def load_model(config: Config, path: Path, device: Any, cuda: bool) -> tuple[Any
         model: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise InputError(f"Could not load base model {config.base_model}: {exc}") from None
+    attention = segments.choose(model.config, config.attention, config.packing, cuda) if config.per_example_attention \
+        else config.attention
+    if attention != config.attention:
+        model.set_attn_implementation(attention)  # exact, a fraction of the work: jobs/train/segments.py
     if mode != "none" and not cuda:
         # bitsandbytes 0.50 on CPUs with AVX512-BF16: the first forward in eval mode (our eval loss) repacks
         # the 4-bit weights for an inference kernel that has no autograd, and they stay repacked, so later
@@ -66,6 +70,10 @@ def load_model(config: Config, path: Path, device: Any, cuda: bool) -> tuple[Any
         model = get_peft_model(model, lora)
     except ValueError as exc:
         raise ConfigError(f"LoRA settings do not fit {config.base_model}: {exc}") from None
+    if not cuda:
+        from jobs.train import dropout
+
+        dropout.use_sparse(model)  # the same dropout from ~p as many random numbers: jobs/train/dropout.py
     return model, dtype, quant
 
 

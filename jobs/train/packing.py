@@ -6,7 +6,8 @@ at 0), so attention never crosses an example boundary:
 
 - `position_ids` mode: no attention mask is passed; transformers (>= 4.56)
   detects the restarts and builds the block-diagonal mask itself (SDPA and
-  eager), and flash-attention uses them as varlen boundaries.
+  eager), and flash-attention uses them as varlen boundaries. On CPU the job
+  runs SDPA per example instead, with no mask (`jobs/train/segments.py`).
 - `mask` mode: an explicit 4D block-diagonal causal mask, for attention
   implementations that do not read packed position ids.
 - `none` mode: one example per row, padded to the micro-batch's longest.

@@ -71,6 +71,7 @@ def test_loss_falls_and_the_manifest_records_the_run(trained, prepared, tiny_mod
     assert m.metrics["tokens_trained"] > 0 and m.metrics["effective_tokens_per_s"] > 0
     assert m.metrics["peak_memory_bytes"] > 0 and m.metrics["wall_s"] > 0
     assert m.stats["packing"]["mode"] == "position_ids" and m.stats["data_source"] == "pretokenized"
+    assert m.stats["packing"]["per_example_attention"]  # CPU, sdpa, a plain Llama: jobs/train/segments.py
     assert m.model["quantization"]["mode"] == "nf4" and m.model["quantization"]["bits"] == 4
     assert m.model["lora"] == {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear",
                                "modules_to_save": ["lm_head"]}
