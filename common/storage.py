@@ -296,9 +296,28 @@ def check_writable(prefix: str) -> None:
                 break
 
 
+FOLDER_RACE_TRIES = 5
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in `path`'s folder (made when missing), open for writing: (fd, its path).
+
+    Another process may remove the folder while it is still empty (a racing attempt's tidy removes empty
+    folders under the output; seen in the racing-attempts test): the folder is then made again. Once the
+    temporary file is in it, the folder is not empty and stays.
+    """
+    for tries in range(FOLDER_RACE_TRIES):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except FileNotFoundError:
+            if tries == FOLDER_RACE_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _atomic_local_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
@@ -560,8 +579,7 @@ def upload_file(path: str | Path, uri: str) -> Transferred:
                 raise _s3_error(exc, uri, "uploading") from exc
         return Transferred(uri, str(path), path.name, reader.size, reader.sha.hexdigest())
     dest = local_path(uri)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(dest)
     h = hashlib.sha256()
     n = 0
     with open(path, "rb") as src, os.fdopen(fd, "wb") as out:
@@ -576,8 +594,7 @@ def upload_file(path: str | Path, uri: str) -> Transferred:
 def download_file(uri: str, path: str | Path) -> Transferred:
     """Copy `uri` to a local file atomically; returns its size and sha256."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as out:
             writer = _HashingWriter(out)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -108,3 +109,18 @@ def pytest_configure(config: pytest.Config) -> None:
     worker: Any = getattr(config, "workerinput", None)
     if path and worker is None:
         config.pluginmanager.register(Recorder(Path(path)), "file-seconds-recorder")
+    if worker is not None:
+        pin(int(worker["workerid"].removeprefix("gw")), int(worker["workercount"]))
+
+
+def pin(index: int, workers: int) -> None:
+    """Worker `index` of `workers` gets its own share of the CPUs (every `workers`-th one), when each can have
+    at least one; its tests and the stage processes they start inherit it, and `common.resources`
+    sizes torch's threads and prepare's pool by it. Unpinned, every test process sized itself for the
+    whole machine: two workers' training runs (the racing-attempts and two-process tests start two each)
+    put 4-8 OpenMP threads on 2 cores, and each such test ran 1.5-2.5x its time alone (CI log, 2026-12-07).
+    FTJOBS_TEST_PIN=0 turns it off."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if os.environ.get("FTJOBS_TEST_PIN") == "0" or workers < 2 or len(cpus) < workers:
+        return
+    os.sched_setaffinity(0, cpus[index::workers])

@@ -27,6 +27,28 @@ def test_bytes_and_json_round_trip(store_root: str) -> None:
         storage.read_bytes(storage.join(store_root, "missing.json"))
 
 
+def test_a_local_write_makes_its_folder_again_when_another_process_removed_it(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A racing attempt's tidy removes empty folders under the output. A write whose folder went between
+    being made and the temporary file being created makes it again (it failed the racing-attempts e2e with
+    FileNotFoundError on .attempt.json's temporary file)."""
+    import tempfile
+
+    target = tmp_path / "out" / "attempts" / "a1" / ".attempt.json"
+    real, removed = tempfile.mkstemp, []
+
+    def after_the_other_tidy(*args: object, **kwargs: object) -> tuple[int, str]:
+        if not removed:  # the other process's rmdir lands right after this one's mkdir, once
+            target.parent.rmdir()
+            removed.append(target.parent)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tempfile, "mkstemp", after_the_other_tidy)
+    storage.write_bytes(str(target), b"{}")
+    assert removed and target.read_bytes() == b"{}"
+    assert [p.name for p in target.parent.iterdir()] == [".attempt.json"]  # no temporary file left
+
+
 def test_create_only_put_refuses_second_write(store_root: str) -> None:
     uri = storage.join(store_root, "manifest.json")
     storage.put_if_absent(uri, b"first")
