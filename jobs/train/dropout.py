@@ -62,18 +62,21 @@ def dropped_positions(n: int, p: float) -> torch.Tensor:
 class _Drop(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor, scale: float) -> torch.Tensor:
-        out = (x * scale).contiguous()
-        out.view(-1)[dropped] = 0
         ctx.save_for_backward(dropped)
         ctx.scale = scale
-        return out
+        return _scaled_without(x, dropped, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (dropped,) = ctx.saved_tensors
-        out = (grad * ctx.scale).contiguous()
-        out.view(-1)[dropped] = 0
-        return out, None, None
+        return _scaled_without(grad, dropped, ctx.scale), None, None
+
+
+def _scaled_without(t: torch.Tensor, dropped: torch.Tensor, scale: float) -> torch.Tensor:
+    """t * scale with the dropped flat positions zeroed: the forward on x, the backward on its gradient."""
+    out = (t * scale).contiguous()
+    out.view(-1)[dropped] = 0
+    return out
 
 
 def use_sparse(model: Any) -> int:
