@@ -28,7 +28,47 @@ from common.runner import Commands
 LOG = logging.getLogger(__name__)
 
 
-@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# The stages' commands come from the registry (common/stages.py, FTJOBS_EXTRA_STAGES included: a stage's
+# command carries its name); the orchestration commands beside them, and a module's extra commands, by the
+# name their command carries. `ftjobs NAME` imports only NAME's module: importing all of them (every stage's
+# config, synth's row builders, pyarrow's pandas check) was 0.4 s of every command's start, a pipeline's steps
+# and a test's subprocesses included. `ftjobs --help` imports them all.
+COMMANDS = {"pipeline": "jobs.pipeline", "sweep": "jobs.sweep", "k8s": "jobs.k8s_cli", "runs": "jobs.runs",
+            "launch": "jobs.launch", "try": "jobs.tryout", "estimate": "jobs.estimate", "gpu-check": "jobs.gpucheck",
+            "inspect": "jobs.prepare", "models": "jobs.models"}
+
+
+def command_modules() -> dict[str, str]:
+    """Every command's name and the module that declares it (`command`, or one of its `extra_commands`)."""
+    from common import stages
+
+    return {**{s.name: s.module for s in stages.all_stages().values()}, **COMMANDS}
+
+
+class _Lazy(Commands):
+    """The `ftjobs` group, its commands imported when they are asked for."""
+
+    def get_command(self, ctx: click.Context | None, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and (module := command_modules().get(cmd_name)):
+            _add_commands(self, module)
+        return self.commands.get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        for module in dict.fromkeys(command_modules().values()):
+            _add_commands(self, module)
+        return sorted(self.commands)
+
+
+def _add_commands(group: click.Group, modname: str) -> None:
+    import importlib
+
+    module = importlib.import_module(modname)
+    for command in (getattr(module, "command", None), *getattr(module, "extra_commands", ())):
+        if command is not None and command.name not in group.commands:
+            group.add_command(command)
+
+
+@click.group(cls=_Lazy, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_version(), "--version", prog_name="ftjobs")
 @click.option("--log-format", type=click.Choice(["auto", "text", "json"]), default="auto", show_default=True,
               envvar="FTJOBS_LOG_FORMAT", help="auto: text on a terminal, JSON lines otherwise.")
@@ -135,28 +175,6 @@ def _short(v: Any) -> str:
         return f"{v:.4g}"
     return str(v)
 
-
-# The stages' commands come from the registry (common/stages.py, FTJOBS_EXTRA_STAGES included); the
-# orchestration commands beside them are listed here.
-COMMANDS = ("jobs.pipeline", "jobs.sweep", "jobs.k8s_cli", "jobs.runs", "jobs.launch", "jobs.tryout", "jobs.estimate",
-            "jobs.gpucheck")
-
-
-def _add_job_commands() -> None:
-    import importlib
-
-    from common import stages
-
-    for modname in (*(s.module for s in stages.all_stages().values()), *COMMANDS):
-        module = importlib.import_module(modname)
-        command = getattr(module, "command", None)
-        if command is not None:
-            main.add_command(command)
-        for extra in getattr(module, "extra_commands", ()):
-            main.add_command(extra)
-
-
-_add_job_commands()
 
 if __name__ == "__main__":
     main()

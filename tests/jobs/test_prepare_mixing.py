@@ -84,7 +84,7 @@ def test_ftjobs_inspect_shows_the_mixture(tmp_path: Path, sources: tuple[Path, P
 def _inspect():  # type: ignore[no-untyped-def]
     from jobs.cli import main
 
-    return main.commands["inspect"]
+    return main.get_command(None, "inspect")
 
 
 def test_an_unmeetable_weight_exits_2_naming_the_source(tmp_path: Path, sources: tuple[Path, Path],
