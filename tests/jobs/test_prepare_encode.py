@@ -124,3 +124,41 @@ def test_a_command_imports_only_its_own_module(subprocess_env: dict[str, str]):
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=subprocess_env, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "['jobs.cli', 'jobs.prepare']"
+
+
+def test_one_batch_runs_in_the_job_and_a_second_starts_the_pool_with_both_in_order(tmp_path: Path):
+    """A one-batch input never starts workers; a longer one does at its second batch, and the first batch goes
+    to the pool too (it used to run here first, a core idle meanwhile). Results come back in submission order."""
+    from common import chat, tinymodel
+    from jobs.prepare import batch as B
+    from jobs.prepare import rows as R
+    from jobs.prepare.config import Config
+    from jobs.prepare.encode import Encoder, load_tokenizer
+
+    tinymodel.build_tokenizer(tmp_path / "tok")
+    conf = Config(sources=["x.jsonl"], tokenizer=str(tmp_path / "tok"), output=str(tmp_path / "o"))
+    rules = B.Rules(columns=conf.columns.model_dump(), roles=R.DEFAULT_ROLES, max_chars=conf.max_chars, dedup="none",
+                    seed=0, train_on="assistant", max_length=None, on_too_long="drop")
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    fmt = chat.chat_format(tok)
+
+    def batch(k: int) -> list[bytes]:
+        return [json.dumps({"messages": [{"role": "user", "content": f"batch {k} row {i}?"},
+                                         {"role": "assistant", "content": f"answer {k}.{i}"}]}).encode()
+                for i in range(3)]
+
+    for n in (1, 3):
+        got: list[tuple[int, int]] = []
+
+        def done(tag: int, result: tuple[list, object], got: list[tuple[int, int]] = got) -> None:
+            got.append((tag, result[1].num_rows))  # type: ignore[attr-defined]
+
+        enc = Encoder(tok, str(tmp_path / "tok"), fmt, rules, workers=2)
+        try:
+            for k in range(n):
+                enc.submit("messages", batch(k), k, done)
+            assert (enc.pool is not None) == (n > 1) and not got
+            enc.drain(done)
+        finally:
+            enc.close()
+        assert got == [(k, 3) for k in range(n)]
