@@ -175,10 +175,10 @@ def process(fmt: str | None, items: Sequence[dict[str, Any] | bytes | S.Bad], ru
                       chat_encode.Encoded(w.input_ids, w.labels, 1)) for k, w in enumerate(parts)]
         else:
             kept.append((row_id, msgs, tools, e))
-    return verdicts, _columns(kept, encode is not None, rules.signatures)  # type: ignore[return-value]
+    return verdicts, columns_of(kept, encode is not None, rules.signatures)  # type: ignore[return-value]
 
 
-def _columns(kept: list[tuple[str, list[dict[str, Any]], Any, chat_encode.Encoded | None]], tokenized: bool,
+def columns_of(kept: list[tuple[str, list[dict[str, Any]], Any, chat_encode.Encoded | None]], tokenized: bool,
              signatures: bool = False) -> Any:
     """The kept rows' columns of the output schema, but `split` and `source` (the job's process sets them);
     with `signatures`, also `minhash` (decontam.SIGNATURE)."""

@@ -105,9 +105,11 @@ def _die_with_parent(parent: int) -> None:
 def _init(path: str, template: str, rules: B.Rules, parent: int) -> None:
     _die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
+    if _worker.get("path") == path and _worker["fmt"].template == template and _worker["rules"] == rules:
+        return  # forked: the job's tokenizer and template came with the process
     tok = load_tokenizer(path)
     fmt = chat.chat_format(tok, template)
-    _worker.update(fmt=fmt, rules=rules, encode=encoder(tok, fmt, rules))
+    _worker.update(path=path, fmt=fmt, rules=rules, encode=encoder(tok, fmt, rules))
 
 
 def _work(file_format: str | None, items: list[Any]) -> tuple[str, Result]:
@@ -159,6 +161,12 @@ class Encoder:
         # seconds per worker). Nothing here holds a lock across the fork; tokenizers turns its own
         # thread pool off in forked children, which is what the workers want anyway.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        if method == "fork":
+            # What each worker would otherwise do first, done once here and inherited: load the tokenizer and
+            # resolve the template (~0.1 s), and the first Arrow columns' imports (pyarrow imports pandas, 0.2 s,
+            # the first time it converts a Python list).
+            _worker.update(path=self.path, fmt=self.fmt, rules=self.rules, encode=self.encode)
+            B.columns_of([], tokenized=True)
         return ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context(method), initializer=_init,
             initargs=(self.path, self.fmt.template, self.rules, os.getpid()))
