@@ -30,8 +30,9 @@ load, template checks, manifest: measured apart as a FIXED_ROWS-row run and
 printed first) and its first batch, which runs in the job's process before
 the pool starts. Every size gets the same row mix (same generator), so the
 fixed costs are the difference: a line per size prints the ratio without
-them. It also prints the same comparison in CPU seconds (every ftjobs process against encode_batch's
-own CPU in the ceiling's workers), which a shared machine's load moves much less than wall time.
+them, and the highest fraction those fixed costs allow at all (ceiling / (fixed + ceiling): a run that
+did nothing a row but tokenize). It also prints the same comparison in CPU seconds (every ftjobs process
+against encode_batch's own CPU in the ceiling's workers), which a shared machine's load moves much less than wall time.
 """
 
 from __future__ import annotations
@@ -255,6 +256,12 @@ def main() -> None:
                   f"the job's own clock read {timings.get('total', 0):.1f} s (rows {timings.get('process', 0):.1f} s); "
                   f"the ceiling's pool took {ceil['spawn_s']:.2f} s to start (not timed); without the fixed costs "
                   f"ftjobs runs at {ceil['seconds'] / net:.0%} of the ceiling" if net > 0 else "", flush=True)
+            # The bound the fixed costs set: with no per-row work but encode_batch's own, a run of n rows takes
+            # fixed + ceiling seconds, so the fraction can be no higher than this whatever the per-row code does.
+            bound = ceil["seconds"] / (fixed["run_s"] + ceil["seconds"])
+            print(f"{'':>9}       bound: a run that did nothing a row but tokenize would still take "
+                  f"{fixed['run_s']:.1f} + {ceil['seconds']:.1f} s: at most {bound:.0%} of the ceiling at this size",
+                  flush=True)
             # CPU seconds move much less than wall seconds with the load of a shared machine: the same ratio
             # by CPU (every ftjobs process, fixed costs out, against encode_batch's own CPU in its workers).
             cpu_net = timings["cpu_s"] - fixed["cpu_s"]
@@ -274,6 +281,9 @@ def main() -> None:
                 rows.append(row("prepare", f"rows/s vs tokenizer only @ {n:,}, fixed costs taken out", n / net,
                                 n / ceil["seconds"], goal="info", met=None, unit="rows/s",
                                 notes=f"fixed: {fixed['run_s']:.1f} s ({FIXED_ROWS}-row run)"))
+            rows.append(row("prepare", f"highest fraction the fixed costs allow @ {n:,}", bound, 1.0, goal="info",
+                            met=None, unit="x",
+                            notes="ceiling / (fixed costs + ceiling): no per-row work but tokenizing"))
             if cpu_net > 0:
                 rows.append(row("prepare", f"CPU us/row vs tokenizer only @ {n:,}, fixed costs out",
                                 cpu_net / n * 1e6, ceil["cpu_s"] / n * 1e6, goal="info", met=None, unit="us/row",
