@@ -4,7 +4,10 @@ For every stage, through the CLI as the containers run it, on the S3 test server
 together race to one output, and a third is a zombie that passed the "already done" check, is held until
 the winner published (FTJOBS_ATTEMPT_HOLD_S) and only then writes. Exactly one manifest stands, `ftjobs show
 --verify full` passes on it before and after the zombie wrote, the zombie's files are garbage that `ftjobs gc`
-lists and removes, and gc never removes a published file.
+lists and removes, and gc never removes a published file. The stages run as processes (the race is
+between processes); `ftjobs show` and `ftjobs gc` run in this process (they only read and remove files, and
+a process of their own costs a second each, six per case). The zombie imports its libraries while the
+racers start (tests/e2e/zombie_cli.py), not after the winner published.
 
 On the local store only prepare and train run the race (each case starts three stage processes, ~30 s on
 2 cores). What decides the race there is one piece of code for every stage: the create-only manifest write
@@ -26,9 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 
 from common import manifest as mf
 from common import storage
+from jobs.cli import main
+from tests.e2e import zombie_cli
 from tests.jobs import builders, helpers
 from tests.jobs.test_evaluate import BASE, TUNED, publish_predictions
 
@@ -61,8 +67,8 @@ def stage_args(stage: str, root: str, tiny_model: Path, tiny_tokenizer: Any, tmp
     return ["evaluate", "--predictions", base, "--predictions", tuned]
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+def start(args: list[str], env: dict[str, str], log: Path, cli: list[str] = CLI) -> subprocess.Popen[str]:
+    return subprocess.Popen([*cli, *args], env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
 
 
 def wait_for_line(log: Path, text: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
@@ -75,9 +81,13 @@ def wait_for_line(log: Path, text: str, proc: subprocess.Popen[str], timeout: fl
     raise AssertionError(f"no {text!r} in {log}")
 
 
-def show_full(out: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, "show", out, "--verify", "full"], env=env, capture_output=True, text=True,
-                          timeout=300)
+def ftjobs(*args: str) -> Result:
+    """`ftjobs ARGS` in this process: show and gc only read and remove files (the stages run as processes)."""
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def show_full(out: str) -> Result:
+    return ftjobs("show", out, "--verify", "full")
 
 
 CASES = [*((stage, "s3") for stage in ("prepare", "train", "merge", "infer", "evaluate")),
@@ -95,26 +105,29 @@ def test_racing_and_zombie_attempts_leave_the_published_run_intact(stage: str, s
     env = subprocess_env | {"FTJOBS_LOG_FORMAT": "text"}
     # The zombie first: it passes the "already done" check, then is held until a winner has published.
     zombie_log = tmp_path / "zombie.log"
-    zombie = start(args, env | {"FTJOBS_ATTEMPT_HOLD_S": "600"}, zombie_log)
-    wait_for_line(zombie_log, "holding this attempt", zombie)
+    # (tests/e2e/zombie_cli.py: it imports its libraries while the racers start theirs, then holds.)
+    zombie = start(args, env | {"FTJOBS_ATTEMPT_HOLD_S": "600"}, zombie_log,
+                   [sys.executable, "-m", "tests.e2e.zombie_cli", stage])
+    wait_for_line(zombie_log, zombie_cli.ZOMBIE_READY, zombie)
     racers = [start(args, env, tmp_path / f"racer{i}.log") for i in range(2)]
     for i, proc in enumerate(racers):
         stdout, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, (tmp_path / f"racer{i}.log").read_text()[-3000:]
         assert stdout.strip().splitlines()[-1] == mf.manifest_uri(out)
     published = storage.read_bytes(mf.manifest_uri(out))
-    assert show_full(out, env).returncode == 0
+    assert show_full(out).exit_code == 0
 
     stdout, _ = zombie.communicate(timeout=900)
     log = zombie_log.read_text()
     assert zombie.returncode == 0, log[-3000:]
+    assert "holding this attempt" in log
     assert "another attempt of this run published" in log and "its results stand" in log
     assert stdout.strip().splitlines()[-1] == mf.manifest_uri(out)  # it reports the winner, not its own work
 
     # The zombie wrote its files after the winner published, and not one byte the manifest names changed.
     assert storage.read_bytes(mf.manifest_uri(out)) == published
-    checked = show_full(out, env)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    checked = show_full(out)
+    assert checked.exit_code == 0, checked.output
     winner = mf.load(out, verify="full")
     named = {a.path for a in winner.manifest.artifacts}
     assert named and all(p.startswith(f"attempts/{winner.manifest.attempt}/") for p in named)
@@ -124,17 +137,17 @@ def test_racing_and_zombie_attempts_leave_the_published_run_intact(stage: str, s
         assert leftover, "the zombie (and the losing racer) should have left files of their own"
 
     # gc: a dry run lists exactly the unreferenced files; --apply removes them and nothing published.
-    dry = subprocess.run([*CLI, "gc", out], env=env, capture_output=True, text=True, timeout=120)
-    assert dry.returncode == 0, dry.stderr
+    dry = ftjobs("gc", out)
+    assert dry.exit_code == 0, dry.output
     listed = {line.split()[-1] for line in dry.stdout.splitlines()}
     assert {f"attempts/{rel}" for rel in leftover} <= listed and not listed & named
     assert all(storage.exists(storage.join(out, f"attempts/{rel}")) for rel in leftover)  # dry: nothing removed
-    applied = subprocess.run([*CLI, "gc", out, "--apply"], env=env, capture_output=True, text=True, timeout=120)
-    assert applied.returncode == 0, applied.stderr
-    assert show_full(out, env).returncode == 0
+    applied = ftjobs("gc", out, "--apply")
+    assert applied.exit_code == 0, applied.output
+    assert show_full(out).exit_code == 0
     left = {o.rel for o in storage.list_objects(out)}
     assert named <= left and not any(rel.startswith("attempts/") and rel not in named for rel in left)
-    again = subprocess.run([*CLI, "gc", out], env=env, capture_output=True, text=True, timeout=120)
+    again = ftjobs("gc", out)
     assert again.stdout == "" and "0 file(s)" in again.stderr
 
 
