@@ -1,4 +1,5 @@
-"""A training file in OpenAI's chat fine-tuning format through the CLI: prepare -> train -> infer -> evaluate.
+"""A training file in OpenAI's chat fine-tuning format through the CLI (in-process): prepare -> train -> infer ->
+evaluate.
 
 `tests/data/openai/chat.jsonl` is written here (our own examples, not copied) in the shapes OpenAI documents
 for supervised chat fine-tuning: `messages` with `weight` 0/1 on assistant turns, `name` on system, user and
@@ -13,26 +14,33 @@ tests/jobs/test_prepare_preference.py).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner, Result
 
 from common import chat, chat_encode, data
 from common import manifest as mf
+from jobs.cli import main
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "data" / "openai" / "chat.jsonl"
 
 
-def ftjobs(args: list[str], env: dict[str, str], timeout: float = 420) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+def ftjobs(args: list[str]) -> Result:
+    """`ftjobs ARGS` through the CLI, in this process: the file's journey is the subject here, not the process
+    (seven stage processes cost ~5 s of imports each; test_pipeline.py runs the stages as processes)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        result = CliRunner().invoke(main, args, env={"FTJOBS_LOG_FORMAT": "json"}, catch_exceptions=False)
+    finally:  # the CLI points the root logger at this invocation's stderr: put pytest's back
+        root.handlers[:], root.level = handlers, level
+    assert result.exit_code == 0, result.stderr[-4000:]
+    return result
 
 
 def trained(tok, ids: list[int], labels: list[int]) -> str:  # type: ignore[no-untyped-def]
@@ -55,12 +63,12 @@ def turn_text(m: dict) -> list[str]:
                   for c in m.get("tool_calls") or []]
 
 
-def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tokenizer, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                      subprocess_env: dict[str, str]) -> None:
+def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tokenizer,  # type: ignore[no-untyped-def]
+                                                      tmp_path: Path) -> None:
     prep, raw = tmp_path / "prep", tmp_path / "raw"
     done = ftjobs(["prepare", "--source", str(FIXTURE), "--tokenizer", str(tiny_model), "--output", str(prep),
-                   "--set", "eval_size=3"], subprocess_env)
-    ftjobs(["prepare", "--source", str(FIXTURE), "--output", str(raw), "--set", "eval_size=3"], subprocess_env)
+                   "--set", "eval_size=3"])
+    ftjobs(["prepare", "--source", str(FIXTURE), "--output", str(raw), "--set", "eval_size=3"])
     stats = mf.load(str(prep)).manifest.stats
     assert stats["rows_out"] == 14 and stats["dropped"] == {} and stats["formats"] == {str(FIXTURE): "messages"}
     assert stats["turns"] == {"trained": 20, "weight_0": 4, "train_on_excluded": 0}
@@ -105,7 +113,7 @@ def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tok
     assert trained(tiny_tokenizer, parallel["input_ids"], parallel["labels"]).startswith(
         '<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "A17"}}\n</tool_call>\n<tool_call>\n'
         '{"name": "get_stock", "arguments": {"sku": "BP-2"}}\n</tool_call><|im_end|>')
-    shown = ftjobs(["inspect", str(prep), "--rows", "0", "--color", "never"], subprocess_env).stdout
+    shown = ftjobs(["inspect", str(prep), "--rows", "0", "--color", "never"]).stdout
     assert "assistant turns: 20 trained, 4 weight 0 (context only), 0 excluded by train_on" in shown
     assert "ignored keys: metadata (2 rows), parallel_tool_calls (2 rows)" in shown
 
@@ -113,7 +121,7 @@ def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tok
     # give exactly prepare's masks (the same trained-token count; without the weights it would be more).
     train = tmp_path / "train"
     ftjobs(["train", "--input", str(raw), "--base-model", str(tiny_model), "--output", str(train),
-            "--set", "max_steps=2", "--set", "max_seq_length=1024", "--set", "batch_size=2"], subprocess_env)
+            "--set", "max_steps=2", "--set", "max_seq_length=1024", "--set", "batch_size=2"])
     train_stats = mf.load(str(train)).manifest.stats["train"]
     prepared = data.read_split(loaded, "train").to_pylist()
     assert train_stats["trainable_tokens"] == sum(r["num_trainable"] for r in prepared)
@@ -129,8 +137,7 @@ def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tok
     for name, extra in (("base", []), ("tuned", ["--adapter", str(train)])):
         out = tmp_path / f"infer-{name}"
         ftjobs(["infer", "--model", str(tiny_model), *extra, "--prompts", str(prep), "--output", str(out),
-                "--engine", "transformers", "--set", "sampling.max_tokens=4", "--set", "sampling.temperature=0"],
-               subprocess_env)
+                "--engine", "transformers", "--set", "sampling.max_tokens=4", "--set", "sampling.temperature=0"])
         inferred = mf.load(str(out))
         preds[name] = [r for a in inferred.manifest.artifacts_named("predictions/part-")
                        for r in pq.read_table(inferred.resolve(a)).to_pylist()]
@@ -144,6 +151,6 @@ def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tok
 
     report = tmp_path / "evaluate"
     ftjobs(["evaluate", "--predictions", str(tmp_path / "infer-base"), "--predictions", str(tmp_path / "infer-tuned"),
-            "--output", str(report)], subprocess_env)
+            "--output", str(report)])
     sets = mf.load(str(report)).manifest.metrics["sets"]
     assert len(sets) == 2 and all("exact_match" in s for s in sets.values())
