@@ -21,6 +21,7 @@ cheapest stage, stands for the rest; merge, infer and evaluate would repeat the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -83,7 +84,12 @@ def wait_for_line(log: Path, text: str, proc: subprocess.Popen[str], timeout: fl
 
 def ftjobs(*args: str) -> Result:
     """`ftjobs ARGS` in this process: show and gc only read and remove files (the stages run as processes)."""
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+    finally:  # the CLI points the root logger at this invocation's stderr: put pytest's back
+        root.handlers[:], root.level = handlers, level
 
 
 def show_full(out: str) -> Result:
