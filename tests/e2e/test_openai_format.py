@@ -1,5 +1,4 @@
-"""A training file in OpenAI's chat fine-tuning format through the CLI (in-process): prepare -> train -> infer ->
-evaluate.
+"""A training file in OpenAI's chat fine-tuning format through the CLI: prepare -> train -> infer -> evaluate.
 
 `tests/data/openai/chat.jsonl` is written here (our own examples, not copied) in the shapes OpenAI documents
 for supervised chat fine-tuning: `messages` with `weight` 0/1 on assistant turns, `name` on system, user and
@@ -8,39 +7,25 @@ assistant messages, content as a list of text parts; a top-level `tools` list wi
 a top-level `functions` list, an assistant `function_call` {name, arguments as JSON text} and a `function`
 result; and top-level keys prepare does not read (`parallel_tool_calls`, `metadata`).
 `tests/data/openai/preference.jsonl` holds two rows of OpenAI's preference (DPO) format (read as pairs:
-tests/jobs/test_prepare_preference.py).
+tests/jobs/test_prepare_preference.py). The commands run in this process (tests/inprocess.py): the file's way
+through the stages is the subject here, not the process; test_pipeline.py runs the stages as processes.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner, Result
 
 from common import chat, chat_encode, data
 from common import manifest as mf
-from jobs.cli import main
+from tests.inprocess import ftjobs
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "data" / "openai" / "chat.jsonl"
-
-
-def ftjobs(args: list[str]) -> Result:
-    """`ftjobs ARGS` through the CLI, in this process: the file's journey is the subject here, not the process
-    (seven stage processes cost ~5 s of imports each; test_pipeline.py runs the stages as processes)."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        result = CliRunner().invoke(main, args, env={"FTJOBS_LOG_FORMAT": "json"}, catch_exceptions=False)
-    finally:  # the CLI points the root logger at this invocation's stderr: put pytest's back
-        root.handlers[:], root.level = handlers, level
-    assert result.exit_code == 0, result.stderr[-4000:]
-    return result
 
 
 def trained(tok, ids: list[int], labels: list[int]) -> str:  # type: ignore[no-untyped-def]
