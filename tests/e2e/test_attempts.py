@@ -5,9 +5,9 @@ together race to one output, and a third is a zombie that passed the "already do
 the winner published (FTJOBS_ATTEMPT_HOLD_S) and only then writes. Exactly one manifest stands, `ftjobs show
 --verify full` passes on it before and after the zombie wrote, the zombie's files are garbage that `ftjobs gc`
 lists and removes, and gc never removes a published file. The stages run as processes (the race is
-between processes); `ftjobs show` and `ftjobs gc` run in this process (they only read and remove files, and
-a process of their own costs a second each, six per case). The zombie imports its libraries while the
-racers start (tests/e2e/zombie_cli.py), not after the winner published.
+between processes; each is `python -m jobs.cli ARGS` forked from a process that imported torch and
+transformers once for the file, tests/e2e/stage_forks.py); `ftjobs show` and `ftjobs gc` run in this process
+(they only read and remove files, and a process of their own costs a second each, six per case).
 
 On the local store only prepare and train run the race (each case starts three stage processes, ~30 s on
 2 cores). What decides the race there is one piece of code for every stage: the create-only manifest write
@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,12 @@ from click.testing import Result
 
 from common import manifest as mf
 from common import storage
-from tests.e2e import zombie_cli
+from tests.e2e.stage_forks import Forked, Forks
 from tests.inprocess import ftjobs
 from tests.jobs import builders, helpers
 from tests.jobs.test_evaluate import BASE, TUNED, publish_predictions
 
 pytestmark = pytest.mark.e2e
-CLI = [sys.executable, "-m", "jobs.cli"]
 
 
 def stage_args(stage: str, root: str, tiny_model: Path, tiny_tokenizer: Any, tmp_path: Path) -> list[str]:
@@ -67,11 +67,16 @@ def stage_args(stage: str, root: str, tiny_model: Path, tiny_tokenizer: Any, tmp
     return ["evaluate", "--predictions", base, "--predictions", tuned]
 
 
-def start(args: list[str], env: dict[str, str], log: Path, cli: list[str] = CLI) -> subprocess.Popen[str]:
-    return subprocess.Popen([*cli, *args], env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+@pytest.fixture(scope="module")
+def forks(s3_endpoint: str) -> Iterator[Forks]:
+    """Where the stage processes are forked from (tests/e2e/stage_forks.py): torch and transformers imported
+    once for the file, not ~5 s of imports in each of the 21 stage processes."""
+    server = Forks(dict(os.environ) | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    yield server
+    server.close()
 
 
-def wait_for_line(log: Path, text: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+def wait_for_line(log: Path, text: str, proc: Forked, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if text in log.read_text():
@@ -92,7 +97,7 @@ CASES = [*((stage, "s3") for stage in ("prepare", "train", "merge", "infer", "ev
 @pytest.mark.parametrize(("stage", "store"), CASES, ids=[f"{stage}-{store}" for stage, store in CASES])
 def test_racing_and_zombie_attempts_leave_the_published_run_intact(stage: str, store: str, tiny_model: Path,
                                                                    tiny_tokenizer: Any, tmp_path: Path,
-                                                                   subprocess_env: dict[str, str],
+                                                                   subprocess_env: dict[str, str], forks: Forks,
                                                                    request: pytest.FixtureRequest) -> None:
     store_root = str(tmp_path / "store") if store == "local" else request.getfixturevalue("s3_root")
     out = f"{store_root}/{stage}"
@@ -100,11 +105,9 @@ def test_racing_and_zombie_attempts_leave_the_published_run_intact(stage: str, s
     env = subprocess_env | {"FTJOBS_LOG_FORMAT": "text"}
     # The zombie first: it passes the "already done" check, then is held until a winner has published.
     zombie_log = tmp_path / "zombie.log"
-    # (tests/e2e/zombie_cli.py: it imports its libraries while the racers start theirs, then holds.)
-    zombie = start(args, env | {"FTJOBS_ATTEMPT_HOLD_S": "600"}, zombie_log,
-                   [sys.executable, "-m", "tests.e2e.zombie_cli", stage])
-    wait_for_line(zombie_log, zombie_cli.ZOMBIE_READY, zombie)
-    racers = [start(args, env, tmp_path / f"racer{i}.log") for i in range(2)]
+    zombie = forks.start(args, env | {"FTJOBS_ATTEMPT_HOLD_S": "600"}, zombie_log)
+    wait_for_line(zombie_log, "holding this attempt", zombie)
+    racers = [forks.start(args, env, tmp_path / f"racer{i}.log") for i in range(2)]
     for i, proc in enumerate(racers):
         stdout, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, (tmp_path / f"racer{i}.log").read_text()[-3000:]
@@ -115,7 +118,6 @@ def test_racing_and_zombie_attempts_leave_the_published_run_intact(stage: str, s
     stdout, _ = zombie.communicate(timeout=900)
     log = zombie_log.read_text()
     assert zombie.returncode == 0, log[-3000:]
-    assert "holding this attempt" in log
     assert "another attempt of this run published" in log and "its results stand" in log
     assert stdout.strip().splitlines()[-1] == mf.manifest_uri(out)  # it reports the winner, not its own work
 
