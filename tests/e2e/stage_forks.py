@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 IMPORTS = ["torch", "peft", "transformers:AutoModelForCausalLM", "transformers:AutoTokenizer", "safetensors.torch",
            "matplotlib.pyplot", "rouge_score.rouge_scorer", "pyarrow.parquet", "boto3", "click", "pydantic"]
@@ -37,7 +38,7 @@ def preload() -> None:
             getattr(loaded, attribute)
 
 
-def child(request: dict) -> None:
+def child(request: dict[str, Any]) -> None:
     """In the forked child: become `python -m jobs.cli ARGS` with the request's environment and files."""
     code = 1
     try:
@@ -102,20 +103,27 @@ class Forks:
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.e2e.stage_forks"], env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
-        self.count = 0
+        self.started: list[Forked] = []
 
     def start(self, args: list[str], env: dict[str, str], log: Path) -> Forked:
         """`python -m jobs.cli ARGS` in a child of its own; stderr to `log`, stdout and exit code beside it."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.count += 1
         stdout, exit_file = log.with_suffix(".stdout"), log.with_suffix(".exit")
         log.touch()  # there to be read at once, as Popen's stderr file is
         request = {"args": args, "env": env, "stdout": str(stdout), "stderr": str(log), "exit": str(exit_file)}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        return Forked(int(self.proc.stdout.readline()), stdout, exit_file)
+        self.started.append(Forked(int(self.proc.stdout.readline()), stdout, exit_file))
+        return self.started[-1]
 
     def close(self) -> None:
+        """End the server and any child still running (a failed test's held zombie)."""
+        for forked in self.started:
+            if forked.poll() is None:
+                try:
+                    os.kill(forked.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.proc.kill()
         self.proc.wait(timeout=60)
 
