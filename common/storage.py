@@ -502,10 +502,16 @@ def iter_objects(prefix: str) -> Iterator[ObjectInfo]:
     root = local_path(base)
     if not root.is_dir():
         return
-    for path in root.rglob("*"):
-        if path.is_file() and not path.name.endswith(".tmp"):
-            rel = path.relative_to(root).as_posix()
-            yield ObjectInfo(uri=str(path), rel=rel, size=path.stat().st_size)
+    # A folder or file another process removes while this walks (racing attempts tidying checkpoints) is
+    # left out, as an S3 listing leaves out what is deleted: os.walk skips a folder it cannot scan.
+    for folder, _, names in os.walk(root, followlinks=True):
+        for name in (n for n in names if not n.endswith(".tmp")):
+            path = Path(folder) / name
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            yield ObjectInfo(uri=str(path), rel=path.relative_to(root).as_posix(), size=size)
 
 
 # --------------------------------------------------------------------------- files and folders

@@ -49,6 +49,28 @@ def test_a_local_write_makes_its_folder_again_when_another_process_removed_it(tm
     assert [p.name for p in target.parent.iterdir()] == [".attempt.json"]  # no temporary file left
 
 
+def test_a_local_listing_leaves_out_folders_another_process_removes_while_it_walks(tmp_path: Path) -> None:
+    """Two racing train attempts both clear the checkpoints folder once the run is published; the one whose
+    listing met a folder the other had just removed failed with FileNotFoundError (the racing-attempts e2e,
+    train on the local store). A listing takes what is there as it walks, as an S3 listing does."""
+    import shutil
+
+    root = tmp_path / "checkpoints"
+    for i in range(4):
+        (root / f"step-{i}" / "adapter").mkdir(parents=True)
+        (root / f"step-{i}" / "adapter" / "a.bin").write_bytes(b"xy")
+        (root / f"step-{i}" / "state.json").write_bytes(b"{}")
+    walking = storage.iter_objects(str(root))
+    first = next(walking)
+    for i in range(4):  # the other attempt's rmtree, between two steps of this walk
+        if not first.rel.startswith(f"step-{i}/"):
+            shutil.rmtree(root / f"step-{i}")
+    rest = list(walking)
+    assert {o.rel.split("/")[0] for o in rest} <= {first.rel.split("/")[0]}
+    assert all(o.size == 2 for o in [first, *rest])  # "xy" and "{}": what the files hold
+    assert storage.delete_prefix(str(root)) >= 1 and not root.exists()
+
+
 def test_create_only_put_refuses_second_write(store_root: str) -> None:
     uri = storage.join(store_root, "manifest.json")
     storage.put_if_absent(uri, b"first")

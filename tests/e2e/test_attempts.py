@@ -4,7 +4,10 @@ For every stage, through the CLI as the containers run it, on the S3 test server
 together race to one output, and a third is a zombie that passed the "already done" check, is held until
 the winner published (FTJOBS_ATTEMPT_HOLD_S) and only then writes. Exactly one manifest stands, `ftjobs show
 --verify full` passes on it before and after the zombie wrote, the zombie's files are garbage that `ftjobs gc`
-lists and removes, and gc never removes a published file.
+lists and removes, and gc never removes a published file. The stages run as processes (the race is
+between processes; each is `python -m jobs.cli ARGS` forked from a process that imported torch and
+transformers once for the file, tests/e2e/stage_forks.py); `ftjobs show` and `ftjobs gc` run in this process
+(they only read and remove files, and a process of their own costs a second each, six per case).
 
 On the local store only prepare and train run the race (each case starts three stage processes, ~30 s on
 2 cores). What decides the race there is one piece of code for every stage: the create-only manifest write
@@ -22,18 +25,21 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import Result
 
 from common import manifest as mf
 from common import storage
+from tests.e2e.stage_forks import Forked, Forks
+from tests.inprocess import ftjobs
 from tests.jobs import builders, helpers
 from tests.jobs.test_evaluate import BASE, TUNED, publish_predictions
 
 pytestmark = pytest.mark.e2e
-CLI = [sys.executable, "-m", "jobs.cli"]
 
 
 def stage_args(stage: str, root: str, tiny_model: Path, tiny_tokenizer: Any, tmp_path: Path) -> list[str]:
@@ -61,11 +67,16 @@ def stage_args(stage: str, root: str, tiny_model: Path, tiny_tokenizer: Any, tmp
     return ["evaluate", "--predictions", base, "--predictions", tuned]
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+@pytest.fixture(scope="module")
+def forks(s3_endpoint: str) -> Iterator[Forks]:
+    """Where the stage processes are forked from (tests/e2e/stage_forks.py): torch and transformers imported
+    once for the file, not ~5 s of imports in each of the 21 stage processes."""
+    server = Forks(dict(os.environ) | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    yield server
+    server.close()
 
 
-def wait_for_line(log: Path, text: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+def wait_for_line(log: Path, text: str, proc: Forked, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if text in log.read_text():
@@ -75,9 +86,8 @@ def wait_for_line(log: Path, text: str, proc: subprocess.Popen[str], timeout: fl
     raise AssertionError(f"no {text!r} in {log}")
 
 
-def show_full(out: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, "show", out, "--verify", "full"], env=env, capture_output=True, text=True,
-                          timeout=300)
+def show_full(out: str) -> Result:
+    return ftjobs(["show", out, "--verify", "full"], check=False)
 
 
 CASES = [*((stage, "s3") for stage in ("prepare", "train", "merge", "infer", "evaluate")),
@@ -87,7 +97,7 @@ CASES = [*((stage, "s3") for stage in ("prepare", "train", "merge", "infer", "ev
 @pytest.mark.parametrize(("stage", "store"), CASES, ids=[f"{stage}-{store}" for stage, store in CASES])
 def test_racing_and_zombie_attempts_leave_the_published_run_intact(stage: str, store: str, tiny_model: Path,
                                                                    tiny_tokenizer: Any, tmp_path: Path,
-                                                                   subprocess_env: dict[str, str],
+                                                                   subprocess_env: dict[str, str], forks: Forks,
                                                                    request: pytest.FixtureRequest) -> None:
     store_root = str(tmp_path / "store") if store == "local" else request.getfixturevalue("s3_root")
     out = f"{store_root}/{stage}"
@@ -95,15 +105,15 @@ def test_racing_and_zombie_attempts_leave_the_published_run_intact(stage: str, s
     env = subprocess_env | {"FTJOBS_LOG_FORMAT": "text"}
     # The zombie first: it passes the "already done" check, then is held until a winner has published.
     zombie_log = tmp_path / "zombie.log"
-    zombie = start(args, env | {"FTJOBS_ATTEMPT_HOLD_S": "600"}, zombie_log)
+    zombie = forks.start(args, env | {"FTJOBS_ATTEMPT_HOLD_S": "600"}, zombie_log)
     wait_for_line(zombie_log, "holding this attempt", zombie)
-    racers = [start(args, env, tmp_path / f"racer{i}.log") for i in range(2)]
+    racers = [forks.start(args, env, tmp_path / f"racer{i}.log") for i in range(2)]
     for i, proc in enumerate(racers):
         stdout, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, (tmp_path / f"racer{i}.log").read_text()[-3000:]
         assert stdout.strip().splitlines()[-1] == mf.manifest_uri(out)
     published = storage.read_bytes(mf.manifest_uri(out))
-    assert show_full(out, env).returncode == 0
+    assert show_full(out).exit_code == 0
 
     stdout, _ = zombie.communicate(timeout=900)
     log = zombie_log.read_text()
@@ -113,8 +123,8 @@ def test_racing_and_zombie_attempts_leave_the_published_run_intact(stage: str, s
 
     # The zombie wrote its files after the winner published, and not one byte the manifest names changed.
     assert storage.read_bytes(mf.manifest_uri(out)) == published
-    checked = show_full(out, env)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    checked = show_full(out)
+    assert checked.exit_code == 0, checked.output
     winner = mf.load(out, verify="full")
     named = {a.path for a in winner.manifest.artifacts}
     assert named and all(p.startswith(f"attempts/{winner.manifest.attempt}/") for p in named)
@@ -124,17 +134,15 @@ def test_racing_and_zombie_attempts_leave_the_published_run_intact(stage: str, s
         assert leftover, "the zombie (and the losing racer) should have left files of their own"
 
     # gc: a dry run lists exactly the unreferenced files; --apply removes them and nothing published.
-    dry = subprocess.run([*CLI, "gc", out], env=env, capture_output=True, text=True, timeout=120)
-    assert dry.returncode == 0, dry.stderr
+    dry = ftjobs(["gc", out])
     listed = {line.split()[-1] for line in dry.stdout.splitlines()}
     assert {f"attempts/{rel}" for rel in leftover} <= listed and not listed & named
     assert all(storage.exists(storage.join(out, f"attempts/{rel}")) for rel in leftover)  # dry: nothing removed
-    applied = subprocess.run([*CLI, "gc", out, "--apply"], env=env, capture_output=True, text=True, timeout=120)
-    assert applied.returncode == 0, applied.stderr
-    assert show_full(out, env).returncode == 0
+    ftjobs(["gc", out, "--apply"])
+    assert show_full(out).exit_code == 0
     left = {o.rel for o in storage.list_objects(out)}
     assert named <= left and not any(rel.startswith("attempts/") and rel not in named for rel in left)
-    again = subprocess.run([*CLI, "gc", out], env=env, capture_output=True, text=True, timeout=120)
+    again = ftjobs(["gc", out])
     assert again.stdout == "" and "0 file(s)" in again.stderr
 
 

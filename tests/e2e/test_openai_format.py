@@ -7,14 +7,13 @@ assistant messages, content as a list of text parts; a top-level `tools` list wi
 a top-level `functions` list, an assistant `function_call` {name, arguments as JSON text} and a `function`
 result; and top-level keys prepare does not read (`parallel_tool_calls`, `metadata`).
 `tests/data/openai/preference.jsonl` holds two rows of OpenAI's preference (DPO) format (read as pairs:
-tests/jobs/test_prepare_preference.py).
+tests/jobs/test_prepare_preference.py). The commands run in this process (tests/inprocess.py): the file's way
+through the stages is the subject here, not the process; test_pipeline.py runs the stages as processes.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -22,17 +21,11 @@ import pytest
 
 from common import chat, chat_encode, data
 from common import manifest as mf
+from tests.inprocess import ftjobs
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "data" / "openai" / "chat.jsonl"
-
-
-def ftjobs(args: list[str], env: dict[str, str], timeout: float = 420) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def trained(tok, ids: list[int], labels: list[int]) -> str:  # type: ignore[no-untyped-def]
@@ -55,12 +48,12 @@ def turn_text(m: dict) -> list[str]:
                   for c in m.get("tool_calls") or []]
 
 
-def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tokenizer, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                      subprocess_env: dict[str, str]) -> None:
+def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tokenizer,  # type: ignore[no-untyped-def]
+                                                      tmp_path: Path) -> None:
     prep, raw = tmp_path / "prep", tmp_path / "raw"
     done = ftjobs(["prepare", "--source", str(FIXTURE), "--tokenizer", str(tiny_model), "--output", str(prep),
-                   "--set", "eval_size=3"], subprocess_env)
-    ftjobs(["prepare", "--source", str(FIXTURE), "--output", str(raw), "--set", "eval_size=3"], subprocess_env)
+                   "--set", "eval_size=3"])
+    ftjobs(["prepare", "--source", str(FIXTURE), "--output", str(raw), "--set", "eval_size=3"])
     stats = mf.load(str(prep)).manifest.stats
     assert stats["rows_out"] == 14 and stats["dropped"] == {} and stats["formats"] == {str(FIXTURE): "messages"}
     assert stats["turns"] == {"trained": 20, "weight_0": 4, "train_on_excluded": 0}
@@ -105,7 +98,7 @@ def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tok
     assert trained(tiny_tokenizer, parallel["input_ids"], parallel["labels"]).startswith(
         '<tool_call>\n{"name": "lookup_order", "arguments": {"order_id": "A17"}}\n</tool_call>\n<tool_call>\n'
         '{"name": "get_stock", "arguments": {"sku": "BP-2"}}\n</tool_call><|im_end|>')
-    shown = ftjobs(["inspect", str(prep), "--rows", "0", "--color", "never"], subprocess_env).stdout
+    shown = ftjobs(["inspect", str(prep), "--rows", "0", "--color", "never"]).stdout
     assert "assistant turns: 20 trained, 4 weight 0 (context only), 0 excluded by train_on" in shown
     assert "ignored keys: metadata (2 rows), parallel_tool_calls (2 rows)" in shown
 
@@ -113,7 +106,7 @@ def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tok
     # give exactly prepare's masks (the same trained-token count; without the weights it would be more).
     train = tmp_path / "train"
     ftjobs(["train", "--input", str(raw), "--base-model", str(tiny_model), "--output", str(train),
-            "--set", "max_steps=2", "--set", "max_seq_length=1024", "--set", "batch_size=2"], subprocess_env)
+            "--set", "max_steps=2", "--set", "max_seq_length=1024", "--set", "batch_size=2"])
     train_stats = mf.load(str(train)).manifest.stats["train"]
     prepared = data.read_split(loaded, "train").to_pylist()
     assert train_stats["trainable_tokens"] == sum(r["num_trainable"] for r in prepared)
@@ -129,8 +122,7 @@ def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tok
     for name, extra in (("base", []), ("tuned", ["--adapter", str(train)])):
         out = tmp_path / f"infer-{name}"
         ftjobs(["infer", "--model", str(tiny_model), *extra, "--prompts", str(prep), "--output", str(out),
-                "--engine", "transformers", "--set", "sampling.max_tokens=4", "--set", "sampling.temperature=0"],
-               subprocess_env)
+                "--engine", "transformers", "--set", "sampling.max_tokens=4", "--set", "sampling.temperature=0"])
         inferred = mf.load(str(out))
         preds[name] = [r for a in inferred.manifest.artifacts_named("predictions/part-")
                        for r in pq.read_table(inferred.resolve(a)).to_pylist()]
@@ -144,6 +136,6 @@ def test_an_openai_chat_file_trains_as_it_would_there(tiny_model: Path, tiny_tok
 
     report = tmp_path / "evaluate"
     ftjobs(["evaluate", "--predictions", str(tmp_path / "infer-base"), "--predictions", str(tmp_path / "infer-tuned"),
-            "--output", str(report)], subprocess_env)
+            "--output", str(report)])
     sets = mf.load(str(report)).manifest.metrics["sets"]
     assert len(sets) == 2 and all("exact_match" in s for s in sets.values())

@@ -3,13 +3,12 @@
 The source reproduces LLaMA-Factory's `glaive_toolcall` sharegpt files (written here, not copied): a JSON
 array of rows with `conversations` (human / function_call / observation / gpt turns, the function_call
 value a JSON call `{name, arguments}`) and a `tools` column holding the JSON text of bare function schemas.
+The commands run in this process (tests/inprocess.py): the tools' way through the stages is the subject.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,6 +16,7 @@ import pytest
 
 from common import chat, chat_encode, data
 from common import manifest as mf
+from tests.inprocess import ftjobs
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -42,15 +42,8 @@ def glaive_rows(n: int) -> list[dict]:
     return rows
 
 
-def ftjobs(args: list[str], env: dict[str, str], timeout: float = 420) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
 def test_glaive_style_tools_reach_the_training_text_and_the_inference_prompt(
-        tiny_model: Path, tiny_tokenizer, tmp_path: Path, subprocess_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+        tiny_model: Path, tiny_tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     src = tmp_path / "glaive_toolcall.json"
     rows = glaive_rows(12)
     rows += [{**rows[0], "tools": json.dumps(t)} for t in ([WEATHER], [CONVERT, WEATHER])]  # same chat, other tools
@@ -59,8 +52,8 @@ def test_glaive_style_tools_reach_the_training_text_and_the_inference_prompt(
     # decontaminate off: the same chat with other tools is a near-duplicate of an eval row to the default
     # (near) check, which would remove it from training; this test is about keeping such rows apart.
     ftjobs(["prepare", "--source", str(src), "--tokenizer", str(tiny_model), "--output", str(prep),
-            "--set", "eval_size=3", "--set", "decontaminate=off"], subprocess_env)
-    ftjobs(["prepare", "--source", str(src), "--output", str(raw), "--set", "eval_size=3"], subprocess_env)
+            "--set", "eval_size=3", "--set", "decontaminate=off"])
+    ftjobs(["prepare", "--source", str(src), "--output", str(raw), "--set", "eval_size=3"])
     loaded = mf.load(str(prep))
     assert loaded.manifest.stats["rows_out"] == 14 and loaded.manifest.stats["dropped"] == {}
     assert loaded.manifest.stats["formats"] == {str(src): "sharegpt"}
@@ -78,14 +71,14 @@ def test_glaive_style_tools_reach_the_training_text_and_the_inference_prompt(
                                      if lab != chat.IGNORE_INDEX], skip_special_tokens=False)
     assert trained.startswith('<tool_call>\n{"name": "convert_currency", "arguments": {"amount": ')
     assert "another currency" not in trained
-    shown = ftjobs(["inspect", str(prep), "--rows", "14", "--color", "never"], subprocess_env).stdout
+    shown = ftjobs(["inspect", str(prep), "--rows", "14", "--color", "never"]).stdout
     assert "tool convert_currency(amount, to): Convert an amount of money" in shown
     assert "tool get_weather(city): Weather now in a city" in shown
 
     # Train tokenizes the untokenized run itself: it must render the same tools (same token count).
     train = tmp_path / "train"
     ftjobs(["train", "--input", str(raw), "--base-model", str(tiny_model), "--output", str(train),
-            "--set", "max_steps=2", "--set", "max_seq_length=1024", "--set", "batch_size=2"], subprocess_env)
+            "--set", "max_steps=2", "--set", "max_seq_length=1024", "--set", "batch_size=2"])
     raw_rows = data.read_split(mf.load(str(raw)), "train").to_pylist()
     fmt = chat.chat_format(tiny_tokenizer)
     with_tools = chat_encode.encode_many(tiny_tokenizer, fmt, [r["messages"] for r in raw_rows],
@@ -98,7 +91,7 @@ def test_glaive_style_tools_reach_the_training_text_and_the_inference_prompt(
     out = tmp_path / "infer"
     ftjobs(["infer", "--model", str(tiny_model), "--adapter", str(train), "--prompts", str(prep), "--output",
             str(out), "--engine", "transformers", "--set", "sampling.max_tokens=4",
-            "--set", "sampling.temperature=0"], subprocess_env)
+            "--set", "sampling.temperature=0"])
     inferred = mf.load(str(out))
     preds = [r for a in inferred.manifest.artifacts_named("predictions/part-")
              for r in pq.read_table(inferred.resolve(a)).to_pylist()]

@@ -93,20 +93,22 @@ def test_base_plus_adapter_as_lora_request_matches_merged_greedy(
     assert [lora[i]["completion"] for i in sorted(lora)] == [merged[i]["completion"] for i in sorted(merged)]
     assert lora["q008"]["error"] == merged["q008"]["error"]
 
-    def transformers_run(name: str, **kw: Any) -> dict[str, dict[str, Any]]:
-        done = infer.run(load_config(infer.Config, flags={
-            "model": str(tiny_model), "prompts": stack["prompts"].uri, "output": str(tmp_path / name),
-            "engine": "transformers", "cache_dir": str(tmp_path / "cache"),
-            "sampling": {"temperature": 0, "max_tokens": 12}, "engine_args": {"max_model_len": 128}} | kw))
-        assert isinstance(done, mf.Loaded)
-        return by_id(done)
-
     # The other engine (peft on transformers) gives the same text for the same adapter and prompts...
-    peft = transformers_run("peft", adapter=stack["adapter"].uri)
+    peft = transformers_run(stack, tiny_model, tmp_path / "peft", adapter=stack["adapter"].uri)
     assert {i: r["completion"] for i, r in peft.items()} == {i: r["completion"] for i, r in lora.items()}
     # ...and the adapter really changes the outputs: the bare base differs.
-    plain = transformers_run("base")
+    plain = transformers_run(stack, tiny_model, tmp_path / "base")
     assert sum(plain[i]["completion"] != lora[i]["completion"] for i in plain if i != "q008") >= 6
+
+
+def transformers_run(stack: dict[str, Any], tiny_model: Path, output: Path, **kw: Any) -> dict[str, dict[str, Any]]:
+    """The prompts on the base model (plus `adapter`) through the transformers engine (peft), in-process."""
+    done = infer.run(load_config(infer.Config, flags={
+        "model": str(tiny_model), "prompts": stack["prompts"].uri, "output": str(output),
+        "engine": "transformers", "cache_dir": str(output.parent / "cache"),
+        "sampling": {"temperature": 0, "max_tokens": 12}, "engine_args": {"max_model_len": 128}} | kw))
+    assert isinstance(done, mf.Loaded)
+    return by_id(done)
 
 
 def test_adapter_with_modules_to_save_is_sent_to_merge(s3_root: str, tiny_model: Path, stack: dict[str, Any],
@@ -123,7 +125,10 @@ def test_several_adapters_from_one_engine_match_one_engine_each(stack: dict[str,
                                                               tiny_model: Path, tmp_path: Path) -> None:
     """A sweep's cells on one base: one vLLM engine serves both adapters (a LoRARequest each, max_loras 2),
     each output is the run its own infer would publish (the same identity: a single run there is already
-    done), and the completions equal one engine per adapter (greedy): the first adapter's is `lora_run`."""
+    done), and the completions equal one engine per adapter (greedy): the first adapter's is `lora_run`, the
+    second's is its peft run on transformers (in-process: vLLM's LoRA and peft give the same greedy text, as
+    test_base_plus_adapter_as_lora_request_matches_merged_greedy shows; a vLLM engine of its own costs ~15 s).
+    An adapter answered with the other's weights, or with none, would differ: the two adapters' texts do."""
     env = env_of(stack)
     root = stack["root"]
     other = publish_adapter(f"{root}/train-other", tiny_model, r=4, seed=3, scale=1.0)
@@ -136,13 +141,12 @@ def test_several_adapters_from_one_engine_match_one_engine_each(stack: dict[str,
     assert proc.stderr.count("starting vLLM") == 1 and "'max_loras': 2" in proc.stderr
     served = {name: mf.load(f"{root}/served-{name}", verify="full") for name in "ab"}
     assert proc.stdout.strip().splitlines()[-1] == served["a"].uri
-    alone = {"a": lora_run, "b": run_cli([*common, "--adapter", other.uri, "--output", f"{root}/alone-b"], env)}
+    alone = {"a": by_id(lora_run), "b": transformers_run(stack, tiny_model, tmp_path / "alone-b", adapter=other.uri)}
     for name, adapter in (("a", stack["adapter"]), ("b", other)):
-        rows, ref = by_id(served[name]), by_id(alone[name])
+        rows = by_id(served[name])
         assert all(r["adapter"] == adapter.uri for r in rows.values())
-        assert {i: r["completion"] for i, r in rows.items()} == {i: r["completion"] for i, r in ref.items()}
-        assert served[name].manifest.config == alone[name].manifest.config | {"output": served[name].manifest.config[
-            "output"]}
+        assert {i: r["completion"] for i, r in rows.items()} == {i: r["completion"] for i, r in alone[name].items()}
+    assert served["a"].manifest.config == lora_run.manifest.config | {"output": served["a"].manifest.config["output"]}
     assert by_id(served["a"])["q000"]["completion"] != by_id(served["b"])["q000"]["completion"]  # two adapters
     again = run_cli([*common, "--adapter", other.uri, "--output", f"{root}/served-b"], env)
     assert again.uri == served["b"].uri  # the single run's identity: already done
