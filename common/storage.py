@@ -503,8 +503,9 @@ def iter_objects(prefix: str) -> Iterator[ObjectInfo]:
     if not root.is_dir():
         return
     # A folder or file another process removes while this walks (racing attempts tidying checkpoints) is
-    # left out, as an S3 listing leaves out what is deleted: os.walk skips a folder it cannot scan.
-    for folder, _, names in os.walk(root, followlinks=True):
+    # left out, as an S3 listing leaves out what is deleted: os.walk skips a folder it cannot scan. A link to
+    # a folder is not followed (as rglob did not): a listing never reaches outside the prefix through one.
+    for folder, _, names in os.walk(root):
         for name in (n for n in names if not n.endswith(".tmp")):
             path = Path(folder) / name
             try:

@@ -71,6 +71,19 @@ def test_a_local_listing_leaves_out_folders_another_process_removes_while_it_wal
     assert storage.delete_prefix(str(root)) >= 1 and not root.exists()
 
 
+def test_a_local_listing_does_not_follow_a_link_to_a_folder_outside_the_prefix(tmp_path: Path) -> None:
+    """A listing (and so gc and delete_prefix) stays under its prefix: a link to a folder elsewhere is not
+    walked, a link to a file is listed as the file it names."""
+    outside, root = tmp_path / "outside", tmp_path / "run"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"keep")
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "f").write_bytes(b"y")
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "file-link").symlink_to(outside / "secret")
+    assert sorted(o.rel for o in storage.iter_objects(str(root))) == ["a/f", "file-link"]
+
+
 def test_create_only_put_refuses_second_write(store_root: str) -> None:
     uri = storage.join(store_root, "manifest.json")
     storage.put_if_absent(uri, b"first")
