@@ -124,7 +124,9 @@ def command(ctx: click.Context, argv: tuple[str, ...]) -> None:
     `ftjobs launch --nproc-per-node 8 -- train --input ... --base-model ... --output ...`.
     """
     root = ctx.find_root()
-    args = torchrun_args(list(argv), [name for name in getattr(root.command, "commands", {}) if name != STAGE])
+    group = root.command
+    names = group.list_commands(root) if isinstance(group, click.Group) else []  # imported as asked: list them all
+    args = torchrun_args(list(argv), [name for name in names if name != STAGE])
     for key, env in (("log_format", "FTJOBS_LOG_FORMAT"), ("log_level", "FTJOBS_LOG_LEVEL")):
         if root.params.get(key):
             os.environ[env] = str(root.params[key])  # the workers log as the launcher was told to
