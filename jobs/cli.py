@@ -21,9 +21,9 @@ from typing import Any
 import click
 
 from common import logs
-from common.errors import EXIT_INPUT
+from common.errors import EXIT_INPUT, FtjobsError
 from common.manifest import package_version
-from common.runner import Commands
+from common.runner import Commands, fail
 
 LOG = logging.getLogger(__name__)
 
@@ -54,7 +54,11 @@ class _Lazy(Commands):
         return self.commands.get(cmd_name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        for module in dict.fromkeys(command_modules().values()):
+        try:  # `ftjobs --help` lists them outside any command's invoke: a bad FTJOBS_EXTRA_STAGES is said here
+            modules = command_modules()
+        except FtjobsError as exc:
+            fail(exc)
+        for module in dict.fromkeys(modules.values()):
             _add_commands(self, module)
         return sorted(self.commands)
 

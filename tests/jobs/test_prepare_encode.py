@@ -124,6 +124,12 @@ def test_a_command_imports_only_its_own_module(subprocess_env: dict[str, str]):
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=subprocess_env, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "['jobs.cli', 'jobs.prepare']"
+    # A plugin stage that cannot be imported is a config error (exit 2, named), for help as for a command.
+    for args in (["--help"], ["prepare", "--help"]):
+        bad = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, capture_output=True, text=True,
+                             env=subprocess_env | {"FTJOBS_EXTRA_STAGES": "nosuch.stages"})
+        assert bad.returncode == 2 and "cannot import nosuch.stages" in bad.stderr, (args, bad.stderr[-2000:])
+        assert "Traceback" not in bad.stderr
 
 
 def test_one_batch_runs_in_the_job_and_a_second_starts_the_pool_with_both_in_order(tmp_path: Path):
