@@ -57,9 +57,9 @@ demo-sweep: $(STAMP) ## the offline sweep demo: 6 cells on CPU, leaderboard unde
 # Tests run on up to 4 worker processes (pytest-xdist; each may start a vLLM engine of ~2 GB): on 2 cores the
 # suite takes about two thirds of the time it takes on one. TEST_WORKERS=0 runs them in this process.
 # --dist loadfile keeps a file's tests on one worker, so its module fixtures (a trained adapter, a merge, a vLLM
-# run) are built once: 11:13 against 12:01 on a quiet 2-core machine (bench/RESULTS.md 2026-12-07). Files go out
-# longest first (tests/scheduling.py, from tests/file_seconds.json; --no-loadscope-reorder keeps that order), so
-# the minute-long end-to-end files do not run last on one worker while the other idles.
+# run) are built once; tests/scheduling.py splits the other files per test and sends the units out longest first
+# (from tests/file_seconds.json; --no-loadscope-reorder keeps that order), each worker pinned to its own CPUs.
+# 7:08 for 760 tests on a quiet 2-core machine (bench/RESULTS.md, 2026-12-07 third session; docs/development.md).
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 TEST_SELECT := -m "not gpu and not docker" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP) ## run unit, integration and end-to-end tests (what CI runs)
