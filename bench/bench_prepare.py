@@ -27,8 +27,7 @@ Why the fraction of the ceiling moves with the size: the ceiling times only
 encode_batch in a pool that is already up, while prepare's wall time holds
 what every run pays whatever its size (interpreter start, imports, tokenizer
 load, template checks, manifest: measured apart as a FIXED_ROWS-row run and
-printed first) and its first batch, which runs in the job's process before
-the pool starts. Every size gets the same row mix (same generator), so the
+printed first). Every size gets the same row mix (same generator), so the
 fixed costs are the difference: a line per size prints the ratio without
 them, and the highest fraction those fixed costs allow at all (ceiling / (fixed + ceiling): a run that
 did nothing a row but tokenize). It also prints the same comparison in CPU seconds (every ftjobs process

@@ -138,7 +138,7 @@ class Encoder:
         """Process a batch of one file's items (batch.process); `done(tag, result)` runs once it and every
         earlier batch finished."""
         if self.workers <= 1:
-            done(tag, B.process(file_format, items, self.rules, self.encode))
+            self._here(file_format, items, tag, done)
             return
         if self.pool is None and self.held is None:
             self.held = (file_format, items, tag)
@@ -171,6 +171,9 @@ class Encoder:
             self.workers, mp_context=multiprocessing.get_context(method), initializer=_init,
             initargs=(self.path, self.fmt.template, self.rules, os.getpid()))
 
+    def _here(self, file_format: str | None, items: list[Any], tag: Any, done: Done) -> None:
+        done(tag, B.process(file_format, items, self.rules, self.encode))
+
     def _finish_one(self, done: Done) -> None:
         tag, fut = self.pending.popleft()
         template_hash, result = fut.result()
@@ -181,7 +184,7 @@ class Encoder:
     def _drain_all(self, done: Done) -> None:
         if self.held is not None:  # the only batch: it runs here
             (file_format, items, tag), self.held = self.held, None
-            done(tag, B.process(file_format, items, self.rules, self.encode))
+            self._here(file_format, items, tag, done)
         while self.pending:
             self._finish_one(done)
 
