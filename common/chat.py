@@ -34,7 +34,13 @@ these that applies to a conversation:
    assistant turn, taken as it is.
 2. Prefixes: the text of messages[:i] with the generation prompt ends where
    assistant turn i starts and the text of messages[:i+1] ends where it ends
-   (its trailing whitespace is not trained).
+   (its trailing whitespace is not trained). Where the template's syntax
+   shows that its message loop never looks past the message it renders
+   (common/jinja_prefix.py: ChatML, Llama 3, Gemma, Phi-3 and most others),
+   those texts are read off one rendering of the whole conversation, which
+   marks where each message's iteration begins: the same texts without
+   rendering each prefix again (2T renders a row of T turns, each over the
+   conversation so far, become one).
 3. Location, for templates whose prefixes render differently (Qwen3 drops the
    reasoning of turns before the last user message; Mistral moves the system
    prompt into the last user turn; indented templates without whitespace
@@ -61,7 +67,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
@@ -274,11 +281,8 @@ def _render(fmt: ChatFormat, messages: list[dict[str, Any]], add_generation_prom
     Without `track` and with tools given as JSON schemas (what rows hold), the compiled template is called
     the way render_jinja_template calls it, without the per-call work around it (a prepared row renders
     about four times: the whole and the prefixes around each assistant turn)."""
-    import jinja2
-
-    try:
-        compiled = None if track or (tools and not all(isinstance(t, dict) for t in tools)) else \
-            _compiled(fmt.template)
+    with _template_errors():
+        compiled = None if track or not _schemas(tools) else _compiled(fmt.template)
         if compiled is not None:
             return compiled.render(messages=messages, tools=tools, documents=None,
                                    add_generation_prompt=add_generation_prompt, **_variables(fmt)), []
@@ -288,11 +292,39 @@ def _render(fmt: ChatFormat, messages: list[dict[str, Any]], add_generation_prom
             conversations=[messages], tools=tools,  # type: ignore[arg-type]
             chat_template=fmt.template, return_assistant_tokens_mask=track,
             add_generation_prompt=add_generation_prompt, **_variables(fmt))
+    return str(texts[0]), [tuple(x) for x in indices[0]] if track else []  # type: ignore[misc]
+
+
+def _schemas(tools: ToolList) -> bool:
+    """Whether tools are absent or JSON schemas already (render_jinja_template converts Python functions)."""
+    return not tools or all(isinstance(t, dict) for t in tools)
+
+
+@contextmanager
+def _template_errors() -> Iterator[None]:
+    """A template that does not compile, or raises while rendering, as a ConfigError in its own words."""
+    import jinja2
+
+    try:
+        yield
     except jinja2.TemplateSyntaxError as exc:
         raise ConfigError(f"Chat template does not compile: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - raise_exception() and template bugs: the template's own words
         raise ConfigError(f"Chat template raised: {exc}") from None
-    return str(texts[0]), [tuple(x) for x in indices[0]] if track else []  # type: ignore[misc]
+
+
+@lru_cache(maxsize=16)
+def _prefix_plan(fmt: ChatFormat) -> Any:
+    """common.jinja_prefix's Plan for this template (its prefixes read off one rendering), or None: a
+    template it cannot prove that for, or one that does not compile (the plain render says so)."""
+    from common import jinja_prefix
+
+    try:
+        compiled = _compiled(fmt.template)
+        made = None if compiled is None else jinja_prefix.plan(compiled.template, fmt.template, _variables(fmt))
+    except Exception:  # noqa: BLE001 - no plan: every text is rendered, and a broken template fails there
+        return None
+    return made if isinstance(made, jinja_prefix.Plan) else None
 
 
 def render(fmt: ChatFormat, messages: Messages, add_generation_prompt: bool = False, tools: ToolList = None) -> str:
@@ -340,26 +372,51 @@ def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None, fits: Fit
     check_supported(fmt, messages, tools)
     msgs = for_template(fmt, messages)
     turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-    full, blocks = _render(fmt, msgs, False, tools, track=features(fmt.template).tags)
+    tags = features(fmt.template).tags
+    plan = None if tags or not _schemas(tools) else _prefix_plan(fmt)
+    prefix: Prefix | None = None
+    blocks: list[tuple[int, int]]
+    if plan is not None:  # one render; the prefixes are read off it where the plan can (else rendered)
+        with _template_errors():
+            marked = plan.render(msgs, {"tools": tools, "documents": None, "add_generation_prompt": False,
+                                        **_variables(fmt)})
+        full, blocks = marked.text, []
+
+        def prefix(n: int, gen: bool) -> str | None:
+            return plan.prefix(msgs, marked, n, gen)
+    else:
+        full, blocks = _render(fmt, msgs, False, tools, track=tags)
     ordered = all(0 <= s <= e <= len(full) for s, e in blocks) and all(
         a[1] <= b[0] for a, b in zip(blocks, blocks[1:], strict=False))
     if blocks and len(blocks) == len(turns) and ordered:  # else (say, tags inside a macro) the other methods
         return Spans(full, [(s, e, i) for (s, e), i in zip(blocks, turns, strict=True)], "tags")
-    out = _by_prefix(fmt, msgs, full, turns, tools, fits)
+    out = _by_prefix(fmt, msgs, full, turns, tools, fits, prefix)
     if out is not None:
         return Spans(full, out, "prefix", complete=len(out) == len(turns))
     return Spans(full, _locate(fmt, msgs, full, turns), "located")
 
 
+# The text of messages[:n], with or without the generation prompt, when it can be had without rendering.
+Prefix = Callable[[int, bool], "str | None"]
+
+
 def _by_prefix(fmt: ChatFormat, msgs: list[dict[str, Any]], full: str, turns: list[int],
-               tools: ToolList, fits: Fits | None = None) -> list[tuple[int, int, int]] | None:
+               tools: ToolList, fits: Fits | None = None, known: Prefix | None = None
+               ) -> list[tuple[int, int, int]] | None:
+    """The prefix method; `known` gives a prefix's text when it is read off the full rendering (else, or
+    where it gives None, the prefix is rendered)."""
+
+    def text(n: int, gen: bool) -> str:
+        got = known(n, gen) if known is not None else None
+        return got if got is not None else _render(fmt, msgs[:n], gen, tools)[0]
+
     out: list[tuple[int, int, int]] = []
     for i in turns:
-        before = _render(fmt, msgs[:i], True, tools)[0]
+        before = text(i, True)
         if fits is not None and out and full.startswith(before) and not fits(before):
             return out  # this turn and every later one start past max_length: they cannot be kept
         # A turn that ends the conversation ends at the end of `full`: the same render, done once.
-        through = full if i == len(msgs) - 1 else _render(fmt, msgs[: i + 1], False, tools)[0]
+        through = full if i == len(msgs) - 1 else text(i + 1, False)
         if not full.startswith(before) or not full.startswith(through) or len(through) < len(before):
             return None
         end = len(through.rstrip())  # the turn's own end-of-turn token is trained; the newline after is not

@@ -1,0 +1,272 @@
+"""One render of a conversation that also gives the texts of its prefixes, for templates whose message loop
+is shown, from the template's own syntax tree, to render each message from what came before it only.
+
+The prefix method of common/chat.py locates assistant turn i with two more renders of the conversation cut
+short: messages[:i] with the generation prompt (where the turn starts) and messages[:i+1] (where it ends),
+so a row of T turns renders 2T times (quadratic in the turns: each render walks the conversation so far).
+For most templates those texts are already inside the full rendering. A template has this shape:
+
+    {# before the loop: BOS, a system turn, tools... #}
+    {% for message in messages %} ...one message... {% endfor %}
+    {% if add_generation_prompt %}<the generation prompt>{% endif %}
+
+and when nothing in it can see a message after the one being rendered, rendering messages[:n] runs exactly
+the same code as rendering the whole conversation up to where iteration n would begin, then leaves the
+loop and renders what follows it. So render(messages[:n], gen) == full[:start of iteration n] + after(gen),
+where after(gen) is what follows the loop, a text that may depend on add_generation_prompt only.
+
+`plan(template)` proves that shape or says why it cannot (a `str`), conservatively, from the parsed
+template: exactly one loop over the messages, at the top level, with no filter, `else` or recursion; the
+messages (or a name set to them or to a slice `messages[k:]` before the loop) read nowhere else except at a
+constant non-negative index (`messages[0]`: the same in every prefix that holds it); none of `loop.last`,
+`loop.length`, `loop.revindex`, `loop.nextitem` in the loop's own iterations (a nested loop's are its own);
+`add_generation_prompt` read only by an `{% if %}` after the loop; after the loop only text, the special
+tokens' variables and such `{% if %}`s; no includes, imports, blocks, context access or extension tags
+(`{% generation %}` templates are located by their tags). Anything else, the caller renders the prefixes
+as before. A prefix shorter than the constant indices reach (`Plan.min_prefix`) is rendered too.
+
+The render itself (`Plan.render`) is the template with one statement added at the start of the loop's body
+and one after the loop, each recording how much text has been produced (a call that outputs nothing): the
+text is the template's own output, character for character.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from common.jinja_render import Renderer
+
+MARK = "ftjobs_prefix_mark"  # the recorder the instrumented template calls; a template naming it is refused
+# What an iteration of the loop may read of `loop` (all about this iteration and the ones before it).
+LOOP_BEFORE = frozenset({"index", "index0", "first", "previtem", "depth", "depth0", "cycle", "changed"})
+# Nodes whose effect cannot be seen from the template itself (other templates, the context, extensions).
+OPAQUE = ("Extends", "Include", "Import", "FromImport", "Block", "ContextReference", "DerivedContextReference",
+          "ExtensionAttribute", "ImportedName", "InternalName", "Scope", "OverlayScope", "EvalContextModifier",
+          "ScopedEvalContextModifier")
+# What may follow the loop: text and the special tokens' variables, under {% if add_generation_prompt %}.
+AFTER_LOOP = ("Output", "TemplateData", "Const", "Name", "If", "Not", "Add", "Concat", "CondExpr", "And", "Or",
+              "Compare", "Operand", "Filter")
+GENERATION_PROMPT = "add_generation_prompt"
+
+
+class NotProven(Exception):
+    """What in the template keeps its prefixes from being read off the full rendering."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A conversation's full text and where each message's iteration of the loop started in it."""
+
+    text: str
+    starts: dict[int, int]  # id(message) -> offset in text where its iteration began
+    loop_end: int | None    # offset where the loop ended (None: the loop never finished, e.g. {% break %})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An instrumented template and what follows its loop."""
+
+    renderer: Renderer
+    min_prefix: int  # the shortest prefix whose text can be read off (the constant indices it reads)
+    after: tuple[str, str]  # the text after the loop without and with add_generation_prompt
+
+    def render(self, messages: Sequence[Mapping[str, Any]], variables: Mapping[str, Any]) -> Rendered:
+        chunks: list[str] = []
+        marks: list[tuple[Any, int]] = []
+
+        def mark(message: Any) -> None:
+            marks.append((message, len(chunks)))
+
+        for chunk in self.renderer.stream(messages=messages, **variables, **{MARK: mark}):
+            chunks.append(chunk)  # a mark runs when the template resumes: every piece before it is counted
+        text = "".join(chunks)
+        offsets = _offsets(chunks)
+        starts: dict[int, int] = {}
+        loop_end = None
+        for message, at in marks:
+            if message is None:
+                loop_end = offsets[at]
+            else:
+                starts.setdefault(id(message), offsets[at])
+        return Rendered(text, starts, loop_end)
+
+    def prefix(self, messages: Sequence[Mapping[str, Any]], rendered: Rendered, n: int,
+               add_generation_prompt: bool) -> str | None:
+        """The text of messages[:n] (None when it cannot be read off this rendering: render it instead)."""
+        if n < self.min_prefix:
+            return None
+        at = rendered.loop_end if n == len(messages) else rendered.starts.get(id(messages[n]))
+        if at is None:
+            return None
+        return rendered.text[:at] + self.after[add_generation_prompt]
+
+
+def _offsets(chunks: list[str]) -> list[int]:
+    out = [0]
+    for c in chunks:
+        out.append(out[-1] + len(c))
+    return out
+
+
+def plan(compiled: Any, source: str, variables: Mapping[str, Any]) -> Plan | str:
+    """A Plan for the template `source` (compiled by `compiled`'s environment), or why there is none."""
+    env = compiled.environment
+    if env.is_async:
+        return "the template environment renders asynchronously"
+    tree = env.parse(source)
+    try:
+        loop, min_prefix = _check(tree, frozenset(variables))
+    except NotProven as exc:
+        return str(exc)
+    after = _after_loop(env, tree, loop, variables)
+    _instrument(tree, loop)
+    code = env.compile(tree)
+    return Plan(Renderer(env.template_class.from_code(env, code, env.make_globals(None))), min_prefix, after)
+
+
+# --------------------------------------------------------------------------- the proof
+
+
+def _check(tree: Any, variables: frozenset[str]) -> tuple[Any, int]:
+    """The loop over the messages, and the shortest prefix that holds every constant index read; raises
+    NotProven."""
+    from jinja2 import nodes
+
+    checker = _Checker()
+    at = None
+    for k, node in enumerate(tree.body):  # before the loop: find it while following what names the messages
+        if isinstance(node, nodes.For) and isinstance(node.iter, nodes.Name) and node.iter.name in checker.offset:
+            at = k
+            break
+        checker.visit(node, top=True)
+    if at is None:
+        raise NotProven("no loop over the messages at the template's top level")
+    loop = tree.body[at]
+    if not isinstance(loop.target, nodes.Name) or loop.test is not None or loop.else_ or loop.recursive:
+        raise NotProven("the message loop unpacks, filters, recurses or has an else branch")
+    checker.loop_target = loop.target.name
+    for node in loop.body:
+        checker.visit(node, in_loop=True)
+    for node in tree.body[at + 1:]:
+        if any(isinstance(n.iter, nodes.Name) and n.iter.name in checker.offset
+               for n in (node, *node.find_all(nodes.For)) if isinstance(n, nodes.For)):
+            raise NotProven("a second loop over the messages (the first looks ahead, say for the last user turn)")
+        _check_after(node, variables)
+    return loop, checker.min_prefix
+
+
+class _Checker:
+    """Walks the template before and inside the message loop (see the module docstring for the rules)."""
+
+    def __init__(self) -> None:
+        # Names that hold the messages, with the largest offset they may start at (`x = messages[1:]`: 1).
+        self.offset: dict[str, int] = {"messages": 0}
+        self.min_prefix = 0
+        self.loop_target: str | None = None
+
+    def visit(self, node: Any, *, top: bool = False, in_loop: bool = False, nested: bool = False) -> None:
+        from jinja2 import nodes
+
+        kind = type(node).__name__
+        if kind in OPAQUE:
+            raise NotProven(f"the template uses {kind}, which this check cannot follow")
+        if isinstance(node, nodes.Name):
+            self._name(node, in_loop and not nested)
+            return
+        if isinstance(node, nodes.Getitem) and isinstance(node.node, nodes.Name) and node.node.name in self.offset:
+            if not (isinstance(node.arg, nodes.Const) and type(node.arg.value) is int and node.arg.value >= 0):
+                raise NotProven(f"{node.node.name} is read at an index that is not a constant >= 0")
+            self.min_prefix = max(self.min_prefix, self.offset[node.node.name] + node.arg.value + 1)
+            return
+        if in_loop and not nested and isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name) \
+                and node.node.name == "loop":
+            if node.attr not in LOOP_BEFORE:
+                raise NotProven(f"the message loop reads loop.{node.attr}, which looks past the current message")
+            return
+        if top and isinstance(node, nodes.Assign) and isinstance(node.target, nodes.Name) \
+                and (start := self._messages_slice(node.node)) is not None:
+            name, k = start
+            self.offset[node.target.name] = max(self.offset.get(node.target.name, 0), self.offset[name] + k)
+            return
+        if isinstance(node, nodes.For):  # a loop over something else; `loop` inside its body is its own
+            if isinstance(node.iter, nodes.Name) and node.iter.name in self.offset:
+                raise NotProven("a second loop over the messages (one that looks ahead, say for the last user "
+                                "turn), or the message loop inside another statement")
+            self.visit(node.iter, in_loop=in_loop, nested=nested)
+            self.visit(node.target, in_loop=in_loop, nested=nested)
+            for child in (*node.body, *([node.test] if node.test else [])):
+                self.visit(child, in_loop=in_loop, nested=True)
+            for child in node.else_:
+                self.visit(child, in_loop=in_loop, nested=nested)
+            return
+        if isinstance(node, nodes.Macro | nodes.CallBlock) and self._reads_messages(node):
+            raise NotProven("a macro or call block reads the messages")
+        keep_top = top and isinstance(node, nodes.If)  # a set inside a top-level if is still top-level
+        for child in node.iter_child_nodes():
+            self.visit(child, top=keep_top, in_loop=in_loop, nested=nested)
+
+    def _name(self, node: Any, in_own_loop: bool) -> None:
+        if node.name in self.offset:
+            raise NotProven(f"{node.name} is used whole (its length, a filter, a reassignment, another loop)")
+        if node.name == GENERATION_PROMPT:
+            raise NotProven(f"{GENERATION_PROMPT} is read before the message loop ends")
+        if node.name == MARK:
+            raise NotProven(f"the template names {MARK}")
+        if in_own_loop and node.name == "loop":
+            raise NotProven("the message loop passes `loop` on whole")
+
+    def _messages_slice(self, value: Any) -> tuple[str, int] | None:
+        """(name, k) when value is a messages name or its slice [k:] with a constant k >= 0."""
+        from jinja2 import nodes
+
+        if isinstance(value, nodes.Name) and value.name in self.offset:
+            return value.name, 0
+        if isinstance(value, nodes.Getitem) and isinstance(value.node, nodes.Name) and value.node.name in self.offset \
+                and isinstance(value.arg, nodes.Slice) and value.arg.stop is None and value.arg.step is None:
+            start = value.arg.start
+            if start is None:
+                return value.node.name, 0
+            if isinstance(start, nodes.Const) and type(start.value) is int and start.value >= 0:
+                return value.node.name, start.value
+        return None
+
+    def _reads_messages(self, node: Any) -> bool:
+        from jinja2 import nodes
+
+        return any(n.name in self.offset or n.name == GENERATION_PROMPT for n in node.find_all(nodes.Name))
+
+
+def _check_after(node: Any, variables: frozenset[str]) -> None:
+    """After the loop: text, the special tokens' variables and add_generation_prompt, nothing else."""
+    from jinja2 import nodes
+
+    for n in (node, *node.find_all(nodes.Node)):
+        kind = type(n).__name__
+        if kind not in AFTER_LOOP:
+            raise NotProven(f"after the message loop the template has a {kind} (only text and "
+                            f"{{% if {GENERATION_PROMPT} %}} are read off)")
+        if isinstance(n, nodes.Name) and n.name != GENERATION_PROMPT and n.name not in variables:
+            raise NotProven(f"after the message loop the template reads {n.name}")
+
+
+def _after_loop(env: Any, tree: Any, loop: Any, variables: Mapping[str, Any]) -> tuple[str, str]:
+    """What the template renders after its loop, without and with the generation prompt."""
+    from jinja2 import nodes
+
+    rest = nodes.Template(tree.body[tree.body.index(loop) + 1:], lineno=1)
+    tmpl = env.template_class.from_code(env, env.compile(rest), env.make_globals(None))
+    return (tmpl.render(**variables, **{GENERATION_PROMPT: False}),
+            tmpl.render(**variables, **{GENERATION_PROMPT: True}))
+
+
+def _instrument(tree: Any, loop: Any) -> None:
+    """Add `MARK(message)` as the loop body's first statement and `MARK(none)` right after the loop."""
+    from jinja2 import nodes
+
+    def call(arg: Any) -> Any:
+        return nodes.ExprStmt(nodes.Call(nodes.Name(MARK, "load"), [arg], [], None, None), lineno=loop.lineno)
+
+    loop.body.insert(0, call(nodes.Name(loop.target.name, "load")))
+    tree.body.insert(tree.body.index(loop) + 1, call(nodes.Const(None)))

@@ -1,0 +1,172 @@
+"""common.jinja_prefix: a prefix's text read off one rendering equals the prefix rendered on its own, for every
+template the check accepts; templates whose loop can see later messages are refused, and the refusals matter."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from common import chat, jinja_prefix
+from tests.common.chat_families import FAMILIES
+
+pytestmark = pytest.mark.unit
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+WORDS = ["alpha", "beta", " gamma ", "\n delta", "ε", "<think>x</think> y", "end", "  "]
+
+
+def conversations(seed: int, n: int) -> list[tuple[list[dict[str, Any]], Any]]:
+    """Varied rows: with and without a system turn, 1-5 turns, contents with edge whitespace, reasoning, tool
+    rounds, tools or none."""
+    rng = random.Random(seed)
+
+    def text() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))).strip() or "x"
+
+    out = []
+    for _ in range(n):
+        msgs: list[dict[str, Any]] = []
+        if rng.random() < 0.5:
+            msgs.append({"role": "system", "content": rng.choice(["Be brief.", "  spaced  ", "S"])})
+        for _ in range(rng.randint(1, 5)):
+            msgs.append({"role": "user", "content": text()})
+            answer: dict[str, Any] = {"role": "assistant", "content": text()}
+            if rng.random() < 0.2:
+                answer["reasoning_content"] = "thinking " + text()
+            if rng.random() < 0.15:
+                call = {"id": "c1", "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+                msgs += [{"role": "assistant", "content": "", "tool_calls": [call]},
+                         {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]
+            msgs.append(answer)
+        out.append((msgs, TOOLS if rng.random() < 0.3 else None))
+    return out
+
+
+def fmt_of(name: str) -> chat.ChatFormat:
+    f = FAMILIES[name]
+    return chat.ChatFormat(template=f.template, bos_token=f.bos, eos_token=f.eos, specials=f.specials)
+
+
+def plan_of(template: str) -> jinja_prefix.Plan | str:
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return jinja_prefix.plan(_compile_jinja_template(template), template, {"bos_token": "<s>", "eos_token": "</s>"})
+
+
+def variables(fmt: chat.ChatFormat, tools: Any) -> dict[str, Any]:
+    return {"tools": tools, "documents": None, "add_generation_prompt": False, **fmt.variables()}
+
+
+@pytest.mark.parametrize("name", ["chatml", "gemma", "llama3", "phi3", "indented"])
+def test_every_prefix_read_off_one_rendering_is_the_prefix_rendered(name: str) -> None:
+    fmt = fmt_of(name)
+    plan = chat._prefix_plan(fmt)
+    assert isinstance(plan, jinja_prefix.Plan), name
+    read = 0
+    for conv, tools in conversations(seed=len(name), n=120):
+        msgs = chat.for_template(fmt, conv)
+        try:
+            whole = chat._render(fmt, msgs, False, tools)[0]
+        except chat.ConfigError:  # the template refuses the row (gemma: a tool turn): so does the marked render
+            with pytest.raises(Exception):  # noqa: B017 - the template's own error, whatever its type
+                plan.render(msgs, variables(fmt, tools))
+            continue
+        rendered = plan.render(msgs, variables(fmt, tools))
+        assert rendered.text == whole
+        for n in range(len(msgs) + 1):
+            for gen in (False, True):
+                got = plan.prefix(msgs, rendered, n, gen)
+                if got is not None:
+                    read += 1
+                    assert got == chat._render(fmt, msgs[:n], gen, tools)[0], (name, n, gen)
+    assert read > 500  # the plan is really used, not refused row by row
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_spans_are_the_same_with_and_without_the_plan(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fmt = fmt_of(name)
+    rows = conversations(seed=7, n=60)
+
+    def all_spans() -> list[Any]:
+        out: list[Any] = []
+        for conv, tools in rows:
+            for limit in (None, 40):  # `fits` stops the prefix method early on long rows
+                fits = (lambda s, limit=limit: len(s) <= limit) if limit else None
+                try:
+                    out.append(chat.spans(fmt, conv, tools, fits))
+                except chat.ConfigError as exc:
+                    out.append(str(exc))
+        return out
+
+    with_plan = all_spans()
+    monkeypatch.setattr(chat, "_prefix_plan", lambda fmt: None)
+    assert all_spans() == with_plan
+
+
+LOOKS_AHEAD = {
+    "loop.last": "{% for m in messages %}{{ m['content'] }}{% if not loop.last %}, {% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}A:{% endif %}",
+    "messages | length": "{% for m in messages %}{{ m['content'] }}{{ messages | length }}{% endfor %}",
+    "messages[-1]": "{% for m in messages %}{{ m['content'] }}{{ messages[-1]['role'] }}{% endfor %}",
+    "generation prompt in the loop": "{% for m in messages %}{{ m['content'] }}"
+                                     "{% if add_generation_prompt %}+{% endif %}{% endfor %}",
+    "a namespace read after the loop": "{% set ns = namespace(n=0) %}{% for m in messages %}{{ m['content'] }}"
+                                       "{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}",
+    "a second loop": "{% set ns = namespace(u=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+                     "{% set ns.u = loop.index0 %}{% endif %}{% endfor %}{% for m in messages %}"
+                     "{{ m['content'] }}{% if loop.index0 == ns.u %}!{% endif %}{% endfor %}",
+    "a filtered loop": "{% for m in messages if m['role'] != 'system' %}{{ m['content'] }}{% endfor %}",
+    "a sorted copy": "{% set ms = messages | sort(attribute='role') %}{% for m in ms %}{{ m['content'] }}{% endfor %}",
+    "loop in a macro": "{% macro all() %}{% for m in messages %}{{ m['content'] }}{% endfor %}{% endmacro %}"
+                       "{{ all() }}",
+    "an include": "{% include 'other' %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOOKS_AHEAD))
+def test_a_template_that_can_see_later_messages_gets_no_plan(case: str) -> None:
+    assert isinstance(plan_of(LOOKS_AHEAD[case]), str), case
+
+
+def test_the_refusals_matter_a_looking_ahead_prefix_is_not_in_the_whole() -> None:
+    """Where a template reads loop.last, the text before message 1's iteration is not messages[:1]'s text."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    template = _compile_jinja_template(LOOKS_AHEAD["loop.last"])
+    whole, prefix = template.render(messages=msgs), template.render(messages=msgs[:1])
+    assert (whole, prefix) == ("q, a", "q")  # read off the whole, messages[:1] would be "q, "
+    fmt = chat.ChatFormat(template=LOOKS_AHEAD["loop.last"])
+    assert chat._prefix_plan(fmt) is None
+    assert chat.spans(fmt, msgs).method == "located"
+
+
+def test_what_a_plan_accepts() -> None:
+    # A nested loop's loop.last is its own; slicing off a system turn before the loop; messages[0] before it.
+    accepted = ("{% if messages[0]['role'] == 'system' %}{% set rest = messages[1:] %}{% else %}"
+                "{% set rest = messages %}{% endif %}{% for m in rest %}{{ m['content'] }}"
+                "{% for c in m.tool_calls or [] %}{{ c.function.name }}{% if not loop.last %},{% endif %}"
+                "{% endfor %}{% if loop.first %}|{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}A:{% else %}{{ eos_token }}{% endif %}")
+    plan = plan_of(accepted)
+    assert isinstance(plan, jinja_prefix.Plan)
+    assert plan.min_prefix == 1  # messages[0] is read: an empty prefix is rendered, not read off
+    assert plan.after == ("</s>", "A:")
+
+
+def test_a_loop_cut_short_by_break_falls_back_to_rendering() -> None:
+    template = ("{% for m in messages %}{% if m['content'] == 'stop' %}{% break %}{% endif %}"
+                "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    fmt = chat.ChatFormat(template=template)
+    plan = chat._prefix_plan(fmt)
+    assert isinstance(plan, jinja_prefix.Plan)
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "stop"}, {"role": "assistant", "content": "b"}]
+    rendered = plan.render(msgs, variables(fmt, None))
+    assert plan.prefix(msgs, rendered, 1, True) == "<user>q<assistant>"
+    assert plan.prefix(msgs, rendered, 3, True) is None  # message 3 was never rendered: render that prefix
