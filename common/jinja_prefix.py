@@ -25,20 +25,24 @@ tokens' variables and such `{% if %}`s; no includes, imports, blocks, context ac
 (`{% generation %}` templates are located by their tags). Anything else, the caller renders the prefixes
 as before. A prefix shorter than the constant indices reach (`Plan.min_prefix`) is rendered too.
 
-The render itself (`Plan.render`) is the template with one statement added at the start of the loop's body
-and one after the loop, each recording how much text has been produced (a call that outputs nothing): the
-text is the template's own output, character for character.
+The render itself (`Plan.render`) is the template with a marker added as the first output of the loop's body;
+the markers' offsets are where the iterations began, and the text with them cut out is the template's own
+output, character for character. A `{% break %}` in the loop is refused too: the loop then runs once for
+each message of the suffix it walks, so the iterations map onto the last messages in order.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from common.jinja_render import Renderer
 
-MARK = "ftjobs_prefix_mark"  # the recorder the instrumented template calls; a template naming it is refused
+# Output at the start of each iteration of the message loop, then cut out of the text. Random per process (as a
+# multipart boundary is), so no row holds it but by a 2**-64 chance.
+ITERATION = f"\x00ftjobs-iteration-{secrets.token_hex(8)}\x00"
 # What an iteration of the loop may read of `loop` (all about this iteration and the ones before it).
 LOOP_BEFORE = frozenset({"index", "index0", "first", "previtem", "depth", "depth0", "cycle", "changed"})
 # Nodes whose effect cannot be seen from the template itself (other templates, the context, extensions).
@@ -57,11 +61,12 @@ class NotProven(Exception):
 
 @dataclass(frozen=True)
 class Rendered:
-    """A conversation's full text and where each message's iteration of the loop started in it."""
+    """A conversation's full text and where the loop's iterations started in it."""
 
     text: str
-    starts: dict[int, int]  # id(message) -> offset in text where its iteration began
-    loop_end: int | None    # offset where the loop ended (None: the loop never finished, e.g. {% break %})
+    starts: list[int]  # offset in text where each iteration of the message loop began, in order
+    first: int  # the message the first iteration rendered: the loop runs over messages[first:]
+    loop_end: int | None  # offset where the loop ended (None: the text does not end as the plan says)
 
 
 @dataclass(frozen=True)
@@ -73,41 +78,31 @@ class Plan:
     after: tuple[str, str]  # the text after the loop without and with add_generation_prompt
 
     def render(self, messages: Sequence[Mapping[str, Any]], variables: Mapping[str, Any]) -> Rendered:
-        chunks: list[str] = []
-        marks: list[tuple[Any, int]] = []
-
-        def mark(message: Any) -> None:
-            marks.append((message, len(chunks)))
-
-        for chunk in self.renderer.stream(messages=messages, **variables, **{MARK: mark}):
-            chunks.append(chunk)  # a mark runs when the template resumes: every piece before it is counted
-        text = "".join(chunks)
-        offsets = _offsets(chunks)
-        starts: dict[int, int] = {}
-        loop_end = None
-        for message, at in marks:
-            if message is None:
-                loop_end = offsets[at]
-            else:
-                starts.setdefault(id(message), offsets[at])
-        return Rendered(text, starts, loop_end)
+        """The text (the template's own, character for character) and where its iterations began."""
+        raw = self.renderer.render(messages=messages, **variables)
+        starts: list[int] = []
+        at = raw.find(ITERATION)
+        while at >= 0:
+            starts.append(at - len(starts) * len(ITERATION))
+            at = raw.find(ITERATION, at + len(ITERATION))
+        text = raw.replace(ITERATION, "") if starts else raw
+        # The loop runs over a suffix of the messages (the check proved it) to its end (no break), so it ran
+        # once for each of the last len(starts) messages; what follows it is after[False].
+        ok = len(starts) <= len(messages) and text.endswith(self.after[False])
+        return Rendered(text, starts, len(messages) - len(starts), len(text) - len(self.after[False]) if ok else None)
 
     def prefix(self, messages: Sequence[Mapping[str, Any]], rendered: Rendered, n: int,
                add_generation_prompt: bool) -> str | None:
         """The text of messages[:n] (None when it cannot be read off this rendering: render it instead)."""
-        if n < self.min_prefix:
+        if n < self.min_prefix or rendered.loop_end is None:
             return None
-        at = rendered.loop_end if n == len(messages) else rendered.starts.get(id(messages[n]))
-        if at is None:
+        if n == len(messages):
+            at = rendered.loop_end
+        elif n >= rendered.first:
+            at = rendered.starts[n - rendered.first]
+        else:  # a message the loop does not render (a system turn sliced off before it)
             return None
         return rendered.text[:at] + self.after[add_generation_prompt]
-
-
-def _offsets(chunks: list[str]) -> list[int]:
-    out = [0]
-    for c in chunks:
-        out.append(out[-1] + len(c))
-    return out
 
 
 def plan(compiled: Any, source: str, variables: Mapping[str, Any]) -> Plan | str:
@@ -121,7 +116,7 @@ def plan(compiled: Any, source: str, variables: Mapping[str, Any]) -> Plan | str
     except NotProven as exc:
         return str(exc)
     after = _after_loop(env, tree, loop, variables)
-    _instrument(tree, loop)
+    _instrument(loop)
     code = env.compile(tree)
     return Plan(Renderer(env.template_class.from_code(env, code, env.make_globals(None))), min_prefix, after)
 
@@ -180,6 +175,8 @@ class _Checker:
                 raise NotProven(f"{node.node.name} is read at an index that is not a constant >= 0")
             self.min_prefix = max(self.min_prefix, self.offset[node.node.name] + node.arg.value + 1)
             return
+        if in_loop and not nested and isinstance(node, nodes.Break):
+            raise NotProven("the message loop can stop early ({% break %})")
         if in_loop and not nested and isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name) \
                 and node.node.name == "loop":
             if node.attr not in LOOP_BEFORE:
@@ -212,8 +209,6 @@ class _Checker:
             raise NotProven(f"{node.name} is used whole (its length, a filter, a reassignment, another loop)")
         if node.name == GENERATION_PROMPT:
             raise NotProven(f"{GENERATION_PROMPT} is read before the message loop ends")
-        if node.name == MARK:
-            raise NotProven(f"the template names {MARK}")
         if in_own_loop and node.name == "loop":
             raise NotProven("the message loop passes `loop` on whole")
 
@@ -261,12 +256,8 @@ def _after_loop(env: Any, tree: Any, loop: Any, variables: Mapping[str, Any]) ->
             tmpl.render(**variables, **{GENERATION_PROMPT: True}))
 
 
-def _instrument(tree: Any, loop: Any) -> None:
-    """Add `MARK(message)` as the loop body's first statement and `MARK(none)` right after the loop."""
+def _instrument(loop: Any) -> None:
+    """Output ITERATION as the first thing in each iteration of the message loop."""
     from jinja2 import nodes
 
-    def call(arg: Any) -> Any:
-        return nodes.ExprStmt(nodes.Call(nodes.Name(MARK, "load"), [arg], [], None, None), lineno=loop.lineno)
-
-    loop.body.insert(0, call(nodes.Name(loop.target.name, "load")))
-    tree.body.insert(tree.body.index(loop) + 1, call(nodes.Const(None)))
+    loop.body.insert(0, nodes.Output([nodes.TemplateData(ITERATION)], lineno=loop.lineno))

@@ -15,7 +15,6 @@ compiles a template (and caches the compiled template), so a Renderer made after
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 
@@ -33,23 +32,9 @@ class Renderer:
         env = t.environment
         if env.is_async:  # render() runs the async path itself
             return str(t.render(**variables))
+        ctx = env.context_class(env, {**self.globals, **variables}, t.name, t.blocks, globals=self.globals)
         try:
-            return str(env.concat(t.root_render_func(self._context(variables))))
+            return str(env.concat(t.root_render_func(ctx)))
         except Exception:  # noqa: BLE001 - as Template.render: jinja rewrites the traceback and re-raises
             env.handle_exception()
             raise  # pragma: no cover - handle_exception always raises
-
-    def stream(self, **variables: Any) -> Iterator[str]:
-        """The text piece by piece as the template yields it (what `render` joins), failing as `render` does.
-        Whatever the caller does between pieces happens where the template is at that point of its text."""
-        env = self.template.environment
-        try:
-            yield from self.template.root_render_func(self._context(variables))
-        except Exception:  # noqa: BLE001 - as render
-            env.handle_exception()
-            raise  # pragma: no cover - handle_exception always raises
-
-    def _context(self, variables: dict[str, Any]) -> Any:
-        t = self.template
-        env = t.environment
-        return env.context_class(env, {**self.globals, **variables}, t.name, t.blocks, globals=self.globals)

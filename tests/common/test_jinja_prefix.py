@@ -124,6 +124,8 @@ LOOKS_AHEAD = {
     "a sorted copy": "{% set ms = messages | sort(attribute='role') %}{% for m in ms %}{{ m['content'] }}{% endfor %}",
     "loop in a macro": "{% macro all() %}{% for m in messages %}{{ m['content'] }}{% endfor %}{% endmacro %}"
                        "{{ all() }}",
+    "a break": "{% for m in messages %}{% if m['content'] == 'stop' %}{% break %}{% endif %}{{ m['content'] }}"
+               "{% endfor %}",
     "an include": "{% include 'other' %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
 }
 
@@ -147,26 +149,13 @@ def test_the_refusals_matter_a_looking_ahead_prefix_is_not_in_the_whole() -> Non
 
 
 def test_what_a_plan_accepts() -> None:
-    # A nested loop's loop.last is its own; slicing off a system turn before the loop; messages[0] before it.
+    # A nested loop's loop.last and break are its own; slicing off a system turn before the loop; messages[0] before it.
     accepted = ("{% if messages[0]['role'] == 'system' %}{% set rest = messages[1:] %}{% else %}"
                 "{% set rest = messages %}{% endif %}{% for m in rest %}{{ m['content'] }}"
-                "{% for c in m.tool_calls or [] %}{{ c.function.name }}{% if not loop.last %},{% endif %}"
+                "{% for c in m.tool_calls or [] %}{{ c.function.name }}{% if not loop.last %},{% else %}{% break %}{% endif %}"
                 "{% endfor %}{% if loop.first %}|{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}A:{% else %}{{ eos_token }}{% endif %}")
     plan = plan_of(accepted)
     assert isinstance(plan, jinja_prefix.Plan)
     assert plan.min_prefix == 1  # messages[0] is read: an empty prefix is rendered, not read off
     assert plan.after == ("</s>", "A:")
-
-
-def test_a_loop_cut_short_by_break_falls_back_to_rendering() -> None:
-    template = ("{% for m in messages %}{% if m['content'] == 'stop' %}{% break %}{% endif %}"
-                "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
-    fmt = chat.ChatFormat(template=template)
-    plan = chat._prefix_plan(fmt)
-    assert isinstance(plan, jinja_prefix.Plan)
-    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-            {"role": "user", "content": "stop"}, {"role": "assistant", "content": "b"}]
-    rendered = plan.render(msgs, variables(fmt, None))
-    assert plan.prefix(msgs, rendered, 1, True) == "<user>q<assistant>"
-    assert plan.prefix(msgs, rendered, 3, True) is None  # message 3 was never rendered: render that prefix
