@@ -197,6 +197,43 @@ def identical(manifest: str, baseline_out: str) -> bool:
     return all(ours.column(c).equals(base.column(c).cast(pa.list_(pa.int32()))) for c in ("input_ids", "labels"))
 
 
+def long_conversations(turn_counts: tuple[int, ...] = (1, 4, 16, 64)) -> list[tuple[int, float, float]]:
+    """Locating the assistant turns of T-turn conversations: ftjobs (`chat.spans`: one render, the prefixes
+    read off it where the template allows, common/jinja_prefix.py) against the usual way, rendering the whole
+    and every prefix around each turn (2T renders, each over the conversation so far). CPU us a row, in this
+    process, ChatML; (turns, ftjobs, usual) per count."""
+    from common import chat
+    from common.tinymodel import WORDS
+
+    rng = random.Random(0)
+    fmt = chat.ChatFormat(template=chat.CHATML, bos_token="<s>", eos_token="</s>")
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    def usual(msgs: list[dict[str, str]]) -> None:
+        chat.render(fmt, msgs)
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                chat.render(fmt, msgs[:i], add_generation_prompt=True)
+                chat.render(fmt, msgs[:i + 1])
+
+    out = []
+    for turns in turn_counts:
+        rows = [[{"role": "system", "content": "You are helpful."}]
+                + [{"role": r, "content": words(20 if r == "user" else 40)}
+                   for _ in range(turns) for r in ("user", "assistant")] for _ in range(max(10, 2000 // turns))]
+        cpu = []
+        for one in (lambda msgs: chat.spans(fmt, msgs), usual):
+            one(rows[0])  # compiled and cached before the clock
+            t = time.process_time()
+            for msgs in rows:
+                one(msgs)
+            cpu.append((time.process_time() - t) / len(rows) * 1e6)
+        out.append((turns, cpu[0], cpu[1]))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="10000,50000", help="Comma-separated dataset sizes.")
@@ -296,6 +333,12 @@ def main() -> None:
             growth = raw[hi]["ftjobs_rss_mib"] / raw[lo]["ftjobs_rss_mib"]
             rows.append(row("prepare", f"RSS {hi:,} vs {lo:,} rows (flat?)", raw[hi]["ftjobs_rss_mib"],
                             raw[lo]["ftjobs_rss_mib"], goal="<= 1.3x", met=growth <= 1.3, unit="MiB"))
+    for turns, ours, usual in long_conversations():
+        print(f"locating the turns of {turns}-turn rows: ftjobs {ours:,.0f} us a row, rendering every prefix "
+              f"{usual:,.0f} us ({usual / ours:.1f}x)", flush=True)
+        rows.append(row("prepare", f"turn spans CPU us/row @ {turns}-turn rows vs rendering every prefix", ours,
+                        usual, goal="info", met=None, unit="us/row",
+                        notes="one render, prefixes read off it (common/jinja_prefix.py), ChatML"))
     emit("prepare", rows, extra={"sizes": raw, "cpu_count": os.cpu_count()})
 
 

@@ -34,6 +34,7 @@ each message of the suffix it walks, so the iterations map onto the last message
 from __future__ import annotations
 
 import secrets
+from itertools import accumulate
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,13 +80,9 @@ class Plan:
 
     def render(self, messages: Sequence[Mapping[str, Any]], variables: Mapping[str, Any]) -> Rendered:
         """The text (the template's own, character for character) and where its iterations began."""
-        raw = self.renderer.render(messages=messages, **variables)
-        starts: list[int] = []
-        at = raw.find(ITERATION)
-        while at >= 0:
-            starts.append(at - len(starts) * len(ITERATION))
-            at = raw.find(ITERATION, at + len(ITERATION))
-        text = raw.replace(ITERATION, "") if starts else raw
+        pieces = self.renderer.render(messages=messages, **variables).split(ITERATION)
+        text = "".join(pieces) if len(pieces) > 1 else pieces[0]
+        starts = list(accumulate(map(len, pieces[:-1])))
         # The loop runs over a suffix of the messages (the check proved it) to its end (no break), so it ran
         # once for each of the last len(starts) messages; what follows it is after[False].
         ok = len(starts) <= len(messages) and text.endswith(self.after[False])
