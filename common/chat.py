@@ -36,7 +36,7 @@ these that applies to a conversation:
    assistant turn i starts and the text of messages[:i+1] ends where it ends
    (its trailing whitespace is not trained). Where the template's syntax
    shows that its message loop never looks past the message it renders
-   (common/jinja_prefix.py: ChatML, Llama 3, Gemma, Phi-3 and most others),
+   (common/jinja_prefix.py: ChatML, and templates built like Llama 3's, Gemma's, Phi-3's),
    those texts are read off one rendering of the whole conversation, which
    marks where each message's iteration begins: the same texts without
    rendering each prefix again (2T renders a row of T turns, each over the
