@@ -34,9 +34,9 @@ each message of the suffix it walks, so the iterations map onto the last message
 from __future__ import annotations
 
 import secrets
-from itertools import accumulate
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from common.jinja_render import Renderer
@@ -109,7 +109,8 @@ def plan(compiled: Any, source: str, variables: Mapping[str, Any]) -> Plan | str
         return "the template environment renders asynchronously"
     tree = env.parse(source)
     try:
-        loop, min_prefix = _check(tree, frozenset(variables))
+        passed = frozenset({*variables, *env.globals, "tools", "documents", GENERATION_PROMPT})
+        loop, min_prefix = _check(tree, frozenset(variables), passed)
     except NotProven as exc:
         return str(exc)
     after = _after_loop(env, tree, loop, variables)
@@ -121,12 +122,12 @@ def plan(compiled: Any, source: str, variables: Mapping[str, Any]) -> Plan | str
 # --------------------------------------------------------------------------- the proof
 
 
-def _check(tree: Any, variables: frozenset[str]) -> tuple[Any, int]:
+def _check(tree: Any, variables: frozenset[str], given: frozenset[str]) -> tuple[Any, int]:
     """The loop over the messages, and the shortest prefix that holds every constant index read; raises
     NotProven."""
     from jinja2 import nodes
 
-    checker = _Checker()
+    checker = _Checker(given)
     at = None
     for k, node in enumerate(tree.body):  # before the loop: find it while following what names the messages
         if isinstance(node, nodes.For) and isinstance(node.iter, nodes.Name) and node.iter.name in checker.offset:
@@ -138,7 +139,6 @@ def _check(tree: Any, variables: frozenset[str]) -> tuple[Any, int]:
     loop = tree.body[at]
     if not isinstance(loop.target, nodes.Name) or loop.test is not None or loop.else_ or loop.recursive:
         raise NotProven("the message loop unpacks, filters, recurses or has an else branch")
-    checker.loop_target = loop.target.name
     for node in loop.body:
         checker.visit(node, in_loop=True)
     for node in tree.body[at + 1:]:
@@ -152,11 +152,13 @@ def _check(tree: Any, variables: frozenset[str]) -> tuple[Any, int]:
 class _Checker:
     """Walks the template before and inside the message loop (see the module docstring for the rules)."""
 
-    def __init__(self) -> None:
+    def __init__(self, given: frozenset[str]) -> None:
         # Names that hold the messages, with the largest offset they may start at (`x = messages[1:]`: 1).
         self.offset: dict[str, int] = {"messages": 0}
         self.min_prefix = 0
-        self.loop_target: str | None = None
+        # Names the render passes or the environment defines: one set to the messages in one branch only
+        # would hold something else in the other, and the loop over it would walk that.
+        self.given = given - {"messages"}
 
     def visit(self, node: Any, *, top: bool = False, in_loop: bool = False, nested: bool = False) -> None:
         from jinja2 import nodes
@@ -182,6 +184,8 @@ class _Checker:
         if top and isinstance(node, nodes.Assign) and isinstance(node.target, nodes.Name) \
                 and (start := self._messages_slice(node.node)) is not None:
             name, k = start
+            if node.target.name in self.given:
+                raise NotProven(f"the messages are set to {node.target.name}, a name the render also passes")
             self.offset[node.target.name] = max(self.offset.get(node.target.name, 0), self.offset[name] + k)
             return
         if isinstance(node, nodes.For):  # a loop over something else; `loop` inside its body is its own

@@ -126,6 +126,8 @@ LOOKS_AHEAD = {
                        "{{ all() }}",
     "a break": "{% for m in messages %}{% if m['content'] == 'stop' %}{% break %}{% endif %}{{ m['content'] }}"
                "{% endfor %}",
+    "the messages under a name the render passes": "{% if messages[0]['role'] == 'system' %}"
+        "{% set tools = messages[1:] %}{% endif %}{% for m in tools %}{{ m['content'] }}{% endfor %}",
     "an include": "{% include 'other' %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
 }
 
@@ -152,7 +154,8 @@ def test_what_a_plan_accepts() -> None:
     # A nested loop's loop.last and break are its own; slicing off a system turn before the loop; messages[0] before it.
     accepted = ("{% if messages[0]['role'] == 'system' %}{% set rest = messages[1:] %}{% else %}"
                 "{% set rest = messages %}{% endif %}{% for m in rest %}{{ m['content'] }}"
-                "{% for c in m.tool_calls or [] %}{{ c.function.name }}{% if not loop.last %},{% else %}{% break %}{% endif %}"
+                "{% for c in m.tool_calls or [] %}{{ c.function.name }}"
+                "{% if not loop.last %},{% else %}{% break %}{% endif %}"
                 "{% endfor %}{% if loop.first %}|{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}A:{% else %}{{ eos_token }}{% endif %}")
     plan = plan_of(accepted)
