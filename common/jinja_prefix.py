@@ -141,6 +141,9 @@ def _check(tree: Any, variables: frozenset[str], given: frozenset[str]) -> tuple
         raise NotProven("the message loop unpacks, filters, recurses or has an else branch")
     for node in loop.body:
         checker.visit(node, in_loop=True)
+    # What follows the loop is rendered apart, from the values the render passes: a name the template sets
+    # anywhere may hold something else by then.
+    variables = variables - {n.name for n in tree.find_all(nodes.Name) if n.ctx != "load"}
     for node in tree.body[at + 1:]:
         if any(isinstance(n.iter, nodes.Name) and n.iter.name in checker.offset
                for n in (node, *node.find_all(nodes.For)) if isinstance(n, nodes.For)):

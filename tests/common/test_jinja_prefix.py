@@ -128,6 +128,8 @@ LOOKS_AHEAD = {
                "{% endfor %}",
     "the messages under a name the render passes": "{% if messages[0]['role'] == 'system' %}"
         "{% set tools = messages[1:] %}{% endif %}{% for m in tools %}{{ m['content'] }}{% endfor %}",
+    "a special token set before the loop": "{% set eos_token = '<end>' %}{% for m in messages %}{{ m['content'] }}"
+                                           "{% endfor %}{% if add_generation_prompt %}{{ eos_token }}{% endif %}",
     "an include": "{% include 'other' %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
 }
 
