@@ -1,0 +1,55 @@
+"""Python's cyclic garbage collector around a job's one-time start-up and its process exit.
+
+The cyclic GC walks every container object it tracks. A job's start-up builds ~70k long-lived ones that are
+never garbage (transformers' import structure, pandas, pyarrow, the tokenizer): collecting while they are
+built, then walking them again on each later full collection and in the interpreter's own teardown at exit,
+was ~0.35 s of CPU in a 200-row `ftjobs prepare` of ~1.6 s (bench/RESULTS.md, 2026-12-07 fourth session).
+Nothing here changes what is kept alive or freed by reference counting; only when the cycle collector looks.
+
+- `paused()`: build the long-lived objects (heavy imports, the tokenizer) with the collector off.
+- `freeze()` / `thaw()`: move everything alive into the permanent generation for a job's duration
+  (`gc.freeze`), and back when it ends, so an in-process caller (tests) keeps collecting its own cycles
+  afterwards. Workers forked meanwhile inherit the frozen heap: they never walk (nor copy-on-write touch)
+  the parent's objects.
+- `freeze_at_exit()`: at interpreter exit, freeze before the teardown's collections walk the whole heap.
+  What a job leaves in a cycle at exit is then not collected: its files must be closed by then (prepare's
+  are: every shard and record is closed before the manifest is published).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+from collections.abc import Iterator
+
+_exit_hook: list[bool] = []
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """The block runs with the cyclic collector off (left off if it was off)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def freeze() -> None:
+    """Everything alive now moves to the permanent generation (until `thaw`)."""
+    gc.freeze()
+
+
+def thaw() -> None:
+    """The frozen objects go back to the oldest generation: collectable again."""
+    gc.unfreeze()
+
+
+def freeze_at_exit() -> None:
+    """Once per process: the interpreter's teardown skips walking the heap in its collections."""
+    if not _exit_hook:
+        _exit_hook.append(True)
+        atexit.register(gc.freeze)
