@@ -1,6 +1,6 @@
 """Python's cyclic garbage collector around a job's one-time start-up and its process exit.
 
-The cyclic GC walks every container object it tracks. A job's start-up builds ~70k long-lived ones that are
+The cyclic GC walks every container object it tracks. A prepare's start-up builds ~115k long-lived ones that are
 never garbage (transformers' import structure, pandas, pyarrow, the tokenizer): collecting while they are
 built, then walking them again on each later full collection and in the interpreter's own teardown at exit,
 was ~0.35 s of CPU in a 200-row `ftjobs prepare` of ~1.6 s (bench/RESULTS.md, 2026-12-07 fourth session).
@@ -11,9 +11,11 @@ Nothing here changes what is kept alive or freed by reference counting; only whe
   (`gc.freeze`), and back when it ends, so an in-process caller (tests) keeps collecting its own cycles
   afterwards. Workers forked meanwhile inherit the frozen heap: they never walk (nor copy-on-write touch)
   the parent's objects.
-- `freeze_at_exit()`: at interpreter exit, freeze before the teardown's collections walk the whole heap.
-  What a job leaves in a cycle at exit is then not collected: its files must be closed by then (prepare's
-  are: every shard and record is closed before the manifest is published).
+- `freeze_at_exit()`: at interpreter exit, freeze before the teardown's collections walk the whole heap
+  (~0.25 s of a 200-row prepare). What is left in a cycle at exit is then never collected, so this is only for
+  a process that is the command's own (`own_process`, set by the CLI for its command line, not for a caller
+  in-process, such as a test that later loads other libraries), and for a job whose files are all closed by
+  then (prepare's are: every shard and record is closed before the manifest is published).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
+_owned: list[bool] = []  # set: this process runs one ftjobs command and ends with it
 _exit_hook: list[bool] = []
 
 
@@ -48,8 +51,14 @@ def thaw() -> None:
     gc.unfreeze()
 
 
+def own_process() -> None:
+    """This process runs one command from its own command line and ends with it (jobs/cli.py)."""
+    _owned[:] = [True]
+
+
 def freeze_at_exit() -> None:
-    """Once per process: the interpreter's teardown skips walking the heap in its collections."""
-    if not _exit_hook:
+    """Once per process, and only in one `own_process` marked: the interpreter's teardown skips walking the
+    heap in its collections."""
+    if _owned and not _exit_hook:
         _exit_hook.append(True)
         atexit.register(gc.freeze)

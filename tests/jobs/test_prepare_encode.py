@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -164,7 +165,12 @@ def test_one_batch_runs_in_the_job_and_a_second_starts_the_pool_with_both_in_ord
             for k in range(n):
                 enc.submit("messages", batch(k), k, done)
             assert (enc.pool is not None) == (n > 1) and not got
+            # While it runs, the start-up heap (transformers, pandas, the tokenizer) is frozen: no collection
+            # walks it, in the workers neither (common/heap.py).
+            assert gc.get_freeze_count() > 0
             enc.drain(done)
         finally:
             enc.close()
         assert got == [(k, 3) for k in range(n)]
+        # Closed, a caller in the same process has its collector back over everything.
+        assert gc.get_freeze_count() == 0 and gc.isenabled()
