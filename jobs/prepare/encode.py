@@ -109,6 +109,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _init(path: str, template: str, rules: B.Rules, parent: int) -> None:
     _die_with_parent(parent)
+    heap.fewer_collections()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     if _worker.get("path") == path and _worker["fmt"].template == template and _worker["rules"] == rules:
         return  # forked: the job's tokenizer and template came with the process

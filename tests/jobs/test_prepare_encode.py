@@ -136,7 +136,7 @@ def test_a_command_imports_only_its_own_module(subprocess_env: dict[str, str]):
 def test_one_batch_runs_in_the_job_and_a_second_starts_the_pool_with_both_in_order(tmp_path: Path):
     """A one-batch input never starts workers; a longer one does at its second batch, and the first batch goes
     to the pool too (it used to run here first, a core idle meanwhile). Results come back in submission order."""
-    from common import chat, tinymodel
+    from common import chat, heap, tinymodel
     from jobs.prepare import batch as B
     from jobs.prepare import rows as R
     from jobs.prepare.config import Config
@@ -168,6 +168,9 @@ def test_one_batch_runs_in_the_job_and_a_second_starts_the_pool_with_both_in_ord
             # While it runs, the start-up heap (transformers, pandas, the tokenizer) is frozen: no collection
             # walks it, in the workers neither (common/heap.py).
             assert gc.get_freeze_count() > 0
+            if enc.pool is not None:  # the workers inherited it frozen, and collect their own objects less often
+                assert enc.pool.submit(gc.get_freeze_count).result() > 0
+                assert enc.pool.submit(gc.get_threshold).result()[0] == heap.WORKER_GEN0
             enc.drain(done)
         finally:
             enc.close()
