@@ -1,10 +1,11 @@
 """Python's cyclic garbage collector around a job's one-time start-up and its process exit.
 
-The cyclic GC walks every container object it tracks. A prepare's start-up builds ~115k long-lived ones that are
-never garbage (transformers' import structure, pandas, pyarrow, the tokenizer): collecting while they are
-built, then walking them again on each later full collection and in the interpreter's own teardown at exit,
-was ~0.35 s of CPU in a 200-row `ftjobs prepare` of ~1.6 s (bench/RESULTS.md, 2026-12-07 fourth session).
-Nothing here changes what is kept alive or freed by reference counting; only when the cycle collector looks.
+The cyclic GC walks every container object it tracks. A prepare's start-up builds ~115k long-lived ones
+that are never garbage (transformers' import structure, pandas, pyarrow, the tokenizer): collecting while
+they were built, then walking them again on later full collections and in the interpreter's teardown at
+exit, was ~0.3 s of the ~1.9 s of CPU of a 200-row `ftjobs prepare` (bench/RESULTS.md, 2026-12-07 fourth
+session). Nothing here changes what is kept alive or freed by reference counting, only when the cycle
+collector looks.
 
 - `paused()`: build the long-lived objects (heavy imports, the tokenizer) with the collector off.
 - `freeze()` / `thaw()`: move everything alive into the permanent generation for a job's duration
