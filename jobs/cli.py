@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from common import logs
+from common import heap, logs
 from common.errors import EXIT_INPUT, FtjobsError
 from common.manifest import package_version
 from common.runner import Commands, fail
@@ -47,6 +47,11 @@ def command_modules() -> dict[str, str]:
 
 class _Lazy(Commands):
     """The `ftjobs` group, its commands imported when they are asked for."""
+
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        if args is None:  # the process's own command line (`ftjobs`, `python -m jobs.cli`), not a caller's
+            heap.own_process()
+        return super().main(args, *rest, **kwargs)
 
     def get_command(self, ctx: click.Context | None, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands and (module := command_modules().get(cmd_name)):

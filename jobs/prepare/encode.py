@@ -21,7 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import chat, chat_encode
+from common import chat, chat_encode, heap
 from jobs.prepare import batch as B
 
 # What a batch gives back: its verdicts and the Arrow columns of its kept rows (batch.process).
@@ -52,6 +52,11 @@ def load_tokenizer(path: str) -> Any:
     names the generic fast class, with no remote code, is exactly what AutoTokenizer returns for it; that
     class loads it directly. Anything else goes through AutoTokenizer.
     """
+    with heap.paused():  # transformers' import builds ~40k long-lived objects: no collections meanwhile
+        return _load_tokenizer(path)
+
+
+def _load_tokenizer(path: str) -> Any:
     folder = Path(path)
     try:
         conf = json.loads((folder / "tokenizer_config.json").read_text())
@@ -104,6 +109,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _init(path: str, template: str, rules: B.Rules, parent: int) -> None:
     _die_with_parent(parent)
+    heap.fewer_collections()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     if _worker.get("path") == path and _worker["fmt"].template == template and _worker["rules"] == rules:
         return  # forked: the job's tokenizer and template came with the process
@@ -133,10 +139,24 @@ class Encoder:
         self.pool: ProcessPoolExecutor | None = None
         self.pending: deque[tuple[Any, Future[tuple[str, Result]]]] = deque()
         self.held: tuple[str | None, list[Any], Any] | None = None  # the first batch, until a second comes
+        self.frozen = False
+
+    def _start(self) -> None:
+        """Once, at the first batch of a tokenizing run: the first Arrow columns' imports (pyarrow imports
+        pandas, 0.2 s, the first time it converts a Python list: every run pays it, here or in its first
+        batch), then the start-up heap is frozen until `close` (common/heap.py): the collections of a long
+        run, the forked workers' included, no longer walk it."""
+        with heap.paused():
+            B.columns_of([], tokenized=True)
+        heap.freeze()
+        heap.freeze_at_exit()
+        self.frozen = True
 
     def submit(self, file_format: str | None, items: list[Any], tag: Any, done: Done) -> None:
         """Process a batch of one file's items (batch.process); `done(tag, result)` runs once it and every
         earlier batch finished."""
+        if self.encode is not None and not self.frozen:
+            self._start()
         if self.workers <= 1:
             self._here(file_format, items, tag, done)
             return
@@ -163,10 +183,8 @@ class Encoder:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         if method == "fork":
             # What each worker would otherwise do first, done once here and inherited: load the tokenizer and
-            # resolve the template (~0.1 s), and the first Arrow columns' imports (pyarrow imports pandas, 0.2 s,
-            # the first time it converts a Python list).
+            # resolve the template (~0.1 s), and the first Arrow columns' imports (`_start`).
             _worker.update(path=self.path, fmt=self.fmt, rules=self.rules, encode=self.encode)
-            B.columns_of([], tokenized=True)
         return ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context(method), initializer=_init,
             initargs=(self.path, self.fmt.template, self.rules, os.getpid()))
@@ -195,3 +213,6 @@ class Encoder:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+        if self.frozen:
+            heap.thaw()
+            self.frozen = False

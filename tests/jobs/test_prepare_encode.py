@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -135,7 +136,7 @@ def test_a_command_imports_only_its_own_module(subprocess_env: dict[str, str]):
 def test_one_batch_runs_in_the_job_and_a_second_starts_the_pool_with_both_in_order(tmp_path: Path):
     """A one-batch input never starts workers; a longer one does at its second batch, and the first batch goes
     to the pool too (it used to run here first, a core idle meanwhile). Results come back in submission order."""
-    from common import chat, tinymodel
+    from common import chat, heap, tinymodel
     from jobs.prepare import batch as B
     from jobs.prepare import rows as R
     from jobs.prepare.config import Config
@@ -164,7 +165,15 @@ def test_one_batch_runs_in_the_job_and_a_second_starts_the_pool_with_both_in_ord
             for k in range(n):
                 enc.submit("messages", batch(k), k, done)
             assert (enc.pool is not None) == (n > 1) and not got
+            # While it runs, the start-up heap (transformers, pandas, the tokenizer) is frozen: no collection
+            # walks it, in the workers neither (common/heap.py).
+            assert gc.get_freeze_count() > 0
+            if enc.pool is not None:  # the workers inherited it frozen, and collect their own objects less often
+                assert enc.pool.submit(gc.get_freeze_count).result() > 0
+                assert enc.pool.submit(gc.get_threshold).result()[0] == heap.WORKER_GEN0
             enc.drain(done)
         finally:
             enc.close()
         assert got == [(k, 3) for k in range(n)]
+        # Closed, a caller in the same process has its collector back over everything.
+        assert gc.get_freeze_count() == 0 and gc.isenabled()
