@@ -135,15 +135,15 @@ class Starts:
             self._offsets = self._encoding.offsets
         return self._offsets
 
-    def _start(self, k: int) -> int:
-        return int(self._encoding.token_to_chars(k)[0])
-
     def first_at(self, char: int) -> int:
-        if self._encoding is not None and self._offsets is None:
+        enc = self._encoding
+        if enc is not None and self._offsets is None:
+            n = self.n
+            start = enc.token_to_chars  # a token's (start, end) in the text
             try:
-                t = self._encoding.char_to_token(char)
-                k = self.n if t is None else t if self._start(t) >= char else t + 1
-                if (k == self.n or self._start(k) >= char) and (k == 0 or self._start(k - 1) < char):
+                t = enc.char_to_token(char)
+                k = n if t is None else t if start(t)[0] >= char else t + 1
+                if (k == n or start(k)[0] >= char) and (k == 0 or start(k - 1)[0] < char):
                     return k
             except TypeError:  # a token without characters: token_to_chars gives None
                 pass
