@@ -279,8 +279,8 @@ def _render(fmt: ChatFormat, messages: list[dict[str, Any]], add_generation_prom
     """Text, and with `track` the character spans of its generation blocks, from transformers' renderer.
 
     Without `track` and with tools given as JSON schemas (what rows hold), the compiled template is called
-    the way render_jinja_template calls it, without the per-call work around it (a prepared row renders
-    about four times: the whole and the prefixes around each assistant turn)."""
+    the way render_jinja_template calls it, without the per-call work around it (a row whose prefixes cannot
+    be read off one rendering renders about four times: the whole and the prefixes around each turn)."""
     with _template_errors():
         compiled = None if track or not _schemas(tools) else _compiled(fmt.template)
         if compiled is not None:
