@@ -16,14 +16,24 @@ loop and renders what follows it. So render(messages[:n], gen) == full[:start of
 where after(gen) is what follows the loop, a text that may depend on add_generation_prompt only.
 
 `plan(template)` proves that shape or says why it cannot (a `str`), conservatively, from the parsed
-template: exactly one loop over the messages, at the top level, with no filter, `else` or recursion; the
-messages (or a name set to them or to a slice `messages[k:]` before the loop) read nowhere else except at a
-constant non-negative index (`messages[0]`: the same in every prefix that holds it); none of `loop.last`,
-`loop.length`, `loop.revindex`, `loop.nextitem` in the loop's own iterations (a nested loop's are its own);
-`add_generation_prompt` read only by an `{% if %}` after the loop; after the loop only text, the special
-tokens' variables and such `{% if %}`s; no includes, imports, blocks, context access or extension tags
-(`{% generation %}` templates are located by their tags). Anything else, the caller renders the prefixes
-as before. A prefix shorter than the constant indices reach (`Plan.min_prefix`) is rendered too.
+template: exactly one loop over the messages, at the top level, with no filter, `else`, `{% break %}` or
+recursion, over `messages` or a name set to it or to a slice `messages[k:]` before the loop (never to
+anything else, and never a name the render itself passes); what follows the loop only text, the special
+tokens' variables (never set by the template) and `{% if add_generation_prompt %}`; no includes, imports,
+blocks, context access, macros that read the messages, or extension tags (`{% generation %}` templates are
+located by their tags). Anything else: no plan, and the caller renders every prefix as before.
+
+Inside that shape, what could see past a prefix is checked per row instead, because templates read it only
+in some branches (Llama 3.2 reads `messages | length` only when there are tools, Qwen2.5 reads `loop.last`
+only at tool results): the messages used whole (their length, a filter, another loop over them), read at an
+index that is not a constant >= 0, `loop.last` / `loop.length` / `loop.revindex` / `loop.nextitem` (or
+`loop` passed on whole) in the message loop's own iterations, `add_generation_prompt` before the loop ends.
+Each such read is wrapped in a call (TAINT) that passes its value through and notes it: a row whose
+render performed one gets no prefix read off (its prefixes are rendered). That is sound because a render
+that performed none only read, of the messages, the ones each iteration renders and those at constant
+indices; so rendering messages[:n] performs the same steps up to iteration n, which reads nothing either.
+A constant index k is the same in every prefix that holds message k: a prefix shorter than the indices
+reach (`Plan.min_prefix`) is rendered.
 
 The render itself (`Plan.render`) is the template with a marker added as the first output of the loop's body;
 the markers' offsets are where the iterations began, and the text with them cut out is the template's own
@@ -44,6 +54,9 @@ from common.jinja_render import Renderer
 # Output at the start of each iteration of the message loop, then cut out of the text. Random per process (as a
 # multipart boundary is), so no row holds it but by a 2**-64 chance.
 ITERATION = f"\x00ftjobs-iteration-{secrets.token_hex(8)}\x00"
+# Called around each read that may see past a prefix (see `_Checker`): a row whose render calls it is
+# rendered prefix by prefix. A template that names it is refused.
+TAINT = "ftjobs_prefix_read"
 # What an iteration of the loop may read of `loop` (all about this iteration and the ones before it).
 LOOP_BEFORE = frozenset({"index", "index0", "first", "previtem", "depth", "depth0", "cycle", "changed"})
 # Nodes whose effect cannot be seen from the template itself (other templates, the context, extensions).
@@ -76,15 +89,20 @@ class Plan:
     renderer: Renderer
     min_prefix: int  # the shortest prefix whose text can be read off (the constant indices it reads)
     after: tuple[str, str]  # the text after the loop without and with add_generation_prompt
+    checked_reads: int = 0  # reads wrapped in TAINT: a row that performs one is rendered prefix by prefix
 
     def render(self, messages: Sequence[Mapping[str, Any]], variables: Mapping[str, Any]) -> Rendered:
         """The text (the template's own, character for character) and where its iterations began."""
-        pieces = self.renderer.render(messages=messages, **variables).split(ITERATION)
+        reads = _Reads() if self.checked_reads else None
+        extra = {TAINT: reads} if reads is not None else {}
+        pieces = self.renderer.render(messages=messages, **variables, **extra).split(ITERATION)
         text = "".join(pieces) if len(pieces) > 1 else pieces[0]
         starts = list(accumulate(map(len, pieces[:-1])))
         # The loop runs over a suffix of the messages (the check proved it) to its end (no break), so it ran
-        # once for each of the last len(starts) messages; what follows it is after[False].
-        ok = len(starts) <= len(messages) and text.endswith(self.after[False])
+        # once for each of the last len(starts) messages; what follows it is after[False]. A render that
+        # read past a prefix (reads.seen) gives no prefix.
+        ok = (reads is None or not reads.seen) and len(starts) <= len(messages) \
+            and text.endswith(self.after[False])
         return Rendered(text, starts, len(messages) - len(starts), len(text) - len(self.after[False]) if ok else None)
 
     def prefix(self, messages: Sequence[Mapping[str, Any]], rendered: Rendered, n: int,
@@ -101,6 +119,19 @@ class Plan:
         return rendered.text[:at] + self.after[add_generation_prompt]
 
 
+class _Reads:
+    """TAINT for one render: passes the value read through and says it was read."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, value: Any) -> Any:
+        self.seen = True
+        return value
+
+
 def plan(compiled: Any, source: str, variables: Mapping[str, Any]) -> Plan | str:
     """A Plan for the template `source` (compiled by `compiled`'s environment), or why there is none."""
     env = compiled.environment
@@ -109,21 +140,22 @@ def plan(compiled: Any, source: str, variables: Mapping[str, Any]) -> Plan | str
     tree = env.parse(source)
     try:
         passed = frozenset({*variables, *env.globals, "tools", "documents", GENERATION_PROMPT})
-        loop, min_prefix = _check(tree, frozenset(variables), passed)
+        loop, min_prefix, checked = _check(tree, frozenset(variables), passed)
     except NotProven as exc:
         return str(exc)
     after = _after_loop(env, tree, loop, variables)
     _instrument(loop)
     code = env.compile(tree)
-    return Plan(Renderer(env.template_class.from_code(env, code, env.make_globals(None))), min_prefix, after)
+    return Plan(Renderer(env.template_class.from_code(env, code, env.make_globals(None))), min_prefix, after,
+                checked)
 
 
 # --------------------------------------------------------------------------- the proof
 
 
-def _check(tree: Any, variables: frozenset[str], given: frozenset[str]) -> tuple[Any, int]:
-    """The loop over the messages, and the shortest prefix that holds every constant index read; raises
-    NotProven."""
+def _check(tree: Any, variables: frozenset[str], given: frozenset[str]) -> tuple[Any, int, int]:
+    """The loop over the messages, the shortest prefix that holds every constant index read, and how many
+    reads were wrapped in TAINT (the tree is changed in place); raises NotProven."""
     from jinja2 import nodes
 
     checker = _Checker(given)
@@ -132,14 +164,13 @@ def _check(tree: Any, variables: frozenset[str], given: frozenset[str]) -> tuple
         if isinstance(node, nodes.For) and isinstance(node.iter, nodes.Name) and node.iter.name in checker.offset:
             at = k
             break
-        checker.visit(node, top=True)
+        tree.body[k] = checker.visit(node, top=True)
     if at is None:
         raise NotProven("no loop over the messages at the template's top level")
     loop = tree.body[at]
     if not isinstance(loop.target, nodes.Name) or loop.test is not None or loop.else_ or loop.recursive:
         raise NotProven("the message loop unpacks, filters, recurses or has an else branch")
-    for node in loop.body:
-        checker.visit(node, in_loop=True)
+    loop.body = [checker.visit(node, in_loop=True) for node in loop.body]
     # What follows the loop is rendered apart, from the values the render passes: a name the template sets
     # anywhere may hold something else by then.
     variables = variables - {n.name for n in tree.find_all(nodes.Name) if n.ctx != "load"}
@@ -148,11 +179,13 @@ def _check(tree: Any, variables: frozenset[str], given: frozenset[str]) -> tuple
                for n in (node, *node.find_all(nodes.For)) if isinstance(n, nodes.For)):
             raise NotProven("a second loop over the messages (the first looks ahead, say for the last user turn)")
         _check_after(node, variables)
-    return loop, checker.min_prefix
+    return loop, checker.min_prefix, checker.tainted
 
 
 class _Checker:
-    """Walks the template before and inside the message loop (see the module docstring for the rules)."""
+    """Walks the template before and inside the message loop (see the module docstring for the rules): what
+    can never be read off raises NotProven; a read that may see past a prefix is wrapped in a call of TAINT,
+    so a row whose render performs it is rendered prefix by prefix. `visit` returns the node to keep."""
 
     def __init__(self, given: frozenset[str]) -> None:
         # Names that hold the messages, with the largest offset they may start at (`x = messages[1:]`: 1).
@@ -161,59 +194,74 @@ class _Checker:
         # Names the render passes or the environment defines: one set to the messages in one branch only
         # would hold something else in the other, and the loop over it would walk that.
         self.given = given - {"messages"}
+        self.tainted = 0  # reads wrapped
 
-    def visit(self, node: Any, *, top: bool = False, in_loop: bool = False, nested: bool = False) -> None:
+    def visit(self, node: Any, *, top: bool = False, in_loop: bool = False, nested: bool = False) -> Any:
         from jinja2 import nodes
 
         kind = type(node).__name__
         if kind in OPAQUE:
             raise NotProven(f"the template uses {kind}, which this check cannot follow")
+        own_loop = in_loop and not nested
         if isinstance(node, nodes.Name):
-            self._name(node, in_loop and not nested)
-            return
+            return self._name(node, own_loop)
         if isinstance(node, nodes.Getitem) and isinstance(node.node, nodes.Name) and node.node.name in self.offset:
             if not (isinstance(node.arg, nodes.Const) and type(node.arg.value) is int and node.arg.value >= 0):
-                raise NotProven(f"{node.node.name} is read at an index that is not a constant >= 0")
+                return self._taint(node)  # messages[i - 1], messages[-1]: read, then the row is rendered
             self.min_prefix = max(self.min_prefix, self.offset[node.node.name] + node.arg.value + 1)
-            return
-        if in_loop and not nested and isinstance(node, nodes.Break):
+            return node
+        if own_loop and isinstance(node, nodes.Break):
             raise NotProven("the message loop can stop early ({% break %})")
-        if in_loop and not nested and isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name) \
+        if own_loop and isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name) \
                 and node.node.name == "loop":
-            if node.attr not in LOOP_BEFORE:
-                raise NotProven(f"the message loop reads loop.{node.attr}, which looks past the current message")
-            return
+            return node if node.attr in LOOP_BEFORE else self._taint(node)  # loop.last looks ahead
         if top and isinstance(node, nodes.Assign) and isinstance(node.target, nodes.Name) \
                 and (start := self._messages_slice(node.node)) is not None:
             name, k = start
             if node.target.name in self.given:
                 raise NotProven(f"the messages are set to {node.target.name}, a name the render also passes")
             self.offset[node.target.name] = max(self.offset.get(node.target.name, 0), self.offset[name] + k)
-            return
-        if isinstance(node, nodes.For):  # a loop over something else; `loop` inside its body is its own
-            if isinstance(node.iter, nodes.Name) and node.iter.name in self.offset:
-                raise NotProven("a second loop over the messages (one that looks ahead, say for the last user "
-                                "turn), or the message loop inside another statement")
-            self.visit(node.iter, in_loop=in_loop, nested=nested)
-            self.visit(node.target, in_loop=in_loop, nested=nested)
-            for child in (*node.body, *([node.test] if node.test else [])):
-                self.visit(child, in_loop=in_loop, nested=True)
-            for child in node.else_:
-                self.visit(child, in_loop=in_loop, nested=nested)
-            return
+            return node
         if isinstance(node, nodes.Macro | nodes.CallBlock) and self._reads_messages(node):
             raise NotProven("a macro or call block reads the messages")
+        if isinstance(node, nodes.For):  # a loop over something else (or a second one over the messages, whose
+            # iterable is a whole-list read): `loop` inside its body is its own
+            node.iter = self.visit(node.iter, in_loop=in_loop, nested=nested)
+            node.target = self.visit(node.target, in_loop=in_loop, nested=nested)
+            node.body = [self.visit(child, in_loop=in_loop, nested=True) for child in node.body]
+            node.test = node.test and self.visit(node.test, in_loop=in_loop, nested=True)
+            node.else_ = [self.visit(child, in_loop=in_loop, nested=nested) for child in node.else_]
+            return node
         keep_top = top and isinstance(node, nodes.If)  # a set inside a top-level if is still top-level
-        for child in node.iter_child_nodes():
-            self.visit(child, top=keep_top, in_loop=in_loop, nested=nested)
+        for name in node.fields:
+            value = getattr(node, name, None)
+            if isinstance(value, nodes.Node):
+                setattr(node, name, self.visit(value, top=keep_top, in_loop=in_loop, nested=nested))
+            elif isinstance(value, list):
+                setattr(node, name, [self.visit(v, top=keep_top, in_loop=in_loop, nested=nested)
+                                     if isinstance(v, nodes.Node) else v for v in value])
+        return node
 
-    def _name(self, node: Any, in_own_loop: bool) -> None:
-        if node.name in self.offset:
-            raise NotProven(f"{node.name} is used whole (its length, a filter, a reassignment, another loop)")
-        if node.name == GENERATION_PROMPT:
-            raise NotProven(f"{GENERATION_PROMPT} is read before the message loop ends")
-        if in_own_loop and node.name == "loop":
-            raise NotProven("the message loop passes `loop` on whole")
+    def _name(self, node: Any, own_loop: bool) -> Any:
+        if node.name == TAINT:
+            raise NotProven(f"the template names {TAINT}")
+        if node.ctx != "load":
+            if node.name in self.offset:
+                raise NotProven(f"{node.name} is set to something other than the messages or a slice of them")
+            return node
+        if node.name in self.offset:  # its length, a filter, another loop over it: read, then rendered
+            return self._taint(node)
+        if node.name == GENERATION_PROMPT:  # the prefixes before a turn are rendered with it set
+            return self._taint(node)
+        if own_loop and node.name == "loop":  # passed on whole
+            return self._taint(node)
+        return node
+
+    def _taint(self, node: Any) -> Any:
+        from jinja2 import nodes
+
+        self.tainted += 1
+        return nodes.Call(nodes.Name(TAINT, "load"), [node], [], None, None, lineno=node.lineno)
 
     def _messages_slice(self, value: Any) -> tuple[str, int] | None:
         """(name, k) when value is a messages name or its slice [k:] with a constant k >= 0."""

@@ -47,8 +47,57 @@ def conversations(seed: int, n: int) -> list[tuple[list[dict[str, Any]], Any]]:
     return out
 
 
+# Written here, after how the published Llama 3.2 and Qwen2.5 templates behave where a prefix is concerned.
+# Llama 3.2: with tools, the first user message is taken into the tools block after a `messages | length`
+# check (a whole-list read: rows with tools are rendered prefix by prefix, the others read off).
+LLAMA32_TOOLS = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] | trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' + system + '<|eot_id|>' }}"
+    "{%- if tools %}{%- if messages | length != 0 %}{%- set first = messages[0]['content'] | trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{{- raise_exception('no first user message') }}{%- endif %}"
+    "{{- '<|start_header_id|>user<|end_header_id|>\n\nFunctions:\n' }}"
+    "{%- for t in tools %}{{- t | tojson }}{{- '\n' }}{%- endfor %}{{- first + '<|eot_id|>' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' and message.tool_calls %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{%- for c in message.tool_calls %}{{- c.function.name + ' ' }}{{- c.function.arguments | tojson }}{%- endfor %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- else %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{{- message['content'] | trim + '<|eot_id|>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+# Qwen2.5: consecutive tool results share one user turn, opened when the message before is not a tool result
+# and closed when the next one is not (loop.last, messages[loop.index0 + 1]): rows with tool results are
+# rendered prefix by prefix, the others read off.
+QWEN25_TOOLS = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are a helpful assistant.' }}{%- endif %}"
+    "{%- if tools %}{{- '\n\n# Tools\n<tools>' }}{%- for t in tools %}{{- '\n' + t | tojson }}{%- endfor %}"
+    "{{- '\n</tools>' }}{%- endif %}{{- '<|im_end|>\n' }}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant' }}"
+    "{%- for tc in message.tool_calls %}{{- '\n<tool_call>\n' + tc.function.name + ' ' }}"
+    "{{- tc.function.arguments | tojson }}{{- '\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+TEMPLATES = {**{name: f.template for name, f in FAMILIES.items()}, "llama32_tools": LLAMA32_TOOLS,
+             "qwen25_tools": QWEN25_TOOLS}
+
+
 def fmt_of(name: str) -> chat.ChatFormat:
-    f = FAMILIES[name]
+    f = FAMILIES.get(name)
+    if f is None:
+        return chat.ChatFormat(template=TEMPLATES[name], bos_token="<s>", eos_token="</s>")
     return chat.ChatFormat(template=f.template, bos_token=f.bos, eos_token=f.eos, specials=f.specials)
 
 
@@ -62,12 +111,12 @@ def variables(fmt: chat.ChatFormat, tools: Any) -> dict[str, Any]:
     return {"tools": tools, "documents": None, "add_generation_prompt": False, **fmt.variables()}
 
 
-@pytest.mark.parametrize("name", ["chatml", "gemma", "llama3", "phi3", "indented"])
+@pytest.mark.parametrize("name", ["chatml", "gemma", "llama3", "phi3", "indented", "llama32_tools", "qwen25_tools"])
 def test_every_prefix_read_off_one_rendering_is_the_prefix_rendered(name: str) -> None:
     fmt = fmt_of(name)
     plan = chat._prefix_plan(fmt)
     assert isinstance(plan, jinja_prefix.Plan), name
-    read = 0
+    read, rendered_rows = 0, 0
     for conv, tools in conversations(seed=len(name), n=120):
         msgs = chat.for_template(fmt, conv)
         try:
@@ -78,16 +127,19 @@ def test_every_prefix_read_off_one_rendering_is_the_prefix_rendered(name: str) -
             continue
         rendered = plan.render(msgs, variables(fmt, tools))
         assert rendered.text == whole
+        rendered_rows += rendered.loop_end is None
         for n in range(len(msgs) + 1):
             for gen in (False, True):
                 got = plan.prefix(msgs, rendered, n, gen)
                 if got is not None:
                     read += 1
                     assert got == chat._render(fmt, msgs[:n], gen, tools)[0], (name, n, gen)
-    assert read > 500  # the plan is really used, not refused row by row
+    assert read > 400  # the plan is really used, not refused row by row
+    # Where a row's render reads past a prefix (tools, tool results), that row is rendered prefix by prefix.
+    assert (rendered_rows > 10) == (name in ("llama32_tools", "qwen25_tools")), rendered_rows
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_spans_are_the_same_with_and_without_the_plan(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fmt = fmt_of(name)
     rows = conversations(seed=7, n=60)
@@ -108,13 +160,21 @@ def test_spans_are_the_same_with_and_without_the_plan(name: str, monkeypatch: py
     assert all_spans() == with_plan
 
 
-LOOKS_AHEAD = {
+# Reads that may see past a prefix: the plan wraps them, and a row whose render performs one gets no prefix.
+READ_AT_RUN = {
     "loop.last": "{% for m in messages %}{{ m['content'] }}{% if not loop.last %}, {% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}A:{% endif %}",
     "messages | length": "{% for m in messages %}{{ m['content'] }}{{ messages | length }}{% endfor %}",
     "messages[-1]": "{% for m in messages %}{{ m['content'] }}{{ messages[-1]['role'] }}{% endfor %}",
     "generation prompt in the loop": "{% for m in messages %}{{ m['content'] }}"
                                      "{% if add_generation_prompt %}+{% endif %}{% endfor %}",
+    "loop passed on whole": "{% macro show(l) %}{{ l.length }}{% endmacro %}"
+                            "{% for m in messages %}{{ m['content'] }}{{ show(loop) }}{% endfor %}",
+    "a loop over the messages inside an if": "{% if tools %}{% for m in messages %}{{ m['role'] }}{% endfor %}"
+                                             "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+}
+# What no read at run time can make safe: no plan, every prefix rendered.
+REFUSED = {
     "a namespace read after the loop": "{% set ns = namespace(n=0) %}{% for m in messages %}{{ m['content'] }}"
                                        "{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}",
     "a second loop": "{% set ns = namespace(u=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
@@ -130,13 +190,26 @@ LOOKS_AHEAD = {
         "{% set tools = messages[1:] %}{% endif %}{% for m in tools %}{{ m['content'] }}{% endfor %}",
     "a special token set before the loop": "{% set eos_token = '<end>' %}{% for m in messages %}{{ m['content'] }}"
                                            "{% endfor %}{% if add_generation_prompt %}{{ eos_token }}{% endif %}",
+    "the messages set to something else": "{% set messages = messages | reverse | list %}"
+                                          "{% for m in messages %}{{ m['content'] }}{% endfor %}",
     "an include": "{% include 'other' %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
 }
 
 
-@pytest.mark.parametrize("case", sorted(LOOKS_AHEAD))
-def test_a_template_that_can_see_later_messages_gets_no_plan(case: str) -> None:
-    assert isinstance(plan_of(LOOKS_AHEAD[case]), str), case
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_a_template_whose_prefixes_cannot_be_read_off_gets_no_plan(case: str) -> None:
+    assert isinstance(plan_of(REFUSED[case]), str), case
+
+
+@pytest.mark.parametrize("case", sorted(READ_AT_RUN))
+def test_a_row_whose_render_reads_past_a_prefix_gets_no_prefix(case: str) -> None:
+    plan = plan_of(READ_AT_RUN[case])
+    assert isinstance(plan, jinja_prefix.Plan) and plan.checked_reads >= 1, case
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "r"}, {"role": "assistant", "content": "b"}]
+    rendered = plan.render(msgs, {"tools": TOOLS, "documents": None, "add_generation_prompt": False,
+                                  "bos_token": "<s>", "eos_token": "</s>"})
+    assert all(plan.prefix(msgs, rendered, n, gen) is None for n in range(5) for gen in (False, True)), case
 
 
 def test_the_refusals_matter_a_looking_ahead_prefix_is_not_in_the_whole() -> None:
@@ -144,12 +217,11 @@ def test_the_refusals_matter_a_looking_ahead_prefix_is_not_in_the_whole() -> Non
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    template = _compile_jinja_template(LOOKS_AHEAD["loop.last"])
+    template = _compile_jinja_template(READ_AT_RUN["loop.last"])
     whole, prefix = template.render(messages=msgs), template.render(messages=msgs[:1])
     assert (whole, prefix) == ("q, a", "q")  # read off the whole, messages[:1] would be "q, "
-    fmt = chat.ChatFormat(template=LOOKS_AHEAD["loop.last"])
-    assert chat._prefix_plan(fmt) is None
-    assert chat.spans(fmt, msgs).method == "located"
+    fmt = chat.ChatFormat(template=READ_AT_RUN["loop.last"])
+    assert chat.spans(fmt, msgs).method == "located"  # the row reads loop.last: its prefixes were rendered
 
 
 def test_what_a_plan_accepts() -> None:
@@ -163,4 +235,5 @@ def test_what_a_plan_accepts() -> None:
     plan = plan_of(accepted)
     assert isinstance(plan, jinja_prefix.Plan)
     assert plan.min_prefix == 1  # messages[0] is read: an empty prefix is rendered, not read off
+    assert plan.checked_reads == 0  # the nested loop's loop.last is its own: nothing to check at run time
     assert plan.after == ("</s>", "A:")
