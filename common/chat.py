@@ -35,12 +35,13 @@ these that applies to a conversation:
 2. Prefixes: the text of messages[:i] with the generation prompt ends where
    assistant turn i starts and the text of messages[:i+1] ends where it ends
    (its trailing whitespace is not trained). Where the template's syntax
-   shows that its message loop never looks past the message it renders
-   (common/jinja_prefix.py: ChatML, and templates built like Llama 3's, Gemma's, Phi-3's),
-   those texts are read off one rendering of the whole conversation, which
-   marks where each message's iteration begins: the same texts without
-   rendering each prefix again (2T renders a row of T turns, each over the
-   conversation so far, become one).
+   shows that its message loop never looks past the message it renders, or
+   a row's render performs none of the reads that could (common/jinja_prefix.py:
+   ChatML, Llama 3.x and Qwen2.5 rows without tools), those texts are read
+   off one rendering of the whole conversation, which marks where each
+   message's iteration begins: the same texts without rendering each prefix
+   again (2T renders a row of T turns, each over the conversation so far,
+   become one).
 3. Location, for templates whose prefixes render differently (Qwen3 drops the
    reasoning of turns before the last user message; Mistral moves the system
    prompt into the last user turn; indented templates without whitespace
