@@ -37,7 +37,7 @@ these that applies to a conversation:
    (its trailing whitespace is not trained). Where the template's syntax
    shows that its message loop never looks past the message it renders, or
    a row's render performs none of the reads that could (common/jinja_prefix.py:
-   ChatML, Llama 3.x and Qwen2.5 rows without tools), those texts are read
+   ChatML; Llama 3.2 and Qwen2.5 rows without tools), those texts are read
    off one rendering of the whole conversation, which marks where each
    message's iteration begins: the same texts without rendering each prefix
    again (2T renders a row of T turns, each over the conversation so far,
