@@ -1,5 +1,6 @@
 """common.jinja_prefix: a prefix's text read off one rendering equals the prefix rendered on its own, for every
-template the check accepts; templates whose loop can see later messages are refused, and the refusals matter."""
+template the check accepts; what can never be read off is refused, a read that may see past a prefix sends the
+rows that perform it to rendering, and those checks matter."""
 
 from __future__ import annotations
 
@@ -212,7 +213,7 @@ def test_a_row_whose_render_reads_past_a_prefix_gets_no_prefix(case: str) -> Non
     assert all(plan.prefix(msgs, rendered, n, gen) is None for n in range(5) for gen in (False, True)), case
 
 
-def test_the_refusals_matter_a_looking_ahead_prefix_is_not_in_the_whole() -> None:
+def test_the_checks_matter_a_looking_ahead_prefix_is_not_in_the_whole() -> None:
     """Where a template reads loop.last, the text before message 1's iteration is not messages[:1]'s text."""
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
