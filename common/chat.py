@@ -384,7 +384,7 @@ def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None, fits: Fit
         full, blocks = marked.text, []
 
         def prefix(n: int, gen: bool) -> str | None:
-            return plan.prefix(msgs, marked, n, gen)
+            return plan.prefix(marked, n, gen)
     else:
         full, blocks = _render(fmt, msgs, False, tools, track=tags)
     ordered = all(0 <= s <= e <= len(full) for s, e in blocks) and all(

@@ -105,12 +105,11 @@ class Plan:
             and text.endswith(self.after[False])
         return Rendered(text, starts, len(messages) - len(starts), len(text) - len(self.after[False]) if ok else None)
 
-    def prefix(self, messages: Sequence[Mapping[str, Any]], rendered: Rendered, n: int,
-               add_generation_prompt: bool) -> str | None:
-        """The text of messages[:n] (None when it cannot be read off this rendering: render it instead)."""
+    def prefix(self, rendered: Rendered, n: int, add_generation_prompt: bool) -> str | None:
+        """The text of the rendered messages[:n] (None when it cannot be read off: render it instead)."""
         if n < self.min_prefix or rendered.loop_end is None:
             return None
-        if n == len(messages):
+        if n == rendered.first + len(rendered.starts):  # all of them
             at = rendered.loop_end
         elif n >= rendered.first:
             at = rendered.starts[n - rendered.first]
