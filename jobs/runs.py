@@ -108,9 +108,23 @@ def list_command(root: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
+    if not entries:  # an empty answer says where it looked: a mistyped root is the usual cause
+        click.echo(_nothing_under(root), err=True)
     for e in entries:
         code = "" if e["exit_code"] is None else f"exit {e['exit_code']}"
         click.echo(f"{e['id']:<32} {e['kind']:<6} {e['steps']:>3} steps  {code:<7} {e['prefix']}")
+
+
+def _nothing_under(root: str) -> str:
+    """Why `runs list` printed nothing, and the root to try when ROOT is a runs/ or sweeps/ folder itself."""
+    base = storage.normalize(root).rstrip("/")
+    looked = [storage.join(base, "runs"), storage.join(base, "sweeps")]
+    text = f"no runs or sweeps under {root} (looked in {', '.join(looked)})"
+    name = base.rsplit("/", 1)[-1]
+    if name in ("runs", "sweeps") and any(o.rel.split("/")[-1] in RECORDS for o in storage.iter_objects(base)):
+        parent = base.rsplit("/", 1)[0] or "/"
+        text += f": {root} holds runs itself; --root is the folder above it (`--root {parent}`)"
+    return text
 
 
 @command.command("show")

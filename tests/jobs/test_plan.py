@@ -179,6 +179,10 @@ def test_a_toy_stage_is_planned_run_rendered_and_validated(toy: None, tmp_path: 
     assert [line.split()[:2] for line in lines[1:]] == [["toy-a", "toy"], ["toy-b", "toy"]]
     runs = CliRunner().invoke(main, ["runs", "list", "--root", str(tmp_path)], catch_exceptions=False)
     assert runs.stdout.split()[:4] == ["t1", "run", "2", "steps"]
+    # given the runs/ folder itself, the empty answer says where it looked and which root to use
+    wrong = CliRunner().invoke(main, ["runs", "list", "--root", str(tmp_path / "runs")], catch_exceptions=False)
+    assert (wrong.exit_code, wrong.stdout) == (0, "")
+    assert f"no runs or sweeps under {tmp_path}/runs" in wrong.stderr and f"`--root {tmp_path}`" in wrong.stderr
 
     docs = k8s.kustomize(k8s.overlay_dir("base", None))
     template = copy.deepcopy(k8s.find_job(docs, "prepare"))  # the toy's Job template, given to the renderer
