@@ -387,7 +387,8 @@ class Estimate:
 
     def render(self) -> str:
         m = self.memory
-        lines = [f"estimate: {self.base_model} ({self.params / 1e9:.2f}B params), method {self.method}, strategy "
+        size = f"{self.params / 1e9:.2f}B" if self.params >= 1e8 else f"{self.params / 1e6:.2f}M"  # not "0.00B"
+        lines = [f"estimate: {self.base_model} ({size} params), method {self.method}, strategy "
                  f"{self.strategy}, {self.gpus} x {self.gpu}"]
         for name, b in m.parts.items():
             lines.append(f"  {name:<26} {b / GIB:8.2f} GiB")
