@@ -83,13 +83,13 @@ def load_rows(uri: str, split: str, n: int, tmp: Path) -> tuple[list[dict[str, A
 def _histogram(lengths: list[int], bins: int = 20) -> dict[str, Any]:
     if not lengths:
         return {}
-    top = max(lengths) or 1
-    width = top / bins
+    low, top = min(lengths), max(lengths)  # from the shortest row, as the manifest's (tally.tokenstats_section)
+    width = max(top - low, bins) / bins
     counts = [0] * bins
     for x in lengths:
-        counts[min(int(x / width), bins - 1)] += 1
+        counts[min(int((x - low) / width), bins - 1)] += 1
     return {"rows": len(lengths), "max": top,
-            "histogram": {"edges": [round(i * width) for i in range(bins + 1)], "counts": counts}}
+            "histogram": {"edges": [round(low + i * width) for i in range(bins + 1)], "counts": counts}}
 
 
 def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:

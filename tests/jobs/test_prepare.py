@@ -93,6 +93,9 @@ def test_round_trip_tokenized_local_and_s3(store_root: str, tmp_path: Path, tok_
                             "max_length"}
     assert m.model["template_hash"] == __import__("hashlib").sha256(m.model["chat_template"].encode()).hexdigest()
     assert 0 < m.stats["tokens"]["trainable_ratio"] < 1 and sum(m.stats["tokens"]["histogram"]["counts"]) == 30
+    hist, tokens = m.stats["tokens"]["histogram"], m.stats["tokens"]
+    # the bins start at the shortest row (not at 0), so the first is not empty, and reach the longest
+    assert hist["edges"][0] == tokens["min"] and hist["counts"][0] > 0 and hist["edges"][-1] >= tokens["max"]
     local = mf.fetch_artifact(loaded, m.artifact("train/part-00000"), tmp_path / "t.parquet")
     meta = pq.ParquetFile(local)
     assert meta.schema_arrow.equals(data.schema(tokenized=True))
