@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -23,9 +24,32 @@ LOG = logging.getLogger(__name__)
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
+# Credentials that ride in URLs, masked in every log line whoever wrote it (an S3 client's "could not connect to
+# http://user:pass@minio:9000/...", a tracker URI, a presigned URL): a user:password before the host (any
+# scheme: postgresql://, mlflow backends), a bare token before an http(s) host, and query parameters that
+# name a secret (X-Amz-Signature, X-Amz-Credential, token, api_key, sig, ...). `hf://id@split` is left alone.
+_SECRETS = (
+    (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)([^/\s@:\"'<>]*):[^/\s@\"'<>]+@"), r"\1\2:***@"),
+    (re.compile(r"(\bhttps?://)[^/\s@:\"'<>]+@"), r"\1***@"),
+    (re.compile(r"([?&][^=&\s\"'<>]*(?:token|key|secret|signature|password|passwd|credential|sig)[^=&\s\"'<>]*=)"
+                r"[^&\s\"'<>#]+", re.IGNORECASE), r"\1***"),
+)
+
+
+def redact(text: str) -> str:
+    """The text with the credentials of any URL in it masked (see _SECRETS)."""
+    if "://" not in text and "=" not in text:
+        return text
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        return redact(self._format(record))
+
+    def _format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
@@ -45,7 +69,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-5s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = redact(super().format(record))
         where = getattr(record, "rank", 0)
         return f"[rank {where}] {line}" if where else line
 
