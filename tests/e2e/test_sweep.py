@@ -123,3 +123,19 @@ def test_a_sweep_shares_steps_ranks_cells_and_resumes(tmp_path: Path, s3_root: s
 
 def walk(node: lin.Node) -> list[lin.Node]:
     return [node, *(n for c in node.children for n in walk(c))]
+
+
+def test_when_every_cell_fails_alike_the_error_names_the_steps_once_with_the_reason(
+        tmp_path: Path, tiny_model: Path, subprocess_env: dict[str, str]) -> None:
+    """Two prepares (two max_length values), one missing data file: both fail the same way, before any model
+    loads. The sweep exits with their code (3) and says it once, naming both steps and where their logs are."""
+    conf = tmp_path / "sweep.yaml"
+    conf.write_text(yaml.safe_dump({"root": str(tmp_path / "store"), "base_model": str(tiny_model),
+                                    "data": [str(tmp_path / "missing.jsonl")],
+                                    "matrix": {"prepare.max_length": [64, 128]}}))
+    done = run_sweep(conf, subprocess_env)
+    assert done.returncode == 3, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.count("does not exist") == 1, last
+    assert last.count("prepare-") == 2 and "exit 3: Source" in last
+    assert f"(logs under {tmp_path}/store/sweeps/s1/logs/)" in last
