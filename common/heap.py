@@ -17,7 +17,9 @@ collector looks.
   (~0.25 s of a 200-row prepare). What is left in a cycle at exit is then never collected, so this is only for
   a process that is the command's own (`own_process`, set by the CLI for its command line, not for a caller
   in-process, such as a test that later loads other libraries), and for a job whose files are all closed by
-  then (prepare's are: every shard and record is closed before the manifest is published).
+  then (prepare's are: every shard and record is closed before the manifest is published). Not where torch or
+  triton was loaded (a tokenizer in a model folder goes through AutoTokenizer, which imports both): triton's
+  nanobind bindings count on that last collection and print ~27 lines of "leaked instance" warnings without it.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import sys
 from collections.abc import Iterator
 
 # A tokenizer worker allocates ~100 short-lived containers a row, all freed by reference counting (its
 # collections found 9 objects of cyclic garbage in 10k rows): at CPython's default threshold of 700 it
 # collected every ~7 rows, 0.27-0.49 s of CPU per worker over 25k rows; every ~100 rows, 0.07-0.12 s.
 WORKER_GEN0 = 10_000
+# Loaded, these need the teardown's collections: nanobind extensions check for leaked instances at exit.
+NEEDS_EXIT_COLLECTION = ("torch", "triton")
 _owned: list[bool] = []  # set: this process runs one ftjobs command and ends with it
 _exit_hook: list[bool] = []
 
@@ -73,4 +78,9 @@ def freeze_at_exit() -> None:
     heap in its collections."""
     if _owned and not _exit_hook:
         _exit_hook.append(True)
-        atexit.register(gc.freeze)
+        atexit.register(_freeze_for_exit)
+
+
+def _freeze_for_exit() -> None:
+    if not any(name in sys.modules for name in NEEDS_EXIT_COLLECTION):
+        gc.freeze()

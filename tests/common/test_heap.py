@@ -55,3 +55,15 @@ def test_only_a_process_that_owns_its_command_skips_the_collection_at_exit():
     runs = {how: subprocess.run([sys.executable, "-c", probe, how], cwd=REPO, env=env, capture_output=True,
                                 text=True, check=True).stdout.strip() for how in ("caller", "own")}
     assert runs == {"caller": "collected", "own": ""}
+
+
+def test_a_process_that_loaded_triton_collects_at_exit_and_prints_no_leak_warnings():
+    """A prepare with a model folder's tokenizer loads triton (AutoTokenizer imports it): its nanobind bindings
+    print "leaked instance" warnings at exit when the last collection is skipped, so it is not."""
+    probe = ("from common import heap\nimport triton\nheap.own_process()\nheap.freeze_at_exit()\n"
+             "class Cycle:\n    def __del__(self): print('collected', flush=True)\n"
+             "c = Cycle(); c.me = c; del c\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "collected" and "leaked" not in done.stderr, done.stderr[-1000:]
