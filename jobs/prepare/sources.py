@@ -26,6 +26,7 @@ import fnmatch
 import glob
 import gzip
 import io
+import itertools
 import json
 import logging
 import re
@@ -116,12 +117,7 @@ def expand(path: str, split: str, fmt: str | None) -> list[RawFile]:
         if not files:
             raise InputError(f"Source {path!r} matches no supported files ({', '.join(KINDS)}, also .gz)")
     elif p.is_dir():
-        state = p / "state.json"
-        if state.exists():  # datasets.save_to_disk: the arrow files it lists, in order
-            names = [d["filename"] for d in json.loads(state.read_text()).get("_data_files", [])]
-            files = [p / n for n in names]
-        else:
-            files = sorted(f for f in p.rglob("*") if f.is_file() and supported(f.name) and not f.name.startswith("."))
+        files = _folder(p)
         if not files:
             raise InputError(f"Folder {p} holds no supported files ({', '.join(KINDS)}, also .gz)")
     elif p.is_file():
@@ -131,6 +127,39 @@ def expand(path: str, split: str, fmt: str | None) -> list[RawFile]:
     else:
         raise InputError(f"Source {path!r} does not exist")
     return [RawFile(uri=str(f.resolve()), size=f.stat().st_size, split=split, format=fmt, local=f) for f in files]
+
+
+# datasets.save_to_disk writes these beside its .arrow files: its own bookkeeping, never rows.
+SAVE_TO_DISK = ("state.json", "dataset_info.json", "dataset_dict.json")
+
+
+def _folder(p: Path) -> list[Path]:
+    """A folder's data files: a `datasets.save_to_disk` folder's .arrow files in its order, a saved DatasetDict's
+    `train` split (as axolotl's `split: train` reads it; its other splits are a source of their own:
+    DIR/test), else every supported file below it, save_to_disk folders below it read the same way."""
+    if (p / "state.json").exists():
+        names = [d["filename"] for d in json.loads((p / "state.json").read_text()).get("_data_files", [])]
+        return [p / n for n in names]
+    if (p / "dataset_dict.json").exists():
+        splits = json.loads((p / "dataset_dict.json").read_text()).get("splits") or []
+        if "train" not in splits:
+            raise InputError(f"{p} is a saved DatasetDict without a 'train' split (splits: {', '.join(splits)}); "
+                             f"give the split to read as the source, e.g. {p / (splits[0] if splits else 'SPLIT')}")
+        others = [x for x in splits if x != "train"]
+        if others:
+            LOG.info("%s is a saved DatasetDict: reading its train split; %s not read (give %s as a source, with "
+                     "split: eval, to use it)", p, ", ".join(others), p / others[0])
+        return _folder(p / "train")
+    out: list[Path] = []
+    for entry in sorted(p.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if not entry.is_symlink():  # as rglob: linked folders are not followed (no loops)
+                out += _folder(entry)
+        elif entry.is_file() and supported(entry.name) and entry.name not in SAVE_TO_DISK:
+            out.append(entry)
+    return out
 
 
 def _stage_output(path: str, split: str, fmt: str | None) -> list[RawFile] | None:
@@ -294,85 +323,218 @@ def _text_only(obj: Any, text: str) -> Bad | None:
     return None
 
 
+# Keys a record of some format has (the default column names): a top-level object with one of them is a record,
+# never a wrapper around records.
+RECORD_KEYS = frozenset({"messages", "conversations", "history", "prompt", "completion", "tools", "functions",
+                         "chosen", "rejected", "preferred_output", "non_preferred_output", "instruction", "input",
+                         "output", "system", "text"})
+
+
+def wrapped(obj: dict[str, Any]) -> str | None:
+    """The key of a wrapper object's records ({"data": [...]}, {"version": 1, "rows": [...]}), as datasets'
+    `field` names it: its one array of objects, when it has no key a record has. None for a record."""
+    if RECORD_KEYS & obj.keys():
+        return None
+    lists = [k for k, v in obj.items() if isinstance(v, list) and all(isinstance(x, dict) for x in v)]
+    return lists[0] if len(lists) == 1 else None
+
+
 def _json(fh: IO[bytes], f: RawFile, max_line_bytes: int, undecoded: bool = False
           ) -> Iterator[tuple[int, dict[str, Any] | bytes | Bad]]:
-    """A JSON array decoded element by element; a file of JSON lines named .json is read as lines."""
+    """A JSON array decoded element by element; a JSON object wrapping one (`wrapped`), its array decoded the
+    same way; a file of JSON lines named .json is read as lines (a line that is a wrapper gives its records)."""
     buffered = fh if isinstance(fh, io.BufferedReader) else io.BufferedReader(fh)  # type: ignore[type-var]
     head = buffered.peek(4096)[:4096].lstrip()
     if head.startswith(b"\xef\xbb\xbf"):
         head = head[3:].lstrip()
-    if not head.startswith(b"["):
-        yield from _jsonl(buffered, max_line_bytes, undecoded)
+    first_line = head.split(b"\n", 1)[0] if b"\n" in head else None
+    if head.startswith(b"[") or (first_line is not None and head.startswith(b"{")
+                                 and not isinstance(parse_json_line(first_line), dict)):
+        yield from _JsonStream(buffered, f, max_line_bytes).top()  # one value over several lines
         return
-    text = io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="strict")
-    decoder = json.JSONDecoder()
-    buf, pos, line, eof = "", 0, 1, False
+    lines = _jsonl(buffered, max_line_bytes, undecoded=True)  # JSON lines; the first says if they are wrappers
+    first = next(lines, None)
+    if first is None:
+        return
+    head_rec = record_of(first[1])
+    if not (isinstance(head_rec, dict) and wrapped(head_rec)):
+        for line, item in itertools.chain([first], lines):
+            yield line, item if undecoded else record_of(item)
+        return
+    for line, item in itertools.chain([first], lines):  # each line a wrapper ({"data": [...]}): its records
+        rec = record_of(item)
+        key = wrapped(rec) if isinstance(rec, dict) else None
+        if key is None or not isinstance(rec, dict):
+            yield line, rec
+        else:
+            for element in rec[key]:
+                yield line, element
 
-    def more() -> bool:
-        nonlocal buf, pos, eof
+
+def record_of(item: dict[str, Any] | bytes | Bad) -> dict[str, Any] | Bad:
+    return parse_json_line(item) if isinstance(item, bytes) else item
+
+
+def _not_an_object(value: Any, where: str) -> Bad:
+    return Bad("invalid_json", f"{where} element is a JSON {type(value).__name__}, expected an object")
+
+
+class _JsonStream:
+    """One JSON value read from a stream piece by piece: an array of records element by element, or an object
+    (pretty-printed, several lines) whose array of records is read so (`wrapped`) and whose other values are
+    decoded whole (up to max_line_bytes each)."""
+
+    def __init__(self, buffered: IO[bytes], f: RawFile, max_line_bytes: int):
+        self.text = io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="strict")
+        self.f, self.max_line_bytes = f, max_line_bytes
+        self.decoder = json.JSONDecoder()
+        self.buf, self.pos, self.line = "", 0, 1
+
+    def top(self) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
+        self.skip_ws()
+        if self.buf[self.pos] == "[":
+            yield from self.array("array")
+        else:
+            yield from self.wrapper()
+
+    def fail(self, line: int, what: str) -> InputError:
+        return InputError(f"{self.f.uri} line {line}: {what}; a JSON file cannot be read past it. Fix the file or "
+                          "convert it to JSON lines (then skip_bad_lines can drop bad lines).")
+
+    def more(self) -> bool:
         try:
-            chunk = text.read(READ_CHUNK)
+            chunk = self.text.read(READ_CHUNK)
         except UnicodeDecodeError as exc:
-            raise InputError(f"{f.uri} near line {line}: invalid UTF-8 ({exc.reason}); a JSON array cannot be "
-                             "read past it. Fix the encoding or convert the file to JSON lines.") from None
+            raise InputError(f"{self.f.uri} near line {self.line}: invalid UTF-8 ({exc.reason}); a JSON array cannot "
+                             "be read past it. Fix the encoding or convert the file to JSON lines.") from None
         if not chunk:
-            eof = True
             return False
-        buf = buf[pos:] + chunk
-        pos = 0
+        self.buf = self.buf[self.pos:] + chunk
+        self.pos = 0
         return True
 
-    def skip_ws() -> None:
-        nonlocal pos, line
+    def skip_ws(self) -> None:
         while True:
+            buf, pos = self.buf, self.pos
             while pos < len(buf) and buf[pos] in " \t\r\n":
-                line += buf[pos] == "\n"
+                self.line += buf[pos] == "\n"
                 pos += 1
-            if pos < len(buf) or not more():
+            self.pos = pos
+            if pos < len(buf) or not self.more():
                 return
 
-    skip_ws()
-    pos += 1  # the '['
-    skip_ws()
-    if pos < len(buf) and buf[pos] == "]":
-        return
-    while True:
-        skip_ws()
-        start_line = line
+    def peek(self, n: int) -> str:
+        """The next n characters that are not whitespace (fewer at the end of the file), none consumed."""
+        out, j = "", self.pos
+        while len(out) < n:
+            if j >= len(self.buf):
+                j -= self.pos
+                if not self.more():
+                    break
+                j += self.pos
+                continue
+            if self.buf[j] not in " \t\r\n":
+                out += self.buf[j]
+            j += 1
+        return out
+
+    def expect(self, chars: str, where: str) -> str:
+        self.skip_ws()
+        if self.pos >= len(self.buf):
+            raise InputError(f"{self.f.uri} line {self.line}: the JSON {where} is truncated")
+        ch = self.buf[self.pos]
+        if ch not in chars:
+            raise InputError(f"{self.f.uri} line {self.line}: expected {' or '.join(map(repr, chars))} in the JSON "
+                             f"{where}, got {ch!r}")
+        self.pos += 1
+        return ch
+
+    def value(self) -> tuple[int, Any, str]:
+        """The next JSON value, whole: (its first line, it, its text)."""
+        self.skip_ws()
+        start = self.line
         while True:
             try:
-                obj, end = decoder.raw_decode(buf, pos)
+                obj, end = self.decoder.raw_decode(self.buf, self.pos)
                 break
             except RecursionError:
-                raise InputError(f"{f.uri} line {start_line}: an array element is nested deeper than Python's "
-                                 "recursion limit; a JSON array cannot be read past it. Fix the file or convert it "
-                                 "to JSON lines (then skip_bad_lines can drop bad lines).") from None
+                raise self.fail(start, "an element is nested deeper than Python's recursion limit") from None
             except json.JSONDecodeError as exc:
-                if len(buf) - pos > max_line_bytes:
-                    raise InputError(f"{f.uri} line {start_line}: an array element is longer than max_line_bytes "
-                                     f"({max_line_bytes:,}); raise it or split the record") from None
-                if not more():
-                    raise InputError(f"{f.uri} line {start_line + exc.lineno - 1}: not valid JSON ({exc.msg}); "
-                                     "a JSON array cannot be read past a broken element. Fix the file or "
-                                     "convert it to JSON lines (then skip_bad_lines can drop bad lines).") from None
-        line += buf.count("\n", pos, end)
-        element, pos = buf[pos:end], end
-        yield start_line, (_text_only(obj, element) or obj) if isinstance(obj, dict) else Bad(
-            "invalid_json", f"array element is a JSON {type(obj).__name__}, expected an object")
-        skip_ws()
-        if pos >= len(buf):
-            raise InputError(f"{f.uri} line {line}: the JSON array is truncated (no closing ']')")
-        if buf[pos] == "]":
+                if len(self.buf) - self.pos > self.max_line_bytes:
+                    raise InputError(f"{self.f.uri} line {start}: an array element is longer than max_line_bytes "
+                                     f"({self.max_line_bytes:,}); raise it or split the record") from None
+                if not self.more():
+                    raise self.fail(start + exc.lineno - 1, f"not valid JSON ({exc.msg})") from None
+        self.line += self.buf.count("\n", self.pos, end)
+        text, self.pos = self.buf[self.pos:end], end
+        return start, obj, text
+
+    def array(self, where: str) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
+        """The elements of the array that starts here, one by one."""
+        self.expect("[", where)
+        self.skip_ws()
+        if self.pos < len(self.buf) and self.buf[self.pos] == "]":
+            self.pos += 1
             return
-        if buf[pos] != ",":
-            raise InputError(f"{f.uri} line {line}: expected ',' or ']' between array elements, got {buf[pos]!r}")
-        pos += 1
+        while True:
+            line, obj, text = self.value()
+            yield line, (_text_only(obj, text) or obj) if isinstance(obj, dict) else _not_an_object(obj, where)
+            if self.expect(",]", "array") == "]":
+                return
+
+    def wrapper(self) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
+        """A top-level object: its one array of records streamed, or (no such array) the object as one record."""
+        start = self.line
+        self.expect("{", "object")
+        record: dict[str, Any] = {}
+        found: str | None = None
+        self.skip_ws()
+        if self.pos < len(self.buf) and self.buf[self.pos] == "}":
+            self.pos += 1
+        else:
+            while True:
+                _, key, _ = self.value()
+                if not isinstance(key, str):
+                    raise self.fail(self.line, "an object key is not a string")
+                self.expect(":", "object")
+                if found is None and key not in RECORD_KEYS and not RECORD_KEYS & record.keys() \
+                        and self.peek(2) in ("[{", "[]"):
+                    found = key
+                    yield from self.array(f"{key!r} array")
+                else:
+                    record[key] = self.value()[1]
+                if self.expect(",}", "object") == "}":
+                    break
+        if found is not None and record and wrapped({found: [], **record}) != found:
+            raise InputError(f"{self.f.uri}: a JSON object holding records under {found!r} and more data beside "
+                             f"them ({', '.join(record)}); give the records as a JSON array or JSON lines")
+        if found is None:
+            yield start, record
+        self.skip_ws()
+        if self.pos < len(self.buf):
+            raise InputError(f"{self.f.uri} line {self.line}: more JSON after the top-level object; give one JSON "
+                             "array, one object, or JSON lines (one object per line)")
 
 
 def _csv(fh: IO[bytes], delimiter: str, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
     csv.field_size_limit(max(max_line_bytes, 1 << 17))
     lines = limits.BoundedLines(fh, max_line_bytes)  # a record over max_line_bytes is never held whole
-    reader = csv.DictReader(lines, delimiter=delimiter)
+    try:
+        header = next(lines, "")
+    except limits.RowTooLong as exc:
+        yield exc.line, Bad("line_too_long", f"the CSV header is longer than max_line_bytes ({max_line_bytes:,} "
+                            "bytes)")
+        return
+    delimiter = csv_delimiter(header, delimiter)
+    # "instruction, output": a space after every delimiter of the header is the file's style, not data
+    spaced = header.count(delimiter + " ") == header.count(delimiter) > 0
+    reader = csv.DictReader(itertools.chain([header], lines), delimiter=delimiter, skipinitialspace=spaced)
+    try:
+        if reader.fieldnames:
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
+    except (csv.Error, limits.RowTooLong) as exc:
+        yield lines.line_num, Bad("invalid_csv", f"the CSV header cannot be read ({_csv_error(exc)})")
+        return
     while True:
         lines.start_record()
         try:
@@ -387,7 +549,7 @@ def _csv(fh: IO[bytes], delimiter: str, max_line_bytes: int) -> Iterator[tuple[i
             reader = csv.DictReader(lines, fieldnames=reader.fieldnames, delimiter=delimiter)
             continue
         except csv.Error as exc:
-            yield lines.line_num, Bad("invalid_csv", f"CSV error: {exc}")
+            yield lines.line_num, Bad("invalid_csv", f"CSV error: {_csv_error(exc)}")
             continue
         n = lines.line_num
         if None in row:
@@ -395,16 +557,32 @@ def _csv(fh: IO[bytes], delimiter: str, max_line_bytes: int) -> Iterator[tuple[i
                          f"{len(reader.fieldnames or [])}")
             continue
         bad = False
-        for value in row.values():
+        for key, value in row.items():
             if isinstance(value, str):
                 try:
                     value.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    yield n, Bad("invalid_utf8", f"invalid UTF-8 bytes ({exc.reason})")
+                except UnicodeEncodeError as exc:  # a byte that is not UTF-8 came in as a lone surrogate
+                    byte = ord(exc.object[exc.start]) - 0xDC00
+                    yield n, Bad("invalid_utf8", f"invalid UTF-8: column {key!r} holds the byte 0x{byte & 0xFF:02x} "
+                                 "(a Latin-1 or Windows-1252 file? re-save it as UTF-8)")
                     bad = True
                     break
         if not bad:
             yield n, row
+
+
+def _csv_error(exc: BaseException) -> str:
+    if "new-line character seen in unquoted field" in str(exc):  # the csv module's words for \r-only lines
+        return "lines end in a bare carriage return (old Mac style); convert the line ends to \\n or \\r\\n"
+    return str(exc)
+
+
+def csv_delimiter(header: str, default: str) -> str:
+    """A .csv file's delimiter, read off its header: a comma, unless the header has none but semicolons (Excel
+    in locales whose decimal mark is a comma) or tabs (a TSV file named .csv). A .tsv file is tab-separated."""
+    if default != "," or "," in header:
+        return default
+    return ";" if ";" in header else "\t" if "\t" in header else ","
 
 
 def _table(f: RawFile, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
