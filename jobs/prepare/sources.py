@@ -253,10 +253,8 @@ def records(f: RawFile, *, max_line_bytes: int, undecoded: bool = False
         with open(f.local, "rb") as raw:
             fh: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if f.uri.lower().endswith(".gz") else raw  # type: ignore[assignment]
             gen: Iterator[tuple[int, dict[str, Any] | bytes | Bad]]
-            if f.kind == "jsonl":
-                gen = _jsonl(fh, max_line_bytes, undecoded)
-            elif f.kind == "json":
-                gen = _json(fh, f, max_line_bytes, undecoded)
+            if f.kind in ("jsonl", "json"):
+                gen = _json(fh, f, max_line_bytes, undecoded, lines_only=f.kind == "jsonl")
             else:
                 gen = _csv(fh, "\t" if f.kind == "tsv" else ",", max_line_bytes)
             for i, read in enumerate(gen):
@@ -297,7 +295,9 @@ def parse_json_line(line: bytes) -> dict[str, Any] | Bad:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        return Bad("invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}", text[:200])
+        hint = ("; a comma after the object? JSON lines have none" if exc.msg == "Extra data"
+                and text.rstrip().endswith(",") else "")
+        return Bad("invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}{hint}", text[:200])
     except RecursionError:
         return Bad("invalid_json", "JSON nested deeper than Python's recursion limit", text[:200])
     except Exception as exc:  # noqa: BLE001 - whatever else json raises on a line is that line's fault
@@ -339,14 +339,18 @@ def wrapped(obj: dict[str, Any]) -> str | None:
     return lists[0] if len(lists) == 1 else None
 
 
-def _json(fh: IO[bytes], f: RawFile, max_line_bytes: int, undecoded: bool = False
+def _json(fh: IO[bytes], f: RawFile, max_line_bytes: int, undecoded: bool = False, lines_only: bool = False
           ) -> Iterator[tuple[int, dict[str, Any] | bytes | Bad]]:
     """A JSON array decoded element by element; a JSON object wrapping one (`wrapped`), its array decoded the
-    same way; a file of JSON lines named .json is read as lines (a line that is a wrapper gives its records)."""
+    same way; a file of JSON lines named .json is read as lines (a line that is a wrapper gives its records).
+    With `lines_only` (a .jsonl file) only an array is looked for (as `datasets` reads one, whatever the name)."""
     buffered = fh if isinstance(fh, io.BufferedReader) else io.BufferedReader(fh)  # type: ignore[type-var]
     head = buffered.peek(4096)[:4096].lstrip()
     if head.startswith(b"\xef\xbb\xbf"):
         head = head[3:].lstrip()
+    if lines_only and not head.startswith(b"["):
+        yield from _jsonl(buffered, max_line_bytes, undecoded)
+        return
     first_line = head.split(b"\n", 1)[0] if b"\n" in head else None
     if head.startswith(b"[") or (first_line is not None and head.startswith(b"{")
                                  and not isinstance(parse_json_line(first_line), dict)):
@@ -438,6 +442,11 @@ class _JsonStream:
             j += 1
         return out
 
+    def no_trailing_comma(self, closing: str) -> None:
+        if self.peek(1) == closing:  # JavaScript and Python allow it, JSON does not: say so, not "Expecting value"
+            raise InputError(f"{self.f.uri} line {self.line}: a comma before the closing {closing!r}; JSON allows no "
+                             "trailing comma. Remove it.")
+
     def expect(self, chars: str, where: str) -> str:
         self.skip_ws()
         if self.pos >= len(self.buf):
@@ -481,6 +490,7 @@ class _JsonStream:
             yield line, (_text_only(obj, text) or obj) if isinstance(obj, dict) else _not_an_object(obj, where)
             if self.expect(",]", "array") == "]":
                 return
+            self.no_trailing_comma("]")
 
     def wrapper(self) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
         """A top-level object: its one array of records streamed, or (no such array) the object as one record."""
@@ -505,6 +515,7 @@ class _JsonStream:
                     record[key] = self.value()[1]
                 if self.expect(",}", "object") == "}":
                     break
+                self.no_trailing_comma("}")
         if found is not None and record and wrapped({found: [], **record}) != found:
             raise InputError(f"{self.f.uri}: a JSON object holding records under {found!r} and more data beside "
                              f"them ({', '.join(record)}); give the records as a JSON array or JSON lines")

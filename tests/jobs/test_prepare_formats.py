@@ -189,3 +189,18 @@ def test_mixed_layouts_in_one_run_train_exactly_the_answers(tmp_path: Path, tok_
                for r in rows]
     assert trained == [f"answer {i}<|im_end|>" for i in range(3)]
     assert str(tok.decode(rows[0]["input_ids"])).startswith("<s><|im_start|>system\nBe brief.")
+
+
+def test_a_json_array_named_jsonl_is_read_and_trailing_commas_are_named(tmp_path: Path):
+    recs = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(3)]
+    (tmp_path / "array.jsonl").write_text(json.dumps(recs, indent=2))  # datasets reads it whatever the name
+    loaded = run(sources=[str(tmp_path / "array.jsonl")], output=str(tmp_path / "o"))
+    assert contents(loaded) == [qa(i) for i in range(3)]
+    (tmp_path / "comma.json").write_text(json.dumps(recs, indent=2)[:-2] + ",\n]")
+    with pytest.raises(InputError, match=r"comma.json line 13: a comma before the closing '\]'; JSON allows no "
+                       "trailing comma"):
+        run(sources=[str(tmp_path / "comma.json")], output=str(tmp_path / "o2"))
+    (tmp_path / "comma.jsonl").write_text("".join(json.dumps(r) + ",\n" for r in recs))
+    with pytest.raises(InputError, match=r"comma.jsonl line 1: not valid JSON: Extra data at column \d+; a comma after "
+                       "the object\\? JSON lines have none"):
+        run(sources=[str(tmp_path / "comma.jsonl")], output=str(tmp_path / "o3"))
