@@ -125,6 +125,14 @@ def detect(keys: Iterable[str], columns: Mapping[str, str]) -> str | None:
     return None
 
 
+def other_format(rec: Mapping[str, Any], fmt: str, columns: Mapping[str, str]) -> str:
+    """For a row dropped for a missing field: a hint when its keys are another format's (files concatenated
+    from two data sets), else ''. Only called on drops: nothing on the path of a good row."""
+    seen = detect(rec, columns)
+    return (f"; the row looks like {seen}, not {fmt}: one format per file (split it, or one source each)"
+            if seen not in (None, fmt) else "")
+
+
 def required_columns(fmt: str, columns: Mapping[str, str]) -> list[str]:
     """Columns a table (CSV, Parquet, Arrow) must have for a format."""
     return {

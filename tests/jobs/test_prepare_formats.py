@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from common import config as cfg
-from common import data
+from common import data, storage
 from common.errors import InputError
 from jobs import prepare
 from jobs.prepare import limits
@@ -204,3 +204,14 @@ def test_a_json_array_named_jsonl_is_read_and_trailing_commas_are_named(tmp_path
     with pytest.raises(InputError, match=r"comma.jsonl line 1: not valid JSON: Extra data at column \d+; a comma after "
                        "the object\\? JSON lines have none"):
         run(sources=[str(tmp_path / "comma.jsonl")], output=str(tmp_path / "o3"))
+
+
+def test_a_row_of_another_format_in_a_file_says_so(tmp_path: Path):
+    rows = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(3)]
+    rows.append({"messages": [{"role": "user", "content": "question 3"}, {"role": "assistant", "content": "answer 3"}]})
+    (tmp_path / "cat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = run(sources=[str(tmp_path / "cat.jsonl")], output=str(tmp_path / "o"), max_drop_fraction=0.5)
+    drops = [json.loads(x) for x in storage.read_bytes(loaded.artifact_uri("drops")).decode().splitlines()]
+    assert [(d["line"], d["detail"]) for d in drops] == [
+        (4, "instruction is missing; the row looks like messages, not alpaca: one format per file (split it, or one "
+            "source each)")]
