@@ -207,7 +207,7 @@ def test_a_json_array_named_jsonl_is_read_and_trailing_commas_are_named(tmp_path
 
 
 def test_a_row_of_another_format_in_a_file_says_so(tmp_path: Path):
-    rows = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(3)]
+    rows: list[dict[str, Any]] = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(3)]
     rows.append({"messages": [{"role": "user", "content": "question 3"}, {"role": "assistant", "content": "answer 3"}]})
     (tmp_path / "cat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     loaded = run(sources=[str(tmp_path / "cat.jsonl")], output=str(tmp_path / "o"), max_drop_fraction=0.5)
