@@ -215,3 +215,29 @@ def test_a_row_of_another_format_in_a_file_says_so(tmp_path: Path):
     assert [(d["line"], d["detail"]) for d in drops] == [
         (4, "instruction is missing; the row looks like messages, not alpaca: one format per file (split it, or one "
             "source each)")]
+
+
+def test_bz2_xz_and_zstd_files_are_read_and_a_folder_names_what_it_leaves_out(tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture):
+    import bz2
+    import lzma
+
+    def body(i: int) -> bytes:
+        return (json.dumps({"instruction": f"question {i}", "output": f"answer {i}"}) + "\n").encode()
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl.bz2").write_bytes(bz2.compress(body(0)))
+    (folder / "b.jsonl.xz").write_bytes(lzma.compress(body(1)))
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, "zstd") as out:
+        out.write(body(2))
+    (folder / "c.jsonl.zst").write_bytes(sink.getvalue().to_pybytes())
+    (folder / "d.jsonl.lz4").write_bytes(b"not read")
+    (folder / "README.md").write_text("# my data")
+    loaded = run(sources=[str(folder)], output=str(tmp_path / "o"))
+    assert contents(loaded) == [qa(i) for i in range(3)]
+    assert "data: 2 files of types prepare does not read left out: README.md, d.jsonl.lz4" in caplog.text
+    (tmp_path / "cut.jsonl.zst").write_bytes(sink.getvalue().to_pybytes()[:-6])
+    with pytest.raises(InputError, match=r"cut.jsonl.zst: compressed data is truncated or corrupt"):
+        run(sources=[str(tmp_path / "cut.jsonl.zst")], output=str(tmp_path / "o2"))
