@@ -35,7 +35,8 @@ FORMATS: tuple[str, ...] = get_args(Format)
 DEFAULT_ROLES = {
     "system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
     "developer": "system",  # OpenAI's name for the system message since its o1 models
-    "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+    "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
+    "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",  # the raw ShareGPT dumps' assistants
     "function_call": "tool_call", "observation": "tool", "function": "tool", "ipython": "tool",
 }
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")

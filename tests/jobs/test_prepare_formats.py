@@ -60,6 +60,11 @@ def test_either_turn_spelling_in_either_chat_format_with_a_top_level_system():
     rec = {"prompt": [{"from": "developer", "value": "s"}, {"from": "human", "value": "q"}],
            "completion": [{"from": "gpt", "value": "a"}]}
     assert R.to_messages(rec, "prompt_completion", COLS, R.DEFAULT_ROLES) == want
+    # the raw ShareGPT dumps name their assistants; any case of a known name is that role
+    turns = [{"from": "Human", "value": "q"}, {"from": "chatgpt", "value": "a"}, {"from": "user", "value": "q"},
+             {"from": "bing", "value": "a"}, {"from": "HUMAN", "value": "q"}, {"from": "bard", "value": "a"}]
+    assert [m["role"] for m in R.to_messages({"conversations": turns}, "sharegpt", COLS, R.DEFAULT_ROLES)] == [
+        "user", "assistant"] * 3
     # columns.role/content, when given, are the only keys read
     with pytest.raises(R.Drop, match=r"conversations\[0\] has no 'speaker' key"):
         R.to_messages({"conversations": openai_keys}, "sharegpt", {**COLS, "role": "speaker"}, R.DEFAULT_ROLES)
