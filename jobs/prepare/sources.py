@@ -214,13 +214,25 @@ def _expand_s3(path: str, split: str, fmt: str | None) -> list[RawFile]:
     elif supported(path) and storage.exists(path):
         return [RawFile(uri=path, size=storage.size(path), split=split, format=fmt)]
     else:
-        objs = list(storage.list_objects(path))
-    files = [RawFile(uri=o.uri, size=o.size, split=split, format=fmt) for o in objs if supported(o.uri)]
-    _left_out(path, [o.uri.rsplit("/", 1)[-1] for o in objs if not supported(o.uri)
-                     and not o.uri.rsplit("/", 1)[-1].startswith(".")])
+        objs = _saved_split(path.rstrip("/"), list(storage.list_objects(path)))
+    names = [o.uri.rsplit("/", 1)[-1] for o in objs]
+    files = [RawFile(uri=o.uri, size=o.size, split=split, format=fmt) for o, name in zip(objs, names, strict=True)
+             if supported(name) and name not in SAVE_TO_DISK]
+    _left_out(path, [n for n in names if not supported(n) and not n.startswith(".") and n not in SAVE_TO_DISK])
     if not files:
         raise InputError(f"No supported files under {path} ({ALSO})")
     return files
+
+
+def _saved_split(prefix: str, objs: list[Any]) -> list[Any]:
+    """The objects of a prefix; of a saved DatasetDict there, those of its train split (as `_folder`)."""
+    if not any(o.uri == f"{prefix}/dataset_dict.json" for o in objs):
+        return objs
+    splits = storage.read_json(f"{prefix}/dataset_dict.json").get("splits") or []
+    if "train" not in splits:
+        raise InputError(f"{prefix} is a saved DatasetDict without a 'train' split (splits: {', '.join(splits)}); "
+                         f"give the split to read as the source, e.g. {prefix}/{splits[0] if splits else 'SPLIT'}/")
+    return [o for o in objs if o.uri.startswith(f"{prefix}/train/")]
 
 
 def _hf_dataset(spec: str, split: str, fmt: str | None) -> list[RawFile]:

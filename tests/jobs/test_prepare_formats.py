@@ -129,6 +129,19 @@ def test_a_saved_dataset_dict_reads_its_train_split_and_folders_skip_datasets_bo
         run(sources=[str(tmp_path / "val")], output=str(tmp_path / "o3"))
 
 
+def test_a_saved_dataset_dict_under_an_s3_prefix_reads_its_train_split(tmp_path: Path, s3_root: str):
+    import datasets
+
+    train = datasets.Dataset.from_list([{"text": f"train row {i}"} for i in range(3)])
+    test = datasets.Dataset.from_list([{"text": f"test row {i}"} for i in range(2)])
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "dd"))
+    for f in sorted(p for p in (tmp_path / "dd").rglob("*") if p.is_file()):
+        storage.upload_file(f, f"{s3_root}/dd/{f.relative_to(tmp_path / 'dd').as_posix()}")
+    loaded = run(sources=[s3_root + "/dd/"], output=str(tmp_path / "o"))
+    assert [[c for _, c in r] for r in contents(loaded)] == [[f"train row {i}"] for i in range(3)]
+    assert [i.uri.rsplit("/", 2)[-2:] for i in loaded.manifest.inputs] == [["train", "data-00000-of-00001.arrow"]]
+
+
 # --------------------------------------------------------------------------- CSV
 
 
