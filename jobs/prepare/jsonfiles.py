@@ -178,7 +178,7 @@ class _JsonStream:
         try:
             chunk = self.text.read(READ_CHUNK)
         except UnicodeDecodeError as exc:
-            raise InputError(f"{self.uri} near line {self.line}: invalid UTF-8 ({exc.reason}); a JSON array cannot "
+            raise InputError(f"{self.uri} near line {self.line}: invalid UTF-8 ({exc.reason}); a JSON file cannot "
                              "be read past it. Fix the encoding or convert the file to JSON lines.") from None
         if not chunk:
             return False
@@ -227,6 +227,10 @@ class _JsonStream:
         self.pos += 1
         return ch
 
+    def too_long(self, line: int) -> InputError:
+        return InputError(f"{self.uri} line {line}: a JSON value is longer than max_line_bytes "
+                          f"({self.max_line_bytes:,}); raise it or split the record")
+
     def value(self) -> tuple[int, Any, str]:
         """The next JSON value, whole: (its first line, it, its text)."""
         self.skip_ws()
@@ -239,10 +243,11 @@ class _JsonStream:
                 raise self.fail(start, "an element is nested deeper than Python's recursion limit") from None
             except json.JSONDecodeError as exc:
                 if len(self.buf) - self.pos > self.max_line_bytes:
-                    raise InputError(f"{self.uri} line {start}: an array element is longer than max_line_bytes "
-                                     f"({self.max_line_bytes:,}); raise it or split the record") from None
+                    raise self.too_long(start) from None
                 if not self.more():
                     raise self.fail(start + exc.lineno - 1, f"not valid JSON ({exc.msg})") from None
+        if end - self.pos > self.max_line_bytes:  # whole in the buffer, but over the limit all the same
+            raise self.too_long(start)
         self.line += self.buf.count("\n", self.pos, end)
         text, self.pos = self.buf[self.pos:end], end
         return start, obj, text

@@ -105,6 +105,15 @@ def test_a_json_object_wrapping_the_records_is_read_as_datasets_field_would(tmp_
         run(sources=[str(tmp_path / "splits.json")], output=str(tmp_path / "o3"))
 
 
+def test_a_json_element_over_max_line_bytes_is_refused_even_when_it_was_read_whole(tmp_path: Path):
+    # Elements were measured only when one spanned two 1 MiB reads: a 3 KB element passed a 2 KB limit.
+    big = [{"text": "x" * 3000}]
+    for name, body in (("array.json", json.dumps(big)), ("wrapped.json", json.dumps({"data": big}, indent=2))):
+        (tmp_path / name).write_text(body)
+        with pytest.raises(InputError, match=rf"{name} line \d: a JSON value is longer than max_line_bytes \(2,048\)"):
+            run(sources=[str(tmp_path / name)], output=str(tmp_path / f"o-{name}"), max_line_bytes=2048)
+
+
 # --------------------------------------------------------------------------- datasets folders
 
 
