@@ -299,7 +299,7 @@ def to_messages(rec: Mapping[str, Any], fmt: str, columns: Mapping[str, str],
         system = _text(rec.get(c["system"]), c["system"], required=False)
         msgs = [{"role": "system", "content": system}] if system else []
         hist = rec.get(c["history"])
-        if hist not in (None, "", []):
+        if hist not in (None, "", []) and not (isinstance(hist, str) and hist.strip() in ("", "null", "[]")):
             for i, pair in enumerate(_json_list(hist, c["history"])):
                 if not (isinstance(pair, list) and len(pair) == 2):
                     raise Drop("wrong_type", f"{c['history']}[{i}] must be a [user, assistant] pair")

@@ -73,6 +73,14 @@ def test_either_turn_spelling_in_either_chat_format_with_a_top_level_system():
 
 
 @pytest.mark.unit
+def test_an_alpaca_history_cell_of_json_null_or_blank_is_no_history():
+    for cell in ("null", "[]", " "):  # a table column written with json.dumps where a row has no history
+        rec = {"instruction": "q", "output": "a", "history": cell}
+        assert R.to_messages(rec, "alpaca", COLS, R.DEFAULT_ROLES) == [{"role": "user", "content": "q"},
+                                                                       {"role": "assistant", "content": "a"}]
+
+
+@pytest.mark.unit
 def test_a_prompt_string_with_a_completion_of_messages_names_the_mismatch():
     rec = {"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}
     with pytest.raises(R.Drop, match=r"completion is a list of messages but prompt is str; give both as message "
