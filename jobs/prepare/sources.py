@@ -332,7 +332,7 @@ def _csv(fh: IO[bytes], delimiter: str, max_line_bytes: int) -> Iterator[tuple[i
                                 "bytes)")
             if reader.fieldnames is None:  # the header itself: nothing after it can be read
                 return
-            reader = csv.DictReader(lines, fieldnames=reader.fieldnames, delimiter=delimiter)
+            reader = csv.DictReader(lines, fieldnames=reader.fieldnames, delimiter=delimiter, skipinitialspace=spaced)
             continue
         except csv.Error as exc:
             yield lines.line_num, Bad("invalid_csv", f"CSV error: {_csv_error(exc)}")
