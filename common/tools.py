@@ -33,10 +33,13 @@ def parse_json_text(value: Any, what: str) -> Any:
 
 
 def normalize_tools(value: Any) -> list[Tool] | None:
-    """A row's tools as canonical schemas; None when it has none (null, "", [])."""
-    if value is None or value == "" or value == []:
+    """A row's tools as canonical schemas; None when it has none (null, "", [], {}, or JSON text of them: a table
+    column written with json.dumps holds "null" where a row has no tools)."""
+    if isinstance(value, str) and not value.strip():
         return None
     value = parse_json_text(value, "tools")
+    if value is None or value == [] or value == {}:
+        return None
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):

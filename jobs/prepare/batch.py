@@ -119,7 +119,8 @@ def process(fmt: str | None, items: Sequence[dict[str, Any] | bytes | S.Bad], ru
         try:
             msgs, tools, canon = normalize(rec, fmt, rules)
         except R.Drop as d:
-            verdicts.append((DROP, ignored, saw_tools, d.reason, d.detail, d.reason in R.FATAL))
+            detail = d.detail + (R.other_format(rec, fmt, cols) if d.reason == "missing_field" else "")
+            verdicts.append((DROP, ignored, saw_tools, d.reason, detail, d.reason in R.FATAL))
             continue
         except Exception as exc:  # noqa: BLE001 - whatever breaks on a row is that row's data, never a retry
             detail = f"the record cannot be read as a {fmt} row ({type(exc).__name__}: {str(exc)[:200]})"

@@ -53,6 +53,16 @@ def _array_bytes(arr: Any) -> Any:
         return np.concatenate([_array_bytes(c) for c in arr.chunks]) if arr.num_chunks else np.zeros(0, np.int64)
     t = arr.type
     n = len(arr)
+    if pa.types.is_null(t):  # a column that is null in every row (an all-None field of a dataset)
+        return np.zeros(n, np.int64)
+    if pa.types.is_string_view(t) or pa.types.is_binary_view(t):  # Arrow's view layouts (pyarrow writes them to
+        # Parquet with its schema, and reads them back so): measured as the offset layout, a copy, rare
+        return _array_bytes(arr.cast(pa.large_string() if pa.types.is_string_view(t) else pa.large_binary()))
+    if pa.types.is_list_view(t) or pa.types.is_large_list_view(t):  # each row: values[offset, offset + size)
+        starts = pc.fill_null(arr.offsets, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        ends = starts + pc.fill_null(arr.sizes, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        cumulative = np.concatenate([[0], np.cumsum(_array_bytes(arr.values))])
+        return np.where(arr.is_null().to_numpy(zero_copy_only=False), 0, cumulative[ends] - cumulative[starts])
     if pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_large_string(t) or pa.types.is_large_binary(t):
         return pc.fill_null(pc.binary_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
     if pa.types.is_dictionary(t):
@@ -73,8 +83,13 @@ def _array_bytes(arr: Any) -> Any:
     if pa.types.is_fixed_size_list(t):
         child = _array_bytes(arr.flatten())
         return child.reshape(n, t.list_size).sum(axis=1) if n else np.zeros(0, np.int64)
-    width = getattr(t, "bit_width", 64) or 64
+    try:
+        width = t.bit_width
+    except ValueError:  # a variable-width type none of the above measures: refused, never guessed
+        raise pa.ArrowNotImplementedError(f"column type {t} is not supported; convert it to string, list or "
+                                          "struct columns") from None
     return np.full(n, max(width // 8, 1), dtype=np.int64)
+
 
 
 def oversized_groups(parquet_file: Any, max_bytes: int) -> set[int]:

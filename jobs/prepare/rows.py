@@ -34,13 +34,19 @@ FORMATS: tuple[str, ...] = get_args(Format)
 # Source role names -> canonical roles. Config `roles` entries win over these.
 DEFAULT_ROLES = {
     "system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
-    "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+    "developer": "system",  # OpenAI's name for the system message since its o1 models
+    "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
+    "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",  # the raw ShareGPT dumps' assistants
     "function_call": "tool_call", "observation": "tool", "function": "tool", "ipython": "tool",
 }
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")
 # What a source role may map to: a canonical role, or tool_call (an assistant turn whose text is a tool call).
 ROLE_TARGETS = Literal["system", "user", "assistant", "tool", "tool_call"]
 ROLE_TARGET_NAMES: tuple[str, ...] = get_args(ROLE_TARGETS)  # read for every message: spelled out once
+
+# A turn's (role, content) keys: OpenAI's and sharegpt's. Either format's turns may use either pair (LLaMA-Factory
+# maps them with `tags`, HF datasets mix them); the first turn's keys decide unless columns.role/content name them.
+TURN_KEYS = {"role": "content", "from": "value"}
 
 # What may follow each role in a conversation (after any leading system message).
 NEXT = {"user": ("assistant",), "assistant": ("user", "tool"), "tool": ("tool", "assistant")}
@@ -80,15 +86,25 @@ def is_preference(keys: Iterable[str]) -> bool:
     return set(PREFERENCE_KEYS) <= k or set(PAIR_KEYS) <= k
 
 
+def turn_keys(items: Any, columns: Mapping[str, Any], default: str) -> tuple[str, str]:
+    """The (role, content) keys of a list of turns: the ones columns name, else the `default` pair ("role" or
+    "from") unless the first turn has only the other pair's role key."""
+    role = columns.get("role") or default
+    if not columns.get("role") and items and isinstance(items, list) and isinstance(items[0], dict) \
+            and role not in items[0]:
+        role = next((k for k in TURN_KEYS if k in items[0]), role)
+    return role, columns.get("content") or TURN_KEYS.get(role, "content")
+
+
 def ignored_keys(rec: Mapping[str, Any], columns: Mapping[str, str]) -> list[str]:
     """What a messages record holds that prepare does not read, set (not null): top-level keys by name
     (`parallel_tool_calls`, `metadata`, ...), message keys as `messages[].KEY` (`refusal`, `audio`, ...)."""
-    known = {columns["messages"], columns["tools"], "functions"}
+    known = {columns["messages"], columns["tools"], columns["system"], "functions"}
     out = sorted(k for k, v in rec.items() if k not in known and v is not None)
     items = rec.get(columns["messages"])
     if isinstance(items, list):
-        msg_known = {columns.get("role") or "role", columns.get("content") or "content",
-                     columns.get("reasoning") or "reasoning_content", *MESSAGE_KEYS}
+        msg_known = {*turn_keys(items, columns, "role"), columns.get("reasoning") or "reasoning_content",
+                     *MESSAGE_KEYS}
         extra = {k for m in items if isinstance(m, dict) for k, v in m.items() if k not in msg_known and v is not None}
         out += [f"{columns['messages']}[].{k}" for k in sorted(extra)]
     return out
@@ -108,6 +124,14 @@ def detect(keys: Iterable[str], columns: Mapping[str, str]) -> str | None:
     if columns["text"] in k:
         return "text"
     return None
+
+
+def other_format(rec: Mapping[str, Any], fmt: str, columns: Mapping[str, str]) -> str:
+    """For a row dropped for a missing field: a hint when its keys are another format's (files concatenated
+    from two data sets), else ''. Only called on drops: nothing on the path of a good row."""
+    seen = detect(rec, columns)
+    return (f"; the row looks like {seen}, not {fmt}: one format per file (split it, or one source each)"
+            if seen not in (None, fmt) else "")
 
 
 def required_columns(fmt: str, columns: Mapping[str, str]) -> list[str]:
@@ -261,16 +285,12 @@ def to_messages(rec: Mapping[str, Any], fmt: str, columns: Mapping[str, str],
     """One raw record as canonical messages; raises Drop with the reason."""
     c = columns
     reasoning = c.get("reasoning") or "reasoning_content"
-    if fmt == "messages":
-        items = _json_list(rec.get(c["messages"]), c["messages"])
-        msgs = _chat_list(items, c.get("role") or "role", c.get("content") or "content", roles, c["messages"],
-                          reasoning)
-    elif fmt == "sharegpt":
-        items = _json_list(rec.get(c["conversations"]), c["conversations"])
-        msgs = _chat_list(items, c.get("role") or "from", c.get("content") or "value", roles, c["conversations"],
-                          reasoning)
-        system = _text(rec.get(c["system"]), c["system"], required=False)
-        if system and not (msgs and msgs[0]["role"] == "system"):
+    if fmt in ("messages", "sharegpt"):  # one shape, two spellings: OpenAI's role/content, sharegpt's from/value
+        key = c["messages"] if fmt == "messages" else c["conversations"]
+        items = _json_list(rec.get(key), key)
+        msgs = _chat_list(items, *turn_keys(items, c, "role" if fmt == "messages" else "from"), roles, key, reasoning)
+        system = _text(rec.get(c["system"]), c["system"], required=False)  # a top-level system prompt
+        if system and not (msgs and msgs[0]["role"] == "system"):  # a system turn wins, as in LLaMA-Factory
             msgs.insert(0, {"role": "system", "content": system})
     elif fmt == "alpaca":
         instruction = _text(rec.get(c["instruction"]), c["instruction"])
@@ -279,7 +299,7 @@ def to_messages(rec: Mapping[str, Any], fmt: str, columns: Mapping[str, str],
         system = _text(rec.get(c["system"]), c["system"], required=False)
         msgs = [{"role": "system", "content": system}] if system else []
         hist = rec.get(c["history"])
-        if hist not in (None, "", []):
+        if hist not in (None, "", []) and not (isinstance(hist, str) and hist.strip() in ("", "null", "[]")):
             for i, pair in enumerate(_json_list(hist, c["history"])):
                 if not (isinstance(pair, list) and len(pair) == 2):
                     raise Drop("wrong_type", f"{c['history']}[{i}] must be a [user, assistant] pair")
@@ -290,10 +310,14 @@ def to_messages(rec: Mapping[str, Any], fmt: str, columns: Mapping[str, str],
     elif fmt == "prompt_completion":
         prompt, completion = rec.get(c["prompt"]), rec.get(c["completion"])
         if isinstance(prompt, list):  # conversational prompt/completion (TRL style)
-            msgs = _chat_list(prompt, "role", "content", roles, c["prompt"])
+            msgs = _chat_list(prompt, *turn_keys(prompt, c, "role"), roles, c["prompt"])
             if not isinstance(completion, list):
                 raise Drop("wrong_type", f"{c['completion']} must be a list of messages when {c['prompt']} is one")
-            msgs += _chat_list(completion, "role", "content", roles, c["completion"])
+            msgs += _chat_list(completion, *turn_keys(completion, c, "role"), roles, c["completion"])
+        elif isinstance(completion, list) and completion and isinstance(completion[0], dict) \
+                and "type" not in completion[0]:
+            raise Drop("wrong_type", f"{c['completion']} is a list of messages but {c['prompt']} is "
+                       f"{_type(prompt)}; give both as message lists (TRL's conversational form) or both as text")
         else:
             msgs = [{"role": "user", "content": _text(prompt, c["prompt"]) or ""},
                     {"role": "assistant", "content": _text(completion, c["completion"]) or ""}]

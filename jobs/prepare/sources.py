@@ -1,34 +1,31 @@
 """Raw inputs: expand sources into files, fetch and hash them, stream records.
 
 A source is a file, a folder, a glob, an `s3://` object or prefix, a
-`datasets.save_to_disk` folder (its `.arrow` files), or `hf://<dataset id>`
-(optionally `@split`) when the Hugging Face Hub is reachable. Supported
-files: `.jsonl`/`.ndjson`, `.json` (an array, or JSON lines), `.csv`, `.tsv`,
-`.parquet`, `.arrow`; the text formats may be gzipped (`.gz`). A synth manifest (its URI, or the prefix
-that holds it) stands for the data set it published: its `data` artifact, sha256-checked, and the manifest
-is the run's input, so the lineage goes on through synth to its seeds and teacher. Its rows go to the train
-split (unless the source says otherwise): the held-out comparison stays on real data.
+`datasets.save_to_disk` folder (its `.arrow` files; a saved DatasetDict: its train split), or
+`hf://<dataset id>` (optionally `@split`) when the Hugging Face Hub is reachable. Supported files:
+`.jsonl`/`.ndjson`, `.json` (an array, an object wrapping one, or JSON lines), `.csv`, `.tsv`, `.parquet`,
+`.arrow`; the text formats may be compressed (`.gz`, `.bz2`, `.xz`, `.zst`). A synth manifest (its URI, or
+the prefix that holds it) stands for the data set it published: its `data` artifact, sha256-checked, and
+the manifest is the run's input, so the lineage goes on through synth to its seeds and teacher. Its rows go
+to the train split (unless the source says otherwise): the held-out comparison stays on real data.
 
-Readers stream: JSON lines are read one at a time (up to `max_line_bytes`),
-JSON arrays are decoded element by element, tables batch by batch. A reader
-yields `(line, record)`; a line that cannot be read yields `(line, Bad)` and
-the caller decides (fatal unless `skip_bad_lines`). Whatever fails while a
-line is decoded and parsed (bad UTF-8, bad JSON, nesting deeper than Python's
-recursion limit, strings holding lone UTF-16 surrogates such as `\ud800`,
-which are not text) is a Bad line, never a crash; a leading UTF-8 byte-order
-mark is skipped.
+Readers stream: JSON files as `jsonfiles.py` reads them, CSV record by record (`limits.BoundedLines`),
+tables batch by batch. A reader yields `(line, record)`; a line that cannot be read yields `(line, Bad)`
+and the caller decides (fatal unless `skip_bad_lines`).
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
 import fnmatch
 import glob
 import gzip
 import io
+import itertools
 import json
 import logging
-import re
+import lzma
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,25 +34,17 @@ from typing import IO, Any
 
 from common import models, storage
 from common.errors import InputError
+from jobs.prepare import jsonfiles as J
 from jobs.prepare import limits
+from jobs.prepare.jsonfiles import Bad, parse_json_line  # noqa: F401 (read as S.Bad, S.parse_json_line)
 
 LOG = logging.getLogger(__name__)
 
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
          ".parquet": "parquet", ".arrow": "arrow"}
-READ_CHUNK = 1 << 20
-BOM = b"\xef\xbb\xbf"
-# A \uD800-\uDFFF escape: JSON allows it, but alone (not as half of a pair) it decodes to no character.
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-
-
-@dataclass
-class Bad:
-    """A line that could not be read as a record."""
-
-    reason: str
-    detail: str
-    preview: str = ""
+# Compressions of the text formats, by extension: each opens a stream of the file's bytes.
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+ALSO = f"{', '.join(KINDS)}; the text formats also {', '.join(COMPRESSED)}"
 
 
 @dataclass
@@ -83,18 +72,40 @@ class RawFile:
 
 
 def kind_of(uri: str) -> str:
-    name = uri.rsplit("/", 1)[-1].lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
+    name = compression(uri.rsplit("/", 1)[-1].lower())[0]
     for ext, kind in KINDS.items():
         if name.endswith(ext):
             return kind
     return ""
 
 
+def compression(name: str) -> tuple[str, str | None]:
+    """A file name without its compression extension, and that extension (None when not compressed)."""
+    for ext in COMPRESSED:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)], ext
+    return name, None
+
+
 def supported(uri: str) -> bool:
     k = kind_of(uri)
-    return bool(k) and not (uri.lower().endswith(".gz") and k in ("parquet", "arrow"))
+    return bool(k) and not (compression(uri)[1] and k in ("parquet", "arrow"))
+
+
+def _open_compressed(raw: IO[bytes], uri: str) -> IO[bytes]:
+    """The file's bytes, decompressed as its extension says (pyarrow's zstd stream: no extra package)."""
+    ext = compression(uri)[1]
+    if ext == ".gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if ext == ".bz2":
+        return bz2.BZ2File(raw, mode="rb")
+    if ext == ".xz":
+        return lzma.LZMAFile(raw, mode="rb")
+    if ext == ".zst":
+        import pyarrow as pa
+
+        return io.BufferedReader(pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), "zstd"))
+    return raw
 
 
 # --------------------------------------------------------------------------- expanding sources
@@ -114,23 +125,61 @@ def expand(path: str, split: str, fmt: str | None) -> list[RawFile]:
         matches = sorted(glob.glob(str(p), recursive=True))
         files = [Path(m) for m in matches if Path(m).is_file() and supported(m)]
         if not files:
-            raise InputError(f"Source {path!r} matches no supported files ({', '.join(KINDS)}, also .gz)")
+            raise InputError(f"Source {path!r} matches no supported files ({ALSO})")
     elif p.is_dir():
-        state = p / "state.json"
-        if state.exists():  # datasets.save_to_disk: the arrow files it lists, in order
-            names = [d["filename"] for d in json.loads(state.read_text()).get("_data_files", [])]
-            files = [p / n for n in names]
-        else:
-            files = sorted(f for f in p.rglob("*") if f.is_file() and supported(f.name) and not f.name.startswith("."))
+        skipped: list[str] = []
+        files = _folder(p, skipped)
+        _left_out(str(p), skipped)
         if not files:
-            raise InputError(f"Folder {p} holds no supported files ({', '.join(KINDS)}, also .gz)")
+            raise InputError(f"Folder {p} holds no supported files ({ALSO})")
     elif p.is_file():
         if not supported(p.name):
-            raise InputError(f"{p}: unsupported file type; expected one of {', '.join(KINDS)} (optionally .gz)")
+            raise InputError(f"{p}: unsupported file type; expected one of {ALSO}")
         files = [p]
     else:
         raise InputError(f"Source {path!r} does not exist")
     return [RawFile(uri=str(f.resolve()), size=f.stat().st_size, split=split, format=fmt, local=f) for f in files]
+
+
+# datasets.save_to_disk writes these beside its .arrow files: its own bookkeeping, never rows.
+SAVE_TO_DISK = ("state.json", "dataset_info.json", "dataset_dict.json")
+
+
+def _left_out(where: str, names: list[str]) -> None:
+    """Say which files of a folder or prefix are not read (a .jsonl.lz4 beside .jsonl files is data left out)."""
+    if names:
+        LOG.warning("%s: %d file%s of types prepare does not read left out: %s%s (it reads %s)", where, len(names),
+                    "s" * (len(names) != 1), ", ".join(names[:5]), ", ..." if len(names) > 5 else "", ALSO,
+                    extra={"source": where, "left_out": names[:100]})
+
+
+def _folder(p: Path, skipped: list[str]) -> list[Path]:
+    """A folder's data files: a `datasets.save_to_disk` folder's .arrow files in its order, a saved DatasetDict's
+    `train` split (as axolotl's `split: train` reads it; its other splits are a source of their own:
+    DIR/test), else every supported file below it, save_to_disk folders below it read the same way."""
+    if (p / "state.json").exists():
+        names = [d["filename"] for d in json.loads((p / "state.json").read_text()).get("_data_files", [])]
+        return [p / n for n in names]
+    if (p / "dataset_dict.json").exists():
+        splits = json.loads((p / "dataset_dict.json").read_text()).get("splits") or []
+        if "train" not in splits:
+            raise InputError(f"{p} is a saved DatasetDict without a 'train' split (splits: {', '.join(splits)}); "
+                             f"give the split to read as the source, e.g. {p / (splits[0] if splits else 'SPLIT')}")
+        others = [x for x in splits if x != "train"]
+        if others:
+            LOG.info("%s is a saved DatasetDict: reading its train split; %s not read (give %s as a source, with "
+                     "split: eval, to use it)", p, ", ".join(others), p / others[0])
+        return _folder(p / "train", skipped)
+    out: list[Path] = []
+    for entry in sorted(p.iterdir()):
+        if entry.name.startswith(".") or entry.name in SAVE_TO_DISK:
+            continue
+        if entry.is_dir():
+            if not entry.is_symlink():  # as rglob: linked folders are not followed (no loops)
+                out += _folder(entry, skipped)
+        elif entry.is_file():
+            (out.append(entry) if supported(entry.name) else skipped.append(entry.name))
+    return out
 
 
 def _stage_output(path: str, split: str, fmt: str | None) -> list[RawFile] | None:
@@ -165,11 +214,25 @@ def _expand_s3(path: str, split: str, fmt: str | None) -> list[RawFile]:
     elif supported(path) and storage.exists(path):
         return [RawFile(uri=path, size=storage.size(path), split=split, format=fmt)]
     else:
-        objs = list(storage.list_objects(path))
-    files = [RawFile(uri=o.uri, size=o.size, split=split, format=fmt) for o in objs if supported(o.uri)]
+        objs = _saved_split(path.rstrip("/"), list(storage.list_objects(path)))
+    names = [o.uri.rsplit("/", 1)[-1] for o in objs]
+    files = [RawFile(uri=o.uri, size=o.size, split=split, format=fmt) for o, name in zip(objs, names, strict=True)
+             if supported(name) and name not in SAVE_TO_DISK]
+    _left_out(path, [n for n in names if not supported(n) and not n.startswith(".") and n not in SAVE_TO_DISK])
     if not files:
-        raise InputError(f"No supported files under {path} ({', '.join(KINDS)}, also .gz)")
+        raise InputError(f"No supported files under {path} ({ALSO})")
     return files
+
+
+def _saved_split(prefix: str, objs: list[Any]) -> list[Any]:
+    """The objects of a prefix; of a saved DatasetDict there, those of its train split (as `_folder`)."""
+    if not any(o.uri == f"{prefix}/dataset_dict.json" for o in objs):
+        return objs
+    splits = storage.read_json(f"{prefix}/dataset_dict.json").get("splits") or []
+    if "train" not in splits:
+        raise InputError(f"{prefix} is a saved DatasetDict without a 'train' split (splits: {', '.join(splits)}); "
+                         f"give the split to read as the source, e.g. {prefix}/{splits[0] if splits else 'SPLIT'}/")
+    return [o for o in objs if o.uri.startswith(f"{prefix}/train/")]
 
 
 def _hf_dataset(spec: str, split: str, fmt: str | None) -> list[RawFile]:
@@ -222,12 +285,10 @@ def records(f: RawFile, *, max_line_bytes: int, undecoded: bool = False
             return
         assert f.local is not None
         with open(f.local, "rb") as raw:
-            fh: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if f.uri.lower().endswith(".gz") else raw  # type: ignore[assignment]
+            fh = _open_compressed(raw, f.uri)
             gen: Iterator[tuple[int, dict[str, Any] | bytes | Bad]]
-            if f.kind == "jsonl":
-                gen = _jsonl(fh, max_line_bytes, undecoded)
-            elif f.kind == "json":
-                gen = _json(fh, f, max_line_bytes, undecoded)
+            if f.kind in ("jsonl", "json"):
+                gen = J.read_json(fh, f.uri, max_line_bytes, undecoded, lines_only=f.kind == "jsonl")
             else:
                 gen = _csv(fh, "\t" if f.kind == "tsv" else ",", max_line_bytes)
             for i, read in enumerate(gen):
@@ -235,144 +296,31 @@ def records(f: RawFile, *, max_line_bytes: int, undecoded: bool = False
                     f.pos = raw.tell()
                 yield read
         f.pos = f.size
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+    except (EOFError, zlib.error, lzma.LZMAError, OSError) as exc:  # bz2's and pyarrow's zstd's are OSErrors
+        if isinstance(exc, OSError) and compression(f.uri)[1] is None:
+            raise
         raise InputError(f"{f.uri}: compressed data is truncated or corrupt ({exc}); re-create the file") from None
-
-
-def _jsonl(fh: IO[bytes], max_line_bytes: int, undecoded: bool = False
-           ) -> Iterator[tuple[int, dict[str, Any] | bytes | Bad]]:
-    n = 0
-    while True:
-        line = fh.readline(max_line_bytes + 1)
-        if not line:
-            return
-        n += 1
-        if n == 1 and line.startswith(BOM):  # files saved on Windows: pandas and datasets read them too
-            line = line[len(BOM):]
-        if len(line) > max_line_bytes:
-            while line and not line.endswith(b"\n"):  # skip the rest of the long line
-                line = fh.readline(READ_CHUNK)
-            yield n, Bad("line_too_long", f"line is longer than max_line_bytes ({max_line_bytes:,} bytes)")
-            continue
-        if not line.strip():
-            continue
-        yield n, line if undecoded else parse_json_line(line)
-
-
-def parse_json_line(line: bytes) -> dict[str, Any] | Bad:
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Bad("invalid_utf8", f"invalid UTF-8 at byte {exc.start} ({exc.reason})",
-                   line[:200].decode("utf-8", "replace"))
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return Bad("invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}", text[:200])
-    except RecursionError:
-        return Bad("invalid_json", "JSON nested deeper than Python's recursion limit", text[:200])
-    except Exception as exc:  # noqa: BLE001 - whatever else json raises on a line is that line's fault
-        return Bad("invalid_json", f"not readable JSON ({type(exc).__name__}: {exc})", text[:200])
-    if not isinstance(obj, dict):
-        return Bad("invalid_json", f"a JSON {type(obj).__name__}, expected an object per line", text[:200])
-    return _text_only(obj, text) or obj
-
-
-def _text_only(obj: Any, text: str) -> Bad | None:
-    """Bad when a decoded string holds a lone surrogate (from an escape such as \\ud800): not encodable text."""
-    if not SURROGATE_ESCAPE.search(text):  # pairs such as \\ud83d\\ude00 decode to one character: fine
-        return None
-    try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        bad = ord(exc.object[exc.start])
-        return Bad("invalid_unicode", f"a JSON string holds a lone UTF-16 surrogate (\\u{bad:04x}), "
-                   "which is not text; fix the producer of this file", text[:200].encode("utf-8", "replace")
-                   .decode("utf-8"))
-    except RecursionError:
-        return Bad("invalid_json", "JSON nested deeper than Python's recursion limit", "")
-    return None
-
-
-def _json(fh: IO[bytes], f: RawFile, max_line_bytes: int, undecoded: bool = False
-          ) -> Iterator[tuple[int, dict[str, Any] | bytes | Bad]]:
-    """A JSON array decoded element by element; a file of JSON lines named .json is read as lines."""
-    buffered = fh if isinstance(fh, io.BufferedReader) else io.BufferedReader(fh)  # type: ignore[type-var]
-    head = buffered.peek(4096)[:4096].lstrip()
-    if head.startswith(b"\xef\xbb\xbf"):
-        head = head[3:].lstrip()
-    if not head.startswith(b"["):
-        yield from _jsonl(buffered, max_line_bytes, undecoded)
-        return
-    text = io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="strict")
-    decoder = json.JSONDecoder()
-    buf, pos, line, eof = "", 0, 1, False
-
-    def more() -> bool:
-        nonlocal buf, pos, eof
-        try:
-            chunk = text.read(READ_CHUNK)
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{f.uri} near line {line}: invalid UTF-8 ({exc.reason}); a JSON array cannot be "
-                             "read past it. Fix the encoding or convert the file to JSON lines.") from None
-        if not chunk:
-            eof = True
-            return False
-        buf = buf[pos:] + chunk
-        pos = 0
-        return True
-
-    def skip_ws() -> None:
-        nonlocal pos, line
-        while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n":
-                line += buf[pos] == "\n"
-                pos += 1
-            if pos < len(buf) or not more():
-                return
-
-    skip_ws()
-    pos += 1  # the '['
-    skip_ws()
-    if pos < len(buf) and buf[pos] == "]":
-        return
-    while True:
-        skip_ws()
-        start_line = line
-        while True:
-            try:
-                obj, end = decoder.raw_decode(buf, pos)
-                break
-            except RecursionError:
-                raise InputError(f"{f.uri} line {start_line}: an array element is nested deeper than Python's "
-                                 "recursion limit; a JSON array cannot be read past it. Fix the file or convert it "
-                                 "to JSON lines (then skip_bad_lines can drop bad lines).") from None
-            except json.JSONDecodeError as exc:
-                if len(buf) - pos > max_line_bytes:
-                    raise InputError(f"{f.uri} line {start_line}: an array element is longer than max_line_bytes "
-                                     f"({max_line_bytes:,}); raise it or split the record") from None
-                if not more():
-                    raise InputError(f"{f.uri} line {start_line + exc.lineno - 1}: not valid JSON ({exc.msg}); "
-                                     "a JSON array cannot be read past a broken element. Fix the file or "
-                                     "convert it to JSON lines (then skip_bad_lines can drop bad lines).") from None
-        line += buf.count("\n", pos, end)
-        element, pos = buf[pos:end], end
-        yield start_line, (_text_only(obj, element) or obj) if isinstance(obj, dict) else Bad(
-            "invalid_json", f"array element is a JSON {type(obj).__name__}, expected an object")
-        skip_ws()
-        if pos >= len(buf):
-            raise InputError(f"{f.uri} line {line}: the JSON array is truncated (no closing ']')")
-        if buf[pos] == "]":
-            return
-        if buf[pos] != ",":
-            raise InputError(f"{f.uri} line {line}: expected ',' or ']' between array elements, got {buf[pos]!r}")
-        pos += 1
 
 
 def _csv(fh: IO[bytes], delimiter: str, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:
     csv.field_size_limit(max(max_line_bytes, 1 << 17))
     lines = limits.BoundedLines(fh, max_line_bytes)  # a record over max_line_bytes is never held whole
-    reader = csv.DictReader(lines, delimiter=delimiter)
+    try:
+        header = next(lines, "")
+    except limits.RowTooLong as exc:
+        yield exc.line, Bad("line_too_long", f"the CSV header is longer than max_line_bytes ({max_line_bytes:,} "
+                            "bytes)")
+        return
+    delimiter = csv_delimiter(header, delimiter)
+    # "instruction, output": a space after every delimiter of the header is the file's style, not data
+    spaced = header.count(delimiter + " ") == header.count(delimiter) > 0
+    reader = csv.DictReader(itertools.chain([header], lines), delimiter=delimiter, skipinitialspace=spaced)
+    try:
+        if reader.fieldnames:
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
+    except (csv.Error, limits.RowTooLong) as exc:
+        yield lines.line_num, Bad("invalid_csv", f"the CSV header cannot be read ({_csv_error(exc)})")
+        return
     while True:
         lines.start_record()
         try:
@@ -384,10 +332,10 @@ def _csv(fh: IO[bytes], delimiter: str, max_line_bytes: int) -> Iterator[tuple[i
                                 "bytes)")
             if reader.fieldnames is None:  # the header itself: nothing after it can be read
                 return
-            reader = csv.DictReader(lines, fieldnames=reader.fieldnames, delimiter=delimiter)
+            reader = csv.DictReader(lines, fieldnames=reader.fieldnames, delimiter=delimiter, skipinitialspace=spaced)
             continue
         except csv.Error as exc:
-            yield lines.line_num, Bad("invalid_csv", f"CSV error: {exc}")
+            yield lines.line_num, Bad("invalid_csv", f"CSV error: {_csv_error(exc)}")
             continue
         n = lines.line_num
         if None in row:
@@ -395,16 +343,32 @@ def _csv(fh: IO[bytes], delimiter: str, max_line_bytes: int) -> Iterator[tuple[i
                          f"{len(reader.fieldnames or [])}")
             continue
         bad = False
-        for value in row.values():
+        for key, value in row.items():
             if isinstance(value, str):
                 try:
                     value.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    yield n, Bad("invalid_utf8", f"invalid UTF-8 bytes ({exc.reason})")
+                except UnicodeEncodeError as exc:  # a byte that is not UTF-8 came in as a lone surrogate
+                    byte = ord(exc.object[exc.start]) - 0xDC00
+                    yield n, Bad("invalid_utf8", f"invalid UTF-8: column {key!r} holds the byte 0x{byte & 0xFF:02x} "
+                                 "(a Latin-1 or Windows-1252 file? re-save it as UTF-8)")
                     bad = True
                     break
         if not bad:
             yield n, row
+
+
+def _csv_error(exc: BaseException) -> str:
+    if "new-line character seen in unquoted field" in str(exc):  # the csv module's words for \r-only lines
+        return "lines end in a bare carriage return (old Mac style); convert the line ends to \\n or \\r\\n"
+    return str(exc)
+
+
+def csv_delimiter(header: str, default: str) -> str:
+    """A .csv file's delimiter, read off its header: a comma, unless the header has none but semicolons (Excel
+    in locales whose decimal mark is a comma) or tabs (a TSV file named .csv). A .tsv file is tab-separated."""
+    if default != "," or "," in header:
+        return default
+    return ";" if ";" in header else "\t" if "\t" in header else ","
 
 
 def _table(f: RawFile, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | Bad]]:

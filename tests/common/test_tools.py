@@ -57,6 +57,8 @@ def test_tool_schemas_and_calls_are_normalized() -> None:
     bare = {"name": "get_weather", "parameters": WEATHER["function"]["parameters"]}
     assert T.normalize_tools(T.dumps([bare])) == [WEATHER] == T.normalize_tools([WEATHER])
     assert T.normalize_tools(None) is None and T.normalize_tools("") is None
+    # a tools column written with json.dumps (CSV, Parquet): "null", "[]", "{}" or blank where a row has none
+    assert [T.normalize_tools(v) for v in ("null", "[]", "{}", " ", {})] == [None] * 5
     with pytest.raises(ValueError, match=r"tools\[0\] \(f\): parameters is str"):
         T.normalize_tools([{"name": "f", "parameters": "object"}])
     calls = T.normalize_calls('{"name": "f", "arguments": "{\\"a\\": 1}"}', "x")

@@ -248,8 +248,9 @@ UNREADABLE = {  # files that hold rows, none of them readable: never "empty"
     "latin1.csv": (LATIN1_CSV, "line 2: invalid UTF-8", "UTF-8 CSV"),
     "strings.json": (json.dumps(["a", "b", "c"]).encode(), "line 1: array element is a JSON str",
                      "a JSON array of objects"),
-    "wrapped.json": (json.dumps({"data": [{"text": f"row {i}"} for i in range(5)]}, indent=2).encode(),
-                     "line 1: not valid JSON", "a JSON array of objects"),
+    # pretty-printed objects one after another: not JSON lines ({"data": [...]} wrappers are read: test_prepare_formats)
+    "pretty.jsonl": ("\n".join(json.dumps({"text": f"row {i}"}, indent=2) for i in range(5)).encode(),
+                     "line 1: not valid JSON", "UTF-8 JSON lines"),
 }
 
 
