@@ -91,7 +91,6 @@ def _array_bytes(arr: Any) -> Any:
     return np.full(n, max(width // 8, 1), dtype=np.int64)
 
 
-
 def oversized_groups(parquet_file: Any, max_bytes: int) -> set[int]:
     """Row groups whose uncompressed size averages more than `max_bytes` a row: each holds at least one row
     over the limit. Found from the file's metadata, so none of their pages is decompressed."""
