@@ -377,16 +377,19 @@ def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None, fits: Fit
     plan = None if tags or not _schemas(tools) else _prefix_plan(fmt)
     prefix: Prefix | None = None
     blocks: list[tuple[int, int]]
-    if plan is not None:  # one render; the prefixes are read off it where the plan can (else rendered)
-        with _template_errors():
-            marked = plan.render(msgs, {"tools": tools, "documents": None, "add_generation_prompt": False,
-                                        **_variables(fmt)})
-        full, blocks = marked.text, []
+    try:
+        if plan is not None:  # one render; the prefixes are read off it where the plan can (else rendered)
+            with _template_errors():
+                marked = plan.render(msgs, {"tools": tools, "documents": None, "add_generation_prompt": False,
+                                            **_variables(fmt)})
+            full, blocks = marked.text, []
 
-        def prefix(n: int, gen: bool) -> str | None:
-            return plan.prefix(marked, n, gen)
-    else:
-        full, blocks = _render(fmt, msgs, False, tools, track=tags)
+            def prefix(n: int, gen: bool) -> str | None:
+                return plan.prefix(marked, n, gen)
+        else:
+            full, blocks = _render(fmt, msgs, False, tools, track=tags)
+    except ConfigError as exc:
+        raise _refused(fmt, msgs, tools, exc) from None
     ordered = all(0 <= s <= e <= len(full) for s, e in blocks) and all(
         a[1] <= b[0] for a, b in zip(blocks, blocks[1:], strict=False))
     if blocks and len(blocks) == len(turns) and ordered:  # else (say, tags inside a macro) the other methods
@@ -394,7 +397,23 @@ def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None, fits: Fit
     out = _by_prefix(fmt, msgs, full, turns, tools, fits, prefix)
     if out is not None:
         return Spans(full, out, "prefix", complete=len(out) == len(turns))
-    return Spans(full, _locate(fmt, msgs, full, turns), "located")
+    from common import chat_locate  # the marked rendering; where it does not line up, the search below
+
+    located = chat_locate.locate(fmt, msgs, full, turns, tools)
+    return Spans(full, located if located is not None else _locate(fmt, msgs, full, turns), "located")
+
+
+def _refused(fmt: ChatFormat, msgs: list[dict[str, Any]], tools: ToolList, exc: ConfigError) -> ConfigError:
+    """A template's refusal of a conversation, naming the first message it refuses (the shortest prefix that
+    raises too): rendered again only for a row that is refused anyway."""
+    for n in range(1, len(msgs)):
+        try:
+            _render(fmt, msgs[:n], False, tools)
+        except ConfigError:
+            return ConfigError(f"{exc} (message {n - 1}, role {msgs[n - 1]['role']!r}: the template refuses the "
+                               "conversation from there on)")
+    return ConfigError(f"{exc} (message {len(msgs) - 1}, role {msgs[-1]['role']!r}: the template refuses the "
+                       "whole conversation, not a shorter part of it)") if msgs else exc
 
 
 # The text of messages[:n], with or without the generation prompt, when it can be had without rendering.
@@ -413,16 +432,35 @@ def _by_prefix(fmt: ChatFormat, msgs: list[dict[str, Any]], full: str, turns: li
 
     out: list[tuple[int, int, int]] = []
     for i in turns:
-        before = text(i, True)
-        if fits is not None and out and full.startswith(before) and not fits(before):
-            return out  # this turn and every later one start past max_length: they cannot be kept
-        # A turn that ends the conversation ends at the end of `full`: the same render, done once.
-        through = full if i == len(msgs) - 1 else text(i + 1, False)
+        try:
+            before = text(i, True)
+            if fits is not None and out and full.startswith(before) and not fits(before):
+                return out  # this turn and every later one start past max_length: they cannot be kept
+            # A turn that ends the conversation ends at the end of `full`: the same render, done once.
+            through = full if i == len(msgs) - 1 else text(i + 1, False)
+        except ConfigError:  # the template refuses a part of the conversation it renders whole: locate instead
+            return None
         if not full.startswith(before) or not full.startswith(through) or len(through) < len(before):
             return None
         end = len(through.rstrip())  # the turn's own end-of-turn token is trained; the newline after is not
+        if through is full:
+            end = _without_closing(fmt, full, len(before), end)
         out.append((len(before), max(end, len(before)), i))
     return out
+
+
+def _without_closing(fmt: ChatFormat, full: str, start: int, end: int) -> int:
+    """The end of a conversation's last turn without the EOS a template puts after the whole conversation
+    when it is not the turn's own end-of-turn token (Phi-3: `answer<|end|>\\n<|endoftext|>`): the turn is
+    trained through its <|end|>, as every earlier turn is."""
+    eos = fmt.eos_token
+    if not eos or not full.endswith(eos, start, end):
+        return end
+    eot = _end_of_turn(fmt)
+    if not eot or eot == eos:
+        return end
+    cut = start + len(full[start:end - len(eos)].rstrip())
+    return cut if full.endswith(eot, start, cut) else end
 
 
 @lru_cache(maxsize=16)
