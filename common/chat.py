@@ -21,7 +21,8 @@ transformers' own template machinery (`render_jinja_template`, what
   prepare records. Weights are not part of the text: templates never see them.
 - A trained turn's label span runs from the first token of its content
   through its end-of-turn token, so the model learns to stop.
-- Exactly one BOS: added when the template does not render it, never twice.
+- Exactly one BOS leading the text: added when the template does not render it, never twice (a template's own
+  BOS per turn, Llama 2's `<s>[INST]`, is its format and kept; one written in a row's text drops the row).
 - Truncation drops whole trailing turns; it never cuts inside a kept turn and
   never keeps a prompt whose answer was cut off.
 
@@ -45,7 +46,9 @@ these that applies to a conversation:
 3. Location, for templates whose prefixes render differently (Qwen3 drops the
    reasoning of turns before the last user message; Mistral moves the system
    prompt into the last user turn; indented templates without whitespace
-   control): each message's content is found in the full rendering, in order.
+   control): each message's content is found in the full rendering, from a
+   second rendering with every text replaced by a marker (common/chat_locate.py;
+   where that does not line up, by searching for each content in order).
    An assistant turn's span starts after its header (the generation prompt)
    when the header is there, else at its content, and runs through its tool
    calls and its end-of-turn token (the special token the template puts after

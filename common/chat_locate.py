@@ -9,17 +9,19 @@ land on a later turn. Either way a mask would train prompt text, silently. The m
 1. Every non-empty content (and reasoning, where the template reads it) becomes a marker unique to its message
    and the conversation is rendered again. The marked text is the template's own text with the contents cut
    out: the pieces between markers are the template's structure (headers, end-of-turn tokens, tool calls),
-   and each marker says whose content stood there.
-2. The pieces are lined up with the real rendering: the real text must start with the first piece, end with
-   the last, and hold the others in order; the text between two pieces is that message's content as the
-   template rendered it (trimmed, split at </think>, JSON-quoted...). Where the content as written, or
-   trimmed, fits exactly, that is taken; else the next piece is searched for, and a second place it could
-   stand near the first makes the alignment fail rather than guess.
+   and each marker says whose content stood there. (Where that does not line up, equal texts share a marker
+   and it is rendered once more: a template that compares messages, Mistral's `message == user_messages[-1]`,
+   then compares them as it does the real ones.)
+2. The pieces are lined up with the real rendering: it must start with the first piece, end with the last and
+   hold the others in order; the text between two pieces is that message's text as the template rendered it
+   (trimmed, split at </think>, JSON-quoted...). Each piece is placed as early and as late as it can be;
+   where the two agree the place is certain, where they do not it is taken only where the message's text as
+   written (or trimmed) fills the gap exactly, else there is no alignment.
 3. A turn starts after the generation prompt (its header) where that header stands in the structure before
    its content, else at its content (with the spaces before it, part of its first token); without content
    (a tool-call turn of a template with no header, Mistral's `[/INST][TOOL_CALLS]`), where the generation
-   prompt would end after the message before it (one render of the marked prefix). It ends at the first
-   end-of-turn token after its content and tool calls, before the next message's content.
+   prompt ends after the marker the prompt for this turn ends with (one render of the marked prefix). It ends
+   at the first end-of-turn token after its content and tool calls, before the next message's content.
 
 A template whose structure depends on the contents themselves (it compares two messages' texts, or branches
 on a content's words) gives pieces that do not line up: `locate` returns None and the caller searches as
@@ -68,13 +70,15 @@ def locate(fmt: chat.ChatFormat, msgs: list[dict[str, Any]], full: str, turns: l
     header = header if header.strip() else ""
     eot = chat._end_of_turn(fmt)
     out: list[Span] = []
+    floor = 0  # where the turn before ended, in the marked text
     for k, i in enumerate(turns):
-        span = _turn(fmt, marked, owners, text, found, to_full, i, header, eot, tools, k)
+        start, end = _turn(fmt, marked, owners, text, found, i, header, eot, tools, k, floor)
+        span = (to_full(start), to_full(end), i)
         if out and span[0] < out[-1][1]:
             return None
         out.append(span)
+        floor = end
     return out
-
 
 
 def _marked(msgs: list[dict[str, Any]], reasoning: str | None,
@@ -180,13 +184,14 @@ class _Mapping:
 
 
 def _turn(fmt: chat.ChatFormat, marked: list[dict[str, Any]], owners: dict[int, list[int]], text: str, found: Found,
-          to_full: _Mapping, i: int, header: str, eot: str | None, tools: chat.ToolList, k: int) -> Span:
-    """Turn k (message i) in marked offsets, then mapped."""
+          i: int, header: str, eot: str | None, tools: chat.ToolList, k: int, floor: int) -> tuple[int, int]:
+    """Turn k (message i): its start and end in the marked text (the turn before it ended at `floor`)."""
     own = [f for f in found if f[2] == i]
     first = own[0][0] if own else None
     # The markers of the messages around it bound the turn (a system prompt moved elsewhere does not).
     after = min((f[0] for f in found if f[2] > i and (first is None or f[0] > first)), default=len(text))
-    before = max((f[1] for f in found if f[2] < i and f[0] < (after if first is None else first)), default=0)
+    before = max((f[1] for f in found if f[2] < i and f[0] < (after if first is None else first)), default=floor)
+    before = max(before, floor)
     calls = marked[i].get("tool_calls") or []
 
     def missing(what: str) -> chat.TurnNotFound:
@@ -200,7 +205,8 @@ def _turn(fmt: chat.ChatFormat, marked: list[dict[str, Any]], owners: dict[int, 
     if content is None and (gone := next((c["function"]["name"] for c in calls
                                           if text.find(c["function"]["name"], before, after) < 0), None)):
         raise missing(f"its call of {gone!r} is not in the rendering")
-    h = text.rfind(header, before, first if first is not None else after) if header else -1
+    # The header nearest its content; without content, the first after what came before.
+    h = (text.rfind(header, before, first) if first is not None else text.find(header, before, after)) if header else -1
     if h >= 0:
         start = h + len(header)
     elif first is not None:
@@ -227,7 +233,7 @@ def _turn(fmt: chat.ChatFormat, marked: list[dict[str, Any]], owners: dict[int, 
         raise missing("the end of its tool calls (an end-of-turn token after them) is not in the rendering")
     else:
         end = pos
-    return to_full(start), to_full(max(end, start)), i
+    return start, max(end, start)
 
 
 def _after_prompt(fmt: chat.ChatFormat, marked: list[dict[str, Any]], text: str,
