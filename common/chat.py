@@ -214,6 +214,8 @@ class Features:
     tool_calls: bool       # renders messages' `tool_calls`
     reasoning: str | None  # the message key it reads reasoning from, if any
     names: bool            # reads a message's `name` (a participant's name)
+    # Tests a content for none (DeepSeek V3/R1 render an assistant's tool calls only when its content is none).
+    none_content: bool = False
 
 
 @lru_cache(maxsize=16)
@@ -222,13 +224,16 @@ def features(template: str) -> Features:
         "thinking" if re.search(r"message(\.thinking|\[['\"]thinking['\"]\])", template) else None)
     return Features(tags=bool(GENERATION_TAG.search(template)), tools=bool(re.search(r"\btools\b", template)),
                     tool_calls="tool_calls" in template, reasoning=reasoning,
-                    names=bool(re.search(r"\b(message|msg|m)(\.name\b|\[['\"]name['\"]\])", template)))
+                    names=bool(re.search(r"\b(message|msg|m)(\.name\b|\[['\"]name['\"]\])", template)),
+                    none_content=bool(re.search(r"content['\"]?\]?\s+is\s+(not\s+)?none\b", template)))
 
 
 def for_template(fmt: ChatFormat, messages: Messages) -> list[dict[str, Any]]:
     """Canonical messages as the template receives them: tool call arguments as objects, reasoning in the
-    key the template reads or, when it reads none, as a `<think>` block leading the content."""
-    key = features(fmt.template).reasoning
+    key the template reads or, when it reads none, as a `<think>` block leading the content. A tool-calling turn
+    without content has content none (OpenAI's form) for a template that tests for it, else ""."""
+    feats = features(fmt.template)
+    key = feats.reasoning
     out = []
     for m in clean(messages):
         if "tool_calls" in m:
@@ -240,6 +245,8 @@ def for_template(fmt: ChatFormat, messages: Messages) -> list[dict[str, Any]]:
             else:
                 m["content"] = f"<think>\n{reasoning}\n</think>\n\n{m.get('content', '')}"
         m.setdefault("content", "")
+        if feats.none_content and not m["content"] and m.get("tool_calls"):
+            m["content"] = None
         out.append(m)
     return out
 
@@ -396,14 +403,29 @@ def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None, fits: Fit
     ordered = all(0 <= s <= e <= len(full) for s, e in blocks) and all(
         a[1] <= b[0] for a, b in zip(blocks, blocks[1:], strict=False))
     if blocks and len(blocks) == len(turns) and ordered:  # else (say, tags inside a macro) the other methods
-        return Spans(full, [(s, e, i) for (s, e), i in zip(blocks, turns, strict=True)], "tags")
+        return _calls_trained(Spans(full, [(s, e, i) for (s, e), i in zip(blocks, turns, strict=True)], "tags"),
+                              msgs)
     out = _by_prefix(fmt, msgs, full, turns, tools, fits, prefix)
     if out is not None:
-        return Spans(full, out, "prefix", complete=len(out) == len(turns))
+        return _calls_trained(Spans(full, out, "prefix", complete=len(out) == len(turns)), msgs)
     from common import chat_locate  # the marked rendering; where it does not line up, the search below
 
     located = chat_locate.locate(fmt, msgs, full, turns, tools)
     return Spans(full, located if located is not None else _locate(fmt, msgs, full, turns), "located")
+
+
+def _calls_trained(sp: Spans, msgs: list[dict[str, Any]]) -> Spans:
+    """`sp`, once each turn's tool calls are found in its span: a template that reads `tool_calls` may still
+    leave a turn's calls out (DeepSeek's renders them only for a content of none), and that turn would teach
+    an empty answer where a call belongs."""
+    for k, (s, e, i) in enumerate(sp.assistant):
+        for call in msgs[i].get("tool_calls") or ():
+            if sp.text.find(call["function"]["name"], s, e) < 0:
+                raise TurnNotFound(
+                    f"assistant turn {k + 1} (message {i}): its call of {call['function']['name']!r} is not in "
+                    f"the rendering of the turn ({sp.method}), so the model would learn an answer without it. Use "
+                    "a template that renders every tool call (chat_template: chatml) or fix the row.")
+    return sp
 
 
 def _refused(fmt: ChatFormat, msgs: list[dict[str, Any]], tools: ToolList, exc: ConfigError) -> ConfigError:
@@ -536,7 +558,7 @@ def _locate(fmt: ChatFormat, msgs: list[dict[str, Any]], full: str, turns: list[
                 cursor = hit[1]
         m = msgs[i]
         calls = m.get("tool_calls") or []
-        cands = _candidates(m["content"])
+        cands = _candidates(m["content"] or "")
         head = full.find(header, cursor) if header else -1
         hit = _find(full, cands, head + len(header)) if head >= 0 and cands else None
         if hit is None and cands:  # the header found may belong to a later turn: look from the cursor

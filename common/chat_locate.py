@@ -252,7 +252,18 @@ def _after_prompt(fmt: chat.ChatFormat, marked: list[dict[str, Any]], text: str,
         return None
     j = max((j for j in owners[int(last.group(1))] if j < i), default=None)
     at = next((f[1] for f in found if (f[2], f[3]) == (j, last.group(2))), None)
-    tail = prompt[last.end():]
-    if at is None or at < before or at + len(tail) > after or not text.startswith(tail, at):
+    if at is None or at < before:
         return None
-    return at + len(tail)
+    tail = prompt[last.end():]
+    # A generation prompt may also open the answer (DeepSeek-R1's `<｜Assistant｜><think>\n`): the part of it
+    # through its last special token is the header a turn with calls keeps.
+    for cut in (tail, _through_last_special(tail, fmt.specials)):
+        if cut and at + len(cut) <= after and text.startswith(cut, at):
+            return at + len(cut)
+    return None
+
+
+def _through_last_special(text: str, specials: tuple[str, ...]) -> str:
+    """`text` up to the end of the last special token in it ("" when it holds none)."""
+    ends = [text.rfind(s) + len(s) for s in specials if s in text]
+    return text[:max(ends)] if ends else ""

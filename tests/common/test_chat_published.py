@@ -173,14 +173,31 @@ def test_a_conversation_the_template_refuses_is_an_error_naming_the_message(base
     assert names in (enc.error or "")
 
 
+CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+TOOL_ROUND = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+              {"role": "tool", "content": "sunny", "tool_call_id": "c1"}, {"role": "assistant", "content": "Sunny."}]
+
+
+def test_a_template_that_renders_calls_only_for_a_content_of_none_gets_none(base: Any) -> None:
+    """DeepSeek-R1's format renders an assistant's calls only when its content is none (OpenAI's form of a
+    tool-calling turn); given "" it would leave them out. Its header is the generation prompt without the
+    `<think>\n` that prompt adds."""
+    tok = tokenizer(PUBLISHED["deepseek-r1"], base)
+    enc = chat_encode.encode_many(tok, chat.chat_format(tok), [TOOL_ROUND])[0]
+    assert trained_runs(tok, enc) == [
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+        '{"city": "Oslo"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>',
+        "Sunny.<｜end▁of▁sentence｜>"]
+
+
 def test_a_tool_call_the_template_leaves_out_is_refused_naming_the_turn(base: Any) -> None:
-    """DeepSeek-R1's format renders calls only for a content of none; rows hold "" there: the call would not be
-    in the text, and the turn is refused rather than trained as an empty answer."""
-    fam = PUBLISHED["deepseek-r1"]
-    tok = tokenizer(fam, base)
-    conv: list[dict[str, Any]] = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
-        {"role": "tool", "content": "sunny", "tool_call_id": "c1"}, {"role": "assistant", "content": "Sunny."}]
-    enc = chat_encode.encode_many(tok, chat.chat_format(tok), [conv])[0]
+    """A template that renders calls only beside a content: the call would not be in the text, and the turn is
+    refused rather than trained as an empty answer."""
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content }}"
+                "{% if m.tool_calls and m.content %}{% for c in m.tool_calls %}{{ c.function.name }}{% endfor %}"
+                "{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tok = tokenizer(PUBLISHED["named-chatml"], base)
+    enc = chat_encode.encode_many(tok, chat.chat_format(tok, template), [TOOL_ROUND])[0]
     assert enc.drop_reason == "template_error"
     assert "assistant turn 1 (message 1): its call of 'get_weather' is not in the rendering" in (enc.error or "")
