@@ -173,9 +173,11 @@ def test_a_conversation_the_template_refuses_is_an_error_naming_the_message(base
     assert names in (enc.error or "")
 
 
-CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
-TOOL_ROUND = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
-              {"role": "tool", "content": "sunny", "tool_call_id": "c1"}, {"role": "assistant", "content": "Sunny."}]
+CALL: dict[str, Any] = {"id": "c1", "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+TOOL_ROUND: list[dict[str, Any]] = [
+    {"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+    {"role": "tool", "content": "sunny", "tool_call_id": "c1"}, {"role": "assistant", "content": "Sunny."}]
 
 
 def test_a_template_that_renders_calls_only_for_a_content_of_none_gets_none(base: Any) -> None:
