@@ -400,6 +400,11 @@ def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None, fits: Fit
             full, blocks = _render(fmt, msgs, False, tools, track=tags)
     except ConfigError as exc:
         raise _refused(fmt, msgs, tools, exc) from None
+    if tools and (left := next((n for n in map(_tool_name, tools) if n and n not in full), None)):
+        raise ConfigError(f"the chat template leaves the tool {left!r} out of the text (it names "
+                          "`tools` but does not render them, as Phi-4-mini's reads them from the system message), "
+                          "so the model would be trained to call functions it was never shown. Use a template "
+                          "that renders them (chat_template: chatml renders both).")
     ordered = all(0 <= s <= e <= len(full) for s, e in blocks) and all(
         a[1] <= b[0] for a, b in zip(blocks, blocks[1:], strict=False))
     if blocks and len(blocks) == len(turns) and ordered:  # else (say, tags inside a macro) the other methods
@@ -412,6 +417,12 @@ def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None, fits: Fit
 
     located = chat_locate.locate(fmt, msgs, full, turns, tools)
     return Spans(full, located if located is not None else _locate(fmt, msgs, full, turns), "located")
+
+
+def _tool_name(tool: Any) -> str | None:
+    """A JSON schema's function name (None for what is not one: a Python function transformers converts)."""
+    fn = tool.get("function", tool) if isinstance(tool, dict) else None
+    return fn.get("name") if isinstance(fn, dict) and isinstance(fn.get("name"), str) else None
 
 
 def _calls_trained(sp: Spans, msgs: list[dict[str, Any]]) -> Spans:

@@ -203,3 +203,12 @@ def test_a_tool_call_the_template_leaves_out_is_refused_naming_the_turn(base: An
     enc = chat_encode.encode_many(tok, chat.chat_format(tok, template), [TOOL_ROUND])[0]
     assert enc.drop_reason == "template_error"
     assert "assistant turn 1 (message 1): its call of 'get_weather' is not in the rendering" in (enc.error or "")
+
+
+def test_a_template_that_names_tools_but_does_not_render_them_is_refused(base: Any) -> None:
+    """Phi-4-mini's format reads tools from the system message (`message['tools']`): the word `tools` is in the
+    template, yet a row's tools would be left out of the text."""
+    tok = tokenizer(PUBLISHED["phi4-mini"], base)
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    enc = chat_encode.encode_many(tok, chat.chat_format(tok), [conv], tools=[TOOLS])[0]
+    assert enc.drop_reason == "template_error" and "leaves the tool 'get_weather' out of the text" in (enc.error or "")
