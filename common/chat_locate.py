@@ -71,8 +71,11 @@ def locate(fmt: chat.ChatFormat, msgs: list[dict[str, Any]], full: str, turns: l
     eot = chat._end_of_turn(fmt)
     out: list[Span] = []
     floor = 0  # where the turn before ended, in the marked text
+    index: dict[int, list[int]] = {}  # message -> its markers' positions in `found`
+    for n, f in enumerate(found):
+        index.setdefault(f[2], []).append(n)
     for k, i in enumerate(turns):
-        start, end = _turn(fmt, marked, owners, text, found, i, header, eot, tools, k, floor)
+        start, end = _turn(fmt, marked, owners, text, found, index, i, header, eot, tools, k, floor)
         span = (to_full(start), to_full(end), i)
         if out and span[0] < out[-1][1]:
             return None
@@ -184,13 +187,18 @@ class _Mapping:
 
 
 def _turn(fmt: chat.ChatFormat, marked: list[dict[str, Any]], owners: dict[int, list[int]], text: str, found: Found,
-          i: int, header: str, eot: str | None, tools: chat.ToolList, k: int, floor: int) -> tuple[int, int]:
+          index: dict[int, list[int]], i: int, header: str, eot: str | None, tools: chat.ToolList, k: int,
+          floor: int) -> tuple[int, int]:
     """Turn k (message i): its start and end in the marked text (the turn before it ended at `floor`)."""
-    own = [f for f in found if f[2] == i]
+    own = [found[n] for n in index.get(i, ())]
     first = own[0][0] if own else None
-    # The markers of the messages around it bound the turn (a system prompt moved elsewhere does not).
-    after = min((f[0] for f in found if f[2] > i and (first is None or f[0] > first)), default=len(text))
-    before = max((f[1] for f in found if f[2] < i and f[0] < (after if first is None else first)), default=floor)
+    # The nearest markers of the messages around it bound the turn (a system prompt moved elsewhere does not).
+    if own:
+        lo, hi = index[i][0], index[i][-1] + 1
+    else:  # no marker of its own: it stands before the first marker of a later message
+        lo = hi = next((n for n, f in enumerate(found) if f[2] > i), len(found))
+    after = next((found[n][0] for n in range(hi, len(found)) if found[n][2] > i), len(text))
+    before = next((found[n][1] for n in range(lo - 1, -1, -1) if found[n][2] < i), 0)
     before = max(before, floor)
     calls = marked[i].get("tool_calls") or []
 
