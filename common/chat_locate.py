@@ -87,9 +87,10 @@ def locate(fmt: chat.ChatFormat, msgs: list[dict[str, Any]], full: str, turns: l
 def _marked(msgs: list[dict[str, Any]], reasoning: str | None,
             shared: bool) -> tuple[list[dict[str, Any]], dict[int, list[int]]]:
     """The messages with their texts as markers, and which messages each marker stands for. `shared`: equal
-    texts get the same marker, so a template that compares messages (Mistral's `message == user_messages[-1]`)
-    compares them as it does the real ones. An empty content stays empty (templates test it)."""
-    ids: dict[tuple[str, str], int] = {}
+    texts of one role get the same marker, so a template that compares messages (Mistral's
+    `message == user_messages[-1]`) compares them as it does the real ones. An empty content stays empty
+    (templates test it)."""
+    ids: dict[tuple[str, str, str], int] = {}
     owners: dict[int, list[int]] = {}
     out = []
     for j, m in enumerate(msgs):
@@ -97,7 +98,7 @@ def _marked(msgs: list[dict[str, Any]], reasoning: str | None,
         for key, kind in (("content", "c"), (reasoning, "r")):
             value = m.get(key) if key else None
             if isinstance(value, str) and value:
-                n = ids.setdefault((kind, value if shared else str(j)), len(ids))
+                n = ids.setdefault((kind, str(m.get("role")), value if shared else str(j)), len(ids))
                 owners.setdefault(n, []).append(j)
                 m[key] = _marker(n, kind)  # type: ignore[index]
         out.append(m)
