@@ -212,3 +212,23 @@ def test_a_template_that_names_tools_but_does_not_render_them_is_refused(base: A
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     enc = chat_encode.encode_many(tok, chat.chat_format(tok), [conv], tools=[TOOLS])[0]
     assert enc.drop_reason == "template_error" and "leaves the tool 'get_weather' out of the text" in (enc.error or "")
+
+
+def test_a_template_that_compares_messages_is_located_with_equal_texts_sharing_a_marker(base: Any) -> None:
+    """Mistral v0.3 puts the tools before the user message equal to the last one (`message == user_messages[-1]`):
+    two equal user messages both get them, which a marker per message would not reproduce. (The system prompt
+    joins only a last user message: prefixes differ, so the turns are located.)"""
+    fam = PUBLISHED["mistral0.3"]
+    assert fam.call is not None
+    tok = tokenizer(fam, base)
+    fmt = chat.chat_format(tok)
+    call = {**CALL, "id": "call0abcd"}
+    conv: list[dict[str, Any]] = [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "One."}, {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call0abcd"}, {"role": "assistant", "content": "Two."}]
+    sp = chat.spans(fmt, conv, TOOLS)
+    assert sp.method == "located" and sp.text.count("[AVAILABLE_TOOLS]") == 2
+    msgs = chat.for_template(fmt, conv)
+    assert [sp.text[s:e] for s, e, _ in sp.assistant] == [" One.</s>", fam.call(msgs[4]["tool_calls"][0]), " Two.</s>"]
