@@ -24,8 +24,10 @@ land on a later turn. Either way a mask would train prompt text, silently. The m
    at the first end-of-turn token after its content and tool calls, before the next message's content.
 
 A template whose structure depends on the contents themselves (it compares two messages' texts, or branches
-on a content's words) gives pieces that do not line up: `locate` returns None and the caller searches as
-before (common/chat.py `_locate`).
+on a content's words) gives pieces that do not line up: `locate` returns None and the caller falls back to
+`search`, each content looked for in the rendering in order (the method before the markers; it can take a
+short answer's twin in a prompt for it, which the markers cannot). No template in tests/common/chat_families.py
+or chat_published.py needs it.
 """
 
 from __future__ import annotations
@@ -276,3 +278,93 @@ def _through_last_special(text: str, specials: tuple[str, ...]) -> str:
     """`text` up to the end of the last special token in it ("" when it holds none)."""
     ends = [text.rfind(s) + len(s) for s in specials if s in text]
     return text[:max(ends)] if ends else ""
+
+
+# --------------------------------------------------------------------------- the search, where markers do not line up
+
+
+def _candidates(text: str) -> list[str]:
+    """How a message's content may appear: as it is, trimmed, or (reasoning dropped) after its </think>."""
+    out = [text, text.strip()]
+    if "</think>" in text:
+        out.append(text.rsplit("</think>", 1)[1].strip())
+    return [c for i, c in enumerate(out) if c and c not in out[:i]]
+
+
+def _find(full: str, candidates: list[str], start: int) -> tuple[int, int] | None:
+    """The earliest occurrence at or after `start` of any candidate (the longest on a tie)."""
+    hits = [(p, -len(c)) for c in candidates if (p := full.find(c, start)) >= 0]
+    if not hits:
+        return None
+    p, neg = min(hits)
+    return p, p - neg
+
+
+def search(fmt: chat.ChatFormat, msgs: list[dict[str, Any]], full: str, turns: list[int]) -> list[Span]:
+    """Each message's content searched for in `full`, in order: where the marked rendering does not line up
+    (a template that changes a text beyond trimming it, or branches on its words)."""
+    header, eot = chat._header(fmt), chat._end_of_turn(fmt)
+    header = header if header.strip() else ""
+    key = chat.features(fmt.template).reasoning
+    out: list[Span] = []
+    cursor = 0
+
+    def missing(k: int, i: int, what: str) -> chat.TurnNotFound:
+        return chat.TurnNotFound(
+            f"assistant turn {k + 1} (message {i}): {what}, so the turn cannot be located in the rendered text "
+            "for the loss mask (the template renders a conversation's prefixes differently from the whole, and "
+            "changes this turn's text). Use another chat template (chat_template: chatml) or fix the row.")
+
+    for k, i in enumerate(turns):
+        # The user and tool messages before this turn move the cursor past their own text.
+        for j in range(out[-1][2] + 1 if out else 0, i):
+            if msgs[j]["role"] in ("user", "tool") and (hit := _find(full, _candidates(msgs[j]["content"]), cursor)):
+                cursor = hit[1]
+        m = msgs[i]
+        calls = m.get("tool_calls") or []
+        cands = _candidates(m["content"] or "")
+        head = full.find(header, cursor) if header else -1
+        hit = _find(full, cands, head + len(header)) if head >= 0 and cands else None
+        if hit is None and cands:  # the header found may belong to a later turn: look from the cursor
+            head, hit = -1, _find(full, cands, cursor)
+        if hit is not None:
+            start, pos = (head + len(header) if head >= 0 else hit[0]), hit[1]
+            if head < 0 and key and m.get(key):  # no header: reasoning rendered before the content is the turn's
+                r = full.find(str(m[key]).strip(), cursor, hit[0])
+                if r >= 0:
+                    lead = full[:r].rstrip()
+                    start = lead.rfind("<think>") if lead.endswith("<think>") else r
+            if head < 0:  # spaces before the content belong to its first token (" Two" is one token in BPE)
+                while start > cursor and full[start - 1] == " ":
+                    start -= 1
+        elif calls:  # no content: the turn starts after its header
+            bare = header.strip()
+            if head < 0 and bare and (b := full.find(bare, cursor)) >= 0:
+                head, header_len = b, len(bare)
+            else:
+                header_len = len(header)
+            if head < 0:
+                raise missing(k, i, "it has no content and the assistant header is not in the rendering")
+            start = pos = head + header_len
+        else:
+            raise missing(k, i, f"its content ({m['content'][:60]!r}) is not in the rendering")
+        for call in calls:
+            name = call["function"]["name"]
+            n = full.find(name, pos)
+            if n < 0:
+                raise missing(k, i, f"its call of {name!r} is not in the rendering")
+            pos = n + len(name)
+        limit = len(full)
+        nxt = next((msgs[j] for j in range(i + 1, len(msgs)) if msgs[j]["role"] != "assistant"), None)
+        if nxt is not None and (after := _find(full, _candidates(nxt["content"]), pos)):
+            limit = after[0]
+        e = full.find(eot, pos, limit) if eot else -1
+        if e >= 0:
+            end = e + len(eot or "")
+        elif calls:
+            raise missing(k, i, "the end of its tool calls (an end-of-turn token after them) is not in the rendering")
+        else:
+            end = pos
+        out.append((start, end, i))
+        cursor = end
+    return out
