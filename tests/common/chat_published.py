@@ -3,9 +3,10 @@ from them), with the constructs those templates use that a loss mask must surviv
 or defaulted, `raise_exception` on roles, `loop.last` / `add_generation_prompt` checks, trim/strip filters,
 `namespace()` state, macros, second loops over the messages, special unicode tokens, generation tags.
 
-Each entry gives the template, its tokens and `answer(message)`: the text a trained turn's labels must decode to
-(the message as the template receives it, from common.chat.for_template), written from the format, not from
-the code under test.
+Each entry gives the template, its tokens, `answer(message)`: the text a trained turn's labels must decode to
+(the message as the template receives it, from common.chat.for_template), and `call(tool_call)`: the same for a
+turn of one tool call without content; both written from the format, not from the code under test (Qwen3's
+answers depend on the conversation: `qwen3_answer`).
 """
 # ruff: noqa: E501 - the templates keep the line shapes of the formats they follow
 
