@@ -408,8 +408,7 @@ def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None, fits: Fit
     ordered = all(0 <= s <= e <= len(full) for s, e in blocks) and all(
         a[1] <= b[0] for a, b in zip(blocks, blocks[1:], strict=False))
     if blocks and len(blocks) == len(turns) and ordered:  # else (say, tags inside a macro) the other methods
-        return _calls_trained(Spans(full, [(s, e, i) for (s, e), i in zip(blocks, turns, strict=True)], "tags"),
-                              msgs)
+        return _calls_trained(Spans(full, _through_end_of_turn(fmt, full, blocks, turns), "tags"), msgs)
     out = _by_prefix(fmt, msgs, full, turns, tools, fits, prefix)
     if out is not None:
         return _calls_trained(Spans(full, out, "prefix", complete=len(out) == len(turns)), msgs)
@@ -417,6 +416,15 @@ def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None, fits: Fit
 
     located = chat_locate.locate(fmt, msgs, full, turns, tools)
     return Spans(full, located if located is not None else chat_locate.search(fmt, msgs, full, turns), "located")
+
+
+def _through_end_of_turn(fmt: ChatFormat, full: str, blocks: list[tuple[int, int]],
+                         turns: list[int]) -> list[tuple[int, int, int]]:
+    """Generation blocks as spans, each through the end-of-turn token that directly follows it where the block
+    leaves it out (`{% generation %}{{ content }}{% endgeneration %}<|im_end|>`): a model must learn to stop."""
+    eot = _end_of_turn(fmt)
+    return [(s, e + len(eot) if eot and full.startswith(eot, e) else e, i)
+            for (s, e), i in zip(blocks, turns, strict=True)]
 
 
 def _tool_name(tool: Any) -> str | None:

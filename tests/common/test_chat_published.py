@@ -232,3 +232,18 @@ def test_a_template_that_compares_messages_is_located_with_equal_texts_sharing_a
     assert sp.method == "located" and sp.text.count("[AVAILABLE_TOOLS]") == 2
     msgs = chat.for_template(fmt, conv)
     assert [sp.text[s:e] for s, e, _ in sp.assistant] == [" One.</s>", fam.call(msgs[4]["tool_calls"][0]), " Two.</s>"]
+
+
+def test_a_generation_block_that_leaves_out_the_end_of_turn_token_is_trained_through_it(base: Any) -> None:
+    """`{% generation %}` around the content only: the <|im_end|> right after it is the turn's stop, trained
+    with it (the blocks themselves are taken as they are, transformers' mask then lacks the stop)."""
+    fam = PUBLISHED["tagged-chatml"]
+    template = fam.template.replace("message['content'] | trim + '<|im_end|>' }}{% endgeneration %}",
+                                    "message['content'] | trim }}{% endgeneration %}{{ '<|im_end|>' }}")
+    assert template != fam.template
+    tok = tokenizer(fam, base)
+    fmt = chat.chat_format(tok, template)
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Two."},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "Four."}]
+    assert chat.spans(fmt, conv).method == "tags"
+    assert trained_runs(tok, chat_encode.encode_many(tok, fmt, [conv])[0]) == ["Two.<|im_end|>", "Four.<|im_end|>"]
