@@ -32,7 +32,8 @@ these that applies to a conversation:
 1. Generation tags: a template that wraps assistant output in
    `{% generation %}...{% endgeneration %}` (transformers'
    `return_assistant_tokens_mask`) says itself what is trained; one block per
-   assistant turn, taken as it is.
+   assistant turn, taken as it is (through the end-of-turn token right after a block that
+   leaves it out).
 2. Prefixes: the text of messages[:i] with the generation prompt ends where
    assistant turn i starts and the text of messages[:i+1] ends where it ends
    (its trailing whitespace is not trained). Where the template's syntax
