@@ -21,7 +21,8 @@ transformers' own template machinery (`render_jinja_template`, what
   prepare records. Weights are not part of the text: templates never see them.
 - A trained turn's label span runs from the first token of its content
   through its end-of-turn token, so the model learns to stop.
-- Exactly one BOS: added when the template does not render it, never twice.
+- Exactly one BOS leading the text: added when the template does not render it, never twice (a template's own
+  BOS per turn, Llama 2's `<s>[INST]`, is its format and kept; one written in a row's text drops the row).
 - Truncation drops whole trailing turns; it never cuts inside a kept turn and
   never keeps a prompt whose answer was cut off.
 
@@ -31,7 +32,8 @@ these that applies to a conversation:
 1. Generation tags: a template that wraps assistant output in
    `{% generation %}...{% endgeneration %}` (transformers'
    `return_assistant_tokens_mask`) says itself what is trained; one block per
-   assistant turn, taken as it is.
+   assistant turn, taken as it is (through the end-of-turn token right after a block that
+   leaves it out).
 2. Prefixes: the text of messages[:i] with the generation prompt ends where
    assistant turn i starts and the text of messages[:i+1] ends where it ends
    (its trailing whitespace is not trained). Where the template's syntax
@@ -45,7 +47,9 @@ these that applies to a conversation:
 3. Location, for templates whose prefixes render differently (Qwen3 drops the
    reasoning of turns before the last user message; Mistral moves the system
    prompt into the last user turn; indented templates without whitespace
-   control): each message's content is found in the full rendering, in order.
+   control): each message's content is found in the full rendering, from a
+   second rendering with every text replaced by a marker (common/chat_locate.py;
+   where that does not line up, by searching for each content in order).
    An assistant turn's span starts after its header (the generation prompt)
    when the header is there, else at its content, and runs through its tool
    calls and its end-of-turn token (the special token the template puts after
@@ -211,6 +215,8 @@ class Features:
     tool_calls: bool       # renders messages' `tool_calls`
     reasoning: str | None  # the message key it reads reasoning from, if any
     names: bool            # reads a message's `name` (a participant's name)
+    # Tests a content for none (DeepSeek V3/R1 render an assistant's tool calls only when its content is none).
+    none_content: bool = False
 
 
 @lru_cache(maxsize=16)
@@ -219,13 +225,16 @@ def features(template: str) -> Features:
         "thinking" if re.search(r"message(\.thinking|\[['\"]thinking['\"]\])", template) else None)
     return Features(tags=bool(GENERATION_TAG.search(template)), tools=bool(re.search(r"\btools\b", template)),
                     tool_calls="tool_calls" in template, reasoning=reasoning,
-                    names=bool(re.search(r"\b(message|msg|m)(\.name\b|\[['\"]name['\"]\])", template)))
+                    names=bool(re.search(r"\b(message|msg|m)(\.name\b|\[['\"]name['\"]\])", template)),
+                    none_content=bool(re.search(r"content['\"]?\]?\s+is\s+(not\s+)?none\b", template)))
 
 
 def for_template(fmt: ChatFormat, messages: Messages) -> list[dict[str, Any]]:
     """Canonical messages as the template receives them: tool call arguments as objects, reasoning in the
-    key the template reads or, when it reads none, as a `<think>` block leading the content."""
-    key = features(fmt.template).reasoning
+    key the template reads or, when it reads none, as a `<think>` block leading the content. A tool-calling turn
+    without content has content none (OpenAI's form) for a template that tests for it, else ""."""
+    feats = features(fmt.template)
+    key = feats.reasoning
     out = []
     for m in clean(messages):
         if "tool_calls" in m:
@@ -237,6 +246,8 @@ def for_template(fmt: ChatFormat, messages: Messages) -> list[dict[str, Any]]:
             else:
                 m["content"] = f"<think>\n{reasoning}\n</think>\n\n{m.get('content', '')}"
         m.setdefault("content", "")
+        if feats.none_content and not m["content"] and m.get("tool_calls"):
+            m["content"] = None
         out.append(m)
     return out
 
@@ -377,24 +388,77 @@ def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None, fits: Fit
     plan = None if tags or not _schemas(tools) else _prefix_plan(fmt)
     prefix: Prefix | None = None
     blocks: list[tuple[int, int]]
-    if plan is not None:  # one render; the prefixes are read off it where the plan can (else rendered)
-        with _template_errors():
-            marked = plan.render(msgs, {"tools": tools, "documents": None, "add_generation_prompt": False,
-                                        **_variables(fmt)})
-        full, blocks = marked.text, []
+    try:
+        if plan is not None:  # one render; the prefixes are read off it where the plan can (else rendered)
+            with _template_errors():
+                marked = plan.render(msgs, {"tools": tools, "documents": None, "add_generation_prompt": False,
+                                            **_variables(fmt)})
+            full, blocks = marked.text, []
 
-        def prefix(n: int, gen: bool) -> str | None:
-            return plan.prefix(marked, n, gen)
-    else:
-        full, blocks = _render(fmt, msgs, False, tools, track=tags)
+            def prefix(n: int, gen: bool) -> str | None:
+                return plan.prefix(marked, n, gen)
+        else:
+            full, blocks = _render(fmt, msgs, False, tools, track=tags)
+    except ConfigError as exc:
+        raise _refused(fmt, msgs, tools, exc) from None
+    if tools and (left := next((n for n in map(_tool_name, tools) if n and n not in full), None)):
+        raise ConfigError(f"the chat template leaves the tool {left!r} out of the text (it names "
+                          "`tools` but does not render them, as Phi-4-mini's reads them from the system message), "
+                          "so the model would be trained to call functions it was never shown. Use a template "
+                          "that renders them (chat_template: chatml renders both).")
     ordered = all(0 <= s <= e <= len(full) for s, e in blocks) and all(
         a[1] <= b[0] for a, b in zip(blocks, blocks[1:], strict=False))
     if blocks and len(blocks) == len(turns) and ordered:  # else (say, tags inside a macro) the other methods
-        return Spans(full, [(s, e, i) for (s, e), i in zip(blocks, turns, strict=True)], "tags")
+        return _calls_trained(Spans(full, _through_end_of_turn(fmt, full, blocks, turns), "tags"), msgs)
     out = _by_prefix(fmt, msgs, full, turns, tools, fits, prefix)
     if out is not None:
-        return Spans(full, out, "prefix", complete=len(out) == len(turns))
-    return Spans(full, _locate(fmt, msgs, full, turns), "located")
+        return _calls_trained(Spans(full, out, "prefix", complete=len(out) == len(turns)), msgs)
+    from common import chat_locate  # the marked rendering; where it does not line up, a search in order
+
+    located = chat_locate.locate(fmt, msgs, full, turns, tools)
+    return Spans(full, located if located is not None else chat_locate.search(fmt, msgs, full, turns), "located")
+
+
+def _through_end_of_turn(fmt: ChatFormat, full: str, blocks: list[tuple[int, int]],
+                         turns: list[int]) -> list[tuple[int, int, int]]:
+    """Generation blocks as spans, each through the end-of-turn token that directly follows it where the block
+    leaves it out (`{% generation %}{{ content }}{% endgeneration %}<|im_end|>`): a model must learn to stop."""
+    eot = _end_of_turn(fmt)
+    return [(s, e + len(eot) if eot and full.startswith(eot, e) else e, i)
+            for (s, e), i in zip(blocks, turns, strict=True)]
+
+
+def _tool_name(tool: Any) -> str | None:
+    """A JSON schema's function name (None for what is not one: a Python function transformers converts)."""
+    fn = tool.get("function", tool) if isinstance(tool, dict) else None
+    return fn.get("name") if isinstance(fn, dict) and isinstance(fn.get("name"), str) else None
+
+
+def _calls_trained(sp: Spans, msgs: list[dict[str, Any]]) -> Spans:
+    """`sp`, once each turn's tool calls are found in its span: a template that reads `tool_calls` may still
+    leave a turn's calls out (DeepSeek's renders them only for a content of none), and that turn would teach
+    an empty answer where a call belongs."""
+    for k, (s, e, i) in enumerate(sp.assistant):
+        for call in msgs[i].get("tool_calls") or ():
+            if sp.text.find(call["function"]["name"], s, e) < 0:
+                raise TurnNotFound(
+                    f"assistant turn {k + 1} (message {i}): its call of {call['function']['name']!r} is not in "
+                    f"the rendering of the turn ({sp.method}), so the model would learn an answer without it. Use "
+                    "a template that renders every tool call (chat_template: chatml) or fix the row.")
+    return sp
+
+
+def _refused(fmt: ChatFormat, msgs: list[dict[str, Any]], tools: ToolList, exc: ConfigError) -> ConfigError:
+    """A template's refusal of a conversation, naming the first message it refuses (the shortest prefix that
+    raises too): rendered again only for a row that is refused anyway."""
+    for n in range(1, len(msgs)):
+        try:
+            _render(fmt, msgs[:n], False, tools)
+        except ConfigError:
+            return ConfigError(f"{exc} (message {n - 1}, role {msgs[n - 1]['role']!r}: the template refuses the "
+                               "conversation from there on)")
+    return ConfigError(f"{exc} (message {len(msgs) - 1}, role {msgs[-1]['role']!r}: the template refuses the "
+                       "whole conversation, not a shorter part of it)") if msgs else exc
 
 
 # The text of messages[:n], with or without the generation prompt, when it can be had without rendering.
@@ -413,16 +477,35 @@ def _by_prefix(fmt: ChatFormat, msgs: list[dict[str, Any]], full: str, turns: li
 
     out: list[tuple[int, int, int]] = []
     for i in turns:
-        before = text(i, True)
-        if fits is not None and out and full.startswith(before) and not fits(before):
-            return out  # this turn and every later one start past max_length: they cannot be kept
-        # A turn that ends the conversation ends at the end of `full`: the same render, done once.
-        through = full if i == len(msgs) - 1 else text(i + 1, False)
+        try:
+            before = text(i, True)
+            if fits is not None and out and full.startswith(before) and not fits(before):
+                return out  # this turn and every later one start past max_length: they cannot be kept
+            # A turn that ends the conversation ends at the end of `full`: the same render, done once.
+            through = full if i == len(msgs) - 1 else text(i + 1, False)
+        except ConfigError:  # the template refuses a part of the conversation it renders whole: locate instead
+            return None
         if not full.startswith(before) or not full.startswith(through) or len(through) < len(before):
             return None
         end = len(through.rstrip())  # the turn's own end-of-turn token is trained; the newline after is not
+        if through is full:
+            end = _without_closing(fmt, full, len(before), end)
         out.append((len(before), max(end, len(before)), i))
     return out
+
+
+def _without_closing(fmt: ChatFormat, full: str, start: int, end: int) -> int:
+    """The end of a conversation's last turn without the EOS a template puts after the whole conversation
+    when it is not the turn's own end-of-turn token (Phi-3: `answer<|end|>\\n<|endoftext|>`): the turn is
+    trained through its <|end|>, as every earlier turn is."""
+    eos = fmt.eos_token
+    if not eos or not full.endswith(eos, start, end):
+        return end
+    eot = _end_of_turn(fmt)
+    if not eot or eot == eos:
+        return end
+    cut = start + len(full[start:end - len(eos)].rstrip())
+    return cut if full.endswith(eot, start, cut) else end
 
 
 @lru_cache(maxsize=16)
@@ -456,91 +539,6 @@ def _end_of_turn(fmt: ChatFormat) -> str | None:
         return None
     rest = rest.lstrip()
     return next((tok for tok in (*fmt.specials, fmt.eos_token) if tok and rest.startswith(tok)), None)
-
-
-def _candidates(text: str) -> list[str]:
-    """How a message's content may appear: as it is, trimmed, or (reasoning dropped) after its </think>."""
-    out = [text, text.strip()]
-    if "</think>" in text:
-        out.append(text.rsplit("</think>", 1)[1].strip())
-    return [c for i, c in enumerate(out) if c and c not in out[:i]]
-
-
-def _find(full: str, candidates: list[str], start: int) -> tuple[int, int] | None:
-    """The earliest occurrence at or after `start` of any candidate (the longest on a tie)."""
-    hits = [(p, -len(c)) for c in candidates if (p := full.find(c, start)) >= 0]
-    if not hits:
-        return None
-    p, neg = min(hits)
-    return p, p - neg
-
-
-def _locate(fmt: ChatFormat, msgs: list[dict[str, Any]], full: str, turns: list[int]) -> list[tuple[int, int, int]]:
-    header, eot = _header(fmt), _end_of_turn(fmt)
-    header = header if header.strip() else ""
-    key = features(fmt.template).reasoning
-    out: list[tuple[int, int, int]] = []
-    cursor = 0
-
-    def missing(k: int, i: int, what: str) -> TurnNotFound:
-        return TurnNotFound(
-            f"assistant turn {k + 1} (message {i}): {what}, so the turn cannot be located in the rendered text "
-            "for the loss mask (the template renders a conversation's prefixes differently from the whole, and "
-            "changes this turn's text). Use another chat template (chat_template: chatml) or fix the row.")
-
-    for k, i in enumerate(turns):
-        # The user and tool messages before this turn move the cursor past their own text.
-        for j in range(out[-1][2] + 1 if out else 0, i):
-            if msgs[j]["role"] in ("user", "tool") and (hit := _find(full, _candidates(msgs[j]["content"]), cursor)):
-                cursor = hit[1]
-        m = msgs[i]
-        calls = m.get("tool_calls") or []
-        cands = _candidates(m["content"])
-        head = full.find(header, cursor) if header else -1
-        hit = _find(full, cands, head + len(header)) if head >= 0 and cands else None
-        if hit is None and cands:  # the header found may belong to a later turn: look from the cursor
-            head, hit = -1, _find(full, cands, cursor)
-        if hit is not None:
-            start, pos = (head + len(header) if head >= 0 else hit[0]), hit[1]
-            if head < 0 and key and m.get(key):  # no header: reasoning rendered before the content is the turn's
-                r = full.find(str(m[key]).strip(), cursor, hit[0])
-                if r >= 0:
-                    lead = full[:r].rstrip()
-                    start = lead.rfind("<think>") if lead.endswith("<think>") else r
-            if head < 0:  # spaces before the content belong to its first token (" Two" is one token in BPE)
-                while start > cursor and full[start - 1] == " ":
-                    start -= 1
-        elif calls:  # no content: the turn starts after its header
-            bare = header.strip()
-            if head < 0 and bare and (b := full.find(bare, cursor)) >= 0:
-                head, header_len = b, len(bare)
-            else:
-                header_len = len(header)
-            if head < 0:
-                raise missing(k, i, "it has no content and the assistant header is not in the rendering")
-            start = pos = head + header_len
-        else:
-            raise missing(k, i, f"its content ({m['content'][:60]!r}) is not in the rendering")
-        for call in calls:
-            name = call["function"]["name"]
-            n = full.find(name, pos)
-            if n < 0:
-                raise missing(k, i, f"its call of {name!r} is not in the rendering")
-            pos = n + len(name)
-        limit = len(full)
-        nxt = next((msgs[j] for j in range(i + 1, len(msgs)) if msgs[j]["role"] != "assistant"), None)
-        if nxt is not None and (after := _find(full, _candidates(nxt["content"]), pos)):
-            limit = after[0]
-        e = full.find(eot, pos, limit) if eot else -1
-        if e >= 0:
-            end = e + len(eot or "")
-        elif calls:
-            raise missing(k, i, "the end of its tool calls (an end-of-turn token after them) is not in the rendering")
-        else:
-            end = pos
-        out.append((start, end, i))
-        cursor = end
-    return out
 
 
 def turn_rules(messages: Messages, train_on: TrainOn, turns: Sequence[int] | None = None) -> list[str]:

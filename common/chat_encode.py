@@ -150,13 +150,20 @@ class Starts:
         return bisect.bisect_left(self.offsets(), char, key=lambda o: o[0])
 
 
+def _stray_bos(conv: chat.Messages, bos: str, ids: list[int], bos_id: int) -> bool:
+    """Whether a text holding several BOS tokens holds one the template did not mean: two leading the text, or
+    one written in the row's own text (content, reasoning, tool calls). A template may render a BOS per turn
+    (Llama 2: `<s>[INST] ... [/INST] answer </s><s>[INST] ...`): those are its format and kept."""
+    return ids[1] == bos_id == ids[0] or any(bos in str(v) for m in conv for k, v in m.items() if k != "role")
+
+
 def _labels_for(conv: chat.Messages, sp: chat.Spans, ids: list[int], offsets: Starts,
                 bos_id: int | None, fmt: chat.ChatFormat, max_length: int | None, train_on: chat.TrainOn) -> Encoded:
     prepend = 0
     if fmt.needs_bos and bos_id is not None and (not ids or ids[0] != bos_id):
         ids = [bos_id] + ids
         prepend = 1
-    if bos_id is not None and fmt.bos_token and ids.count(bos_id) > 1:
+    if bos_id is not None and fmt.bos_token and ids.count(bos_id) > 1 and _stray_bos(conv, fmt.bos_token, ids, bos_id):
         return Encoded(ids, [chat.IGNORE_INDEX] * len(ids), len(conv), drop_reason="multiple_bos")
 
     turns = sp.assistant
