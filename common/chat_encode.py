@@ -9,9 +9,11 @@ IGNORE_INDEX), truncating whole trailing turns. Split from chat.py, which is abo
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache
+from typing import Any, Literal
 
 from common import chat
 from common.errors import ConfigError
@@ -31,6 +33,7 @@ class Encoded:
     # it into windows (jobs/prepare/windows.py).
     offsets: list[tuple[int, int] | None] | None = None
     text: str | None = None
+    detail: str | None = None  # what the row's drop_reason found, where it says more than the reason
     _trainable: int | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -42,7 +45,8 @@ class Encoded:
 
 def encode_many(tokenizer: Any, fmt: chat.ChatFormat, conversations: Sequence[chat.Messages], *,
                 tools: Sequence[chat.ToolList] | None = None, max_length: int | None = None,
-                train_on: chat.TrainOn = "assistant", long_text: bool = False) -> list[Encoded]:
+                train_on: chat.TrainOn = "assistant", long_text: bool = False,
+                special_tokens: Literal["keep", "drop"] = "keep") -> list[Encoded]:
     """Tokenize a batch of conversations (each with its tools, when given) in one call to the fast tokenizer.
 
     Rendering is per row (Jinja), tokenizing is one batched call (Rust, all
@@ -50,23 +54,28 @@ def encode_many(tokenizer: Any, fmt: chat.ChatFormat, conversations: Sequence[ch
     Python work per row does not grow with its length. A row the template
     refuses comes back with `error` set and no tokens. With `long_text`, a plain-text row longer than
     max_length comes back whole, with its offsets, rather than dropped (a document to cut into windows).
+    With `special_tokens="drop"`, a row whose own text holds one of the template's special tokens comes back
+    dropped (`special_token_in_text`, `detail` says where) rather than tokenized (`special_in_text`).
     """
     if not conversations:  # fast tokenizers fail on an empty batch
         return []
-    all_spans: list[chat.Spans | str] = []
+    all_spans: list[chat.Spans | Encoded] = []
     for n, conv in enumerate(conversations):
+        if special_tokens == "drop" and (where := special_in_text(fmt, conv)) is not None:
+            all_spans.append(Encoded([], [], 0, drop_reason="special_token_in_text", detail=where))
+            continue
         fits = _fits(tokenizer, max_length) if max_length is not None else None  # its state is per conversation
         try:
             all_spans.append(chat.spans(fmt, conv, tools[n] if tools is not None else None, fits))
         except ConfigError as exc:
-            all_spans.append(str(exc))
+            all_spans.append(Encoded([], [], 0, drop_reason="template_error", error=str(exc)))
     texts = [s.text for s in all_spans if isinstance(s, chat.Spans)]
     encoded = iter(_tokenize(tokenizer, texts) if texts else [])
     bos_id = tokenizer.bos_token_id
     out = []
     for conv, sp in zip(conversations, all_spans, strict=True):
-        if isinstance(sp, str):
-            out.append(Encoded([], [], 0, drop_reason="template_error", error=sp))
+        if isinstance(sp, Encoded):  # refused or dropped before tokenizing
+            out.append(sp)
             continue
         ids, offsets = next(encoded)
         whole = long_text and sp.method == "text" and max_length is not None
@@ -77,6 +86,42 @@ def encode_many(tokenizer: Any, fmt: chat.ChatFormat, conversations: Sequence[ch
             out[-1].offsets = lead + [(int(a) - shift, int(b) - shift) for a, b in offsets.offsets()]
             out[-1].text = conv[0]["content"]
     return out
+
+
+@lru_cache(maxsize=16)
+def _markup(fmt: chat.ChatFormat) -> re.Pattern[str] | None:
+    """The special tokens the template writes around turns (those in a rendering of one exchange) and EOS, as
+    one pattern (None: none). BOS is left to the multiple_bos check, which knows a template's own BOS per turn.
+    Special tokens the template never writes (a vocabulary's spare `<|reserved_N|>`) are not looked for: the
+    tokenizer reads them as one token too, but they break no turn."""
+    try:
+        text = chat.render(fmt, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    except ConfigError:
+        text = ""
+    tokens = {t for t in fmt.specials if t in text} | ({fmt.eos_token} if fmt.eos_token else set())
+    tokens.discard(fmt.bos_token or "")
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))) if tokens else None
+
+
+def special_in_text(fmt: chat.ChatFormat, conv: chat.Messages) -> str | None:
+    """Where a row's own text (content, reasoning, tool call arguments) holds a special token of the template's
+    markup (`<|im_end|>`, `<|eot_id|>`, `</s>` ...), or None. The fast tokenizer reads such text as the token
+    itself, not as characters, so the turn would end (or a new one start) inside the row's text: a model trained
+    on it learns the broken structure. Pasted chat logs and scraped pages carry them."""
+    pattern = _markup(fmt)
+    if pattern is None:
+        return None
+    search = pattern.search  # every row passes here: the common case (no hit) builds nothing
+    for i, m in enumerate(conv):
+        if search(m.get("content") or "") or ("reasoning_content" in m and search(m["reasoning_content"] or "")) \
+                or ("tool_calls" in m and any(search(c["function"]["arguments"]) for c in m["tool_calls"] or ())):
+            texts = [("content", m.get("content")), ("reasoning_content", m.get("reasoning_content"))]
+            texts += [("tool call arguments", c["function"]["arguments"]) for c in m.get("tool_calls") or ()]
+            what, hit = next((w, h) for w, t in texts if (h := search(t or "")))
+            return (f"message {i} ({m['role']}) {what} holds {hit.group()!r}, which the tokenizer reads as the "
+                    "template's special token, not as text: the turn would end there. Remove it from the data, "
+                    "or set special_tokens_in_text: keep to train on it as the tokenizer reads it")
+    return None
 
 
 def _fits(tokenizer: Any, max_length: int) -> chat.Fits:

@@ -65,6 +65,7 @@ class Rules:
     # The overlap check's MinHash signature of each kept row (decontam.py), computed here where the row is
     # already in hand rather than after the fact in the job's process: a `minhash` column the writers drop.
     signatures: bool = False
+    special_tokens_in_text: str = "drop"  # drop | keep (chat_encode.special_in_text)
 
 
 def preview(rec: Any) -> str:
@@ -154,7 +155,7 @@ def process(fmt: str | None, items: Sequence[dict[str, Any] | bytes | S.Bad], ru
                 detail = {"too_long_tokens": f"{first} does not fit in max_length {rules.max_length}",
                           "zero_trainable_tokens": untrained(msgs[:e.kept_messages], rules.train_on),
                           "multiple_bos": "the rendered text holds more than one BOS token",
-                          "no_assistant_turn": "no assistant turn"}.get(reason, reason)
+                          "no_assistant_turn": "no assistant turn"}.get(reason, e.detail or reason)
                 if reason == "too_long_tokens" and (rules.on_too_long == "drop" or chat.is_text(msgs)):
                     detail = (f"{'the document has ' if chat.is_text(msgs) else ''}{len(e.input_ids)} tokens > "
                               f"max_length {rules.max_length}")

@@ -82,6 +82,11 @@ class Config(JobConfig):
     on_too_long: Literal["truncate", "drop"] = Field(
         default="truncate", description="truncate: drop trailing turns to fit max_length; drop: drop the row.")
     max_chars: int = Field(default=200_000, gt=0, description="Rows with more characters than this are dropped.")
+    special_tokens_in_text: Literal["drop", "keep"] = Field(
+        default="drop", description="A row whose own text (content, reasoning, tool call arguments) holds one of "
+        "the chat template's special tokens (<|im_end|>, <|eot_id|>, </s> ...), which the tokenizer reads as that "
+        "token and so ends the turn inside the text: drop it (special_token_in_text, naming the message), or keep "
+        "it tokenized as the tokenizer reads it.")
     long_documents: Literal["windows", "drop"] = Field(
         default="windows", description="Plain-text rows (format text) longer than max_length: cut into windows "
         "of max_length tokens (each a row), or drop them (too_long_tokens). Chat rows follow on_too_long.")

@@ -79,7 +79,8 @@ def encoder(tokenizer: Any, fmt: chat.ChatFormat, rules: B.Rules) -> Callable[..
     """The tokenizing step of batch.process for this tokenizer and template."""
     def encode(conversations: Sequence[chat.Messages], tools: Sequence[chat.ToolList]) -> list[chat_encode.Encoded]:
         return chat_encode.encode_many(tokenizer, fmt, conversations, tools=tools, max_length=rules.max_length,
-                                train_on=rules.train_on, long_text=rules.long_documents == "windows")
+                                train_on=rules.train_on, long_text=rules.long_documents == "windows",
+                                special_tokens=rules.special_tokens_in_text)  # type: ignore[arg-type]
     return encode
 
 

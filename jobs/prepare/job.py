@@ -74,7 +74,7 @@ def _prepare(config: Config, files: list[S.RawFile], work: Path, attempt: stage.
                     max_chars=config.max_chars, dedup=config.dedup, seed=config.seed, train_on=config.train_on,
                     max_length=config.max_length, on_too_long=config.on_too_long, max_messages=config.max_messages,
                     long_documents=config.long_documents, window_overlap=config.window_overlap,
-                    last_window=config.last_window,
+                    last_window=config.last_window, special_tokens_in_text=config.special_tokens_in_text,
                     signatures=config.decontaminate == "near" and mixing.TrainSet.checks_overlap(config, shape))
     model_info: dict[str, Any] = {}
     if config.tokenizer:

@@ -56,7 +56,8 @@ REASONS = (
     "invalid_json", "invalid_utf8", "invalid_unicode", "line_too_long", "invalid_csv", "invalid_record",
     "invalid_tools", "wrong_type", "missing_field", "empty_content", "unknown_role", "broken_alternation",
     "unknown_tool_call_id", "no_assistant_turn", "too_many_messages", "too_long_chars", "too_long_tokens",
-    "zero_trainable_tokens", "multiple_bos", "duplicate_exact", "duplicate_normalized", "eval_overlap",
+    "zero_trainable_tokens", "multiple_bos", "special_token_in_text", "duplicate_exact", "duplicate_normalized",
+    "eval_overlap",
 )
 # Drops that mean the source is unusable as given (not one odd row among good ones): exit 3 naming the file
 # and line unless skip_bad_lines, like an unreadable line.

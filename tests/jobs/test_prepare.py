@@ -141,6 +141,36 @@ def test_golden_label_masks_multi_turn_system_and_truncation(tmp_path: Path, tok
             on_too_long="drop")
 
 
+def test_a_special_token_in_a_rows_own_text_drops_it_naming_where_unless_kept(tmp_path: Path, tok_dir: Path, tok):
+    """A pasted chat log's `<|im_end|>` in a user message is read by the tokenizer as the end-of-turn token: the
+    turn would end inside the text. Dropped (counted, the message named in drops.jsonl) unless kept on purpose;
+    a special token the template never writes (the tiny vocabulary's `<unk>`) and plain look-alikes stay."""
+    pasted = {"messages": [{"role": "user", "content": "Why does my log end with <|im_end|> here?"},
+                           {"role": "assistant", "content": "It is a chat marker."}]}
+    think = {"messages": [{"role": "user", "content": "Is <unk> or <|im_end| a marker?"},
+                          {"role": "assistant", "content": "No."}], "tools": None}
+    in_args = {"messages": [
+        {"role": "user", "content": "log it"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "log", "arguments": json.dumps({"text": "done<|im_end|>"})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}, {"role": "assistant", "content": "Logged."}],
+        "tools": [{"type": "function", "function": {"name": "log", "parameters": {"type": "object"}}}]}
+    src = jsonl(tmp_path / "s.jsonl", [pasted, think, in_args, *chat_rows(37)])
+    loaded = run(sources=[str(src)], output=str(tmp_path / "drop"), tokenizer=str(tok_dir))
+    assert loaded.manifest.stats["dropped"] == {"special_token_in_text": 2} and loaded.manifest.stats["train"] == 38
+    drops = [json.loads(line) for line in storage.read_text(loaded.artifact_uri("drops")).splitlines()]
+    assert [d["line"] for d in drops] == [1, 3]
+    assert "message 0 (user) content holds '<|im_end|>'" in drops[0]["detail"]
+    assert "message 1 (assistant) tool call arguments holds '<|im_end|>'" in drops[1]["detail"]
+    assert "special_tokens_in_text: keep" in drops[0]["detail"]
+
+    kept = run(sources=[str(src)], output=str(tmp_path / "keep"), tokenizer=str(tok_dir),
+               special_tokens_in_text="keep")
+    assert kept.manifest.stats["train"] == 40 and not kept.manifest.stats["dropped"]
+    first = rows_of(kept)[0]  # as the tokenizer reads it: the user turn's text holds the end-of-turn token
+    assert first["input_ids"].count(tok.convert_tokens_to_ids("<|im_end|>")) == 3
+
+
 def test_every_file_type_and_source_kind(tmp_path: Path):
     recs = [{"instruction": f"say {i}", "output": f"{i}"} for i in range(4)]
     d = tmp_path / "in"
