@@ -11,15 +11,24 @@ Layouts (the key names are fixed, but roles map through the config's `roles`):
   `parallel_tool_calls` ignored}, `preferred_output` and `non_preferred_output` (lists of assistant messages;
   one message object is read as a list of one).
 - TRL's `prompt` / `chosen` / `rejected`: plain text (the prompt becomes a user message and each answer an
-  assistant message) or conversational (lists of messages; a `tools` column as TRL reads it). Without a
-  prompt (TRL's implicit prompt) the prompt is what chosen and rejected share: for conversations the
-  longest common run of leading messages, for text the longest common prefix cut back to whitespace (TRL's
-  `extract_prompt` rule). Conversational chosen/rejected that repeat the prompt's messages (UltraFeedback
-  binarized: `prompt` text, full conversations as answers) are read the same way, the `prompt` text checked
-  against the shared user turn. Extra keys (`score_chosen`, `prompt_id`, `messages`, ...) are ignored.
+  assistant message) or conversational (lists of messages; a `tools` column as TRL reads it; a `system` text
+  column opens the prompt unless it has a system message). The prompt may also be called `question`
+  (Intel/orca_dpo_pairs) or `input` (argilla's distilabel Orca pairs). Without a prompt (TRL's implicit
+  prompt) the prompt is what chosen and rejected share: for conversations the longest common run of leading
+  messages, for text the longest common prefix cut back to whitespace (TRL's `extract_prompt` rule).
+  Conversational chosen/rejected that repeat the prompt's messages (UltraFeedback binarized: `prompt` text,
+  full conversations as answers) are read the same way, the `prompt` text checked against the shared user
+  turn. Extra keys (`score_chosen`, `prompt_id`, `messages`, ratings, ...) are ignored. Message lists in text
+  cells (CSV, Parquet string columns) are parsed when the JSON has the shape of messages; other answer text
+  (a JSON answer such as `{"name": ...}`) stays text.
+- Anthropic HH-RLHF: `chosen` / `rejected` as whole dialogues in text ("\n\nHuman: ...\n\nAssistant: ...").
+  Their turns are parsed into messages (as TRL's hh-rlhf script does) and read as implicit-prompt
+  conversations: the shared turns are the prompt, each answer the turns after them. A `prompt` transcript
+  that ends in an open "Assistant:" turn (Dahoas' HH sets) is parsed the same way.
 - LLaMA-Factory's ranking (`ranking: true`) layouts: sharegpt `conversations` + `chosen` / `rejected` as one
-  `{from, value}` turn each (optional `system`, `tools`), and alpaca `instruction` (+ `input`, `system`) +
-  `chosen` / `rejected` text.
+  `{from, value}` turn each (optional `system`, `tools`), and alpaca `instruction` (+ `input`, `system`,
+  `history`) + `chosen` / `rejected` text.
+- KTO's unpaired rows (`prompt`, `completion`, `label`) are refused with exit 3 (not supported).
 
 Pairs are held in memory (preference sets are small next to SFT corpora); the split hashes the prompt (its
 messages and tools), so every pair of one prompt lands on the same side, and duplicates are whole pairs.
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 import time
 from collections import Counter
@@ -54,6 +64,17 @@ ENCODE_BATCH = 256
 # --------------------------------------------------------------------------- layouts
 
 
+# The prompt column of a `chosen` / `rejected` record, first found wins: TRL's `prompt`, Intel/orca_dpo_pairs'
+# `question`, argilla's distilabel Orca pairs' `input` (LLaMA-Factory's alpaca `instruction` is its own layout).
+PROMPT_KEYS = ("prompt", "question", "input")
+# KTO's unpaired rows (one completion and a desirable/undesirable label): recognised so that prepare refuses
+# them instead of reading `prompt` / `completion` as a supervised row (which would train on the bad answers).
+KTO_KEYS = ("completion", "label")
+# Anthropic HH-RLHF: each answer is the whole dialogue as text, turns opened by "\n\nHuman: " / "\n\nAssistant: ".
+HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
 def layout(keys: Iterable[str]) -> str | None:
     """The preference layout a record's keys say, or None for a record that is not a pair."""
     k = set(keys)
@@ -70,6 +91,27 @@ def layout(keys: Iterable[str]) -> str | None:
 
 def is_pair(keys: Iterable[str]) -> bool:
     return layout(keys) is not None
+
+
+def is_kto(rec: Mapping[str, Any]) -> bool:
+    """A KTO row: `completion` and a boolean `label` (true/false text in CSV), no chosen/rejected. A
+    prompt/completion row with some other `label` (a class id, say) is a supervised row."""
+    label = rec.get("label")
+    return (set(KTO_KEYS) <= rec.keys() and not is_pair(rec)
+            and (isinstance(label, bool) or str(label).strip().lower() in ("true", "false")))
+
+
+def layout_name(rec: Mapping[str, Any]) -> str:
+    """What the stats call a record's layout: `layout`, told apart further for TRL-keyed files (HH-RLHF
+    transcripts, Orca-style `question` / `input` prompts, full conversations with a `prompt` text)."""
+    kind = layout(rec) or "unknown"
+    if kind != "trl":
+        return kind
+    if "prompt" not in rec and isinstance(rec.get("chosen"), str) and _hh(rec["chosen"]) is not None:
+        return "hh-rlhf"
+    if "prompt" not in rec and any(k in rec for k in PROMPT_KEYS):
+        return "orca"
+    return kind
 
 
 @dataclass
@@ -106,12 +148,7 @@ def to_pair(rec: Mapping[str, Any], roles: Mapping[str, str], max_chars: int) ->
                     _completion(rec.get("rejected"), "rejected", roles, "from", "value"),
                     R.to_tools(rec, {"tools": "tools"}))
     elif kind == "alpaca":
-        instruction = R._text(rec.get("instruction"), "instruction") or ""
-        extra = R._text(rec.get("input"), "input", required=False)
-        system = R._text(rec.get("system"), "system", required=False)
-        user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-        prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        pair = Pair(prompt, _completion(rec.get("chosen"), "chosen", roles),
+        pair = Pair(_alpaca_prompt(rec, roles), _completion(rec.get("chosen"), "chosen", roles),
                     _completion(rec.get("rejected"), "rejected", roles), R.to_tools(rec, {"tools": "tools"}))
     elif kind == "trl":
         pair = _trl(rec, roles)
@@ -129,13 +166,9 @@ def _messages(value: Any, where: str, roles: Mapping[str, str], role_key: str = 
 def _completion(value: Any, where: str, roles: Mapping[str, str], role_key: str = "role",
                 content_key: str = "content") -> list[dict[str, Any]]:
     """An answer: text (one assistant message), one message object, or a list of messages."""
+    value = _decoded(value)
     if value is None:
         raise R.Drop("missing_field", f"{where} is missing")
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.lstrip().startswith(("[", "{")) else value
-        except json.JSONDecodeError:
-            pass
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
     if isinstance(value, dict):
@@ -143,24 +176,70 @@ def _completion(value: Any, where: str, roles: Mapping[str, str], role_key: str 
     return _messages(value, where, roles, role_key, content_key)
 
 
+def _decoded(value: Any) -> Any:
+    """A text cell (CSV, or a Parquet string column) holding a message list or one message object as JSON,
+    parsed; anything else as given. Only JSON shaped like messages (every object with role and content, or
+    from and value) is parsed, so an answer whose text is JSON (`{"name": ...}`) stays text."""
+    if not (isinstance(value, str) and value.lstrip()[:1] in ("[", "{")):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    items = [parsed] if isinstance(parsed, dict) else parsed
+    shaped = isinstance(items, list) and bool(items) and all(
+        isinstance(m, dict) and ({"role", "content"} <= m.keys() or {"from", "value"} <= m.keys()) for m in items)
+    return parsed if shaped else value
+
+
+def _alpaca_prompt(rec: Mapping[str, Any], roles: Mapping[str, str]) -> list[dict[str, Any]]:
+    """LLaMA-Factory's alpaca prompt (system, history pairs, instruction + input), read by the supervised
+    alpaca reader (rows.to_messages) with a placeholder output that is then cut off: one reading of `history`."""
+    cols = {k: k for k in ("instruction", "input", "output", "system", "history")}
+    return R.to_messages({**rec, "output": ""}, "alpaca", cols, roles)[:-1]
+
+
+def _hh(text: str) -> list[dict[str, Any]] | None:
+    """An HH-RLHF transcript ("\n\nHuman: ...\n\nAssistant: ...", leading newlines optional) as messages;
+    None when the text is not one (it must open with a Human turn and hold an Assistant turn)."""
+    body = "\n\n" + text.lstrip("\n")
+    if not body.startswith("\n\nHuman:") or "\n\nAssistant:" not in body:
+        return None
+    parts = HH_TURN.split(body)  # ["", "Human", text, "Assistant", text, ...]
+    return [{"role": HH_ROLES[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts) - 1, 2)]
+
+
 def _trl(rec: Mapping[str, Any], roles: Mapping[str, str]) -> Pair:
-    tools = R.to_tools(rec, {"tools": "tools"})
-    chosen, rejected, prompt = rec.get("chosen"), rec.get("rejected"), rec.get("prompt")
+    """TRL's layouts (and the HH-RLHF, Orca and UltraFeedback shapes of them), with an optional `system` text."""
+    key = next((k for k in PROMPT_KEYS if k in rec), None)
+    if key is not None and rec[key] is None:
+        raise R.Drop("missing_field", f"{key} is null; give the prompt, or leave the {key} key out of every row "
+                     "of the file to take the shared start of chosen and rejected as the prompt")
+    pair = _trl_pair(_decoded(rec.get(key)) if key else None, key or "prompt", _decoded(rec.get("chosen")),
+                     _decoded(rec.get("rejected")), roles, R.to_tools(rec, {"tools": "tools"}))
+    system = R._text(rec.get("system"), "system", required=False)
+    if system and system.strip() and not (pair.prompt and pair.prompt[0]["role"] == "system"):
+        pair.prompt.insert(0, {"role": "system", "content": system})
+    return pair
+
+
+def _trl_pair(prompt: Any, key: str, chosen: Any, rejected: Any, roles: Mapping[str, str],
+              tools: list[dict[str, Any]] | None) -> Pair:
     if isinstance(chosen, str) and isinstance(rejected, str):
-        if prompt is None:  # implicit prompt, TRL's rule: the common prefix, cut back to whitespace
-            n = 0
-            while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-                n += 1
-            while n > 0 and not chosen[n - 1].isspace() and n < min(len(chosen), len(rejected)):
-                n -= 1
-            if not chosen[:n].strip():
-                raise R.Drop("no_prompt", "no prompt column and chosen and rejected share no leading text to "
-                             "take as the prompt; give a prompt column")
-            return Pair([{"role": "user", "content": chosen[:n].rstrip()}],
-                        [{"role": "assistant", "content": chosen[n:]}],
-                        [{"role": "assistant", "content": rejected[n:]}], tools)
-        return Pair(_prompt(prompt, roles), [{"role": "assistant", "content": chosen}],
-                    [{"role": "assistant", "content": rejected}], tools)
+        hh = (_hh(chosen), _hh(rejected)) if prompt is None else (None, None)
+        if hh[0] is not None and hh[1] is not None:  # HH-RLHF: the dialogue's turns, as a conversation
+            chosen, rejected = hh
+        elif prompt is None:  # implicit prompt, TRL's rule: the common prefix, cut back to whitespace
+            return _text_prefix_pair(chosen, rejected, tools)
+        else:
+            hh_prompt = _hh(prompt) if isinstance(prompt, str) else None
+            if hh_prompt and hh_prompt[-1]["role"] == "assistant" and not hh_prompt[-1]["content"].strip():
+                # a prompt transcript ending in an open "Assistant:" turn (Dahoas' HH sets): its turns; the
+                # answers then start after "Assistant:", with the space the transcript puts there
+                return Pair(hh_prompt[:-1], [{"role": "assistant", "content": chosen.removeprefix(" ")}],
+                            [{"role": "assistant", "content": rejected.removeprefix(" ")}], tools)
+            return Pair(_prompt(prompt, key, roles), [{"role": "assistant", "content": chosen}],
+                        [{"role": "assistant", "content": rejected}], tools)
     c, r = _completion(chosen, "chosen", roles), _completion(rejected, "rejected", roles)
     shared = 0  # leading messages both answers repeat: the (implicit) prompt
     while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
@@ -171,20 +250,35 @@ def _trl(rec: Mapping[str, Any], roles: Mapping[str, str]) -> Pair:
         if prompt is None:
             raise R.Drop("no_prompt", "no prompt column, and chosen and rejected are not conversations that share "
                          "their leading (prompt) messages; give a prompt column")
-        return Pair(_prompt(prompt, roles), c, r, tools)
+        return Pair(_prompt(prompt, key, roles), c, r, tools)
     implicit = c[:shared]
     if prompt is not None:
-        given = _prompt(prompt, roles)
+        given = _prompt(prompt, key, roles)
         if given != implicit and not (isinstance(prompt, str) and implicit[-1]["content"].strip() == prompt.strip()):
-            raise R.Drop("wrong_type", "prompt and the leading messages of chosen/rejected are both given and "
+            raise R.Drop("wrong_type", f"{key} and the leading messages of chosen/rejected are both given and "
                          "differ; give the prompt once (prompt + answers, or full conversations without prompt)")
     return Pair(implicit, c[shared:], r[shared:], tools)
 
 
-def _prompt(value: Any, roles: Mapping[str, str]) -> list[dict[str, Any]]:
+def _text_prefix_pair(chosen: str, rejected: str, tools: list[dict[str, Any]] | None) -> Pair:
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n > 0 and not chosen[n - 1].isspace() and n < min(len(chosen), len(rejected)):
+        n -= 1
+    if not chosen[:n].strip():
+        raise R.Drop("no_prompt", "no prompt column and chosen and rejected share no leading text to take as the "
+                     f"prompt; give a prompt column ({', '.join(PROMPT_KEYS)})")
+    return Pair([{"role": "user", "content": chosen[:n].rstrip()}], [{"role": "assistant", "content": chosen[n:]}],
+                [{"role": "assistant", "content": rejected[n:]}], tools)
+
+
+def _prompt(value: Any, key: str, roles: Mapping[str, str]) -> list[dict[str, Any]]:
     if isinstance(value, str) or value is None:
-        return [{"role": "user", "content": R._text(value, "prompt") or ""}]
-    return _messages(value, "prompt", roles)
+        return [{"role": "user", "content": R._text(value, key) or ""}]
+    if isinstance(value, dict):
+        value = [value]
+    return _messages(value, key, roles)
 
 
 def validated(pair: Pair, max_chars: int) -> Pair:
@@ -245,14 +339,15 @@ class Tally:
 
 
 def first_is_pair(files: list[S.RawFile], max_line_bytes: int) -> bool:
-    """Whether the first readable record of the sources is a preference pair (prepare's switch to this path)."""
+    """Whether the first readable record of the sources is a preference pair, or a KTO row this path refuses
+    (prepare's switch to this path)."""
     for f in files:
         cols = S.table_columns(f)
-        if cols is not None:
+        if cols is not None and (is_pair(cols) or not set(KTO_KEYS) <= set(cols)):
             return is_pair(cols)
-        for _, rec in S.records(f, max_line_bytes=max_line_bytes):
+        for _, rec in S.records(f, max_line_bytes=max_line_bytes):  # KTO's label is told by its value
             if isinstance(rec, dict):
-                return is_pair(rec)
+                return is_pair(rec) or is_kto(rec)
     return False
 
 
@@ -320,11 +415,17 @@ def _read(config: Any, files: list[S.RawFile], roles: dict[str, str], tally: Tal
                 continue
             assert isinstance(rec, dict)  # records come decoded here
             kind = layout(rec)
+            if kind is None and is_kto(rec):
+                raise InputError(f"{f.uri} line {line}: an unpaired KTO row (prompt, completion, label): prepare reads "
+                                 "preference pairs, a chosen and a rejected answer to one prompt, and KTO is not "
+                                 "supported. Pair each prompt's desirable and undesirable completions as chosen/"
+                                 "rejected (docs/preference.md), or train SFT on the desirable ones (label true) "
+                                 "without the label column.")
             if kind is None:
                 raise InputError(f"{f.uri} line {line}: a supervised row ({', '.join(list(map(str, rec))[:6])}) "
                                  "among preference pairs (the sources start with a pair). A run holds one kind of "
                                  "data: prepare the supervised rows and the pairs separately.")
-            tally.layouts.setdefault(f.uri, kind)
+            tally.layouts.setdefault(f.uri, layout_name(rec))
             try:
                 pair = to_pair(rec, roles, config.max_chars)
             except R.Drop as d:
