@@ -73,7 +73,12 @@ def _array_bytes(arr: Any) -> Any:
     if pa.types.is_fixed_size_list(t):
         child = _array_bytes(arr.flatten())
         return child.reshape(n, t.list_size).sum(axis=1) if n else np.zeros(0, np.int64)
-    width = getattr(t, "bit_width", 64) or 64
+    if pa.types.is_null(t):  # a column that is null in every row (an unused score or margin column)
+        return np.zeros(n, np.int64)
+    try:
+        width = t.bit_width or 64
+    except ValueError:  # a type without a fixed width that none of the branches above measures
+        width = 64
     return np.full(n, max(width // 8, 1), dtype=np.int64)
 
 
