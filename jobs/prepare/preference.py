@@ -13,7 +13,8 @@ Layouts (the key names are fixed, but roles map through the config's `roles`):
 - TRL's `prompt` / `chosen` / `rejected`: plain text (the prompt becomes a user message and each answer an
   assistant message) or conversational (lists of messages; a `tools` column as TRL reads it; a `system` text
   column opens the prompt unless it has a system message). The prompt may also be called `question`
-  (Intel/orca_dpo_pairs) or `input` (argilla's distilabel Orca pairs). Without a prompt (TRL's implicit
+  (Intel/orca_dpo_pairs) or `input` (argilla's distilabel Orca pairs), or be a `messages` list ending in a
+  user turn (LLaMA-Factory's sharegpt ranking with role/content tags). Without a prompt (TRL's implicit
   prompt) the prompt is what chosen and rejected share: for conversations the longest common run of leading
   messages, for text the longest common prefix cut back to whitespace (TRL's `extract_prompt` rule).
   Conversational chosen/rejected that repeat the prompt's messages (UltraFeedback binarized: `prompt` text,
@@ -59,6 +60,10 @@ LOG = logging.getLogger(__name__)
 # Reasons a pair is dropped for, besides the row reasons of rows.REASONS, in the order the stats print them.
 REASONS = ("identical_answers", "empty_completion", "no_prompt", "prompt_too_long", "template_error")
 ENCODE_BATCH = 256
+# Supervised prepare's settings that pairs do not use (fixed layout keys; answers always trained; no mixing,
+# windows or near-duplicate decontamination: the split by prompt keeps a prompt on one side).
+NOT_FOR_PAIRS = ("format", "columns", "train_on", "long_documents", "window_overlap", "last_window", "mix_rows",
+                 "max_train_rows", "train_fraction", "decontaminate", "decontam_threshold", "guard_suites")
 
 
 # --------------------------------------------------------------------------- layouts
@@ -122,7 +127,8 @@ class Pair:
     tools: list[dict[str, Any]] | None
 
 
-def to_pair(rec: Mapping[str, Any], roles: Mapping[str, str], max_chars: int) -> Pair:
+def to_pair(rec: Mapping[str, Any], roles: Mapping[str, str], max_chars: int, max_messages: int | None = None
+            ) -> Pair:
     """One record as a validated pair; raises rows.Drop with the reason."""
     kind = layout(rec)
     if kind == "openai":
@@ -155,7 +161,7 @@ def to_pair(rec: Mapping[str, Any], roles: Mapping[str, str], max_chars: int) ->
     else:
         raise R.Drop("missing_field", "not a preference pair: expected chosen/rejected or preferred_output/"
                      "non_preferred_output")
-    return validated(pair, max_chars)
+    return validated(pair, max_chars, max_messages)
 
 
 def _messages(value: Any, where: str, roles: Mapping[str, str], role_key: str = "role",
@@ -173,6 +179,9 @@ def _completion(value: Any, where: str, roles: Mapping[str, str], role_key: str 
         return [{"role": "assistant", "content": value}]
     if isinstance(value, dict):
         value = [value]
+    if isinstance(value, list) and value and isinstance(value[0], dict) and role_key not in value[0] \
+            and "from" in value[0]:
+        role_key, content_key = "from", "value"  # sharegpt-style turns where role/content were expected
     return _messages(value, where, roles, role_key, content_key)
 
 
@@ -215,12 +224,25 @@ def _trl(rec: Mapping[str, Any], roles: Mapping[str, str]) -> Pair:
     if key is not None and rec[key] is None:
         raise R.Drop("missing_field", f"{key} is null; give the prompt, or leave the {key} key out of every row "
                      "of the file to take the shared start of chosen and rejected as the prompt")
-    pair = _trl_pair(_decoded(rec.get(key)) if key else None, key or "prompt", _decoded(rec.get("chosen")),
-                     _decoded(rec.get("rejected")), roles, R.to_tools(rec, {"tools": "tools"}))
+    prompt = _decoded(rec.get(key)) if key else _turns_before_answer(rec.get("messages"), roles)
+    pair = _trl_pair(prompt, key or "messages", _decoded(rec.get("chosen")), _decoded(rec.get("rejected")), roles,
+                     R.to_tools(rec, {"tools": "tools"}))
     system = R._text(rec.get("system"), "system", required=False)
     if system and system.strip() and not (pair.prompt and pair.prompt[0]["role"] == "system"):
         pair.prompt.insert(0, {"role": "system", "content": system})
     return pair
+
+
+def _turns_before_answer(value: Any, roles: Mapping[str, str]) -> list[dict[str, Any]] | None:
+    """A `messages` column that is the prompt (LLaMA-Factory's sharegpt ranking with role/content tags: the
+    turns before the answers, ending in a user turn); None otherwise: UltraFeedback's `messages` is the chosen
+    conversation, answer included, and is ignored."""
+    value = _decoded(value)
+    if not (isinstance(value, list) and value and all(isinstance(m, dict) for m in value)):
+        return None
+    role_key, content_key = ("from", "value") if "from" in value[0] else ("role", "content")
+    msgs = _messages(value, "messages", roles, role_key, content_key)
+    return msgs if msgs[-1]["role"] != "assistant" else None
 
 
 def _trl_pair(prompt: Any, key: str, chosen: Any, rejected: Any, roles: Mapping[str, str],
@@ -281,7 +303,7 @@ def _prompt(value: Any, key: str, roles: Mapping[str, str]) -> list[dict[str, An
     return _messages(value, key, roles)
 
 
-def validated(pair: Pair, max_chars: int) -> Pair:
+def validated(pair: Pair, max_chars: int, max_messages: int | None = None) -> Pair:
     for name in ("chosen", "rejected"):
         msgs = getattr(pair, name)
         if not msgs or all(not m["content"].strip() and not m.get("tool_calls") for m in msgs):
@@ -289,7 +311,7 @@ def validated(pair: Pair, max_chars: int) -> Pair:
         if msgs[0]["role"] != "assistant":
             raise R.Drop("broken_alternation", f"the {name} answer starts with a {msgs[0]['role']} message; an "
                          "answer is assistant messages (with tool results between them)")
-        R.validate([*pair.prompt, *msgs], max_chars)  # the conversation each answer makes, as for SFT rows
+        R.validate([*pair.prompt, *msgs], max_chars, max_messages)  # the conversation each answer makes, as SFT
     pair.prompt = [m for m in pair.prompt if not (m["role"] == "system" and not m["content"].strip())]
     if _norm(pair.chosen) == _norm(pair.rejected):
         raise R.Drop("identical_answers", "chosen and rejected are the same answer: nothing to prefer")
@@ -365,6 +387,7 @@ def prepare(config: Any, files: list[S.RawFile], attempt: stage.Attempt, timings
 def _prepare(config: Any, files: list[S.RawFile], attempt: stage.Attempt, timings: dict[str, float]
              ) -> stage.Outcome:
     t0 = time.monotonic()
+    _check_settings(config)
     roles = {**R.DEFAULT_ROLES, **config.roles}
     tally = Tally()
     kept = _read(config, files, roles, tally)
@@ -397,6 +420,28 @@ def _prepare(config: Any, files: list[S.RawFile], attempt: stage.Attempt, timing
     return stage.Outcome(stats=stats, timings=timings, model=model_info, run_id=config.run_id)
 
 
+def _check_settings(config: Any) -> None:
+    """Refuse a source's mixing settings (pairs are not mixed: its max_rows would be ignored), and name in the
+    log the supervised settings set that pairs do not use. Those are not refused: a pipeline's
+    prepare-preference step inherits the SFT step's `prepare` section."""
+    mixed = [f"{s.path} {k}" for s in config.source_specs() for k in ("weight", "max_rows", "repeat") if getattr(s, k)]
+    if mixed:
+        raise ConfigError(f"preference pairs are not mixed or subsampled: {', '.join(mixed)} would be ignored. Remove "
+                          "it from the source, and cut the file to the pairs you want instead.")
+    fields = type(config).model_fields
+    ignored = []
+    for k in NOT_FOR_PAIRS:
+        value, default = getattr(config, k), fields[k].get_default(call_default_factory=True)
+        if hasattr(value, "model_dump"):  # `columns`: the keys that were changed
+            now, was = value.model_dump(), default.model_dump()
+            ignored += [f"{k}.{c}={v}" for c, v in now.items() if v != was[c]]
+        elif value != default:
+            ignored.append(f"{k}={value}")
+    if ignored:
+        LOG.warning("settings that do not apply to preference pairs are ignored: %s (docs/preference.md)",
+                    ", ".join(ignored))
+
+
 def _read(config: Any, files: list[S.RawFile], roles: dict[str, str], tally: Tally) -> list[Kept]:
     seen_exact: set[int] = set()
     seen_norm: set[int] = set()
@@ -427,7 +472,7 @@ def _read(config: Any, files: list[S.RawFile], roles: dict[str, str], tally: Tal
                                  "data: prepare the supervised rows and the pairs separately.")
             tally.layouts.setdefault(f.uri, layout_name(rec))
             try:
-                pair = to_pair(rec, roles, config.max_chars)
+                pair = to_pair(rec, roles, config.max_chars, config.max_messages)
             except R.Drop as d:
                 if d.reason in R.FATAL and not config.skip_bad_lines:
                     raise InputError(f"{f.uri} line {line}: {d.detail}. Fix the file, or set skip_bad_lines: true "

@@ -239,6 +239,13 @@ def test_orca_prompt_columns_a_system_column_and_alpaca_history_reach_the_prompt
     lf = read_pair({"instruction": "And now?", "input": "", "system": "Be brief.", "chosen": "b", "rejected": "c",
                     "history": [["First?", "One."]]})
     assert lf.prompt == [{"role": "system", "content": "Be brief."}, u("First?"), a("One."), u("And now?")]
+    # LLaMA-Factory sharegpt ranking mapped to a `messages` column (role/content or from/value tags) ...
+    tagged = read_pair({"messages": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hey"},
+                        "rejected": {"from": "gpt", "value": "Go."}})
+    assert (tagged.prompt, tagged.chosen, tagged.rejected) == ([u("Hi")], [a("Hey")], [a("Go.")])
+    # ... but UltraFeedback's `messages` (the chosen conversation, answer included) is not a prompt.
+    uf = read_pair({"chosen": [u("Q"), a("good")], "rejected": [u("Q"), a("bad")], "messages": [u("Q"), a("good")]})
+    assert (uf.prompt, uf.chosen) == ([u("Q")], [a("good")])
 
 
 @pytest.mark.unit
@@ -294,3 +301,23 @@ def test_hh_csv_and_parquet_with_null_columns_prepare_and_inspect_as_pairs(tmp_p
     assert res.output.count("«") == 2 and "preference pairs: 4 (train 4, eval 0) of 4 read" in res.output
     trained = re.findall("«(.*?)»", res.output, re.S)
     assert all(t.endswith("<|im_end|>") and "<|im_start|>" not in t for t in trained), trained  # answers only
+
+
+def test_supervised_settings_are_named_as_ignored_and_a_source_max_rows_is_refused(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from common.errors import ConfigError
+
+    src = jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "yes", "rejected": "no"}])
+    with caplog.at_level(logging.WARNING, logger="jobs.prepare.preference"):
+        loaded = run(sources=[str(src)], output=str(tmp_path / "o"), columns={"prompt": "question"},
+                     max_train_rows=5)
+    assert loaded.manifest.stats["pairs"] == 1
+    assert "ignored: columns.prompt=question, max_train_rows=5" in caplog.text
+    with pytest.raises(ConfigError, match=r"p.jsonl max_rows would be ignored"):
+        run(sources=[{"path": str(src), "max_rows": 1}], output=str(tmp_path / "o2"))
+    too_many = jsonl(tmp_path / "m.jsonl", [{"prompt": [u("q"), a("x")] * 3 + [u("q")], "chosen": "y", "rejected": "n"},
+                                            {"prompt": "q", "chosen": "y", "rejected": "n"}])
+    st = run(sources=[str(too_many)], output=str(tmp_path / "o3"), max_messages=4,
+             max_drop_fraction=0.5).manifest.stats
+    assert st["dropped"] == {"too_many_messages": 1} and st["pairs"] == 1
