@@ -203,7 +203,7 @@ def a(text: str) -> dict[str, str]:
 
 
 def read_pair(rec: dict[str, Any]) -> Any:
-    from jobs.prepare import preference as pref
+    from jobs.prepare import pref_layouts as pref
     from jobs.prepare import rows as R
 
     return pref.to_pair(rec, R.DEFAULT_ROLES, 200_000)
@@ -211,7 +211,7 @@ def read_pair(rec: dict[str, Any]) -> Any:
 
 @pytest.mark.unit
 def test_hh_rlhf_dialogues_are_parsed_into_turns_with_the_shared_turns_as_prompt() -> None:
-    from jobs.prepare import preference as pref
+    from jobs.prepare import pref_layouts as pref
 
     head = "\n\nHuman: Any cuss words?\n\nAssistant: Why do you ask?\n\nHuman: Just curious."
     rec = {"chosen": head + "\n\nAssistant: I'd rather not.", "rejected": head + "\n\nAssistant: Sure: ..."}
@@ -250,7 +250,7 @@ def test_orca_prompt_columns_a_system_column_and_alpaca_history_reach_the_prompt
 
 @pytest.mark.unit
 def test_message_lists_in_text_cells_are_messages_but_json_answers_stay_text() -> None:
-    from jobs.prepare import preference as pref
+    from jobs.prepare import pref_layouts as pref
 
     csv_row = {"prompt": json.dumps([u("Count to 3.")]), "chosen": json.dumps([a("1 2 3")]),
                "rejected": json.dumps({"role": "assistant", "content": "1 3 2"})}
