@@ -49,6 +49,8 @@ def load_rows(uri: str, split: str, n: int, tmp: Path) -> tuple[list[dict[str, A
             pf = pq.ParquetFile(local)
             names = pf.schema_arrow.names
             missing = [c for c in data.REQUIRED if c not in names]
+            if all(c in names for c in PAIR_COLUMNS):  # a preference shard (docs/preference.md)
+                missing = []
             if missing:
                 raise InputError(f"{uri} is not a prepare shard (missing column{'s' * (len(missing) > 1)} "
                                  f"{', '.join(missing)}; columns: "
@@ -78,6 +80,31 @@ def load_rows(uri: str, split: str, n: int, tmp: Path) -> tuple[list[dict[str, A
             break
     # The manifest's token statistics cover every split; say so rather than read every shard of this one.
     return rows, {**loaded.manifest.stats, "scope": "all splits"}, loaded.manifest.model.get("tokenizer_source")
+
+
+# What marks a preference pair row (common.preference.schema); inspect shows each pair as its two sequences.
+PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected", "split", "source")
+
+
+def pair_views(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Preference rows as the two sequences train sees (prompt + chosen, prompt + rejected), each shown like a
+    supervised row with its `answer` named; supervised rows as they are."""
+    from common.preference import conversation
+
+    out = []
+    for row in rows:
+        if not all(c in row for c in PAIR_COLUMNS):
+            out.append(row)
+            continue
+        for side in ("chosen", "rejected"):
+            view = {k: row.get(k) for k in ("id", "split", "source", "tools")}
+            view |= {"answer": side, "messages": conversation(row["prompt"], row[side])}
+            if row.get("prompt_ids") is not None:
+                labels = [IGNORE] * len(row["prompt_ids"]) + row[f"{side}_labels"]
+                view |= {"input_ids": row["prompt_ids"] + row[f"{side}_ids"], "labels": labels,
+                         "num_tokens": len(labels), "num_trainable": sum(x != IGNORE for x in labels)}
+            out.append(view)
+    return out
 
 
 def _histogram(lengths: list[int], bins: int = 20) -> dict[str, Any]:
@@ -153,6 +180,8 @@ def terminal_safe(text: Any) -> str:
 def render_text(row: dict[str, Any], segs: list[tuple[str, bool, int | None]], *, tokens: bool, color: bool) -> str:
     """One row for the terminal; its text made terminal_safe before any colour of ours is added."""
     head = terminal_safe(f"── row {row.get('id', '')[:12]}  split={row.get('split')}  source={row.get('source')}")
+    if row.get("answer"):
+        head += f"  answer={row['answer']}"
     if row.get("num_tokens") is not None:
         head += f"  tokens={row['num_tokens']} trainable={row['num_trainable']}"
     out = [head, *tool_lines(row), ""]
@@ -195,6 +224,11 @@ def tool_lines(row: dict[str, Any]) -> list[str]:
 def count_lines(stats: dict[str, Any]) -> list[str]:
     """The manifest's turn counts and ignored keys, one line each (none for a lone Parquet file)."""
     out = []
+    if stats.get("kind") == "preference":
+        dropped = ", ".join(f"{k} {v:,}" for k, v in (stats.get("dropped") or {}).items()) or "none"
+        out.append(f"preference pairs: {stats['pairs']:,} (train {stats['train']:,}, eval {stats['eval']:,}) of "
+                   f"{stats['rows_in']:,} read; dropped: {dropped}; truncated: {stats.get('truncated', 0):,}")
+        out += [f"layout of {src}: {name}" for src, name in (stats.get("layouts") or {}).items()]
     turns = stats.get("turns")
     if turns:
         out.append(f"assistant turns: {turns['trained']:,} trained, {turns['weight_0']:,} weight 0 (context only), "
@@ -235,6 +269,8 @@ def render_html(title: str, rows: list[dict[str, Any]], all_segs: list[list[tupl
     shown = []
     for row, segs in zip(rows, all_segs, strict=True):
         meta = f"id {row.get('id', '')[:16]} · split {row.get('split')} · source {row.get('source')}"
+        if row.get("answer"):
+            meta += f" · answer {row['answer']}"
         if row.get("num_tokens") is not None:
             meta += f" · {row['num_tokens']} tokens, {row['num_trainable']} trained"
         shown.append({"meta": meta, "segments": segs,
@@ -287,6 +323,7 @@ def command(uri: str, split: str, n: int, tokens: bool, tokenizer: str | None, h
         check_writable(html_file)
     with tempfile.TemporaryDirectory(prefix="ftjobs-inspect-") as tmp:
         rows, stats, source = load_rows(uri, split, n, Path(tmp))
+        rows = pair_views(rows)
         tok = None
         src = tokenizer or source
         if src and any(r.get("input_ids") is not None for r in rows):

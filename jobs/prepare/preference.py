@@ -5,21 +5,7 @@ Prepare takes this path when the first record of its first source is a preferenc
 that then holds a supervised row (or, on the supervised path, a preference pair) is refused with exit 3,
 naming the file and line of the first row of the other kind.
 
-Layouts (the key names are fixed, but roles map through the config's `roles`):
-
-- OpenAI's preference fine-tuning JSONL: `input` {`messages`, optional `tools`, other keys such as
-  `parallel_tool_calls` ignored}, `preferred_output` and `non_preferred_output` (lists of assistant messages;
-  one message object is read as a list of one).
-- TRL's `prompt` / `chosen` / `rejected`: plain text (the prompt becomes a user message and each answer an
-  assistant message) or conversational (lists of messages; a `tools` column as TRL reads it). Without a
-  prompt (TRL's implicit prompt) the prompt is what chosen and rejected share: for conversations the
-  longest common run of leading messages, for text the longest common prefix cut back to whitespace (TRL's
-  `extract_prompt` rule). Conversational chosen/rejected that repeat the prompt's messages (UltraFeedback
-  binarized: `prompt` text, full conversations as answers) are read the same way, the `prompt` text checked
-  against the shared user turn. Extra keys (`score_chosen`, `prompt_id`, `messages`, ...) are ignored.
-- LLaMA-Factory's ranking (`ranking: true`) layouts: sharegpt `conversations` + `chosen` / `rejected` as one
-  `{from, value}` turn each (optional `system`, `tools`), and alpaca `instruction` (+ `input`, `system`) +
-  `chosen` / `rejected` text.
+The layouts are read by jobs/prepare/pref_layouts.py (docs/preference.md lists them).
 
 Pairs are held in memory (preference sets are small next to SFT corpora); the split hashes the prompt (its
 messages and tools), so every pair of one prompt lands on the same side, and duplicates are whole pairs.
@@ -32,7 +18,6 @@ import logging
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,176 +28,20 @@ from common import preference as P
 from common.errors import ConfigError, InputError
 from jobs.prepare import rows as R
 from jobs.prepare import sources as S
+from jobs.prepare.pref_layouts import KTO_KEYS, is_kto, is_pair, layout, layout_name, to_pair
+from jobs.prepare.pref_layouts import Pair as Pair
+from jobs.prepare.pref_layouts import keys as keys
+from jobs.prepare.pref_layouts import validated as validated
 
 LOG = logging.getLogger(__name__)
 
 # Reasons a pair is dropped for, besides the row reasons of rows.REASONS, in the order the stats print them.
 REASONS = ("identical_answers", "empty_completion", "no_prompt", "prompt_too_long", "template_error")
 ENCODE_BATCH = 256
-
-
-# --------------------------------------------------------------------------- layouts
-
-
-def layout(keys: Iterable[str]) -> str | None:
-    """The preference layout a record's keys say, or None for a record that is not a pair."""
-    k = set(keys)
-    if set(R.PREFERENCE_KEYS) <= k:
-        return "openai"
-    if set(R.PAIR_KEYS) <= k:
-        if "conversations" in k:
-            return "sharegpt"
-        if "instruction" in k:
-            return "alpaca"
-        return "trl"
-    return None
-
-
-def is_pair(keys: Iterable[str]) -> bool:
-    return layout(keys) is not None
-
-
-@dataclass
-class Pair:
-    prompt: list[dict[str, Any]]
-    chosen: list[dict[str, Any]]
-    rejected: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None
-
-
-def to_pair(rec: Mapping[str, Any], roles: Mapping[str, str], max_chars: int) -> Pair:
-    """One record as a validated pair; raises rows.Drop with the reason."""
-    kind = layout(rec)
-    if kind == "openai":
-        inp = rec.get("input")
-        if isinstance(inp, str):  # a CSV or Parquet cell holding the JSON text
-            try:
-                inp = json.loads(inp)
-            except json.JSONDecodeError:
-                pass
-        if not isinstance(inp, dict):
-            raise R.Drop("missing_field" if inp is None else "wrong_type",
-                         f"input is {type(inp).__name__}, expected an object with messages (and tools)")
-        prompt = _messages(inp.get("messages"), "input.messages", roles)
-        tools = R.to_tools(inp, {"tools": "tools"})
-        pair = Pair(prompt, _completion(rec.get("preferred_output"), "preferred_output", roles),
-                    _completion(rec.get("non_preferred_output"), "non_preferred_output", roles), tools)
-    elif kind == "sharegpt":
-        prompt = _messages(rec.get("conversations"), "conversations", roles, "from", "value")
-        system = R._text(rec.get("system"), "system", required=False)
-        if system and not (prompt and prompt[0]["role"] == "system"):
-            prompt.insert(0, {"role": "system", "content": system})
-        pair = Pair(prompt, _completion(rec.get("chosen"), "chosen", roles, "from", "value"),
-                    _completion(rec.get("rejected"), "rejected", roles, "from", "value"),
-                    R.to_tools(rec, {"tools": "tools"}))
-    elif kind == "alpaca":
-        instruction = R._text(rec.get("instruction"), "instruction") or ""
-        extra = R._text(rec.get("input"), "input", required=False)
-        system = R._text(rec.get("system"), "system", required=False)
-        user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-        prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        pair = Pair(prompt, _completion(rec.get("chosen"), "chosen", roles),
-                    _completion(rec.get("rejected"), "rejected", roles), R.to_tools(rec, {"tools": "tools"}))
-    elif kind == "trl":
-        pair = _trl(rec, roles)
-    else:
-        raise R.Drop("missing_field", "not a preference pair: expected chosen/rejected or preferred_output/"
-                     "non_preferred_output")
-    return validated(pair, max_chars)
-
-
-def _messages(value: Any, where: str, roles: Mapping[str, str], role_key: str = "role",
-              content_key: str = "content") -> list[dict[str, Any]]:
-    return R._chat_list(R._json_list(value, where), role_key, content_key, roles, where)
-
-
-def _completion(value: Any, where: str, roles: Mapping[str, str], role_key: str = "role",
-                content_key: str = "content") -> list[dict[str, Any]]:
-    """An answer: text (one assistant message), one message object, or a list of messages."""
-    if value is None:
-        raise R.Drop("missing_field", f"{where} is missing")
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.lstrip().startswith(("[", "{")) else value
-        except json.JSONDecodeError:
-            pass
-    if isinstance(value, str):
-        return [{"role": "assistant", "content": value}]
-    if isinstance(value, dict):
-        value = [value]
-    return _messages(value, where, roles, role_key, content_key)
-
-
-def _trl(rec: Mapping[str, Any], roles: Mapping[str, str]) -> Pair:
-    tools = R.to_tools(rec, {"tools": "tools"})
-    chosen, rejected, prompt = rec.get("chosen"), rec.get("rejected"), rec.get("prompt")
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        if prompt is None:  # implicit prompt, TRL's rule: the common prefix, cut back to whitespace
-            n = 0
-            while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-                n += 1
-            while n > 0 and not chosen[n - 1].isspace() and n < min(len(chosen), len(rejected)):
-                n -= 1
-            if not chosen[:n].strip():
-                raise R.Drop("no_prompt", "no prompt column and chosen and rejected share no leading text to "
-                             "take as the prompt; give a prompt column")
-            return Pair([{"role": "user", "content": chosen[:n].rstrip()}],
-                        [{"role": "assistant", "content": chosen[n:]}],
-                        [{"role": "assistant", "content": rejected[n:]}], tools)
-        return Pair(_prompt(prompt, roles), [{"role": "assistant", "content": chosen}],
-                    [{"role": "assistant", "content": rejected}], tools)
-    c, r = _completion(chosen, "chosen", roles), _completion(rejected, "rejected", roles)
-    shared = 0  # leading messages both answers repeat: the (implicit) prompt
-    while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
-        shared += 1
-    while shared > 0 and c[shared - 1]["role"] == "assistant" and c[shared]["role"] == "assistant":
-        shared -= 1  # an answer starts at an assistant turn that follows a non-assistant one
-    if shared == 0:
-        if prompt is None:
-            raise R.Drop("no_prompt", "no prompt column, and chosen and rejected are not conversations that share "
-                         "their leading (prompt) messages; give a prompt column")
-        return Pair(_prompt(prompt, roles), c, r, tools)
-    implicit = c[:shared]
-    if prompt is not None:
-        given = _prompt(prompt, roles)
-        if given != implicit and not (isinstance(prompt, str) and implicit[-1]["content"].strip() == prompt.strip()):
-            raise R.Drop("wrong_type", "prompt and the leading messages of chosen/rejected are both given and "
-                         "differ; give the prompt once (prompt + answers, or full conversations without prompt)")
-    return Pair(implicit, c[shared:], r[shared:], tools)
-
-
-def _prompt(value: Any, roles: Mapping[str, str]) -> list[dict[str, Any]]:
-    if isinstance(value, str) or value is None:
-        return [{"role": "user", "content": R._text(value, "prompt") or ""}]
-    return _messages(value, "prompt", roles)
-
-
-def validated(pair: Pair, max_chars: int) -> Pair:
-    for name in ("chosen", "rejected"):
-        msgs = getattr(pair, name)
-        if not msgs or all(not m["content"].strip() and not m.get("tool_calls") for m in msgs):
-            raise R.Drop("empty_completion", f"the {name} answer is empty")
-        if msgs[0]["role"] != "assistant":
-            raise R.Drop("broken_alternation", f"the {name} answer starts with a {msgs[0]['role']} message; an "
-                         "answer is assistant messages (with tool results between them)")
-        R.validate([*pair.prompt, *msgs], max_chars)  # the conversation each answer makes, as for SFT rows
-    pair.prompt = [m for m in pair.prompt if not (m["role"] == "system" and not m["content"].strip())]
-    if _norm(pair.chosen) == _norm(pair.rejected):
-        raise R.Drop("identical_answers", "chosen and rejected are the same answer: nothing to prefer")
-    return pair
-
-
-def _norm(msgs: list[dict[str, Any]]) -> str:
-    return json.dumps([{**m, "content": " ".join(m["content"].split())} for m in msgs], sort_keys=True)
-
-
-def keys(pair: Pair) -> tuple[str, str, int, int]:
-    """(pair id, prompt id, exact key, normalized key): ids hash the canonical JSON (rows.row_id)."""
-    canon = json.dumps({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
-                        "tools": pair.tools}, ensure_ascii=False, separators=(",", ":"))
-    sep = [{"role": "\x1d", "content": ""}]
-    return (R.row_id(canon), R.row_id(R.canonical(pair.prompt, pair.tools)), R.exact_key(canon),
-            R.normalized_key([*pair.prompt, *sep, *pair.chosen, *sep, *pair.rejected], pair.tools))
+# Supervised prepare's settings that pairs do not use (fixed layout keys; answers always trained; no mixing,
+# windows or near-duplicate decontamination: the split by prompt keeps a prompt on one side).
+NOT_FOR_PAIRS = ("format", "columns", "train_on", "long_documents", "window_overlap", "last_window", "mix_rows",
+                 "max_train_rows", "train_fraction", "decontaminate", "decontam_threshold", "guard_suites")
 
 
 # --------------------------------------------------------------------------- the job's path for pairs
@@ -245,14 +74,15 @@ class Tally:
 
 
 def first_is_pair(files: list[S.RawFile], max_line_bytes: int) -> bool:
-    """Whether the first readable record of the sources is a preference pair (prepare's switch to this path)."""
+    """Whether the first readable record of the sources is a preference pair, or a KTO row this path refuses
+    (prepare's switch to this path)."""
     for f in files:
         cols = S.table_columns(f)
-        if cols is not None:
+        if cols is not None and (is_pair(cols) or not set(KTO_KEYS) <= set(cols)):
             return is_pair(cols)
-        for _, rec in S.records(f, max_line_bytes=max_line_bytes):
+        for _, rec in S.records(f, max_line_bytes=max_line_bytes):  # KTO's label is told by its value
             if isinstance(rec, dict):
-                return is_pair(rec)
+                return is_pair(rec) or is_kto(rec)
     return False
 
 
@@ -270,6 +100,7 @@ def prepare(config: Any, files: list[S.RawFile], attempt: stage.Attempt, timings
 def _prepare(config: Any, files: list[S.RawFile], attempt: stage.Attempt, timings: dict[str, float]
              ) -> stage.Outcome:
     t0 = time.monotonic()
+    _check_settings(config)
     roles = {**R.DEFAULT_ROLES, **config.roles}
     tally = Tally()
     kept = _read(config, files, roles, tally)
@@ -302,6 +133,28 @@ def _prepare(config: Any, files: list[S.RawFile], attempt: stage.Attempt, timing
     return stage.Outcome(stats=stats, timings=timings, model=model_info, run_id=config.run_id)
 
 
+def _check_settings(config: Any) -> None:
+    """Refuse a source's mixing settings (pairs are not mixed: its max_rows would be ignored), and name in the
+    log the supervised settings set that pairs do not use. Those are not refused: a pipeline's
+    prepare-preference step inherits the SFT step's `prepare` section."""
+    mixed = [f"{s.path} {k}" for s in config.source_specs() for k in ("weight", "max_rows", "repeat") if getattr(s, k)]
+    if mixed:
+        raise ConfigError(f"preference pairs are not mixed or subsampled: {', '.join(mixed)} would be ignored. Remove "
+                          "it from the source, and cut the file to the pairs you want instead.")
+    fields = type(config).model_fields
+    ignored = []
+    for k in NOT_FOR_PAIRS:
+        value, default = getattr(config, k), fields[k].get_default(call_default_factory=True)
+        if hasattr(value, "model_dump"):  # `columns`: the keys that were changed
+            now, was = value.model_dump(), default.model_dump()
+            ignored += [f"{k}.{c}={v}" for c, v in now.items() if v != was[c]]
+        elif value != default:
+            ignored.append(f"{k}={value}")
+    if ignored:
+        LOG.warning("settings that do not apply to preference pairs are ignored: %s (docs/preference.md)",
+                    ", ".join(ignored))
+
+
 def _read(config: Any, files: list[S.RawFile], roles: dict[str, str], tally: Tally) -> list[Kept]:
     seen_exact: set[int] = set()
     seen_norm: set[int] = set()
@@ -320,13 +173,19 @@ def _read(config: Any, files: list[S.RawFile], roles: dict[str, str], tally: Tal
                 continue
             assert isinstance(rec, dict)  # records come decoded here
             kind = layout(rec)
+            if kind is None and is_kto(rec):
+                raise InputError(f"{f.uri} line {line}: an unpaired KTO row (prompt, completion, label): prepare reads "
+                                 "preference pairs, a chosen and a rejected answer to one prompt, and KTO is not "
+                                 "supported. Pair each prompt's desirable and undesirable completions as chosen/"
+                                 "rejected (docs/preference.md), or train SFT on the desirable ones (label true) "
+                                 "without the label column.")
             if kind is None:
                 raise InputError(f"{f.uri} line {line}: a supervised row ({', '.join(list(map(str, rec))[:6])}) "
                                  "among preference pairs (the sources start with a pair). A run holds one kind of "
                                  "data: prepare the supervised rows and the pairs separately.")
-            tally.layouts.setdefault(f.uri, kind)
+            tally.layouts.setdefault(f.uri, layout_name(rec))
             try:
-                pair = to_pair(rec, roles, config.max_chars)
+                pair = to_pair(rec, roles, config.max_chars, config.max_messages)
             except R.Drop as d:
                 if d.reason in R.FATAL and not config.skip_bad_lines:
                     raise InputError(f"{f.uri} line {line}: {d.detail}. Fix the file, or set skip_bad_lines: true "

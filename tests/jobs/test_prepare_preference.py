@@ -5,6 +5,7 @@ and the refusals (mixed kinds, bad rows) with exit 3 naming file and line."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,7 @@ def test_mixed_kinds_and_bad_rows_exit_3_naming_file_and_line(tmp_path: Path, su
         "sft_after_pairs.jsonl": ([pair, {**pair, "prompt": "r"}, sft], "line 3: a supervised row"),
         "pairs_after_sft.jsonl": ([sft, pair], "line 2: a preference pair (chosen / rejected"),
         "bad_tools.jsonl": ([pair, {**pair, "tools": "not json"}], "line 2: column 'tools'"),
+        "kto.jsonl": ([{"prompt": "q", "completion": "yes", "label": True}], "line 1: an unpaired KTO row"),
     }
     for name, (records, message) in cases.items():
         src = jsonl(tmp_path / name, records)
@@ -188,3 +190,134 @@ def test_mixed_kinds_and_bad_rows_exit_3_naming_file_and_line(tmp_path: Path, su
     broken.write_text(json.dumps(pair) + "\n{not json\n")
     with pytest.raises(InputError, match=r"broken.jsonl line 2: not valid JSON"):
         run(sources=[str(broken)], output=str(tmp_path / "o-broken"))
+
+
+# --------------------------------------------------------------------------- layouts users bring besides TRL's
+
+def u(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def a(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def read_pair(rec: dict[str, Any]) -> Any:
+    from jobs.prepare import pref_layouts as pref
+    from jobs.prepare import rows as R
+
+    return pref.to_pair(rec, R.DEFAULT_ROLES, 200_000)
+
+
+@pytest.mark.unit
+def test_hh_rlhf_dialogues_are_parsed_into_turns_with_the_shared_turns_as_prompt() -> None:
+    from jobs.prepare import pref_layouts as pref
+
+    head = "\n\nHuman: Any cuss words?\n\nAssistant: Why do you ask?\n\nHuman: Just curious."
+    rec = {"chosen": head + "\n\nAssistant: I'd rather not.", "rejected": head + "\n\nAssistant: Sure: ..."}
+    pair = read_pair(rec)
+    assert pair.prompt == [u("Any cuss words?"), a("Why do you ask?"), u("Just curious.")]
+    assert (pair.chosen, pair.rejected) == ([a("I'd rather not.")], [a("Sure: ...")])
+    assert pref.layout_name(rec) == "hh-rlhf"
+    with pytest.raises(pref.R.Drop, match="rejected answer is empty"):  # HH rows whose answer is a bare "Assistant:"
+        read_pair({**rec, "rejected": head + "\n\nAssistant:"})
+    # Dahoas' HH sets: the prompt transcript ends in an open "Assistant:" turn, answers follow after its space.
+    dahoas = read_pair({"prompt": "\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: How are you?\n\nAssistant:",
+                        "chosen": " Fine, thanks.", "rejected": " Bad."})
+    assert dahoas.prompt == [u("Hi"), a("Hey"), u("How are you?")] and dahoas.chosen == [a("Fine, thanks.")]
+
+
+@pytest.mark.unit
+def test_orca_prompt_columns_a_system_column_and_alpaca_history_reach_the_prompt() -> None:
+    intel = read_pair({"system": "You are helpful.", "question": "Sky colour?", "chosen": "Blue", "rejected": "Red"})
+    assert intel.prompt == [{"role": "system", "content": "You are helpful."}, u("Sky colour?")]
+    argilla = read_pair({"system": "", "input": "2+2?", "chosen": "4", "rejected": "5", "rating": [9, 2],
+                         "status": "tie", "generations": ["4", "5"]})
+    assert argilla.prompt == [u("2+2?")] and argilla.chosen == [a("4")]
+    trl = read_pair({"system": "Pirate.", "prompt": [u("Hello")], "chosen": [a("Arr!")], "rejected": [a("Hi.")]})
+    assert trl.prompt[0] == {"role": "system", "content": "Pirate."}
+    lf = read_pair({"instruction": "And now?", "input": "", "system": "Be brief.", "chosen": "b", "rejected": "c",
+                    "history": [["First?", "One."]]})
+    assert lf.prompt == [{"role": "system", "content": "Be brief."}, u("First?"), a("One."), u("And now?")]
+    # LLaMA-Factory sharegpt ranking mapped to a `messages` column (role/content or from/value tags) ...
+    tagged = read_pair({"messages": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hey"},
+                        "rejected": {"from": "gpt", "value": "Go."}})
+    assert (tagged.prompt, tagged.chosen, tagged.rejected) == ([u("Hi")], [a("Hey")], [a("Go.")])
+    # ... but UltraFeedback's `messages` (the chosen conversation, answer included) is not a prompt.
+    uf = read_pair({"chosen": [u("Q"), a("good")], "rejected": [u("Q"), a("bad")], "messages": [u("Q"), a("good")]})
+    assert (uf.prompt, uf.chosen) == ([u("Q")], [a("good")])
+
+
+@pytest.mark.unit
+def test_message_lists_in_text_cells_are_messages_but_json_answers_stay_text() -> None:
+    from jobs.prepare import pref_layouts as pref
+
+    csv_row = {"prompt": json.dumps([u("Count to 3.")]), "chosen": json.dumps([a("1 2 3")]),
+               "rejected": json.dumps({"role": "assistant", "content": "1 3 2"})}
+    pair = read_pair(csv_row)
+    assert (pair.prompt, pair.chosen, pair.rejected) == ([u("Count to 3.")], [a("1 2 3")], [a("1 3 2")])
+    uf = read_pair({"prompt": "Largest planet?", "chosen": json.dumps([u("Largest planet?"), a("Jupiter.")]),
+                    "rejected": json.dumps([u("Largest planet?"), a("Mars.")]), "score_chosen": "9.0"})
+    assert uf.prompt == [u("Largest planet?")] and uf.chosen == [a("Jupiter.")]
+    for layout_row in ({"prompt": "Extract.", "chosen": '{"name": "x"}', "rejected": '{"role": "bad"}'},
+                       {"instruction": "Extract.", "chosen": '{"name": "x"}', "rejected": "[1, 2]"}):
+        pair = read_pair(layout_row)
+        assert pair.chosen == [a('{"name": "x"}')], layout_row
+    with pytest.raises(pref.R.Drop, match="prompt is null") as null:  # not silently an implicit prompt
+        read_pair({"prompt": None, "chosen": "Q: x A: good", "rejected": "Q: x A: bad"})
+    assert null.value.reason == "missing_field"
+
+
+def test_hh_csv_and_parquet_with_null_columns_prepare_and_inspect_as_pairs(tmp_path: Path, tok_dir: Path, tok):
+    """Real files: HH-RLHF Parquet with an all-null extra column (once a crash in the row-size guard), a CSV
+    with message lists in JSON cells; `ftjobs inspect` shows each pair as its two sequences."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    hh = [{"chosen": f"\n\nHuman: Hi {i}\n\nAssistant: Hello!", "rejected": f"\n\nHuman: Hi {i}\n\nAssistant: Go.",
+           "margin": None} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(hh), tmp_path / "hh.parquet")
+    with open(tmp_path / "conv.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "chosen", "rejected"])
+        w.writerow([json.dumps([u("Count to 3.")]), json.dumps([a("1 2 3")]), json.dumps([a("1 3 2")])])
+    loaded = run(sources=[str(tmp_path / "hh.parquet"), str(tmp_path / "conv.csv")], output=str(tmp_path / "o"),
+                 tokenizer=str(tok_dir))
+    st = loaded.manifest.stats
+    assert st["pairs"] == 4 and not st["dropped"]
+    assert sorted(Path(k).name + ":" + v for k, v in st["layouts"].items()) == ["conv.csv:trl", "hh.parquet:hh-rlhf"]
+    rows = {r["prompt"][-1]["content"]: r for r in pairs_of(loaded)}
+    assert texts(tok, rows["Hi 0"])[:2] == ("Hello!<|im_end|>", "Go.<|im_end|>")
+    assert texts(tok, rows["Count to 3."])[:2] == ("1 2 3<|im_end|>", "1 3 2<|im_end|>")
+    assert "Human:" not in texts(tok, rows["Hi 0"])[2]
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "o"), "--rows", "1", "--color", "never"])
+    assert res.exit_code == 0, res.output
+    assert "answer=chosen" in res.output and "answer=rejected" in res.output
+    assert res.output.count("«") == 2 and "preference pairs: 4 (train 4, eval 0) of 4 read" in res.output
+    trained = re.findall("«(.*?)»", res.output, re.S)
+    assert all(t.endswith("<|im_end|>") and "<|im_start|>" not in t for t in trained), trained  # answers only
+
+
+def test_supervised_settings_are_named_as_ignored_and_a_source_max_rows_is_refused(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from common.errors import ConfigError
+
+    src = jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "yes", "rejected": "no"}])
+    with caplog.at_level(logging.WARNING, logger="jobs.prepare.preference"):
+        loaded = run(sources=[str(src)], output=str(tmp_path / "o"), columns={"prompt": "question"},
+                     max_train_rows=5)
+    assert loaded.manifest.stats["pairs"] == 1
+    assert "ignored: columns.prompt=question, max_train_rows=5" in caplog.text
+    with pytest.raises(ConfigError, match=r"p.jsonl max_rows would be ignored"):
+        run(sources=[{"path": str(src), "max_rows": 1}], output=str(tmp_path / "o2"))
+    too_many = jsonl(tmp_path / "m.jsonl", [{"prompt": [u("q"), a("x")] * 3 + [u("q")], "chosen": "y", "rejected": "n"},
+                                            {"prompt": "q", "chosen": "y", "rejected": "n"}])
+    st = run(sources=[str(too_many)], output=str(tmp_path / "o3"), max_messages=4,
+             max_drop_fraction=0.5).manifest.stats
+    assert st["dropped"] == {"too_many_messages": 1} and st["pairs"] == 1
