@@ -13,7 +13,8 @@ wins), and writes Parquet.
 Verdicts are plain tuples, cheap to pickle; their first item says the kind:
 
 - `BAD, reason, detail, preview`: the line could not be read.
-- `PREFERENCE`: a preference pair, refused whatever the format.
+- `PREFERENCE, kind`: a preference pair (`pair`) or an unpaired KTO row (`kto`: its label would be lost),
+  refused whatever the format.
 - `DROP, ignored, saw_tools, reason, detail, fatal`: the record is unusable
   (`fatal`: a reason in rows.FATAL, or `invalid_record` for whatever else
   broke on it).
@@ -41,6 +42,7 @@ from common import chat, chat_encode, data
 from jobs.prepare import rows as R
 from jobs.prepare import sources as S
 from jobs.prepare import windows as W
+from jobs.prepare.pref_layouts import is_kto
 
 BAD, PREFERENCE, DROP, TEMPLATE_ERROR, ENCODE_DROP, KEPT = range(6)
 ALL_WEIGHT_0 = "every assistant turn has weight 0 (context only): nothing to train on"
@@ -113,7 +115,10 @@ def process(fmt: str | None, items: Sequence[dict[str, Any] | bytes | S.Bad], ru
             continue
         assert fmt is not None  # a file whose format is unknown has no readable record
         if R.is_preference(rec):
-            verdicts.append((PREFERENCE,))
+            verdicts.append((PREFERENCE, "pair"))
+            continue
+        if fmt == "prompt_completion" and "label" in rec and is_kto(rec):  # read as SFT, its label would be lost
+            verdicts.append((PREFERENCE, "kto"))
             continue
         ignored = tuple(R.ignored_keys(rec, cols)) if fmt == "messages" else ()
         saw_tools = cols["tools"] in rec

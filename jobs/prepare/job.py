@@ -28,6 +28,7 @@ from jobs.prepare import sources as S
 from jobs.prepare import tally as T
 from jobs.prepare import windows as W
 from jobs.prepare.config import Columns, Config, Format, Source  # noqa: F401 (handed on by the package)
+from jobs.prepare.pref_layouts import kto_error
 
 STAGE = "prepare"
 LOG = logging.getLogger(__name__)
@@ -314,7 +315,7 @@ class RowOrder:
             tally.drop(v[1], uri, line, v[2], v[3], keep)
             return None
         if kind == B.PREFERENCE:  # whatever the format says: read as one, a pair loses an answer
-            raise InputError(_preference(uri, f"line {line}"))
+            raise InputError(_preference(uri, f"line {line}") if v[1] == "pair" else kto_error(uri, f"line {line}"))
         if v[1]:
             st.ignored.update(v[1])
         st.saw_tools = st.saw_tools or v[2]

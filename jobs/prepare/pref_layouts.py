@@ -75,6 +75,14 @@ def is_kto(rec: Mapping[str, Any]) -> bool:
             and (isinstance(label, bool) or str(label).strip().lower() in ("true", "false")))
 
 
+def kto_error(uri: str, where: str) -> str:
+    """Why a KTO row is refused, wherever it turns up (a preference run's file, or a supervised one)."""
+    return (f"{uri} {where}: an unpaired KTO row (prompt, completion, label): prepare reads preference pairs, a "
+            "chosen and a rejected answer to one prompt, and KTO is not supported. Pair each prompt's desirable and "
+            "undesirable completions as chosen/rejected (docs/preference.md), or train SFT on the desirable ones "
+            "(label true) without the label column.")
+
+
 def layout_name(rec: Mapping[str, Any]) -> str:
     """What the stats call a record's layout: `layout`, told apart further for TRL-keyed files (HH-RLHF
     transcripts, Orca-style `question` / `input` prompts, full conversations with a `prompt` text)."""

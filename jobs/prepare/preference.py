@@ -28,7 +28,7 @@ from common import preference as P
 from common.errors import ConfigError, InputError
 from jobs.prepare import rows as R
 from jobs.prepare import sources as S
-from jobs.prepare.pref_layouts import KTO_KEYS, is_kto, is_pair, layout, layout_name, to_pair
+from jobs.prepare.pref_layouts import KTO_KEYS, is_kto, is_pair, kto_error, layout, layout_name, to_pair
 from jobs.prepare.pref_layouts import Pair as Pair
 from jobs.prepare.pref_layouts import keys as keys
 from jobs.prepare.pref_layouts import validated as validated
@@ -174,11 +174,7 @@ def _read(config: Any, files: list[S.RawFile], roles: dict[str, str], tally: Tal
             assert isinstance(rec, dict)  # records come decoded here
             kind = layout(rec)
             if kind is None and is_kto(rec):
-                raise InputError(f"{f.uri} line {line}: an unpaired KTO row (prompt, completion, label): prepare reads "
-                                 "preference pairs, a chosen and a rejected answer to one prompt, and KTO is not "
-                                 "supported. Pair each prompt's desirable and undesirable completions as chosen/"
-                                 "rejected (docs/preference.md), or train SFT on the desirable ones (label true) "
-                                 "without the label column.")
+                raise InputError(kto_error(f.uri, f"line {line}"))
             if kind is None:
                 raise InputError(f"{f.uri} line {line}: a supervised row ({', '.join(list(map(str, rec))[:6])}) "
                                  "among preference pairs (the sources start with a pair). A run holds one kind of "

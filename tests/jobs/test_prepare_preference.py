@@ -177,6 +177,10 @@ def test_mixed_kinds_and_bad_rows_exit_3_naming_file_and_line(tmp_path: Path, su
         "pairs_after_sft.jsonl": ([sft, pair], "line 2: a preference pair (chosen / rejected"),
         "bad_tools.jsonl": ([pair, {**pair, "tools": "not json"}], "line 2: column 'tools'"),
         "kto.jsonl": ([{"prompt": "q", "completion": "yes", "label": True}], "line 1: an unpaired KTO row"),
+        # after a supervised row the file is read as prompt/completion: a KTO row there would train its
+        # undesirable completion as an answer, its label lost
+        "kto_after_sft.jsonl": ([{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": "no",
+                                                                      "label": False}], "line 2: an unpaired KTO row"),
     }
     for name, (records, message) in cases.items():
         src = jsonl(tmp_path / name, records)
