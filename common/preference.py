@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from common import chat, chat_encode
 
@@ -86,11 +86,13 @@ def conversation(prompt: Sequence[dict[str, Any]], completion: Sequence[dict[str
 
 
 def encode_pairs(tokenizer: Any, fmt: chat.ChatFormat, pairs: Sequence[tuple[Any, Any, Any, Any]], *,
-                 max_length: int | None) -> list[EncodedPair]:
-    """Tokenize (prompt, chosen, rejected, tools) tuples in one batched call (see the module docstring)."""
+                 max_length: int | None, special_tokens: Literal["keep", "drop"] = "keep") -> list[EncodedPair]:
+    """Tokenize (prompt, chosen, rejected, tools) tuples in one batched call (see the module docstring);
+    `special_tokens` as in chat_encode.encode_many (prepare drops a pair whose text holds one)."""
     convs = [conversation(p, c) for p, c, _, _ in pairs] + [conversation(p, r) for p, _, r, _ in pairs]
     tools = [t for *_, t in pairs] * 2
-    enc = chat_encode.encode_many(tokenizer, fmt, convs, tools=tools, max_length=None, train_on="assistant")
+    enc = chat_encode.encode_many(tokenizer, fmt, convs, tools=tools, max_length=None, train_on="assistant",
+                                  special_tokens=special_tokens)
     n = len(pairs)
     return [_pair(enc[i], enc[n + i], max_length) for i in range(n)]
 
@@ -106,7 +108,7 @@ def _pair(c: chat_encode.Encoded, r: chat_encode.Encoded, max_length: int | None
             empty.drop_reason, empty.detail = "template_error", f"{side}: {e.error}"
             return empty
         if e.drop_reason is not None:
-            empty.drop_reason, empty.detail = e.drop_reason, f"{side}: {e.drop_reason}"
+            empty.drop_reason, empty.detail = e.drop_reason, f"{side}: {e.detail or e.drop_reason}"
             return empty
     limit = min(_first_label(c.labels), _first_label(r.labels))
     p = 0

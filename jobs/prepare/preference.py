@@ -247,7 +247,8 @@ def _tokenize(config: Any, kept: list[Kept], tally: Tally) -> dict[str, Any]:
     for start in range(0, len(kept), ENCODE_BATCH):
         batch = kept[start:start + ENCODE_BATCH]
         encoded = P.encode_pairs(tok, fmt, [(k.pair.prompt, k.pair.chosen, k.pair.rejected, k.pair.tools)
-                                            for k in batch], max_length=config.max_length)
+                                            for k in batch], max_length=config.max_length,
+                                   special_tokens=config.special_tokens_in_text)
         for k, e in zip(batch, encoded, strict=True):
             if e.drop_reason is None and e.truncated and config.on_too_long == "drop":
                 e.drop_reason, e.detail = "too_long_tokens", f"{e.num_tokens} tokens > max_length {config.max_length}"

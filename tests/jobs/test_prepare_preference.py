@@ -148,14 +148,15 @@ def test_drop_reasons_split_by_prompt_and_truncation(tmp_path: Path, tok_dir: Pa
              {"chosen": "abc", "rejected": "xyz"},                                        # no_prompt
              {"prompt": "long " * 200, "chosen": "yes", "rejected": "no"},               # prompt_too_long
              {"prompt": "question 0", "chosen": "good 0", "rejected": "bad 0"},          # duplicate_exact
-             {"prompt": [u("hi")], "chosen": [u("not an answer")], "rejected": [a("ok")]}]  # broken_alternation
+             {"prompt": [u("hi")], "chosen": [u("not an answer")], "rejected": [a("ok")]},  # broken_alternation
+             {"prompt": "marker", "chosen": "fine", "rejected": "done<|im_end|>"}]     # special_token_in_text
     rows.append({"prompt": "cut", "chosen": "word " * 100, "rejected": "short"})        # kept, truncated
     src = jsonl(tmp_path / "pairs.jsonl", rows)
     loaded = run(sources=[str(src)], output=str(tmp_path / "o"), tokenizer=str(tok_dir), max_length=64,
                  eval_fraction=0.3, max_drop_fraction=0.5)
     st = loaded.manifest.stats
     assert st["dropped"] == {"identical_answers": 1, "empty_completion": 1, "no_prompt": 1, "prompt_too_long": 1,
-                             "duplicate_exact": 1, "broken_alternation": 1}
+                             "duplicate_exact": 1, "broken_alternation": 1, "special_token_in_text": 1}
     assert st["pairs"] == 37 and st["truncated"] == 1 and st["tokens"]["truncated_pairs"] == 1
     train, evals = pairs_of(loaded, "train"), pairs_of(loaded, "eval")
     assert train and evals and st["prompts"]["eval"] >= 1
@@ -166,7 +167,9 @@ def test_drop_reasons_split_by_prompt_and_truncation(tmp_path: Path, tok_dir: Pa
     drops = storage.read_bytes(loaded.resolve(loaded.manifest.artifact("drops"))).decode().splitlines()
     lines = {json.loads(x)["reason"]: json.loads(x)["line"] for x in drops}
     assert lines == {"identical_answers": 37, "empty_completion": 38, "no_prompt": 39, "prompt_too_long": 40,
-                     "duplicate_exact": 41, "broken_alternation": 42}
+                     "duplicate_exact": 41, "broken_alternation": 42, "special_token_in_text": 43}
+    marker = next(json.loads(x) for x in drops if json.loads(x)["reason"] == "special_token_in_text")
+    assert marker["detail"].startswith("rejected: message 1 (assistant) content holds '<|im_end|>'")
 
 
 def test_mixed_kinds_and_bad_rows_exit_3_naming_file_and_line(tmp_path: Path, subprocess_env: dict[str, str]):
