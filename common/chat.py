@@ -78,7 +78,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
 
+from common import chat_locate
 from common import tools as T
+from common.chat_locate import TurnNotFound  # raised here too; callers catch chat.TurnNotFound
 from common.errors import ConfigError
 
 IGNORE_INDEX = -100
@@ -349,10 +351,6 @@ def is_text(messages: Messages) -> bool:
     return len(messages) == 1 and messages[0].get("role") == "text"
 
 
-class TurnNotFound(ConfigError):
-    """An assistant turn whose text cannot be found in the rendering: its loss mask cannot be built."""
-
-
 @dataclass
 class Spans:
     """The rendered text and, per assistant turn, its trainable character span."""
@@ -413,10 +411,12 @@ def spans(fmt: ChatFormat, messages: Messages, tools: ToolList = None, fits: Fit
     out = _by_prefix(fmt, msgs, full, turns, tools, fits, prefix)
     if out is not None:
         return _calls_trained(Spans(full, out, "prefix", complete=len(out) == len(turns)), msgs)
-    from common import chat_locate  # the marked rendering; where it does not line up, a search in order
-
-    located = chat_locate.locate(fmt, msgs, full, turns, tools)
-    return Spans(full, located if located is not None else chat_locate.search(fmt, msgs, full, turns), "located")
+    header = _header(fmt)  # the marked rendering; where it does not line up, a search in order
+    t = chat_locate.Template(render=lambda m, gen: _render(fmt, m, gen, tools)[0], eot=_end_of_turn(fmt),
+                             header=header if header.strip() else "", reasoning=features(fmt.template).reasoning,
+                             specials=fmt.specials)
+    located = chat_locate.locate(t, msgs, full, turns)
+    return Spans(full, located if located is not None else chat_locate.search(t, msgs, full, turns), "located")
 
 
 def _through_end_of_turn(fmt: ChatFormat, full: str, blocks: list[tuple[int, int]],

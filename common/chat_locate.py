@@ -35,9 +35,11 @@ from __future__ import annotations
 import bisect
 import re
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from common import chat
+from common.errors import ConfigError
 
 # Marker text: plain ASCII letters and digits (kept by trim, tojson, string filters), random per process.
 _NONCE = secrets.token_hex(6)
@@ -46,38 +48,49 @@ Span = tuple[int, int, int]
 Found = list[tuple[int, int, int, str]]  # (start, end, message index, "c" content | "r" reasoning) per marker
 
 
+class TurnNotFound(ConfigError):
+    """An assistant turn whose text cannot be found in the rendering: its loss mask cannot be built."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """What locating turns needs of a chat template, from common/chat.py (which calls this module; this module
+    does not import it)."""
+
+    render: Callable[[list[dict[str, Any]], bool], str]  # (messages, add_generation_prompt) -> text; ConfigError
+    header: str  # the generation prompt, "" when it is only whitespace
+    eot: str | None  # the end-of-turn token
+    reasoning: str | None  # the message key the template reads reasoning from
+    specials: tuple[str, ...]
+
+
 def _marker(j: int, kind: str) -> str:
     return f"ftjobs{_NONCE}m{j}{kind}z"
 
 
-def locate(fmt: chat.ChatFormat, msgs: list[dict[str, Any]], full: str, turns: list[int],
-           tools: chat.ToolList) -> list[Span] | None:
+def locate(t: Template, msgs: list[dict[str, Any]], full: str, turns: list[int]) -> list[Span] | None:
     """Each assistant turn's (start, end, message index) in `full`, or None where the marked rendering does not
-    line up with it. Raises chat.TurnNotFound for a turn that is not in the rendering."""
-    reasoning = chat.features(fmt.template).reasoning
+    line up with it. Raises TurnNotFound for a turn that is not in the rendering."""
     for shared in (False, True):  # a marker per message; else per text (a template that compares messages)
-        marked, owners = _marked(msgs, reasoning, shared)
+        marked, owners = _marked(msgs, t.reasoning, shared)
         try:
-            text = chat._render(fmt, marked, False, tools)[0]
-        except chat.ConfigError:
+            text = t.render(marked, False)
+        except ConfigError:
             return None
         found = _owned([(m.start(), m.end(), int(m.group(1)), m.group(2)) for m in _MARK.finditer(text)], owners)
-        regions = None if found is None else _align(full, text, found, msgs, reasoning)
+        regions = None if found is None else _align(full, text, found, msgs, t.reasoning)
         if found is not None and regions is not None:
             break
     else:
         return None
     to_full = _Mapping(found, regions)
-    header = chat._header(fmt)
-    header = header if header.strip() else ""
-    eot = chat._end_of_turn(fmt)
     out: list[Span] = []
     floor = 0  # where the turn before ended, in the marked text
     index: dict[int, list[int]] = {}  # message -> its markers' positions in `found`
     for n, f in enumerate(found):
         index.setdefault(f[2], []).append(n)
     for k, i in enumerate(turns):
-        start, end = _turn(fmt, marked, owners, text, found, index, i, header, eot, tools, k, floor)
+        start, end = _turn(t, marked, owners, text, found, index, i, k, floor)
         span = (to_full(start), to_full(end), i)
         if out and span[0] < out[-1][1]:
             return None
@@ -189,9 +202,8 @@ class _Mapping:
         return x + (self.shifts[n - 1] if n else 0)
 
 
-def _turn(fmt: chat.ChatFormat, marked: list[dict[str, Any]], owners: dict[int, list[int]], text: str, found: Found,
-          index: dict[int, list[int]], i: int, header: str, eot: str | None, tools: chat.ToolList, k: int,
-          floor: int) -> tuple[int, int]:
+def _turn(t: Template, marked: list[dict[str, Any]], owners: dict[int, list[int]], text: str, found: Found,
+          index: dict[int, list[int]], i: int, k: int, floor: int) -> tuple[int, int]:
     """Turn k (message i): its start and end in the marked text (the turn before it ended at `floor`)."""
     own = [found[n] for n in index.get(i, ())]
     first = own[0][0] if own else None
@@ -204,9 +216,10 @@ def _turn(fmt: chat.ChatFormat, marked: list[dict[str, Any]], owners: dict[int, 
     before = next((found[n][1] for n in range(lo - 1, -1, -1) if found[n][2] < i), 0)
     before = max(before, floor)
     calls = marked[i].get("tool_calls") or []
+    header, eot = t.header, t.eot
 
-    def missing(what: str) -> chat.TurnNotFound:
-        return chat.TurnNotFound(
+    def missing(what: str) -> TurnNotFound:
+        return TurnNotFound(
             f"assistant turn {k + 1} (message {i}): {what}, so the turn cannot be located in the rendered text "
             "for the loss mask. Use another chat template (chat_template: chatml) or fix the row.")
 
@@ -225,7 +238,7 @@ def _turn(fmt: chat.ChatFormat, marked: list[dict[str, Any]], owners: dict[int, 
         while start > before and text[start - 1] == " ":  # " Two" is one token in BPE: the space is the turn's
             start -= 1
     else:
-        got = _after_prompt(fmt, marked, text, found, owners, i, tools, before, after)
+        got = _after_prompt(t, marked, text, found, owners, i, before, after)
         if got is None:
             raise missing("it has no content and where it starts (where the generation prompt ends) is not in "
                           "the rendering")
@@ -247,14 +260,13 @@ def _turn(fmt: chat.ChatFormat, marked: list[dict[str, Any]], owners: dict[int, 
     return start, max(end, start)
 
 
-def _after_prompt(fmt: chat.ChatFormat, marked: list[dict[str, Any]], text: str,
-                  found: Found, owners: dict[int, list[int]], i: int, tools: chat.ToolList, before: int,
-                  after: int) -> int | None:
+def _after_prompt(t: Template, marked: list[dict[str, Any]], text: str, found: Found, owners: dict[int, list[int]],
+                  i: int, before: int, after: int) -> int | None:
     """Where a turn without content or header starts (marked offset): where the generation prompt ends after
     the marker the prompt for this turn ends with."""
     try:
-        prompt = chat._render(fmt, marked[:i], True, tools)[0]
-    except chat.ConfigError:
+        prompt = t.render(marked[:i], True)
+    except ConfigError:
         return None
     last = None
     for m in _MARK.finditer(prompt):
@@ -268,7 +280,7 @@ def _after_prompt(fmt: chat.ChatFormat, marked: list[dict[str, Any]], text: str,
     tail = prompt[last.end():]
     # A generation prompt may also open the answer (DeepSeek-R1's `<｜Assistant｜><think>\n`): the part of it
     # through its last special token is the header a turn with calls keeps.
-    for cut in (tail, _through_last_special(tail, fmt.specials)):
+    for cut in (tail, _through_last_special(tail, t.specials)):
         if cut and at + len(cut) <= after and text.startswith(cut, at):
             return at + len(cut)
     return None
@@ -300,17 +312,15 @@ def _find(full: str, candidates: list[str], start: int) -> tuple[int, int] | Non
     return p, p - neg
 
 
-def search(fmt: chat.ChatFormat, msgs: list[dict[str, Any]], full: str, turns: list[int]) -> list[Span]:
+def search(t: Template, msgs: list[dict[str, Any]], full: str, turns: list[int]) -> list[Span]:
     """Each message's content searched for in `full`, in order: where the marked rendering does not line up
     (a template that changes a text beyond trimming it, or branches on its words)."""
-    header, eot = chat._header(fmt), chat._end_of_turn(fmt)
-    header = header if header.strip() else ""
-    key = chat.features(fmt.template).reasoning
+    header, eot, key = t.header, t.eot, t.reasoning
     out: list[Span] = []
     cursor = 0
 
-    def missing(k: int, i: int, what: str) -> chat.TurnNotFound:
-        return chat.TurnNotFound(
+    def missing(k: int, i: int, what: str) -> TurnNotFound:
+        return TurnNotFound(
             f"assistant turn {k + 1} (message {i}): {what}, so the turn cannot be located in the rendered text "
             "for the loss mask (the template renders a conversation's prefixes differently from the whole, and "
             "changes this turn's text). Use another chat template (chat_template: chatml) or fix the row.")
