@@ -107,16 +107,12 @@ def pair_views(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _histogram(lengths: list[int], bins: int = 20) -> dict[str, Any]:
-    if not lengths:
-        return {}
-    low, top = min(lengths), max(lengths)  # from the shortest row, as the manifest's (tally.tokenstats_section)
-    width = max(top - low, bins) / bins
-    counts = [0] * bins
-    for x in lengths:
-        counts[min(int((x - low) / width), bins - 1)] += 1
-    return {"rows": len(lengths), "max": top,
-            "histogram": {"edges": [round(low + i * width) for i in range(bins + 1)], "counts": counts}}
+def _histogram(lengths: list[int]) -> dict[str, Any]:
+    import numpy as np
+
+    from jobs.prepare.tally import histogram
+
+    return {"rows": len(lengths), "max": max(lengths), "histogram": histogram(np.asarray(lengths))}
 
 
 def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:

@@ -180,17 +180,24 @@ def tokenstats_section(lengths: array[int], trainable: int) -> dict[str, Any]:
         return {"rows": 0}
     a = np.frombuffer(lengths, dtype=np.int64) if lengths.itemsize == 8 else np.asarray(lengths, dtype=np.int64)
     total = int(a.sum())
-    # From the shortest row to the longest, not from 0: the bins resolve where the rows are (chat rows of
-    # 80-120 tokens got 6 of 20 bins from 0); at least 20 tokens wide, so each bin is a token or more.
-    lo = int(a.min())
-    counts, edges = np.histogram(a, bins=20, range=(lo, max(int(a.max()), lo + 20)))
     return {
         "rows": int(a.size), "total": total, "trainable": trainable,
         "trainable_ratio": round(trainable / total, 4) if total else 0.0,
         "mean": round(float(a.mean()), 1), "min": int(a.min()), "max": int(a.max()),
         "percentiles": {f"p{q}": int(np.percentile(a, q)) for q in (50, 90, 95, 99)},
-        "histogram": {"edges": [int(round(e)) for e in edges], "counts": [int(c) for c in counts]},
+        "histogram": histogram(a),
     }
+
+
+def histogram(a: Any, bins: int = 20) -> dict[str, list[int]]:
+    """Token lengths (a numpy array) binned from the shortest row to the longest, not from 0: the bins resolve
+    where the rows are (chat rows of 80-120 tokens got 6 of 20 bins from 0); at least `bins` tokens wide, so
+    each bin is a token or more. The manifest's stats and `ftjobs inspect` of a lone shard bin alike."""
+    import numpy as np
+
+    lo = int(a.min())
+    counts, edges = np.histogram(a, bins=bins, range=(lo, max(int(a.max()), lo + bins)))
+    return {"edges": [int(round(e)) for e in edges], "counts": [int(c) for c in counts]}
 
 
 def stats_section(config: Config, tally: Tally, split_counts: dict[str, int], lengths: array[int], trainable: int,
