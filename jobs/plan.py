@@ -107,6 +107,7 @@ class Instance:
     manifest: str | None = None
     exit_code: int | None = None
     reason: str | None = None
+    said: str | None = None  # the step's own words within `reason` (executors.Finished.said)
     log: str | None = None
     seconds: float | None = None
 

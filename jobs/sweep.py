@@ -301,21 +301,15 @@ def no_cell_finished(the_plan: plan.Plan) -> FtjobsError:
     code = codes.pop() if len(codes) == 1 else EXIT_RETRYABLE
     # Steps that failed alike are named once together (three bases' prepares missing one data file: one line)
     same: dict[tuple[int | None, str], list[str]] = {}
-    for i in failures:
-        same.setdefault((i.exit_code, _why(i)), []).append(i.name)
+    for i in failures:  # the step's own words, else the executor's reason, which names the step
+        why = plan.one_line(i.said or i.reason) or "no reason recorded"
+        same.setdefault((i.exit_code, why), []).append(i.name)
     logs = list(dict.fromkeys(i.log.rsplit("/", 1)[0] + "/" for i in failures if i.log))
     message = f"no cell of sweep {the_plan.id} finished: " + "; ".join(
         f"{', '.join(names)} exit {exit_code}: {why}" for (exit_code, why), names in same.items()) + (
         f" (logs under {', '.join(logs)})" if logs else "")
     return ConfigError(message) if code == EXIT_CONFIG else InputError(message) if code == EXIT_INPUT \
         else FtjobsError(message)
-
-
-def _why(inst: plan.Instance) -> str:
-    """A failed step's reason without what the message says apart: its name, exit code and log."""
-    text = plan.one_line(inst.reason, limit=100_000) or "no reason recorded"
-    head = f"stage {inst.name} failed with exit {inst.exit_code} ("  # the local executor's form
-    return plan.one_line(text.split("): ", 1)[1] if text.startswith(head) and "): " in text else text) or text
 
 
 @click.command("sweep")

@@ -45,6 +45,7 @@ class Finished:
     exit_code: int
     manifest: str | None = None
     reason: str | None = None
+    said: str | None = None  # the stage's own words for it (its log's error), where the executor could read them
 
 
 def error_for(code: int, message: str) -> FtjobsError:
@@ -141,6 +142,7 @@ def settle(inst: Instance, finished: Finished, seconds: float) -> None:
         return
     inst.status = "failed"
     inst.reason = finished.reason or f"{inst.name} exited {finished.exit_code}"
+    inst.said = finished.said
     if finished.exit_code == EXIT_GATE and inst.output and storage.exists(mf.manifest_uri(inst.output)):
         inst.manifest = mf.manifest_uri(inst.output)
     LOG.error("%s failed (exit %s) after %.0fs%s: %s", inst.name, inst.exit_code, seconds,

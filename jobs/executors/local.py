@@ -111,7 +111,7 @@ class LocalExecutor(Executor):
         where = f"log: {inst.log}" if inst.log else "its log is above"
         said = reason_from_log(proc.log_path) if proc.log_path else None
         return Finished(code, None, f"stage {inst.name} failed with exit {code} ({where})" + (f": {said}" if said
-                                                                                               else ""))
+                                                                                               else ""), said)
 
     def keep_log(self, plan: Plan, path: Path | None, name: str) -> str | None:
         """Where the step's log stays: an s3:// plan's go to the store beside its steps once a step ends."""
